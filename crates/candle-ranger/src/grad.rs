@@ -1,0 +1,58 @@
+//! Gradient utilities that work with any Candle optimizer: global-norm clipping and
+//! non-finite detection over a `GradStore`.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Var};
+
+use crate::fused::cpu_all_finite;
+use crate::portable;
+
+/// The global L2 norm of the gradients of `vars` (variables without a gradient count as 0),
+/// accumulated in f64. NaN or infinity when some gradient is not finite.
+pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> candle_core::Result<f64> {
+    let mut total = 0f64;
+    for var in vars {
+        if let Some(g) = grads.get(var) {
+            let dt = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+            let s = g.to_dtype(dt)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            total += s;
+        }
+    }
+    Ok(total.sqrt())
+}
+
+/// Scales the gradients of `vars` in `grads` so that their global L2 norm is at most
+/// `max_norm`, as `torch.nn.utils.clip_grad_norm_` does (`coef = max_norm / (norm + 1e-6)`,
+/// applied only when below 1). Returns the norm before clipping. A non-finite norm leaves the
+/// gradients untouched (an optimizer with [`crate::NonFiniteGrads`] will then skip or fail).
+pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> candle_core::Result<f64> {
+    let norm = grad_norm(grads, vars)?;
+    if !norm.is_finite() {
+        return Ok(norm);
+    }
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for var in vars {
+            if let Some(g) = grads.get(var) {
+                // Out of place: a gradient tensor may share storage with another tensor.
+                let scaled = (g * coef)?;
+                grads.insert(var, scaled);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// The indices (into `vars`) of variables whose gradient holds NaN or infinity.
+pub fn non_finite_grads(grads: &GradStore, vars: &[Var]) -> candle_core::Result<Vec<usize>> {
+    let mut bad = Vec::new();
+    for (i, var) in vars.iter().enumerate() {
+        if let Some(g) = grads.get(var) {
+            let finite = if g.device().is_cpu() { cpu_all_finite(g)? } else { portable::all_finite(g)? };
+            if !finite {
+                bad.push(i);
+            }
+        }
+    }
+    Ok(bad)
+}

@@ -1,0 +1,97 @@
+//! # candle-ranger
+//!
+//! The Ranger optimizer for [Candle](https://github.com/huggingface/candle): RAdam (rectified
+//! Adam, arXiv 1908.03265) for the fast weights, Lookahead (arXiv 1907.08610) for slow weights,
+//! and gradient centralization. Exact (matches `torch.optim.RAdam` + Lookahead step for step),
+//! fast (a fused, multithreaded, in-place CPU kernel), and resumable (the whole state, slow
+//! weights included, saves to one safetensors file).
+//!
+//! ## The algorithm
+//!
+//! For each variable with a gradient, with its own step count `t` starting at 1:
+//!
+//! ```text
+//! g  = grad
+//! if centralize(rank(g)):  g -= mean(g over all dims but 0)
+//! if L2 decay:             g += wd * p
+//! if decoupled decay:      p *= 1 - lr * wd
+//! m  = m + (1 - b1) (g - m);   v = b2 v + (1 - b2) g²
+//! rho_inf = 2 / (1 - b2) - 1;  rho_t = rho_inf - 2 t b2^t / (1 - b2^t)
+//! if rho_t > threshold:  p -= lr r_t sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
+//! else "sgd" fallback:   p -= lr m / (1 - b1^t)          ("skip" fallback: no update)
+//! if t % k == 0:         slow += alpha (p - slow);  p = slow
+//! ```
+//!
+//! The step scalars are computed in f64; the step size can never be negative. Slow weights
+//! start as a copy of the weights, never zeros. Optimizer state is f64 for f64 variables and
+//! f32 otherwise (so bf16/f16 variables don't lose small updates).
+//!
+//! ## Example
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{linear, Optimizer, VarBuilder, VarMap};
+//! use candle_ranger::{ParamGroup, ParamsRanger, Ranger, Schedule, Decay, named_vars};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dev = Device::Cpu;
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+//! let model = linear(4, 1, vb.pp("lin"))?;
+//!
+//! // Decay matrices, not biases; Ranger 2020 defaults otherwise.
+//! let params = ParamsRanger { lr: 1e-2, weight_decay: 1e-2, ..Default::default() };
+//! let mut opt = Ranger::with_groups(ParamGroup::split_decay(named_vars(&varmap)), params)?;
+//! let schedule = Schedule { base_lr: 1e-2, min_lr: 1e-4, warmup_steps: 10, total_steps: 100, decay: Decay::Cosine };
+//!
+//! let x = Tensor::randn(0f32, 1., (64, 4), &dev)?;
+//! let y = x.sum_keepdim(1)?;
+//! for step in 0..100 {
+//!     schedule.apply(&mut opt, step);
+//!     let loss = model.forward(&x)?.sub(&y)?.sqr()?.mean_all()?;
+//!     opt.backward_step(&loss)?;
+//! }
+//!
+//! // Evaluate on the slow weights, save everything needed to resume.
+//! let eval_loss = opt.with_slow_weights(|| -> candle_core::Result<f32> {
+//!     model.forward(&x)?.sub(&y)?.sqr()?.mean_all()?.to_scalar::<f32>()
+//! })??;
+//! assert!(eval_loss < 0.5);
+//! let dir = std::env::temp_dir().join(format!("candle-ranger-doc-{}", std::process::id()));
+//! opt.save_state(dir.join("optimizer.safetensors"))?;
+//! opt.load_state(dir.join("optimizer.safetensors"))?;
+//! # std::fs::remove_dir_all(dir)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Modules
+//!
+//! - [`Ranger`] and [`RAdam`] implement [`candle_nn::Optimizer`];
+//! - [`Lookahead`] wraps any Candle optimizer (e.g. `Lookahead<candle_nn::AdamW>`);
+//! - [`clip_grad_norm`], [`grad_norm`] and [`non_finite_grads`] work on any `GradStore`;
+//! - [`Schedule`] gives learning-rate schedules for any optimizer.
+
+#![warn(missing_docs)]
+
+mod error;
+mod fused;
+mod grad;
+mod groups;
+mod lookahead;
+mod params;
+mod portable;
+mod radam;
+mod ranger;
+pub mod scalars;
+mod schedule;
+pub mod state_file;
+
+pub use error::{Error, Result};
+pub use grad::{clip_grad_norm, grad_norm, non_finite_grads};
+pub use groups::{named_vars, ParamGroup};
+pub use lookahead::{Lookahead, LookaheadConfig};
+pub use params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, UpdatePath};
+pub use radam::{ParamsRAdam, RAdam};
+pub use ranger::{Ranger, StepReport};
+pub use schedule::{Decay, Schedule};

@@ -1,0 +1,128 @@
+//! Plain RAdam with `torch.optim.RAdam`'s defaults: [`Ranger`] without Lookahead and without
+//! gradient centralization.
+
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::Var;
+use candle_nn::Optimizer;
+
+use crate::error::{Error, Result};
+use crate::groups::ParamGroup;
+use crate::params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, UpdatePath};
+use crate::ranger::{Ranger, StepReport};
+
+/// Hyperparameters of [`RAdam`]; `Default` is `torch.optim.RAdam`'s: lr 1e-3, betas
+/// (0.9, 0.999), eps 1e-8, no weight decay (L2 when set, decoupled if asked).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParamsRAdam {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay of the first moment.
+    pub beta1: f64,
+    /// Decay of the second moment.
+    pub beta2: f64,
+    /// Added to `sqrt(v)` in the denominator.
+    pub eps: f64,
+    /// Weight decay coefficient.
+    pub weight_decay: f64,
+    /// Decoupled (`p *= 1 - lr*wd`) rather than L2 (`g += wd*p`) weight decay.
+    pub decoupled_weight_decay: bool,
+    /// Handling of NaN/Inf gradients.
+    pub non_finite: NonFiniteGrads,
+    /// Fused CPU kernel or tensor ops.
+    pub update_path: UpdatePath,
+}
+
+impl Default for ParamsRAdam {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled_weight_decay: false,
+            non_finite: NonFiniteGrads::Skip,
+            update_path: UpdatePath::Auto,
+        }
+    }
+}
+
+impl From<ParamsRAdam> for ParamsRanger {
+    fn from(p: ParamsRAdam) -> Self {
+        ParamsRanger {
+            lr: p.lr,
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            weight_decay: p.weight_decay,
+            decoupled_weight_decay: p.decoupled_weight_decay,
+            lookahead_k: 0,
+            lookahead_alpha: 0.5,
+            rectify_threshold: 5.0,
+            centralization: Centralization::Off,
+            fallback: RectifyFallback::Sgd,
+            non_finite: p.non_finite,
+            update_path: p.update_path,
+        }
+    }
+}
+
+/// Rectified Adam (Liu et al., 2019), numerically `torch.optim.RAdam`.
+#[derive(Debug)]
+pub struct RAdam {
+    inner: Ranger,
+}
+
+impl RAdam {
+    /// Builds the optimizer over named variables.
+    pub fn new_named(vars: Vec<(String, Var)>, params: ParamsRAdam) -> Result<Self> {
+        Ok(Self { inner: Ranger::new_named(vars, params.into())? })
+    }
+
+    /// Builds the optimizer over parameter groups.
+    pub fn with_groups(groups: Vec<ParamGroup>, params: ParamsRAdam) -> Result<Self> {
+        Ok(Self { inner: Ranger::with_groups(groups, params.into())? })
+    }
+
+    /// One step, telling what it did.
+    pub fn step_with_report(&mut self, grads: &GradStore) -> Result<StepReport> {
+        self.inner.step_with_report(grads)
+    }
+
+    /// Saves moments and step counts (see [`Ranger::save_state`]).
+    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.inner.save_state(path)
+    }
+
+    /// Loads state saved by [`RAdam::save_state`] (see [`Ranger::load_state`]).
+    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        self.inner.load_state(path)
+    }
+
+    /// The underlying engine (a [`Ranger`] with Lookahead and centralization off).
+    pub fn as_ranger(&self) -> &Ranger {
+        &self.inner
+    }
+}
+
+impl Optimizer for RAdam {
+    type Config = ParamsRAdam;
+
+    fn new(vars: Vec<Var>, config: ParamsRAdam) -> candle_core::Result<Self> {
+        Ok(Self { inner: Ranger::new(vars, config.into())? })
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.inner.step_with_report(grads).map(|_| ()).map_err(Error::into_candle)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.inner.learning_rate()
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.inner.set_learning_rate(lr)
+    }
+}
