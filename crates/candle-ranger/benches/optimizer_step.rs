@@ -1,0 +1,141 @@
+//! Optimizer step throughput, side by side on the same transformer-shaped f32 parameter sets:
+//! fused Ranger, portable (tensor-op) Ranger, `candle_nn::AdamW`, and a memory-bandwidth
+//! reference (a STREAM-like triad over as many bytes as the fused update moves).
+//!
+//!     cargo bench -p candle-ranger --bench optimizer_step            # 1M, 25M, 100M
+//!     cargo bench -p candle-ranger --bench optimizer_step -- 25      # only ~25M
+//!
+//! Each figure is the mean over 12 timed steps (after 6 untimed ones, so the rectified phase is
+//! measured), which include two Lookahead syncs (k = 6).
+
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_ranger::{ParamsRanger, Ranger, UpdatePath};
+use rayon::prelude::*;
+
+const WARMUP: usize = 6;
+const TIMED: usize = 12;
+
+/// Shapes of a decoder-only transformer with roughly `target` parameters.
+fn transformer_shapes(target: usize) -> Vec<Vec<usize>> {
+    let (hidden, layers, vocab) = match target {
+        t if t <= 2_000_000 => (128, 4, 4_000),
+        t if t <= 40_000_000 => (512, 6, 8_000),
+        _ => (1024, 7, 16_000),
+    };
+    let mut shapes = vec![vec![vocab, hidden]];
+    for _ in 0..layers {
+        shapes.extend([
+            vec![hidden],
+            vec![hidden, hidden],
+            vec![hidden, hidden],
+            vec![hidden, hidden],
+            vec![hidden, hidden],
+            vec![hidden],
+            vec![4 * hidden, hidden],
+            vec![hidden, 4 * hidden],
+            vec![4 * hidden],
+            vec![hidden],
+        ]);
+    }
+    shapes.push(vec![hidden]);
+    shapes
+}
+
+fn make_vars(shapes: &[Vec<usize>]) -> (Vec<Var>, GradStore) {
+    let mut grads = GradStore::default();
+    let vars: Vec<Var> = shapes
+        .iter()
+        .map(|s| {
+            let v = Var::from_tensor(&Tensor::randn(0f32, 0.02, s.as_slice(), &Device::Cpu).unwrap()).unwrap();
+            grads.insert(&v, Tensor::randn(0f32, 1e-3, s.as_slice(), &Device::Cpu).unwrap());
+            v
+        })
+        .collect();
+    (vars, grads)
+}
+
+fn time_steps<O: Optimizer>(opt: &mut O, grads: &GradStore) -> f64 {
+    for _ in 0..WARMUP {
+        opt.step(grads).unwrap();
+    }
+    let t = Instant::now();
+    for _ in 0..TIMED {
+        opt.step(grads).unwrap();
+    }
+    t.elapsed().as_secs_f64() / TIMED as f64
+}
+
+/// A triad `a = b + s * c` over `bytes` bytes in total (three f32 arrays), multithreaded.
+fn triad_seconds(bytes: usize) -> f64 {
+    let n = bytes / 12;
+    let mut a = vec![0f32; n];
+    let b = vec![1f32; n];
+    let c = vec![2f32; n];
+    let run = |a: &mut [f32]| {
+        a.par_chunks_mut(1 << 16)
+            .zip(b.par_chunks(1 << 16))
+            .zip(c.par_chunks(1 << 16))
+            .for_each(|((a, b), c)| a.iter_mut().zip(b).zip(c).for_each(|((a, b), c)| *a = b + 3.0 * c));
+    };
+    run(&mut a);
+    let t = Instant::now();
+    for _ in 0..TIMED {
+        run(&mut a);
+    }
+    std::hint::black_box(&a);
+    t.elapsed().as_secs_f64() / TIMED as f64
+}
+
+fn main() {
+    let sizes: Vec<usize> = {
+        let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+        // (numbers select sizes in millions; `--only <text>` keeps the rows whose label has it)
+        if args.is_empty() {
+            vec![1, 25, 100]
+        } else {
+            args
+        }
+    };
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1).unwrap_or_default();
+    let wanted = |label: &str| label.contains(only.as_str());
+    println!("threads: {}; allocator: system (set MALLOC_MMAP_THRESHOLD_ to change glibc's)", rayon::current_num_threads());
+    println!("{:>10} {:<34} {:>11} {:>13} {:>10} {:>10}", "params", "what", "ms/step", "params/s", "GB/s", "vs bound");
+    for millions in sizes {
+        let shapes = transformer_shapes(millions * 1_000_000);
+        let n: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        // Bytes the fused update must move per step: p, g, m, v read + p, m, v written (28 B),
+        // plus slow read + written on one step in six (8 B / 6).
+        let bytes = 28 * n + 8 * n / 6;
+        let bound = triad_seconds(bytes);
+        let row = |what: &str, secs: f64| {
+            println!(
+                "{:>10} {:<34} {:>11.2} {:>13.3e} {:>10.1} {:>9.2}x",
+                n,
+                what,
+                secs * 1e3,
+                n as f64 / secs,
+                bytes as f64 / secs / 1e9,
+                secs / bound
+            );
+        };
+        row("bandwidth bound (triad, same bytes)", bound);
+        for (label, path) in [("Ranger fused (CPU kernel)", UpdatePath::Fused), ("Ranger portable (tensor ops)", UpdatePath::Portable)] {
+            if !wanted(label) {
+                continue;
+            }
+            let (vars, grads) = make_vars(&shapes);
+            let mut opt = Ranger::new(vars, ParamsRanger { update_path: path, ..Default::default() }).unwrap();
+            row(label, time_steps(&mut opt, &grads));
+        }
+        if !wanted("candle_nn::AdamW") {
+            continue;
+        }
+        let (vars, grads) = make_vars(&shapes);
+        let mut adamw = AdamW::new(vars, ParamsAdamW::default()).unwrap();
+        row("candle_nn::AdamW", time_steps(&mut adamw, &grads));
+    }
+}
