@@ -1,1 +1,410 @@
-fn main() {}
+//! `ranger-tune`: fine-tune Hugging Face causal LMs with the Ranger optimizer.
+//!
+//! A thin command-line layer over the `ranger-train` crate.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ranger_train::config::{parse_device, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind};
+use ranger_train::generate::{generate, stop_ids, GenerateOptions};
+use ranger_train::source::{self, HubOptions};
+use ranger_train::{TrainConfig, Trainer};
+
+// Candle allocates a buffer per op; mimalloc reuses them instead of mapping fresh pages.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "ranger-tune", version, about = "Fine-tune Hugging Face causal LMs with the Ranger optimizer (CPU, CUDA, Metal)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Full fine-tuning of a causal LM.
+    Train(Box<TrainArgs>),
+    /// Sample text from a base or fine-tuned model.
+    Generate(GenerateArgs),
+    /// Write a GGUF (Llama architecture) model out as a Hugging Face folder.
+    Convert(ConvertArgs),
+}
+
+/// Every option can also be set in a TOML file given with --config (same names, snake_case);
+/// flags given on the command line win over the file.
+#[derive(Args, Default)]
+struct TrainArgs {
+    /// TOML file with any of the options below.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Hub repository id, local model folder, or .gguf file.
+    #[arg(long)]
+    model: Option<String>,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    revision: Option<String>,
+    /// Training data: .jsonl (`text`, `prompt`+`completion`, or `messages` per line) or plain text.
+    #[arg(long)]
+    data: Option<String>,
+    /// Validation data (same formats).
+    #[arg(long)]
+    validation_file: Option<String>,
+    /// Hold out this fraction of the training examples for validation (when no file is given).
+    #[arg(long)]
+    val_split: Option<f64>,
+    /// Output folder (checkpoints, metrics.jsonl, loss_curve.svg, model/).
+    #[arg(short, long)]
+    output: Option<String>,
+    /// Longest sequence in tokens; longer examples are truncated [default: 512].
+    #[arg(long)]
+    max_seq_length: Option<usize>,
+    /// Pack short examples into full sequences (no attention across examples).
+    #[arg(long)]
+    pack: bool,
+    /// Also train on prompts / non-assistant turns.
+    #[arg(long)]
+    no_mask_prompt: bool,
+    /// ranger | radam | adamw [default: ranger].
+    #[arg(long, value_enum)]
+    optimizer: Option<OptArg>,
+    /// Peak learning rate [default: 5e-5].
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Weight decay, not applied to biases and norm weights [default: 0].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Adam beta1 [default: 0.95 for ranger, 0.9 otherwise].
+    #[arg(long)]
+    beta1: Option<f64>,
+    /// Adam beta2 [default: 0.999].
+    #[arg(long)]
+    beta2: Option<f64>,
+    /// Adam epsilon [default: 1e-5 for ranger, 1e-8 otherwise].
+    #[arg(long)]
+    eps: Option<f64>,
+    /// Lookahead sync period k; 0 disables Lookahead [default: 6].
+    #[arg(long)]
+    lookahead_k: Option<usize>,
+    /// Lookahead alpha [default: 0.5].
+    #[arg(long)]
+    lookahead_alpha: Option<f64>,
+    /// Turn gradient centralization off (ranger).
+    #[arg(long)]
+    no_centralize: bool,
+    /// cosine | linear | constant | flat-cosine [default: cosine].
+    #[arg(long, value_enum)]
+    lr_scheduler: Option<SchedArg>,
+    /// Warmup steps (wins over --warmup-ratio).
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Warmup as a fraction of all steps [default: 0].
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    /// Final learning rate as a fraction of the peak [default: 0].
+    #[arg(long)]
+    min_lr_ratio: Option<f64>,
+    /// Flat fraction of flat-cosine [default: 0.7].
+    #[arg(long)]
+    flat_fraction: Option<f64>,
+    /// Sequences per micro-batch [default: 4].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    grad_accumulation_steps: Option<usize>,
+    /// Clip the global gradient norm to this; 0 disables [default: 1].
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    /// Epochs [default: 1].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Optimizer steps (wins over --epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Evaluate every N steps; 0: at the end only [default: 0].
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Validation batches per evaluation [default: all].
+    #[arg(long)]
+    eval_batches: Option<usize>,
+    /// Save a checkpoint every N steps; 0: at the end only [default: 0].
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Checkpoints kept [default: 2].
+    #[arg(long)]
+    save_total_limit: Option<usize>,
+    /// Stop after this many evaluations without improvement.
+    #[arg(long)]
+    early_stopping_patience: Option<usize>,
+    /// Log every N steps [default: 1].
+    #[arg(long)]
+    log_every: Option<usize>,
+    /// Seed of shuffling and the validation split [default: 42].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// auto | cpu | cuda | cuda:N | metal [default: auto].
+    #[arg(long)]
+    device: Option<String>,
+    /// f32 | bf16 | f16 parameters; optimizer state stays f32 [default: f32].
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeCli>,
+    /// On a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the batch [default: stop].
+    #[arg(long, value_enum)]
+    on_nan: Option<NanArg>,
+    /// Evaluate and save the Lookahead slow weights or the fast ones [default: slow].
+    #[arg(long, value_enum)]
+    eval_weights: Option<WeightsArg>,
+    /// Shard the saved model above this many bytes [default: 5000000000].
+    #[arg(long)]
+    max_shard_size: Option<usize>,
+    /// Resume exactly from a checkpoint folder (or the output folder's latest checkpoint).
+    #[arg(long)]
+    resume: Option<String>,
+    /// Print the final summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OptArg {
+    Ranger,
+    Radam,
+    Adamw,
+}
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchedArg {
+    Cosine,
+    Linear,
+    Constant,
+    FlatCosine,
+}
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DtypeCli {
+    F32,
+    Bf16,
+    F16,
+}
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NanArg {
+    Stop,
+    Skip,
+}
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WeightsArg {
+    Slow,
+    Fast,
+}
+
+impl TrainArgs {
+    /// Defaults, then the TOML file, then the flags.
+    fn into_config(self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str::<TrainConfig>(&text).with_context(|| format!("{}: invalid config", p.display()))?
+            }
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(model, data, output, max_seq_length, learning_rate, weight_decay, beta2, lookahead_k, lookahead_alpha, warmup_ratio,
+             min_lr_ratio, flat_fraction, batch_size, grad_accumulation_steps, max_grad_norm, epochs, eval_every, save_every,
+             save_total_limit, log_every, seed, device, max_shard_size, val_split);
+        macro_rules! set_opt {
+            ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
+        }
+        set_opt!(revision, validation_file, beta1, eps, warmup_steps, max_steps, eval_batches, early_stopping_patience, resume);
+        if self.pack {
+            c.pack = true;
+        }
+        if self.no_mask_prompt {
+            c.mask_prompt = false;
+        }
+        if self.no_centralize {
+            c.centralize = false;
+        }
+        if let Some(o) = self.optimizer {
+            c.optimizer = match o {
+                OptArg::Ranger => OptimizerKind::Ranger,
+                OptArg::Radam => OptimizerKind::Radam,
+                OptArg::Adamw => OptimizerKind::Adamw,
+            };
+        }
+        if let Some(s) = self.lr_scheduler {
+            c.lr_scheduler = match s {
+                SchedArg::Cosine => ScheduleKind::Cosine,
+                SchedArg::Linear => ScheduleKind::Linear,
+                SchedArg::Constant => ScheduleKind::Constant,
+                SchedArg::FlatCosine => ScheduleKind::FlatCosine,
+            };
+        }
+        if let Some(d) = self.dtype {
+            c.dtype = match d {
+                DtypeCli::F32 => DTypeArg::F32,
+                DtypeCli::Bf16 => DTypeArg::Bf16,
+                DtypeCli::F16 => DTypeArg::F16,
+            };
+        }
+        if let Some(n) = self.on_nan {
+            c.on_nan = match n {
+                NanArg::Stop => NanPolicy::Stop,
+                NanArg::Skip => NanPolicy::Skip,
+            };
+        }
+        if let Some(w) = self.eval_weights {
+            c.eval_weights = match w {
+                WeightsArg::Slow => EvalWeights::Slow,
+                WeightsArg::Fast => EvalWeights::Fast,
+            };
+        }
+        if c.model.is_empty() {
+            bail!("--model is required (a Hub id, a model folder or a .gguf file)");
+        }
+        if c.data.is_empty() {
+            bail!("--data is required");
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Hub repository id, model folder (e.g. a ranger-tune output's model/), or .gguf file.
+    #[arg(long)]
+    model: String,
+    /// Hub revision.
+    #[arg(long)]
+    revision: Option<String>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// auto | cpu | cuda | cuda:N | metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output folder (Hugging Face format).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// f32 | bf16 | f16 weights in the output.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeCli,
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let json = args.json;
+    let cfg = args.into_config()?;
+    let session = ranger_train::prepare(cfg)?;
+    let mut trainer = Trainer::new(session)?;
+    let stop = trainer.stop.clone();
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to abort)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    eprintln!(
+        "training {} ({} trainable parameters) on {} sequences for {} steps",
+        trainer.session.origin,
+        trainer.trainable_parameters(),
+        trainer.session.train.sequences.len(),
+        trainer.state.total_steps
+    );
+    let s = trainer.run()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!("{}", if s.stopped == "completed" { "training complete".to_string() } else { s.stopped.clone() });
+    println!("  trainable parameters  {}", s.trainable_parameters);
+    println!("  steps                 {}", s.steps);
+    println!("  tokens                {}", s.tokens);
+    println!("  wall time             {:.1} s", s.wall_seconds);
+    if let Some(l) = s.last_train_loss {
+        println!("  last training loss    {l:.4}");
+    }
+    match (s.eval_loss, s.eval_perplexity) {
+        (Some(l), Some(p)) => println!("  eval loss             {l:.4} (perplexity {p:.2}, {} weights)", s.weights),
+        _ => println!("  eval loss             - (no validation data)"),
+    }
+    if let Some(c) = &s.checkpoint {
+        println!("  last checkpoint       {} (resume with --resume {})", c.display(), c.display());
+    }
+    match &s.output {
+        Some(o) => println!("  model ({} weights)    {}", s.weights, o.display()),
+        None => println!("  model                 not written (interrupted); resume to finish"),
+    }
+    Ok(())
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
+    let dtype = candle_core::DType::F32;
+    let vars = ranger_train::weights::into_vars(&loaded.config, loaded.weights, dtype, &device, &loaded.origin)?;
+    let map = vars.into_iter().collect();
+    let model = ranger_train::model::LlamaModel::new(loaded.config, &map).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
+    let stop = stop_ids(&loaded.tokenizer, loaded.generation_config.as_ref());
+    let opts = GenerateOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed, chat: a.chat };
+    use std::io::Write;
+    generate(&model, &loaded.tokenizer, &a.prompt, &stop, &opts, |piece| {
+        print!("{piece}");
+        let _ = std::io::stdout().flush();
+    })?;
+    println!();
+    Ok(())
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    if a.model.extension().is_none_or(|e| e != "gguf") {
+        bail!("{}: convert expects a .gguf file", a.model.display());
+    }
+    let loaded = ranger_train::gguf::load_gguf(&a.model)?;
+    let dtype = match a.dtype {
+        DtypeCli::F32 => candle_core::DType::F32,
+        DtypeCli::Bf16 => candle_core::DType::BF16,
+        DtypeCli::F16 => candle_core::DType::F16,
+    };
+    let mut weights: Vec<(String, candle_core::Tensor)> = Vec::new();
+    for (name, _) in loaded.config.weight_shapes() {
+        let t = loaded.weights.get(&name).with_context(|| format!("{}: tensor {name} missing", a.model.display()))?;
+        weights.push((name, t.to_dtype(dtype)?));
+    }
+    ranger_train::output::save_hf_folder(&a.output, &loaded.config, &weights, &loaded.tokenizer, loaded.generation_config.as_ref(), 5_000_000_000)?;
+    println!("wrote {} (Hugging Face format, {} tensors)", a.output.display(), weights.len());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Train(a) => train(*a),
+        Command::Generate(a) => run_generate(a),
+        Command::Convert(a) => convert(a),
+    }
+}
+

@@ -20,26 +20,26 @@ pub enum TrainError {
         source: std::io::Error,
     },
     /// A malformed `config.json` (or equivalent).
-    #[error("{source}: {message}")]
+    #[error("{origin}: {message}")]
     Config {
         /// Where the configuration came from.
-        source: String,
+        origin: String,
         /// What is wrong.
         message: String,
     },
     /// A `model_type` we cannot train.
-    #[error("{source}: unsupported architecture {model_type:?} (supported: llama, mistral, qwen2, qwen3)")]
+    #[error("{origin}: unsupported architecture {model_type:?} (supported: llama, mistral, qwen2, qwen3)")]
     UnsupportedArchitecture {
         /// Where the configuration came from.
-        source: String,
+        origin: String,
         /// The model type found.
         model_type: String,
     },
     /// A weight file lacks a tensor, or has one of the wrong shape.
-    #[error("{source}: tensor `{tensor}`: {problem}")]
+    #[error("{origin}: tensor `{tensor}`: {problem}")]
     Weights {
         /// The weight file or folder.
-        source: String,
+        origin: String,
         /// The tensor.
         tensor: String,
         /// What is wrong.

@@ -1,1 +1,26 @@
-//! ranger-train
+//! # ranger-train
+//!
+//! The training engine behind `ranger-tune`: trainable Llama-family models written with
+//! differentiable ops only (gradient-checked), Hugging Face / GGUF loading, JSONL data with
+//! chat templates and packing, a trainer with exact resume, and Hugging Face-format output.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod output;
+pub mod rng;
+pub mod source;
+pub mod tokenizer;
+pub mod trainer;
+pub mod weights;
+
+pub use config::TrainConfig;
+pub use error::{Result, TrainError};
+pub use trainer::{prepare, RunSummary, Trainer};

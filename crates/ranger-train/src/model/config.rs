@@ -127,11 +127,11 @@ pub struct LlamaConfig {
 impl LlamaConfig {
     /// Parses a `config.json` value; `source` names the file in errors.
     pub fn from_json(raw: Value, source: &str) -> Result<Self> {
-        let bad = |m: String| TrainError::Config { source: source.to_string(), message: m };
+        let bad = |m: String| TrainError::Config { origin: source.to_string(), message: m };
         let r: Raw = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
         let mt = r.model_type.clone().unwrap_or_default();
         let arch = Architecture::from_model_type(&mt).ok_or_else(|| TrainError::UnsupportedArchitecture {
-            source: source.to_string(),
+            origin: source.to_string(),
             model_type: mt.clone(),
         })?;
         if r.num_attention_heads == 0 || r.hidden_size % r.num_attention_heads != 0 && r.head_dim.is_none() {

@@ -1,0 +1,203 @@
+//! Loading a Llama-architecture GGUF file (llama.cpp's format) as a trainable Hugging Face
+//! model: weights dequantized to f32 with Candle's GGUF reader, llama.cpp's Q/K row
+//! permutation undone, the tokenizer rebuilt from the GGUF metadata, the chat template kept.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value as GValue};
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+use tokenizers::Tokenizer;
+
+use crate::error::{Result, TrainError};
+use crate::model::LlamaConfig;
+use crate::source::LoadedModel;
+use crate::tokenizer::TextTokenizer;
+
+fn meta<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a GValue> {
+    c.metadata.get(key).ok_or_else(|| TrainError::Config { origin: path.display().to_string(), message: format!("GGUF metadata `{key}` missing") })
+}
+
+fn as_f64(v: &GValue) -> Option<f64> {
+    Some(match v {
+        GValue::U8(x) => *x as f64,
+        GValue::I8(x) => *x as f64,
+        GValue::U16(x) => *x as f64,
+        GValue::I16(x) => *x as f64,
+        GValue::U32(x) => *x as f64,
+        GValue::I32(x) => *x as f64,
+        GValue::U64(x) => *x as f64,
+        GValue::I64(x) => *x as f64,
+        GValue::F32(x) => *x as f64,
+        GValue::F64(x) => *x,
+        _ => return None,
+    })
+}
+
+/// Undoes llama.cpp's rotary permutation of a Q or K projection (`[heads * d, cols]`):
+/// llama.cpp interleaves the two rotary halves of each head; Hugging Face keeps them apart.
+pub fn unpermute_qk(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    w.reshape((heads, rows / heads / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))
+}
+
+/// The inverse of [`unpermute_qk`] (what llama.cpp's converter does), for tests.
+pub fn permute_qk(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    w.reshape((heads, 2, rows / heads / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))
+}
+
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, name) = rest.split_once('.')?;
+    let hf = match name {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Reads a GGUF file of a Llama-architecture model.
+pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
+    let content = Content::read(&mut file).map_err(|e| TrainError::Msg(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    let arch = meta(&content, "general.architecture", path)?.to_string().map_err(candle_core::Error::from)?.clone();
+    if arch != "llama" {
+        return Err(TrainError::UnsupportedArchitecture { origin: path.display().to_string(), model_type: format!("gguf:{arch}") });
+    }
+    let num = |k: &str| -> Result<f64> {
+        as_f64(meta(&content, &format!("llama.{k}"), path)?)
+            .ok_or_else(|| TrainError::Config { origin: path.display().to_string(), message: format!("llama.{k} is not a number") })
+    };
+    let tokens: Vec<String> = meta(&content, "tokenizer.ggml.tokens", path)?
+        .to_vec()?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<candle_core::Result<_>>()?;
+    let heads = num("attention.head_count")? as usize;
+    let kv_heads = num("attention.head_count_kv").unwrap_or(heads as f64) as usize;
+    let hidden = num("embedding_length")? as usize;
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    let token_id = |k: &str| content.metadata.get(k).and_then(as_f64).map(|v| v as u32);
+    let (bos, eos, pad) = (token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id"), token_id("tokenizer.ggml.padding_token_id"));
+    let raw = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": num("feed_forward_length")? as usize,
+        "num_hidden_layers": num("block_count")? as usize,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden / heads,
+        "rms_norm_eps": num("attention.layer_norm_rms_epsilon")?,
+        "rope_theta": num("rope.freq_base").unwrap_or(10_000.0),
+        "vocab_size": tokens.len(),
+        "max_position_embeddings": num("context_length").unwrap_or(2048.0) as usize,
+        "tie_word_embeddings": tied,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "rope_scaling": null,
+        "use_cache": true,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": "float32",
+    });
+    let source = path.display().to_string();
+    let config = LlamaConfig::from_json(raw, &source)?;
+    let mut weights = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let Some(hf) = hf_name(name) else { continue };
+        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| TrainError::Weights { origin: source.clone(), tensor: name.clone(), problem: e.to_string() })?;
+        let mut t = q.dequantize(&Device::Cpu)?;
+        if name.ends_with("attn_q.weight") {
+            t = unpermute_qk(&t, heads)?;
+        } else if name.ends_with("attn_k.weight") {
+            t = unpermute_qk(&t, kv_heads)?;
+        }
+        weights.insert(hf, t);
+    }
+    let tokenizer = build_tokenizer(&content, &tokens, path)?;
+    let generation_config = Some(json!({ "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad }));
+    Ok(LoadedModel { config, weights, tokenizer, generation_config, origin: source })
+}
+
+/// Rebuilds a Hugging Face `tokenizer.json` (byte-level BPE, the `gpt2` GGUF tokenizer model)
+/// and a `tokenizer_config.json` from the GGUF metadata.
+fn build_tokenizer(c: &Content, tokens: &[String], path: &Path) -> Result<TextTokenizer> {
+    let model = meta(c, "tokenizer.ggml.model", path)?.to_string()?.clone();
+    if model != "gpt2" {
+        return Err(TrainError::Tokenizer(format!("{}: GGUF tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\")", path.display())));
+    }
+    let merges: Vec<String> = meta(c, "tokenizer.ggml.merges", path)?.to_vec()?.iter().map(|v| v.to_string().cloned()).collect::<candle_core::Result<_>>()?;
+    let types: Vec<i64> = c
+        .metadata
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| v.iter().map(|x| as_f64(x).unwrap_or(1.0) as i64).collect())
+        .unwrap_or_default();
+    let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    // Control (3) and user-defined (4) tokens are added tokens, matched before BPE.
+    let added: Vec<Value> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == 3 || t == 4)
+        .map(|(i, &t)| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": t == 4, "special": t == 3}))
+        .collect();
+    // As transformers' own GGUF conversion does: plain byte-level pre-tokenization (the
+    // `tokenizer.ggml.pre` regex variants split the same way on the supported vocabularies),
+    // and no template tokens added by the post-processor (`add_bos_token` is false in GGUF).
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let tj = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": byte_level,
+        "post_processor": {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}], "special_tokens": {}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "", "end_of_word_suffix": "",
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    });
+    let inner = Tokenizer::from_bytes(serde_json::to_vec(&tj).expect("json"))
+        .map_err(|e| TrainError::Tokenizer(format!("{}: cannot build the tokenizer from GGUF metadata: {e}", path.display())))?;
+    let tok_text = |k: &str| c.metadata.get(k).and_then(as_f64).and_then(|i| tokens.get(i as usize)).cloned();
+    let chat_template = c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+    let mut cfg = serde_json::Map::new();
+    cfg.insert("tokenizer_class".into(), json!("GPT2Tokenizer"));
+    cfg.insert("model_max_length".into(), json!(c.metadata.get("llama.context_length").and_then(as_f64).unwrap_or(2048.0) as usize));
+    cfg.insert("clean_up_tokenization_spaces".into(), json!(false));
+    cfg.insert("add_prefix_space".into(), json!(false));
+    for (key, meta_key) in [("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id"), ("pad_token", "tokenizer.ggml.padding_token_id"), ("unk_token", "tokenizer.ggml.unknown_token_id")] {
+        if let Some(t) = tok_text(meta_key) {
+            cfg.insert(key.into(), json!(t));
+        }
+    }
+    if let Some(t) = &chat_template {
+        cfg.insert("chat_template".into(), json!(t));
+    }
+    Ok(TextTokenizer::new(inner, Value::Object(cfg), chat_template))
+}

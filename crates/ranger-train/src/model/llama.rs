@@ -1,0 +1,246 @@
+//! A trainable Llama-family decoder written with differentiable tensor ops only.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
+
+use super::config::LlamaConfig;
+use super::ops::{apply_rotary, compute_dtype, repeat_kv, rms_norm, silu, softmax_last_dim};
+
+/// A linear projection `x W^T + b` whose weight may be a trainable [`Var`].
+#[derive(Debug, Clone)]
+pub struct Proj {
+    /// `[out, in]` weight.
+    pub weight: Tensor,
+    /// Optional `[out]` bias.
+    pub bias: Option<Tensor>,
+}
+
+impl Module for Proj {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    post_norm: Tensor,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
+}
+
+/// One batch of token sequences, with what the model and the loss need to know about them.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[b, s]` u32 token ids.
+    pub input_ids: Tensor,
+    /// `[b, s]` u32 position of each token within its own example (restarts when packed).
+    pub positions: Tensor,
+    /// `[b, 1, s, s]` additive attention mask (0 or a large negative value), in the compute dtype.
+    pub mask: Tensor,
+    /// `[b, s]` f32: 1 where the token is a prediction target, 0 elsewhere (prompt, padding).
+    pub loss_mask: Tensor,
+    /// Number of target tokens (the sum of `loss_mask` after the shift).
+    pub n_targets: usize,
+    /// Number of non-padding tokens.
+    pub n_tokens: usize,
+}
+
+/// Per-layer key/value cache for generation.
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Tokens already in the cache.
+    pub len: usize,
+}
+
+/// A Llama / Mistral / Qwen2 / Qwen3 causal LM.
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    /// The configuration.
+    pub config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    inv_freq: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl LlamaModel {
+    /// Builds the model over trainable variables taken from `vars` by Hugging Face name
+    /// (see [`LlamaConfig::weight_shapes`]).
+    pub fn new(config: LlamaConfig, vars: &HashMap<String, Var>) -> std::result::Result<Self, String> {
+        let get = |n: &str| -> std::result::Result<Tensor, String> {
+            vars.get(n).map(|v| v.as_tensor().clone()).ok_or_else(|| n.to_string())
+        };
+        let opt = |n: &str| vars.get(n).map(|v| v.as_tensor().clone());
+        let proj = |n: &str| -> std::result::Result<Proj, String> {
+            Ok(Proj { weight: get(&format!("{n}.weight"))?, bias: opt(&format!("{n}.bias")) })
+        };
+        let embed = get("model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(Layer {
+                input_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                q: proj(&format!("{p}.self_attn.q_proj"))?,
+                k: proj(&format!("{p}.self_attn.k_proj"))?,
+                v: proj(&format!("{p}.self_attn.v_proj"))?,
+                o: proj(&format!("{p}.self_attn.o_proj"))?,
+                q_norm: opt(&format!("{p}.self_attn.q_norm.weight")),
+                k_norm: opt(&format!("{p}.self_attn.k_norm.weight")),
+                post_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate: proj(&format!("{p}.mlp.gate_proj"))?,
+                up: proj(&format!("{p}.mlp.up_proj"))?,
+                down: proj(&format!("{p}.mlp.down_proj"))?,
+            });
+        }
+        let norm = get("model.norm.weight")?;
+        let lm_head = if config.tie_word_embeddings { None } else { Some(get("lm_head.weight")?) };
+        let device = embed.device().clone();
+        let dtype = embed.dtype();
+        let inv_freq = Tensor::new(config.inv_freq(), &device).map_err(|e| e.to_string())?;
+        Ok(Self { config, embed, layers, norm, lm_head, inv_freq, dtype, device })
+    }
+
+    /// The parameter dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `cos`, `sin` of shape `[b, 1, s, head_dim]` for `positions: [b, s]`, in the model dtype.
+    fn rotary(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, s) = positions.dims2()?;
+        let pos = positions.to_dtype(DType::F32)?.reshape((b, s, 1))?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
+    }
+
+    fn attention(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, s, _) = x.dims3()?;
+        let hd = c.head_dim;
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd))?.transpose(1, 2);
+        let mut q = heads(layer.q.forward(x)?, c.num_attention_heads)?;
+        let mut k = heads(layer.k.forward(x)?, c.num_key_value_heads)?;
+        let mut v = heads(layer.v.forward(x)?, c.num_key_value_heads)?;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            q = rms_norm(&q, qn, c.rms_norm_eps)?;
+            k = rms_norm(&k, kn, c.rms_norm_eps)?;
+        }
+        q = apply_rotary(&q.contiguous()?, cos, sin)?;
+        k = apply_rotary(&k.contiguous()?, cos, sin)?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let n_rep = c.num_attention_heads / c.num_key_value_heads;
+        let k = repeat_kv(&k, n_rep)?.contiguous()?;
+        let v = repeat_kv(&v, n_rep)?.contiguous()?;
+        let cdt = compute_dtype(self.dtype);
+        let scores = (q.contiguous()?.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let scores = scores.to_dtype(cdt)?.broadcast_add(mask)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, c.num_attention_heads * hd))?;
+        layer.o.forward(&out)
+    }
+
+    fn run(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (cos, sin) = self.rotary(positions)?;
+        let (b, s) = input_ids.dims2()?;
+        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, ()))?;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize(self.layers.len(), None);
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
+            x = (x + self.attention(layer, &h, &cos, &sin, mask, slot)?)?;
+            let h = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
+            let mlp = layer.down.forward(&(silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        if let Some(c) = cache {
+            c.len += s;
+        }
+        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        x.broadcast_matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).t()?)
+    }
+
+    /// Logits `[b, s, vocab]` for every position of a training batch.
+    pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
+        self.run(&batch.input_ids, &batch.positions, &batch.mask, None)
+    }
+
+    /// Logits for every position of `ids: [b, s]` with plain causal attention (no padding).
+    pub fn forward_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, s as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
+        let mask = causal_mask(&vec![vec![1u32; s]; b], self.config.sliding_window, compute_dtype(self.dtype), &self.device)?;
+        self.run(ids, &positions, &mask, None)
+    }
+
+    /// Generation step: logits `[b, s, vocab]` for `ids` appended after what `cache` holds.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let past = cache.len;
+        let positions = Tensor::arange(past as u32, (past + s) as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
+        // New tokens see every cached token and the new ones up to themselves.
+        let total = past + s;
+        let mut m = vec![0f32; s * total];
+        for i in 0..s {
+            for j in 0..total {
+                let visible = j <= past + i && self.config.sliding_window.is_none_or(|w| past + i - j < w);
+                if !visible {
+                    m[i * total + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(m, (1, 1, s, total), &self.device)?.to_dtype(compute_dtype(self.dtype))?;
+        self.run(ids, &positions, &mask, Some(cache))
+    }
+}
+
+/// Additive attention mask `[b, 1, s, s]`: token `i` sees token `j` when `j <= i`, both belong
+/// to the same segment (packed examples never attend to each other; padding is its own segment)
+/// and, with a sliding window, `i - j < window`.
+pub fn causal_mask(segments: &[Vec<u32>], window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let b = segments.len();
+    let s = segments.first().map_or(0, Vec::len);
+    let mut m = vec![0f32; b * s * s];
+    for (bi, seg) in segments.iter().enumerate() {
+        for i in 0..s {
+            for j in 0..s {
+                let visible = j <= i && seg[i] == seg[j] && window.is_none_or(|w| i - j < w);
+                if !visible {
+                    // Large and finite, so that no row can turn into NaN in any dtype.
+                    m[(bi * s + i) * s + j] = -1e9;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, s, s), device)?.to_dtype(dtype)
+}

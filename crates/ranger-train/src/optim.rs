@@ -1,0 +1,134 @@
+//! The optimizers the trainer can use, behind one small interface.
+
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::Var;
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_ranger::{
+    non_finite_grads, Centralization, ParamGroup, ParamsRAdam, ParamsRanger, RAdam, Ranger, StepReport,
+};
+
+use crate::config::{OptimizerKind, TrainConfig};
+use crate::error::{Result, TrainError};
+
+/// A configured optimizer over named variables.
+pub enum TrainOptimizer {
+    /// Ranger.
+    Ranger(Ranger),
+    /// RAdam.
+    RAdam(RAdam),
+    /// AdamW, with the variable names for reports.
+    AdamW(AdamW, Vec<(String, Var)>),
+}
+
+impl TrainOptimizer {
+    /// Builds the optimizer of `cfg` over `vars`, with no weight decay on vectors (biases,
+    /// norm weights).
+    pub fn new(cfg: &TrainConfig, vars: Vec<(String, Var)>) -> Result<Self> {
+        let beta1 = cfg.beta1.unwrap_or(if cfg.optimizer == OptimizerKind::Ranger { 0.95 } else { 0.9 });
+        let eps = cfg.eps.unwrap_or(if cfg.optimizer == OptimizerKind::Ranger { 1e-5 } else { 1e-8 });
+        let groups = ParamGroup::split_decay(vars.clone());
+        Ok(match cfg.optimizer {
+            OptimizerKind::Ranger => TrainOptimizer::Ranger(Ranger::with_groups(
+                groups,
+                ParamsRanger {
+                    lr: cfg.learning_rate,
+                    beta1,
+                    beta2: cfg.beta2,
+                    eps,
+                    weight_decay: cfg.weight_decay,
+                    lookahead_k: cfg.lookahead_k,
+                    lookahead_alpha: cfg.lookahead_alpha,
+                    centralization: if cfg.centralize { Centralization::Rank2Plus } else { Centralization::Off },
+                    ..Default::default()
+                },
+            )?),
+            OptimizerKind::Radam => TrainOptimizer::RAdam(RAdam::with_groups(
+                groups,
+                ParamsRAdam {
+                    lr: cfg.learning_rate,
+                    beta1,
+                    beta2: cfg.beta2,
+                    eps,
+                    weight_decay: cfg.weight_decay,
+                    decoupled_weight_decay: true,
+                    ..Default::default()
+                },
+            )?),
+            OptimizerKind::Adamw => {
+                // candle's AdamW has one weight decay for all variables.
+                let all: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+                let p = ParamsAdamW { lr: cfg.learning_rate, beta1, beta2: cfg.beta2, eps, weight_decay: cfg.weight_decay };
+                TrainOptimizer::AdamW(AdamW::new(all, p)?, vars)
+            }
+        })
+    }
+
+    /// Sets the learning rate.
+    pub fn set_lr(&mut self, lr: f64) {
+        match self {
+            Self::Ranger(o) => o.set_learning_rate(lr),
+            Self::RAdam(o) => o.set_learning_rate(lr),
+            Self::AdamW(o, _) => o.set_learning_rate(lr),
+        }
+    }
+
+    /// One step; a step with non-finite gradients is skipped and reported.
+    pub fn step(&mut self, grads: &GradStore) -> Result<StepReport> {
+        Ok(match self {
+            Self::Ranger(o) => o.step_with_report(grads)?,
+            Self::RAdam(o) => o.step_with_report(grads)?,
+            Self::AdamW(o, named) => {
+                let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+                let bad = non_finite_grads(grads, &vars)?;
+                if bad.is_empty() {
+                    o.step(grads)?;
+                    StepReport { updated: vars.len(), non_finite: vec![] }
+                } else {
+                    StepReport { updated: 0, non_finite: bad.into_iter().map(|i| named[i].0.clone()).collect() }
+                }
+            }
+        })
+    }
+
+    /// Whether the optimizer keeps Lookahead slow weights.
+    pub fn has_lookahead(&self) -> bool {
+        matches!(self, Self::Ranger(o) if o.params().lookahead_k > 0)
+    }
+
+    /// Runs `f` on the slow weights when there are any, else on the current weights.
+    pub fn with_slow_weights<R>(&mut self, f: impl FnOnce() -> R) -> Result<R> {
+        match self {
+            Self::Ranger(o) => Ok(o.with_slow_weights(f)?),
+            _ => Ok(f()),
+        }
+    }
+
+    /// Saves the optimizer state; `false` when this optimizer's state cannot be saved (AdamW).
+    pub fn save_state(&self, path: &Path) -> Result<bool> {
+        match self {
+            Self::Ranger(o) => o.save_state(path)?,
+            Self::RAdam(o) => o.save_state(path)?,
+            Self::AdamW(..) => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Loads the optimizer state written by [`TrainOptimizer::save_state`].
+    pub fn load_state(&mut self, path: &Path) -> Result<()> {
+        match self {
+            Self::Ranger(o) => Ok(o.load_state(path)?),
+            Self::RAdam(o) => Ok(o.load_state(path)?),
+            Self::AdamW(..) => Err(TrainError::Msg("AdamW state cannot be restored".into())),
+        }
+    }
+
+    /// The slow weights by name (Ranger with Lookahead), else `None`.
+    pub fn slow_weights(&self) -> Result<Option<Vec<(String, candle_core::Tensor)>>> {
+        match self {
+            Self::Ranger(o) if o.params().lookahead_k > 0 => Ok(Some(o.slow_weights()?)),
+            _ => Ok(None),
+        }
+    }
+}

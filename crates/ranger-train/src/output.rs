@@ -1,0 +1,76 @@
+//! Writing a model as a Hugging Face folder: config.json, safetensors weights (sharded above a
+//! size), tokenizer files, generation_config.json. Every file is written atomically.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use serde_json::{json, Value};
+
+use crate::error::{Result, TrainError};
+use crate::model::LlamaConfig;
+use crate::tokenizer::TextTokenizer;
+use crate::weights::{save_safetensors_dir, write_atomic};
+
+/// The `torch_dtype` string of a Candle dtype.
+pub fn torch_dtype(dt: DType) -> &'static str {
+    match dt {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// Writes a complete Hugging Face model folder.
+pub fn save_hf_folder(
+    dir: &Path,
+    config: &LlamaConfig,
+    weights: &[(String, Tensor)],
+    tokenizer: &TextTokenizer,
+    generation_config: Option<&Value>,
+    max_shard_bytes: usize,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+    let dtype = weights.first().map(|(_, t)| t.dtype()).unwrap_or(DType::F32);
+    let mut cfg = config.raw.clone();
+    if let Value::Object(o) = &mut cfg {
+        o.insert("torch_dtype".into(), json!(torch_dtype(dtype)));
+    }
+    write_json(&dir.join("config.json"), &cfg)?;
+    save_safetensors_dir(dir, weights, max_shard_bytes)?;
+    let tok_json = tokenizer.inner.to_string(true).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+    write_atomic(&dir.join("tokenizer.json"), tok_json.as_bytes())?;
+    let mut tcfg = tokenizer.config.clone();
+    if let (Value::Object(o), Some(t)) = (&mut tcfg, &tokenizer.chat_template) {
+        o.insert("chat_template".into(), json!(t));
+    }
+    if let Value::Object(o) = &mut tcfg {
+        o.entry("tokenizer_class").or_insert(json!("PreTrainedTokenizerFast"));
+    }
+    write_json(&dir.join("tokenizer_config.json"), &tcfg)?;
+    let mut special = serde_json::Map::new();
+    for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+        if let Some(v) = tokenizer.config.get(key).filter(|v| !v.is_null()) {
+            special.insert(key.into(), v.clone());
+        }
+    }
+    write_json(&dir.join("special_tokens_map.json"), &Value::Object(special))?;
+    let gen = match generation_config {
+        Some(g) => g.clone(),
+        None => {
+            let mut g = serde_json::Map::new();
+            for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+                if let Some(v) = config.raw.get(key).filter(|v| !v.is_null()) {
+                    g.insert(key.into(), v.clone());
+                }
+            }
+            Value::Object(g)
+        }
+    };
+    write_json(&dir.join("generation_config.json"), &gen)
+}
+
+/// Pretty JSON, written atomically.
+pub fn write_json(path: &Path, v: &Value) -> Result<()> {
+    write_atomic(path, serde_json::to_string_pretty(v).expect("JSON").as_bytes())
+}

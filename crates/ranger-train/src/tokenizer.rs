@@ -1,0 +1,124 @@
+//! Tokenizer plus chat template (rendered with minijinja, as transformers' `apply_chat_template`).
+
+use std::path::Path;
+
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::error::{Result, TrainError};
+
+/// One chat message.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Message {
+    /// `system`, `user`, `assistant`, …
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+/// A tokenizer with the special tokens and chat template of its `tokenizer_config.json`.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    /// The Hugging Face tokenizer.
+    pub inner: Tokenizer,
+    /// `bos_token` text, if any.
+    pub bos_token: Option<String>,
+    /// `eos_token` text.
+    pub eos_token: Option<String>,
+    /// End-of-sequence id (appended to plain-text and completion examples).
+    pub eos_id: Option<u32>,
+    /// Padding id (the pad token, else EOS, else 0).
+    pub pad_id: u32,
+    /// The Jinja chat template.
+    pub chat_template: Option<String>,
+    /// `tokenizer_config.json` as read (written back with the model).
+    pub config: Value,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer").field("eos_id", &self.eos_id).field("pad_id", &self.pad_id).finish()
+    }
+}
+
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json` and (if present) `tokenizer_config.json` from `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        let inner = Tokenizer::from_file(&tj).map_err(|e| TrainError::Tokenizer(format!("{}: {e}", tj.display())))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let config: Value = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(TrainError::io(&cfg_path))?;
+            serde_json::from_str(&text).map_err(|e| TrainError::Tokenizer(format!("{}: {e}", cfg_path.display())))?
+        } else {
+            Value::Object(Default::default())
+        };
+        // Newer checkpoints keep the template in chat_template.jinja.
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = match config.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str).map(String::from)),
+            _ if jinja.exists() => Some(std::fs::read_to_string(&jinja).map_err(TrainError::io(&jinja))?),
+            _ => None,
+        };
+        Ok(Self::new(inner, config, chat_template))
+    }
+
+    /// Builds from parts (the GGUF path uses this).
+    pub fn new(mut inner: Tokenizer, config: Value, chat_template: Option<String>) -> Self {
+        let bos_token = token_text(config.get("bos_token"));
+        let eos_token = token_text(config.get("eos_token"));
+        let pad_token = token_text(config.get("pad_token"));
+        let eos_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        let pad_id = pad_token.as_deref().and_then(|t| inner.token_to_id(t)).or(eos_id).unwrap_or(0);
+        // Batches are padded and truncated by us, never by the tokenizer.
+        inner.with_padding(None);
+        let _ = inner.with_truncation(None);
+        Self { inner, bos_token, eos_token, eos_id, pad_id, chat_template, config }
+    }
+
+    /// Token ids and byte offsets of `text`.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| TrainError::Tokenizer(e.to_string()))
+    }
+
+    /// Renders `messages` with the chat template.
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| TrainError::Template("this tokenizer has no chat_template, so `messages` data cannot be rendered".into()))?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template).map_err(|e| TrainError::Template(e.to_string()))?;
+        let tmpl = env.get_template("chat").map_err(|e| TrainError::Template(e.to_string()))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        })
+        .map_err(|e| TrainError::Template(e.to_string()))
+    }
+}

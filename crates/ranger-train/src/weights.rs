@@ -1,0 +1,161 @@
+//! Weights in Hugging Face safetensors form: loading (single file or sharded), checking
+//! against the model's expected names and shapes, and atomic saving (sharded above a size).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::error::{Result, TrainError};
+use crate::model::LlamaConfig;
+
+/// Reads every tensor of the safetensors checkpoint in `dir` (`model.safetensors`, or the shards
+/// listed by `model.safetensors.index.json`) onto the CPU.
+pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(TrainError::io(&index))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Config {
+            origin: index.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| TrainError::Config {
+            origin: index.display().to_string(),
+            message: "no weight_map".into(),
+        })?;
+        let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+        names.sort();
+        names.dedup();
+        names.into_iter().map(|n| dir.join(n)).collect()
+    } else if dir.join("model.safetensors").exists() {
+        vec![dir.join("model.safetensors")]
+    } else if dir.join("pytorch_model.bin").exists() {
+        return Err(TrainError::Msg(format!(
+            "{}: only pytorch_model.bin found; convert it to safetensors first (transformers: save_pretrained(safe_serialization=True))",
+            dir.display()
+        )));
+    } else {
+        return Err(TrainError::Msg(format!("{}: no model.safetensors or model.safetensors.index.json", dir.display())));
+    };
+    let mut out = HashMap::new();
+    for f in files {
+        let tensors = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| TrainError::Msg(format!("{}: {e}", f.display())))?;
+        out.extend(tensors);
+    }
+    Ok(out)
+}
+
+/// Turns loaded weights into trainable variables of `dtype` on `device`, checking that every
+/// tensor the model needs is there with the right shape. Unknown extra tensors are ignored
+/// (e.g. a redundant `lm_head.weight` of a tied checkpoint).
+pub fn into_vars(
+    config: &LlamaConfig,
+    mut weights: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+    source: &str,
+) -> Result<Vec<(String, Var)>> {
+    let mut vars = Vec::new();
+    for (name, shape) in config.weight_shapes() {
+        let t = weights.remove(&name).ok_or_else(|| TrainError::Weights {
+            origin: source.to_string(),
+            tensor: name.clone(),
+            problem: "missing".into(),
+        })?;
+        if t.dims() != shape.as_slice() {
+            return Err(TrainError::Weights {
+                origin: source.to_string(),
+                tensor: name,
+                problem: format!("shape {:?} in the checkpoint, {:?} expected from config.json", t.dims(), shape),
+            });
+        }
+        let t = t.to_dtype(dtype)?.to_device(device)?;
+        vars.push((name, Var::from_tensor(&t)?));
+    }
+    Ok(vars)
+}
+
+/// Random weights for a configuration (tests and tiny experiments): normal(0, 0.02) matrices,
+/// norm weights around 1, small biases. Deterministic for a seed.
+pub fn random_weights(config: &LlamaConfig, seed: u64, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    let mut rng = crate::rng::Rng::new(seed);
+    let mut out = HashMap::new();
+    for (name, shape) in config.weight_shapes() {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("norm.weight") || name.ends_with("layernorm.weight") {
+            (0..n).map(|_| 1.0 + 0.1 * rng.normal() as f32).collect()
+        } else if name.ends_with(".bias") {
+            (0..n).map(|_| 0.05 * rng.normal() as f32).collect()
+        } else {
+            (0..n).map(|_| 0.02 * rng.normal() as f32 * 5.0).collect()
+        };
+        out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?);
+    }
+    Ok(out)
+}
+
+/// Writes `tensors` as Hugging Face safetensors into `dir`: `model.safetensors`, or shards of at
+/// most `max_shard_bytes` named `model-00001-of-0000N.safetensors` plus
+/// `model.safetensors.index.json`. Each file is written to a temporary name and renamed.
+pub fn save_safetensors_dir(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let total: usize = cpu.iter().map(|(_, t)| size(t)).sum();
+    let mut shards: Vec<Vec<&(String, Tensor)>> = vec![vec![]];
+    let mut current = 0;
+    for entry in &cpu {
+        if current > 0 && current + size(&entry.1) > max_shard_bytes {
+            shards.push(vec![]);
+            current = 0;
+        }
+        current += size(&entry.1);
+        shards.last_mut().unwrap().push(entry);
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    if shards.len() == 1 {
+        write_safetensors(&dir.join("model.safetensors"), &shards[0], meta)?;
+        let _ = std::fs::remove_file(dir.join("model.safetensors.index.json"));
+        return Ok(());
+    }
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+        write_safetensors(&dir.join(&file), shard, meta.clone())?;
+        for (name, _) in shard.iter().map(|e| (&e.0, &e.1)) {
+            weight_map.insert(name.clone(), file.clone());
+        }
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    write_atomic(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap().as_bytes())?;
+    let _ = std::fs::remove_file(dir.join("model.safetensors"));
+    Ok(())
+}
+
+fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)], meta: HashMap<String, String>) -> Result<()> {
+    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| TrainError::Msg(format!("{}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder, then renames it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.map_err(TrainError::io(path))
+}
