@@ -1,0 +1,323 @@
+//! The trainer on tiny random models: data formats and their errors, masking, packing,
+//! bit-exact resume, checkpoints, NaN handling, early stopping, outputs.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use ranger_train::config::{NanPolicy, OptimizerKind};
+use ranger_train::data::{load_file, to_sequences, DataOptions};
+use ranger_train::tokenizer::TextTokenizer;
+use ranger_train::{prepare, TrainConfig, TrainError, Trainer};
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// A tiny model folder plus train/validation JSONL files in `dir`.
+fn setup(dir: &Path) {
+    common::write_tiny_model(&dir.join("model"), &common::tiny_config("llama"), 1);
+    let mut train = String::new();
+    let words = ["red", "blue", "green"];
+    for i in 0..24 {
+        let w = words[i % 3];
+        match i % 3 {
+            0 => train.push_str(&format!("{{\"text\": \"the sky is {w} . the grass is {w} .\"}}\n")),
+            1 => train.push_str(&format!("{{\"prompt\": \"what color is the cat ?\", \"completion\": \" the cat is {w} .\"}}\n")),
+            _ => train.push_str(&format!(
+                "{{\"messages\": [{{\"role\": \"user\", \"content\": \"what color is the dog ?\"}}, {{\"role\": \"assistant\", \"content\": \"the dog is {w} .\"}}]}}\n"
+            )),
+        }
+    }
+    write(&dir.join("train.jsonl"), &train);
+    write(&dir.join("val.jsonl"), "{\"text\": \"the sky is blue . the grass is green .\"}\n{\"prompt\": \"what color is the cat ?\", \"completion\": \" the cat is red .\"}\n");
+}
+
+fn config(dir: &Path, steps: usize) -> TrainConfig {
+    TrainConfig {
+        model: dir.join("model").display().to_string(),
+        data: dir.join("train.jsonl").display().to_string(),
+        validation_file: Some(dir.join("val.jsonl").display().to_string()),
+        output: dir.join("out").display().to_string(),
+        max_seq_length: 32,
+        batch_size: 3,
+        grad_accumulation_steps: 2,
+        learning_rate: 3e-2,
+        beta2: 0.99,
+        max_steps: Some(steps),
+        warmup_steps: Some(2),
+        eval_every: 4,
+        device: "cpu".into(),
+        ..Default::default()
+    }
+}
+
+fn quiet(cfg: TrainConfig) -> Trainer {
+    let mut t = Trainer::new(prepare(cfg).unwrap()).unwrap();
+    t.verbose = false;
+    t
+}
+
+fn weights_bits(t: &Trainer) -> Vec<(String, Vec<u32>)> {
+    t.session
+        .vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()))
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_writes_a_loadable_model() {
+    let dir = common::temp_dir("train");
+    setup(&dir);
+    let mut t = quiet(config(&dir, 16));
+    let before = t.evaluate().unwrap().unwrap();
+    let s = t.run().unwrap();
+    let after = s.eval_loss.unwrap();
+    assert!(after < before * 0.8, "eval loss {before} -> {after}");
+    assert_eq!(s.steps, 16);
+    assert_eq!(s.weights, "slow");
+    let out = s.output.unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(out.join(f).exists(), "{f} missing from the output");
+    }
+    // Reload the output with the regular loader and check it evaluates to the reported loss.
+    let mut cfg2 = config(&dir, 1);
+    cfg2.model = out.display().to_string();
+    let mut t2 = quiet(cfg2);
+    let reloaded = t2.evaluate().unwrap().unwrap();
+    assert!((reloaded - after).abs() < 1e-5, "reloaded model eval {reloaded} vs {after}");
+    // metrics.jsonl: one record per step, with the documented fields; the loss curve exists.
+    let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 16);
+    for key in ["step", "loss", "lr", "grad_norm", "tokens_per_sec", "peak_rss_bytes"] {
+        assert!(lines[0].get(key).is_some(), "metrics record lacks {key}");
+    }
+    assert!(lines[3]["eval_loss"].is_f64());
+    assert!(std::fs::read_to_string(dir.join("out/loss_curve.svg")).unwrap().contains("<polyline"));
+    // Only the last save_total_limit (2) checkpoints are kept, and no partial one is left.
+    let names: Vec<String> = std::fs::read_dir(dir.join("out")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    assert!(names.iter().all(|n| !n.contains("partial")), "{names:?}");
+    assert_eq!(names.iter().filter(|n| n.starts_with("checkpoint-")).count(), 1, "{names:?}");
+}
+
+fn resume_exact(optimizer: OptimizerKind) {
+    let dir = common::temp_dir(&format!("resume-{optimizer:?}"));
+    setup(&dir);
+    let n = 7; // crosses a Lookahead sync (k = 6) and the epoch boundary (24 examples / 6 per step = 4 steps)
+    let mut straight_cfg = config(&dir, 2 * n);
+    straight_cfg.optimizer = optimizer;
+    straight_cfg.output = dir.join("straight").display().to_string();
+    let mut straight = quiet(straight_cfg.clone());
+    straight.run().unwrap();
+
+    // The same run (same length, so the same schedule), interrupted after n steps: the stop
+    // flag (what Ctrl-C sets) is read after each step, so each `run` call does one step and
+    // writes a checkpoint.
+    let mut first_cfg = straight_cfg.clone();
+    first_cfg.output = dir.join("resumed").display().to_string();
+    let mut stepper = quiet(first_cfg.clone());
+    for _ in 0..n {
+        stepper.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let s = stepper.run().unwrap();
+        assert_eq!(s.stopped, "interrupted");
+        assert!(s.output.is_none(), "an interrupted run writes no final model");
+    }
+    assert_eq!(stepper.state.step, n);
+    drop(stepper);
+    let mut resume_cfg = first_cfg.clone();
+    resume_cfg.resume = Some(dir.join("resumed").display().to_string());
+    let mut resumed = quiet(resume_cfg);
+    assert_eq!(resumed.state.step, n);
+    let s = resumed.run().unwrap();
+    assert_eq!(s.steps, 2 * n);
+    assert_eq!(weights_bits(&straight), weights_bits(&resumed), "{optimizer:?}: resumed weights differ from the straight run");
+    let a = std::fs::read_to_string(dir.join("straight/metrics.jsonl")).unwrap();
+    let b = std::fs::read_to_string(dir.join("resumed/metrics.jsonl")).unwrap();
+    let losses = |t: &str| t.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap().to_bits()).collect::<Vec<_>>();
+    assert_eq!(losses(&a), losses(&b), "per-step losses differ after resume");
+}
+
+#[test]
+fn resume_is_bit_exact_with_ranger() {
+    resume_exact(OptimizerKind::Ranger);
+}
+
+#[test]
+fn resume_is_bit_exact_with_radam() {
+    resume_exact(OptimizerKind::Radam);
+}
+
+#[test]
+fn resume_refuses_other_data_or_options() {
+    let dir = common::temp_dir("resume-refuse");
+    setup(&dir);
+    quiet(config(&dir, 2)).run().unwrap();
+    let mut other = config(&dir, 4);
+    other.batch_size = 2;
+    other.resume = Some(dir.join("out").display().to_string());
+    let err = Trainer::new(prepare(other).unwrap()).err().unwrap().to_string();
+    assert!(err.contains("different options"), "{err}");
+}
+
+#[test]
+fn malformed_lines_name_file_and_line() {
+    let dir = common::temp_dir("malformed");
+    setup(&dir);
+    let tok = TextTokenizer::from_dir(&dir.join("model")).unwrap();
+    let cases = [
+        ("{\"text\": \"the cat\"}\n{\"text\": \"the dog\"\n", 2, "invalid JSON"),
+        ("{\"text\": \"the cat\"}\n\n{\"prompt\": \"a\"}\n", 3, "expected `text`"),
+        ("{\"text\": 5}\n", 1, "must be a string"),
+        ("[1, 2]\n", 1, "JSON object"),
+        ("{\"messages\": [{\"role\": \"user\"}]}\n", 1, "messages"),
+    ];
+    for (text, line, what) in cases {
+        let p = dir.join("bad.jsonl");
+        write(&p, text);
+        let err = load_file(&p, &tok, &DataOptions::default()).unwrap_err();
+        assert!(matches!(&err, TrainError::Data { line: l, .. } if *l == line), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("bad.jsonl:{line}:")) && msg.contains(what), "{msg}");
+    }
+    let p = dir.join("empty.jsonl");
+    write(&p, "\n\n");
+    let err = load_file(&p, &tok, &DataOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("no trainable example"), "{err}");
+    // Everything truncated away: a prompt longer than the limit leaves no completion token.
+    write(&p, "{\"prompt\": \"the cat sat on the mat the cat sat on the mat\", \"completion\": \" red\"}\n");
+    let err = load_file(&p, &tok, &DataOptions { max_seq_len: 4, ..Default::default() }).unwrap_err().to_string();
+    assert!(err.contains("max_seq_length=4"), "{err}");
+}
+
+#[test]
+fn prompt_and_chat_masking_train_only_on_answers() {
+    let dir = common::temp_dir("masking");
+    setup(&dir);
+    let tok = TextTokenizer::from_dir(&dir.join("model")).unwrap();
+    let p = dir.join("m.jsonl");
+    write(&p, "{\"prompt\": \"what color is the cat ?\", \"completion\": \" red .\"}\n{\"messages\": [{\"role\": \"system\", \"content\": \"hello\"}, {\"role\": \"user\", \"content\": \"what color ?\"}, {\"role\": \"assistant\", \"content\": \"blue\"}, {\"role\": \"user\", \"content\": \"sky ?\"}, {\"role\": \"assistant\", \"content\": \"green .\"}]}\n");
+    let data = load_file(&p, &tok, &DataOptions::default()).unwrap();
+    let trained = |i: usize| -> String {
+        let ex = &data.examples[i];
+        let ids: Vec<u32> = ex.ids.iter().zip(&ex.target).filter(|(_, &t)| t).map(|(&id, _)| id).collect();
+        tok.decode(&ids, false).unwrap()
+    };
+    assert_eq!(trained(0), "red . <eos>");
+    // Assistant turns (content, end token), not the role header, system or user turns.
+    assert_eq!(trained(1), "blue <eos> green . <eos>");
+    let all = load_file(&p, &tok, &DataOptions { mask_prompt: false, ..Default::default() }).unwrap();
+    assert!(all.examples[0].target.iter().all(|&t| t));
+}
+
+#[test]
+fn packing_fills_sequences_without_crossing_examples() {
+    let dir = common::temp_dir("packing");
+    setup(&dir);
+    let tok = TextTokenizer::from_dir(&dir.join("model")).unwrap();
+    let data = load_file(&dir.join("train.jsonl"), &tok, &DataOptions { max_seq_len: 32, pack: true, mask_prompt: true }).unwrap();
+    let packed = to_sequences(&data.examples, &DataOptions { max_seq_len: 32, pack: true, mask_prompt: true });
+    let single = to_sequences(&data.examples, &DataOptions { max_seq_len: 32, pack: false, mask_prompt: true });
+    assert_eq!(single.len(), 24);
+    assert!(packed.len() <= 12, "{} packed sequences", packed.len());
+    for s in &packed {
+        assert!(s.ids.len() <= 32);
+        for i in 1..s.ids.len() {
+            if s.segment[i] != s.segment[i - 1] {
+                assert_eq!(s.position[i], 0);
+                assert!(!s.target[i], "the first token of a packed example is not predicted from the previous one");
+            }
+        }
+    }
+    let total: usize = packed.iter().map(|s| s.ids.len()).sum();
+    assert_eq!(total, data.examples.iter().map(|e| e.ids.len()).sum::<usize>());
+    // And a packed run trains.
+    let mut cfg = config(&dir, 3);
+    cfg.pack = true;
+    quiet(cfg).run().unwrap();
+}
+
+#[test]
+fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = common::temp_dir("nan");
+    setup(&dir);
+    let mut cfg = config(&dir, 2);
+    cfg.save_every = 1;
+    quiet(cfg).run().unwrap();
+    let ckpt = dir.join("out/checkpoint-2/model.safetensors");
+    let good = std::fs::read(&ckpt).unwrap();
+    // Go on from the checkpoint (a longer run is allowed: the schedule is recomputed) with
+    // poisoned weights: the loss is NaN at once.
+    let mut cfg2 = config(&dir, 4);
+    cfg2.save_every = 1;
+    cfg2.resume = Some(dir.join("out").display().to_string());
+    let mut t = quiet(cfg2.clone());
+    assert_eq!(t.state.step, 2);
+    let emb = &t.session.vars[0].1;
+    emb.set(&emb.as_tensor().affine(0.0, f64::NAN).unwrap()).unwrap();
+    let err = t.run().unwrap_err();
+    assert!(matches!(err, TrainError::NonFiniteLoss { step: 3, .. }), "{err}");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), good, "the last good checkpoint is untouched");
+    assert!(!dir.join("out/checkpoint-3").exists());
+    // With --on-nan skip the run goes on (every batch is skipped here) and finishes.
+    let mut cfg4 = cfg2;
+    cfg4.on_nan = NanPolicy::Skip;
+    cfg4.output = dir.join("skip").display().to_string();
+    cfg4.resume = None;
+    let mut t = quiet(cfg4);
+    let emb = &t.session.vars[0].1;
+    emb.set(&emb.as_tensor().affine(0.0, f64::NAN).unwrap()).unwrap();
+    assert_eq!(t.run().unwrap().steps, 4);
+}
+
+#[test]
+fn missing_gradients_are_named() {
+    let dir = common::temp_dir("missing-grad");
+    setup(&dir);
+    let t = quiet(config(&dir, 1));
+    let err = t.check_gradients(&GradStore::default()).unwrap_err().to_string();
+    assert!(err.contains("model.layers.0.self_attn.q_proj.weight (no gradient)"), "{err}");
+}
+
+#[test]
+fn early_stopping_ends_the_run() {
+    let dir = common::temp_dir("early");
+    setup(&dir);
+    let mut cfg = config(&dir, 40);
+    cfg.eval_every = 1;
+    cfg.learning_rate = 0.0; // nothing improves after the first evaluation
+    cfg.early_stopping_patience = Some(2);
+    let s = quiet(cfg).run().unwrap();
+    assert_eq!(s.steps, 3, "{}", s.stopped);
+    assert!(s.stopped.starts_with("early stopping"), "{}", s.stopped);
+    assert!(s.output.is_some());
+}
+
+#[test]
+fn half_precision_and_adamw_runs_train() {
+    let dir = common::temp_dir("bf16");
+    setup(&dir);
+    let mut cfg = config(&dir, 4);
+    cfg.dtype = ranger_train::config::DTypeArg::Bf16;
+    let s = quiet(cfg).run().unwrap();
+    assert!(s.eval_loss.unwrap().is_finite());
+    let mut cfg = config(&dir, 4);
+    cfg.optimizer = OptimizerKind::Adamw;
+    cfg.output = dir.join("adamw").display().to_string();
+    let s = quiet(cfg).run().unwrap();
+    assert_eq!(s.weights, "fast");
+}
+
+#[test]
+fn val_split_holds_out_examples() {
+    let dir = common::temp_dir("split");
+    setup(&dir);
+    let mut cfg = config(&dir, 1);
+    cfg.validation_file = None;
+    cfg.val_split = 0.25;
+    let t = quiet(cfg);
+    assert_eq!(t.session.val.len(), 6);
+    assert_eq!(t.session.train.sequences.len(), 18);
+}
