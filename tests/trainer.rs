@@ -91,11 +91,13 @@ fn training_lowers_the_loss_and_writes_a_loadable_model() {
     // metrics.jsonl: one record per step, with the documented fields; the loss curve exists.
     let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 16);
+    assert_eq!(lines.len(), 17, "the baseline evaluation (step 0) and one record per step");
+    assert_eq!(lines[0]["step"], 0);
+    assert!((lines[0]["eval_loss"].as_f64().unwrap() - before).abs() < 1e-9);
     for key in ["step", "loss", "lr", "grad_norm", "tokens_per_sec", "peak_rss_bytes"] {
-        assert!(lines[0].get(key).is_some(), "metrics record lacks {key}");
+        assert!(lines[1].get(key).is_some(), "metrics record lacks {key}");
     }
-    assert!(lines[3]["eval_loss"].is_f64());
+    assert!(lines[4]["eval_loss"].is_f64());
     assert!(std::fs::read_to_string(dir.join("out/loss_curve.svg")).unwrap().contains("<polyline"));
     // Only the last save_total_limit (2) checkpoints are kept, and no partial one is left.
     let names: Vec<String> = std::fs::read_dir(dir.join("out")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
@@ -136,7 +138,8 @@ fn resume_exact(optimizer: OptimizerKind) {
     assert_eq!(weights_bits(&straight), weights_bits(&resumed), "{optimizer:?}: resumed weights differ from the straight run");
     let a = std::fs::read_to_string(dir.join("straight/metrics.jsonl")).unwrap();
     let b = std::fs::read_to_string(dir.join("resumed/metrics.jsonl")).unwrap();
-    let losses = |t: &str| t.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap().to_bits()).collect::<Vec<_>>();
+    assert_eq!(a.lines().count(), 2 * n + 1);
+    let losses = |t: &str| t.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().map(f64::to_bits)).collect::<Vec<_>>();
     assert_eq!(losses(&a), losses(&b), "per-step losses differ after resume");
 }
 
@@ -290,7 +293,7 @@ fn early_stopping_ends_the_run() {
     cfg.learning_rate = 0.0; // nothing improves after the first evaluation
     cfg.early_stopping_patience = Some(2);
     let s = quiet(cfg).run().unwrap();
-    assert_eq!(s.steps, 3, "{}", s.stopped);
+    assert_eq!(s.steps, 2, "the baseline evaluation counts as the best so far: {}", s.stopped);
     assert!(s.stopped.starts_with("early stopping"), "{}", s.stopped);
     assert!(s.output.is_some());
 }

@@ -454,6 +454,16 @@ impl Trainer {
         let mut last_checkpoint = None;
         let mut stopped = "completed".to_string();
         let first_step = self.state.step;
+        if first_step == 0 {
+            // The baseline, so the metrics show what training changed.
+            if let Some(eval) = self.evaluate()? {
+                self.metrics.push(json!({ "step": 0, "eval_loss": eval, "eval_perplexity": eval.exp() }));
+                self.state.best_eval_loss = Some(eval);
+                if self.verbose {
+                    bar.println(format!("step 0: eval loss {eval:.4}, perplexity {:.2} (before training)", eval.exp()));
+                }
+            }
+        }
         while self.state.step < self.state.total_steps {
             let step_start = Instant::now();
             let lr = schedule.lr_at(self.state.step);
