@@ -450,6 +450,15 @@ impl Trainer {
         );
         bar.set_position(self.state.step as u64);
         let plain_log = self.verbose && bar.is_hidden();
+        // Messages go above the bar, or straight to stderr when there is no bar (not a TTY).
+        let verbose = self.verbose;
+        let say = |msg: String| {
+            if plain_log {
+                eprintln!("{msg}");
+            } else if verbose {
+                bar.println(msg);
+            }
+        };
         let mut last_loss = None;
         let mut last_checkpoint = None;
         let mut stopped = "completed".to_string();
@@ -459,9 +468,7 @@ impl Trainer {
             if let Some(eval) = self.evaluate()? {
                 self.metrics.push(json!({ "step": 0, "eval_loss": eval, "eval_perplexity": eval.exp() }));
                 self.state.best_eval_loss = Some(eval);
-                if self.verbose {
-                    bar.println(format!("step 0: eval loss {eval:.4}, perplexity {:.2} (before training)", eval.exp()));
-                }
+                say(format!("step 0: eval loss {eval:.4}, perplexity {:.2} (before training)", eval.exp()));
             }
         }
         while self.state.step < self.state.total_steps {
@@ -474,9 +481,7 @@ impl Trainer {
                 match cfg.on_nan {
                     NanPolicy::Stop => return Err(TrainError::NonFiniteLoss { step: self.state.step + 1, loss }),
                     NanPolicy::Skip => {
-                        if self.verbose {
-                            bar.println(format!("step {}: non-finite loss {loss}, batch skipped", self.state.step + 1));
-                        }
+                        say(format!("step {}: non-finite loss {loss}, batch skipped", self.state.step + 1));
                         self.state.micro_step += cfg.grad_accumulation_steps;
                         self.state.step += 1;
                         continue;
@@ -490,8 +495,8 @@ impl Trainer {
             let gnorm = if cfg.max_grad_norm > 0.0 { clip_grad_norm(&mut grads, &vars, cfg.max_grad_norm)? } else { grad_norm(&grads, &vars)? };
             let report = self.optimizer.step(&grads)?;
             drop(grads);
-            if report.skipped() && self.verbose {
-                bar.println(format!("step {}: non-finite gradient in {}, step skipped", self.state.step + 1, report.non_finite.join(", ")));
+            if report.skipped() {
+                say(format!("step {}: non-finite gradient in {}, step skipped", self.state.step + 1, report.non_finite.join(", ")));
             }
             let secs = step_start.elapsed().as_secs_f64();
             self.state.step += 1;
@@ -516,9 +521,7 @@ impl Trainer {
                     } else {
                         self.state.evals_without_improvement += 1;
                     }
-                    if self.verbose {
-                        bar.println(format!("step {}: eval loss {eval:.4}, perplexity {:.2} ({} weights)", self.state.step, eval.exp(), self.weights_label()));
-                    }
+                    say(format!("step {}: eval loss {eval:.4}, perplexity {:.2} ({} weights)", self.state.step, eval.exp(), self.weights_label()));
                 }
             }
             self.metrics.push(record);

