@@ -14,7 +14,7 @@ use crate::groups::{named_vars, ParamGroup};
 use crate::params::{NonFiniteGrads, ParamsRanger, UpdatePath};
 use crate::portable::{self, DeviceState};
 use crate::scalars::StepScalars;
-use crate::state_file::{self, STATE_FORMAT};
+use crate::state_file::{self, StateView, STATE_FORMAT};
 
 /// Optimizer state of one variable, wherever it lives.
 #[derive(Debug, Clone)]
@@ -361,24 +361,35 @@ impl Ranger {
     /// safetensors file, atomically. Tensors are named `<var>.exp_avg`, `<var>.exp_avg_sq`,
     /// `<var>.slow` and `<var>.step`; hyperparameters go in the metadata.
     pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        let mut tensors = Vec::new();
+        fn view<'a>(buf: &'a HostBuf, shape: &candle_core::Shape) -> StateView<'a> {
+            match buf {
+                HostBuf::F32(v) => StateView::F32(v.as_slice(), shape.dims().to_vec()),
+                HostBuf::F64(v) => StateView::F64(v.as_slice(), shape.dims().to_vec()),
+            }
+        }
+        let cpu = candle_core::Device::Cpu;
+        let mut tensors: Vec<(String, StateView<'_>)> = Vec::new();
         for slot in &self.slots {
             let shape = slot.var.shape();
-            let (m, v, slow) = match &slot.state {
-                SlotState::Host(st) => (
-                    st.m.to_tensor(shape)?,
-                    st.v.to_tensor(shape)?,
-                    st.slow.as_ref().map(|s| s.to_tensor(shape)).transpose()?,
-                ),
-                SlotState::Device(st) => (st.m.clone(), st.v.clone(), st.slow.clone()),
-            };
-            let cpu = candle_core::Device::Cpu;
-            tensors.push((format!("{}.exp_avg", slot.name), m.to_device(&cpu)?));
-            tensors.push((format!("{}.exp_avg_sq", slot.name), v.to_device(&cpu)?));
-            if let Some(s) = slow {
-                tensors.push((format!("{}.slow", slot.name), s.to_device(&cpu)?));
+            let name = &slot.name;
+            match &slot.state {
+                // Host state is written straight from its buffers, without a copy.
+                SlotState::Host(st) => {
+                    tensors.push((format!("{name}.exp_avg"), view(&st.m, shape)));
+                    tensors.push((format!("{name}.exp_avg_sq"), view(&st.v, shape)));
+                    if let Some(s) = &st.slow {
+                        tensors.push((format!("{name}.slow"), view(s, shape)));
+                    }
+                }
+                SlotState::Device(st) => {
+                    tensors.push((format!("{name}.exp_avg"), StateView::Tensor(st.m.to_device(&cpu)?)));
+                    tensors.push((format!("{name}.exp_avg_sq"), StateView::Tensor(st.v.to_device(&cpu)?)));
+                    if let Some(s) = &st.slow {
+                        tensors.push((format!("{name}.slow"), StateView::Tensor(s.to_device(&cpu)?)));
+                    }
+                }
             }
-            tensors.push((format!("{}.step", slot.name), Tensor::new(&[slot.step as i64], &cpu)?));
+            tensors.push((format!("{name}.step"), StateView::Tensor(Tensor::new(&[slot.step as i64], &cpu)?)));
         }
         let metadata = HashMap::from([
             ("format".to_string(), STATE_FORMAT.to_string()),

@@ -3,38 +3,87 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use std::borrow::Cow;
+
 use candle_core::{Device, Tensor};
-use safetensors::SafeTensors;
+use safetensors::{Dtype, SafeTensors, View};
 
 use crate::error::{Error, Result};
 
 /// Value of the `format` metadata key of state files written by this crate.
 pub const STATE_FORMAT: &str = "candle-ranger-state/1";
 
-/// Writes `tensors` and `metadata` to `path` through a temporary file renamed into place, so
-/// a crash never leaves a half-written file where a good one was.
-pub fn write_atomic(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String, String>) -> Result<()> {
+/// A tensor to write: a Candle tensor, or a host buffer borrowed without a copy (so saving the
+/// optimizer state of a large model does not double its memory).
+pub enum StateView<'a> {
+    /// A Candle tensor (copied to bytes one tensor at a time while writing).
+    Tensor(Tensor),
+    /// Borrowed f32 values with a shape.
+    F32(&'a [f32], Vec<usize>),
+    /// Borrowed f64 values with a shape.
+    F64(&'a [f64], Vec<usize>),
+}
+
+fn le_bytes<T: Copy, const N: usize>(xs: &[T], to_le: fn(T) -> [u8; N]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: plain-old-data floats viewed as bytes, in the file's (little-endian) order.
+        Cow::Borrowed(unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), std::mem::size_of_val(xs)) })
+    } else {
+        Cow::Owned(xs.iter().flat_map(|&x| to_le(x)).collect())
+    }
+}
+
+impl View for &StateView<'_> {
+    fn dtype(&self) -> Dtype {
+        match self {
+            StateView::Tensor(t) => View::dtype(t),
+            StateView::F32(..) => Dtype::F32,
+            StateView::F64(..) => Dtype::F64,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            StateView::Tensor(t) => t.dims(),
+            StateView::F32(_, s) | StateView::F64(_, s) => s,
+        }
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self {
+            // Candle converts tensors to bytes by copying anyway.
+            StateView::Tensor(t) => Cow::Owned(View::data(t).into_owned()),
+            StateView::F32(x, _) => le_bytes(x, f32::to_le_bytes),
+            StateView::F64(x, _) => le_bytes(x, f64::to_le_bytes),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            StateView::Tensor(t) => View::data_len(t),
+            StateView::F32(x, _) => x.len() * 4,
+            StateView::F64(x, _) => x.len() * 8,
+        }
+    }
+}
+
+/// Writes `tensors` and `metadata` to `path`, streaming tensor by tensor into a temporary file
+/// that is synced and then renamed into place, so a crash never leaves a half-written file
+/// where a good one was.
+pub fn write_atomic(path: &Path, tensors: &[(String, StateView<'_>)], metadata: HashMap<String, String>) -> Result<()> {
     let io = |source| Error::Io { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     let tmp = tmp_path(path);
-    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::StateFormat {
-        path: path.to_path_buf(),
-        message: format!("cannot serialize: {e}"),
-    })?;
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
+    let views: Vec<(&str, &StateView<'_>)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let result = safetensors::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(|e| Error::StateFormat { path: path.to_path_buf(), message: format!("cannot write: {e}") })
+        .and_then(|()| {
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+            std::fs::rename(&tmp, path).map_err(io)
+        });
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+    }
+    result
 }
 
 fn tmp_path(path: &Path) -> PathBuf {

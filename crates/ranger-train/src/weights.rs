@@ -136,18 +136,33 @@ pub fn save_safetensors_dir(dir: &Path, tensors: &[(String, Tensor)], max_shard_
     Ok(())
 }
 
+/// Streams tensors into a temporary file (one tensor's bytes in memory at a time), syncs it and
+/// renames it into place.
 fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)], meta: HashMap<String, String>) -> Result<()> {
     let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| TrainError::Msg(format!("{}: {e}", path.display())))?;
-    write_atomic(path, &bytes)
+    let tmp = tmp_path(path);
+    let res = safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| TrainError::Msg(format!("{}: {e}", path.display())))
+        .and_then(|()| {
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(TrainError::io(&tmp))?;
+            std::fs::rename(&tmp, path).map_err(TrainError::io(path))
+        });
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp.{}", std::process::id()));
+    path.with_file_name(name)
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder, then renames it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = path.with_file_name(name);
+    let tmp = tmp_path(path);
     let res = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 
 use super::config::LlamaConfig;
-use super::ops::{apply_rotary, compute_dtype, repeat_kv, rms_norm, silu, softmax_last_dim};
+use super::ops::{apply_rotary, compute_dtype, masked_softmax, repeat_kv, rms_norm, silu};
 
 /// A linear projection `x W^T + b` whose weight may be a trainable [`Var`].
 #[derive(Debug, Clone)]
@@ -161,9 +161,10 @@ impl LlamaModel {
         let k = repeat_kv(&k, n_rep)?.contiguous()?;
         let v = repeat_kv(&v, n_rep)?.contiguous()?;
         let cdt = compute_dtype(self.dtype);
-        let scores = (q.contiguous()?.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let scores = scores.to_dtype(cdt)?.broadcast_add(mask)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        // Scaling q (s x d) rather than the scores (s x s) keeps one fewer large tensor.
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.contiguous()?;
+        let scores = q.matmul(&k.t()?)?.to_dtype(cdt)?;
+        let probs = masked_softmax(&scores, mask)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, c.num_attention_heads * hd))?;
         layer.o.forward(&out)
     }

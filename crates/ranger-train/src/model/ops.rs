@@ -26,12 +26,32 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     normed.broadcast_mul(weight)
 }
 
-/// Softmax over the last dimension. The max is detached: subtracting a per-row constant does
-/// not change softmax, so its gradient is exactly zero and needs no graph.
+/// Softmax over the last dimension: the fused CPU kernel (which keeps only its output for
+/// backprop) on CPU, [`softmax_last_dim_ops`] elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(super::fused::SoftmaxLastDim)
+    } else {
+        softmax_last_dim_ops(x)
+    }
+}
+
+/// Softmax over the last dimension from tensor ops. The max is detached: subtracting a per-row
+/// constant does not change softmax, so its gradient is exactly zero and needs no graph.
+pub fn softmax_last_dim_ops(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `softmax(scores + mask)` over the last dimension for attention (`scores: [b, h, s, t]`,
+/// `mask: [b, 1, s, t]`): fused on CPU, op by op elsewhere.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if scores.device().is_cpu() && matches!(scores.dtype(), DType::F32 | DType::F64) && scores.dtype() == mask.dtype() {
+        scores.contiguous()?.apply_op2(&mask.contiguous()?, super::fused::MaskedSoftmax)
+    } else {
+        softmax_last_dim_ops(&scores.broadcast_add(mask)?)
+    }
 }
 
 /// Log-softmax over the last dimension (max detached, as in [`softmax_last_dim`]).
@@ -41,9 +61,10 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
-/// SiLU, `x * sigmoid(x)`, from differentiable primitives.
+/// SiLU, `x * sigmoid(x)`: Candle's unary op, which has a backward pass (checked by the
+/// gradient tests) and keeps a single intermediate.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    x.mul(&(x.neg()?.exp()? + 1.0)?.recip()?)
+    x.silu()
 }
 
 /// Rotary position embedding in Hugging Face's "rotate half" layout:
@@ -65,4 +86,53 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     }
     let (b, kv, s, d) = x.dims4()?;
     x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))
+}
+
+/// Per-row negative log-likelihood of `targets: [n]` (u32) under `logits: [n, vocab]`: the fused
+/// CPU kernel on CPU, log-softmax and gather elsewhere.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
+        logits.contiguous()?.apply_op2(&targets.contiguous()?, super::fused::CrossEntropyRows)
+    } else {
+        cross_entropy_rows_ops(logits, targets)
+    }
+}
+
+/// [`cross_entropy_rows`] from tensor ops.
+pub fn cross_entropy_rows_ops(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let lsm = log_softmax_last_dim(logits)?;
+    lsm.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?.neg()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    #[test]
+    fn fused_kernels_match_the_op_by_op_versions() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f64, 3.0, (6, 37), &dev).unwrap())).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (6, 37), &dev).unwrap();
+        let t = Tensor::new(&[0u32, 5, 36, 7, 7, 12], &dev).unwrap();
+        let pairs: [(&dyn Fn(&Tensor) -> Tensor, &dyn Fn(&Tensor) -> Tensor); 2] = [
+            (&|x| softmax_last_dim(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| softmax_last_dim_ops(x).unwrap().mul(&w).unwrap().sum_all().unwrap()),
+            (&|x| cross_entropy_rows(x, &t).unwrap().sum_all().unwrap(), &|x| cross_entropy_rows_ops(x, &t).unwrap().sum_all().unwrap()),
+        ];
+        let mask = Tensor::randn(0f64, 1.0, (2, 1, 3, 37), &dev).unwrap();
+        let x4 = x.as_tensor().reshape((2, 1, 3, 37)).unwrap();
+        let fused_m = masked_softmax(&x4, &mask).unwrap();
+        let ops_m = softmax_last_dim_ops(&x4.broadcast_add(&mask).unwrap()).unwrap();
+        assert!(close(&fused_m, &ops_m) < 1e-12);
+        for (fused, ops) in pairs {
+            let (a, b) = (fused(x.as_tensor()), ops(x.as_tensor()));
+            assert!(close(&a, &b) < 1e-12);
+            let (ga, gb) = (a.backward().unwrap(), b.backward().unwrap());
+            assert!(close(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-12);
+        }
+    }
 }

@@ -1,0 +1,204 @@
+//! Fused CPU kernels that *do* define a backward pass, used where the op-by-op version keeps
+//! many large intermediates alive for backprop: attention softmax (only the output is kept)
+//! and the LM cross-entropy (no `[tokens, vocab]` log-probabilities are kept at all).
+//! Other devices use the op-by-op versions in [`super::ops`]; the tests check both agree.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("fused op: input not contiguous"),
+    }
+}
+
+/// Softmax over the last dimension; backward `y * (g - sum(g * y))` from the saved output.
+pub struct SoftmaxLastDim;
+
+fn softmax_rows<T: num::Float>(x: &[T], n: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, r)| {
+        let max = r.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let mut sum = T::zero();
+        for (o, &v) in o.iter_mut().zip(r) {
+            *o = (v - max).exp();
+            sum = sum + *o;
+        }
+        let inv = T::one() / sum;
+        o.iter_mut().for_each(|v| *v = *v * inv);
+    });
+    out
+}
+
+mod num {
+    /// The float operations the kernels need.
+    pub trait Float: Copy + Send + Sync + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self> + std::ops::Div<Output = Self> + PartialOrd {
+        fn zero() -> Self;
+        fn one() -> Self;
+        fn neg_infinity() -> Self;
+        fn max(self, o: Self) -> Self;
+        fn exp(self) -> Self;
+        fn ln(self) -> Self;
+    }
+    macro_rules! float {
+        ($t:ty) => {
+            impl Float for $t {
+                fn zero() -> Self { 0.0 }
+                fn one() -> Self { 1.0 }
+                fn neg_infinity() -> Self { <$t>::NEG_INFINITY }
+                fn max(self, o: Self) -> Self { <$t>::max(self, o) }
+                fn exp(self) -> Self { <$t>::exp(self) }
+                fn ln(self) -> Self { <$t>::ln(self) }
+            }
+        };
+    }
+    float!(f32);
+    float!(f64);
+}
+
+impl CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "ranger-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let n = *l.shape().dims().last().unwrap_or(&1);
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(softmax_rows(contiguous(v, l)?, n)),
+            CpuStorage::F64(v) => CpuStorage::F64(softmax_rows(contiguous(v, l)?, n)),
+            _ => candle_core::bail!("ranger-softmax-last-dim: f32/f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(res.mul(&grad_res.broadcast_sub(&dot)?)?))
+    }
+}
+
+/// `softmax(scores + mask)` over the last dimension, with `scores: [b, h, s, t]` and the
+/// additive `mask: [b, 1, s, t]` broadcast over heads: the masked scores are never stored.
+pub struct MaskedSoftmax;
+
+fn masked_softmax_rows<T: num::Float>(x: &[T], mask: &[T], heads: usize, s: usize, t: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(r, (o, row))| {
+        let (b, i) = (r / (heads * s), r % s);
+        let m = &mask[(b * s + i) * t..(b * s + i + 1) * t];
+        let max = row.iter().zip(m).fold(T::neg_infinity(), |acc, (&v, &mv)| acc.max(v + mv));
+        let mut sum = T::zero();
+        for ((o, &v), &mv) in o.iter_mut().zip(row).zip(m) {
+            *o = (v + mv - max).exp();
+            sum = sum + *o;
+        }
+        let inv = T::one() / sum;
+        o.iter_mut().for_each(|v| *v = *v * inv);
+    });
+    out
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "ranger-masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, s, t) = l1.shape().dims4()?;
+        if l2.shape().dims() != [b, 1, s, t] {
+            candle_core::bail!("ranger-masked-softmax: mask shape {:?} for scores {:?}", l2.shape(), l1.shape());
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(m)) => CpuStorage::F32(masked_softmax_rows(contiguous(x, l1)?, contiguous(m, l2)?, h, s, t)),
+            (CpuStorage::F64(x), CpuStorage::F64(m)) => CpuStorage::F64(masked_softmax_rows(contiguous(x, l1)?, contiguous(m, l2)?, h, s, t)),
+            _ => candle_core::bail!("ranger-masked-softmax: f32/f64 scores and mask of the same dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _scores: &Tensor, _mask: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
+        Ok((Some(res.mul(&grad_res.broadcast_sub(&dot)?)?), None))
+    }
+}
+
+/// Per-row negative log-likelihood `logsumexp(x) - x[target]` of `logits: [n, vocab]`
+/// (f32/f64) and `targets: [n]` (u32); backward `(softmax(x) - onehot) * grad` in one pass.
+pub struct CrossEntropyRows;
+
+fn ce_rows<T: num::Float>(x: &[T], t: &[u32], v: usize) -> Vec<T> {
+    x.par_chunks(v)
+        .zip(t.par_iter())
+        .map(|(r, &t)| {
+            let max = r.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+            let sum = r.iter().fold(T::zero(), |s, &x| s + (x - max).exp());
+            max + sum.ln() - r[(t as usize).min(v - 1)]
+        })
+        .collect()
+}
+
+fn ce_grad_rows<T: num::Float>(x: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(v).zip(x.par_chunks(v)).zip(t.par_iter().zip(g.par_iter())).for_each(|((o, r), (&t, &g))| {
+        let max = r.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+        let mut sum = T::zero();
+        for (o, &x) in o.iter_mut().zip(r) {
+            *o = (x - max).exp();
+            sum = sum + *o;
+        }
+        let scale = g / sum;
+        o.iter_mut().for_each(|v| *v = *v * scale);
+        let ti = (t as usize).min(v - 1);
+        o[ti] = o[ti] - g;
+    });
+    out
+}
+
+impl CustomOp2 for CrossEntropyRows {
+    fn name(&self) -> &'static str {
+        "ranger-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let t = match s2 {
+            CpuStorage::U32(t) => contiguous(t, l2)?,
+            _ => candle_core::bail!("ranger-cross-entropy: targets must be u32"),
+        };
+        let out = match s1 {
+            CpuStorage::F32(x) => CpuStorage::F32(ce_rows(contiguous(x, l1)?, t, v)),
+            CpuStorage::F64(x) => CpuStorage::F64(ce_rows(contiguous(x, l1)?, t, v)),
+            _ => candle_core::bail!("ranger-cross-entropy: f32/f64 logits only"),
+        };
+        Ok((out, Shape::from(n)))
+    }
+
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = logits.apply_op3_no_bwd(targets, &grad_res.contiguous()?, &CrossEntropyGrad)?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// The gradient of [`CrossEntropyRows`].
+struct CrossEntropyGrad;
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "ranger-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, v) = l1.shape().dims2()?;
+        let t = match s2 {
+            CpuStorage::U32(t) => contiguous(t, l2)?,
+            _ => candle_core::bail!("ranger-cross-entropy-grad: targets must be u32"),
+        };
+        let out = match (s1, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(ce_grad_rows(contiguous(x, l1)?, t, contiguous(g, l3)?, v)),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(ce_grad_rows(contiguous(x, l1)?, t, contiguous(g, l3)?, v)),
+            _ => candle_core::bail!("ranger-cross-entropy-grad: f32/f64 only"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
