@@ -40,6 +40,8 @@ mod num {
         fn max(self, o: Self) -> Self;
         fn exp(self) -> Self;
         fn ln(self) -> Self;
+        fn sqrt(self) -> Self;
+        fn from_usize(n: usize) -> Self;
     }
     macro_rules! float {
         ($t:ty) => {
@@ -50,6 +52,8 @@ mod num {
                 fn max(self, o: Self) -> Self { <$t>::max(self, o) }
                 fn exp(self) -> Self { <$t>::exp(self) }
                 fn ln(self) -> Self { <$t>::ln(self) }
+                fn sqrt(self) -> Self { <$t>::sqrt(self) }
+                fn from_usize(n: usize) -> Self { n as $t }
             }
         };
     }
@@ -120,6 +124,103 @@ impl CustomOp2 for MaskedSoftmax {
     fn bwd(&self, _scores: &Tensor, _mask: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
         Ok((Some(res.mul(&grad_res.broadcast_sub(&dot)?)?), None))
+    }
+}
+
+/// RMSNorm `x / sqrt(mean(x²) + eps) * w` over the last dimension (f32/f64), keeping only its
+/// output for backprop.
+pub struct RmsNorm {
+    /// Epsilon.
+    pub eps: f64,
+}
+
+fn rms_rows<T: num::Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
+    let n = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, r)| {
+        let ms = r.iter().fold(T::zero(), |s, &v| s + v * v) / T::from_usize(n);
+        let inv = T::one() / (ms + eps).sqrt();
+        for ((o, &v), &wv) in o.iter_mut().zip(r).zip(w) {
+            *o = v * inv * wv;
+        }
+    });
+    out
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "ranger-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(rms_rows(contiguous(x, l1)?, contiguous(w, l2)?, self.eps as f32)),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(rms_rows(contiguous(x, l1)?, contiguous(w, l2)?, self.eps)),
+            _ => candle_core::bail!("ranger-rms-norm: f32/f64 input and weight of the same dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // n = x * r, y = n * w:  dw = sum(g * n),  dx = r * (g*w - n * mean(g*w*n)).
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let n = x.broadcast_mul(&r)?;
+        let gw = g.broadcast_mul(w)?;
+        let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
+        let dx = gw.sub(&n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+        let rank = x.rank();
+        let dw = (g * &n)?.flatten_to(rank.saturating_sub(2))?.sum(0)?;
+        let dw = if rank == 1 { (g * &n)? } else { dw };
+        Ok((Some(dx), Some(dw.reshape(w.shape())?)))
+    }
+}
+
+/// Rotary embedding `x * cos + rotate_half(x) * sin` with `x: [b, h, s, d]` and
+/// `cos`, `sin: [b, 1, s, d]` (f32/f64), keeping only its output for backprop.
+pub struct Rotary;
+
+fn rotary_rows<T: num::Float>(x: &[T], cos: &[T], sin: &[T], h: usize, s: usize, d: usize) -> Vec<T> {
+    let half = d / 2;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (o, row))| {
+        let (b, i) = (r / (h * s), r % s);
+        let (c, sn) = (&cos[(b * s + i) * d..(b * s + i + 1) * d], &sin[(b * s + i) * d..(b * s + i + 1) * d]);
+        for j in 0..d {
+            let rot = if j < half { T::zero() - row[j + half] } else { row[j - half] };
+            o[j] = row[j] * c[j] + rot * sn[j];
+        }
+    });
+    out
+}
+
+impl CustomOp3 for Rotary {
+    fn name(&self) -> &'static str {
+        "ranger-rotary"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, h, s, d) = l1.shape().dims4()?;
+        if l2.shape().dims() != [b, 1, s, d] || l3.shape().dims() != [b, 1, s, d] {
+            candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", l2.shape(), l1.shape());
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(sn)) => {
+                CpuStorage::F32(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(sn)) => {
+                CpuStorage::F64(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d))
+            }
+            _ => candle_core::bail!("ranger-rotary: f32/f64 tensors of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // dx = g * cos + rotate_half^T(g * sin), rotate_half^T(u) = [u2, -u1].
+        let u = g.broadcast_mul(sin)?;
+        let half = u.dim(D::Minus1)? / 2;
+        let rot_t = Tensor::cat(&[&u.narrow(D::Minus1, half, half)?, &u.narrow(D::Minus1, 0, half)?.neg()?], D::Minus1)?;
+        Ok((Some((g.broadcast_mul(cos)? + rot_t)?), None, None))
     }
 }
 

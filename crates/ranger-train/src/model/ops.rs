@@ -19,6 +19,19 @@ pub fn compute_dtype(dt: DType) -> DType {
 /// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * weight` (Llama's `LlamaRMSNorm`:
 /// normalised in f32, cast back, then scaled).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_ok(x) && weight.dtype() == x.dtype() {
+        return x.contiguous()?.apply_op2(&weight.contiguous()?, super::fused::RmsNorm { eps });
+    }
+    rms_norm_ops(x, weight, eps)
+}
+
+/// Whether the fused CPU kernels apply (CPU, f32 or f64).
+fn fused_ok(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// [`rms_norm`] from tensor ops.
+pub fn rms_norm_ops(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();
     let xf = x.to_dtype(compute_dtype(dt))?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -71,6 +84,14 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// `x * cos + rotate_half(x) * sin`, with `x: [b, heads, seq, head_dim]` and
 /// `cos`/`sin: [b, 1, seq, head_dim]` (per-sequence positions, so packed examples restart at 0).
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) && cos.dtype() == x.dtype() && cos.dims().get(1) == Some(&1) {
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, super::fused::Rotary);
+    }
+    apply_rotary_ops(x, cos, sin)
+}
+
+/// [`apply_rotary`] from tensor ops.
+pub fn apply_rotary_ops(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
@@ -123,6 +144,29 @@ mod tests {
             (&|x| softmax_last_dim(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| softmax_last_dim_ops(x).unwrap().mul(&w).unwrap().sum_all().unwrap()),
             (&|x| cross_entropy_rows(x, &t).unwrap().sum_all().unwrap(), &|x| cross_entropy_rows_ops(x, &t).unwrap().sum_all().unwrap()),
         ];
+        // RMSNorm and rotary, values and both gradients.
+        let x4v = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
+        let wv = Var::from_tensor(&Tensor::randn(1f64, 0.1, 8, &dev).unwrap()).unwrap();
+        let cos = Tensor::randn(0f64, 1.0, (2, 1, 5, 8), &dev).unwrap();
+        let sin = Tensor::randn(0f64, 1.0, (2, 1, 5, 8), &dev).unwrap();
+        let w4 = Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let y = f(x4v.as_tensor()).mul(&w4).unwrap().sum_all().unwrap();
+            let g = y.backward().unwrap();
+            (y, g.get(&x4v).unwrap().clone(), g.get(&wv).cloned())
+        };
+        let pairs4: [(&dyn Fn(&Tensor) -> Tensor, &dyn Fn(&Tensor) -> Tensor); 2] = [
+            (&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap(), &|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
+            (&|x| apply_rotary(x, &cos, &sin).unwrap(), &|x| apply_rotary_ops(x, &cos, &sin).unwrap()),
+        ];
+        for (fused, ops) in pairs4 {
+            let (a, b) = (run(fused), run(ops));
+            assert!(close(&a.0, &b.0) < 1e-10);
+            assert!(close(&a.1, &b.1) < 1e-10);
+            if let (Some(ga), Some(gb)) = (&a.2, &b.2) {
+                assert!(close(ga, gb) < 1e-10);
+            }
+        }
         let mask = Tensor::randn(0f64, 1.0, (2, 1, 3, 37), &dev).unwrap();
         let x4 = x.as_tensor().reshape((2, 1, 3, 37)).unwrap();
         let fused_m = masked_softmax(&x4, &mask).unwrap();
