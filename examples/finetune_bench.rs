@@ -3,8 +3,9 @@
 //!
 //!     cargo run --release --example finetune_bench [-- STEPS]
 //!
-//! Fetches the model with tools/fetch_test_assets.sh, trains on a synthetic text, and prints
-//! tokens/s (mean over the steps after the first) and the peak resident memory.
+//! Fetches the model with tools/fetch_test_assets.sh, trains on a synthetic text with Ranger and
+//! with AdamW (each in its own process, so each peak is its own), and prints tokens/s (mean over
+//! the steps after the first) and the peak resident memory.
 
 use std::path::Path;
 
@@ -33,6 +34,7 @@ fn synthetic_text() -> String {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ranger_train::alloc::tune_mimalloc(); // as ranger-tune does
     let steps: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new("bash").arg(root.join("tools/fetch_test_assets.sh")).output()?;
@@ -40,7 +42,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join("ranger-finetune-bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("data.txt"), synthetic_text())?;
-    for optimizer in [OptimizerKind::Ranger, OptimizerKind::Adamw] {
+    let only = std::env::args().nth(2);
+    if only.is_none() {
+        for name in ["ranger", "adamw"] {
+            let status = std::process::Command::new(std::env::current_exe()?).arg(steps.to_string()).arg(name).status()?;
+            if !status.success() {
+                return Err(format!("benchmark of {name} failed").into());
+            }
+        }
+        return Ok(());
+    }
+    let optimizer = if only.as_deref() == Some("adamw") { OptimizerKind::Adamw } else { OptimizerKind::Ranger };
+    {
         let cfg = TrainConfig {
             model: gguf.clone(),
             data: dir.join("data.txt").display().to_string(),
@@ -63,7 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         let mean = tps[1..].iter().sum::<f64>() / (tps.len() - 1).max(1) as f64;
         println!(
-            "ranger-tune ({optimizer:?}): SmolLM2-135M f32, seq 256 x batch 4, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS so far {:.2} GiB",
+            "ranger-tune ({optimizer:?}): SmolLM2-135M f32, seq 256 x batch 4, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS {:.2} GiB",
             peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
         );
         let _ = std::fs::remove_dir_all(dir.join("out"));

@@ -6,6 +6,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "mimalloc")]
+pub mod alloc;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -17,6 +19,7 @@ pub mod optim;
 pub mod output;
 pub mod rng;
 pub mod source;
+pub mod testing;
 pub mod tokenizer;
 pub mod trainer;
 pub mod weights;

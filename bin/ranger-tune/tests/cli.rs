@@ -1,0 +1,89 @@
+//! The `ranger-tune` binary: help, TOML config with flag overrides, a full run on a tiny model,
+//! generate on its output, and the documented error for a corrupted data line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ranger-tune"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("running ranger-tune")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ranger-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    ranger_train::testing::write_tiny_model(&d.join("model"), &ranger_train::testing::tiny_config("llama"), 3).unwrap();
+    let mut data = String::new();
+    for w in ["red", "blue", "green", "red", "blue", "green", "red", "blue"] {
+        data.push_str(&format!("{{\"prompt\": \"what color is the sky ?\", \"completion\": \" the sky is {w} .\"}}\n"));
+    }
+    std::fs::write(d.join("train.jsonl"), data).unwrap();
+    d
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let o = run(&["train", "--help"]);
+    assert!(o.status.success());
+    let t = text(&o);
+    for flag in ["--model", "--data", "--validation-file", "--val-split", "--optimizer", "--learning-rate", "--lr-scheduler", "--warmup-steps",
+        "--grad-accumulation-steps", "--max-grad-norm", "--eval-every", "--save-every", "--save-total-limit", "--early-stopping-patience",
+        "--resume", "--device", "--dtype", "--on-nan", "--eval-weights", "--pack", "--no-mask-prompt", "--config"] {
+        assert!(t.contains(flag), "train --help lacks {flag}");
+    }
+    assert!(run(&["generate", "--help"]).status.success());
+    assert!(run(&["convert", "--help"]).status.success());
+}
+
+#[test]
+fn config_file_flags_override_and_a_run_completes() {
+    let d = workdir("run");
+    let toml = format!(
+        "model = \"{}\"\ndata = \"{}\"\noutput = \"{}\"\nmax_steps = 50\nbatch_size = 2\nlearning_rate = 0.01\nval_split = 0.25\ndevice = \"cpu\"\n",
+        p(&d.join("model")),
+        p(&d.join("train.jsonl")),
+        p(&d.join("out"))
+    );
+    std::fs::write(d.join("run.toml"), toml).unwrap();
+    // The file says 50 steps; the flag wins.
+    let o = run(&["train", "--config", p(&d.join("run.toml")), "--max-steps", "3", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["steps"], 3);
+    assert_eq!(summary["weights"], "slow");
+    assert!(summary["eval_loss"].as_f64().unwrap().is_finite());
+    let model = d.join("out/model");
+    assert!(model.join("model.safetensors").exists());
+    let o = run(&["generate", "--model", p(&model), "--prompt", "what color is the sky ?", "--max-tokens", "4", "--device", "cpu"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Unknown keys in the file are rejected with the file named.
+    std::fs::write(d.join("bad.toml"), "learning_rat = 0.1\n").unwrap();
+    let o = run(&["train", "--config", p(&d.join("bad.toml"))]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("bad.toml"), "{}", text(&o));
+}
+
+#[test]
+fn corrupted_line_is_reported_with_file_and_line() {
+    let d = workdir("corrupt");
+    let mut lines: Vec<String> = std::fs::read_to_string(d.join("train.jsonl")).unwrap().lines().map(String::from).collect();
+    lines[4] = "{\"prompt\": \"what color".into();
+    std::fs::write(d.join("train.jsonl"), lines.join("\n")).unwrap();
+    let o = run(&["train", "--model", p(&d.join("model")), "--data", p(&d.join("train.jsonl")), "--output", p(&d.join("out")), "--device", "cpu"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("train.jsonl:5: invalid JSON"), "{t}");
+    assert!(!d.join("out/model").exists());
+}
