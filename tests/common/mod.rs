@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 use ranger_train::model::LlamaConfig;
 use serde_json::Value;
 
+#[allow(unused_imports)]
 pub use ranger_train::testing::{tiny_config, tiny_tokenizer_json, TINY_VOCAB, WORDS};
 
 /// Writes a complete tiny model folder (random weights for `seed`).
