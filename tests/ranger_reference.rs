@@ -130,20 +130,25 @@ fn ranger_matches_pytorch_on_both_paths() {
     }
 }
 
+/// The RAdam part of a case's hyperparameters.
+fn radam_params(hp: &serde_json::Value) -> ParamsRAdam {
+    ParamsRAdam {
+        lr: hp["lr"].as_f64().unwrap(),
+        beta1: hp["beta1"].as_f64().unwrap(),
+        beta2: hp["beta2"].as_f64().unwrap(),
+        eps: hp["eps"].as_f64().unwrap(),
+        weight_decay: hp["weight_decay"].as_f64().unwrap(),
+        decoupled_weight_decay: hp["decoupled_weight_decay"].as_bool().unwrap(),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn radam_matches_torch_radam() {
     for case in cases().into_iter().filter(|c| c.name.starts_with("radam_")) {
         let hp = &case.hp;
         let vars = fresh_vars(&case);
-        let params = ParamsRAdam {
-            lr: hp["lr"].as_f64().unwrap(),
-            beta1: hp["beta1"].as_f64().unwrap(),
-            beta2: hp["beta2"].as_f64().unwrap(),
-            eps: hp["eps"].as_f64().unwrap(),
-            weight_decay: hp["weight_decay"].as_f64().unwrap(),
-            decoupled_weight_decay: hp["decoupled_weight_decay"].as_bool().unwrap(),
-            ..Default::default()
-        };
+        let params = radam_params(hp);
         if case.name.starts_with("radam_torch_defaults") {
             assert_eq!(params, ParamsRAdam::default(), "ParamsRAdam::default() is torch's");
         }
@@ -158,15 +163,8 @@ fn generic_lookahead_around_radam_matches_pytorch() {
     for case in cases().into_iter().filter(|c| c.name.starts_with("l2_wd_no_gc_k4")) {
         let hp = &case.hp;
         let vars = fresh_vars(&case);
-        let inner = ParamsRAdam {
-            lr: hp["lr"].as_f64().unwrap(),
-            beta1: hp["beta1"].as_f64().unwrap(),
-            beta2: hp["beta2"].as_f64().unwrap(),
-            eps: hp["eps"].as_f64().unwrap(),
-            weight_decay: hp["weight_decay"].as_f64().unwrap(),
-            decoupled_weight_decay: false,
-            ..Default::default()
-        };
+        let inner = radam_params(hp);
+        assert!(!inner.decoupled_weight_decay);
         let config = LookaheadConfig { inner, k: 4, alpha: hp["lookahead_alpha"].as_f64().unwrap() };
         let mut opt = Lookahead::<RAdam>::new(vars.clone(), config).unwrap();
         check(&case, &vars, &mut opt, "Lookahead<RAdam>");
