@@ -119,7 +119,10 @@ fn packed_examples_do_not_attend_to_each_other() {
 /// Our forward pass and candle-transformers' inference models give the same last-position
 /// logits on the same weights.
 fn compare_with_candle(model_type: &str) {
-    let config = common::tiny_config(model_type);
+    compare_config_with_candle(model_type, common::tiny_config(model_type));
+}
+
+fn compare_config_with_candle(model_type: &str, config: Value) {
     let (cfg, vars, ours) = build(&config, DType::F32, 23);
     let tensors: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
@@ -168,6 +171,15 @@ fn compare_with_candle(model_type: &str) {
 #[test]
 fn llama_matches_candle_transformers() {
     compare_with_candle("llama");
+}
+
+/// Llama 3.1-style rope scaling and tied embeddings, as candle-transformers implements them.
+#[test]
+fn llama3_rope_scaling_tied_matches_candle_transformers() {
+    let mut c = common::tiny_config("llama");
+    c["tie_word_embeddings"] = json!(true);
+    c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
+    compare_config_with_candle("llama", c);
 }
 
 #[test]

@@ -53,7 +53,11 @@ pub fn fetch_from_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
     use hf_hub::{Repo, RepoType};
     let revision = opts.revision.clone().unwrap_or_else(|| "main".to_string());
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.clone());
-    let cache = hf_hub::Cache::from_env();
+    // HF_HUB_CACHE names the cache folder itself; HF_HOME its parent (hf-hub reads only HF_HOME).
+    let cache = match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) => hf_hub::Cache::new(PathBuf::from(dir)),
+        None => hf_hub::Cache::from_env(),
+    };
     let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
     let wanted = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"];
     let hub_err = |e: String| TrainError::Msg(format!("{repo_id}@{revision}: {e}"));
