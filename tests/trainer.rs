@@ -324,3 +324,27 @@ fn val_split_holds_out_examples() {
     assert_eq!(t.session.val.len(), 6);
     assert_eq!(t.session.train.sequences.len(), 18);
 }
+
+#[test]
+fn large_outputs_are_sharded_and_reload() {
+    let dir = common::temp_dir("shards");
+    setup(&dir);
+    let mut cfg = config(&dir, 2);
+    cfg.max_shard_size = 20_000; // bytes: the tiny model then needs several shards
+    let mut t = quiet(cfg);
+    let s = t.run().unwrap();
+    let out = s.output.unwrap();
+    assert!(!out.join("model.safetensors").exists());
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map.len(), t.session.vars.len());
+    let files: std::collections::BTreeSet<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    assert!(files.len() > 2, "{files:?}");
+    assert!(files.iter().all(|f| f.starts_with("model-000") && f.contains("-of-000") && out.join(f).exists()));
+    let total: u64 = t.session.vars.iter().map(|(_, v)| (v.elem_count() * 4) as u64).sum();
+    assert_eq!(index["metadata"]["total_size"].as_u64().unwrap(), total);
+    let mut cfg2 = config(&dir, 1);
+    cfg2.model = out.display().to_string();
+    let reloaded = quiet(cfg2).evaluate().unwrap().unwrap();
+    assert!((reloaded - s.eval_loss.unwrap()).abs() < 1e-5);
+}

@@ -549,6 +549,15 @@ impl Trainer {
         self.write_metrics()?;
         crate::metrics::write_loss_svg(&self.output.join("loss_curve.svg"), &self.metrics)?;
         let eval_loss = self.metrics.iter().rev().find_map(|m| m["eval_loss"].as_f64());
+        let k = cfg.lookahead_k;
+        let unsynced = if self.weights_label() == "slow" && k > 0 { self.state.step % k } else { 0 };
+        if unsynced > 0 && self.verbose {
+            eprintln!(
+                "note: the last {unsynced} steps are not yet in the slow weights (Lookahead syncs every {k} steps); \
+                 the evaluation and the saved model use the slow weights. A step count that is a multiple of {k}, \
+                 or --eval-weights fast, includes them."
+            );
+        }
         let output = if stopped == "interrupted" {
             None
         } else {
