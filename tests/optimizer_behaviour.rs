@@ -459,3 +459,44 @@ fn gradient_clipping_matches_torch_semantics() {
     clip_grad_norm(&mut g, &vars, 10.0).unwrap();
     assert_eq!(g.get(&a).unwrap().to_vec1::<f32>().unwrap(), before, "below the limit nothing changes");
 }
+
+/// The usual Candle order — build the model, build the optimizer, then load the weights — must
+/// give Lookahead the loaded weights as its starting slow weights, not the random init.
+#[test]
+fn slow_weights_are_taken_at_the_first_step_not_at_construction() {
+    for path in [UpdatePath::Fused, UpdatePath::Portable] {
+        let vars = make_vars(12, DType::F32);
+        let p = ParamsRanger { lr: 0.0, lookahead_k: 2, ..params(path) };
+        let mut opt = Ranger::new_named(vars.clone(), p).unwrap();
+        let loaded = make_vars(13, DType::F32);
+        for ((_, v), (_, l)) in vars.iter().zip(&loaded) {
+            v.set(l.as_tensor()).unwrap();
+        }
+        let expected = values(&vars);
+        let mut rng = Rng(1);
+        for _ in 0..2 {
+            opt.step(&grads_for(&vars, &mut rng)).unwrap();
+        }
+        assert_eq!(values(&vars), expected, "{path:?}: the sync pulled the weights toward the pre-load init");
+    }
+    let w = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+    let config = LookaheadConfig { inner: ParamsAdamW { lr: 0.0, weight_decay: 0.0, ..Default::default() }, k: 1, alpha: 0.5 };
+    let mut la = Lookahead::<AdamW>::new(vec![w.clone()], config).unwrap();
+    w.set(&Tensor::new(&[5.0f32, 6.0], &Device::Cpu).unwrap()).unwrap();
+    let mut g = GradStore::default();
+    g.insert(&w, Tensor::new(&[0.1f32, 0.1], &Device::Cpu).unwrap());
+    la.step(&g).unwrap();
+    assert_eq!(w.as_tensor().to_vec1::<f32>().unwrap(), vec![5.0, 6.0]);
+    // A non-finite gradient skips the whole Lookahead step.
+    g.insert(&w, Tensor::new(&[f32::NAN, 0.1], &Device::Cpu).unwrap());
+    la.step(&g).unwrap();
+    assert_eq!(la.steps(), &[1]);
+    assert_eq!(w.as_tensor().to_vec1::<f32>().unwrap(), vec![5.0, 6.0]);
+}
+
+#[test]
+fn the_same_variable_cannot_be_added_twice() {
+    let w = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+    let err = Ranger::new_named(vec![("a".into(), w.clone()), ("b".into(), w)], ParamsRanger::default()).unwrap_err().to_string();
+    assert!(err.contains("another name"), "{err}");
+}

@@ -27,13 +27,16 @@ impl<C> LookaheadConfig<C> {
 /// the fast weights; every `k` steps of a variable its slow weights move `alpha` of the way
 /// toward the fast ones and the fast weights are reset to them.
 ///
-/// Slow weights start as a copy of the weights (f32 for half-precision variables).
-/// A variable's steps are counted when the `GradStore` has its gradient.
+/// Slow weights are a copy of each variable's weights taken just before its first step (f32 for
+/// half-precision variables). A variable's steps are counted when the `GradStore` has its
+/// gradient. A step whose gradients hold NaN/Inf is skipped whole (nothing changes, nothing is
+/// counted), as [`crate::Ranger`] does by default.
 #[derive(Debug)]
 pub struct Lookahead<O> {
     inner: O,
     vars: Vec<Var>,
-    slow: Vec<Tensor>,
+    /// `None` until the variable's first step.
+    slow: Vec<Option<Tensor>>,
     steps: Vec<u64>,
     k: usize,
     alpha: f64,
@@ -58,10 +61,7 @@ impl<O: Optimizer> Lookahead<O> {
             candle_core::bail!("lookahead: alpha must be in [0, 1], got {alpha}");
         }
         let vars: Vec<Var> = vars.into_iter().filter(|v| v.dtype().is_float()).collect();
-        let slow = vars
-            .iter()
-            .map(|v| v.as_tensor().detach().to_dtype(slow_dtype(v.dtype()))?.copy())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let slow = vec![None; vars.len()];
         let steps = vec![0; vars.len()];
         Ok(Self { inner, vars, slow, steps, k, alpha, swapped_out: None })
     }
@@ -81,23 +81,35 @@ impl<O: Optimizer> Lookahead<O> {
         &self.steps
     }
 
+    /// The slow weights of variable `i` (a copy of the current weights before its first step).
+    fn slow_of(&self, i: usize) -> candle_core::Result<Tensor> {
+        match &self.slow[i] {
+            Some(s) => Ok(s.clone()),
+            None => self.vars[i].as_tensor().detach().to_dtype(slow_dtype(self.vars[i].dtype()))?.copy(),
+        }
+    }
+
     fn sync_one(&mut self, i: usize) -> candle_core::Result<()> {
+        let old = self.slow_of(i)?;
         let var = &self.vars[i];
-        let fast = var.as_tensor().detach().to_dtype(self.slow[i].dtype())?;
-        let slow = (&self.slow[i] + ((fast - &self.slow[i])? * self.alpha)?)?;
+        let fast = var.as_tensor().detach().to_dtype(old.dtype())?;
+        let slow = (&old + ((fast - &old)? * self.alpha)?)?;
         var.set(&slow.to_dtype(var.dtype())?)?;
-        self.slow[i] = slow;
+        self.slow[i] = Some(slow);
         Ok(())
     }
 
     /// Syncs every variable now, whatever its step count.
     pub fn sync(&mut self) -> candle_core::Result<()> {
+        if self.swapped_out.is_some() {
+            candle_core::bail!("lookahead: sync called while the slow weights are swapped in");
+        }
         (0..self.vars.len()).try_for_each(|i| self.sync_one(i))
     }
 
     /// The slow weights, in each variable's dtype.
     pub fn slow_weights(&self) -> candle_core::Result<Vec<Tensor>> {
-        self.slow.iter().zip(&self.vars).map(|(s, v)| s.to_dtype(v.dtype())).collect()
+        (0..self.vars.len()).map(|i| self.slow_of(i)?.to_dtype(self.vars[i].dtype())).collect()
     }
 
     /// Puts the slow weights into the variables, keeping the fast ones aside.
@@ -144,6 +156,15 @@ impl<O: Optimizer> Optimizer for Lookahead<O> {
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
         if self.swapped_out.is_some() {
             candle_core::bail!("lookahead: step called while the slow weights are swapped in");
+        }
+        if !crate::grad::non_finite_grads(grads, &self.vars)?.is_empty() {
+            return Ok(());
+        }
+        // Slow weights are taken before a variable's first update.
+        for i in 0..self.vars.len() {
+            if self.slow[i].is_none() && grads.get(&self.vars[i]).is_some() {
+                self.slow[i] = Some(self.slow_of(i)?);
+            }
         }
         self.inner.step(grads)?;
         for i in 0..self.vars.len() {

@@ -36,6 +36,35 @@ struct Slot {
     state: SlotState,
 }
 
+impl Slot {
+    /// The slow weights as they would be now: the stored ones, or (before the first step)
+    /// a deep copy of the current weights, in the state dtype, on the state's device.
+    fn current_slow(&self) -> Result<Tensor> {
+        Ok(match &self.state {
+            SlotState::Host(HostState { slow: Some(buf), .. }) => buf.to_tensor(self.var.shape())?,
+            SlotState::Device(DeviceState { slow: Some(s), .. }) => s.clone(),
+            SlotState::Host(_) => self.var.as_tensor().detach().to_dtype(state_dtype(self.var.dtype()))?.to_device(&candle_core::Device::Cpu)?.copy()?,
+            SlotState::Device(_) => self.var.as_tensor().detach().to_dtype(state_dtype(self.var.dtype()))?.copy()?,
+        })
+    }
+
+    /// Takes the slow weights (a deep copy of the weights, never zeros) if not yet taken.
+    fn ensure_slow(&mut self) -> Result<()> {
+        let missing = match &self.state {
+            SlotState::Host(st) => st.slow.is_none(),
+            SlotState::Device(st) => st.slow.is_none(),
+        };
+        if missing {
+            let copy = self.current_slow()?;
+            match &mut self.state {
+                SlotState::Host(st) => st.slow = Some(HostBuf::from_tensor(&copy)?),
+                SlotState::Device(st) => st.slow = Some(copy),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Per-group settings.
 #[derive(Debug, Clone, Copy)]
 struct GroupSettings {
@@ -113,6 +142,7 @@ impl Ranger {
     pub fn with_groups(groups: Vec<ParamGroup>, params: ParamsRanger) -> Result<Self> {
         params.validate()?;
         let mut seen = HashSet::new();
+        let mut seen_ids = HashSet::new();
         let mut slots = Vec::new();
         let mut settings = Vec::new();
         for (gi, group) in groups.into_iter().enumerate() {
@@ -132,6 +162,9 @@ impl Ranger {
                 }
                 if !seen.insert(name.clone()) {
                     return Err(Error::DuplicateName(name));
+                }
+                if !seen_ids.insert(var.id()) {
+                    return Err(Error::InvalidConfig(format!("variable `{name}` is already in the optimizer under another name")));
                 }
                 let state = Self::init_state(&var, &params)?;
                 slots.push(Slot { name, var, group: gi, step: 0, state });
@@ -155,21 +188,19 @@ impl Ranger {
             }
             UpdatePath::Portable => false,
         };
-        // Slow weights are a deep copy of the weights before the first update, never zeros.
-        let slow = (params.lookahead_k > 0)
-            .then(|| var.as_tensor().detach().to_dtype(sdt).and_then(|t| t.copy()))
-            .transpose()?;
+        // Slow weights are taken at the variable's first step (see `Slot::ensure_slow`), so
+        // weights loaded after the optimizer was built are the ones Lookahead starts from.
         if fused {
             let n = var.elem_count();
             let zeros = || if sdt == DType::F64 { HostBuf::F64(vec![0.0; n]) } else { HostBuf::F32(vec![0.0; n]) };
             Ok(SlotState::Host(HostState {
                 m: zeros(),
                 v: zeros(),
-                slow: slow.as_ref().map(HostBuf::from_tensor).transpose()?,
+                slow: None,
             }))
         } else {
             let zeros = Tensor::zeros(var.shape(), sdt, var.device())?;
-            Ok(SlotState::Device(DeviceState { m: zeros.clone(), v: zeros.copy()?, slow }))
+            Ok(SlotState::Device(DeviceState { m: zeros.clone(), v: zeros.copy()?, slow: None }))
         }
     }
 
@@ -246,6 +277,9 @@ impl Ranger {
         let p = self.params;
         for (i, grad) in &work {
             let slot = &mut self.slots[*i];
+            if p.lookahead_k > 0 {
+                slot.ensure_slow()?;
+            }
             let group = self.groups[slot.group];
             let lr = p.lr * group.lr_scale;
             let wd = group.weight_decay.unwrap_or(p.weight_decay);
@@ -279,8 +313,14 @@ impl Ranger {
     /// Forces a Lookahead sync of every variable now (`slow += alpha * (fast - slow)`,
     /// `fast = slow`), leaving step counts alone. Does nothing without Lookahead.
     pub fn sync_lookahead(&mut self) -> Result<()> {
+        if self.swapped_out.is_some() {
+            return Err(Error::InvalidConfig("sync_lookahead called while the slow weights are swapped in".into()));
+        }
         let alpha = self.params.lookahead_alpha;
         for slot in &mut self.slots {
+            if self.params.lookahead_k > 0 {
+                slot.ensure_slow()?;
+            }
             let sdt = state_dtype(slot.var.dtype());
             let fast = slot.var.as_tensor().detach().to_dtype(sdt)?;
             let slow = match &mut slot.state {
@@ -312,11 +352,7 @@ impl Ranger {
         self.slots
             .iter()
             .map(|slot| {
-                let t = match &slot.state {
-                    SlotState::Host(HostState { slow: Some(buf), .. }) => buf.to_tensor(slot.var.shape())?,
-                    SlotState::Device(DeviceState { slow: Some(s), .. }) => s.clone(),
-                    _ => slot.var.as_tensor().detach().copy()?,
-                };
+                let t = slot.current_slow()?;
                 Ok((slot.name.clone(), t.to_device(slot.var.device())?.to_dtype(slot.var.dtype())?))
             })
             .collect()
@@ -368,6 +404,7 @@ impl Ranger {
             }
         }
         let cpu = candle_core::Device::Cpu;
+        let lookahead = self.params.lookahead_k > 0;
         let mut tensors: Vec<(String, StateView<'_>)> = Vec::new();
         for slot in &self.slots {
             let shape = slot.var.shape();
@@ -377,15 +414,17 @@ impl Ranger {
                 SlotState::Host(st) => {
                     tensors.push((format!("{name}.exp_avg"), view(&st.m, shape)));
                     tensors.push((format!("{name}.exp_avg_sq"), view(&st.v, shape)));
-                    if let Some(s) = &st.slow {
-                        tensors.push((format!("{name}.slow"), view(s, shape)));
+                    match &st.slow {
+                        Some(s) => tensors.push((format!("{name}.slow"), view(s, shape))),
+                        None if lookahead => tensors.push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?))),
+                        None => {}
                     }
                 }
                 SlotState::Device(st) => {
                     tensors.push((format!("{name}.exp_avg"), StateView::Tensor(st.m.to_device(&cpu)?)));
                     tensors.push((format!("{name}.exp_avg_sq"), StateView::Tensor(st.v.to_device(&cpu)?)));
-                    if let Some(s) = &st.slow {
-                        tensors.push((format!("{name}.slow"), StateView::Tensor(s.to_device(&cpu)?)));
+                    if lookahead {
+                        tensors.push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?.to_device(&cpu)?)));
                     }
                 }
             }
@@ -449,8 +488,10 @@ impl Ranger {
             None => None,
         };
         let skipped = meta.get("skipped_steps").and_then(|s| s.parse().ok()).unwrap_or(0);
-        for (slot, (m, v, slow, step)) in self.slots.iter_mut().zip(loaded) {
-            slot.state = match slot.state {
+        // Build every new state first (fallible: copies, device transfers), then swap them in.
+        let mut states = Vec::with_capacity(loaded.len());
+        for (slot, (m, v, slow, step)) in self.slots.iter().zip(loaded) {
+            let state = match slot.state {
                 SlotState::Host(_) => SlotState::Host(HostState {
                     m: HostBuf::from_tensor(&m)?,
                     v: HostBuf::from_tensor(&v)?,
@@ -465,6 +506,10 @@ impl Ranger {
                     })
                 }
             };
+            states.push((state, step));
+        }
+        for (slot, (state, step)) in self.slots.iter_mut().zip(states) {
+            slot.state = state;
             slot.step = step;
         }
         if let Some(lr) = lr {

@@ -24,7 +24,12 @@ pub enum StateView<'a> {
     F64(&'a [f64], Vec<usize>),
 }
 
-fn le_bytes<T: Copy, const N: usize>(xs: &[T], to_le: fn(T) -> [u8; N]) -> Cow<'_, [u8]> {
+/// Plain floats: no padding, every bit pattern valid, so they can be viewed as bytes.
+trait PlainFloat: Copy {}
+impl PlainFloat for f32 {}
+impl PlainFloat for f64 {}
+
+fn le_bytes<T: PlainFloat, const N: usize>(xs: &[T], to_le: fn(T) -> [u8; N]) -> Cow<'_, [u8]> {
     if cfg!(target_endian = "little") {
         // SAFETY: plain-old-data floats viewed as bytes, in the file's (little-endian) order.
         Cow::Borrowed(unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), std::mem::size_of_val(xs)) })
@@ -78,7 +83,9 @@ pub fn write_atomic(path: &Path, tensors: &[(String, StateView<'_>)], metadata: 
         .map_err(|e| Error::StateFormat { path: path.to_path_buf(), message: format!("cannot write: {e}") })
         .and_then(|()| {
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-            std::fs::rename(&tmp, path).map_err(io)
+            std::fs::rename(&tmp, path).map_err(io)?;
+            sync_parent(path);
+            Ok(())
         });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -86,10 +93,22 @@ pub fn write_atomic(path: &Path, tensors: &[(String, StateView<'_>)], metadata: 
     result
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
+/// A temporary name next to `path`, unique per process and per call.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp.{}", std::process::id()));
+    name.push(format!(".tmp.{}.{n}", std::process::id()));
     path.with_file_name(name)
+}
+
+/// Makes a rename durable (best effort: not every platform can sync a folder).
+pub fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
 }
 
 /// Reads every tensor (onto the CPU) and the metadata of a safetensors file.
