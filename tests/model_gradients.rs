@@ -33,7 +33,7 @@ fn test_batch(vocab: usize, dtype: DType) -> Batch {
         position: vec![0, 1, 2, 3, 4, 0, 1, 2, 3],
     };
     let b = Sequence { ids: ids(6), target: vec![true; 6], segment: vec![0; 6], position: (0..6).collect() };
-    collate(&[&a, &b], 2, dtype, &Device::Cpu).unwrap()
+    collate(&[&a, &b], 2, None, dtype, &Device::Cpu).unwrap()
 }
 
 fn loss(model: &LlamaModel, batch: &Batch) -> Tensor {
@@ -110,8 +110,8 @@ fn packed_examples_do_not_attend_to_each_other() {
     let (_, _, model) = build(&common::tiny_config("llama"), DType::F64, 5);
     let packed = Sequence { ids: vec![5, 6, 7, 8, 9, 10, 11], target: vec![true; 7], segment: vec![0, 0, 0, 1, 1, 1, 1], position: vec![0, 1, 2, 0, 1, 2, 3] };
     let alone = Sequence { ids: vec![8, 9, 10, 11], target: vec![true; 4], segment: vec![0; 4], position: vec![0, 1, 2, 3] };
-    let a = model.forward(&collate(&[&packed], 2, DType::F64, &Device::Cpu).unwrap()).unwrap().i((0, 3..7)).unwrap();
-    let b = model.forward(&collate(&[&alone], 2, DType::F64, &Device::Cpu).unwrap()).unwrap().i((0, 0..4)).unwrap();
+    let a = model.forward(&collate(&[&packed], 2, None, DType::F64, &Device::Cpu).unwrap()).unwrap().i((0, 3..7)).unwrap();
+    let b = model.forward(&collate(&[&alone], 2, None, DType::F64, &Device::Cpu).unwrap()).unwrap().i((0, 0..4)).unwrap();
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
     assert!(diff < 1e-10, "{diff}");
 }

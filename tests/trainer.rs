@@ -246,15 +246,19 @@ fn packing_fills_sequences_without_crossing_examples() {
 fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     let dir = common::temp_dir("nan");
     setup(&dir);
-    let mut cfg = config(&dir, 2);
+    let mut cfg = config(&dir, 4);
     cfg.save_every = 1;
-    quiet(cfg).run().unwrap();
+    // Two good steps (each `run` with the stop flag set does one step and checkpoints).
+    let mut t = quiet(cfg.clone());
+    for _ in 0..2 {
+        t.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        t.run().unwrap();
+    }
+    drop(t);
     let ckpt = dir.join("out/checkpoint-2/model.safetensors");
     let good = std::fs::read(&ckpt).unwrap();
-    // Go on from the checkpoint (a longer run is allowed: the schedule is recomputed) with
-    // poisoned weights: the loss is NaN at once.
-    let mut cfg2 = config(&dir, 4);
-    cfg2.save_every = 1;
+    // Go on from the checkpoint with poisoned weights: the loss is NaN at once.
+    let mut cfg2 = cfg.clone();
     cfg2.resume = Some(dir.join("out").display().to_string());
     let mut t = quiet(cfg2.clone());
     assert_eq!(t.state.step, 2);
@@ -267,12 +271,46 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     // With --on-nan skip the run goes on (every batch is skipped here) and finishes.
     let mut cfg4 = cfg2;
     cfg4.on_nan = NanPolicy::Skip;
+    cfg4.save_every = 0;
     cfg4.output = dir.join("skip").display().to_string();
     cfg4.resume = None;
     let mut t = quiet(cfg4);
     let emb = &t.session.vars[0].1;
     emb.set(&emb.as_tensor().affine(0.0, f64::NAN).unwrap()).unwrap();
-    assert_eq!(t.run().unwrap().steps, 4);
+    let s = t.run().unwrap();
+    assert_eq!(s.steps, 4, "every batch is skipped, the run still completes its bookkeeping");
+    assert!(s.checkpoint.unwrap().ends_with("checkpoint-4"));
+    let metrics = std::fs::read_to_string(dir.join("skip/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"skipped\":true")).count(), 4);
+}
+
+#[test]
+fn resuming_an_earlier_checkpoint_keeps_the_new_one() {
+    let dir = common::temp_dir("prune");
+    setup(&dir);
+    let mut cfg = config(&dir, 6);
+    cfg.save_every = 2;
+    cfg.save_total_limit = 1;
+    let mut t = quiet(cfg.clone());
+    t.run().unwrap();
+    assert!(dir.join("out/checkpoint-6").exists() && !dir.join("out/checkpoint-2").exists());
+    // Keep a copy of step 2 by re-running 2 steps elsewhere, then resume from it into `out`.
+    let mut early = cfg.clone();
+    early.output = dir.join("early").display().to_string();
+    let mut e = quiet(early);
+    for _ in 0..2 {
+        e.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        e.run().unwrap();
+    }
+    std::fs::rename(dir.join("early/checkpoint-2"), dir.join("out/checkpoint-2")).unwrap();
+    let mut r = cfg.clone();
+    r.resume = Some(dir.join("out/checkpoint-2").display().to_string());
+    let mut rt = quiet(r);
+    rt.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let s = rt.run().unwrap();
+    let written = s.checkpoint.unwrap();
+    assert!(written.ends_with("checkpoint-3") && written.exists(), "the checkpoint just written was pruned");
+    assert!(dir.join("out/checkpoint-6").exists(), "a later checkpoint of another run is not ours to delete");
 }
 
 #[test]

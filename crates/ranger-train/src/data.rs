@@ -183,7 +183,9 @@ pub fn load_file(path: &Path, tok: &TextTokenizer, opts: &DataOptions) -> Result
 pub fn split_validation(mut examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
     let mut rng = Rng::new(seed ^ 0x5EED_5A11);
     rng.shuffle(&mut examples);
-    let n_val = ((examples.len() as f64 * fraction).round() as usize).clamp(usize::from(fraction > 0.0), examples.len().saturating_sub(1));
+    // At least one validation example when asked for, and always at least one for training.
+    let wanted = ((examples.len() as f64 * fraction).round() as usize).max(usize::from(fraction > 0.0));
+    let n_val = wanted.min(examples.len().saturating_sub(1));
     let val = examples.split_off(examples.len() - n_val);
     (examples, val)
 }
@@ -213,8 +215,9 @@ pub fn to_sequences(examples: &[Example], opts: &DataOptions) -> Vec<Sequence> {
     out
 }
 
-/// Collates sequences into a [`Batch`], right-padding to the longest with `pad_id`.
-pub fn collate(seqs: &[&Sequence], pad_id: u32, mask_dtype: DType, device: &Device) -> Result<Batch> {
+/// Collates sequences into a [`Batch`], right-padding to the longest with `pad_id`; `window` is
+/// the model's sliding attention window, if any.
+pub fn collate(seqs: &[&Sequence], pad_id: u32, window: Option<usize>, mask_dtype: DType, device: &Device) -> Result<Batch> {
     let len = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(1).max(2);
     let b = seqs.len();
     let (mut ids, mut pos, mut lm, mut segs) = (Vec::with_capacity(b * len), Vec::with_capacity(b * len), Vec::with_capacity(b * len), Vec::new());
@@ -236,7 +239,7 @@ pub fn collate(seqs: &[&Sequence], pad_id: u32, mask_dtype: DType, device: &Devi
     Ok(Batch {
         input_ids: Tensor::from_vec(ids, (b, len), device)?,
         positions: Tensor::from_vec(pos, (b, len), device)?,
-        mask: causal_mask(&segs, None, mask_dtype, device)?,
+        mask: causal_mask(&segs, window, mask_dtype, device)?,
         loss_mask: Tensor::from_vec(lm, (b, len), device)?,
         n_targets,
         n_tokens,

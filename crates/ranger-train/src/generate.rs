@@ -58,6 +58,9 @@ pub fn generate(
         prompt.to_string()
     };
     let (ids, _) = tok.encode(&text, !opts.chat)?;
+    if ids.is_empty() {
+        return Err(crate::TrainError::Msg("the prompt is empty (no tokens to continue)".into()));
+    }
     let sampling = if opts.temperature <= 0.0 {
         Sampling::ArgMax
     } else if opts.top_p < 1.0 {

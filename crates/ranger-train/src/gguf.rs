@@ -93,6 +93,17 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         .map(|v| v.to_string().cloned())
         .collect::<candle_core::Result<_>>()?;
     let heads = num("attention.head_count")? as usize;
+    if heads == 0 {
+        return Err(TrainError::Config { origin: path.display().to_string(), message: "llama.attention.head_count is 0".into() });
+    }
+    // Llama 3.1-style rope scaling is stored as metadata and a `rope_freqs` tensor in GGUF;
+    // refuse rather than train with the wrong rotary frequencies.
+    if content.metadata.keys().any(|k| k.starts_with("llama.rope.scaling")) || content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(TrainError::Config {
+            origin: path.display().to_string(),
+            message: "GGUF rope scaling (llama.rope.scaling.*, rope_freqs.weight) is not supported; use the Hugging Face checkpoint".into(),
+        });
+    }
     let kv_heads = num("attention.head_count_kv").unwrap_or(heads as f64) as usize;
     let hidden = num("embedding_length")? as usize;
     let tied = !content.tensor_infos.contains_key("output.weight");
@@ -162,12 +173,26 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path) -> Result<TextTo
     let added: Vec<Value> = types
         .iter()
         .enumerate()
+        .take(tokens.len())
         .filter(|(_, &t)| t == 3 || t == 4)
         .map(|(i, &t)| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": t == 4, "special": t == 3}))
         .collect();
     // As transformers' own GGUF conversion does: plain byte-level pre-tokenization (the
-    // `tokenizer.ggml.pre` regex variants split the same way on the supported vocabularies),
-    // and no template tokens added by the post-processor (`add_bos_token` is false in GGUF).
+    // `tokenizer.ggml.pre` regex variants split the same way on the supported vocabularies), and
+    // a BOS token added by the post-processor only when `tokenizer.ggml.add_bos_token` says so.
+    let add_bos = matches!(c.metadata.get("tokenizer.ggml.add_bos_token"), Some(GValue::Bool(true)));
+    let bos = c.metadata.get("tokenizer.ggml.bos_token_id").and_then(as_f64).map(|i| i as usize).filter(|&i| i < tokens.len());
+    let a = json!({"Sequence": {"id": "A", "type_id": 0}});
+    let b = json!({"Sequence": {"id": "B", "type_id": 1}});
+    let post_processor = match (add_bos, bos) {
+        (true, Some(id)) => {
+            let t = &tokens[id];
+            let bos_piece = json!({"SpecialToken": {"id": t, "type_id": 0}});
+            json!({"type": "TemplateProcessing", "single": [bos_piece, a], "pair": [bos_piece, a, bos_piece, b],
+                   "special_tokens": {t: {"id": t, "ids": [id], "tokens": [t]}}})
+        }
+        _ => json!({"type": "TemplateProcessing", "single": [a], "pair": [a, b], "special_tokens": {}}),
+    };
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     let tj = json!({
         "version": "1.0",
@@ -176,8 +201,7 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path) -> Result<TextTo
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": byte_level,
-        "post_processor": {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
-                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}], "special_tokens": {}},
+        "post_processor": post_processor,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "", "end_of_word_suffix": "",
                   "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}

@@ -18,8 +18,9 @@ pub enum TrainOptimizer {
     Ranger(Ranger),
     /// RAdam.
     RAdam(RAdam),
-    /// AdamW, with the variable names for reports.
-    AdamW(AdamW, Vec<(String, Var)>),
+    /// AdamW: one instance for the decayed matrices, one without decay for vectors (candle's
+    /// AdamW has a single weight decay), and the variable names for reports.
+    AdamW(Box<[AdamW; 2]>, Vec<(String, Var)>),
 }
 
 impl TrainOptimizer {
@@ -57,10 +58,11 @@ impl TrainOptimizer {
                 },
             )?),
             OptimizerKind::Adamw => {
-                // candle's AdamW has one weight decay for all variables.
-                let all: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
                 let p = ParamsAdamW { lr: cfg.learning_rate, beta1, beta2: cfg.beta2, eps, weight_decay: cfg.weight_decay };
-                TrainOptimizer::AdamW(AdamW::new(all, p)?, vars)
+                let of = |g: &ParamGroup| g.vars.iter().map(|(_, v)| v.clone()).collect::<Vec<Var>>();
+                let decayed = AdamW::new(of(&groups[0]), p.clone())?;
+                let plain = AdamW::new(of(&groups[1]), ParamsAdamW { weight_decay: 0.0, ..p })?;
+                TrainOptimizer::AdamW(Box::new([decayed, plain]), vars)
             }
         })
     }
@@ -70,7 +72,7 @@ impl TrainOptimizer {
         match self {
             Self::Ranger(o) => o.set_learning_rate(lr),
             Self::RAdam(o) => o.set_learning_rate(lr),
-            Self::AdamW(o, _) => o.set_learning_rate(lr),
+            Self::AdamW(o, _) => o.iter_mut().for_each(|o| o.set_learning_rate(lr)),
         }
     }
 
@@ -83,7 +85,9 @@ impl TrainOptimizer {
                 let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
                 let bad = non_finite_grads(grads, &vars)?;
                 if bad.is_empty() {
-                    o.step(grads)?;
+                    for o in o.iter_mut() {
+                        o.step(grads)?;
+                    }
                     StepReport { updated: vars.len(), non_finite: vec![] }
                 } else {
                     StepReport { updated: 0, non_finite: bad.into_iter().map(|i| named[i].0.clone()).collect() }

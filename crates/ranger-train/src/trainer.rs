@@ -167,6 +167,11 @@ fn resume_key(cfg: &TrainConfig) -> Value {
         "mask_prompt": cfg.mask_prompt, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size,
         "grad_accumulation_steps": cfg.grad_accumulation_steps, "seed": cfg.seed, "dtype": cfg.dtype,
         "learning_rate": cfg.learning_rate, "lookahead_k": cfg.lookahead_k, "val_split": cfg.val_split,
+        "lookahead_alpha": cfg.lookahead_alpha, "centralize": cfg.centralize, "beta1": cfg.beta1, "beta2": cfg.beta2,
+        "eps": cfg.eps, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "lr_scheduler": cfg.lr_scheduler,
+        "warmup_steps": cfg.warmup_steps, "warmup_ratio": cfg.warmup_ratio, "min_lr_ratio": cfg.min_lr_ratio,
+        "flat_fraction": cfg.flat_fraction, "max_steps": cfg.max_steps, "epochs": cfg.epochs,
+        "validation_file": cfg.validation_file,
     })
 }
 
@@ -216,8 +221,10 @@ impl Trainer {
     /// Builds the trainer; resumes when `cfg.resume` is set.
     pub fn new(session: Session) -> Result<Self> {
         let cfg = session.cfg.clone();
-        let per_epoch = session.train.batches_per_epoch().div_ceil(cfg.grad_accumulation_steps);
-        let total_steps = cfg.max_steps.unwrap_or(per_epoch * cfg.epochs.max(1)).max(1);
+        // Whole epochs of micro-batches, grouped into optimizer steps (the last may span an
+        // epoch boundary, never more than one step's worth).
+        let micro_batches = session.train.batches_per_epoch() * cfg.epochs.max(1);
+        let total_steps = cfg.max_steps.unwrap_or(micro_batches.div_ceil(cfg.grad_accumulation_steps)).max(1);
         let optimizer = TrainOptimizer::new(&cfg, session.vars.clone())?;
         let state = TrainerState {
             step: 0,
@@ -278,8 +285,12 @@ impl Trainer {
         let op = dir.join("optimizer.safetensors");
         if op.exists() {
             self.optimizer.load_state(&op)?;
-        } else if self.verbose {
-            eprintln!("warning: {} has no optimizer state (AdamW); moments restart from zero", dir.display());
+        } else if matches!(self.optimizer, TrainOptimizer::AdamW(..)) {
+            if self.verbose {
+                eprintln!("warning: AdamW's state cannot be saved; its moments restart from zero");
+            }
+        } else {
+            return Err(TrainError::Msg(format!("{}: optimizer.safetensors is missing, so the run cannot resume exactly", dir.display())));
         }
         let total = self.state.total_steps;
         self.state = saved;
@@ -318,7 +329,7 @@ impl Trainer {
             let (mut sum, mut n) = (0f64, 0usize);
             for chunk in val.chunks(bs).take(limit) {
                 let refs: Vec<&Sequence> = chunk.iter().collect();
-                let batch = collate(&refs, pad, mdt, device)?;
+                let batch = collate(&refs, pad, model.config.sliding_window, mdt, device)?;
                 let logits = model.forward(&batch)?;
                 sum += causal_lm_loss_sum(&logits, &batch)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 n += batch.n_targets;
@@ -366,10 +377,15 @@ impl Trainer {
             std::fs::remove_dir_all(&final_dir).map_err(TrainError::io(&final_dir))?;
         }
         std::fs::rename(&tmp, &final_dir).map_err(TrainError::io(&final_dir))?;
-        let all = list_checkpoints(&self.output)?;
+        candle_ranger::state_file::sync_parent(&final_dir);
+        // Rotate among this run's checkpoints up to now; later-numbered ones (left by a run that
+        // was resumed from an earlier checkpoint) are not ours to delete, and the new one stays.
+        let ours: Vec<(usize, PathBuf)> = list_checkpoints(&self.output)?.into_iter().filter(|(n, _)| *n <= self.state.step).collect();
         let keep = self.session.cfg.save_total_limit.max(1);
-        for (_, p) in all.iter().take(all.len().saturating_sub(keep)) {
-            let _ = std::fs::remove_dir_all(p);
+        for (_, p) in ours.iter().take(ours.len().saturating_sub(keep)) {
+            if *p != final_dir {
+                let _ = std::fs::remove_dir_all(p);
+            }
         }
         Ok(final_dir)
     }
@@ -389,7 +405,7 @@ impl Trainer {
         let accum = self.session.cfg.grad_accumulation_steps;
         let (pad, mdt, device) = (self.session.tokenizer.pad_id, self.mask_dtype(), &self.session.device);
         let batches: Vec<_> = (micro_start..micro_start + accum)
-            .map(|i| collate(&self.session.train.batch(i), pad, mdt, device))
+            .map(|i| collate(&self.session.train.batch(i), pad, self.session.model.config.sliding_window, mdt, device))
             .collect::<Result<_>>()?;
         let targets: usize = batches.iter().map(|b| b.n_targets).sum::<usize>().max(1);
         let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
@@ -463,11 +479,13 @@ impl Trainer {
         let mut last_checkpoint = None;
         let mut stopped = "completed".to_string();
         let first_step = self.state.step;
+        // The missing-gradient check runs on the first step of a fresh run that has a finite loss.
+        let mut gradients_checked = first_step > 0;
         if first_step == 0 {
             // The baseline, so the metrics show what training changed.
             if let Some(eval) = self.evaluate()? {
                 self.metrics.push(json!({ "step": 0, "eval_loss": eval, "eval_perplexity": eval.exp() }));
-                self.state.best_eval_loss = Some(eval);
+                self.state.best_eval_loss = eval.is_finite().then_some(eval);
                 say(format!("step 0: eval loss {eval:.4}, perplexity {:.2} (before training)", eval.exp()));
             }
         }
@@ -476,37 +494,40 @@ impl Trainer {
             let lr = schedule.lr_at(self.state.step);
             self.optimizer.set_lr(lr);
             let (mut grads, loss, tokens) = self.step_gradients(self.state.micro_step)?;
+            let mut gnorm = f64::NAN;
             if !loss.is_finite() {
-                self.write_metrics()?;
                 match cfg.on_nan {
-                    NanPolicy::Stop => return Err(TrainError::NonFiniteLoss { step: self.state.step + 1, loss }),
-                    NanPolicy::Skip => {
-                        say(format!("step {}: non-finite loss {loss}, batch skipped", self.state.step + 1));
-                        self.state.micro_step += cfg.grad_accumulation_steps;
-                        self.state.step += 1;
-                        continue;
+                    NanPolicy::Stop => {
+                        self.write_metrics()?;
+                        return Err(TrainError::NonFiniteLoss { step: self.state.step + 1, loss });
                     }
+                    // The batch is skipped, but the step is bookkept like any other below.
+                    NanPolicy::Skip => say(format!("step {}: non-finite loss {loss}, batch skipped", self.state.step + 1)),
+                }
+            } else {
+                if !gradients_checked {
+                    self.check_gradients(&grads)?;
+                    gradients_checked = true;
+                }
+                let vars: Vec<Var> = self.session.vars.iter().map(|(_, v)| v.clone()).collect();
+                gnorm = if cfg.max_grad_norm > 0.0 { clip_grad_norm(&mut grads, &vars, cfg.max_grad_norm)? } else { grad_norm(&grads, &vars)? };
+                let report = self.optimizer.step(&grads)?;
+                if report.skipped() {
+                    say(format!("step {}: non-finite gradient in {}, step skipped", self.state.step + 1, report.non_finite.join(", ")));
                 }
             }
-            if self.state.step == first_step && first_step == 0 {
-                self.check_gradients(&grads)?;
-            }
-            let vars: Vec<Var> = self.session.vars.iter().map(|(_, v)| v.clone()).collect();
-            let gnorm = if cfg.max_grad_norm > 0.0 { clip_grad_norm(&mut grads, &vars, cfg.max_grad_norm)? } else { grad_norm(&grads, &vars)? };
-            let report = self.optimizer.step(&grads)?;
             drop(grads);
-            if report.skipped() {
-                say(format!("step {}: non-finite gradient in {}, step skipped", self.state.step + 1, report.non_finite.join(", ")));
-            }
             let secs = step_start.elapsed().as_secs_f64();
             self.state.step += 1;
             self.state.micro_step += cfg.grad_accumulation_steps;
             self.state.tokens_seen += tokens as u64;
             self.state.train_seconds += secs;
-            last_loss = Some(loss);
+            if loss.is_finite() {
+                last_loss = Some(loss);
+            }
             let tps = tokens as f64 / secs.max(1e-9);
             let mut record = json!({
-                "step": self.state.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens,
+                "step": self.state.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens, "skipped": !loss.is_finite(),
                 "tokens_per_sec": tps, "peak_rss_bytes": peak_rss_bytes(),
                 "epoch": self.state.micro_step as f64 / self.session.train.batches_per_epoch() as f64,
             });
@@ -515,7 +536,7 @@ impl Trainer {
                 if let Some(eval) = self.evaluate()? {
                     record["eval_loss"] = json!(eval);
                     record["eval_perplexity"] = json!(eval.exp());
-                    if self.state.best_eval_loss.is_none_or(|b| eval < b) {
+                    if eval.is_finite() && self.state.best_eval_loss.is_none_or(|b| eval < b) {
                         self.state.best_eval_loss = Some(eval);
                         self.state.evals_without_improvement = 0;
                     } else {

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
+use candle_ranger::state_file::{sync_parent, tmp_path};
 
 use crate::error::{Result, TrainError};
 use crate::model::LlamaConfig;
@@ -117,8 +118,9 @@ pub fn save_safetensors_dir(dir: &Path, tensors: &[(String, Tensor)], max_shard_
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     if shards.len() == 1 {
-        write_safetensors(&dir.join("model.safetensors"), &shards[0], meta)?;
+        // The index goes first: loaders prefer it, so a stale one must never outlive the switch.
         let _ = std::fs::remove_file(dir.join("model.safetensors.index.json"));
+        write_safetensors(&dir.join("model.safetensors"), &shards[0], meta)?;
         return Ok(());
     }
     let n = shards.len();
@@ -145,7 +147,9 @@ fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)], meta: HashMap<S
         .map_err(|e| TrainError::Msg(format!("{}: {e}", path.display())))
         .and_then(|()| {
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(TrainError::io(&tmp))?;
-            std::fs::rename(&tmp, path).map_err(TrainError::io(path))
+            std::fs::rename(&tmp, path).map_err(TrainError::io(path))?;
+            sync_parent(path);
+            Ok(())
         });
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -153,11 +157,7 @@ fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)], meta: HashMap<S
     res
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp.{}", std::process::id()));
-    path.with_file_name(name)
-}
+
 
 /// Writes `bytes` to `path` through a temporary file in the same folder, then renames it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -167,7 +167,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        sync_parent(path);
+        Ok(())
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -134,6 +134,14 @@ impl LlamaConfig {
             origin: source.to_string(),
             model_type: mt.clone(),
         })?;
+        for (name, v) in [("hidden_size", r.hidden_size), ("intermediate_size", r.intermediate_size), ("num_hidden_layers", r.num_hidden_layers), ("vocab_size", r.vocab_size), ("head_dim", r.head_dim.unwrap_or(1))] {
+            if v == 0 {
+                return Err(bad(format!("{name} must be > 0")));
+            }
+        }
+        if r.head_dim.is_some_and(|d| d % 2 != 0) {
+            return Err(bad("head_dim must be even (rotary embeddings rotate pairs)".into()));
+        }
         if r.num_attention_heads == 0 || r.hidden_size % r.num_attention_heads != 0 && r.head_dim.is_none() {
             return Err(bad("hidden_size must be a multiple of num_attention_heads".into()));
         }

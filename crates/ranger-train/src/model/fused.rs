@@ -127,8 +127,8 @@ impl CustomOp2 for MaskedSoftmax {
     }
 }
 
-/// RMSNorm `x / sqrt(mean(x²) + eps) * w` over the last dimension (f32/f64), keeping only its
-/// output for backprop.
+/// RMSNorm `x / sqrt(mean(x²) + eps) * w` over the last dimension (f32/f64). Backprop needs only
+/// its input (kept anyway), not the op-by-op version's intermediates.
 pub struct RmsNorm {
     /// Epsilon.
     pub eps: f64,
@@ -267,6 +267,9 @@ impl CustomOp2 for CrossEntropyRows {
             CpuStorage::U32(t) => contiguous(t, l2)?,
             _ => candle_core::bail!("ranger-cross-entropy: targets must be u32"),
         };
+        if let Some(bad) = t.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("ranger-cross-entropy: target id {bad} is outside the vocabulary of {v}");
+        }
         let out = match s1 {
             CpuStorage::F32(x) => CpuStorage::F32(ce_rows(contiguous(x, l1)?, t, v)),
             CpuStorage::F64(x) => CpuStorage::F64(ce_rows(contiguous(x, l1)?, t, v)),

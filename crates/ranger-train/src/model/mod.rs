@@ -13,7 +13,7 @@ use candle_core::{DType, Result, Tensor};
 /// Sum of the negative log-likelihoods of the target tokens of `batch` (a scalar, f32 or f64),
 /// from `logits: [b, s, vocab]`: position `i` predicts token `i + 1` where `loss_mask[i + 1]`.
 /// Computed over all `b * s` rows with shifted targets (the last position's target is masked),
-/// so the logits are never copied.
+/// so f32/f64 logits are never copied (half-precision ones are converted to f32 once).
 pub fn causal_lm_loss_sum(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let (b, s, v) = logits.dims3()?;
     let cdt = ops::compute_dtype(logits.dtype());
