@@ -23,7 +23,7 @@
 //! ```
 //!
 //! The step scalars are computed in f64; the step size can never be negative. Slow weights
-//! start as a copy of the weights, never zeros. Optimizer state is f64 for f64 variables and
+//! start as a copy of the weights taken at each variable's first step, never zeros. Optimizer state is f64 for f64 variables and
 //! f32 otherwise (so bf16/f16 variables don't lose small updates).
 //!
 //! ## Example

@@ -2,7 +2,8 @@
 //!
 //! A [`Schedule`] maps the 0-based index of an optimizer step to the learning rate that step
 //! uses. Warmup is linear and never starts at 0 (no step is wasted at lr = 0), and the decaying
-//! shapes reach `min_lr` exactly on the last step; [`Schedule::lr_at`] gives the formulas.
+//! shapes reach `min_lr` exactly on the last step when there are steps left after warmup (and,
+//! for flat-then-cosine, a flat fraction below 1); [`Schedule::lr_at`] gives the formulas.
 
 use candle_nn::Optimizer;
 
