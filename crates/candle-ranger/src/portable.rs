@@ -65,6 +65,7 @@ pub(crate) fn step(
 /// Whether every element of `t` is finite: `t - t` is 0 for finite values and NaN otherwise,
 /// and its sum is exactly 0 only when all are (no overflow, whatever the magnitudes).
 pub(crate) fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    #[allow(clippy::eq_op)] // x - x is 0 exactly when x is finite: that is the test
     let d = (t - t)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     Ok(d == 0.0)
 }

@@ -79,7 +79,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
     let content = Content::read(&mut file).map_err(|e| TrainError::Msg(format!("{}: not a readable GGUF file: {e}", path.display())))?;
-    let arch = meta(&content, "general.architecture", path)?.to_string().map_err(candle_core::Error::from)?.clone();
+    let arch = meta(&content, "general.architecture", path)?.to_string()?.clone();
     if arch != "llama" {
         return Err(TrainError::UnsupportedArchitecture { origin: path.display().to_string(), model_type: format!("gguf:{arch}") });
     }

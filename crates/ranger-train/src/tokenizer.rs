@@ -7,6 +7,9 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Result, TrainError};
 
+/// Byte range `(start, end)` of each token in the encoded text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// One chat message.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Message {
@@ -89,7 +92,7 @@ impl TextTokenizer {
     }
 
     /// Token ids and byte offsets of `text`.
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Offsets)> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

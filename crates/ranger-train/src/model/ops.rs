@@ -130,6 +130,9 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// A fused function and its op-by-op counterpart.
+    type Pair<'a> = (&'a dyn Fn(&Tensor) -> Tensor, &'a dyn Fn(&Tensor) -> Tensor);
+
     fn close(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
     }
@@ -140,7 +143,7 @@ mod tests {
         let x = Var::from_tensor(&(Tensor::randn(0f64, 3.0, (6, 37), &dev).unwrap())).unwrap();
         let w = Tensor::randn(0f64, 1.0, (6, 37), &dev).unwrap();
         let t = Tensor::new(&[0u32, 5, 36, 7, 7, 12], &dev).unwrap();
-        let pairs: [(&dyn Fn(&Tensor) -> Tensor, &dyn Fn(&Tensor) -> Tensor); 2] = [
+        let pairs: [Pair; 2] = [
             (&|x| softmax_last_dim(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| softmax_last_dim_ops(x).unwrap().mul(&w).unwrap().sum_all().unwrap()),
             (&|x| cross_entropy_rows(x, &t).unwrap().sum_all().unwrap(), &|x| cross_entropy_rows_ops(x, &t).unwrap().sum_all().unwrap()),
         ];
@@ -155,7 +158,7 @@ mod tests {
             let g = y.backward().unwrap();
             (y, g.get(&x4v).unwrap().clone(), g.get(&wv).cloned())
         };
-        let pairs4: [(&dyn Fn(&Tensor) -> Tensor, &dyn Fn(&Tensor) -> Tensor); 2] = [
+        let pairs4: [Pair; 2] = [
             (&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap(), &|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
             (&|x| apply_rotary(x, &cos, &sin).unwrap(), &|x| apply_rotary_ops(x, &cos, &sin).unwrap()),
         ];
