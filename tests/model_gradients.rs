@@ -17,8 +17,7 @@ fn build(config: &Value, dtype: DType, seed: u64) -> (LlamaConfig, Vec<(String, 
     let cfg = LlamaConfig::from_json(config.clone(), "test").unwrap();
     let weights = ranger_train::weights::random_weights(&cfg, seed, DType::F64).unwrap();
     let vars = ranger_train::weights::into_vars(&cfg, weights, dtype, &Device::Cpu, "test").unwrap();
-    let map: HashMap<String, Var> = vars.iter().cloned().collect();
-    let model = LlamaModel::new(cfg.clone(), &map).unwrap();
+    let model = LlamaModel::from_vars(cfg.clone(), &vars).unwrap();
     (cfg, vars, model)
 }
 
@@ -195,4 +194,42 @@ fn qwen2_matches_candle_transformers() {
 #[test]
 fn qwen3_matches_candle_transformers() {
     compare_with_candle("qwen3");
+}
+
+/// LoRA adapters get their true gradients too (B made non-zero so A's gradient is not trivially 0).
+#[test]
+fn lora_adapter_gradients() {
+    let config = common::tiny_config("qwen2");
+    let cfg = LlamaConfig::from_json(config, "test").unwrap();
+    let base = ranger_train::weights::random_weights(&cfg, 4, DType::F64).unwrap();
+    let mut model = LlamaModel::new(cfg, &base).unwrap();
+    let lora = ranger_train::model::LoraConfig { rank: 3, alpha: 6.0, ..Default::default() };
+    let vars = model.add_lora(&lora, 9).unwrap();
+    assert_eq!(vars.len(), 2 * 7 * 2);
+    let mut rng = Rng::new(5);
+    for (name, v) in &vars {
+        if name.ends_with("lora_B.weight") {
+            let data: Vec<f64> = (0..v.elem_count()).map(|_| 0.1 * rng.normal()).collect();
+            v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    let batch = test_batch(common::TINY_VOCAB, DType::F64);
+    let grads = loss(&model, &batch).backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads.get(var).unwrap_or_else(|| panic!("{name} has no gradient")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let orig = var.as_tensor().copy().unwrap();
+        let flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let i = rng.below(flat.len());
+        let eval_at = |delta: f64| {
+            let mut f = flat.clone();
+            f[i] += delta;
+            var.set(&Tensor::from_vec(f, orig.shape(), &Device::Cpu).unwrap()).unwrap();
+            loss(&model, &batch).to_scalar::<f64>().unwrap()
+        };
+        let numeric = (eval_at(1e-5) - eval_at(-1e-5)) / 2e-5;
+        var.set(&orig).unwrap();
+        assert!((numeric - g[i]).abs() <= 1e-6 + 1e-4 * numeric.abs().max(g[i].abs()), "{name}[{i}]: {} vs {numeric}", g[i]);
+    }
+    // The frozen base has no gradient at all: it is not a variable.
+    assert!(grads.get(&base["model.layers.0.self_attn.q_proj.weight"]).is_none());
 }

@@ -27,8 +27,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 fn model_of(loaded: ranger_train::source::LoadedModel) -> (LlamaModel, ranger_train::tokenizer::TextTokenizer, Option<Value>) {
     let vars = ranger_train::weights::into_vars(&loaded.config, loaded.weights, DType::F32, &Device::Cpu, &loaded.origin).unwrap();
-    let map = vars.into_iter().collect();
-    (LlamaModel::new(loaded.config, &map).unwrap(), loaded.tokenizer, loaded.generation_config)
+    (LlamaModel::from_vars(loaded.config, &vars).unwrap(), loaded.tokenizer, loaded.generation_config)
 }
 
 /// Tokenizer, chat template and logits of our GGUF path agree with transformers' own GGUF

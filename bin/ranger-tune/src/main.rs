@@ -163,6 +163,21 @@ struct TrainArgs {
     /// Resume exactly from a checkpoint folder (or the output folder's latest checkpoint).
     #[arg(long)]
     resume: Option<String>,
+    /// Train LoRA adapters (base weights frozen); the output is a PEFT adapter folder.
+    #[arg(long)]
+    lora: bool,
+    /// LoRA rank [default: 8].
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha; adapters are scaled by alpha / rank [default: 16].
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// LoRA dropout; only 0 is supported so far [default: 0].
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Comma-separated projections that get adapters [default: all attention and MLP projections].
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
     /// Print the final summary as JSON.
     #[arg(long)]
     json: bool,
@@ -213,13 +228,16 @@ impl TrainArgs {
         }
         set!(model, data, output, max_seq_length, learning_rate, weight_decay, beta2, lookahead_k, lookahead_alpha, warmup_ratio,
              min_lr_ratio, flat_fraction, batch_size, grad_accumulation_steps, max_grad_norm, epochs, eval_every, save_every,
-             save_total_limit, log_every, seed, device, max_shard_size, val_split);
+             save_total_limit, log_every, seed, device, max_shard_size, val_split, lora_rank, lora_alpha, lora_dropout, lora_targets);
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
         }
         set_opt!(revision, validation_file, beta1, eps, warmup_steps, max_steps, eval_batches, early_stopping_patience, resume);
         if self.pack {
             c.pack = true;
+        }
+        if self.lora {
+            c.lora = true;
         }
         if self.no_mask_prompt {
             c.mask_prompt = false;
@@ -279,6 +297,9 @@ struct GenerateArgs {
     /// Hub revision.
     #[arg(long)]
     revision: Option<String>,
+    /// A PEFT LoRA adapter folder to apply to the model (e.g. a ranger-tune output's adapter/).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -356,7 +377,7 @@ fn train(args: TrainArgs) -> Result<()> {
         println!("  last checkpoint       {} (resume with --resume {})", c.display(), c.display());
     }
     match &s.output {
-        Some(o) => println!("  model ({} weights)    {}", s.weights, o.display()),
+        Some(o) => println!("  {} ({} weights)  {}", if o.ends_with("adapter") { "LoRA adapter" } else { "model" }, s.weights, o.display()),
         None => println!("  model                 not written (interrupted); resume to finish"),
     }
     Ok(())
@@ -367,8 +388,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
     let dtype = candle_core::DType::F32;
     let vars = ranger_train::weights::into_vars(&loaded.config, loaded.weights, dtype, &device, &loaded.origin)?;
-    let map = vars.into_iter().collect();
-    let model = ranger_train::model::LlamaModel::new(loaded.config, &map).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
+    let mut model = ranger_train::model::LlamaModel::from_vars(loaded.config, &vars).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
+    if let Some(dir) = &a.adapter {
+        ranger_train::peft::load_peft_adapter(&mut model, dir)?;
+    }
     let stop = stop_ids(&loaded.tokenizer, loaded.generation_config.as_ref());
     let opts = GenerateOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed, chat: a.chat };
     use std::io::Write;

@@ -162,6 +162,16 @@ pub struct TrainConfig {
     pub max_shard_size: usize,
     /// Checkpoint to resume from.
     pub resume: Option<String>,
+    /// Train LoRA adapters instead of the full model (base weights frozen).
+    pub lora: bool,
+    /// LoRA rank.
+    pub lora_rank: usize,
+    /// LoRA alpha (adapter output scaled by alpha / rank).
+    pub lora_alpha: f64,
+    /// LoRA dropout (only 0 is supported so far).
+    pub lora_dropout: f64,
+    /// Projections that get adapters.
+    pub lora_targets: Vec<String>,
 }
 
 impl Default for TrainConfig {
@@ -208,6 +218,11 @@ impl Default for TrainConfig {
             eval_weights: EvalWeights::Slow,
             max_shard_size: 5_000_000_000,
             resume: None,
+            lora: false,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.0,
+            lora_targets: crate::model::LoraConfig::default().targets,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod output;
+pub mod peft;
 pub mod rng;
 pub mod source;
 pub mod testing;

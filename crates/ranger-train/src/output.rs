@@ -74,3 +74,41 @@ pub fn save_hf_folder(
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {
     write_atomic(path, serde_json::to_string_pretty(v).expect("JSON").as_bytes())
 }
+
+/// Writes a LoRA adapter in PEFT's format: `adapter_config.json` and
+/// `adapter_model.safetensors` (tensors named `base_model.model.<module>.lora_{A,B}.weight`),
+/// which `peft.PeftModel.from_pretrained(base_model, dir)` loads; plus the tokenizer files.
+pub fn save_peft_adapter(dir: &Path, cfg: &crate::TrainConfig, weights: &[(String, Tensor)], tokenizer: &TextTokenizer) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": cfg.model,
+        "revision": cfg.revision,
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": cfg.lora_targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_rslora": false,
+        "use_dora": false,
+    });
+    write_json(&dir.join("adapter_config.json"), &config)?;
+    let path = dir.join("adapter_model.safetensors");
+    crate::weights::save_safetensors_file(&path, weights)?;
+    let tok_json = tokenizer.inner.to_string(true).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+    write_atomic(&dir.join("tokenizer.json"), tok_json.as_bytes())?;
+    let mut tcfg = tokenizer.config.clone();
+    if let (Value::Object(o), Some(t)) = (&mut tcfg, &tokenizer.chat_template) {
+        o.insert("chat_template".into(), json!(t));
+    }
+    write_json(&dir.join("tokenizer_config.json"), &tcfg)
+}

@@ -16,12 +16,12 @@ use serde_json::{json, Value};
 use crate::config::{parse_device, EvalWeights, NanPolicy, ScheduleKind, TrainConfig};
 use crate::data::{collate, load_file, split_validation, to_sequences, DataOptions, Loader, Sequence};
 use crate::error::{Result, TrainError};
-use crate::model::{causal_lm_loss_sum, ops::compute_dtype, LlamaModel};
+use crate::model::{causal_lm_loss_sum, ops::compute_dtype, LlamaModel, LoraConfig};
 use crate::optim::TrainOptimizer;
 use crate::output::{save_hf_folder, write_json};
 use crate::source::{self, HubOptions, LoadedModel};
 use crate::tokenizer::TextTokenizer;
-use crate::weights::into_vars;
+use crate::weights::{into_tensors, into_vars};
 
 /// Everything a run needs, loaded and ready.
 pub struct Session {
@@ -108,9 +108,28 @@ pub fn prepare_with_model(cfg: TrainConfig, loaded: LoadedModel, device: Device)
         return Err(TrainError::Msg("batch_size and grad_accumulation_steps must be >= 1, max_seq_length >= 2".into()));
     }
     let LoadedModel { config, weights, tokenizer, generation_config, origin } = loaded;
-    let vars = into_vars(&config, weights, cfg.dtype.dtype(), &device, &origin)?;
-    let map: HashMap<String, Var> = vars.iter().cloned().collect();
-    let model = LlamaModel::new(config, &map).map_err(|n| TrainError::Weights { origin: origin.clone(), tensor: n, problem: "missing".into() })?;
+    let missing = |n: String| TrainError::Weights { origin: origin.clone(), tensor: n, problem: "missing".into() };
+    let (model, vars) = if cfg.lora {
+        if cfg.lora_dropout != 0.0 {
+            return Err(TrainError::Msg("lora_dropout > 0 is not supported yet (it would make resume inexact); use 0".into()));
+        }
+        if cfg.lora_rank == 0 {
+            return Err(TrainError::Msg("lora_rank must be >= 1".into()));
+        }
+        let known = LoraConfig::default().targets;
+        if let Some(bad) = cfg.lora_targets.iter().find(|t| !known.contains(t)) {
+            return Err(TrainError::Msg(format!("unknown LoRA target {bad:?} (known: {})", known.join(", "))));
+        }
+        // Frozen base: plain tensors, so no gradient is ever computed or stored for them.
+        let base: HashMap<String, Tensor> = into_tensors(&config, weights, cfg.dtype.dtype(), &device, &origin)?.into_iter().collect();
+        let mut model = LlamaModel::new(config, &base).map_err(missing)?;
+        let lora = LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, targets: cfg.lora_targets.clone() };
+        let vars = model.add_lora(&lora, cfg.seed)?;
+        (model, vars)
+    } else {
+        let vars = into_vars(&config, weights, cfg.dtype.dtype(), &device, &origin)?;
+        (LlamaModel::from_vars(config, &vars).map_err(missing)?, vars)
+    };
     let opts = DataOptions { max_seq_len: cfg.max_seq_length, pack: cfg.pack, mask_prompt: cfg.mask_prompt };
     let train_data = load_file(Path::new(&cfg.data), &tokenizer, &opts)?;
     let (train_examples, val_examples) = match &cfg.validation_file {
@@ -171,7 +190,8 @@ fn resume_key(cfg: &TrainConfig) -> Value {
         "eps": cfg.eps, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "lr_scheduler": cfg.lr_scheduler,
         "warmup_steps": cfg.warmup_steps, "warmup_ratio": cfg.warmup_ratio, "min_lr_ratio": cfg.min_lr_ratio,
         "flat_fraction": cfg.flat_fraction, "max_steps": cfg.max_steps, "epochs": cfg.epochs,
-        "validation_file": cfg.validation_file,
+        "validation_file": cfg.validation_file, "lora": cfg.lora, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+        "lora_targets": cfg.lora_targets,
     })
 }
 
@@ -437,7 +457,8 @@ impl Trainer {
         for (name, var) in &self.session.vars {
             match grads.get(var) {
                 None => bad.push(format!("{name} (no gradient)")),
-                Some(g) if !name.ends_with("k_proj.bias") => {
+                // LoRA's A matrices get a zero gradient while B is still zero (its start value).
+                Some(g) if !name.ends_with("k_proj.bias") && !name.ends_with("lora_A.weight") => {
                     let s = g.abs()?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
                     if s == 0.0 {
                         bad.push(format!("{name} (all zero)"));
@@ -582,10 +603,16 @@ impl Trainer {
         let output = if stopped == "interrupted" {
             None
         } else {
-            let dir = self.output.join("model");
             let weights = self.model_weights()?;
-            save_hf_folder(&dir, &self.session.model.config, &weights, &self.session.tokenizer, self.session.generation_config.as_ref(), cfg.max_shard_size)?;
-            Some(dir)
+            if cfg.lora {
+                let dir = self.output.join("adapter");
+                crate::output::save_peft_adapter(&dir, &cfg, &weights, &self.session.tokenizer)?;
+                Some(dir)
+            } else {
+                let dir = self.output.join("model");
+                save_hf_folder(&dir, &self.session.model.config, &weights, &self.session.tokenizer, self.session.generation_config.as_ref(), cfg.max_shard_size)?;
+                Some(dir)
+            }
         };
         Ok(RunSummary {
             trainable_parameters: self.trainable_parameters(),

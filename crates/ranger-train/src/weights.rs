@@ -46,34 +46,41 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(out)
 }
 
-/// Turns loaded weights into trainable variables of `dtype` on `device`, checking that every
+/// Converts loaded weights to `dtype` on `device` in the model's order, checking that every
 /// tensor the model needs is there with the right shape. Unknown extra tensors are ignored
 /// (e.g. a redundant `lm_head.weight` of a tied checkpoint).
-pub fn into_vars(
+pub fn into_tensors(
     config: &LlamaConfig,
     mut weights: HashMap<String, Tensor>,
     dtype: DType,
     device: &Device,
-    source: &str,
-) -> Result<Vec<(String, Var)>> {
-    let mut vars = Vec::new();
+    origin: &str,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
     for (name, shape) in config.weight_shapes() {
         let t = weights.remove(&name).ok_or_else(|| TrainError::Weights {
-            origin: source.to_string(),
+            origin: origin.to_string(),
             tensor: name.clone(),
             problem: "missing".into(),
         })?;
         if t.dims() != shape.as_slice() {
             return Err(TrainError::Weights {
-                origin: source.to_string(),
+                origin: origin.to_string(),
                 tensor: name,
                 problem: format!("shape {:?} in the checkpoint, {:?} expected from config.json", t.dims(), shape),
             });
         }
-        let t = t.to_dtype(dtype)?.to_device(device)?;
-        vars.push((name, Var::from_tensor(&t)?));
+        out.push((name, t.to_dtype(dtype)?.to_device(device)?));
     }
-    Ok(vars)
+    Ok(out)
+}
+
+/// Like [`into_tensors`], as trainable variables.
+pub fn into_vars(config: &LlamaConfig, weights: HashMap<String, Tensor>, dtype: DType, device: &Device, origin: &str) -> Result<Vec<(String, Var)>> {
+    into_tensors(config, weights, dtype, device, origin)?
+        .into_iter()
+        .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+        .collect()
 }
 
 /// Random weights for a configuration (tests and tiny experiments): normal(0, 0.02) matrices,
@@ -136,6 +143,13 @@ pub fn save_safetensors_dir(dir: &Path, tensors: &[(String, Tensor)], max_shard_
     write_atomic(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap().as_bytes())?;
     let _ = std::fs::remove_file(dir.join("model.safetensors"));
     Ok(())
+}
+
+/// Writes `tensors` (moved to the CPU) as one safetensors file, atomically.
+pub fn save_safetensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    let refs: Vec<&(String, Tensor)> = cpu.iter().collect();
+    write_safetensors(path, &refs, HashMap::from([("format".to_string(), "pt".to_string())]))
 }
 
 /// Streams tensors into a temporary file (one tensor's bytes in memory at a time), syncs it and

@@ -7,23 +7,65 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use super::config::LlamaConfig;
 use super::ops::{apply_rotary, compute_dtype, masked_softmax, repeat_kv, rms_norm, silu};
 
-/// A linear projection `x W^T + b` whose weight may be a trainable [`Var`].
+/// A low-rank adapter `x A^T B^T * scale` added to a projection (LoRA, arXiv 2106.09685).
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// `[r, in]`, random at the start.
+    pub a: Tensor,
+    /// `[out, r]`, zero at the start (so training starts from the base model).
+    pub b: Tensor,
+    /// `lora_alpha / r`.
+    pub scale: f64,
+}
+
+/// A linear projection `x W^T + b` (weights trainable [`Var`]s or frozen tensors), with an
+/// optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Proj {
     /// `[out, in]` weight.
     pub weight: Tensor,
     /// Optional `[out]` bias.
     pub bias: Option<Tensor>,
+    /// Optional low-rank adapter.
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let mut y = x.broadcast_matmul(&self.weight.t()?)?;
+        if let Some(l) = &self.lora {
+            let low = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
+            y = (y + (low * l.scale)?)?;
+        }
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// Which projections get LoRA adapters, with what rank and scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank r.
+    pub rank: usize,
+    /// `lora_alpha`; the adapter output is scaled by `alpha / r`.
+    pub alpha: f64,
+    /// Module names that get adapters (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`,
+    /// `up_proj`, `down_proj`).
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        Self { rank: 8, alpha: 16.0, targets: targets.iter().map(|s| s.to_string()).collect() }
+    }
+}
+
+/// The PEFT name of a LoRA matrix: `base_model.model.<module>.lora_A.weight` / `lora_B`.
+pub fn peft_name(module: &str, which: char) -> String {
+    format!("base_model.model.{module}.lora_{which}.weight")
 }
 
 #[derive(Debug, Clone)]
@@ -83,13 +125,18 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Builds the model over trainable variables taken from `vars` by Hugging Face name
     /// (see [`LlamaConfig::weight_shapes`]).
-    pub fn new(config: LlamaConfig, vars: &HashMap<String, Var>) -> std::result::Result<Self, String> {
-        let get = |n: &str| -> std::result::Result<Tensor, String> {
-            vars.get(n).map(|v| v.as_tensor().clone()).ok_or_else(|| n.to_string())
-        };
-        let opt = |n: &str| vars.get(n).map(|v| v.as_tensor().clone());
+    pub fn from_vars(config: LlamaConfig, vars: &[(String, Var)]) -> std::result::Result<Self, String> {
+        let map: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        Self::new(config, &map)
+    }
+
+    /// Builds the model over weights by Hugging Face name: trainable when they are the tensors
+    /// of [`Var`]s, frozen when they are plain tensors. The error names a missing tensor.
+    pub fn new(config: LlamaConfig, weights: &HashMap<String, Tensor>) -> std::result::Result<Self, String> {
+        let get = |n: &str| -> std::result::Result<Tensor, String> { weights.get(n).cloned().ok_or_else(|| n.to_string()) };
+        let opt = |n: &str| weights.get(n).cloned();
         let proj = |n: &str| -> std::result::Result<Proj, String> {
-            Ok(Proj { weight: get(&format!("{n}.weight"))?, bias: opt(&format!("{n}.bias")) })
+            Ok(Proj { weight: get(&format!("{n}.weight"))?, bias: opt(&format!("{n}.bias")), lora: None })
         };
         let embed = get("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -115,6 +162,40 @@ impl LlamaModel {
         let dtype = embed.dtype();
         let inv_freq = Tensor::new(config.inv_freq(), &device).map_err(|e| e.to_string())?;
         Ok(Self { config, embed, layers, norm, lm_head, inv_freq, dtype, device })
+    }
+
+    /// Adds LoRA adapters to the targeted projections and returns them as trainable variables
+    /// with their PEFT names (A: uniform in ±1/sqrt(in) as PEFT's Kaiming init, B: zeros).
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Vec<(String, Var)>> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut vars = Vec::new();
+        let (dtype, device) = (self.dtype, self.device.clone());
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let projs: [(&str, &str, &mut Proj); 7] = [
+                ("self_attn", "q_proj", &mut layer.q),
+                ("self_attn", "k_proj", &mut layer.k),
+                ("self_attn", "v_proj", &mut layer.v),
+                ("self_attn", "o_proj", &mut layer.o),
+                ("mlp", "gate_proj", &mut layer.gate),
+                ("mlp", "up_proj", &mut layer.up),
+                ("mlp", "down_proj", &mut layer.down),
+            ];
+            for (block, name, proj) in projs {
+                if !cfg.targets.iter().any(|t| t == name) {
+                    continue;
+                }
+                let (out, inp) = proj.weight.dims2()?;
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a: Vec<f32> = (0..cfg.rank * inp).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, inp), &device)?.to_dtype(dtype)?)?;
+                let b = Var::zeros((out, cfg.rank), dtype, &device)?;
+                let module = format!("model.layers.{i}.{block}.{name}");
+                proj.lora = Some(LoraAdapter { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: cfg.alpha / cfg.rank as f64 });
+                vars.push((peft_name(&module, 'A'), a));
+                vars.push((peft_name(&module, 'B'), b));
+            }
+        }
+        Ok(vars)
     }
 
     /// The parameter dtype.

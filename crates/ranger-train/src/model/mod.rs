@@ -6,7 +6,7 @@ pub mod llama;
 pub mod ops;
 
 pub use config::{Architecture, LlamaConfig, RopeScaling};
-pub use llama::{causal_mask, Batch, KvCache, LlamaModel, Proj};
+pub use llama::{causal_mask, peft_name, Batch, KvCache, LlamaModel, LoraAdapter, LoraConfig, Proj};
 
 use candle_core::{DType, Result, Tensor};
 
