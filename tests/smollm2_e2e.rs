@@ -169,3 +169,34 @@ fn fine_tune_end_to_end() {
     assert!(matches!(&err, TrainError::Data { line: 2, .. }), "{err}");
     assert!(err.to_string().contains("corrupt.jsonl:2: invalid JSON"), "{err}");
 }
+
+/// LoRA on the real model: held-out loss falls, the PEFT adapter reloads onto the base to the
+/// same logits, and merging gives the same logits as base + adapter.
+#[test]
+fn lora_end_to_end() {
+    let dir = common::temp_dir("smollm2-lora");
+    write_data(&dir);
+    let mut cfg = config(&dir, "lora", 12);
+    cfg.lora = true;
+    cfg.learning_rate = 1e-2;
+    let mut t = quiet(cfg);
+    assert_eq!(t.trainable_parameters(), 2_442_240, "r=8 on all 7 projections of 30 layers, as PEFT counts");
+    let s = t.run().unwrap();
+    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("lora/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let baseline = metrics[0]["eval_loss"].as_f64().unwrap();
+    assert!(s.eval_loss.unwrap() < baseline - 0.05, "held-out loss {baseline} -> {:?}", s.eval_loss);
+    let adapter = s.output.unwrap();
+    let loaded = load(common::smollm2_gguf().to_str().unwrap(), &HubOptions::default()).unwrap();
+    let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(&loaded.config, loaded.weights, DType::F32, &Device::Cpu, "base").unwrap().into_iter().collect();
+    let mut model = LlamaModel::new(loaded.config.clone(), &base).unwrap();
+    ranger_train::peft::load_peft_adapter(&mut model, &adapter).unwrap();
+    let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
+    let with_adapter = model.forward_ids(&probe).unwrap();
+    let trained = t.optimizer.with_slow_weights(|| t.session.model.forward_ids(&probe).unwrap()).unwrap();
+    let d = (&with_adapter - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(d, 0.0, "the reloaded adapter is not the evaluated one");
+    let merged: std::collections::HashMap<_, _> = model.merged_weights().unwrap().into_iter().collect();
+    let m = LlamaModel::new(loaded.config, &merged).unwrap().forward_ids(&probe).unwrap();
+    let d = (m - with_adapter).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-3, "merged logits differ by {d}");
+}

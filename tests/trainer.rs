@@ -438,6 +438,24 @@ fn lora_trains_adapters_only_and_writes_a_peft_adapter() {
     let trained = t.optimizer.with_slow_weights(|| t.session.model.forward_ids(&ids).unwrap()).unwrap();
     let diff = (ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "adapter round trip changed the model");
+    // Merging gives the same model as base + adapter.
+    let merged: std::collections::HashMap<_, _> = reloaded.merged_weights().unwrap().into_iter().collect();
+    let merged_model = ranger_train::model::LlamaModel::new(reloaded.config.clone(), &merged).unwrap();
+    let m = merged_model.forward_ids(&ids).unwrap();
+    let d = (m - reloaded.forward_ids(&ids).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-5, "merged model differs by {d}");
+    // Training goes on from a saved adapter: it starts where the adapter left off.
+    let mut more = config(&dir, 2);
+    more.lora = true;
+    more.lora_adapter = Some(out.display().to_string());
+    more.output = dir.join("more").display().to_string();
+    let mut t2 = quiet(more);
+    assert_eq!(t2.session.vars.len(), 12);
+    let start = t2.evaluate().unwrap().unwrap();
+    assert!((start - s.eval_loss.unwrap()).abs() < 1e-5, "{start} vs {:?}", s.eval_loss);
+    t2.run().unwrap();
+    let copied = std::fs::read_to_string(dir.join("more/adapter/adapter_config.json")).unwrap();
+    assert_eq!(copied, std::fs::read_to_string(out.join("adapter_config.json")).unwrap());
     // An unknown target is refused by name.
     let mut bad = config(&dir, 1);
     bad.lora = true;

@@ -31,6 +31,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Write a GGUF (Llama architecture) model out as a Hugging Face folder.
     Convert(ConvertArgs),
+    /// Merge a PEFT LoRA adapter into its base model and write a full Hugging Face folder.
+    Merge(MergeArgs),
 }
 
 /// Every option can also be set in a TOML file given with --config (same names, snake_case);
@@ -178,6 +180,9 @@ struct TrainArgs {
     /// Comma-separated projections that get adapters [default: all attention and MLP projections].
     #[arg(long, value_delimiter = ',')]
     lora_targets: Option<Vec<String>>,
+    /// Go on training this PEFT LoRA adapter (implies --lora; its rank, alpha and targets win).
+    #[arg(long)]
+    lora_adapter: Option<String>,
     /// Print the final summary as JSON.
     #[arg(long)]
     json: bool,
@@ -235,6 +240,10 @@ impl TrainArgs {
         set_opt!(revision, validation_file, beta1, eps, warmup_steps, max_steps, eval_batches, early_stopping_patience, resume);
         if self.pack {
             c.pack = true;
+        }
+        if self.lora_adapter.is_some() {
+            c.lora_adapter = self.lora_adapter.clone();
+            c.lora = true;
         }
         if self.lora {
             c.lora = true;
@@ -324,6 +333,25 @@ struct GenerateArgs {
 }
 
 #[derive(Args)]
+struct MergeArgs {
+    /// The base model: Hub id, folder or .gguf file.
+    #[arg(long)]
+    model: String,
+    /// Hub revision of the base model.
+    #[arg(long)]
+    revision: Option<String>,
+    /// The PEFT LoRA adapter folder.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output folder (Hugging Face format).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// f32 | bf16 | f16 weights in the output.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeCli,
+}
+
+#[derive(Args)]
 struct ConvertArgs {
     /// The .gguf file.
     #[arg(long)]
@@ -403,16 +431,33 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn dtype_of(d: DtypeCli) -> candle_core::DType {
+    match d {
+        DtypeCli::F32 => candle_core::DType::F32,
+        DtypeCli::Bf16 => candle_core::DType::BF16,
+        DtypeCli::F16 => candle_core::DType::F16,
+    }
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
+    let cpu = candle_core::Device::Cpu;
+    let base = ranger_train::weights::into_tensors(&loaded.config, loaded.weights, candle_core::DType::F32, &cpu, &loaded.origin)?;
+    let mut model = ranger_train::model::LlamaModel::new(loaded.config.clone(), &base.into_iter().collect()).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
+    ranger_train::peft::load_peft_adapter(&mut model, &a.adapter)?;
+    let dtype = dtype_of(a.dtype);
+    let weights = model.merged_weights()?.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect::<Result<Vec<_>>>()?;
+    ranger_train::output::save_hf_folder(&a.output, &loaded.config, &weights, &loaded.tokenizer, loaded.generation_config.as_ref(), 5_000_000_000)?;
+    println!("wrote {} (base {} + adapter {}, merged)", a.output.display(), a.model, a.adapter.display());
+    Ok(())
+}
+
 fn convert(a: ConvertArgs) -> Result<()> {
     if a.model.extension().is_none_or(|e| e != "gguf") {
         bail!("{}: convert expects a .gguf file", a.model.display());
     }
     let loaded = ranger_train::gguf::load_gguf(&a.model)?;
-    let dtype = match a.dtype {
-        DtypeCli::F32 => candle_core::DType::F32,
-        DtypeCli::Bf16 => candle_core::DType::BF16,
-        DtypeCli::F16 => candle_core::DType::F16,
-    };
+    let dtype = dtype_of(a.dtype);
     let mut weights: Vec<(String, candle_core::Tensor)> = Vec::new();
     for (name, _) in loaded.config.weight_shapes() {
         let t = loaded.weights.get(&name).with_context(|| format!("{}: tensor {name} missing", a.model.display()))?;
@@ -429,6 +474,7 @@ fn main() -> Result<()> {
         Command::Train(a) => train(*a),
         Command::Generate(a) => run_generate(a),
         Command::Convert(a) => convert(a),
+        Command::Merge(a) => merge(a),
     }
 }
 

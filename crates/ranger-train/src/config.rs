@@ -172,6 +172,8 @@ pub struct TrainConfig {
     pub lora_dropout: f64,
     /// Projections that get adapters.
     pub lora_targets: Vec<String>,
+    /// Start from this PEFT LoRA adapter (its rank, alpha and targets win) instead of a fresh one.
+    pub lora_adapter: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -223,6 +225,7 @@ impl Default for TrainConfig {
             lora_alpha: 16.0,
             lora_dropout: 0.0,
             lora_targets: crate::model::LoraConfig::default().targets,
+            lora_adapter: None,
         }
     }
 }

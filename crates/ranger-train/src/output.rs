@@ -80,7 +80,28 @@ pub fn write_json(path: &Path, v: &Value) -> Result<()> {
 /// which `peft.PeftModel.from_pretrained(base_model, dir)` loads; plus the tokenizer files.
 pub fn save_peft_adapter(dir: &Path, cfg: &crate::TrainConfig, weights: &[(String, Tensor)], tokenizer: &TextTokenizer) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
-    let config = json!({
+    if let Some(src) = &cfg.lora_adapter {
+        // Training went on from an existing adapter: keep its configuration.
+        let from = Path::new(src).join("adapter_config.json");
+        let text = std::fs::read_to_string(&from).map_err(TrainError::io(&from))?;
+        write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
+    } else {
+        write_json(&dir.join("adapter_config.json"), &adapter_config(cfg))?;
+    }
+    let path = dir.join("adapter_model.safetensors");
+    crate::weights::save_safetensors_file(&path, weights)?;
+    let tok_json = tokenizer.inner.to_string(true).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+    write_atomic(&dir.join("tokenizer.json"), tok_json.as_bytes())?;
+    let mut tcfg = tokenizer.config.clone();
+    if let (Value::Object(o), Some(t)) = (&mut tcfg, &tokenizer.chat_template) {
+        o.insert("chat_template".into(), json!(t));
+    }
+    write_json(&dir.join("tokenizer_config.json"), &tcfg)
+}
+
+/// PEFT's `adapter_config.json` for the LoRA settings of a run.
+fn adapter_config(cfg: &crate::TrainConfig) -> Value {
+    json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": cfg.model,
@@ -100,15 +121,5 @@ pub fn save_peft_adapter(dir: &Path, cfg: &crate::TrainConfig, weights: &[(Strin
         "alpha_pattern": {},
         "use_rslora": false,
         "use_dora": false,
-    });
-    write_json(&dir.join("adapter_config.json"), &config)?;
-    let path = dir.join("adapter_model.safetensors");
-    crate::weights::save_safetensors_file(&path, weights)?;
-    let tok_json = tokenizer.inner.to_string(true).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
-    write_atomic(&dir.join("tokenizer.json"), tok_json.as_bytes())?;
-    let mut tcfg = tokenizer.config.clone();
-    if let (Value::Object(o), Some(t)) = (&mut tcfg, &tokenizer.chat_template) {
-        o.insert("chat_template".into(), json!(t));
-    }
-    write_json(&dir.join("tokenizer_config.json"), &tcfg)
+    })
 }

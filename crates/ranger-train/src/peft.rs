@@ -56,3 +56,4 @@ pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path) -> Result<Vec<(Stri
     }
     Ok(vars)
 }
+

@@ -123,8 +123,10 @@ pub fn prepare_with_model(cfg: TrainConfig, loaded: LoadedModel, device: Device)
         // Frozen base: plain tensors, so no gradient is ever computed or stored for them.
         let base: HashMap<String, Tensor> = into_tensors(&config, weights, cfg.dtype.dtype(), &device, &origin)?.into_iter().collect();
         let mut model = LlamaModel::new(config, &base).map_err(missing)?;
-        let lora = LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, targets: cfg.lora_targets.clone() };
-        let vars = model.add_lora(&lora, cfg.seed)?;
+        let vars = match &cfg.lora_adapter {
+            Some(dir) => crate::peft::load_peft_adapter(&mut model, Path::new(dir))?,
+            None => model.add_lora(&LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, targets: cfg.lora_targets.clone() }, cfg.seed)?,
+        };
         (model, vars)
     } else {
         let vars = into_vars(&config, weights, cfg.dtype.dtype(), &device, &origin)?;
@@ -191,7 +193,7 @@ fn resume_key(cfg: &TrainConfig) -> Value {
         "warmup_steps": cfg.warmup_steps, "warmup_ratio": cfg.warmup_ratio, "min_lr_ratio": cfg.min_lr_ratio,
         "flat_fraction": cfg.flat_fraction, "max_steps": cfg.max_steps, "epochs": cfg.epochs,
         "validation_file": cfg.validation_file, "lora": cfg.lora, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-        "lora_targets": cfg.lora_targets,
+        "lora_targets": cfg.lora_targets, "lora_adapter": cfg.lora_adapter,
     })
 }
 

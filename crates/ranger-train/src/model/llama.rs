@@ -198,6 +198,47 @@ impl LlamaModel {
         Ok(vars)
     }
 
+    /// Every weight by Hugging Face name (in [`LlamaConfig::weight_shapes`] order), with LoRA
+    /// adapters merged into their projections (`W + scale * B A`, computed in f32 or f64).
+    pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let merge = |p: &Proj| -> Result<Tensor> {
+            match &p.lora {
+                None => Ok(p.weight.clone()),
+                Some(l) => {
+                    let cdt = compute_dtype(p.weight.dtype());
+                    let delta = (l.b.to_dtype(cdt)?.matmul(&l.a.to_dtype(cdt)?)? * l.scale)?;
+                    (p.weight.to_dtype(cdt)? + delta)?.to_dtype(p.weight.dtype())
+                }
+            }
+        };
+        let mut by_name: HashMap<String, Tensor> = HashMap::new();
+        by_name.insert("model.embed_tokens.weight".into(), self.embed.clone());
+        by_name.insert("model.norm.weight".into(), self.norm.clone());
+        if let Some(h) = &self.lm_head {
+            by_name.insert("lm_head.weight".into(), h.clone());
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            by_name.insert(format!("{p}.input_layernorm.weight"), l.input_norm.clone());
+            by_name.insert(format!("{p}.post_attention_layernorm.weight"), l.post_norm.clone());
+            for (name, proj) in [("self_attn.q_proj", &l.q), ("self_attn.k_proj", &l.k), ("self_attn.v_proj", &l.v), ("self_attn.o_proj", &l.o), ("mlp.gate_proj", &l.gate), ("mlp.up_proj", &l.up), ("mlp.down_proj", &l.down)] {
+                by_name.insert(format!("{p}.{name}.weight"), merge(proj)?);
+                if let Some(b) = &proj.bias {
+                    by_name.insert(format!("{p}.{name}.bias"), b.clone());
+                }
+            }
+            if let (Some(q), Some(k)) = (&l.q_norm, &l.k_norm) {
+                by_name.insert(format!("{p}.self_attn.q_norm.weight"), q.clone());
+                by_name.insert(format!("{p}.self_attn.k_norm.weight"), k.clone());
+            }
+        }
+        self.config
+            .weight_shapes()
+            .into_iter()
+            .map(|(n, _)| by_name.remove(&n).map(|t| (n.clone(), t.detach())).ok_or_else(|| candle_core::Error::msg(format!("weight {n} missing"))))
+            .collect()
+    }
+
     /// The parameter dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
