@@ -3,9 +3,10 @@
 //!
 //!     cargo run --release --example finetune_bench [-- STEPS]
 //!
-//! Fetches the model with tools/fetch_test_assets.sh, trains on a synthetic text with Ranger and
-//! with AdamW (each in its own process, so each peak is its own), and prints tokens/s (mean over
-//! the steps after the first) and the peak resident memory.
+//! Fetches the model with tools/fetch_test_assets.sh, trains on a synthetic text — full
+//! fine-tuning with Ranger, with AdamW, and LoRA (r = 8, all projections) with Ranger — each in
+//! its own process so each peak is its own, and prints tokens/s (mean over the steps after the
+//! first) and the peak resident memory.
 
 use std::path::Path;
 
@@ -44,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(dir.join("data.txt"), synthetic_text())?;
     let only = std::env::args().nth(2);
     if only.is_none() {
-        for name in ["ranger", "adamw"] {
+        for name in ["ranger", "adamw", "lora"] {
             let status = std::process::Command::new(std::env::current_exe()?).arg(steps.to_string()).arg(name).status()?;
             if !status.success() {
                 return Err(format!("benchmark of {name} failed").into());
@@ -53,6 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let optimizer = if only.as_deref() == Some("adamw") { OptimizerKind::Adamw } else { OptimizerKind::Ranger };
+    let lora = only.as_deref() == Some("lora");
     {
         let cfg = TrainConfig {
             model: gguf.clone(),
@@ -63,6 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max_steps: Some(steps),
             learning_rate: 1e-4,
             optimizer,
+            lora,
             device: "cpu".into(),
             ..Default::default()
         };
@@ -76,7 +79,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         let mean = tps[1..].iter().sum::<f64>() / (tps.len() - 1).max(1) as f64;
         println!(
-            "ranger-tune ({optimizer:?}): SmolLM2-135M f32, seq 256 x batch 4, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS {:.2} GiB",
+            "ranger-tune ({optimizer:?}{}): SmolLM2-135M f32, seq 256 x batch 4, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS {:.2} GiB",
+            if lora { ", LoRA r=8" } else { ", full" },
             peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
         );
         let _ = std::fs::remove_dir_all(dir.join("out"));

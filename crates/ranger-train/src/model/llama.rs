@@ -34,8 +34,10 @@ impl Module for Proj {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = x.broadcast_matmul(&self.weight.t()?)?;
         if let Some(l) = &self.lora {
-            let low = x.broadcast_matmul(&l.a.t()?)?.broadcast_matmul(&l.b.t()?)?;
-            y = (y + (low * l.scale)?)?;
+            // Scale the rank-r intermediate, not the full-width output: one large tensor fewer
+            // kept for backprop per adapted projection.
+            let low = (x.broadcast_matmul(&l.a.t()?)? * l.scale)?.broadcast_matmul(&l.b.t()?)?;
+            y = (y + low)?;
         }
         match &self.bias {
             Some(b) => y.broadcast_add(b),
