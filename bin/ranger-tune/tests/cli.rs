@@ -40,11 +40,13 @@ fn help_documents_every_flag() {
     let t = text(&o);
     for flag in ["--model", "--data", "--validation-file", "--val-split", "--optimizer", "--learning-rate", "--lr-scheduler", "--warmup-steps",
         "--grad-accumulation-steps", "--max-grad-norm", "--eval-every", "--save-every", "--save-total-limit", "--early-stopping-patience",
-        "--resume", "--device", "--dtype", "--on-nan", "--eval-weights", "--pack", "--no-mask-prompt", "--config"] {
+        "--resume", "--device", "--dtype", "--on-nan", "--eval-weights", "--pack", "--no-mask-prompt", "--config", "--lora", "--lora-rank",
+        "--lora-alpha", "--lora-targets", "--lora-adapter"] {
         assert!(t.contains(flag), "train --help lacks {flag}");
     }
     assert!(run(&["generate", "--help"]).status.success());
     assert!(run(&["convert", "--help"]).status.success());
+    assert!(run(&["merge", "--help"]).status.success());
 }
 
 #[test]
