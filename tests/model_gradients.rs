@@ -39,37 +39,41 @@ fn loss(model: &LlamaModel, batch: &Batch) -> Tensor {
     causal_lm_loss_sum(&model.forward(batch).unwrap(), batch).unwrap()
 }
 
+/// Compares the analytic gradient `g[i]` of `var` with a central finite difference.
+fn check_element(model: &LlamaModel, batch: &Batch, var: &Var, g: &[f64], i: usize, what: &str) {
+    let h = 1e-5;
+    let orig = var.as_tensor().copy().unwrap();
+    let flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let eval_at = |delta: f64| {
+        let mut f = flat.clone();
+        f[i] += delta;
+        var.set(&Tensor::from_vec(f, orig.shape(), &Device::Cpu).unwrap()).unwrap();
+        loss(model, batch).to_scalar::<f64>().unwrap()
+    };
+    let numeric = (eval_at(h) - eval_at(-h)) / (2.0 * h);
+    var.set(&orig).unwrap();
+    let analytic = g[i];
+    assert!(
+        (numeric - analytic).abs() <= 1e-6 + 1e-4 * numeric.abs().max(analytic.abs()),
+        "{what}[{i}] analytic {analytic:e} vs finite difference {numeric:e}"
+    );
+}
+
 fn gradient_check(config: Value) {
     let name = config["model_type"].as_str().unwrap().to_string();
     let (_, vars, model) = build(&config, DType::F64, 11);
     let batch = test_batch(common::TINY_VOCAB, DType::F64);
     let grads = loss(&model, &batch).backward().unwrap();
     let mut rng = Rng::new(17);
-    let h = 1e-5;
     for (wname, var) in &vars {
         let g = grads.get(var).unwrap_or_else(|| panic!("{name}: {wname} has no gradient"));
         let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let orig = var.as_tensor().copy().unwrap();
-        let flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         // The key bias has a true gradient of zero (softmax is shift-invariant per query).
         if !wname.ends_with("k_proj.bias") {
             assert!(g.iter().any(|x| *x != 0.0), "{name}: {wname} has an all-zero gradient");
         }
         for _ in 0..4 {
-            let i = rng.below(flat.len());
-            let eval_at = |delta: f64| {
-                let mut f = flat.clone();
-                f[i] += delta;
-                var.set(&Tensor::from_vec(f, orig.shape(), &Device::Cpu).unwrap()).unwrap();
-                loss(&model, &batch).to_scalar::<f64>().unwrap()
-            };
-            let numeric = (eval_at(h) - eval_at(-h)) / (2.0 * h);
-            var.set(&orig).unwrap();
-            let analytic = g[i];
-            assert!(
-                (numeric - analytic).abs() <= 1e-6 + 1e-4 * numeric.abs().max(analytic.abs()),
-                "{name}: {wname}[{i}] analytic {analytic:e} vs finite difference {numeric:e}"
-            );
+            check_element(&model, &batch, var, &g, rng.below(g.len()), &format!("{name}: {wname}"));
         }
     }
 }
@@ -217,18 +221,7 @@ fn lora_adapter_gradients() {
     let grads = loss(&model, &batch).backward().unwrap();
     for (name, var) in &vars {
         let g = grads.get(var).unwrap_or_else(|| panic!("{name} has no gradient")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let orig = var.as_tensor().copy().unwrap();
-        let flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let i = rng.below(flat.len());
-        let eval_at = |delta: f64| {
-            let mut f = flat.clone();
-            f[i] += delta;
-            var.set(&Tensor::from_vec(f, orig.shape(), &Device::Cpu).unwrap()).unwrap();
-            loss(&model, &batch).to_scalar::<f64>().unwrap()
-        };
-        let numeric = (eval_at(1e-5) - eval_at(-1e-5)) / 2e-5;
-        var.set(&orig).unwrap();
-        assert!((numeric - g[i]).abs() <= 1e-6 + 1e-4 * numeric.abs().max(g[i].abs()), "{name}[{i}]: {} vs {numeric}", g[i]);
+        check_element(&model, &batch, var, &g, rng.below(g.len()), name);
     }
     // The frozen base has no gradient at all: it is not a variable.
     assert!(grads.get(&base["model.layers.0.self_attn.q_proj.weight"]).is_none());
