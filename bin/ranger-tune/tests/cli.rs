@@ -1,5 +1,5 @@
 //! The `ranger-tune` binary: help, TOML config with flag overrides, a full run on a tiny model,
-//! generate on its output, and the documented error for a corrupted data line.
+//! generate on its output, the documented error for a corrupted data line, and Ctrl-C.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -88,4 +88,33 @@ fn corrupted_line_is_reported_with_file_and_line() {
     let t = text(&o);
     assert!(t.contains("train.jsonl:5: invalid JSON"), "{t}");
     assert!(!d.join("out/model").exists());
+}
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_exits_cleanly() {
+    let d = workdir("sigint");
+    let child = bin()
+        .args(["train", "--model", p(&d.join("model")), "--data", p(&d.join("train.jsonl")), "--output", p(&d.join("out"))])
+        .args(["--max-steps", "1000000", "--batch-size", "2", "--device", "cpu"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (the output folder appears when it starts), then
+    // interrupt as a terminal's Ctrl-C would.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !d.join("out").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let o = child.wait_with_output().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("interrupted") && t.contains("resume with --resume"), "{t}");
+    let ckpt: Vec<_> = std::fs::read_dir(d.join("out")).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")).collect();
+    assert_eq!(ckpt.len(), 1, "one checkpoint written on Ctrl-C");
+    assert!(ckpt[0].path().join("optimizer.safetensors").exists());
+    assert!(!d.join("out/model").exists(), "an interrupted run writes no final model");
 }
