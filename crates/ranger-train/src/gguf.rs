@@ -105,6 +105,9 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         });
     }
     let kv_heads = num("attention.head_count_kv").unwrap_or(heads as f64) as usize;
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(TrainError::Config { origin: path.display().to_string(), message: format!("llama.attention.head_count_kv {kv_heads} does not divide head_count {heads}") });
+    }
     let hidden = num("embedding_length")? as usize;
     let tied = !content.tensor_infos.contains_key("output.weight");
     let token_id = |k: &str| content.metadata.get(k).and_then(as_f64).map(|v| v as u32);
