@@ -48,15 +48,8 @@ fn cases() -> Vec<Case> {
 
 fn ranger_params(hp: &serde_json::Value, path: UpdatePath) -> ParamsRanger {
     ParamsRanger {
-        lr: hp["lr"].as_f64().unwrap(),
-        beta1: hp["beta1"].as_f64().unwrap(),
-        beta2: hp["beta2"].as_f64().unwrap(),
-        eps: hp["eps"].as_f64().unwrap(),
-        weight_decay: hp["weight_decay"].as_f64().unwrap(),
-        decoupled_weight_decay: hp["decoupled_weight_decay"].as_bool().unwrap(),
         lookahead_k: hp["lookahead_k"].as_u64().unwrap() as usize,
         lookahead_alpha: hp["lookahead_alpha"].as_f64().unwrap(),
-        rectify_threshold: 5.0,
         centralization: match hp["centralization"].as_str().unwrap() {
             "off" => Centralization::Off,
             "rank>1" => Centralization::Rank2Plus,
@@ -68,7 +61,8 @@ fn ranger_params(hp: &serde_json::Value, path: UpdatePath) -> ParamsRanger {
             _ => RectifyFallback::Skip,
         },
         update_path: path,
-        ..Default::default()
+        // The Adam part (lr, betas, eps, weight decay; threshold 5) is RAdam's.
+        ..radam_params(hp).into()
     }
 }
 

@@ -7,6 +7,15 @@ use candle_core::{DType, Var};
 use crate::fused::cpu_all_finite;
 use crate::portable;
 
+/// Whether every element of `t` is finite: read in place on CPU, with tensor ops elsewhere.
+pub(crate) fn all_finite(t: &candle_core::Tensor) -> candle_core::Result<bool> {
+    if t.device().is_cpu() {
+        cpu_all_finite(t)
+    } else {
+        portable::all_finite(t)
+    }
+}
+
 /// The global L2 norm of the gradients of `vars` (variables without a gradient count as 0),
 /// accumulated in f64. NaN or infinity when some gradient is not finite.
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> candle_core::Result<f64> {
@@ -48,8 +57,7 @@ pub fn non_finite_grads(grads: &GradStore, vars: &[Var]) -> candle_core::Result<
     let mut bad = Vec::new();
     for (i, var) in vars.iter().enumerate() {
         if let Some(g) = grads.get(var) {
-            let finite = if g.device().is_cpu() { cpu_all_finite(g)? } else { portable::all_finite(g)? };
-            if !finite {
+            if !all_finite(g)? {
                 bad.push(i);
             }
         }

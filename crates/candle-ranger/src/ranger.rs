@@ -9,7 +9,8 @@ use candle_core::{DType, Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
 use crate::error::{Error, Result};
-use crate::fused::{cpu_all_finite, FusedStep, HostBuf, HostState};
+use crate::fused::{FusedStep, HostBuf, HostState};
+use crate::grad::all_finite;
 use crate::groups::{named_vars, ParamGroup};
 use crate::params::{NonFiniteGrads, ParamsRanger, UpdatePath};
 use crate::portable::{self, DeviceState};
@@ -260,8 +261,7 @@ impl Ranger {
         // Check all gradients before touching anything, so a bad step changes nothing.
         let mut non_finite = Vec::new();
         for (i, g) in &work {
-            let finite = if g.device().is_cpu() { cpu_all_finite(g)? } else { portable::all_finite(g)? };
-            if !finite {
+            if !all_finite(g)? {
                 non_finite.push(self.slots[*i].name.clone());
             }
         }

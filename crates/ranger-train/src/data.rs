@@ -248,7 +248,7 @@ pub fn collate(seqs: &[&Sequence], pad_id: u32, window: Option<usize>, mask_dtyp
 
 /// The order sequences are visited in: a fresh seeded permutation each epoch, so any position
 /// in the run is a pure function of (seed, micro-batch index) and resuming needs no replay.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Loader {
     /// All training sequences.
     pub sequences: Vec<Sequence>,
@@ -256,9 +256,16 @@ pub struct Loader {
     pub batch_size: usize,
     /// Shuffle seed.
     pub seed: u64,
+    /// The permutation of the epoch last asked for (computed once per epoch, not per batch).
+    order: std::sync::Mutex<Option<(usize, Vec<usize>)>>,
 }
 
 impl Loader {
+    /// A loader over `sequences`.
+    pub fn new(sequences: Vec<Sequence>, batch_size: usize, seed: u64) -> Self {
+        Self { sequences, batch_size, seed, order: std::sync::Mutex::new(None) }
+    }
+
     /// Micro-batches per epoch.
     pub fn batches_per_epoch(&self) -> usize {
         self.sequences.len().div_ceil(self.batch_size)
@@ -268,8 +275,13 @@ impl Loader {
     pub fn batch(&self, index: usize) -> Vec<&Sequence> {
         let per = self.batches_per_epoch();
         let (epoch, i) = (index / per, index % per);
-        let mut order: Vec<usize> = (0..self.sequences.len()).collect();
-        Rng::new(self.seed.wrapping_add(epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)).shuffle(&mut order);
+        let mut cache = self.order.lock().expect("loader lock poisoned");
+        if cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut order: Vec<usize> = (0..self.sequences.len()).collect();
+            Rng::new(self.seed.wrapping_add(epoch as u64).wrapping_mul(0x2545_F491_4F6C_DD1D)).shuffle(&mut order);
+            *cache = Some((epoch, order));
+        }
+        let order = &cache.as_ref().expect("just filled").1;
         order[i * self.batch_size..((i + 1) * self.batch_size).min(order.len())].iter().map(|&j| &self.sequences[j]).collect()
     }
 }

@@ -36,6 +36,8 @@ pub struct TextTokenizer {
     pub chat_template: Option<String>,
     /// `tokenizer_config.json` as read (written back with the model).
     pub config: Value,
+    /// The chat template, compiled on first use (data loading renders it many times).
+    compiled: std::sync::OnceLock<std::result::Result<minijinja::Environment<'static>, String>>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -88,7 +90,7 @@ impl TextTokenizer {
         // Batches are padded and truncated by us, never by the tokenizer.
         inner.with_padding(None);
         let _ = inner.with_truncation(None);
-        Self { inner, bos_token, eos_token, eos_id, pad_id, chat_template, config }
+        Self { inner, bos_token, eos_token, eos_id, pad_id, chat_template, config, compiled: std::sync::OnceLock::new() }
     }
 
     /// Token ids and byte offsets of `text`.
@@ -108,13 +110,20 @@ impl TextTokenizer {
             .chat_template
             .as_deref()
             .ok_or_else(|| TrainError::Template("this tokenizer has no chat_template, so `messages` data cannot be rendered".into()))?;
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).map_err(|e| TrainError::Template(e.to_string()))?;
+        let env = self
+            .compiled
+            .get_or_init(|| {
+                let mut env = minijinja::Environment::new();
+                minijinja_contrib::add_to_environment(&mut env);
+                env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+                env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+                    Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+                });
+                env.add_template_owned("chat", template.to_string()).map_err(|e| e.to_string())?;
+                Ok(env)
+            })
+            .as_ref()
+            .map_err(|e| TrainError::Template(e.clone()))?;
         let tmpl = env.get_template("chat").map_err(|e| TrainError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,

@@ -142,7 +142,7 @@ pub fn prepare_with_model(cfg: TrainConfig, loaded: LoadedModel, device: Device)
     if train_examples.is_empty() {
         return Err(TrainError::EmptyDataset(format!("{}: no training example left after the validation split", cfg.data)));
     }
-    let train = Loader { sequences: to_sequences(&train_examples, &opts), batch_size: cfg.batch_size, seed: cfg.seed };
+    let train = Loader::new(to_sequences(&train_examples, &opts), cfg.batch_size, cfg.seed);
     let val = to_sequences(&val_examples, &DataOptions { pack: false, ..opts });
     Ok(Session { cfg, model, vars, tokenizer, generation_config, train, val, device, origin })
 }

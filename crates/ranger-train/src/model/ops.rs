@@ -42,7 +42,7 @@ pub fn rms_norm_ops(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// Softmax over the last dimension: the fused CPU kernel (which keeps only its output for
 /// backprop) on CPU, [`softmax_last_dim_ops`] elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if fused_ok(x) {
         x.contiguous()?.apply_op1(super::fused::SoftmaxLastDim)
     } else {
         softmax_last_dim_ops(x)
@@ -60,7 +60,7 @@ pub fn softmax_last_dim_ops(x: &Tensor) -> Result<Tensor> {
 /// `softmax(scores + mask)` over the last dimension for attention (`scores: [b, h, s, t]`,
 /// `mask: [b, 1, s, t]`): fused on CPU, op by op elsewhere.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    if scores.device().is_cpu() && matches!(scores.dtype(), DType::F32 | DType::F64) && scores.dtype() == mask.dtype() {
+    if fused_ok(scores) && scores.dtype() == mask.dtype() {
         scores.contiguous()?.apply_op2(&mask.contiguous()?, super::fused::MaskedSoftmax)
     } else {
         softmax_last_dim_ops(&scores.broadcast_add(mask)?)
@@ -112,7 +112,7 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 /// Per-row negative log-likelihood of `targets: [n]` (u32) under `logits: [n, vocab]`: the fused
 /// CPU kernel on CPU, log-softmax and gather elsewhere.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
+    if fused_ok(logits) {
         logits.contiguous()?.apply_op2(&targets.contiguous()?, super::fused::CrossEntropyRows)
     } else {
         cross_entropy_rows_ops(logits, targets)
