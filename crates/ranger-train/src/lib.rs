@@ -1,13 +1,15 @@
 //! # ranger-train
 //!
-//! The training engine behind `ranger-tune`: trainable Llama-family models written with
-//! differentiable ops only (gradient-checked), Hugging Face / GGUF loading, JSONL data with
-//! chat templates and packing, a trainer with exact resume, and Hugging Face-format output.
+//! The training engine behind `ranger-tune`: trainable Llama-family causal LMs and BERT-family
+//! / Llama-family sequence classifiers written with differentiable ops only (gradient-checked),
+//! LoRA in PEFT's format, Hugging Face / GGUF loading, JSONL / CSV data with chat templates and
+//! packing, a trainer with exact resume, and Hugging Face-format output.
 
 #![warn(missing_docs)]
 
 #[cfg(feature = "mimalloc")]
 pub mod alloc;
+pub mod classify;
 pub mod config;
 pub mod data;
 pub mod error;
@@ -18,8 +20,10 @@ pub mod model;
 pub mod optim;
 pub mod output;
 pub mod peft;
+pub mod predict;
 pub mod rng;
 pub mod source;
+pub mod task;
 pub mod testing;
 pub mod tokenizer;
 pub mod trainer;

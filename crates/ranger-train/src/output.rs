@@ -7,7 +7,6 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use crate::error::{Result, TrainError};
-use crate::model::LlamaConfig;
 use crate::tokenizer::TextTokenizer;
 use crate::weights::{save_safetensors_dir, write_atomic};
 
@@ -21,10 +20,22 @@ pub fn torch_dtype(dt: DType) -> &'static str {
     }
 }
 
-/// Writes a complete Hugging Face model folder.
+/// `generation_config.json` for a causal LM whose source had none: its special-token ids.
+pub fn default_generation_config(config: &Value) -> Value {
+    let mut g = serde_json::Map::new();
+    for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        if let Some(v) = config.get(key).filter(|v| !v.is_null()) {
+            g.insert(key.into(), v.clone());
+        }
+    }
+    Value::Object(g)
+}
+
+/// Writes a complete Hugging Face model folder: `config` (with `torch_dtype` set to the
+/// weights' dtype), the weights, the tokenizer files, and `generation_config.json` when given.
 pub fn save_hf_folder(
     dir: &Path,
-    config: &LlamaConfig,
+    config: &Value,
     weights: &[(String, Tensor)],
     tokenizer: &TextTokenizer,
     generation_config: Option<&Value>,
@@ -32,12 +43,22 @@ pub fn save_hf_folder(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
     let dtype = weights.first().map(|(_, t)| t.dtype()).unwrap_or(DType::F32);
-    let mut cfg = config.raw.clone();
+    let mut cfg = config.clone();
     if let Value::Object(o) = &mut cfg {
         o.insert("torch_dtype".into(), json!(torch_dtype(dtype)));
     }
     write_json(&dir.join("config.json"), &cfg)?;
     save_safetensors_dir(dir, weights, max_shard_bytes)?;
+    save_tokenizer(dir, tokenizer)?;
+    match generation_config {
+        Some(gen) => write_json(&dir.join("generation_config.json"), gen),
+        None => Ok(()),
+    }
+}
+
+/// Writes `tokenizer.json`, `tokenizer_config.json` (chat template included) and
+/// `special_tokens_map.json`.
+fn save_tokenizer(dir: &Path, tokenizer: &TextTokenizer) -> Result<()> {
     let tok_json = tokenizer.inner.to_string(true).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
     write_atomic(&dir.join("tokenizer.json"), tok_json.as_bytes())?;
     let mut tcfg = tokenizer.config.clone();
@@ -49,25 +70,12 @@ pub fn save_hf_folder(
     }
     write_json(&dir.join("tokenizer_config.json"), &tcfg)?;
     let mut special = serde_json::Map::new();
-    for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+    for key in ["bos_token", "eos_token", "pad_token", "unk_token", "cls_token", "sep_token", "mask_token"] {
         if let Some(v) = tokenizer.config.get(key).filter(|v| !v.is_null()) {
             special.insert(key.into(), v.clone());
         }
     }
-    write_json(&dir.join("special_tokens_map.json"), &Value::Object(special))?;
-    let gen = match generation_config {
-        Some(g) => g.clone(),
-        None => {
-            let mut g = serde_json::Map::new();
-            for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
-                if let Some(v) = config.raw.get(key).filter(|v| !v.is_null()) {
-                    g.insert(key.into(), v.clone());
-                }
-            }
-            Value::Object(g)
-        }
-    };
-    write_json(&dir.join("generation_config.json"), &gen)
+    write_json(&dir.join("special_tokens_map.json"), &Value::Object(special))
 }
 
 /// Pretty JSON, written atomically.
@@ -76,9 +84,11 @@ pub fn write_json(path: &Path, v: &Value) -> Result<()> {
 }
 
 /// Writes a LoRA adapter in PEFT's format: `adapter_config.json` and
-/// `adapter_model.safetensors` (tensors named `base_model.model.<module>.lora_{A,B}.weight`),
-/// which `peft.PeftModel.from_pretrained(base_model, dir)` loads; plus the tokenizer files.
-pub fn save_peft_adapter(dir: &Path, cfg: &crate::TrainConfig, weights: &[(String, Tensor)], tokenizer: &TextTokenizer) -> Result<()> {
+/// `adapter_model.safetensors` (tensors named `base_model.model.<module>.lora_{A,B}.weight`, and
+/// `base_model.model.<name>` for the whole `modules_to_save`, such as a classifier head), which
+/// `peft.PeftModel.from_pretrained(base_model, dir)` loads; plus the tokenizer files.
+/// `task_type` is PEFT's (`CAUSAL_LM`, `SEQ_CLS`).
+pub fn save_peft_adapter(dir: &Path, cfg: &crate::TrainConfig, task_type: &str, modules_to_save: &[String], weights: &[(String, Tensor)], tokenizer: &TextTokenizer) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
     if let Some(src) = &cfg.lora_adapter {
         // Training went on from an existing adapter: keep its configuration.
@@ -86,24 +96,18 @@ pub fn save_peft_adapter(dir: &Path, cfg: &crate::TrainConfig, weights: &[(Strin
         let text = std::fs::read_to_string(&from).map_err(TrainError::io(&from))?;
         write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
     } else {
-        write_json(&dir.join("adapter_config.json"), &adapter_config(cfg))?;
+        write_json(&dir.join("adapter_config.json"), &adapter_config(cfg, task_type, modules_to_save))?;
     }
     let path = dir.join("adapter_model.safetensors");
     crate::weights::save_safetensors_file(&path, weights)?;
-    let tok_json = tokenizer.inner.to_string(true).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
-    write_atomic(&dir.join("tokenizer.json"), tok_json.as_bytes())?;
-    let mut tcfg = tokenizer.config.clone();
-    if let (Value::Object(o), Some(t)) = (&mut tcfg, &tokenizer.chat_template) {
-        o.insert("chat_template".into(), json!(t));
-    }
-    write_json(&dir.join("tokenizer_config.json"), &tcfg)
+    save_tokenizer(dir, tokenizer)
 }
 
 /// PEFT's `adapter_config.json` for the LoRA settings of a run.
-fn adapter_config(cfg: &crate::TrainConfig) -> Value {
+fn adapter_config(cfg: &crate::TrainConfig, task_type: &str, modules_to_save: &[String]) -> Value {
     json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": cfg.model,
         "revision": cfg.revision,
         "r": cfg.lora_rank,
@@ -114,7 +118,7 @@ fn adapter_config(cfg: &crate::TrainConfig) -> Value {
         "fan_in_fan_out": false,
         "inference_mode": true,
         "init_lora_weights": true,
-        "modules_to_save": null,
+        "modules_to_save": if modules_to_save.is_empty() { Value::Null } else { json!(modules_to_save) },
         "layers_to_transform": null,
         "layers_pattern": null,
         "rank_pattern": {},

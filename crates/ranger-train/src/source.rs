@@ -7,13 +7,13 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
-use crate::model::LlamaConfig;
+use crate::model::{LlamaConfig, ModelConfig};
 use crate::tokenizer::TextTokenizer;
 
 /// A model read into memory (weights on the CPU, in their stored dtype).
 pub struct LoadedModel {
     /// The configuration.
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     /// Weights by Hugging Face name.
     pub weights: HashMap<String, Tensor>,
     /// The tokenizer.
@@ -39,7 +39,7 @@ fn read_json(path: &Path) -> Result<Value> {
 /// Loads a Hugging Face model folder: `config.json`, safetensors weights, tokenizer files.
 pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
-    let config = LlamaConfig::from_json(read_json(&cfg_path)?, &cfg_path.display().to_string())?;
+    let config = ModelConfig::from_json(read_json(&cfg_path)?, &cfg_path.display().to_string())?;
     let weights = crate::weights::load_safetensors_dir(dir)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
     let gen = dir.join("generation_config.json");
@@ -95,6 +95,13 @@ pub fn fetch_from_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
         }
     }
     dir.ok_or_else(|| hub_err("no files".into()))
+}
+
+impl LoadedModel {
+    /// The decoder configuration (an encoder is an error naming the model).
+    pub fn decoder(&self) -> Result<&LlamaConfig> {
+        self.config.decoder(&self.origin)
+    }
 }
 
 /// Loads `spec`: a `.gguf` file, a local folder, or a Hub repository id.

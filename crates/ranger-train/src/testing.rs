@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
-use crate::model::LlamaConfig;
+use crate::model::{BackboneConfig, EncoderConfig, LlamaConfig};
 
 /// Words of the tiny test vocabulary (ids follow this order after the 3 specials).
 pub const WORDS: &[&str] = &[
@@ -74,3 +74,80 @@ pub fn write_tiny_model(dir: &Path, config: &Value, seed: u64) -> crate::Result<
     Ok(cfg)
 }
 
+
+/// Vocabulary of the tiny encoder tokenizer: `[PAD]`=0, `[UNK]`=1, `[CLS]`=2, `[SEP]`=3, then
+/// [`WORDS`].
+pub const TINY_ENCODER_VOCAB: usize = 4 + WORDS.len();
+
+/// A word-level BERT-style tokenizer.json over [`WORDS`]: `[CLS] a [SEP]` for one text,
+/// `[CLS] a [SEP] b [SEP]` (token types 0 then 1) for a pair.
+pub fn tiny_encoder_tokenizer_json() -> Value {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"].iter().chain(WORDS).enumerate() {
+        vocab.insert(t.to_string(), json!(i));
+    }
+    let special = |id: usize, t: &str| json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0, "[PAD]"), special(1, "[UNK]"), special(2, "[CLS]"), special(3, "[SEP]")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}, {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}
+            }
+        },
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    })
+}
+
+/// A tiny encoder config.json for `model_type` (bert, roberta, distilbert).
+pub fn tiny_encoder_config(model_type: &str) -> Value {
+    match model_type {
+        "distilbert" => json!({
+            "architectures": ["DistilBertModel"], "model_type": "distilbert", "vocab_size": TINY_ENCODER_VOCAB, "dim": 24,
+            "n_layers": 2, "n_heads": 4, "hidden_dim": 40, "max_position_embeddings": 64, "activation": "gelu",
+            "pad_token_id": 0, "sinusoidal_pos_embds": false, "initializer_range": 0.02,
+        }),
+        _ => json!({
+            "architectures": [if model_type == "roberta" { "RobertaModel" } else { "BertModel" }], "model_type": model_type,
+            "vocab_size": TINY_ENCODER_VOCAB, "hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 40, "hidden_act": "gelu", "max_position_embeddings": 64,
+            "type_vocab_size": if model_type == "roberta" { 1 } else { 2 }, "layer_norm_eps": 1e-12,
+            "pad_token_id": 0, "position_embedding_type": "absolute", "initializer_range": 0.02,
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        }),
+    }
+}
+
+/// Writes a tiny encoder model folder (random weights for `seed`, with the bare-encoder tensor
+/// names of a base checkpoint: `embeddings.…`, no head) and its tokenizer.
+pub fn write_tiny_encoder(dir: &Path, config: &Value, seed: u64) -> crate::Result<EncoderConfig> {
+    std::fs::create_dir_all(dir).map_err(crate::TrainError::io(dir))?;
+    let cfg = EncoderConfig::from_json(config.clone(), "tiny encoder")?;
+    let prefix = format!("{}.", cfg.family.prefix());
+    let weights = crate::weights::random_tensors(cfg.weight_shapes(), seed, DType::F32)?;
+    let mut list: Vec<(String, Tensor)> = weights.into_iter().map(|(n, t)| (n.strip_prefix(&prefix).unwrap_or(&n).to_string(), t)).collect();
+    list.sort_by(|a, b| a.0.cmp(&b.0));
+    crate::weights::save_safetensors_dir(dir, &list, usize::MAX)?;
+    crate::output::write_json(&dir.join("config.json"), config)?;
+    crate::output::write_json(&dir.join("tokenizer.json"), &tiny_encoder_tokenizer_json())?;
+    let tcfg = json!({ "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "model_max_length": 64 });
+    crate::output::write_json(&dir.join("tokenizer_config.json"), &tcfg)?;
+    Ok(cfg)
+}
+
+/// Random weights (f64 then converted to `dtype`) for a whole classifier: backbone and head.
+pub fn random_classifier_weights(backbone: &BackboneConfig, num_labels: usize, seed: u64, dtype: DType) -> crate::Result<std::collections::HashMap<String, Tensor>> {
+    let mut w = crate::weights::random_tensors(backbone.weight_shapes(num_labels), seed, DType::F64)?;
+    for t in w.values_mut() {
+        *t = t.to_dtype(dtype)?;
+    }
+    Ok(w)
+}

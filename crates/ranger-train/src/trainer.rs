@@ -13,32 +13,32 @@ use candle_ranger::{clip_grad_norm, grad_norm, Decay, Schedule};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::{parse_device, EvalWeights, NanPolicy, ScheduleKind, TrainConfig};
-use crate::data::{collate, load_file, split_validation, to_sequences, DataOptions, Loader, Sequence};
+use crate::classify::{encode_records, labels_from_records, read_records, Columns};
+use crate::config::{parse_device, BestMetric, EvalWeights, NanPolicy, ScheduleKind, TaskKind, TrainConfig};
+use crate::data::{load_file, split_validation, to_sequences, DataOptions, Loader};
 use crate::error::{Result, TrainError};
-use crate::model::{causal_lm_loss_sum, ops::compute_dtype, LlamaModel, LoraConfig};
+use crate::model::classifier::{complete_classifier_weights, labels_from_config};
+use crate::model::lora::attach_lora;
+use crate::model::{BackboneConfig, LlamaConfig, LlamaModel, LoraConfig, ModelConfig, SequenceClassifier};
 use crate::optim::TrainOptimizer;
-use crate::output::{save_hf_folder, write_json};
+use crate::output::{default_generation_config, save_hf_folder, write_json};
 use crate::source::{self, HubOptions, LoadedModel};
+use crate::task::{Evaluation, Task};
 use crate::tokenizer::TextTokenizer;
-use crate::weights::{into_tensors, into_vars};
+use crate::weights::take_weights;
 
 /// Everything a run needs, loaded and ready.
 pub struct Session {
     /// The options.
     pub cfg: TrainConfig,
-    /// The model.
-    pub model: LlamaModel,
-    /// Trainable variables by Hugging Face name.
+    /// The model and data.
+    pub task: Task,
+    /// Trainable variables by Hugging Face name (PEFT names for LoRA adapters and heads).
     pub vars: Vec<(String, Var)>,
     /// The tokenizer.
     pub tokenizer: TextTokenizer,
     /// `generation_config.json` of the source.
     pub generation_config: Option<Value>,
-    /// Training batches.
-    pub train: Loader,
-    /// Validation sequences.
-    pub val: Vec<Sequence>,
     /// The device.
     pub device: Device,
     /// Where the model came from.
@@ -54,8 +54,10 @@ pub struct TrainerState {
     pub micro_step: usize,
     /// Steps of the whole run.
     pub total_steps: usize,
-    /// Best evaluation loss so far.
-    pub best_eval_loss: Option<f64>,
+    /// Best score so far of the metric chosen by `metric_for_best` (lower is better: the
+    /// loss, or 1 - accuracy / 1 - macro-F1).
+    #[serde(alias = "best_eval_loss")]
+    pub best_score: Option<f64>,
     /// Evaluations since the best one.
     pub evals_without_improvement: usize,
     /// Tokens trained on so far.
@@ -81,8 +83,16 @@ pub struct RunSummary {
     pub wall_seconds: f64,
     /// Final evaluation loss, if there was validation data.
     pub eval_loss: Option<f64>,
-    /// `exp(eval_loss)`.
+    /// `exp(eval_loss)` (causal LMs).
     pub eval_perplexity: Option<f64>,
+    /// Final evaluation accuracy (classification).
+    pub eval_accuracy: Option<f64>,
+    /// Final evaluation macro-F1 (classification).
+    pub eval_macro_f1: Option<f64>,
+    /// The best model kept during training (classification with validation data).
+    pub best_model: Option<PathBuf>,
+    /// Its evaluation.
+    pub best_evaluation: Option<Evaluation>,
     /// Training loss of the last step.
     pub last_train_loss: Option<f64>,
     /// Where the model was written (None when interrupted).
@@ -103,39 +113,62 @@ pub fn prepare(cfg: TrainConfig) -> Result<Session> {
 }
 
 /// Like [`prepare`] with the model already loaded.
-pub fn prepare_with_model(cfg: TrainConfig, loaded: LoadedModel, device: Device) -> Result<Session> {
+pub fn prepare_with_model(mut cfg: TrainConfig, loaded: LoadedModel, device: Device) -> Result<Session> {
     if cfg.batch_size == 0 || cfg.grad_accumulation_steps == 0 || cfg.max_seq_length < 2 {
         return Err(TrainError::Msg("batch_size and grad_accumulation_steps must be >= 1, max_seq_length >= 2".into()));
     }
-    let LoadedModel { config, weights, tokenizer, generation_config, origin } = loaded;
-    let missing = |n: String| TrainError::Weights { origin: origin.clone(), tensor: n, problem: "missing".into() };
-    let (model, vars) = if cfg.lora {
+    if cfg.lora {
         if cfg.lora_dropout != 0.0 {
             return Err(TrainError::Msg("lora_dropout > 0 is not supported yet (it would make resume inexact); use 0".into()));
         }
         if cfg.lora_rank == 0 {
             return Err(TrainError::Msg("lora_rank must be >= 1".into()));
         }
-        let known = LoraConfig::default().targets;
-        if let Some(bad) = cfg.lora_targets.iter().find(|t| !known.contains(t)) {
-            return Err(TrainError::Msg(format!("unknown LoRA target {bad:?} (known: {})", known.join(", "))));
+        if cfg.lora_targets.is_empty() {
+            cfg.lora_targets = loaded.config.backbone().default_lora_targets();
         }
+    }
+    if cfg.task == TaskKind::CausalLm && cfg.metric_for_best != BestMetric::Loss {
+        return Err(TrainError::Msg("metric_for_best accuracy / f1 needs --task classify".into()));
+    }
+    let LoadedModel { config, weights, tokenizer, generation_config, origin } = loaded;
+    let (task, vars) = match cfg.task {
+        TaskKind::CausalLm => prepare_causal_lm(&cfg, config.decoder(&origin)?.clone(), weights, &tokenizer, &device, &origin)?,
+        TaskKind::Classify => prepare_classifier(&mut cfg, &config, weights, &tokenizer, &device, &origin)?,
+    };
+    Ok(Session { cfg, task, vars, tokenizer, generation_config, device, origin })
+}
+
+fn lora_config(cfg: &TrainConfig) -> LoraConfig {
+    LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, targets: cfg.lora_targets.clone() }
+}
+
+fn prepare_causal_lm(
+    cfg: &TrainConfig,
+    config: LlamaConfig,
+    weights: HashMap<String, Tensor>,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+    origin: &str,
+) -> Result<(Task, Vec<(String, Var)>)> {
+    let missing = |n: String| TrainError::Weights { origin: origin.to_string(), tensor: n, problem: "missing".into() };
+    let tensors = take_weights(config.weight_shapes(), weights, cfg.dtype.dtype(), device, origin)?;
+    let (model, vars) = if cfg.lora {
         // Frozen base: plain tensors, so no gradient is ever computed or stored for them.
-        let base: HashMap<String, Tensor> = into_tensors(&config, weights, cfg.dtype.dtype(), &device, &origin)?.into_iter().collect();
-        let mut model = LlamaModel::new(config, &base).map_err(missing)?;
+        let mut model = LlamaModel::new(config, &tensors.into_iter().collect()).map_err(missing)?;
         let vars = match &cfg.lora_adapter {
             Some(dir) => crate::peft::load_peft_adapter(&mut model, Path::new(dir))?,
-            None => model.add_lora(&LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, targets: cfg.lora_targets.clone() }, cfg.seed)?,
+            None => model.add_lora(&lora_config(cfg), cfg.seed)?,
         };
         (model, vars)
     } else {
-        let vars = into_vars(&config, weights, cfg.dtype.dtype(), &device, &origin)?;
+        let vars = tensors.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<Vec<_>>>()?;
         (LlamaModel::from_vars(config, &vars).map_err(missing)?, vars)
     };
     let opts = DataOptions { max_seq_len: cfg.max_seq_length, pack: cfg.pack, mask_prompt: cfg.mask_prompt };
-    let train_data = load_file(Path::new(&cfg.data), &tokenizer, &opts)?;
+    let train_data = load_file(Path::new(&cfg.data), tokenizer, &opts)?;
     let (train_examples, val_examples) = match &cfg.validation_file {
-        Some(v) => (train_data.examples, load_file(Path::new(v), &tokenizer, &DataOptions { pack: false, ..opts })?.examples),
+        Some(v) => (train_data.examples, load_file(Path::new(v), tokenizer, &DataOptions { pack: false, ..opts })?.examples),
         None if cfg.val_split > 0.0 => split_validation(train_data.examples, cfg.val_split, cfg.seed),
         None => (train_data.examples, vec![]),
     };
@@ -144,21 +177,91 @@ pub fn prepare_with_model(cfg: TrainConfig, loaded: LoadedModel, device: Device)
     }
     let train = Loader::new(to_sequences(&train_examples, &opts), cfg.batch_size, cfg.seed);
     let val = to_sequences(&val_examples, &DataOptions { pack: false, ..opts });
-    Ok(Session { cfg, model, vars, tokenizer, generation_config, train, val, device, origin })
+    Ok((Task::CausalLm { model, train, val }, vars))
 }
 
-fn fingerprint(seqs: &[Sequence]) -> String {
-    // FNV-1a over every token id: cheap, and any change to the data shows.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for s in seqs {
-        for &t in s.ids.iter().chain(std::iter::once(&u32::MAX)) {
-            for b in t.to_le_bytes() {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x100_0000_01b3);
-            }
+fn prepare_classifier(
+    cfg: &mut TrainConfig,
+    config: &ModelConfig,
+    weights: HashMap<String, Tensor>,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+    origin: &str,
+) -> Result<(Task, Vec<(String, Var)>)> {
+    let backbone = config.backbone();
+    if let BackboneConfig::Encoder(e) = &backbone {
+        // Texts are truncated to what the position table allows (512 for BERT-base-like models).
+        cfg.max_seq_length = cfg.max_seq_length.min(e.max_tokens());
+    }
+    let cols = Columns { text: cfg.text_column.clone(), text_pair: cfg.text_pair_column.clone(), label: Some(cfg.label_column.clone()) };
+    let data_path = PathBuf::from(&cfg.data);
+    let train_records = read_records(&data_path, &cols)?;
+    let (train_records, val_records, val_path) = match &cfg.validation_file {
+        Some(v) => (train_records, read_records(Path::new(v), &cols)?, PathBuf::from(v)),
+        None if cfg.val_split > 0.0 => {
+            let (t, v) = split_validation(train_records, cfg.val_split, cfg.seed);
+            (t, v, data_path.clone())
+        }
+        None => (train_records, vec![], data_path.clone()),
+    };
+    // A checkpoint that already is a classifier keeps its label order; otherwise the labels are
+    // given, or read from the training data.
+    let has_head = ["classifier.weight", "score.weight", "classifier.out_proj.weight"].iter().any(|n| weights.contains_key(*n));
+    let labels = match (&cfg.labels, labels_from_config(config.raw()).filter(|_| has_head)) {
+        (Some(l), _) => l.clone(),
+        (None, Some(l)) => l,
+        (None, None) => labels_from_records(&train_records),
+    };
+    if labels.len() < 2 {
+        return Err(TrainError::EmptyDataset(format!("{}: classification needs at least 2 labels, found {labels:?}", cfg.data)));
+    }
+    cfg.labels = Some(labels.clone());
+    let mut weights = complete_classifier_weights(&backbone, labels.len(), weights, Some(cfg.seed), origin)?;
+    let head_names: Vec<String> = backbone.head_shapes(labels.len()).into_iter().map(|(n, _)| n).collect();
+    if let Some(dir) = cfg.lora_adapter.as_ref().filter(|_| cfg.lora) {
+        // The adapter's trained head replaces the checkpoint's.
+        for (name, t) in crate::peft::load_saved_modules(Path::new(dir))? {
+            weights.insert(name, t);
         }
     }
-    format!("{}-seq-{h:016x}", seqs.len())
+    let tensors = take_weights(backbone.weight_shapes(labels.len()), weights, cfg.dtype.dtype(), device, origin)?;
+    let missing = |n: String| TrainError::Weights { origin: origin.to_string(), tensor: n, problem: "missing".into() };
+    let (model, vars) = if cfg.lora {
+        // Frozen base; the head and the adapters are trained (PEFT's modules_to_save).
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        let mut vars = Vec::new();
+        for (name, t) in tensors {
+            if head_names.contains(&name) {
+                let v = Var::from_tensor(&t)?;
+                map.insert(name.clone(), v.as_tensor().clone());
+                vars.push((format!("base_model.model.{name}"), v));
+            } else {
+                map.insert(name, t);
+            }
+        }
+        let mut model = SequenceClassifier::new(backbone, labels.len(), &map).map_err(missing)?;
+        let (dtype, dev) = (model.dtype(), model.device().clone());
+        let adapters = match &cfg.lora_adapter {
+            Some(dir) => crate::peft::load_lora(model.projections_mut(), dtype, &dev, Path::new(dir))?,
+            None => attach_lora(model.projections_mut(), &lora_config(cfg), cfg.seed, dtype, &dev)?,
+        };
+        vars.extend(adapters);
+        (model, vars)
+    } else {
+        let vars = tensors.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<Vec<_>>>()?;
+        let map: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        (SequenceClassifier::new(backbone, labels.len(), &map).map_err(missing)?, vars)
+    };
+    let max_len = cfg.max_seq_length;
+    let train = encode_records(&train_records, tokenizer, &labels, max_len, &data_path)?;
+    let val = encode_records(&val_records, tokenizer, &labels, max_len, &val_path)?;
+    Ok((Task::Classify { model, train: Loader::new(train, cfg.batch_size, cfg.seed), val, labels }, vars))
+}
+
+/// Key biases get an exactly zero gradient (softmax is shift-invariant per query), so the
+/// missing-gradient check exempts them.
+fn is_key_bias(name: &str) -> bool {
+    name.ends_with("k_proj.bias") || name.ends_with("attention.self.key.bias") || name.ends_with("attention.k_lin.bias")
 }
 
 /// Peak resident memory of this process in bytes (Linux; `None` elsewhere).
@@ -193,7 +296,9 @@ fn resume_key(cfg: &TrainConfig) -> Value {
         "warmup_steps": cfg.warmup_steps, "warmup_ratio": cfg.warmup_ratio, "min_lr_ratio": cfg.min_lr_ratio,
         "flat_fraction": cfg.flat_fraction, "max_steps": cfg.max_steps, "epochs": cfg.epochs,
         "validation_file": cfg.validation_file, "lora": cfg.lora, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-        "lora_targets": cfg.lora_targets, "lora_adapter": cfg.lora_adapter,
+        "lora_targets": cfg.lora_targets, "lora_adapter": cfg.lora_adapter, "task": cfg.task, "text_column": cfg.text_column,
+        "text_pair_column": cfg.text_pair_column, "label_column": cfg.label_column, "labels": cfg.labels,
+        "metric_for_best": cfg.metric_for_best,
     })
 }
 
@@ -245,18 +350,18 @@ impl Trainer {
         let cfg = session.cfg.clone();
         // Whole epochs of micro-batches, grouped into optimizer steps (the last may span an
         // epoch boundary, never more than one step's worth).
-        let micro_batches = session.train.batches_per_epoch() * cfg.epochs.max(1);
+        let micro_batches = session.task.batches_per_epoch() * cfg.epochs.max(1);
         let total_steps = cfg.max_steps.unwrap_or(micro_batches.div_ceil(cfg.grad_accumulation_steps)).max(1);
         let optimizer = TrainOptimizer::new(&cfg, session.vars.clone())?;
         let state = TrainerState {
             step: 0,
             micro_step: 0,
             total_steps,
-            best_eval_loss: None,
+            best_score: None,
             evals_without_improvement: 0,
             tokens_seen: 0,
             train_seconds: 0.0,
-            data_fingerprint: fingerprint(&session.train.sequences),
+            data_fingerprint: session.task.fingerprint(),
             config: cfg.clone(),
         };
         let output = PathBuf::from(&cfg.output);
@@ -333,37 +438,75 @@ impl Trainer {
         Ok(())
     }
 
-    fn mask_dtype(&self) -> DType {
-        compute_dtype(self.session.model.dtype())
-    }
-
-    /// Mean loss over the validation set (or `eval_batches` of it), on the weights chosen by
-    /// `eval_weights`.
-    pub fn evaluate(&mut self) -> Result<Option<f64>> {
-        if self.session.val.is_empty() {
-            return Ok(None);
-        }
+    /// Evaluates the validation set (or `eval_batches` of it) on the weights chosen by
+    /// `eval_weights`; `None` without validation data.
+    pub fn evaluate(&mut self) -> Result<Option<Evaluation>> {
         let bs = self.session.cfg.batch_size;
         let limit = self.session.cfg.eval_batches.unwrap_or(usize::MAX);
-        let (pad, mdt) = (self.session.tokenizer.pad_id, self.mask_dtype());
-        let (model, val, device) = (&self.session.model, &self.session.val, &self.session.device);
-        let run = || -> Result<f64> {
-            let (mut sum, mut n) = (0f64, 0usize);
-            for chunk in val.chunks(bs).take(limit) {
-                let refs: Vec<&Sequence> = chunk.iter().collect();
-                let batch = collate(&refs, pad, model.config.sliding_window, mdt, device)?;
-                let logits = model.forward(&batch)?;
-                sum += causal_lm_loss_sum(&logits, &batch)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                n += batch.n_targets;
-            }
-            Ok(sum / n.max(1) as f64)
-        };
-        let loss = if self.session.cfg.eval_weights == EvalWeights::Slow && self.optimizer.has_lookahead() {
-            self.optimizer.with_slow_weights(run)??
+        let (task, pad) = (&self.session.task, self.session.tokenizer.pad_id);
+        let run = || task.evaluate(bs, limit, pad);
+        if self.session.cfg.eval_weights == EvalWeights::Slow && self.optimizer.has_lookahead() {
+            self.optimizer.with_slow_weights(run)?
         } else {
-            run()?
-        };
-        Ok(Some(loss))
+            run()
+        }
+    }
+
+    /// The score `metric_for_best` ranks evaluations by (lower is better).
+    fn score(&self, eval: &Evaluation) -> f64 {
+        let classes = eval.classes.as_ref();
+        match self.session.cfg.metric_for_best {
+            BestMetric::Loss => eval.loss,
+            BestMetric::Accuracy => 1.0 - classes.map_or(0.0, |c| c.accuracy),
+            BestMetric::F1 => 1.0 - classes.map_or(0.0, |c| c.macro_f1),
+        }
+    }
+
+    /// Writes the model the run produces into `dir`: a Hugging Face folder, or a PEFT adapter
+    /// for LoRA runs (a classifier's head saved with it).
+    pub fn write_model(&self, dir: &Path) -> Result<()> {
+        let cfg = &self.session.cfg;
+        let weights = self.model_weights()?;
+        let tok = &self.session.tokenizer;
+        match &self.session.task {
+            Task::CausalLm { .. } if cfg.lora => crate::output::save_peft_adapter(dir, cfg, "CAUSAL_LM", &[], &weights, tok),
+            Task::Classify { model, labels, .. } if cfg.lora => {
+                crate::output::save_peft_adapter(dir, cfg, "SEQ_CLS", &model.config.head_modules(), &weights, tok)?;
+                // PEFT adapters carry no config.json: the labels go next to the adapter.
+                let json = model.config.classifier_json(labels, tok.pad_id, model.dtype());
+                write_json(&dir.join(crate::predict::ADAPTER_CLASSIFIER_CONFIG), &json)
+            }
+            Task::CausalLm { model, .. } => {
+                let gen = self.session.generation_config.clone().unwrap_or_else(|| default_generation_config(&model.config.raw));
+                save_hf_folder(dir, &model.config.raw, &weights, tok, Some(&gen), cfg.max_shard_size)
+            }
+            Task::Classify { model, labels, .. } => {
+                let dtype = weights.first().map_or(DType::F32, |(_, t)| t.dtype());
+                let json = model.config.classifier_json(labels, tok.pad_id, dtype);
+                save_hf_folder(dir, &json, &weights, tok, None, cfg.max_shard_size)
+            }
+        }
+    }
+
+    /// Keeps the best model so far in `best/` (classification runs with validation data):
+    /// written under a temporary name, then swapped in, so a crash leaves a complete one.
+    fn save_best(&self, eval: &Evaluation) -> Result<PathBuf> {
+        let dir = self.output.join("best");
+        let tmp = self.output.join(format!(".best.partial-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        self.write_model(&tmp)?;
+        let mut results = serde_json::to_value(eval).expect("evaluation");
+        results["step"] = json!(self.state.step);
+        results["weights"] = json!(self.weights_label());
+        write_json(&tmp.join("eval_results.json"), &results)?;
+        let old = self.output.join(format!(".best.old-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::rename(&dir, &old).map_err(TrainError::io(&dir))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(TrainError::io(&dir))?;
+        let _ = std::fs::remove_dir_all(&old);
+        candle_ranger::state_file::sync_parent(&dir);
+        Ok(dir)
     }
 
     fn weights_label(&self) -> &'static str {
@@ -425,17 +568,14 @@ impl Trainer {
     /// number of target tokens of the whole step), the mean loss and the token count.
     fn step_gradients(&self, micro_start: usize) -> Result<(GradStore, f64, usize)> {
         let accum = self.session.cfg.grad_accumulation_steps;
-        let (pad, mdt, device) = (self.session.tokenizer.pad_id, self.mask_dtype(), &self.session.device);
-        let batches: Vec<_> = (micro_start..micro_start + accum)
-            .map(|i| collate(&self.session.train.batch(i), pad, self.session.model.config.sliding_window, mdt, device))
-            .collect::<Result<_>>()?;
-        let targets: usize = batches.iter().map(|b| b.n_targets).sum::<usize>().max(1);
-        let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+        let task = &self.session.task;
+        let batches: Vec<_> = (micro_start..micro_start + accum).map(|i| task.train_batch(i, self.session.tokenizer.pad_id)).collect::<Result<_>>()?;
+        let targets: usize = batches.iter().map(|b| b.n_targets()).sum::<usize>().max(1);
+        let tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
         let mut acc = GradStore::default();
         let mut loss_sum = 0f64;
         for batch in &batches {
-            let logits = self.session.model.forward(batch)?;
-            let sum = causal_lm_loss_sum(&logits, batch)?;
+            let sum = task.loss_sum(batch)?;
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let grads = (sum / targets as f64)?.backward()?;
             for (_, var) in &self.session.vars {
@@ -460,7 +600,7 @@ impl Trainer {
             match grads.get(var) {
                 None => bad.push(format!("{name} (no gradient)")),
                 // LoRA's A matrices get a zero gradient while B is still zero (its start value).
-                Some(g) if !name.ends_with("k_proj.bias") && !name.ends_with("lora_A.weight") => {
+                Some(g) if !is_key_bias(name) && !name.ends_with("lora_A.weight") => {
                     let s = g.abs()?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
                     if s == 0.0 {
                         bad.push(format!("{name} (all zero)"));
@@ -507,9 +647,15 @@ impl Trainer {
         if first_step == 0 {
             // The baseline, so the metrics show what training changed.
             if let Some(eval) = self.evaluate()? {
-                self.metrics.push(json!({ "step": 0, "eval_loss": eval, "eval_perplexity": eval.exp() }));
-                self.state.best_eval_loss = eval.is_finite().then_some(eval);
-                say(format!("step 0: eval loss {eval:.4}, perplexity {:.2} (before training)", eval.exp()));
+                let mut record = json!({ "step": 0 });
+                eval_fields(&eval, &mut record);
+                self.metrics.push(record);
+                // A causal LM's baseline counts for early stopping; a classifier's fresh head
+                // is no model worth keeping as the best.
+                if self.session.task.causal_lm().is_some() {
+                    self.state.best_score = Some(self.score(&eval)).filter(|s| s.is_finite());
+                }
+                say(format!("step 0: {} (before training)", describe(&eval)));
             }
         }
         while self.state.step < self.state.total_steps {
@@ -552,20 +698,23 @@ impl Trainer {
             let mut record = json!({
                 "step": self.state.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": tokens, "skipped": !loss.is_finite(),
                 "tokens_per_sec": tps, "peak_rss_bytes": peak_rss_bytes(),
-                "epoch": self.state.micro_step as f64 / self.session.train.batches_per_epoch() as f64,
+                "epoch": self.state.micro_step as f64 / self.session.task.batches_per_epoch() as f64,
             });
             let is_last = self.state.step == self.state.total_steps;
             if (cfg.eval_every > 0 && self.state.step % cfg.eval_every == 0) || is_last {
                 if let Some(eval) = self.evaluate()? {
-                    record["eval_loss"] = json!(eval);
-                    record["eval_perplexity"] = json!(eval.exp());
-                    if eval.is_finite() && self.state.best_eval_loss.is_none_or(|b| eval < b) {
-                        self.state.best_eval_loss = Some(eval);
+                    eval_fields(&eval, &mut record);
+                    let score = self.score(&eval);
+                    if score.is_finite() && self.state.best_score.is_none_or(|b| score < b) {
+                        self.state.best_score = Some(score);
                         self.state.evals_without_improvement = 0;
+                        if self.session.task.classifier().is_some() {
+                            self.save_best(&eval)?;
+                        }
                     } else {
                         self.state.evals_without_improvement += 1;
                     }
-                    say(format!("step {}: eval loss {eval:.4}, perplexity {:.2} ({} weights)", self.state.step, eval.exp(), self.weights_label()));
+                    say(format!("step {}: {} ({} weights)", self.state.step, describe(&eval), self.weights_label()));
                 }
             }
             self.metrics.push(record);
@@ -592,7 +741,8 @@ impl Trainer {
         bar.finish_and_clear();
         self.write_metrics()?;
         crate::metrics::write_loss_svg(&self.output.join("loss_curve.svg"), &self.metrics)?;
-        let eval_loss = self.metrics.iter().rev().find_map(|m| m["eval_loss"].as_f64());
+        let last_eval = |key: &str| self.metrics.iter().rev().find_map(|m| m[key].as_f64());
+        let (eval_loss, eval_accuracy, eval_macro_f1) = (last_eval("eval_loss"), last_eval("eval_accuracy"), last_eval("eval_macro_f1"));
         let k = cfg.lookahead_k;
         let unsynced = if self.weights_label() == "slow" && k > 0 { self.state.step % k } else { 0 };
         if unsynced > 0 && self.verbose {
@@ -605,24 +755,24 @@ impl Trainer {
         let output = if stopped == "interrupted" {
             None
         } else {
-            let weights = self.model_weights()?;
-            if cfg.lora {
-                let dir = self.output.join("adapter");
-                crate::output::save_peft_adapter(&dir, &cfg, &weights, &self.session.tokenizer)?;
-                Some(dir)
-            } else {
-                let dir = self.output.join("model");
-                save_hf_folder(&dir, &self.session.model.config, &weights, &self.session.tokenizer, self.session.generation_config.as_ref(), cfg.max_shard_size)?;
-                Some(dir)
-            }
+            let dir = self.output.join(if cfg.lora { "adapter" } else { "model" });
+            self.write_model(&dir)?;
+            Some(dir)
         };
+        let best_dir = self.output.join("best");
+        let best_evaluation: Option<Evaluation> = std::fs::read_to_string(best_dir.join("eval_results.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+        let best_model = (self.session.task.classifier().is_some() && best_evaluation.is_some()).then_some(best_dir);
         Ok(RunSummary {
             trainable_parameters: self.trainable_parameters(),
             steps: self.state.step,
             tokens: self.state.tokens_seen,
             wall_seconds: started.elapsed().as_secs_f64(),
             eval_loss,
-            eval_perplexity: eval_loss.map(f64::exp),
+            eval_perplexity: if self.session.task.causal_lm().is_some() { eval_loss.map(f64::exp) } else { None },
+            eval_accuracy,
+            eval_macro_f1,
+            best_model,
+            best_evaluation,
             last_train_loss: last_loss,
             output,
             checkpoint: last_checkpoint,
@@ -632,3 +782,24 @@ impl Trainer {
     }
 }
 
+
+/// Adds an evaluation's figures to a metrics record.
+fn eval_fields(eval: &Evaluation, record: &mut Value) {
+    record["eval_loss"] = json!(eval.loss);
+    match &eval.classes {
+        None => record["eval_perplexity"] = json!(eval.loss.exp()),
+        Some(c) => {
+            record["eval_accuracy"] = json!(c.accuracy);
+            record["eval_macro_f1"] = json!(c.macro_f1);
+            record["eval_per_class"] = json!(c.per_class);
+        }
+    }
+}
+
+/// One line about an evaluation.
+fn describe(eval: &Evaluation) -> String {
+    match &eval.classes {
+        None => format!("eval loss {:.4}, perplexity {:.2}", eval.loss, eval.loss.exp()),
+        Some(c) => format!("eval loss {:.4}, accuracy {:.4}, macro-F1 {:.4} on {} examples", eval.loss, c.accuracy, c.macro_f1, c.examples),
+    }
+}

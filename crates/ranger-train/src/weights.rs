@@ -49,15 +49,16 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Tensor>> {
 /// Converts loaded weights to `dtype` on `device` in the model's order, checking that every
 /// tensor the model needs is there with the right shape. Unknown extra tensors are ignored
 /// (e.g. a redundant `lm_head.weight` of a tied checkpoint).
-pub fn into_tensors(
-    config: &LlamaConfig,
-    mut weights: HashMap<String, Tensor>,
-    dtype: DType,
-    device: &Device,
-    origin: &str,
-) -> Result<Vec<(String, Tensor)>> {
+pub fn into_tensors(config: &LlamaConfig, weights: HashMap<String, Tensor>, dtype: DType, device: &Device, origin: &str) -> Result<Vec<(String, Tensor)>> {
+    take_weights(config.weight_shapes(), weights, dtype, device, origin)
+}
+
+/// Takes the tensors named by `shapes` out of `weights`, checked and converted to `dtype` on
+/// `device`, in the order of `shapes`; a missing tensor or a shape mismatch is an error naming
+/// the tensor and `origin`.
+pub fn take_weights(shapes: Vec<(String, Vec<usize>)>, mut weights: HashMap<String, Tensor>, dtype: DType, device: &Device, origin: &str) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
-    for (name, shape) in config.weight_shapes() {
+    for (name, shape) in shapes {
         let t = weights.remove(&name).ok_or_else(|| TrainError::Weights {
             origin: origin.to_string(),
             tensor: name.clone(),
@@ -86,11 +87,18 @@ pub fn into_vars(config: &LlamaConfig, weights: HashMap<String, Tensor>, dtype: 
 /// Random weights for a configuration (tests and tiny experiments): normal(0, 0.02) matrices,
 /// norm weights around 1, small biases. Deterministic for a seed.
 pub fn random_weights(config: &LlamaConfig, seed: u64, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    random_tensors(config.weight_shapes(), seed, dtype)
+}
+
+/// Random tensors for `shapes`, as [`random_weights`] makes them (norm weights named
+/// `…norm.weight` / `…LayerNorm.weight` around 1).
+pub fn random_tensors(shapes: Vec<(String, Vec<usize>)>, seed: u64, dtype: DType) -> Result<HashMap<String, Tensor>> {
     let mut rng = crate::rng::Rng::new(seed);
     let mut out = HashMap::new();
-    for (name, shape) in config.weight_shapes() {
+    for (name, shape) in shapes {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if name.ends_with("norm.weight") || name.ends_with("layernorm.weight") {
+        let lower = name.to_lowercase();
+        let data: Vec<f32> = if lower.ends_with("norm.weight") || lower.ends_with("layer_norm.weight") {
             (0..n).map(|_| 1.0 + 0.1 * rng.normal() as f32).collect()
         } else if name.ends_with(".bias") {
             (0..n).map(|_| 0.05 * rng.normal() as f32).collect()

@@ -221,6 +221,12 @@ impl LlamaConfig {
         out
     }
 
+    /// [`LlamaConfig::weight_shapes`] without `lm_head.weight`: the backbone of a sequence
+    /// classifier.
+    pub fn backbone_weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.weight_shapes().into_iter().filter(|(n, _)| n != "lm_head.weight").collect()
+    }
+
     /// The rotary inverse frequencies (`head_dim / 2` values), scaling applied.
     pub fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;

@@ -306,3 +306,123 @@ impl CustomOp3 for CrossEntropyGrad {
         Ok((out, l1.shape().clone()))
     }
 }
+
+/// LayerNorm `(x - mean) / sqrt(var + eps) * w + b` over the last dimension (f32/f64), as
+/// BERT-family encoders use it. Like [`RmsNorm`], backprop needs only the input.
+pub struct LayerNorm {
+    /// Epsilon.
+    pub eps: f64,
+}
+
+fn layer_norm_rows<T: num::Float>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
+    let n = w.len();
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, r)| {
+        let mean = r.iter().fold(T::zero(), |s, &v| s + v) / T::from_usize(n);
+        let var = r.iter().fold(T::zero(), |s, &v| s + (v - mean) * (v - mean)) / T::from_usize(n);
+        let inv = T::one() / (var + eps).sqrt();
+        for (((o, &v), &wv), &bv) in o.iter_mut().zip(r).zip(w).zip(b) {
+            *o = (v - mean) * inv * wv + bv;
+        }
+    });
+    out
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "ranger-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(layer_norm_rows(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(b, l3)?, self.eps as f32))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(layer_norm_rows(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(b, l3)?, self.eps))
+            }
+            _ => candle_core::bail!("ranger-layer-norm: f32/f64 input, weight and bias of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // n = (x - mean) r, y = n w + b:  dw = sum(g n),  db = sum(g),
+        // dx = r (g w - mean(g w) - n mean(g w n)).
+        let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let n = xc.broadcast_mul(&r)?;
+        let gw = g.broadcast_mul(w)?;
+        let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
+        let dx = gw.broadcast_sub(&gw.mean_keepdim(D::Minus1)?)?.sub(&n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
+        let rows = x.elem_count() / w.elem_count();
+        let dw = (g * &n)?.reshape((rows, ()))?.sum(0)?.reshape(w.shape())?;
+        let db = g.reshape((rows, ()))?.sum(0)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Exact GELU `x Φ(x) = x (1 + erf(x / √2)) / 2` (f32/f64). Candle's own backward builds about
+/// ten full-size temporaries; this one computes `g (Φ(x) + x φ(x))` in one pass from the input.
+pub struct GeluErf;
+
+fn gelu_rows<T: Copy + Send + Sync>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    x.par_iter().map(|&v| f(v)).collect()
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "ranger-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::cpu::erf::{erf_f32, erf_f64};
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(gelu_rows(contiguous(x, l)?, |v| 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2)))),
+            CpuStorage::F64(x) => CpuStorage::F64(gelu_rows(contiguous(x, l)?, |v| 0.5 * v * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2)))),
+            _ => candle_core::bail!("ranger-gelu-erf: f32/f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluErfGrad)?))
+    }
+}
+
+/// The gradient of [`GeluErf`]: `g (Φ(x) + x φ(x))`.
+struct GeluErfGrad;
+
+impl CustomOp2 for GeluErfGrad {
+    fn name(&self) -> &'static str {
+        "ranger-gelu-erf-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::cpu::erf::{erf_f32, erf_f64};
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
+                let (x, g) = (contiguous(x, l1)?, contiguous(g, l2)?);
+                CpuStorage::F32(
+                    x.par_iter()
+                        .zip(g.par_iter())
+                        .map(|(&v, &gv)| gv * (0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2)) + v * inv_sqrt_2pi * (-0.5 * v * v).exp()))
+                        .collect(),
+                )
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                let inv_sqrt_2pi = 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+                let (x, g) = (contiguous(x, l1)?, contiguous(g, l2)?);
+                CpuStorage::F64(
+                    x.par_iter()
+                        .zip(g.par_iter())
+                        .map(|(&v, &gv)| gv * (0.5 * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2)) + v * inv_sqrt_2pi * (-0.5 * v * v).exp()))
+                        .collect(),
+                )
+            }
+            _ => candle_core::bail!("ranger-gelu-erf-grad: f32/f64 of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}

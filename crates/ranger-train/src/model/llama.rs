@@ -5,18 +5,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 
 use super::config::LlamaConfig;
+pub use super::lora::{peft_name, LoraAdapter, LoraConfig};
 use super::ops::{apply_rotary, compute_dtype, masked_softmax, repeat_kv, rms_norm, silu};
-
-/// A low-rank adapter `x A^T B^T * scale` added to a projection (LoRA, arXiv 2106.09685).
-#[derive(Debug, Clone)]
-pub struct LoraAdapter {
-    /// `[r, in]`, random at the start.
-    pub a: Tensor,
-    /// `[out, r]`, zero at the start (so training starts from the base model).
-    pub b: Tensor,
-    /// `lora_alpha / r`.
-    pub scale: f64,
-}
 
 /// A linear projection `x W^T + b` (weights trainable [`Var`]s or frozen tensors), with an
 /// optional LoRA adapter.
@@ -32,42 +22,40 @@ pub struct Proj {
 
 impl Module for Proj {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.broadcast_matmul(&self.weight.t()?)?;
+        // One [tokens, in] x [in, out] product: a batched `broadcast_matmul` would compute the
+        // weight gradient as one product per batch row plus a reduction over a [b, in, out]
+        // temporary.
+        let dims = x.dims();
+        let inp = *dims.last().unwrap_or(&1);
+        let x2 = x.reshape(((), inp))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(l) = &self.lora {
             // Scale the rank-r intermediate, not the full-width output: one large tensor fewer
             // kept for backprop per adapted projection.
-            let low = (x.broadcast_matmul(&l.a.t()?)? * l.scale)?.broadcast_matmul(&l.b.t()?)?;
+            let low = (x2.matmul(&l.a.t()?)? * l.scale)?.matmul(&l.b.t()?)?;
             y = (y + low)?;
         }
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = y.dim(1)?;
+        y.reshape(out_dims)
+    }
+}
+
+impl Proj {
+    /// The weight with the LoRA adapter merged in (`W + scale * B A`, computed in f32 or f64).
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            None => Ok(self.weight.clone()),
+            Some(l) => {
+                let cdt = compute_dtype(self.weight.dtype());
+                let delta = (l.b.to_dtype(cdt)?.matmul(&l.a.to_dtype(cdt)?)? * l.scale)?;
+                (self.weight.to_dtype(cdt)? + delta)?.to_dtype(self.weight.dtype())
+            }
         }
     }
-}
-
-/// Which projections get LoRA adapters, with what rank and scaling.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraConfig {
-    /// Rank r.
-    pub rank: usize,
-    /// `lora_alpha`; the adapter output is scaled by `alpha / r`.
-    pub alpha: f64,
-    /// Module names that get adapters (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`,
-    /// `up_proj`, `down_proj`).
-    pub targets: Vec<String>,
-}
-
-impl Default for LoraConfig {
-    fn default() -> Self {
-        let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-        Self { rank: 8, alpha: 16.0, targets: targets.iter().map(|s| s.to_string()).collect() }
-    }
-}
-
-/// The PEFT name of a LoRA matrix: `base_model.model.<module>.lora_A.weight` / `lora_B`.
-pub fn peft_name(module: &str, which: char) -> String {
-    format!("base_model.model.{module}.lora_{which}.weight")
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +107,8 @@ pub struct LlamaModel {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Option<Tensor>,
+    /// False for a backbone built without its LM head (sequence classification).
+    has_lm_head: bool,
     inv_freq: Tensor,
     dtype: DType,
     device: Device,
@@ -135,6 +125,17 @@ impl LlamaModel {
     /// Builds the model over weights by Hugging Face name: trainable when they are the tensors
     /// of [`Var`]s, frozen when they are plain tensors. The error names a missing tensor.
     pub fn new(config: LlamaConfig, weights: &HashMap<String, Tensor>) -> std::result::Result<Self, String> {
+        Self::build(config, weights, true)
+    }
+
+    /// Like [`LlamaModel::new`] without the LM head (`lm_head.weight` is neither needed nor
+    /// used): the backbone of a sequence classifier, which only calls
+    /// [`LlamaModel::hidden_states`].
+    pub fn new_backbone(config: LlamaConfig, weights: &HashMap<String, Tensor>) -> std::result::Result<Self, String> {
+        Self::build(config, weights, false)
+    }
+
+    fn build(config: LlamaConfig, weights: &HashMap<String, Tensor>, has_lm_head: bool) -> std::result::Result<Self, String> {
         let get = |n: &str| -> std::result::Result<Tensor, String> { weights.get(n).cloned().ok_or_else(|| n.to_string()) };
         let opt = |n: &str| weights.get(n).cloned();
         let proj = |n: &str| -> std::result::Result<Proj, String> {
@@ -159,19 +160,24 @@ impl LlamaModel {
             });
         }
         let norm = get("model.norm.weight")?;
-        let lm_head = if config.tie_word_embeddings { None } else { Some(get("lm_head.weight")?) };
+        let lm_head = if config.tie_word_embeddings || !has_lm_head { None } else { Some(get("lm_head.weight")?) };
         let device = embed.device().clone();
         let dtype = embed.dtype();
         let inv_freq = Tensor::new(config.inv_freq(), &device).map_err(|e| e.to_string())?;
-        Ok(Self { config, embed, layers, norm, lm_head, inv_freq, dtype, device })
+        Ok(Self { config, embed, layers, norm, lm_head, has_lm_head, inv_freq, dtype, device })
     }
 
     /// Adds LoRA adapters to the targeted projections and returns them as trainable variables
     /// with their PEFT names (A: uniform in ±1/sqrt(in) as PEFT's Kaiming init, B: zeros).
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Vec<(String, Var)>> {
-        let mut rng = crate::rng::Rng::new(seed);
-        let mut vars = Vec::new();
         let (dtype, device) = (self.dtype, self.device.clone());
+        super::lora::attach_lora(self.projections_mut(), cfg, seed, dtype, &device)
+    }
+
+    /// Every projection with its module path (`model.layers.{i}.self_attn.q_proj`, …), in
+    /// layer order: q, k, v, o, gate, up, down.
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Proj)> {
+        let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let projs: [(&str, &str, &mut Proj); 7] = [
                 ("self_attn", "q_proj", &mut layer.q),
@@ -183,36 +189,15 @@ impl LlamaModel {
                 ("mlp", "down_proj", &mut layer.down),
             ];
             for (block, name, proj) in projs {
-                if !cfg.targets.iter().any(|t| t == name) {
-                    continue;
-                }
-                let (out, inp) = proj.weight.dims2()?;
-                let bound = 1.0 / (inp as f64).sqrt();
-                let a: Vec<f32> = (0..cfg.rank * inp).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
-                let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, inp), &device)?.to_dtype(dtype)?)?;
-                let b = Var::zeros((out, cfg.rank), dtype, &device)?;
-                let module = format!("model.layers.{i}.{block}.{name}");
-                proj.lora = Some(LoraAdapter { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: cfg.alpha / cfg.rank as f64 });
-                vars.push((peft_name(&module, 'A'), a));
-                vars.push((peft_name(&module, 'B'), b));
+                out.push((format!("model.layers.{i}.{block}.{name}"), proj));
             }
         }
-        Ok(vars)
+        out
     }
 
     /// Every weight by Hugging Face name (in [`LlamaConfig::weight_shapes`] order), with LoRA
     /// adapters merged into their projections (`W + scale * B A`, computed in f32 or f64).
     pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let merge = |p: &Proj| -> Result<Tensor> {
-            match &p.lora {
-                None => Ok(p.weight.clone()),
-                Some(l) => {
-                    let cdt = compute_dtype(p.weight.dtype());
-                    let delta = (l.b.to_dtype(cdt)?.matmul(&l.a.to_dtype(cdt)?)? * l.scale)?;
-                    (p.weight.to_dtype(cdt)? + delta)?.to_dtype(p.weight.dtype())
-                }
-            }
-        };
         let mut by_name: HashMap<String, Tensor> = HashMap::new();
         by_name.insert("model.embed_tokens.weight".into(), self.embed.clone());
         by_name.insert("model.norm.weight".into(), self.norm.clone());
@@ -224,7 +209,7 @@ impl LlamaModel {
             by_name.insert(format!("{p}.input_layernorm.weight"), l.input_norm.clone());
             by_name.insert(format!("{p}.post_attention_layernorm.weight"), l.post_norm.clone());
             for (name, proj) in [("self_attn.q_proj", &l.q), ("self_attn.k_proj", &l.k), ("self_attn.v_proj", &l.v), ("self_attn.o_proj", &l.o), ("mlp.gate_proj", &l.gate), ("mlp.up_proj", &l.up), ("mlp.down_proj", &l.down)] {
-                by_name.insert(format!("{p}.{name}.weight"), merge(proj)?);
+                by_name.insert(format!("{p}.{name}.weight"), proj.merged_weight()?);
                 if let Some(b) = &proj.bias {
                     by_name.insert(format!("{p}.{name}.bias"), b.clone());
                 }
@@ -234,8 +219,8 @@ impl LlamaModel {
                 by_name.insert(format!("{p}.self_attn.k_norm.weight"), k.clone());
             }
         }
-        self.config
-            .weight_shapes()
+        let shapes = if self.has_lm_head { self.config.weight_shapes() } else { self.config.backbone_weight_shapes() };
+        shapes
             .into_iter()
             .map(|(n, _)| by_name.remove(&n).map(|t| (n.clone(), t.detach())).ok_or_else(|| candle_core::Error::msg(format!("weight {n} missing"))))
             .collect()
@@ -293,7 +278,21 @@ impl LlamaModel {
         layer.o.forward(&out)
     }
 
-    fn run(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn run(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        if !self.has_lm_head {
+            candle_core::bail!("this model was built without its LM head (a classifier backbone)");
+        }
+        let x = self.run_hidden(input_ids, positions, mask, cache)?;
+        x.broadcast_matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).t()?)
+    }
+
+    /// Final hidden states `[b, s, hidden]` (after the last norm) for `input_ids: [b, s]` at
+    /// `positions: [b, s]` under the additive `mask: [b, 1, s, s]` (see [`causal_mask`]).
+    pub fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.run_hidden(input_ids, positions, mask, None)
+    }
+
+    fn run_hidden(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (cos, sin) = self.rotary(positions)?;
         let (b, s) = input_ids.dims2()?;
         let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, ()))?;
@@ -311,8 +310,7 @@ impl LlamaModel {
         if let Some(c) = cache {
             c.len += s;
         }
-        let x = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        x.broadcast_matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).t()?)
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
 
     /// Logits `[b, s, vocab]` for every position of a training batch.

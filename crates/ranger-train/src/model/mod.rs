@@ -1,12 +1,69 @@
-//! Trainable models: the Llama family (Llama 2/3, SmolLM, Mistral, Qwen2/2.5, Qwen3).
+//! Trainable models: the Llama family (Llama 2/3, SmolLM, Mistral, Qwen2/2.5, Qwen3) as causal
+//! LMs or classifiers, and BERT-family encoders (BERT, MiniLM, RoBERTa, DistilBERT) as
+//! classifiers.
 
+pub mod bert;
+pub mod classifier;
 pub mod config;
 pub mod fused;
 pub mod llama;
+pub mod lora;
 pub mod ops;
 
+pub use bert::{Encoder, EncoderConfig, EncoderFamily};
+pub use classifier::{BackboneConfig, ClassifierBatch, SequenceClassifier};
 pub use config::{Architecture, LlamaConfig, RopeScaling};
-pub use llama::{causal_mask, peft_name, Batch, KvCache, LlamaModel, LoraAdapter, LoraConfig, Proj};
+pub use llama::{causal_mask, Batch, KvCache, LlamaModel, Proj};
+pub use lora::{peft_name, LoraAdapter, LoraConfig};
+
+/// The configuration of any supported model, told apart by `model_type`.
+#[derive(Debug, Clone)]
+pub enum ModelConfig {
+    /// A Llama-family decoder.
+    Decoder(LlamaConfig),
+    /// A BERT-family encoder.
+    Encoder(EncoderConfig),
+}
+
+impl ModelConfig {
+    /// Parses a `config.json` value; `source` names the file in errors.
+    pub fn from_json(raw: serde_json::Value, source: &str) -> crate::Result<Self> {
+        let mt = raw.get("model_type").and_then(serde_json::Value::as_str).unwrap_or_default();
+        if EncoderFamily::from_model_type(mt).is_some() {
+            Ok(Self::Encoder(EncoderConfig::from_json(raw, source)?))
+        } else {
+            Ok(Self::Decoder(LlamaConfig::from_json(raw, source)?))
+        }
+    }
+
+    /// The decoder configuration; an encoder is an error naming `origin` (encoders can only be
+    /// trained as classifiers).
+    pub fn decoder(&self, origin: &str) -> crate::Result<&LlamaConfig> {
+        match self {
+            Self::Decoder(c) => Ok(c),
+            Self::Encoder(c) => Err(crate::TrainError::Config {
+                origin: origin.to_string(),
+                message: format!("a {} encoder has no language-model head; train it with --task classify", c.family.prefix()),
+            }),
+        }
+    }
+
+    /// As the backbone of a classifier.
+    pub fn backbone(&self) -> BackboneConfig {
+        match self {
+            Self::Decoder(c) => BackboneConfig::Decoder(c.clone()),
+            Self::Encoder(c) => BackboneConfig::Encoder(c.clone()),
+        }
+    }
+
+    /// The `config.json` as read.
+    pub fn raw(&self) -> &serde_json::Value {
+        match self {
+            Self::Decoder(c) => &c.raw,
+            Self::Encoder(c) => &c.raw,
+        }
+    }
+}
 
 use candle_core::{DType, Result, Tensor};
 

@@ -25,6 +25,25 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     rms_norm_ops(x, weight, eps)
 }
 
+/// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias`, normalised
+/// in f32 (or f64) whatever the model dtype; fused on CPU.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_ok(x) && weight.dtype() == x.dtype() && bias.dtype() == x.dtype() {
+        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, super::fused::LayerNorm { eps });
+    }
+    layer_norm_ops(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] from tensor ops.
+pub fn layer_norm_ops(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(compute_dtype(dt))?;
+    let xc = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
 /// Whether the fused CPU kernels apply (CPU, f32 or f64).
 fn fused_ok(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
@@ -72,6 +91,15 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// Exact GELU (`hidden_act: gelu`): fused on CPU (one-pass backward), Candle's op elsewhere.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        x.contiguous()?.apply_op1(super::fused::GeluErf)
+    } else {
+        x.gelu_erf()
+    }
 }
 
 /// SiLU, `x * sigmoid(x)`: Candle's unary op, which has a backward pass (checked by the
@@ -143,7 +171,12 @@ mod tests {
         let x = Var::from_tensor(&(Tensor::randn(0f64, 3.0, (6, 37), &dev).unwrap())).unwrap();
         let w = Tensor::randn(0f64, 1.0, (6, 37), &dev).unwrap();
         let t = Tensor::new(&[0u32, 5, 36, 7, 7, 12], &dev).unwrap();
-        let pairs: [Pair; 2] = [
+        let pairs: [Pair; 3] = [
+            (&|x| gelu_erf(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| {
+                // x Φ(x) from erf, whose backward is exact (Candle's gelu_erf backward rounds 1/√(2π)).
+                let phi = ((x * std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap() * 0.5;
+                (x * phi.unwrap()).unwrap().mul(&w).unwrap().sum_all().unwrap()
+            }),
             (&|x| softmax_last_dim(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| softmax_last_dim_ops(x).unwrap().mul(&w).unwrap().sum_all().unwrap()),
             (&|x| cross_entropy_rows(x, &t).unwrap().sum_all().unwrap(), &|x| cross_entropy_rows_ops(x, &t).unwrap().sum_all().unwrap()),
         ];
@@ -153,21 +186,26 @@ mod tests {
         let cos = Tensor::randn(0f64, 1.0, (2, 1, 5, 8), &dev).unwrap();
         let sin = Tensor::randn(0f64, 1.0, (2, 1, 5, 8), &dev).unwrap();
         let w4 = Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let bv = Var::from_tensor(&Tensor::randn(0f64, 0.1, 8, &dev).unwrap()).unwrap();
         let run = |f: &dyn Fn(&Tensor) -> Tensor| {
             let y = f(x4v.as_tensor()).mul(&w4).unwrap().sum_all().unwrap();
             let g = y.backward().unwrap();
-            (y, g.get(&x4v).unwrap().clone(), g.get(&wv).cloned())
+            (y, g.get(&x4v).unwrap().clone(), g.get(&wv).cloned(), g.get(&bv).cloned())
         };
-        let pairs4: [Pair; 2] = [
+        let pairs4: [Pair; 3] = [
             (&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap(), &|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
+            (&|x| layer_norm(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap(), &|x| layer_norm_ops(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()),
             (&|x| apply_rotary(x, &cos, &sin).unwrap(), &|x| apply_rotary_ops(x, &cos, &sin).unwrap()),
         ];
         for (fused, ops) in pairs4 {
             let (a, b) = (run(fused), run(ops));
             assert!(close(&a.0, &b.0) < 1e-10);
             assert!(close(&a.1, &b.1) < 1e-10);
-            if let (Some(ga), Some(gb)) = (&a.2, &b.2) {
-                assert!(close(ga, gb) < 1e-10);
+            for (ga, gb) in [(&a.2, &b.2), (&a.3, &b.3)] {
+                assert_eq!(ga.is_some(), gb.is_some());
+                if let (Some(ga), Some(gb)) = (ga, gb) {
+                    assert!(close(ga, gb) < 1e-10);
+                }
             }
         }
         let mask = Tensor::randn(0f64, 1.0, (2, 1, 3, 37), &dev).unwrap();
