@@ -41,22 +41,7 @@ fn loss(model: &LlamaModel, batch: &Batch) -> Tensor {
 
 /// Compares the analytic gradient `g[i]` of `var` with a central finite difference.
 fn check_element(model: &LlamaModel, batch: &Batch, var: &Var, g: &[f64], i: usize, what: &str) {
-    let h = 1e-5;
-    let orig = var.as_tensor().copy().unwrap();
-    let flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let eval_at = |delta: f64| {
-        let mut f = flat.clone();
-        f[i] += delta;
-        var.set(&Tensor::from_vec(f, orig.shape(), &Device::Cpu).unwrap()).unwrap();
-        loss(model, batch).to_scalar::<f64>().unwrap()
-    };
-    let numeric = (eval_at(h) - eval_at(-h)) / (2.0 * h);
-    var.set(&orig).unwrap();
-    let analytic = g[i];
-    assert!(
-        (numeric - analytic).abs() <= 1e-6 + 1e-4 * numeric.abs().max(analytic.abs()),
-        "{what}[{i}] analytic {analytic:e} vs finite difference {numeric:e}"
-    );
+    common::check_gradient_element(var, g, i, what, || loss(model, batch).to_scalar::<f64>().unwrap());
 }
 
 fn gradient_check(config: Value) {

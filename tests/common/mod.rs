@@ -84,3 +84,25 @@ pub fn smollm2_gguf() -> PathBuf {
     })
     .clone()
 }
+
+/// Compares the analytic gradient `g[i]` of `var` with a central finite difference of `loss`
+/// (an f64 scalar recomputed with the element moved by ±1e-5), then restores `var`.
+pub fn check_gradient_element(var: &candle_core::Var, g: &[f64], i: usize, what: &str, loss: impl Fn() -> f64) {
+    use candle_core::{Device, Tensor};
+    let h = 1e-5;
+    let orig = var.as_tensor().copy().unwrap();
+    let flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let eval_at = |delta: f64| {
+        let mut f = flat.clone();
+        f[i] += delta;
+        var.set(&Tensor::from_vec(f, orig.shape(), &Device::Cpu).unwrap()).unwrap();
+        loss()
+    };
+    let numeric = (eval_at(h) - eval_at(-h)) / (2.0 * h);
+    var.set(&orig).unwrap();
+    let analytic = g[i];
+    assert!(
+        (numeric - analytic).abs() <= 1e-6 + 1e-4 * numeric.abs().max(analytic.abs()),
+        "{what}[{i}] analytic {analytic:e} vs finite difference {numeric:e}"
+    );
+}
