@@ -120,12 +120,17 @@ fn bert_classifier_trains_keeps_the_best_and_reloads() {
 
 #[test]
 fn classification_resume_is_exact() {
-    for (model_type, lora) in [("distilbert", false), ("llama", false), ("bert", true)] {
-        let dir = common::temp_dir(&format!("cls-resume-{model_type}-{lora}"));
+    // lora: None for full fine-tuning, else (DoRA, dropout).
+    for (model_type, lora) in [("distilbert", None), ("llama", None), ("bert", Some((false, 0.0))), ("roberta", Some((true, 0.1)))] {
+        let dir = common::temp_dir(&format!("cls-resume-{model_type}-{lora:?}"));
         setup(&dir, model_type);
         let n = 7; // crosses a Lookahead sync (k = 6) and an epoch (48 examples / 8 per step = 6 steps)
         let mut straight_cfg = config(&dir, 2 * n);
-        straight_cfg.lora = lora;
+        if let Some((dora, dropout)) = lora {
+            straight_cfg.lora = true;
+            straight_cfg.dora = dora;
+            straight_cfg.lora_dropout = dropout;
+        }
         straight_cfg.output = dir.join("straight").display().to_string();
         let mut straight = quiet(straight_cfg.clone());
         straight.run().unwrap();
@@ -146,7 +151,7 @@ fn classification_resume_is_exact() {
         resumed.run().unwrap();
         for ((name, a), (_, b)) in straight.session.vars.iter().zip(&resumed.session.vars) {
             let d = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert_eq!(d, 0.0, "{model_type} (lora {lora}): {name} differs after resume");
+            assert_eq!(d, 0.0, "{model_type} (lora {lora:?}): {name} differs after resume");
         }
         assert_eq!(straight.state.best_score, resumed.state.best_score);
     }

@@ -193,7 +193,7 @@ fn lora_adapter_gradients() {
     let base = ranger_train::weights::random_weights(&cfg, 4, DType::F64).unwrap();
     let mut model = LlamaModel::new(cfg, &base).unwrap();
     let lora = ranger_train::model::LoraConfig { rank: 3, alpha: 6.0, ..Default::default() };
-    let vars = model.add_lora(&lora, 9).unwrap();
+    let vars = model.add_lora(&lora, 9, &Default::default()).unwrap();
     assert_eq!(vars.len(), 2 * 7 * 2);
     let mut rng = Rng::new(5);
     for (name, v) in &vars {

@@ -175,13 +175,26 @@ fn fine_tune_end_to_end() {
 /// same logits, and merging gives the same logits as base + adapter.
 #[test]
 fn lora_end_to_end() {
-    let dir = common::temp_dir("smollm2-lora");
+    adapter_end_to_end("lora", false, 0.0, 2_442_240);
+}
+
+/// The same with DoRA and LoRA dropout.
+#[test]
+fn dora_with_dropout_end_to_end() {
+    // + one magnitude per output row: 30 x (576 + 192 + 192 + 576 + 1536 + 1536 + 576).
+    adapter_end_to_end("dora", true, 0.05, 2_442_240 + 155_520);
+}
+
+fn adapter_end_to_end(name: &str, dora: bool, dropout: f64, parameters: usize) {
+    let dir = common::temp_dir(&format!("smollm2-{name}"));
     write_data(&dir);
     let mut cfg = config(&dir, "lora", 12);
     cfg.lora = true;
+    cfg.dora = dora;
+    cfg.lora_dropout = dropout;
     cfg.learning_rate = 1e-2;
     let mut t = quiet(cfg);
-    assert_eq!(t.trainable_parameters(), 2_442_240, "r=8 on all 7 projections of 30 layers, as PEFT counts");
+    assert_eq!(t.trainable_parameters(), parameters, "r=8 on all 7 projections of 30 layers, as PEFT counts");
     let s = t.run().unwrap();
     let metrics: Vec<Value> = std::fs::read_to_string(dir.join("lora/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let baseline = metrics[0]["eval_loss"].as_f64().unwrap();
@@ -191,7 +204,7 @@ fn lora_end_to_end() {
     let config = loaded.decoder().unwrap().clone();
     let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(&config, loaded.weights, DType::F32, &Device::Cpu, "base").unwrap().into_iter().collect();
     let mut model = LlamaModel::new(config.clone(), &base).unwrap();
-    ranger_train::peft::load_peft_adapter(&mut model, &adapter).unwrap();
+    ranger_train::peft::load_peft_adapter(&mut model, &adapter, None).unwrap();
     let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
     let with_adapter = model.forward_ids(&probe).unwrap();
     let trained = t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();

@@ -105,13 +105,18 @@ fn training_lowers_the_loss_and_writes_a_loadable_model() {
     assert_eq!(names.iter().filter(|n| n.starts_with("checkpoint-")).count(), 1, "{names:?}");
 }
 
-fn resume_exact(optimizer: OptimizerKind, lora: bool) {
-    let dir = common::temp_dir(&format!("resume-{optimizer:?}-{lora}"));
+/// `lora`: None for full fine-tuning, else (DoRA, dropout).
+fn resume_exact(optimizer: OptimizerKind, lora: Option<(bool, f64)>) {
+    let dir = common::temp_dir(&format!("resume-{optimizer:?}-{lora:?}"));
     setup(&dir);
     let n = 7; // crosses a Lookahead sync (k = 6) and the epoch boundary (24 examples / 6 per step = 4 steps)
     let mut straight_cfg = config(&dir, 2 * n);
     straight_cfg.optimizer = optimizer;
-    straight_cfg.lora = lora;
+    if let Some((dora, dropout)) = lora {
+        straight_cfg.lora = true;
+        straight_cfg.dora = dora;
+        straight_cfg.lora_dropout = dropout;
+    }
     straight_cfg.output = dir.join("straight").display().to_string();
     let mut straight = quiet(straight_cfg.clone());
     straight.run().unwrap();
@@ -146,17 +151,23 @@ fn resume_exact(optimizer: OptimizerKind, lora: bool) {
 
 #[test]
 fn resume_is_bit_exact_with_ranger() {
-    resume_exact(OptimizerKind::Ranger, false);
+    resume_exact(OptimizerKind::Ranger, None);
 }
 
 #[test]
 fn resume_is_bit_exact_with_lora() {
-    resume_exact(OptimizerKind::Ranger, true);
+    resume_exact(OptimizerKind::Ranger, Some((false, 0.0)));
+}
+
+/// Dropout masks are drawn again identically after a resume (seeded per micro-batch).
+#[test]
+fn resume_is_bit_exact_with_dora_and_lora_dropout() {
+    resume_exact(OptimizerKind::Ranger, Some((true, 0.2)));
 }
 
 #[test]
 fn resume_is_bit_exact_with_radam() {
-    resume_exact(OptimizerKind::Radam, false);
+    resume_exact(OptimizerKind::Radam, None);
 }
 
 #[test]
@@ -395,17 +406,31 @@ fn large_outputs_are_sharded_and_reload() {
 
 #[test]
 fn lora_trains_adapters_only_and_writes_a_peft_adapter() {
-    let dir = common::temp_dir("lora");
+    lora_round_trip("lora", false, false, 0.0);
+}
+
+#[test]
+fn dora_rslora_with_dropout_trains_and_writes_a_peft_adapter() {
+    lora_round_trip("dora", true, true, 0.1);
+}
+
+fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
+    let dir = common::temp_dir(name);
     setup(&dir);
     let mut cfg = config(&dir, 24);
     cfg.learning_rate = 0.1; // adapters start at zero and want a larger rate
     cfg.lora = true;
     cfg.lora_rank = 4;
+    cfg.dora = dora;
+    cfg.rslora = rslora;
+    cfg.lora_dropout = dropout;
     cfg.lora_targets = vec!["q_proj".into(), "v_proj".into(), "down_proj".into()];
     let mut t = quiet(cfg);
-    // Only the adapters are trainable: 2 layers x 3 targets x (A + B).
-    assert_eq!(t.session.vars.len(), 12);
-    let expected: usize = (0..2).map(|_| 4 * 32 + 32 * 4 + 4 * 32 + 16 * 4 + 4 * 48 + 32 * 4).sum();
+    // Only the adapters are trainable: 2 layers x 3 targets x (A + B (+ DoRA's magnitude)).
+    let per_module = if dora { 3 } else { 2 };
+    assert_eq!(t.session.vars.len(), 6 * per_module);
+    let magnitudes = if dora { 32 + 16 + 32 } else { 0 };
+    let expected: usize = (0..2).map(|_| 4 * 32 + 32 * 4 + 4 * 32 + 16 * 4 + 4 * 48 + 32 * 4 + magnitudes).sum();
     assert_eq!(t.trainable_parameters(), expected);
     let before = t.evaluate().unwrap().unwrap().loss;
     let s = t.run().unwrap();
@@ -417,8 +442,14 @@ fn lora_trains_adapters_only_and_writes_a_peft_adapter() {
     assert_eq!(cfg_json["r"], 4);
     assert_eq!(cfg_json["lora_alpha"], 16.0);
     assert_eq!(cfg_json["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg_json["use_dora"], dora);
+    assert_eq!(cfg_json["use_rslora"], rslora);
+    assert_eq!(cfg_json["lora_dropout"], dropout);
     let tensors = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    assert_eq!(tensors.len(), 12);
+    assert_eq!(tensors.len(), 6 * per_module);
+    if dora {
+        assert_eq!(tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"].dims(), &[16]);
+    }
     let a = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
     let b = &tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"];
     assert_eq!(a.dims(), &[4, 32]);
@@ -432,8 +463,8 @@ fn lora_trains_adapters_only_and_writes_a_peft_adapter() {
         .into_iter()
         .collect();
     let mut reloaded = ranger_train::model::LlamaModel::new(base_config, &base).unwrap();
-    let adapter_vars = ranger_train::peft::load_peft_adapter(&mut reloaded, &out).unwrap();
-    assert_eq!(adapter_vars.len(), 12);
+    let adapter_vars = ranger_train::peft::load_peft_adapter(&mut reloaded, &out, None).unwrap();
+    assert_eq!(adapter_vars.len(), 6 * per_module);
     let ids = candle_core::Tensor::new(&[[5u32, 9, 12, 7, 20]], &candle_core::Device::Cpu).unwrap();
     let ours = reloaded.forward_ids(&ids).unwrap();
     let trained = t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
@@ -451,12 +482,15 @@ fn lora_trains_adapters_only_and_writes_a_peft_adapter() {
     more.lora_adapter = Some(out.display().to_string());
     more.output = dir.join("more").display().to_string();
     let mut t2 = quiet(more);
-    assert_eq!(t2.session.vars.len(), 12);
+    assert_eq!(t2.session.vars.len(), 6 * per_module);
     let start = t2.evaluate().unwrap().unwrap().loss;
     assert!((start - s.eval_loss.unwrap()).abs() < 1e-5, "{start} vs {:?}", s.eval_loss);
     t2.run().unwrap();
-    let copied = std::fs::read_to_string(dir.join("more/adapter/adapter_config.json")).unwrap();
-    assert_eq!(copied, std::fs::read_to_string(out.join("adapter_config.json")).unwrap());
+    // The adapter keeps its configuration; the dropout recorded is this run's (0 by default).
+    let copied: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("more/adapter/adapter_config.json")).unwrap()).unwrap();
+    let mut expected_cfg = cfg_json.clone();
+    expected_cfg["lora_dropout"] = serde_json::json!(0.0);
+    assert_eq!(copied, expected_cfg);
     // An unknown target is refused by name.
     let mut bad = config(&dir, 1);
     bad.lora = true;

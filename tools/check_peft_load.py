@@ -41,7 +41,9 @@ def main():
     state = model.state_dict()
     failures = 0
     for name, t in saved.items():
-        key = name.replace(".weight", ".default.weight")
+        # PEFT keeps the adapter name in its state dict: `lora_A.default.weight`, and DoRA's
+        # `lora_magnitude_vector.default.weight` for the file's `lora_magnitude_vector`.
+        key = name + ".default.weight" if name.endswith("lora_magnitude_vector") else name.replace(".weight", ".default.weight")
         if key not in state:
             print(f"FAIL {name}: not a parameter of the PEFT model")
             failures += 1

@@ -200,14 +200,24 @@ struct TrainArgs {
     /// LoRA alpha; adapters are scaled by alpha / rank [default: 16].
     #[arg(long)]
     lora_alpha: Option<f64>,
-    /// LoRA dropout; only 0 is supported so far [default: 0].
+    /// Dropout on the adapters' input while training, as PEFT's lora_dropout (never in
+    /// evaluation; masks are seeded per micro-batch, so resume stays exact) [default: 0].
     #[arg(long)]
     lora_dropout: Option<f64>,
+    /// DoRA: weight-decomposed LoRA with a trainable magnitude per output row, saved as PEFT's
+    /// use_dora (implies --lora).
+    #[arg(long)]
+    dora: bool,
+    /// rsLoRA: scale adapters by alpha / sqrt(rank) instead of alpha / rank, saved as PEFT's
+    /// use_rslora (implies --lora).
+    #[arg(long)]
+    rslora: bool,
     /// Comma-separated projections that get adapters, by name or path suffix as PEFT matches them
     /// [default: every attention and MLP projection of the model].
     #[arg(long, value_delimiter = ',')]
     lora_targets: Option<Vec<String>>,
-    /// Go on training this PEFT LoRA adapter (implies --lora; its rank, alpha and targets win).
+    /// Go on training this PEFT LoRA adapter (implies --lora; its rank, alpha, targets, DoRA and
+    /// rsLoRA settings win).
     #[arg(long)]
     lora_adapter: Option<String>,
     /// Print the final summary as JSON.
@@ -298,6 +308,14 @@ impl TrainArgs {
             c.lora = true;
         }
         if self.lora {
+            c.lora = true;
+        }
+        if self.dora {
+            c.dora = true;
+            c.lora = true;
+        }
+        if self.rslora {
+            c.rslora = true;
             c.lora = true;
         }
         if self.no_mask_prompt {
@@ -518,7 +536,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let vars = ranger_train::weights::into_vars(&config, loaded.weights, dtype, &device, &loaded.origin)?;
     let mut model = ranger_train::model::LlamaModel::from_vars(config, &vars).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
     if let Some(dir) = &a.adapter {
-        ranger_train::peft::load_peft_adapter(&mut model, dir)?;
+        ranger_train::peft::load_peft_adapter(&mut model, dir, None)?;
     }
     let stop = stop_ids(&loaded.tokenizer, loaded.generation_config.as_ref());
     let opts = GenerateOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed, chat: a.chat };
@@ -556,7 +574,7 @@ fn merge(a: MergeArgs) -> Result<()> {
     let config = loaded.decoder()?.clone();
     let base = ranger_train::weights::into_tensors(&config, loaded.weights, candle_core::DType::F32, &cpu, &loaded.origin)?;
     let mut model = ranger_train::model::LlamaModel::new(config.clone(), &base.into_iter().collect()).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
-    ranger_train::peft::load_peft_adapter(&mut model, &a.adapter)?;
+    ranger_train::peft::load_peft_adapter(&mut model, &a.adapter, None)?;
     let weights = cast(model.merged_weights()?)?;
     let gen = loaded.generation_config.clone().unwrap_or_else(|| ranger_train::output::default_generation_config(&config.raw));
     ranger_train::output::save_hf_folder(&a.output, &config.raw, &weights, &loaded.tokenizer, Some(&gen), 5_000_000_000)?;

@@ -205,12 +205,19 @@ pub struct TrainConfig {
     pub lora_rank: usize,
     /// LoRA alpha (adapter output scaled by alpha / rank).
     pub lora_alpha: f64,
-    /// LoRA dropout (only 0 is supported so far).
+    /// Dropout on the adapters' input while training (PEFT's `lora_dropout`; evaluation never
+    /// drops). Masks are seeded per micro-batch and adapter, so resume stays exact.
     pub lora_dropout: f64,
+    /// DoRA (arXiv 2402.09353): weight-decomposed adapters with a trainable magnitude per output
+    /// row (PEFT's `use_dora`).
+    pub dora: bool,
+    /// rsLoRA (arXiv 2312.03732): scale adapters by alpha / sqrt(rank) (PEFT's `use_rslora`).
+    pub rslora: bool,
     /// Projections that get adapters, by module name or path suffix as PEFT matches them
     /// (empty: every attention and feed-forward projection of the model).
     pub lora_targets: Vec<String>,
-    /// Start from this PEFT LoRA adapter (its rank, alpha and targets win) instead of a fresh one.
+    /// Start from this PEFT LoRA adapter instead of a fresh one (its rank, alpha, targets, DoRA
+    /// and rsLoRA settings win; `lora_dropout` is the run's).
     pub lora_adapter: Option<String>,
 }
 
@@ -268,6 +275,8 @@ impl Default for TrainConfig {
             lora_rank: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
+            dora: false,
+            rslora: false,
             lora_targets: Vec::new(),
             lora_adapter: None,
         }

@@ -84,17 +84,21 @@ pub fn write_json(path: &Path, v: &Value) -> Result<()> {
 }
 
 /// Writes a LoRA adapter in PEFT's format: `adapter_config.json` and
-/// `adapter_model.safetensors` (tensors named `base_model.model.<module>.lora_{A,B}.weight`, and
+/// `adapter_model.safetensors` (tensors named `base_model.model.<module>.lora_{A,B}.weight`,
+/// `base_model.model.<module>.lora_magnitude_vector` for DoRA, and
 /// `base_model.model.<name>` for the whole `modules_to_save`, such as a classifier head), which
 /// `peft.PeftModel.from_pretrained(base_model, dir)` loads; plus the tokenizer files.
 /// `task_type` is PEFT's (`CAUSAL_LM`, `SEQ_CLS`).
 pub fn save_peft_adapter(dir: &Path, cfg: &crate::TrainConfig, task_type: &str, modules_to_save: &[String], weights: &[(String, Tensor)], tokenizer: &TextTokenizer) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
     if let Some(src) = &cfg.lora_adapter {
-        // Training went on from an existing adapter: keep its configuration.
+        // Training went on from an existing adapter: keep its configuration, with the dropout
+        // this run trained it with.
         let from = Path::new(src).join("adapter_config.json");
         let text = std::fs::read_to_string(&from).map_err(TrainError::io(&from))?;
-        write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
+        let mut c: Value = serde_json::from_str(&text).map_err(|e| TrainError::Config { origin: from.display().to_string(), message: e.to_string() })?;
+        c["lora_dropout"] = json!(cfg.lora_dropout);
+        write_json(&dir.join("adapter_config.json"), &c)?;
     } else {
         write_json(&dir.join("adapter_config.json"), &adapter_config(cfg, task_type, modules_to_save))?;
     }
@@ -123,7 +127,7 @@ fn adapter_config(cfg: &crate::TrainConfig, task_type: &str, modules_to_save: &[
         "layers_pattern": null,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_rslora": false,
-        "use_dora": false,
+        "use_rslora": cfg.rslora,
+        "use_dora": cfg.dora,
     })
 }

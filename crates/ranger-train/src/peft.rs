@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
-use crate::model::lora::attach_lora;
+use crate::model::lora::{attach_lora, DropoutSeed};
 use crate::model::{LlamaModel, LoraConfig, Proj};
 
 /// The parts of a PEFT `adapter_config.json` that ranger-tune uses.
@@ -22,8 +22,9 @@ pub struct AdapterConfig {
     pub modules_to_save: Vec<String>,
 }
 
-/// Reads and checks `adapter_config.json`: only plain LoRA (no DoRA, rsLoRA, rank or alpha
-/// patterns, no trained biases) is accepted; anything else is refused by name.
+/// Reads and checks `adapter_config.json`: LoRA, with or without DoRA and rsLoRA, is accepted;
+/// rank or alpha patterns, trained biases and transposed (`fan_in_fan_out`) weights are refused
+/// by name.
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     let cp = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cp).map_err(TrainError::io(&cp))?;
@@ -32,7 +33,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     if c["peft_type"] != "LORA" {
         return Err(bad(format!("peft_type {} is not LORA", c["peft_type"])));
     }
-    for flag in ["use_dora", "use_rslora", "fan_in_fan_out"] {
+    for flag in ["fan_in_fan_out", "use_qalora", "use_bdlora"] {
         if c[flag] == true {
             return Err(bad(format!("{flag} adapters are not supported")));
         }
@@ -59,7 +60,14 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         return Err(bad("target_modules missing".into()));
     }
     Ok(AdapterConfig {
-        lora: LoraConfig { rank, alpha, targets },
+        lora: LoraConfig {
+            rank,
+            alpha,
+            targets,
+            dropout: c["lora_dropout"].as_f64().unwrap_or(0.0),
+            use_dora: c["use_dora"] == true,
+            use_rslora: c["use_rslora"] == true,
+        },
         task_type: c["task_type"].as_str().unwrap_or("CAUSAL_LM").to_string(),
         modules_to_save: strings(&c["modules_to_save"]),
     })
@@ -72,16 +80,32 @@ fn read_tensors(dir: &Path) -> Result<(std::path::PathBuf, HashMap<String, Tenso
 }
 
 /// Adds the adapters of `dir` to the projections `projs` (module path, projection) and returns
-/// them as trainable variables with their PEFT names.
-pub fn load_lora(projs: Vec<(String, &mut Proj)>, dtype: DType, device: &Device, dir: &Path) -> Result<Vec<(String, Var)>> {
-    let cfg = read_adapter_config(dir)?;
-    let vars = attach_lora(projs, &cfg.lora, 0, dtype, device)?;
+/// them as trainable variables with their PEFT names. `training` gives the dropout of a run that
+/// trains them further and its seed switch (dropout is a choice of the run, not part of the
+/// adapter); `None` for inference.
+pub fn load_lora(projs: Vec<(String, &mut Proj)>, dtype: DType, device: &Device, dir: &Path, training: Option<(f64, &DropoutSeed)>) -> Result<Vec<(String, Var)>> {
+    let mut cfg = read_adapter_config(dir)?;
+    let off = DropoutSeed::default();
+    let seed = match training {
+        Some((p, seed)) => {
+            cfg.lora.dropout = p;
+            seed
+        }
+        None => {
+            cfg.lora.dropout = 0.0;
+            &off
+        }
+    };
+    let vars = attach_lora(projs, &cfg.lora, 0, dtype, device, seed)?;
     let (wp, tensors) = read_tensors(dir)?;
     for (name, var) in &vars {
         // PEFT may save names with or without the adapter name ("default").
         let t = tensors
             .get(name)
             .or_else(|| tensors.get(&name.replace(".weight", ".default.weight")))
+            // Older PEFT versions saved DoRA magnitudes as `lora_magnitude_vector.default.weight`.
+            .or_else(|| tensors.get(&format!("{name}.default.weight")))
+            .or_else(|| tensors.get(&format!("{name}.weight")))
             .ok_or_else(|| TrainError::Weights { origin: wp.display().to_string(), tensor: name.clone(), problem: "missing".into() })?;
         if t.shape() != var.shape() {
             return Err(TrainError::Weights { origin: wp.display().to_string(), tensor: name.clone(), problem: format!("shape {:?}, {:?} expected", t.dims(), var.dims()) });
@@ -112,8 +136,9 @@ pub fn load_saved_modules(dir: &Path) -> Result<Vec<(String, Tensor)>> {
 }
 
 /// Adds the causal-LM adapter in `dir` to `model` and returns its variables (PEFT names), so it
-/// can be used for generation or trained further. Adapters with saved modules are refused.
-pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path) -> Result<Vec<(String, Var)>> {
+/// can be used for generation or trained further (`training`: see [`load_lora`]). Adapters
+/// with saved modules are refused.
+pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path, training: Option<(f64, &DropoutSeed)>) -> Result<Vec<(String, Var)>> {
     let cfg = read_adapter_config(dir)?;
     if !cfg.modules_to_save.is_empty() {
         return Err(TrainError::Config {
@@ -122,5 +147,5 @@ pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path) -> Result<Vec<(Stri
         });
     }
     let (dtype, device) = (model.dtype(), model.device().clone());
-    load_lora(model.projections_mut(), dtype, &device, dir)
+    load_lora(model.projections_mut(), dtype, &device, dir, training)
 }

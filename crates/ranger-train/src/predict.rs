@@ -75,7 +75,7 @@ pub fn load_classifier(loaded: LoadedModel, adapter: Option<&Path>, dtype: DType
     let mut model = SequenceClassifier::new(backbone, labels.len(), &tensors).map_err(|n| TrainError::Weights { origin: origin.clone(), tensor: n, problem: "missing".into() })?;
     if let Some(dir) = adapter {
         let dev = model.device().clone();
-        crate::peft::load_lora(model.projections_mut(), dtype, &dev, dir)?;
+        crate::peft::load_lora(model.projections_mut(), dtype, &dev, dir, None)?;
     }
     Ok(Classifier { model, labels, tokenizer })
 }

@@ -18,7 +18,7 @@ use crate::config::{parse_device, BestMetric, EvalWeights, NanPolicy, ScheduleKi
 use crate::data::{load_file, split_validation, to_sequences, DataOptions, Loader};
 use crate::error::{Result, TrainError};
 use crate::model::classifier::{complete_classifier_weights, labels_from_config};
-use crate::model::lora::attach_lora;
+use crate::model::lora::{attach_lora, mix_seed, DropoutSeed};
 use crate::model::{BackboneConfig, LlamaConfig, LlamaModel, LoraConfig, ModelConfig, SequenceClassifier};
 use crate::optim::TrainOptimizer;
 use crate::output::{default_generation_config, save_hf_folder, write_json};
@@ -43,6 +43,8 @@ pub struct Session {
     pub device: Device,
     /// Where the model came from.
     pub origin: String,
+    /// Switches LoRA dropout on (with the micro-batch's seed) for training forward passes.
+    pub dropout_seed: DropoutSeed,
 }
 
 /// Saved with every checkpoint; what resuming needs besides weights and optimizer state.
@@ -118,8 +120,8 @@ pub fn prepare_with_model(mut cfg: TrainConfig, loaded: LoadedModel, device: Dev
         return Err(TrainError::Msg("batch_size and grad_accumulation_steps must be >= 1, max_seq_length >= 2".into()));
     }
     if cfg.lora {
-        if cfg.lora_dropout != 0.0 {
-            return Err(TrainError::Msg("lora_dropout > 0 is not supported yet (it would make resume inexact); use 0".into()));
+        if !(0.0..1.0).contains(&cfg.lora_dropout) {
+            return Err(TrainError::Msg(format!("lora_dropout must be in [0, 1), got {}", cfg.lora_dropout)));
         }
         if cfg.lora_rank == 0 {
             return Err(TrainError::Msg("lora_rank must be >= 1".into()));
@@ -132,15 +134,23 @@ pub fn prepare_with_model(mut cfg: TrainConfig, loaded: LoadedModel, device: Dev
         return Err(TrainError::Msg("metric_for_best accuracy / f1 needs --task classify".into()));
     }
     let LoadedModel { config, weights, tokenizer, generation_config, origin } = loaded;
+    let dropout_seed = DropoutSeed::default();
     let (task, vars) = match cfg.task {
-        TaskKind::CausalLm => prepare_causal_lm(&cfg, config.decoder(&origin)?.clone(), weights, &tokenizer, &device, &origin)?,
-        TaskKind::Classify => prepare_classifier(&mut cfg, &config, weights, &tokenizer, &device, &origin)?,
+        TaskKind::CausalLm => prepare_causal_lm(&cfg, config.decoder(&origin)?.clone(), weights, &tokenizer, &device, &origin, &dropout_seed)?,
+        TaskKind::Classify => prepare_classifier(&mut cfg, &config, weights, &tokenizer, &device, &origin, &dropout_seed)?,
     };
-    Ok(Session { cfg, task, vars, tokenizer, generation_config, device, origin })
+    Ok(Session { cfg, task, vars, tokenizer, generation_config, device, origin, dropout_seed })
 }
 
 fn lora_config(cfg: &TrainConfig) -> LoraConfig {
-    LoraConfig { rank: cfg.lora_rank, alpha: cfg.lora_alpha, targets: cfg.lora_targets.clone() }
+    LoraConfig {
+        rank: cfg.lora_rank,
+        alpha: cfg.lora_alpha,
+        targets: cfg.lora_targets.clone(),
+        dropout: cfg.lora_dropout,
+        use_dora: cfg.dora,
+        use_rslora: cfg.rslora,
+    }
 }
 
 fn prepare_causal_lm(
@@ -150,6 +160,7 @@ fn prepare_causal_lm(
     tokenizer: &TextTokenizer,
     device: &Device,
     origin: &str,
+    dropout_seed: &DropoutSeed,
 ) -> Result<(Task, Vec<(String, Var)>)> {
     let missing = |n: String| TrainError::Weights { origin: origin.to_string(), tensor: n, problem: "missing".into() };
     let tensors = take_weights(config.weight_shapes(), weights, cfg.dtype.dtype(), device, origin)?;
@@ -157,8 +168,8 @@ fn prepare_causal_lm(
         // Frozen base: plain tensors, so no gradient is ever computed or stored for them.
         let mut model = LlamaModel::new(config, &tensors.into_iter().collect()).map_err(missing)?;
         let vars = match &cfg.lora_adapter {
-            Some(dir) => crate::peft::load_peft_adapter(&mut model, Path::new(dir))?,
-            None => model.add_lora(&lora_config(cfg), cfg.seed)?,
+            Some(dir) => crate::peft::load_peft_adapter(&mut model, Path::new(dir), Some((cfg.lora_dropout, dropout_seed)))?,
+            None => model.add_lora(&lora_config(cfg), cfg.seed, dropout_seed)?,
         };
         (model, vars)
     } else {
@@ -187,6 +198,7 @@ fn prepare_classifier(
     tokenizer: &TextTokenizer,
     device: &Device,
     origin: &str,
+    dropout_seed: &DropoutSeed,
 ) -> Result<(Task, Vec<(String, Var)>)> {
     let backbone = config.backbone();
     if let BackboneConfig::Encoder(e) = &backbone {
@@ -242,8 +254,8 @@ fn prepare_classifier(
         let mut model = SequenceClassifier::new(backbone, labels.len(), &map).map_err(missing)?;
         let (dtype, dev) = (model.dtype(), model.device().clone());
         let adapters = match &cfg.lora_adapter {
-            Some(dir) => crate::peft::load_lora(model.projections_mut(), dtype, &dev, Path::new(dir))?,
-            None => attach_lora(model.projections_mut(), &lora_config(cfg), cfg.seed, dtype, &dev)?,
+            Some(dir) => crate::peft::load_lora(model.projections_mut(), dtype, &dev, Path::new(dir), Some((cfg.lora_dropout, dropout_seed)))?,
+            None => attach_lora(model.projections_mut(), &lora_config(cfg), cfg.seed, dtype, &dev, dropout_seed)?,
         };
         vars.extend(adapters);
         (model, vars)
@@ -286,7 +298,8 @@ pub fn schedule_for(cfg: &TrainConfig, total: usize) -> Schedule {
 
 /// Options that must not change across a resume.
 fn resume_key(cfg: &TrainConfig) -> Value {
-    json!({
+    // Two literals: one would exceed serde_json's macro recursion limit.
+    let mut key = json!({
         "model": cfg.model, "data": cfg.data, "max_seq_length": cfg.max_seq_length, "pack": cfg.pack,
         "mask_prompt": cfg.mask_prompt, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size,
         "grad_accumulation_steps": cfg.grad_accumulation_steps, "seed": cfg.seed, "dtype": cfg.dtype,
@@ -295,11 +308,15 @@ fn resume_key(cfg: &TrainConfig) -> Value {
         "eps": cfg.eps, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "lr_scheduler": cfg.lr_scheduler,
         "warmup_steps": cfg.warmup_steps, "warmup_ratio": cfg.warmup_ratio, "min_lr_ratio": cfg.min_lr_ratio,
         "flat_fraction": cfg.flat_fraction, "max_steps": cfg.max_steps, "epochs": cfg.epochs,
-        "validation_file": cfg.validation_file, "lora": cfg.lora, "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
-        "lora_targets": cfg.lora_targets, "lora_adapter": cfg.lora_adapter, "task": cfg.task, "text_column": cfg.text_column,
+        "validation_file": cfg.validation_file, "task": cfg.task, "text_column": cfg.text_column,
         "text_pair_column": cfg.text_pair_column, "label_column": cfg.label_column, "labels": cfg.labels,
         "metric_for_best": cfg.metric_for_best,
-    })
+    });
+    key["lora"] = json!({
+        "lora": cfg.lora, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets,
+        "dropout": cfg.lora_dropout, "dora": cfg.dora, "rslora": cfg.rslora, "adapter": cfg.lora_adapter,
+    });
+    key
 }
 
 /// Finds the checkpoint to resume from: `path` itself, or the latest `checkpoint-N` inside it.
@@ -574,8 +591,13 @@ impl Trainer {
         let tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
         let mut acc = GradStore::default();
         let mut loss_sum = 0f64;
-        for batch in &batches {
-            let sum = task.loss_sum(batch)?;
+        for (i, batch) in batches.iter().enumerate() {
+            // LoRA dropout masks depend on the run's seed and the micro-batch index only, so a
+            // resumed run draws the same ones.
+            self.session.dropout_seed.set(Some(mix_seed(self.session.cfg.seed, (micro_start + i) as u64)));
+            let sum = task.loss_sum(batch);
+            self.session.dropout_seed.set(None);
+            let sum = sum?;
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let grads = (sum / targets as f64)?.backward()?;
             for (_, var) in &self.session.vars {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 
 use super::config::LlamaConfig;
-pub use super::lora::{peft_name, LoraAdapter, LoraConfig};
+pub use super::lora::{peft_name, DropoutSeed, LoraAdapter, LoraConfig};
 use super::ops::{apply_rotary, compute_dtype, masked_softmax, repeat_kv, rms_norm, silu};
 
 /// A linear projection `x W^T + b` (weights trainable [`Var`]s or frozen tensors), with an
@@ -30,10 +30,7 @@ impl Module for Proj {
         let x2 = x.reshape(((), inp))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(l) = &self.lora {
-            // Scale the rank-r intermediate, not the full-width output: one large tensor fewer
-            // kept for backprop per adapted projection.
-            let low = (x2.matmul(&l.a.t()?)? * l.scale)?.matmul(&l.b.t()?)?;
-            y = (y + low)?;
+            y = l.apply(&x2, &self.weight, y)?;
         }
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -45,15 +42,11 @@ impl Module for Proj {
 }
 
 impl Proj {
-    /// The weight with the LoRA adapter merged in (`W + scale * B A`, computed in f32 or f64).
+    /// The weight with the LoRA/DoRA adapter merged in (see [`LoraAdapter::merge`]).
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {
             None => Ok(self.weight.clone()),
-            Some(l) => {
-                let cdt = compute_dtype(self.weight.dtype());
-                let delta = (l.b.to_dtype(cdt)?.matmul(&l.a.to_dtype(cdt)?)? * l.scale)?;
-                (self.weight.to_dtype(cdt)? + delta)?.to_dtype(self.weight.dtype())
-            }
+            Some(l) => l.merge(&self.weight),
         }
     }
 }
@@ -169,9 +162,10 @@ impl LlamaModel {
 
     /// Adds LoRA adapters to the targeted projections and returns them as trainable variables
     /// with their PEFT names (A: uniform in ±1/sqrt(in) as PEFT's Kaiming init, B: zeros).
-    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<Vec<(String, Var)>> {
+    /// LoRA dropout, if configured, is driven by `dropout_seed`.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64, dropout_seed: &DropoutSeed) -> Result<Vec<(String, Var)>> {
         let (dtype, device) = (self.dtype, self.device.clone());
-        super::lora::attach_lora(self.projections_mut(), cfg, seed, dtype, &device)
+        super::lora::attach_lora(self.projections_mut(), cfg, seed, dtype, &device, dropout_seed)
     }
 
     /// Every projection with its module path (`model.layers.{i}.self_attn.q_proj`, …), in

@@ -1,43 +1,188 @@
-//! LoRA (arXiv 2106.09685): low-rank adapters on the projections of any model, with PEFT's
-//! names and initialisation, so adapters move between ranger-tune and `peft` unchanged.
+//! LoRA (arXiv 2106.09685) and DoRA (arXiv 2402.09353): low-rank adapters on the projections of
+//! any model, with PEFT's names, initialisation, scaling, dropout and DoRA semantics, so
+//! adapters move between ranger-tune and `peft` unchanged.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::llama::Proj;
+use super::ops::compute_dtype;
+use crate::rng::Rng;
 
-/// A low-rank adapter `x A^T B^T * scale` added to a projection (LoRA, arXiv 2106.09685).
+/// The seed of the training micro-batch being run, shared by every adapter of a model. LoRA
+/// dropout draws its masks from it (per micro-batch and adapter, so a resumed run draws the
+/// same masks) and is off while it is unset: evaluation and inference never drop anything.
+#[derive(Debug, Clone, Default)]
+pub struct DropoutSeed(Arc<Mutex<Option<u64>>>);
+
+impl DropoutSeed {
+    /// Sets the seed of the next forward passes (`None`: dropout off).
+    pub fn set(&self, seed: Option<u64>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = seed;
+    }
+
+    /// The current seed.
+    pub fn get(&self) -> Option<u64> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// SplitMix64's output function: a well-mixed 64-bit hash of `a` and `b`.
+pub fn mix_seed(a: u64, b: u64) -> u64 {
+    Rng::new(a ^ Rng::new(b).next_u64()).next_u64()
+}
+
+/// Dropout on an adapter's input (PEFT's `lora_dropout`), active while its [`DropoutSeed`] is set.
+#[derive(Debug, Clone)]
+pub struct LoraDropout {
+    /// Probability of zeroing an input element.
+    pub p: f64,
+    /// Which adapter this is (its masks are drawn from their own stream).
+    pub stream: u64,
+    /// The shared training switch.
+    pub seed: DropoutSeed,
+}
+
+impl LoraDropout {
+    /// The mask for a `[rows, cols]` input in the current micro-batch (`None` when off): 0 with
+    /// probability p, else `1 / (1 - p)`, drawn on the CPU so every device gets the same mask.
+    pub fn mask(&self, rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        let Some(seed) = self.seed.get() else { return Ok(None) };
+        let mut rng = Rng::new(mix_seed(seed, self.stream));
+        // Two 32-bit draws per 64 random bits; keep when the draw is below (1 - p) * 2^32.
+        let threshold = ((1.0 - self.p) * 4_294_967_296.0) as u64;
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let n = rows * cols;
+        let mut values = Vec::with_capacity(n + 1);
+        while values.len() < n {
+            let bits = rng.next_u64();
+            for half in [bits & 0xFFFF_FFFF, bits >> 32] {
+                values.push(if half < threshold { keep } else { 0.0 });
+            }
+        }
+        values.truncate(n);
+        Ok(Some(Tensor::from_vec(values, (rows, cols), device)?.to_dtype(dtype)?))
+    }
+}
+
+/// A low-rank adapter `x A^T B^T * scale` added to a projection (LoRA), optionally
+/// weight-decomposed (DoRA).
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
     /// `[r, in]`, random at the start.
     pub a: Tensor,
     /// `[out, r]`, zero at the start (so training starts from the base model).
     pub b: Tensor,
-    /// `lora_alpha / r`.
+    /// `lora_alpha / r` (or `lora_alpha / sqrt(r)` with rsLoRA).
     pub scale: f64,
+    /// DoRA's `[out]` magnitude vector `m`: the projection becomes
+    /// `m * (W + scale B A) / ||W + scale B A||` with the row norm treated as a constant in
+    /// backprop (DoRA section 4.3, as PEFT does).
+    pub magnitude: Option<Tensor>,
+    /// Dropout on the adapter's input while training.
+    pub dropout: Option<LoraDropout>,
 }
 
-/// Which projections get LoRA adapters, with what rank and scaling.
+impl LoraAdapter {
+    /// `scale * B A`, `[out, in]`, in the compute dtype.
+    fn delta(&self) -> Result<Tensor> {
+        let cdt = compute_dtype(self.a.dtype());
+        self.b.to_dtype(cdt)?.matmul(&self.a.to_dtype(cdt)?)? * self.scale
+    }
+
+    /// DoRA's per-row factor `m / ||W + scale B A||` (`[out]`, gradient to `m` only).
+    fn dora_factor(&self, weight: &Tensor, magnitude: &Tensor) -> Result<Tensor> {
+        let cdt = compute_dtype(weight.dtype());
+        let norm = (weight.to_dtype(cdt)? + self.delta()?.detach())?.sqr()?.sum(1)?.sqrt()?.detach();
+        magnitude.broadcast_div(&norm.to_dtype(magnitude.dtype())?)
+    }
+
+    /// The projection's output with the adapter applied, given its input `x` (`[tokens, in]`),
+    /// the base weight and `base = x W^T` (without bias). In training with dropout the adapter
+    /// (and DoRA's rescaling of the base path) sees the dropped-out input, exactly as PEFT.
+    pub fn apply(&self, x: &Tensor, weight: &Tensor, base: Tensor) -> Result<Tensor> {
+        let (rows, cols) = x.dims2()?;
+        let dropped = match &self.dropout {
+            Some(d) => d.mask(rows, cols, x.dtype(), x.device())?.map(|m| x.mul(&m)).transpose()?,
+            None => None,
+        };
+        let xa = dropped.as_ref().unwrap_or(x);
+        // Scale the rank-r intermediate, not the full-width output: one large tensor fewer
+        // kept for backprop.
+        let low = (xa.matmul(&self.a.t()?)? * self.scale)?.matmul(&self.b.t()?)?;
+        let Some(m) = &self.magnitude else { return base + low };
+        let g = self.dora_factor(weight, m)?;
+        match &dropped {
+            None => (base + low)?.broadcast_mul(&g),
+            // PEFT: base + (g - 1) * (x_d W^T) + g * scale * x_d A^T B^T.
+            Some(xd) => {
+                let base_d = xd.matmul(&weight.t()?)?;
+                (base + base_d.broadcast_mul(&(&g - 1.0)?)?)? + low.broadcast_mul(&g)?
+            }
+        }
+    }
+
+    /// `W` with the adapter merged in: `W + scale B A`, or for DoRA
+    /// `m * (W + scale B A) / ||W + scale B A||` (computed in f32 or f64).
+    pub fn merge(&self, weight: &Tensor) -> Result<Tensor> {
+        let cdt = compute_dtype(weight.dtype());
+        let merged = (weight.to_dtype(cdt)? + self.delta()?)?;
+        let merged = match &self.magnitude {
+            None => merged,
+            Some(m) => {
+                let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?;
+                merged.broadcast_mul(&m.to_dtype(cdt)?.unsqueeze(1)?.broadcast_div(&norm)?)?
+            }
+        };
+        merged.to_dtype(weight.dtype())
+    }
+}
+
+/// Which projections get LoRA adapters, and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
     /// Rank r.
     pub rank: usize,
-    /// `lora_alpha`; the adapter output is scaled by `alpha / r`.
+    /// `lora_alpha`; the adapter output is scaled by `alpha / r` (`alpha / sqrt(r)` with rsLoRA).
     pub alpha: f64,
     /// Module names that get adapters (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`,
     /// `up_proj`, `down_proj`).
     pub targets: Vec<String>,
+    /// Dropout probability on the adapters' input while training (PEFT's `lora_dropout`).
+    pub dropout: f64,
+    /// DoRA: weight-decomposed adapters with a trainable magnitude per output row.
+    pub use_dora: bool,
+    /// rsLoRA (arXiv 2312.03732): scale by `alpha / sqrt(r)`.
+    pub use_rslora: bool,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
         let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-        Self { rank: 8, alpha: 16.0, targets: targets.iter().map(|s| s.to_string()).collect() }
+        Self { rank: 8, alpha: 16.0, targets: targets.iter().map(|s| s.to_string()).collect(), dropout: 0.0, use_dora: false, use_rslora: false }
+    }
+}
+
+impl LoraConfig {
+    /// The factor applied to `B A x`.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
     }
 }
 
 /// The PEFT name of a LoRA matrix: `base_model.model.<module>.lora_A.weight` / `lora_B`.
 pub fn peft_name(module: &str, which: char) -> String {
     format!("base_model.model.{module}.lora_{which}.weight")
+}
+
+/// The PEFT name of a DoRA magnitude vector: `base_model.model.<module>.lora_magnitude_vector`.
+pub fn peft_magnitude_name(module: &str) -> String {
+    format!("base_model.model.{module}.lora_magnitude_vector")
 }
 
 /// Whether a PEFT `target_modules` entry selects `module`: the full path, or its last
@@ -49,29 +194,46 @@ pub fn target_matches(target: &str, module: &str) -> bool {
 
 /// Adds adapters of rank `cfg.rank` to the projections in `projs` (module path, projection)
 /// that `cfg.targets` selects and returns them as trainable variables with their PEFT names
-/// (A: uniform in ±1/sqrt(in), as PEFT's Kaiming init; B: zeros). A target that selects no
-/// projection is an error naming it.
-pub fn attach_lora(projs: Vec<(String, &mut Proj)>, cfg: &LoraConfig, seed: u64, dtype: DType, device: &Device) -> Result<Vec<(String, Var)>> {
+/// (A: uniform in ±1/sqrt(in), as PEFT's Kaiming init; B: zeros; DoRA's magnitude: the row
+/// norms of W, so training starts from the base model). Dropout, when `cfg.dropout > 0`, is
+/// driven by `dropout_seed`. A target that selects no projection is an error naming it.
+pub fn attach_lora(projs: Vec<(String, &mut Proj)>, cfg: &LoraConfig, seed: u64, dtype: DType, device: &Device, dropout_seed: &DropoutSeed) -> Result<Vec<(String, Var)>> {
     if let Some(t) = cfg.targets.iter().find(|t| !projs.iter().any(|(m, _)| target_matches(t, m))) {
         let mut names: Vec<&str> = projs.iter().filter_map(|(m, _)| m.rsplit('.').next()).collect();
         names.sort();
         names.dedup();
         candle_core::bail!("LoRA target {t:?} matches no projection of this model (its projections: {})", names.join(", "));
     }
-    let mut rng = crate::rng::Rng::new(seed);
+    if !(0.0..1.0).contains(&cfg.dropout) {
+        candle_core::bail!("LoRA dropout must be in [0, 1), got {}", cfg.dropout);
+    }
+    let mut rng = Rng::new(seed);
     let mut vars = Vec::new();
-    for (module, proj) in projs {
-        if !cfg.targets.iter().any(|t| target_matches(t, &module)) {
-            continue;
-        }
+    for (stream, (module, proj)) in projs.into_iter().filter(|(m, _)| cfg.targets.iter().any(|t| target_matches(t, m))).enumerate() {
         let (out, inp) = proj.weight.dims2()?;
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..cfg.rank * inp).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
         let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, inp), device)?.to_dtype(dtype)?)?;
         let b = Var::zeros((out, cfg.rank), dtype, device)?;
-        proj.lora = Some(LoraAdapter { a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale: cfg.alpha / cfg.rank as f64 });
+        let magnitude = if cfg.use_dora {
+            let w = proj.weight.to_dtype(compute_dtype(dtype))?;
+            Some(Var::from_tensor(&w.sqr()?.sum(1)?.sqrt()?.to_dtype(dtype)?)?)
+        } else {
+            None
+        };
+        let dropout = (cfg.dropout > 0.0).then(|| LoraDropout { p: cfg.dropout, stream: stream as u64, seed: dropout_seed.clone() });
+        proj.lora = Some(LoraAdapter {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: cfg.scale(),
+            magnitude: magnitude.as_ref().map(|m| m.as_tensor().clone()),
+            dropout,
+        });
         vars.push((peft_name(&module, 'A'), a));
         vars.push((peft_name(&module, 'B'), b));
+        if let Some(m) = magnitude {
+            vars.push((peft_magnitude_name(&module), m));
+        }
     }
     Ok(vars)
 }

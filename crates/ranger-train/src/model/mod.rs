@@ -14,7 +14,7 @@ pub use bert::{Encoder, EncoderConfig, EncoderFamily};
 pub use classifier::{BackboneConfig, ClassifierBatch, SequenceClassifier};
 pub use config::{Architecture, LlamaConfig, RopeScaling};
 pub use llama::{causal_mask, Batch, KvCache, LlamaModel, Proj};
-pub use lora::{peft_name, LoraAdapter, LoraConfig};
+pub use lora::{peft_magnitude_name, peft_name, DropoutSeed, LoraAdapter, LoraConfig};
 
 /// The configuration of any supported model, told apart by `model_type`.
 #[derive(Debug, Clone)]
