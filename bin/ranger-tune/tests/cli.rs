@@ -43,7 +43,7 @@ fn help_documents_every_flag() {
         "--grad-accumulation-steps", "--max-grad-norm", "--eval-every", "--save-every", "--save-total-limit", "--early-stopping-patience",
         "--resume", "--device", "--dtype", "--on-nan", "--eval-weights", "--pack", "--no-mask-prompt", "--config", "--lora", "--lora-rank",
         "--lora-alpha", "--lora-targets", "--lora-adapter", "--task", "--text-column", "--text-pair-column", "--label-column", "--labels",
-        "--metric-for-best"] {
+        "--metric-for-best", "--lora-dropout", "--dora", "--rslora"] {
         assert!(t.contains(flag), "train --help lacks {flag}");
     }
     assert!(run(&["generate", "--help"]).status.success());
@@ -83,9 +83,12 @@ fn classifier_trains_then_predict_writes_labels_and_scores() {
     assert_eq!(lines[1]["label"], "cool", "{lines:?}");
     let total: f64 = lines[0]["scores"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum();
     assert!((total - 1.0).abs() < 1e-5);
-    // LoRA: the adapter merges into a full classifier that predicts the same.
-    let o = run(&[&["train", "--output", p(&d.join("lora")), "--lora", "--lora-rank", "4"][..], &common[..]].concat());
+    // DoRA with dropout (--dora implies --lora): the adapter merges into a full classifier that
+    // predicts the same.
+    let o = run(&[&["train", "--output", p(&d.join("lora")), "--dora", "--lora-dropout", "0.1", "--lora-rank", "4"][..], &common[..]].concat());
     assert!(o.status.success(), "{}", text(&o));
+    let ac: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("lora/adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((ac["use_dora"].as_bool(), ac["lora_dropout"].as_f64(), ac["r"].as_u64()), (Some(true), Some(0.1), Some(4)));
     let via_adapter = d.join("via-adapter.jsonl");
     let o = run(&["predict", "--model", p(&d.join("model")), "--adapter", p(&d.join("lora/adapter")), "--data", p(&d.join("new.jsonl")), "--output", p(&via_adapter), "--device", "cpu"]);
     assert!(o.status.success(), "{}", text(&o));
