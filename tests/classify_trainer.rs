@@ -165,6 +165,8 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
     cfg.lora = true;
     cfg.lora_rank = 4;
     cfg.learning_rate = 2e-2;
+    // Besides the head (always trained), one module the user names, as PEFT's modules_to_save.
+    cfg.modules_to_save = vec!["embeddings.LayerNorm".into()];
     let mut t = quiet(cfg);
     let trainable: usize = t.trainable_parameters();
     let s = t.run().unwrap();
@@ -172,15 +174,17 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
     assert!(adapter.ends_with("adapter"));
     let ac = read_json(&adapter.join("adapter_config.json"));
     assert_eq!(ac["task_type"], "SEQ_CLS");
-    assert_eq!(ac["modules_to_save"], json!(["classifier"]));
+    assert_eq!(ac["modules_to_save"], json!(["classifier", "embeddings.LayerNorm"]));
     assert_eq!(ac["target_modules"], json!(["query", "key", "value", "output.dense", "intermediate.dense"]));
     let tensors = candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     assert!(tensors.contains_key("base_model.model.roberta.encoder.layer.0.attention.self.query.lora_A.weight"));
     assert!(tensors.contains_key("base_model.model.roberta.encoder.layer.1.attention.output.dense.lora_B.weight"));
     assert!(tensors.contains_key("base_model.model.classifier.out_proj.weight"));
     assert!(tensors.contains_key("base_model.model.classifier.dense.bias"));
-    // 2 layers x 6 projections x (A + B), plus the 4 head tensors; nothing of the frozen base.
-    assert_eq!(tensors.len(), 2 * 6 * 2 + 4);
+    assert!(tensors.contains_key("base_model.model.roberta.embeddings.LayerNorm.weight"));
+    // 2 layers x 6 projections x (A + B), the 4 head tensors and the 2 LayerNorm ones; nothing
+    // of the frozen base.
+    assert_eq!(tensors.len(), 2 * 6 * 2 + 4 + 2);
     assert_eq!(tensors.values().map(|t| t.elem_count()).sum::<usize>(), trainable);
     // Base + adapter reproduces the evaluated model, unmerged and merged.
     let probe = dir.join("val.csv");
@@ -197,6 +201,9 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
     let b = ranger_train::classify::collate(&refs, clf.tokenizer.pad_id, false, DType::F32, &Device::Cpu).unwrap();
     let d = (plain.forward(&b).unwrap() - clf.model.forward(&b).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-5, "merged classifier differs by {d}");
+    let trained = t.optimizer.with_slow_weights(|| t.session.task.classifier().unwrap().forward(&b).unwrap()).unwrap();
+    let d = (trained - clf.model.forward(&b).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(d, 0.0, "base + adapter (LoRA, head, saved LayerNorm) is not the trained classifier");
 }
 
 #[test]

@@ -498,3 +498,103 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     let err = prepare(bad).err().unwrap().to_string();
     assert!(err.contains("qproj"), "{err}");
 }
+
+/// PEFT's `modules_to_save` for causal LMs: the named modules (a path suffix, as PEFT matches
+/// them) train whole, are saved under PEFT's names, and reload and merge to the trained model.
+/// With tied embeddings, `embed_tokens` stays one matrix, saved tied (`ensure_weight_tying`).
+#[test]
+fn modules_to_save_train_whole_and_round_trip() {
+    use candle_core::{DType, Device, Tensor};
+    for tied in [false, true] {
+        let dir = common::temp_dir(&format!("modules-to-save-{tied}"));
+        setup(&dir);
+        let mut model_cfg = common::tiny_config("llama");
+        model_cfg["tie_word_embeddings"] = serde_json::json!(tied);
+        common::write_tiny_model(&dir.join("model"), &model_cfg, 1);
+        let mut cfg = config(&dir, 6);
+        cfg.lora = true;
+        cfg.lora_rank = 4;
+        cfg.modules_to_save = if tied { vec!["embed_tokens".into()] } else { vec!["lm_head".into(), "norm".into()] };
+        let mut t = quiet(cfg.clone());
+        let whole = |t: &Trainer| -> Vec<String> {
+            let mut n: Vec<String> = t.session.vars.iter().map(|(n, _)| n.clone()).filter(|n| !n.contains(".lora_")).collect();
+            n.sort();
+            n
+        };
+        let mut expected: Vec<String> = if tied {
+            vec!["model.embed_tokens.weight".into()]
+        } else {
+            // "norm" selects every module whose path ends with it, as in PEFT.
+            let mut v = vec!["lm_head.weight".to_string(), "model.norm.weight".into()];
+            for l in 0..2 {
+                v.push(format!("model.layers.{l}.input_layernorm.weight"));
+                v.push(format!("model.layers.{l}.post_attention_layernorm.weight"));
+            }
+            v
+        };
+        expected = expected.iter().map(|n| format!("base_model.model.{n}")).collect();
+        expected.sort();
+        assert_eq!(whole(&t), expected);
+        let before: Vec<Tensor> = t.session.vars.iter().filter(|(n, _)| !n.contains(".lora_")).map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
+        let s = t.run().unwrap();
+        let out = s.output.clone().unwrap();
+        let moved = t.session.vars.iter().filter(|(n, _)| !n.contains(".lora_")).zip(&before).all(|((_, v), b)| {
+            (v.as_tensor() - b).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0
+        });
+        assert!(moved, "every saved module was trained");
+        let ac: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(ac["modules_to_save"], serde_json::json!(cfg.modules_to_save));
+        assert_eq!(ac["ensure_weight_tying"], tied);
+        let tensors = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        for n in &expected {
+            assert!(tensors.contains_key(n), "{n} not saved");
+        }
+        if tied {
+            // PEFT saves a tied matrix under both names.
+            let d = (&tensors["base_model.model.lm_head.weight"] - &tensors["base_model.model.model.embed_tokens.weight"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(d, 0.0);
+        }
+        // Base + adapter (LoRA and saved modules) is the trained model, unmerged and merged.
+        let loaded = ranger_train::source::load_dir(&dir.join("model")).unwrap();
+        let base_config = loaded.decoder().unwrap().clone();
+        let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(&base_config, loaded.weights, DType::F32, &Device::Cpu, "base").unwrap().into_iter().collect();
+        let mut reloaded = ranger_train::model::LlamaModel::new(base_config.clone(), &base).unwrap();
+        ranger_train::peft::load_peft_adapter(&mut reloaded, &out, None).unwrap();
+        let ids = Tensor::new(&[[5u32, 9, 12, 7, 20]], &Device::Cpu).unwrap();
+        let ours = reloaded.forward_ids(&ids).unwrap();
+        let trained = t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
+        assert_eq!((&ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "tied {tied}: reloaded adapter differs");
+        let merged: std::collections::HashMap<_, _> = reloaded.merged_weights().unwrap().into_iter().collect();
+        let m = ranger_train::model::LlamaModel::new(base_config, &merged).unwrap().forward_ids(&ids).unwrap();
+        assert!((m - &ours).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5, "merged model differs");
+        // Going on from the adapter trains the saved modules again.
+        let mut more = config(&dir, 1);
+        more.lora = true;
+        more.lora_adapter = Some(out.display().to_string());
+        more.output = dir.join("more").display().to_string();
+        assert_eq!(whole(&quiet(more)), expected);
+        if tied {
+            // An adapter that trains the embeddings and the head of a tied model apart is refused.
+            let mut ac = ac.clone();
+            ac["ensure_weight_tying"] = serde_json::json!(false);
+            std::fs::write(out.join("adapter_config.json"), ac.to_string()).unwrap();
+            let mut t2 = tensors.clone();
+            let head = (&t2["base_model.model.lm_head.weight"] + 1.0).unwrap();
+            t2.insert("base_model.model.lm_head.weight".into(), head);
+            candle_core::safetensors::save(&t2, out.join("adapter_model.safetensors")).unwrap();
+            let mut m = ranger_train::model::LlamaModel::new(reloaded.config.clone(), &base).unwrap();
+            let err = ranger_train::peft::load_peft_adapter(&mut m, &out, None).err().unwrap().to_string();
+            assert!(err.contains("tied"), "{err}");
+        }
+    }
+    // An entry that selects nothing, or modules_to_save without LoRA, is refused.
+    let dir = common::temp_dir("modules-to-save-bad");
+    setup(&dir);
+    let mut bad = config(&dir, 1);
+    bad.lora = true;
+    bad.modules_to_save = vec!["classifier".into()];
+    let err = prepare(bad.clone()).err().unwrap().to_string();
+    assert!(err.contains("\"classifier\""), "{err}");
+    bad.lora = false;
+    assert!(prepare(bad).err().unwrap().to_string().contains("needs LoRA"));
+}

@@ -43,7 +43,15 @@ def main():
     for name, t in saved.items():
         # PEFT keeps the adapter name in its state dict: `lora_A.default.weight`, and DoRA's
         # `lora_magnitude_vector.default.weight` for the file's `lora_magnitude_vector`.
-        key = name + ".default.weight" if name.endswith("lora_magnitude_vector") else name.replace(".weight", ".default.weight")
+        # Whole saved modules (modules_to_save) live in `<module>.modules_to_save.default.<param>`.
+        if name.endswith("lora_magnitude_vector"):
+            key = name + ".default.weight"
+        elif ".lora_" in name:
+            key = name.replace(".weight", ".default.weight")
+        else:
+            module, param = name.rsplit(".", 1)
+            key = f"{module}.modules_to_save.default.{param}"
+
         if key not in state:
             print(f"FAIL {name}: not a parameter of the PEFT model")
             failures += 1

@@ -216,6 +216,12 @@ struct TrainArgs {
     /// [default: every attention and MLP projection of the model].
     #[arg(long, value_delimiter = ',')]
     lora_targets: Option<Vec<String>>,
+    /// Comma-separated modules trained whole next to the adapters and saved with them, as PEFT's
+    /// modules_to_save (a module path suffix: embed_tokens, lm_head, norm, ...); with tied
+    /// embeddings, embed_tokens and lm_head are one matrix, saved tied (ensure_weight_tying).
+    /// A classifier's head is always trained.
+    #[arg(long, value_delimiter = ',')]
+    modules_to_save: Option<Vec<String>>,
     /// Go on training this PEFT LoRA adapter (implies --lora; its rank, alpha, targets, DoRA and
     /// rsLoRA settings win).
     #[arg(long)]
@@ -281,7 +287,7 @@ impl TrainArgs {
         }
         set!(model, data, output, max_seq_length, learning_rate, weight_decay, beta2, lookahead_k, lookahead_alpha, warmup_ratio,
              min_lr_ratio, flat_fraction, batch_size, grad_accumulation_steps, max_grad_norm, epochs, eval_every, save_every,
-             save_total_limit, log_every, seed, device, max_shard_size, val_split, lora_rank, lora_alpha, lora_dropout, lora_targets,
+             save_total_limit, log_every, seed, device, max_shard_size, val_split, lora_rank, lora_alpha, lora_dropout, lora_targets, modules_to_save,
              text_column, label_column);
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };

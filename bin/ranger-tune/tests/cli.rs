@@ -43,7 +43,7 @@ fn help_documents_every_flag() {
         "--grad-accumulation-steps", "--max-grad-norm", "--eval-every", "--save-every", "--save-total-limit", "--early-stopping-patience",
         "--resume", "--device", "--dtype", "--on-nan", "--eval-weights", "--pack", "--no-mask-prompt", "--config", "--lora", "--lora-rank",
         "--lora-alpha", "--lora-targets", "--lora-adapter", "--task", "--text-column", "--text-pair-column", "--label-column", "--labels",
-        "--metric-for-best", "--lora-dropout", "--dora", "--rslora"] {
+        "--metric-for-best", "--lora-dropout", "--dora", "--rslora", "--modules-to-save"] {
         assert!(t.contains(flag), "train --help lacks {flag}");
     }
     assert!(run(&["generate", "--help"]).status.success());

@@ -216,6 +216,10 @@ pub struct TrainConfig {
     /// Projections that get adapters, by module name or path suffix as PEFT matches them
     /// (empty: every attention and feed-forward projection of the model).
     pub lora_targets: Vec<String>,
+    /// Modules trained whole next to the adapters and saved with them (PEFT's `modules_to_save`:
+    /// a module path suffix such as `embed_tokens`, `lm_head` or `norm`). A classifier's head is
+    /// always trained.
+    pub modules_to_save: Vec<String>,
     /// Start from this PEFT LoRA adapter instead of a fresh one (its rank, alpha, targets, DoRA
     /// and rsLoRA settings win; `lora_dropout` is the run's).
     pub lora_adapter: Option<String>,
@@ -278,6 +282,7 @@ impl Default for TrainConfig {
             dora: false,
             rslora: false,
             lora_targets: Vec::new(),
+            modules_to_save: Vec::new(),
             lora_adapter: None,
         }
     }

@@ -88,8 +88,17 @@ pub fn write_json(path: &Path, v: &Value) -> Result<()> {
 /// `base_model.model.<module>.lora_magnitude_vector` for DoRA, and
 /// `base_model.model.<name>` for the whole `modules_to_save`, such as a classifier head), which
 /// `peft.PeftModel.from_pretrained(base_model, dir)` loads; plus the tokenizer files.
-/// `task_type` is PEFT's (`CAUSAL_LM`, `SEQ_CLS`).
-pub fn save_peft_adapter(dir: &Path, cfg: &crate::TrainConfig, task_type: &str, modules_to_save: &[String], weights: &[(String, Tensor)], tokenizer: &TextTokenizer) -> Result<()> {
+/// `task_type` is PEFT's (`CAUSAL_LM`, `SEQ_CLS`); `tie` sets PEFT's `ensure_weight_tying` (saved
+/// embeddings of a tied-embedding model, written as both `embed_tokens` and `lm_head`).
+pub fn save_peft_adapter(
+    dir: &Path,
+    cfg: &crate::TrainConfig,
+    task_type: &str,
+    modules_to_save: &[String],
+    tie: bool,
+    weights: &[(String, Tensor)],
+    tokenizer: &TextTokenizer,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
     if let Some(src) = &cfg.lora_adapter {
         // Training went on from an existing adapter: keep its configuration, with the dropout
@@ -100,7 +109,9 @@ pub fn save_peft_adapter(dir: &Path, cfg: &crate::TrainConfig, task_type: &str, 
         c["lora_dropout"] = json!(cfg.lora_dropout);
         write_json(&dir.join("adapter_config.json"), &c)?;
     } else {
-        write_json(&dir.join("adapter_config.json"), &adapter_config(cfg, task_type, modules_to_save))?;
+        let mut c = adapter_config(cfg, task_type, modules_to_save);
+        c["ensure_weight_tying"] = json!(tie);
+        write_json(&dir.join("adapter_config.json"), &c)?;
     }
     let path = dir.join("adapter_model.safetensors");
     crate::weights::save_safetensors_file(&path, weights)?;

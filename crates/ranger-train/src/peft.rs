@@ -18,8 +18,51 @@ pub struct AdapterConfig {
     pub lora: LoraConfig,
     /// PEFT's task type (`CAUSAL_LM`, `SEQ_CLS`, …).
     pub task_type: String,
-    /// Modules saved whole next to the adapters (a classifier head).
+    /// Modules saved whole next to the adapters (a classifier head, embeddings, …).
     pub modules_to_save: Vec<String>,
+    /// PEFT's `ensure_weight_tying`: saved modules of tied embeddings stay tied.
+    pub ensure_weight_tying: bool,
+}
+
+/// Whether PEFT's `modules_to_save` entries select the weight named `tensor`: its module path
+/// (the name without `.weight` / `.bias`) ends with an entry, PEFT's plain suffix test.
+pub fn saves_module(modules: &[String], tensor: &str) -> bool {
+    let module = tensor.rsplit_once('.').map_or(tensor, |(m, _)| m);
+    modules.iter().any(|t| module.ends_with(t.as_str()))
+}
+
+/// Makes the weights of `model` that `modules` selects trainable (PEFT's `modules_to_save`) and
+/// returns them named `base_model.model.<name>`. With tied embeddings, `lm_head` selects the
+/// shared embedding matrix. An entry that selects nothing is an error naming it.
+pub fn train_modules(model: &mut LlamaModel, modules: &[String]) -> Result<Vec<(String, Var)>> {
+    let tied = model.config.tie_word_embeddings;
+    let mut vars = Vec::new();
+    let mut used = vec![false; modules.len()];
+    for (name, slot) in model.weights_mut() {
+        let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
+        let mut selected = false;
+        for (i, t) in modules.iter().enumerate() {
+            if module.ends_with(t.as_str()) || (tied && name == "model.embed_tokens.weight" && "lm_head".ends_with(t.as_str())) {
+                used[i] = true;
+                selected = true;
+            }
+        }
+        if selected {
+            let v = Var::from_tensor(slot)?;
+            *slot = v.as_tensor().clone();
+            vars.push((format!("base_model.model.{name}"), v));
+        }
+    }
+    if let Some(i) = used.iter().position(|u| !u) {
+        return Err(TrainError::Msg(format!("modules_to_save entry {:?} matches no module of this model", modules[i])));
+    }
+    Ok(vars)
+}
+
+/// Whether the trainable `vars` include the embedding matrix of a model with tied embeddings,
+/// which PEFT then saves as both `embed_tokens` and `lm_head` with `ensure_weight_tying`.
+pub fn trains_tied_embeddings(model: &LlamaModel, vars: &[(String, Var)]) -> bool {
+    model.config.tie_word_embeddings && vars.iter().any(|(n, _)| n == "base_model.model.model.embed_tokens.weight")
 }
 
 /// Reads and checks `adapter_config.json`: LoRA, with or without DoRA and rsLoRA, is accepted;
@@ -70,6 +113,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         },
         task_type: c["task_type"].as_str().unwrap_or("CAUSAL_LM").to_string(),
         modules_to_save: strings(&c["modules_to_save"]),
+        ensure_weight_tying: c["ensure_weight_tying"] == true,
     })
 }
 
@@ -135,17 +179,65 @@ pub fn load_saved_modules(dir: &Path) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
-/// Adds the causal-LM adapter in `dir` to `model` and returns its variables (PEFT names), so it
-/// can be used for generation or trained further (`training`: see [`load_lora`]). Adapters
-/// with saved modules are refused.
+/// The saved modules of the causal-LM adapter in `dir` by base-model tensor name. On a model
+/// with tied embeddings a saved `embed_tokens` / `lm_head` is accepted only when PEFT keeps them
+/// tied (`ensure_weight_tying`, or both saved and equal); otherwise PEFT would run the input
+/// embeddings and the head apart, which a tied model cannot represent, and it is refused.
+fn causal_lm_saved_modules(dir: &Path, cfg: &AdapterConfig, tied: bool) -> Result<Vec<(String, Tensor)>> {
+    if cfg.modules_to_save.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut saved = load_saved_modules(dir)?;
+    if tied {
+        let take = |saved: &mut Vec<(String, Tensor)>, n: &str| saved.iter().position(|(m, _)| m == n).map(|i| saved.remove(i).1);
+        let head = take(&mut saved, "lm_head.weight");
+        let embed = take(&mut saved, "model.embed_tokens.weight");
+        let equal = |a: &Tensor, b: &Tensor| -> Result<bool> { Ok(a.shape() == b.shape() && a.to_dtype(DType::F32)?.ne(&b.to_dtype(DType::F32)?)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? == 0.0) };
+        let shared = match (embed, head) {
+            (None, None) => None,
+            (Some(e), Some(h)) if cfg.ensure_weight_tying || equal(&e, &h)? => Some(e),
+            (Some(t), None) | (None, Some(t)) if cfg.ensure_weight_tying => Some(t),
+            _ => {
+                return Err(TrainError::Config {
+                    origin: dir.join("adapter_config.json").display().to_string(),
+                    message: "the adapter trains the input embeddings and the LM head of a tied-embedding model apart (no ensure_weight_tying); ranger-tune keeps them tied".into(),
+                })
+            }
+        };
+        if let Some(t) = shared {
+            saved.push(("model.embed_tokens.weight".into(), t));
+        }
+    }
+    Ok(saved)
+}
+
+/// Adds the causal-LM adapter in `dir` to `model` — its LoRA matrices and the modules it saved
+/// whole (PEFT's `modules_to_save`, e.g. embeddings), which replace the model's — and returns
+/// the trainable variables (PEFT names), so it can be used for generation or trained further
+/// (`training`: see [`load_lora`]; saved modules are trainable then too).
 pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path, training: Option<(f64, &DropoutSeed)>) -> Result<Vec<(String, Var)>> {
     let cfg = read_adapter_config(dir)?;
-    if !cfg.modules_to_save.is_empty() {
-        return Err(TrainError::Config {
-            origin: dir.join("adapter_config.json").display().to_string(),
-            message: format!("adapters with saved modules ({}) are not supported for causal LMs", cfg.modules_to_save.join(", ")),
-        });
-    }
+    let wp = dir.join("adapter_model.safetensors");
     let (dtype, device) = (model.dtype(), model.device().clone());
-    load_lora(model.projections_mut(), dtype, &device, dir, training)
+    let mut vars = Vec::new();
+    let saved = causal_lm_saved_modules(dir, &cfg, model.config.tie_word_embeddings)?;
+    let mut slots = model.weights_mut();
+    for (name, t) in saved {
+        let Some((_, slot)) = slots.iter_mut().find(|(n, _)| *n == name) else {
+            return Err(TrainError::Weights { origin: wp.display().to_string(), tensor: name, problem: "not a weight of this model".into() });
+        };
+        if t.shape() != slot.shape() {
+            return Err(TrainError::Weights { origin: wp.display().to_string(), tensor: name, problem: format!("shape {:?}, {:?} expected", t.dims(), slot.dims()) });
+        }
+        let t = t.to_dtype(dtype)?.to_device(&device)?;
+        if training.is_some() {
+            let v = Var::from_tensor(&t)?;
+            **slot = v.as_tensor().clone();
+            vars.push((format!("base_model.model.{name}"), v));
+        } else {
+            **slot = t;
+        }
+    }
+    vars.extend(load_lora(model.projections_mut(), dtype, &device, dir, training)?);
+    Ok(vars)
 }

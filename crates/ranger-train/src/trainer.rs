@@ -129,6 +129,11 @@ pub fn prepare_with_model(mut cfg: TrainConfig, loaded: LoadedModel, device: Dev
         if cfg.lora_targets.is_empty() {
             cfg.lora_targets = loaded.config.backbone().default_lora_targets();
         }
+        if cfg.lora_adapter.is_some() && !cfg.modules_to_save.is_empty() {
+            return Err(TrainError::Msg("modules_to_save comes from the adapter when going on from one (--lora-adapter); it cannot be changed".into()));
+        }
+    } else if !cfg.modules_to_save.is_empty() {
+        return Err(TrainError::Msg("modules_to_save needs LoRA (--lora): in a full fine-tune every module is trained".into()));
     }
     if cfg.task == TaskKind::CausalLm && cfg.metric_for_best != BestMetric::Loss {
         return Err(TrainError::Msg("metric_for_best accuracy / f1 needs --task classify".into()));
@@ -169,7 +174,11 @@ fn prepare_causal_lm(
         let mut model = LlamaModel::new(config, &tensors.into_iter().collect()).map_err(missing)?;
         let vars = match &cfg.lora_adapter {
             Some(dir) => crate::peft::load_peft_adapter(&mut model, Path::new(dir), Some((cfg.lora_dropout, dropout_seed)))?,
-            None => model.add_lora(&lora_config(cfg), cfg.seed, dropout_seed)?,
+            None => {
+                let mut vars = crate::peft::train_modules(&mut model, &cfg.modules_to_save)?;
+                vars.extend(model.add_lora(&lora_config(cfg), cfg.seed, dropout_seed)?);
+                vars
+            }
         };
         (model, vars)
     } else {
@@ -230,20 +239,27 @@ fn prepare_classifier(
     cfg.labels = Some(labels.clone());
     let mut weights = complete_classifier_weights(&backbone, labels.len(), weights, Some(cfg.seed), origin)?;
     let head_names: Vec<String> = backbone.head_shapes(labels.len()).into_iter().map(|(n, _)| n).collect();
+    // Modules trained whole besides the head: the user's, or those the adapter saved.
+    let mut modules = cfg.modules_to_save.clone();
     if let Some(dir) = cfg.lora_adapter.as_ref().filter(|_| cfg.lora) {
-        // The adapter's trained head replaces the checkpoint's.
+        // The adapter's trained head (and other saved modules) replace the checkpoint's.
         for (name, t) in crate::peft::load_saved_modules(Path::new(dir))? {
             weights.insert(name, t);
         }
+        modules = crate::peft::read_adapter_config(Path::new(dir))?.modules_to_save;
     }
-    let tensors = take_weights(backbone.weight_shapes(labels.len()), weights, cfg.dtype.dtype(), device, origin)?;
+    let shapes = backbone.weight_shapes(labels.len());
+    if let Some(m) = modules.iter().find(|m| !shapes.iter().any(|(n, _)| crate::peft::saves_module(std::slice::from_ref(m), n))) {
+        return Err(TrainError::Msg(format!("modules_to_save entry {m:?} matches no module of this model")));
+    }
+    let tensors = take_weights(shapes, weights, cfg.dtype.dtype(), device, origin)?;
     let missing = |n: String| TrainError::Weights { origin: origin.to_string(), tensor: n, problem: "missing".into() };
     let (model, vars) = if cfg.lora {
         // Frozen base; the head and the adapters are trained (PEFT's modules_to_save).
         let mut map: HashMap<String, Tensor> = HashMap::new();
         let mut vars = Vec::new();
         for (name, t) in tensors {
-            if head_names.contains(&name) {
+            if head_names.contains(&name) || crate::peft::saves_module(&modules, &name) {
                 let v = Var::from_tensor(&t)?;
                 map.insert(name.clone(), v.as_tensor().clone());
                 vars.push((format!("base_model.model.{name}"), v));
@@ -315,6 +331,7 @@ fn resume_key(cfg: &TrainConfig) -> Value {
     key["lora"] = json!({
         "lora": cfg.lora, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets,
         "dropout": cfg.lora_dropout, "dora": cfg.dora, "rslora": cfg.rslora, "adapter": cfg.lora_adapter,
+        "modules_to_save": cfg.modules_to_save,
     });
     key
 }
@@ -486,9 +503,20 @@ impl Trainer {
         let weights = self.model_weights()?;
         let tok = &self.session.tokenizer;
         match &self.session.task {
-            Task::CausalLm { .. } if cfg.lora => crate::output::save_peft_adapter(dir, cfg, "CAUSAL_LM", &[], &weights, tok),
+            Task::CausalLm { model, .. } if cfg.lora => {
+                let mut weights = weights;
+                let tie = crate::peft::trains_tied_embeddings(model, &self.session.vars);
+                if tie {
+                    // PEFT with ensure_weight_tying saves the shared matrix under both names.
+                    let embed = weights.iter().find(|(n, _)| n == "base_model.model.model.embed_tokens.weight").map(|(_, t)| t.clone());
+                    weights.extend(embed.map(|t| ("base_model.model.lm_head.weight".to_string(), t)));
+                }
+                crate::output::save_peft_adapter(dir, cfg, "CAUSAL_LM", &cfg.modules_to_save, tie, &weights, tok)
+            }
             Task::Classify { model, labels, .. } if cfg.lora => {
-                crate::output::save_peft_adapter(dir, cfg, "SEQ_CLS", &model.config.head_modules(), &weights, tok)?;
+                let mut modules = model.config.head_modules();
+                modules.extend(cfg.modules_to_save.iter().filter(|m| !modules.contains(m)).cloned().collect::<Vec<_>>());
+                crate::output::save_peft_adapter(dir, cfg, "SEQ_CLS", &modules, false, &weights, tok)?;
                 // PEFT adapters carry no config.json: the labels go next to the adapter.
                 let json = model.config.classifier_json(labels, tok.pad_id, model.dtype());
                 write_json(&dir.join(crate::predict::ADAPTER_CLASSIFIER_CONFIG), &json)

@@ -189,6 +189,33 @@ impl LlamaModel {
         out
     }
 
+    /// Every weight slot by Hugging Face name (the tied LM head is `model.embed_tokens.weight`),
+    /// to replace weights in place: PEFT's `modules_to_save` of an adapter.
+    pub fn weights_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out: Vec<(String, &mut Tensor)> = vec![("model.embed_tokens.weight".into(), &mut self.embed), ("model.norm.weight".into(), &mut self.norm)];
+        if let Some(h) = &mut self.lm_head {
+            out.push(("lm_head.weight".into(), h));
+        }
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), &mut l.input_norm));
+            out.push((format!("{p}.post_attention_layernorm.weight"), &mut l.post_norm));
+            if let Some(q) = &mut l.q_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), q));
+            }
+            if let Some(k) = &mut l.k_norm {
+                out.push((format!("{p}.self_attn.k_norm.weight"), k));
+            }
+            for (name, proj) in [("self_attn.q_proj", &mut l.q), ("self_attn.k_proj", &mut l.k), ("self_attn.v_proj", &mut l.v), ("self_attn.o_proj", &mut l.o), ("mlp.gate_proj", &mut l.gate), ("mlp.up_proj", &mut l.up), ("mlp.down_proj", &mut l.down)] {
+                out.push((format!("{p}.{name}.weight"), &mut proj.weight));
+                if let Some(b) = &mut proj.bias {
+                    out.push((format!("{p}.{name}.bias"), b));
+                }
+            }
+        }
+        out
+    }
+
     /// Every weight by Hugging Face name (in [`LlamaConfig::weight_shapes`] order), with LoRA
     /// adapters merged into their projections (`W + scale * B A`, computed in f32 or f64).
     pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
