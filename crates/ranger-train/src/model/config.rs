@@ -80,6 +80,8 @@ struct Raw {
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     rope_scaling: Option<Value>,
+    /// transformers >= 5 writes `rope_theta` and the scaling here.
+    rope_parameters: Option<Value>,
 }
 
 /// The configuration of a Llama-family model, with the original `config.json` kept so the
@@ -150,8 +152,17 @@ impl LlamaConfig {
             return Err(bad(format!("num_attention_heads {} is not a multiple of num_key_value_heads {kv}", r.num_attention_heads)));
         }
         let head_dim = r.head_dim.unwrap_or(r.hidden_size / r.num_attention_heads);
-        let rope_scaling = match &r.rope_scaling {
-            None | Some(Value::Null) => None,
+        // transformers >= 5 keeps `rope_theta` and the scaling in `rope_parameters`
+        // (`rope_type: default` when unscaled); older configs have them at the top level.
+        let params = r.rope_parameters.as_ref().filter(|v| v.is_object());
+        let rope_theta = r.rope_theta.or_else(|| params.and_then(|p| p["rope_theta"].as_f64())).unwrap_or(10_000.0);
+        let scaling = match &r.rope_scaling {
+            None | Some(Value::Null) => params.filter(|p| p["rope_type"].as_str().is_some_and(|t| t != "default")),
+            Some(v) => Some(v),
+        };
+        let rope_scaling = match scaling {
+            None => None,
+            Some(v) if v["rope_type"] == "default" || v["type"] == "default" => None,
             Some(v) => Some(parse_rope_scaling(v).map_err(bad)?),
         };
         let sliding_window = match arch {
@@ -171,7 +182,7 @@ impl LlamaConfig {
             num_key_value_heads: kv,
             head_dim,
             rms_norm_eps: r.rms_norm_eps,
-            rope_theta: r.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rope_scaling,
             vocab_size: r.vocab_size,
             max_position_embeddings: r.max_position_embeddings.unwrap_or(4096),
@@ -267,7 +278,37 @@ fn parse_rope_scaling(v: &Value) -> std::result::Result<RopeScaling, String> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
-        "default" => Err("rope_scaling of type default is not expected here".into()),
         other => Err(format!("rope_scaling type {other:?} is not supported (supported: linear, llama3)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// transformers >= 5 writes `rope_parameters` instead of `rope_theta` / `rope_scaling`; both
+    /// layouts give the same rotary frequencies.
+    #[test]
+    fn rope_parameters_of_transformers_5_are_read() {
+        let mut old = crate::testing::tiny_config("llama");
+        old["rope_theta"] = json!(500000.0);
+        let scaling = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
+        old["rope_scaling"] = scaling.clone();
+        let mut new = crate::testing::tiny_config("llama");
+        new.as_object_mut().unwrap().remove("rope_theta");
+        let mut params = scaling;
+        params["rope_theta"] = json!(500000.0);
+        new["rope_parameters"] = params;
+        let (a, b) = (LlamaConfig::from_json(old, "old").unwrap(), LlamaConfig::from_json(new, "new").unwrap());
+        assert_eq!(b.rope_theta, 500000.0);
+        assert_eq!(a.rope_scaling, b.rope_scaling);
+        assert_eq!(a.inv_freq(), b.inv_freq());
+        // Unscaled: `rope_type: default`.
+        let mut plain = crate::testing::tiny_config("qwen2");
+        plain.as_object_mut().unwrap().remove("rope_theta");
+        plain["rope_parameters"] = json!({"rope_theta": 1000000.0, "rope_type": "default"});
+        let c = LlamaConfig::from_json(plain, "plain").unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling), (1000000.0, None));
     }
 }
