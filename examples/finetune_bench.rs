@@ -78,6 +78,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["tokens_per_sec"].as_f64())
             .collect();
         let mean = tps[1..].iter().sum::<f64>() / (tps.len() - 1).max(1) as f64;
+        let step_peaks: Vec<f64> = metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["peak_rss_bytes"].as_f64())
+            .map(|b| b / (1u64 << 30) as f64)
+            .collect();
+        eprintln!("peak RSS after each step (GiB): {step_peaks:.2?}");
         println!(
             "ranger-tune ({optimizer:?}{}): SmolLM2-135M f32, seq 256 x batch 4, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS {:.2} GiB",
             if lora { ", LoRA r=8" } else { ", full" },

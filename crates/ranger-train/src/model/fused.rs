@@ -426,3 +426,73 @@ impl CustomOp2 for GeluErfGrad {
         Ok((out, l1.shape().clone()))
     }
 }
+
+/// SwiGLU `silu(gate) * up` (f32/f64), the Llama MLP's gate. The op-by-op version keeps
+/// `silu(gate)` alive for backprop and builds several more temporaries in Candle's silu
+/// backward; this one keeps only its inputs (alive anyway as projection outputs) and computes
+/// both gradients in one pass.
+pub struct SwiGlu;
+
+fn silu_parts<T: num::Float>(x: T) -> (T, T) {
+    let sig = T::one() / (T::one() + (T::zero() - x).exp());
+    (x * sig, sig)
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "ranger-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: num::Float + Send + Sync>(g: &[T], u: &[T]) -> Vec<T> {
+            g.par_iter().zip(u.par_iter()).map(|(&g, &u)| silu_parts(g).0 * u).collect()
+        }
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("ranger-swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(run(contiguous(g, l1)?, contiguous(u, l2)?)),
+            (CpuStorage::F64(g), CpuStorage::F64(u)) => CpuStorage::F64(run(contiguous(g, l1)?, contiguous(u, l2)?)),
+            _ => candle_core::bail!("ranger-swiglu: f32/f64 of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Both gradients in one pass, stacked as [2, ...]; the halves are views.
+        let both = gate.apply_op3_no_bwd(up, &g.contiguous()?, &SwiGluGrad)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// The gradients of [`SwiGlu`], stacked: `g * up * silu'(gate)` then `g * silu(gate)`, with
+/// `silu'(x) = σ(x) (1 + x (1 - σ(x)))`.
+struct SwiGluGrad;
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "ranger-swiglu-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: num::Float + Send + Sync>(gate: &[T], up: &[T], g: &[T]) -> Vec<T> {
+            let n = gate.len();
+            let mut out = vec![T::zero(); 2 * n];
+            let (d_gate, d_up) = out.split_at_mut(n);
+            d_gate.par_iter_mut().zip(d_up.par_iter_mut()).zip(gate.par_iter().zip(up.par_iter()).zip(g.par_iter())).for_each(|((dg, du), ((&x, &u), &g))| {
+                let (silu, sig) = silu_parts(x);
+                *dg = g * u * sig * (T::one() + x * (T::one() - sig));
+                *du = g * silu;
+            });
+            out
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32(run(contiguous(a, l1)?, contiguous(b, l2)?, contiguous(c, l3)?)),
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64(run(contiguous(a, l1)?, contiguous(b, l2)?, contiguous(c, l3)?)),
+            _ => candle_core::bail!("ranger-swiglu-grad: f32/f64 of one dtype"),
+        };
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 
 use super::config::LlamaConfig;
 pub use super::lora::{peft_name, DropoutSeed, LoraAdapter, LoraConfig};
-use super::ops::{apply_rotary, compute_dtype, masked_softmax, repeat_kv, rms_norm, silu};
+use super::ops::{apply_rotary, compute_dtype, masked_softmax, repeat_kv, rms_norm, swiglu};
 
 /// A linear projection `x W^T + b` (weights trainable [`Var`]s or frozen tensors), with an
 /// optional LoRA adapter.
@@ -325,7 +325,7 @@ impl LlamaModel {
             let h = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
             x = (x + self.attention(layer, &h, &cos, &sin, mask, slot)?)?;
             let h = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
-            let mlp = layer.down.forward(&(silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?;
+            let mlp = layer.down.forward(&swiglu(&layer.gate.forward(&h)?, &layer.up.forward(&h)?)?)?;
             x = (x + mlp)?;
         }
         if let Some(c) = cache {

@@ -108,6 +108,20 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
+/// SwiGLU `silu(gate) * up`: the fused CPU kernel (keeping no intermediate for backprop) on CPU,
+/// [`swiglu_ops`] elsewhere.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused_ok(gate) && gate.dtype() == up.dtype() && gate.shape() == up.shape() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, super::fused::SwiGlu);
+    }
+    swiglu_ops(gate, up)
+}
+
+/// [`swiglu`] from tensor ops.
+pub fn swiglu_ops(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    silu(gate)? * up
+}
+
 /// Rotary position embedding in Hugging Face's "rotate half" layout:
 /// `x * cos + rotate_half(x) * sin`, with `x: [b, heads, seq, head_dim]` and
 /// `cos`/`sin: [b, 1, seq, head_dim]` (per-sequence positions, so packed examples restart at 0).
@@ -192,10 +206,11 @@ mod tests {
             let g = y.backward().unwrap();
             (y, g.get(&x4v).unwrap().clone(), g.get(&wv).cloned(), g.get(&bv).cloned())
         };
-        let pairs4: [Pair; 3] = [
+        let pairs4: [Pair; 4] = [
             (&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap(), &|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
             (&|x| layer_norm(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap(), &|x| layer_norm_ops(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()),
             (&|x| apply_rotary(x, &cos, &sin).unwrap(), &|x| apply_rotary_ops(x, &cos, &sin).unwrap()),
+            (&|x| swiglu(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap(), &|x| swiglu_ops(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap()),
         ];
         for (fused, ops) in pairs4 {
             let (a, b) = (run(fused), run(ops));
