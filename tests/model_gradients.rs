@@ -211,3 +211,42 @@ fn lora_adapter_gradients() {
     // The frozen base has no gradient at all: it is not a variable.
     assert!(grads.get(&base["model.layers.0.self_attn.q_proj.weight"]).is_none());
 }
+
+/// The fused LM-head loss (logits never materialised, gradients computed in the forward pass)
+/// gives the loss and every gradient of the logits path, with a trainable (untied, tied) or a
+/// frozen head (LoRA).
+#[test]
+fn fused_lm_head_loss_matches_the_logits_path() {
+    let batch = test_batch(common::TINY_VOCAB, DType::F64);
+    let compare = |model: &LlamaModel, vars: &[(String, Var)], what: &str| {
+        let a = loss(model, &batch);
+        let b = model.loss_sum(&batch, true).unwrap();
+        let (la, lb) = (a.to_scalar::<f64>().unwrap(), b.to_scalar::<f64>().unwrap());
+        assert!((la - lb).abs() < 1e-10 * la.abs(), "{what}: loss {la} vs fused {lb}");
+        // Scaled as the trainer scales it, so the incoming gradient is not 1.
+        let (ga, gb) = ((a / 7.0).unwrap().backward().unwrap(), (b / 7.0).unwrap().backward().unwrap());
+        for (name, var) in vars {
+            let (x, y) = (ga.get(var).unwrap(), gb.get(var).unwrap_or_else(|| panic!("{what}: {name} has no fused gradient")));
+            let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(d < 1e-10, "{what}: {name} differs by {d}");
+        }
+        // Evaluation mode gives the same loss and refuses backprop.
+        let e = model.loss_sum(&batch, false).unwrap();
+        assert!((e.to_scalar::<f64>().unwrap() - la).abs() < 1e-10 * la.abs());
+        assert!(e.backward().is_err());
+    };
+    for arch in ["llama", "qwen2"] {
+        let (_, vars, model) = build(&common::tiny_config(arch), DType::F64, 11);
+        compare(&model, &vars, arch);
+    }
+    let cfg = LlamaConfig::from_json(common::tiny_config("qwen2"), "test").unwrap();
+    let base = ranger_train::weights::random_weights(&cfg, 4, DType::F64).unwrap();
+    let mut model = LlamaModel::new(cfg, &base).unwrap();
+    let vars = model.add_lora(&ranger_train::model::LoraConfig { rank: 3, alpha: 6.0, ..Default::default() }, 9, &Default::default()).unwrap();
+    let mut rng = Rng::new(5);
+    for (_, v) in vars.iter().filter(|(n, _)| n.ends_with("lora_B.weight")) {
+        let data: Vec<f64> = (0..v.elem_count()).map(|_| 0.1 * rng.normal()).collect();
+        v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap()).unwrap();
+    }
+    compare(&model, &vars, "lora");
+}

@@ -9,7 +9,7 @@ use crate::data::{collate, Loader, Sequence};
 use crate::error::Result;
 use crate::model::classifier::ClassifierBatch;
 use crate::model::ops::compute_dtype;
-use crate::model::{causal_lm_loss_sum, Batch, LlamaModel, SequenceClassifier};
+use crate::model::{Batch, LlamaModel, SequenceClassifier};
 
 /// The model and data of a run.
 pub enum Task {
@@ -156,7 +156,7 @@ impl Task {
     /// The summed loss of a batch (a scalar in the compute dtype, with gradients).
     pub fn loss_sum(&self, batch: &TaskBatch) -> Result<Tensor> {
         Ok(match (self, batch) {
-            (Self::CausalLm { model, .. }, TaskBatch::Lm(b)) => causal_lm_loss_sum(&model.forward(b)?, b)?,
+            (Self::CausalLm { model, .. }, TaskBatch::Lm(b)) => model.loss_sum(b, true)?,
             (Self::Classify { model, .. }, TaskBatch::Cls(b)) => model.loss_sum(&model.forward(b)?, &b.labels)?,
             _ => return Err(crate::TrainError::Msg("batch of the other task".into())),
         })
@@ -176,7 +176,7 @@ impl Task {
                 for chunk in val.chunks(batch_size).take(limit) {
                     let refs: Vec<&Sequence> = chunk.iter().collect();
                     let batch = collate(&refs, pad_id, model.config.sliding_window, mdt, model.device())?;
-                    sum += scalar(causal_lm_loss_sum(&model.forward(&batch)?, &batch)?)?;
+                    sum += scalar(model.loss_sum(&batch, false)?)?;
                     n += batch.n_targets;
                 }
                 Ok(Some(Evaluation { loss: sum / n.max(1) as f64, classes: None }))

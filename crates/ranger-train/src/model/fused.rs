@@ -496,3 +496,161 @@ impl CustomOp3 for SwiGluGrad {
         Ok((out, Shape::from(dims)))
     }
 }
+
+/// Target id of a row that is not a prediction target (prompt, padding) in
+/// [`LinearCrossEntropy`].
+pub const IGNORE_TARGET: u32 = u32::MAX;
+
+/// The LM head and its cross-entropy in one op: `sum over rows of NLL(target | hidden W^T)` for
+/// `hidden: [n, h]`, `weight: [vocab, h]` (f32/f64) and `targets: [n]` (u32,
+/// [`IGNORE_TARGET`] for rows without a target). The `[n, vocab]` logits are never
+/// materialised: rows go through in chunks, and in training (`grads`) each chunk's gradients —
+/// `(softmax - onehot) W` for the hidden rows and `(softmax - onehot)^T hidden` summed into the
+/// weight's — are computed while its logits are at hand, so backprop only scales them by the
+/// incoming gradient. The same matmuls as logits + loss + backprop, without the logits, their
+/// gradient, and Candle's zero-filled accumulator for it (together about 3x `n * vocab` floats).
+pub struct LinearCrossEntropy {
+    grads: bool,
+    weight_grad: bool,
+    chunk_rows: Option<usize>,
+    saved: std::sync::Mutex<Option<(Tensor, Option<Tensor>)>>,
+}
+
+impl LinearCrossEntropy {
+    /// `grads`: compute the gradients during the forward pass (training); `weight_grad`: also
+    /// the weight's (false for a frozen head, as in LoRA).
+    pub fn new(grads: bool, weight_grad: bool) -> Self {
+        Self { grads, weight_grad: grads && weight_grad, chunk_rows: None, saved: std::sync::Mutex::new(None) }
+    }
+
+    /// Rows of logits computed at a time (default: about 8M floats' worth).
+    pub fn with_chunk_rows(mut self, rows: usize) -> Self {
+        self.chunk_rows = Some(rows.max(1));
+        self
+    }
+}
+
+/// Rows of logits per chunk: about 8M floats (32 MB in f32) at a time.
+fn chunk_rows(vocab: usize) -> usize {
+    (8 << 20) / vocab.max(1)
+}
+
+/// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]` with explicit (row, column) strides, in parallel.
+///
+/// # Safety
+/// The pointers must address matrices of the given shapes and strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: 'static + num::Float>(m: usize, n: usize, k: usize, dst: *mut T, dst_rs: usize, accumulate: bool, lhs: *const T, lhs_rs: usize, lhs_cs: usize, rhs: *const T, rhs_rs: usize, rhs_cs: usize) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, 1, dst_rs as isize, accumulate, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize,
+            T::one(), T::one(), false, false, false, par,
+        )
+    }
+}
+
+/// The loss sum and, with `grads`, the hidden rows' gradient `[n, h]` and (with `weight_grad`)
+/// the weight's `[vocab, h]`.
+#[allow(clippy::too_many_arguments)]
+fn linear_ce<T: 'static + num::Float>(x: &[T], w: &[T], t: &[u32], h: usize, v: usize, rows: usize, grads: bool, weight_grad: bool) -> (T, Vec<T>, Vec<T>) {
+    let n = t.len();
+    let rows = rows.clamp(1, n.max(1));
+    let mut logits = vec![T::zero(); rows * v];
+    let mut grad_x = if grads { vec![T::zero(); n * h] } else { vec![] };
+    let mut grad_w = if weight_grad { vec![T::zero(); v * h] } else { vec![] };
+    let mut total = T::zero();
+    for start in (0..n).step_by(rows) {
+        let c = rows.min(n - start);
+        let xs = &x[start * h..(start + c) * h];
+        let ts = &t[start..start + c];
+        if ts.iter().all(|&t| t == IGNORE_TARGET) {
+            continue;
+        }
+        let l = &mut logits[..c * v];
+        // SAFETY: l is [c, v], xs is [c, h] row-major, w is [v, h] row-major read as W^T [h, v].
+        unsafe { matmul(c, v, h, l.as_mut_ptr(), v, false, xs.as_ptr(), h, 1, w.as_ptr(), 1, h) };
+        // Per row: the NLL, then (in training) the row becomes softmax - onehot, its gradient.
+        let nll: Vec<T> = l
+            .par_chunks_mut(v)
+            .zip(ts.par_iter())
+            .map(|(r, &t)| {
+                if t == IGNORE_TARGET {
+                    if grads {
+                        r.iter_mut().for_each(|x| *x = T::zero());
+                    }
+                    return T::zero();
+                }
+                let max = r.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+                let sum = r.iter().fold(T::zero(), |s, &x| s + (x - max).exp());
+                let lse = max + sum.ln();
+                let loss = lse - r[t as usize];
+                if grads {
+                    r.iter_mut().for_each(|x| *x = (*x - lse).exp());
+                    r[t as usize] = r[t as usize] - T::one();
+                }
+                loss
+            })
+            .collect();
+        total = nll.into_iter().fold(total, |a, b| a + b);
+        if grads {
+            let gx = &mut grad_x[start * h..(start + c) * h];
+            // SAFETY: gx is [c, h]; l is [c, v]; w is [v, h].
+            unsafe { matmul(c, h, v, gx.as_mut_ptr(), h, false, l.as_ptr(), v, 1, w.as_ptr(), h, 1) };
+            if weight_grad {
+                // SAFETY: grad_w is [v, h]; l read as l^T [v, c]; xs is [c, h].
+                unsafe { matmul(v, h, c, grad_w.as_mut_ptr(), h, true, l.as_ptr(), 1, v, xs.as_ptr(), h, 1) };
+            }
+        }
+    }
+    (total, grad_x, grad_w)
+}
+
+impl CustomOp3 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "ranger-linear-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h) = l1.shape().dims2()?;
+        let (v, h2) = l2.shape().dims2()?;
+        if h != h2 || l3.shape().dims1()? != n {
+            candle_core::bail!("ranger-linear-cross-entropy: hidden {:?}, weight {:?}, targets {:?}", l1.dims(), l2.dims(), l3.dims());
+        }
+        let t = match s3 {
+            CpuStorage::U32(t) => contiguous(t, l3)?,
+            _ => candle_core::bail!("ranger-linear-cross-entropy: targets must be u32"),
+        };
+        if let Some(bad) = t.iter().find(|&&t| t != IGNORE_TARGET && t as usize >= v) {
+            candle_core::bail!("ranger-linear-cross-entropy: target id {bad} is outside the vocabulary of {v}");
+        }
+        let dev = candle_core::Device::Cpu;
+        let rows = self.chunk_rows.unwrap_or_else(|| chunk_rows(v));
+        let (out, saved) = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                let (loss, gx, gw) = linear_ce(contiguous(x, l1)?, contiguous(w, l2)?, t, h, v, rows, self.grads, self.weight_grad);
+                let saved = self.grads.then(|| -> Result<_> { Ok((Tensor::from_vec(gx, (n, h), &dev)?, self.weight_grad.then(|| Tensor::from_vec(gw, (v, h), &dev)).transpose()?)) });
+                (CpuStorage::F32(vec![loss]), saved.transpose()?)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                let (loss, gx, gw) = linear_ce(contiguous(x, l1)?, contiguous(w, l2)?, t, h, v, rows, self.grads, self.weight_grad);
+                let saved = self.grads.then(|| -> Result<_> { Ok((Tensor::from_vec(gx, (n, h), &dev)?, self.weight_grad.then(|| Tensor::from_vec(gw, (v, h), &dev)).transpose()?)) });
+                (CpuStorage::F64(vec![loss]), saved.transpose()?)
+            }
+            _ => candle_core::bail!("ranger-linear-cross-entropy: f32/f64 of one dtype"),
+        };
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = saved;
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(&self, _x: &Tensor, _w: &Tensor, _t: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some((gx, gw)) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            candle_core::bail!("ranger-linear-cross-entropy: run without gradients (or backpropagated twice)");
+        };
+        let g = grad_res.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let scale = |t: Tensor| -> Result<Tensor> { if g == 1.0 { Ok(t) } else { t * g } };
+        Ok((Some(scale(gx)?), gw.map(scale).transpose()?, None))
+    }
+}

@@ -334,6 +334,37 @@ impl LlamaModel {
         rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
 
+    /// The summed next-token loss of a batch, as [`super::causal_lm_loss_sum`] computes it from
+    /// the logits. On CPU in f32/f64 the LM head and the loss run as one op
+    /// ([`super::fused::LinearCrossEntropy`]) that never materialises the `[b * s, vocab]`
+    /// logits; with `training` it computes the gradients of the head and the loss during the
+    /// forward pass (so only pass it when backward follows).
+    pub fn loss_sum(&self, batch: &Batch, training: bool) -> Result<Tensor> {
+        if !self.has_lm_head {
+            candle_core::bail!("this model was built without its LM head (a classifier backbone)");
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let x = self.run_hidden(&batch.input_ids, &batch.positions, &batch.mask, None)?;
+        if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
+            return super::causal_lm_loss_sum(&x.broadcast_matmul(&head.t()?)?, batch);
+        }
+        let (b, s, w) = x.dims3()?;
+        // Row i predicts token i + 1 where that token is a target.
+        let ids = batch.input_ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
+        let mask = batch.loss_mask.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut targets = vec![super::fused::IGNORE_TARGET; b * s];
+        for (bi, (ids, mask)) in ids.iter().zip(&mask).enumerate() {
+            for i in 0..s.saturating_sub(1) {
+                if mask[i + 1] != 0.0 {
+                    targets[bi * s + i] = ids[i + 1];
+                }
+            }
+        }
+        let targets = Tensor::from_vec(targets, b * s, &Device::Cpu)?;
+        let op = super::fused::LinearCrossEntropy::new(training, head.is_variable());
+        x.reshape((b * s, w))?.apply_op3(&head.contiguous()?, &targets, op)
+    }
+
     /// Logits `[b, s, vocab]` for every position of a training batch.
     pub fn forward(&self, batch: &Batch) -> Result<Tensor> {
         self.run(&batch.input_ids, &batch.positions, &batch.mask, None)

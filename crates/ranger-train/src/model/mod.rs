@@ -84,7 +84,6 @@ pub fn causal_lm_loss_sum(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
 
 /// Mean loss of a batch as an f64 (for evaluation).
 pub fn mean_loss(model: &LlamaModel, batch: &Batch) -> Result<(f64, usize)> {
-    let logits = model.forward(batch)?;
-    let sum = causal_lm_loss_sum(&logits, batch)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let sum = model.loss_sum(batch, false)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok((sum, batch.n_targets))
 }

@@ -223,6 +223,24 @@ mod tests {
                 }
             }
         }
+        // The fused LM head + loss, in chunks of 3 rows (one with no target at all), against
+        // matmul + cross-entropy: loss and both gradients.
+        let hidden = Var::from_tensor(&Tensor::randn(0f64, 1.0, (10, 8), &dev).unwrap()).unwrap();
+        let head = Var::from_tensor(&Tensor::randn(0f64, 1.0, (37, 8), &dev).unwrap()).unwrap();
+        let ignore = super::super::fused::IGNORE_TARGET;
+        let targets = [3u32, ignore, 36, ignore, ignore, ignore, 7, ignore, 12, 0];
+        let keep = Tensor::new(&targets.map(|t| if t == ignore { 0f64 } else { 1.0 }), &dev).unwrap();
+        let plain = Tensor::new(&targets.map(|t| if t == ignore { 0 } else { t }), &dev).unwrap();
+        let reference = cross_entropy_rows_ops(&hidden.matmul(&head.t().unwrap()).unwrap(), &plain).unwrap().mul(&keep).unwrap().sum_all().unwrap();
+        for rows in [3, 4, 100] {
+            let op = super::super::fused::LinearCrossEntropy::new(true, true).with_chunk_rows(rows);
+            let fused = hidden.apply_op3(head.as_tensor(), &Tensor::new(&targets, &dev).unwrap(), op).unwrap();
+            assert!(close(&fused, &reference) < 1e-12, "chunk {rows}");
+            let (gf, gr) = ((&fused * 3.0).unwrap().backward().unwrap(), (&reference * 3.0).unwrap().backward().unwrap());
+            for v in [&hidden, &head] {
+                assert!(close(gf.get(v).unwrap(), gr.get(v).unwrap()) < 1e-12, "chunk {rows}");
+            }
+        }
         let mask = Tensor::randn(0f64, 1.0, (2, 1, 3, 37), &dev).unwrap();
         let x4 = x.as_tensor().reshape((2, 1, 3, 37)).unwrap();
         let fused_m = masked_softmax(&x4, &mask).unwrap();
