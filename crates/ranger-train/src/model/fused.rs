@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+pub(super) fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
         None => candle_core::bail!("fused op: input not contiguous"),
@@ -31,7 +31,7 @@ fn softmax_rows<T: num::Float>(x: &[T], n: usize) -> Vec<T> {
     out
 }
 
-mod num {
+pub(super) mod num {
     /// The float operations the kernels need.
     pub trait Float: Copy + Send + Sync + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self> + std::ops::Div<Output = Self> + PartialOrd {
         fn zero() -> Self;
@@ -42,6 +42,7 @@ mod num {
         fn ln(self) -> Self;
         fn sqrt(self) -> Self;
         fn from_usize(n: usize) -> Self;
+        fn from_f64(x: f64) -> Self;
     }
     macro_rules! float {
         ($t:ty) => {
@@ -54,6 +55,7 @@ mod num {
                 fn ln(self) -> Self { <$t>::ln(self) }
                 fn sqrt(self) -> Self { <$t>::sqrt(self) }
                 fn from_usize(n: usize) -> Self { n as $t }
+                fn from_f64(x: f64) -> Self { x as $t }
             }
         };
     }
@@ -535,20 +537,27 @@ fn chunk_rows(vocab: usize) -> usize {
     (8 << 20) / vocab.max(1)
 }
 
-/// `dst[m, n] (+)= lhs[m, k] * rhs[k, n]` with explicit (row, column) strides, in parallel.
+/// `dst[m, n] = beta * lhs[m, k] rhs[k, n]`, plus the old `dst` when `accumulate`, with explicit
+/// row and column strides (in elements); over rayon's threads when `parallel`.
 ///
 /// # Safety
 /// The pointers must address matrices of the given shapes and strides.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul<T: 'static + num::Float>(m: usize, n: usize, k: usize, dst: *mut T, dst_rs: usize, accumulate: bool, lhs: *const T, lhs_rs: usize, lhs_cs: usize, rhs: *const T, rhs_rs: usize, rhs_cs: usize) {
-    let threads = rayon::current_num_threads();
+pub(super) unsafe fn gemm_strided<T: 'static + num::Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (*const T, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const T, usize, usize),
+    beta: T,
+    parallel: bool,
+) {
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: forwarded from the caller.
     unsafe {
-        gemm::gemm(
-            m, n, k, dst, 1, dst_rs as isize, accumulate, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize,
-            T::one(), T::one(), false, false, false, par,
-        )
+        gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, T::one(), beta, false, false, false, par)
     }
 }
 
@@ -571,7 +580,7 @@ fn linear_ce<T: 'static + num::Float>(x: &[T], w: &[T], t: &[u32], h: usize, v: 
         }
         let l = &mut logits[..c * v];
         // SAFETY: l is [c, v], xs is [c, h] row-major, w is [v, h] row-major read as W^T [h, v].
-        unsafe { matmul(c, v, h, l.as_mut_ptr(), v, false, xs.as_ptr(), h, 1, w.as_ptr(), 1, h) };
+        unsafe { gemm_strided((c, v, h), l.as_mut_ptr(), v, false, (xs.as_ptr(), h, 1), (w.as_ptr(), 1, h), T::one(), true) };
         // Per row: the NLL, then (in training) the row becomes softmax - onehot, its gradient.
         let nll: Vec<T> = l
             .par_chunks_mut(v)
@@ -598,10 +607,10 @@ fn linear_ce<T: 'static + num::Float>(x: &[T], w: &[T], t: &[u32], h: usize, v: 
         if grads {
             let gx = &mut grad_x[start * h..(start + c) * h];
             // SAFETY: gx is [c, h]; l is [c, v]; w is [v, h].
-            unsafe { matmul(c, h, v, gx.as_mut_ptr(), h, false, l.as_ptr(), v, 1, w.as_ptr(), h, 1) };
+            unsafe { gemm_strided((c, h, v), gx.as_mut_ptr(), h, false, (l.as_ptr(), v, 1), (w.as_ptr(), h, 1), T::one(), true) };
             if weight_grad {
                 // SAFETY: grad_w is [v, h]; l read as l^T [v, c]; xs is [c, h].
-                unsafe { matmul(v, h, c, grad_w.as_mut_ptr(), h, true, l.as_ptr(), 1, v, xs.as_ptr(), h, 1) };
+                unsafe { gemm_strided((v, h, c), grad_w.as_mut_ptr(), h, true, (l.as_ptr(), 1, v), (xs.as_ptr(), h, 1), T::one(), true) };
             }
         }
     }

@@ -287,6 +287,13 @@ impl LlamaModel {
             }
             *slot = Some((k.clone(), v.clone()));
         }
+        if super::ops::fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
+            // One op: grouped heads read in place, only the log-sum-exp kept for backprop, and
+            // the output already in [b, s, heads * head_dim].
+            let op = super::attention::FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt());
+            let out = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+            return layer.o.forward(&out);
+        }
         let n_rep = c.num_attention_heads / c.num_key_value_heads;
         let k = repeat_kv(&k, n_rep)?.contiguous()?;
         let v = repeat_kv(&v, n_rep)?.contiguous()?;

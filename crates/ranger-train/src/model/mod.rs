@@ -2,6 +2,7 @@
 //! LMs or classifiers, and BERT-family encoders (BERT, MiniLM, RoBERTa, DistilBERT) as
 //! classifiers.
 
+pub mod attention;
 pub mod bert;
 pub mod classifier;
 pub mod config;

@@ -45,7 +45,7 @@ pub fn layer_norm_ops(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> R
 }
 
 /// Whether the fused CPU kernels apply (CPU, f32 or f64).
-fn fused_ok(x: &Tensor) -> bool {
+pub(crate) fn fused_ok(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
