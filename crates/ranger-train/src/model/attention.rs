@@ -11,9 +11,10 @@ use rayon::prelude::*;
 use super::fused::num::Float;
 use super::fused::{contiguous, gemm_strided};
 
-/// The attention op: `q: [b, hq, sq, d]`, `k`, `v: [b, hk, sk, d]` (hq a multiple of hk), the
-/// additive `mask: [b or 1, 1, sq, sk]` and the scale; output `[b, sq, hq * d]`, the layout the
-/// output projection takes.
+/// The attention op: `q: [b, sq, hq, d]`, `k`, `v: [b, sk, hk, d]` (hq a multiple of hk) — the
+/// projections' own layout, so no head transposes are copied — the additive
+/// `mask: [b or 1, 1, sq, sk]` and the scale; output `[b, sq, hq * d]`, the layout the output
+/// projection takes.
 pub struct FusedAttention {
     mask: Tensor,
     scale: f64,
@@ -41,8 +42,8 @@ struct Dims {
 
 impl Dims {
     fn of(q: &Layout, k: &Layout, v: &Layout, mask: &[usize]) -> Result<Self> {
-        let (b, hq, sq, d) = q.shape().dims4()?;
-        let (b2, hk, sk, d2) = k.shape().dims4()?;
+        let (b, sq, hq, d) = q.shape().dims4()?;
+        let (b2, sk, hk, d2) = k.shape().dims4()?;
         if b2 != b || d2 != d || v.dims() != k.dims() || hk == 0 || hq % hk != 0 {
             candle_core::bail!("fused attention: q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims());
         }
@@ -59,11 +60,13 @@ impl Dims {
     }
 }
 
-/// Scores of head `h` of batch `bi` as probabilities, in place in `p: [sq, sk]`; returns nothing
-/// but fills `lse` (one per query) when given, else subtracts the saved `lse`.
+/// The probabilities of one head, in place in `p: [sq, sk]`, from its queries `q` (rows
+/// `hq * d` apart) and keys `k` (rows `hk * d` apart): fills `lse` (one per query) in the
+/// forward pass, reuses the saved one in the backward pass.
 fn probabilities<T: 'static + Float>(p: &mut [T], q: &[T], k: &[T], mask: &[T], dm: &Dims, scale: T, lse: LseMode<'_, T>) {
-    // SAFETY: p is [sq, sk]; q is [sq, d]; k is [sk, d], read transposed.
-    unsafe { gemm_strided((dm.sq, dm.sk, dm.d), p.as_mut_ptr(), dm.sk, false, (q.as_ptr(), dm.d, 1), (k.as_ptr(), 1, dm.d), scale, false) };
+    // SAFETY: p is [sq, sk]; q is [sq, d] with row stride hq * d; k is [sk, d] with row stride
+    // hk * d, read transposed.
+    unsafe { gemm_strided((dm.sq, dm.sk, dm.d), p.as_mut_ptr(), dm.sk, false, (q.as_ptr(), dm.hq * dm.d, 1), (k.as_ptr(), 1, dm.hk * dm.d), scale, false) };
     match lse {
         LseMode::Compute(out) => {
             for ((row, m), l) in p.chunks_mut(dm.sk).zip(mask.chunks(dm.sk)).zip(out.iter_mut()) {
@@ -112,13 +115,14 @@ fn forward<T: 'static + Float>(q: &[T], k: &[T], v: &[T], mask: &[T], dm: Dims, 
         |p, (bh, lse)| {
             let (bi, h) = (bh / hq, bh % hq);
             let g = h / rep;
-            let qh = &q[(bi * hq + h) * sq * d..][..sq * d];
-            let kh = &k[(bi * hk + g) * sk * d..][..sk * d];
-            let vh = &v[(bi * hk + g) * sk * d..][..sk * d];
+            let qh = &q[(bi * sq * hq + h) * d..];
+            let kh = &k[(bi * sk * hk + g) * d..];
+            let vh = &v[(bi * sk * hk + g) * d..];
             probabilities(p, qh, kh, dm.mask(mask, bi), &dm, scale, LseMode::Compute(lse));
             let dst = out_ptr;
-            // SAFETY: rows bi of the output, columns h * d .. (h + 1) * d: disjoint per task.
-            unsafe { gemm_strided((sq, d, sk), dst.0.add(bi * sq * hq * d + h * d), hq * d, false, (p.as_ptr(), sk, 1), (vh.as_ptr(), d, 1), T::one(), false) };
+            // SAFETY: rows of batch bi, columns h * d .. (h + 1) * d: disjoint per task; v is
+            // [sk, d] with row stride hk * d.
+            unsafe { gemm_strided((sq, d, sk), dst.0.add(bi * sq * hq * d + h * d), hq * d, false, (p.as_ptr(), sk, 1), (vh.as_ptr(), hk * d, 1), T::one(), false) };
         },
     );
     (out, lse)
@@ -131,37 +135,40 @@ unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for SendPtr<T> {}
 
-/// Backward: `[dq | dk | dv]` flattened, from the output gradient `go: [b, sq, hq * d]`.
+/// Backward: `[dq | dk | dv]` flattened (each in its input's layout), from the output gradient
+/// `go: [b, sq, hq * d]`.
 #[allow(clippy::too_many_arguments)]
 fn backward<T: 'static + Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T], dm: Dims, scale: f64) -> Vec<T> {
     let Dims { b, hq, hk, sq, sk, d, .. } = dm;
     let rep = hq / hk;
     let scale = T::from_f64(scale);
-    let (nq, nk) = (b * hq * sq * d, b * hk * sk * d);
+    let (nq, nk) = (b * sq * hq * d, b * sk * hk * d);
     let mut grads = vec![T::zero(); nq + 2 * nk];
-    let (dq, rest) = grads.split_at_mut(nq);
-    let (dk, dv) = rest.split_at_mut(nk);
-    // One task per (batch, key/value head): it owns that head's dk and dv and the dq of its
-    // query heads.
-    dq.par_chunks_mut(rep * sq * d).zip(dk.par_chunks_mut(sk * d).zip(dv.par_chunks_mut(sk * d))).enumerate().for_each_init(
+    let base = SendPtr(grads.as_mut_ptr());
+    // One task per (batch, key/value head): it owns that head's columns of dk and dv and the
+    // columns of dq of its query heads, so tasks write disjoint elements.
+    (0..b * hk).into_par_iter().for_each_init(
         || (vec![T::zero(); sq * sk], vec![T::zero(); sq * sk]),
-        |(p, dp), (bg, (dq, (dk, dv)))| {
+        |(p, dp), bg| {
             let (bi, g) = (bg / hk, bg % hk);
-            let kh = &k[bg * sk * d..][..sk * d];
-            let vh = &v[bg * sk * d..][..sk * d];
+            let kh = &k[(bi * sk * hk + g) * d..];
+            let vh = &v[(bi * sk * hk + g) * d..];
+            let grads = base;
+            // SAFETY: offsets inside the [dq | dk | dv] buffer, written only by this task (see above).
+            let (dk, dv) = unsafe { (grads.0.add(nq + (bi * sk * hk + g) * d), grads.0.add(nq + nk + (bi * sk * hk + g) * d)) };
             for r in 0..rep {
                 let h = g * rep + r;
-                let qh = &q[(bi * hq + h) * sq * d..][..sq * d];
+                let qh = &q[(bi * sq * hq + h) * d..];
                 let lh = &lse[(bi * hq + h) * sq..][..sq];
                 let goh = &go[bi * sq * hq * d + h * d..];
                 probabilities(p, qh, kh, dm.mask(mask, bi), &dm, scale, LseMode::Use(lh));
-                // SAFETY (all four products): shapes and strides as annotated; the output
-                // gradient is read with row stride hq * d.
+                // SAFETY (all four products): shapes and strides as annotated; rows of q, dq and
+                // the output gradient are hq * d apart, rows of k, v, dk, dv hk * d apart.
                 unsafe {
                     // dv += p^T go
-                    gemm_strided((sk, d, sq), dv.as_mut_ptr(), d, true, (p.as_ptr(), 1, sk), (goh.as_ptr(), hq * d, 1), T::one(), false);
+                    gemm_strided((sk, d, sq), dv, hk * d, true, (p.as_ptr(), 1, sk), (goh.as_ptr(), hq * d, 1), T::one(), false);
                     // dp = go v^T
-                    gemm_strided((sq, sk, d), dp.as_mut_ptr(), sk, false, (goh.as_ptr(), hq * d, 1), (vh.as_ptr(), 1, d), T::one(), false);
+                    gemm_strided((sq, sk, d), dp.as_mut_ptr(), sk, false, (goh.as_ptr(), hq * d, 1), (vh.as_ptr(), 1, hk * d), T::one(), false);
                 }
                 // ds = p * (dp - rowsum(p * dp)), in place in dp.
                 for (pr, dr) in p.chunks(sk).zip(dp.chunks_mut(sk)) {
@@ -170,12 +177,12 @@ fn backward<T: 'static + Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T]
                         *x = a * (*x - dot);
                     }
                 }
-                let dqh = &mut dq[r * sq * d..][..sq * d];
                 unsafe {
                     // dq = scale ds k
-                    gemm_strided((sq, d, sk), dqh.as_mut_ptr(), d, false, (dp.as_ptr(), sk, 1), (kh.as_ptr(), d, 1), scale, false);
+                    let dq = grads.0.add((bi * sq * hq + h) * d);
+                    gemm_strided((sq, d, sk), dq, hq * d, false, (dp.as_ptr(), sk, 1), (kh.as_ptr(), hk * d, 1), scale, false);
                     // dk += scale ds^T q
-                    gemm_strided((sk, d, sq), dk.as_mut_ptr(), d, true, (dp.as_ptr(), 1, sk), (qh.as_ptr(), d, 1), scale, false);
+                    gemm_strided((sk, d, sq), dk, hk * d, true, (dp.as_ptr(), 1, sk), (qh.as_ptr(), hq * d, 1), scale, false);
                 }
             }
         },
@@ -273,11 +280,13 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// The op-by-op attention the model used before: repeated k/v heads, scores, softmax.
+    /// The op-by-op attention (heads first): repeated k/v heads, scores, softmax.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+        let heads_first = |t: &Tensor| t.transpose(1, 2).unwrap().contiguous().unwrap();
+        let (q, k, v) = (heads_first(q), heads_first(k), heads_first(v));
         let rep = q.dim(1).unwrap() / k.dim(1).unwrap();
-        let k = super::super::ops::repeat_kv(k, rep).unwrap();
-        let v = super::super::ops::repeat_kv(v, rep).unwrap();
+        let k = super::super::ops::repeat_kv(&k, rep).unwrap();
+        let v = super::super::ops::repeat_kv(&v, rep).unwrap();
         let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap().broadcast_add(mask).unwrap();
         let probs = super::super::ops::softmax_last_dim_ops(&scores).unwrap();
         let (b, h, s, d) = q.dims4().unwrap();
@@ -290,9 +299,9 @@ mod tests {
     fn fused_attention_matches_the_op_by_op_version() {
         let dev = Device::Cpu;
         for (b, sq, sk, mask_b) in [(2, 5, 5, 2), (2, 3, 7, 1)] {
-            let q = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, 6, sq, 4), &dev).unwrap()).unwrap();
-            let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, 2, sk, 4), &dev).unwrap()).unwrap();
-            let v = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, 2, sk, 4), &dev).unwrap()).unwrap();
+            let q = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, sq, 6, 4), &dev).unwrap()).unwrap();
+            let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, sk, 2, 4), &dev).unwrap()).unwrap();
+            let v = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, sk, 2, 4), &dev).unwrap()).unwrap();
             // Causal-ish with some blocked entries (-1e9), never a fully blocked row.
             let m: Vec<f64> = (0..mask_b * sq * sk).map(|i| if (i % sk) > (i / sk) % sq + sk - sq { -1e9 } else { 0.0 }).collect();
             let mask = Tensor::from_vec(m, (mask_b, 1, sq, sk), &dev).unwrap();

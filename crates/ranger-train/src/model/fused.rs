@@ -177,16 +177,21 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// Rotary embedding `x * cos + rotate_half(x) * sin` with `x: [b, h, s, d]` and
-/// `cos`, `sin: [b, 1, s, d]` (f32/f64), keeping only its output for backprop.
-pub struct Rotary;
+/// Rotary embedding `x * cos + rotate_half(x) * sin` (f32/f64), keeping only its output for
+/// backprop: `x: [b, h, s, d]` with `cos`, `sin: [b, 1, s, d]`, or with `seq_first`
+/// `x: [b, s, h, d]` (the projections' layout, no transpose needed) with `cos`, `sin: [b, s, 1, d]`.
+pub struct Rotary {
+    /// Whether `x` is `[b, s, h, d]` rather than `[b, h, s, d]`.
+    pub seq_first: bool,
+}
 
-fn rotary_rows<T: num::Float>(x: &[T], cos: &[T], sin: &[T], h: usize, s: usize, d: usize) -> Vec<T> {
+fn rotary_rows<T: num::Float>(x: &[T], cos: &[T], sin: &[T], h: usize, s: usize, d: usize, seq_first: bool) -> Vec<T> {
     let half = d / 2;
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (o, row))| {
-        let (b, i) = (r / (h * s), r % s);
-        let (c, sn) = (&cos[(b * s + i) * d..(b * s + i + 1) * d], &sin[(b * s + i) * d..(b * s + i + 1) * d]);
+        // Row r's position (b * s + i).
+        let pos = if seq_first { r / h } else { r / (h * s) * s + r % s };
+        let (c, sn) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
         for j in 0..d {
             let rot = if j < half { T::zero() - row[j + half] } else { row[j - half] };
             o[j] = row[j] * c[j] + rot * sn[j];
@@ -201,16 +206,19 @@ impl CustomOp3 for Rotary {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, h, s, d) = l1.shape().dims4()?;
-        if l2.shape().dims() != [b, 1, s, d] || l3.shape().dims() != [b, 1, s, d] {
+        let (h, s, d, cs) = match l1.shape().dims4()? {
+            (b, s, h, d) if self.seq_first => (h, s, d, [b, s, 1, d]),
+            (b, h, s, d) => (h, s, d, [b, 1, s, d]),
+        };
+        if l2.shape().dims() != cs || l3.shape().dims() != cs {
             candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", l2.shape(), l1.shape());
         }
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(sn)) => {
-                CpuStorage::F32(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d))
+                CpuStorage::F32(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d, self.seq_first))
             }
             (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(sn)) => {
-                CpuStorage::F64(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d))
+                CpuStorage::F64(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d, self.seq_first))
             }
             _ => candle_core::bail!("ranger-rotary: f32/f64 tensors of one dtype"),
         };

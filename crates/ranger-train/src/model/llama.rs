@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 
 use super::config::LlamaConfig;
 pub use super::lora::{peft_name, DropoutSeed, LoraAdapter, LoraConfig};
-use super::ops::{apply_rotary, compute_dtype, masked_softmax, repeat_kv, rms_norm, swiglu};
+use super::ops::{apply_rotary, apply_rotary_seq_first, compute_dtype, masked_softmax, repeat_kv, rms_norm, swiglu};
 
 /// A linear projection `x W^T + b` (weights trainable [`Var`]s or frozen tensors), with an
 /// optional LoRA adapter.
@@ -270,29 +270,41 @@ impl LlamaModel {
         let c = &self.config;
         let (b, s, _) = x.dims3()?;
         let hd = c.head_dim;
-        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd))?.transpose(1, 2);
-        let mut q = heads(layer.q.forward(x)?, c.num_attention_heads)?;
-        let mut k = heads(layer.k.forward(x)?, c.num_key_value_heads)?;
-        let mut v = heads(layer.v.forward(x)?, c.num_key_value_heads)?;
+        // [b, s, heads, head_dim]: the projections' own layout (a view, no copy).
+        let split = |t: Tensor, n: usize| t.reshape((b, s, n, hd));
+        let mut q = split(layer.q.forward(x)?, c.num_attention_heads)?;
+        let mut k = split(layer.k.forward(x)?, c.num_key_value_heads)?;
+        let v = split(layer.v.forward(x)?, c.num_key_value_heads)?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             q = rms_norm(&q, qn, c.rms_norm_eps)?;
             k = rms_norm(&k, kn, c.rms_norm_eps)?;
         }
-        q = apply_rotary(&q.contiguous()?, cos, sin)?;
-        k = apply_rotary(&k.contiguous()?, cos, sin)?;
+        if super::ops::fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
+            // The fused path works in [b, s, heads, head_dim] throughout: rotary in place of
+            // layout, then one attention op that reads grouped heads in place, keeps only the
+            // log-sum-exp for backprop and writes [b, s, heads * head_dim] for o_proj.
+            let q = apply_rotary_seq_first(&q, cos, sin)?;
+            let mut k = apply_rotary_seq_first(&k, cos, sin)?;
+            let mut v = v.contiguous()?;
+            if let Some(slot) = cache {
+                if let Some((pk, pv)) = slot.as_ref() {
+                    k = Tensor::cat(&[pk, &k], 1)?;
+                    v = Tensor::cat(&[pv, &v], 1)?;
+                }
+                *slot = Some((k.clone(), v.clone()));
+            }
+            let op = super::attention::FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt());
+            return layer.o.forward(&q.apply_op3(&k, &v, op)?);
+        }
+        let q = apply_rotary(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let mut k = apply_rotary(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let mut v = v.transpose(1, 2)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;
             }
             *slot = Some((k.clone(), v.clone()));
-        }
-        if super::ops::fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
-            // One op: grouped heads read in place, only the log-sum-exp kept for backprop, and
-            // the output already in [b, s, heads * head_dim].
-            let op = super::attention::FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt());
-            let out = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
-            return layer.o.forward(&out);
         }
         let n_rep = c.num_attention_heads / c.num_key_value_heads;
         let k = repeat_kv(&k, n_rep)?.contiguous()?;

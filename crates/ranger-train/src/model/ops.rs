@@ -127,9 +127,20 @@ pub fn swiglu_ops(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// `cos`/`sin: [b, 1, seq, head_dim]` (per-sequence positions, so packed examples restart at 0).
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && cos.dtype() == x.dtype() && cos.dims().get(1) == Some(&1) {
-        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, super::fused::Rotary);
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, super::fused::Rotary { seq_first: false });
     }
     apply_rotary_ops(x, cos, sin)
+}
+
+/// [`apply_rotary`] for `x: [b, s, heads, head_dim]` (the projections' own layout), with the
+/// same `cos`/`sin: [b, 1, s, head_dim]`.
+pub fn apply_rotary_seq_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, s, _, d) = x.dims4()?;
+    let (cos, sin) = (cos.reshape((b, s, 1, d))?, sin.reshape((b, s, 1, d))?);
+    if fused_ok(x) && cos.dtype() == x.dtype() {
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, super::fused::Rotary { seq_first: true });
+    }
+    apply_rotary_ops(x, &cos, &sin)
 }
 
 /// [`apply_rotary`] from tensor ops.
@@ -206,10 +217,11 @@ mod tests {
             let g = y.backward().unwrap();
             (y, g.get(&x4v).unwrap().clone(), g.get(&wv).cloned(), g.get(&bv).cloned())
         };
-        let pairs4: [Pair; 4] = [
+        let pairs4: [Pair; 5] = [
             (&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap(), &|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
             (&|x| layer_norm(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap(), &|x| layer_norm_ops(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()),
             (&|x| apply_rotary(x, &cos, &sin).unwrap(), &|x| apply_rotary_ops(x, &cos, &sin).unwrap()),
+            (&|x| apply_rotary_seq_first(&x.transpose(1, 2).unwrap(), &cos, &sin).unwrap().transpose(1, 2).unwrap(), &|x| apply_rotary_ops(x, &cos, &sin).unwrap()),
             (&|x| swiglu(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap(), &|x| swiglu_ops(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap()),
         ];
         for (fused, ops) in pairs4 {
