@@ -671,3 +671,45 @@ impl CustomOp3 for LinearCrossEntropy {
         Ok((Some(scale(gx)?), gw.map(scale).transpose()?, None))
     }
 }
+
+/// `x W^T` for a frozen weight (f32/f64, `x: [n, in]`, `W: [out, in]` held by the op). Candle's
+/// matmul backward computes and keeps a gradient for both operands even when the weight is a
+/// plain tensor, so a LoRA run would spend a third of its projection backprop, and a
+/// weight-sized buffer per projection, on gradients nobody uses; this op's backward computes
+/// only the input's, `g W`.
+pub struct FrozenLinear {
+    /// `[out, in]`, contiguous.
+    pub weight: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "ranger-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: 'static + num::Float>(x: &[T], w: &[T], n: usize, out: usize, inp: usize) -> Vec<T> {
+            let mut y = vec![T::zero(); n * out];
+            // SAFETY: y is [n, out]; x is [n, in]; w is [out, in], read transposed.
+            unsafe { gemm_strided((n, out, inp), y.as_mut_ptr(), out, false, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), T::one(), true) };
+            y
+        }
+        let (n, inp) = l.shape().dims2()?;
+        let (out, inp2) = self.weight.dims2()?;
+        if inp != inp2 {
+            candle_core::bail!("ranger-frozen-linear: input {:?} for weight {:?}", l.dims(), self.weight.dims());
+        }
+        let w = self.weight.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        let y = match (s, &*ws) {
+            (CpuStorage::F32(x), candle_core::Storage::Cpu(CpuStorage::F32(w))) => CpuStorage::F32(run(contiguous(x, l)?, contiguous(w, wl)?, n, out, inp)),
+            (CpuStorage::F64(x), candle_core::Storage::Cpu(CpuStorage::F64(w))) => CpuStorage::F64(run(contiguous(x, l)?, contiguous(w, wl)?, n, out, inp)),
+            _ => candle_core::bail!("ranger-frozen-linear: CPU f32/f64 of one dtype"),
+        };
+        Ok((y, Shape::from((n, out))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(g.matmul(&self.weight)?))
+    }
+}

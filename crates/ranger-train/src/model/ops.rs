@@ -196,7 +196,12 @@ mod tests {
         let x = Var::from_tensor(&(Tensor::randn(0f64, 3.0, (6, 37), &dev).unwrap())).unwrap();
         let w = Tensor::randn(0f64, 1.0, (6, 37), &dev).unwrap();
         let t = Tensor::new(&[0u32, 5, 36, 7, 7, 12], &dev).unwrap();
-        let pairs: [Pair; 3] = [
+        let frozen = Tensor::randn(0f64, 1.0, (5, 37), &dev).unwrap();
+        let w5 = Tensor::randn(0f64, 1.0, (6, 5), &dev).unwrap();
+        let pairs: [Pair; 4] = [
+            (&|x| x.apply_op1(super::super::fused::FrozenLinear { weight: frozen.clone() }).unwrap().mul(&w5).unwrap().sum_all().unwrap(), &|x| {
+                x.matmul(&frozen.t().unwrap()).unwrap().mul(&w5).unwrap().sum_all().unwrap()
+            }),
             (&|x| gelu_erf(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| {
                 // x Φ(x) from erf, whose backward is exact (Candle's gelu_erf backward rounds 1/√(2π)).
                 let phi = ((x * std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap() * 0.5;
