@@ -75,11 +75,9 @@ fn probabilities<T: 'static + Float>(p: &mut [T], q: &[T], k: &[T], mask: &[T], 
                     *x = *x + m;
                     max = max.max(*x);
                 }
-                let mut sum = T::zero();
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum = sum + *x;
-                }
+                row.iter_mut().for_each(|x| *x = *x - max);
+                T::exp_in_place(row);
+                let sum = row.iter().fold(T::zero(), |s, &x| s + x);
                 let inv = T::one() / sum;
                 row.iter_mut().for_each(|x| *x = *x * inv);
                 *l = max + sum.ln();
@@ -88,8 +86,9 @@ fn probabilities<T: 'static + Float>(p: &mut [T], q: &[T], k: &[T], mask: &[T], 
         LseMode::Use(saved) => {
             for ((row, m), &l) in p.chunks_mut(dm.sk).zip(mask.chunks(dm.sk)).zip(saved) {
                 for (x, &m) in row.iter_mut().zip(m) {
-                    *x = (*x + m - l).exp();
+                    *x = *x + m - l;
                 }
+                T::exp_in_place(row);
             }
         }
     }

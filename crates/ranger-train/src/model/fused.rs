@@ -43,10 +43,13 @@ pub(super) mod num {
         fn sqrt(self) -> Self;
         fn from_usize(n: usize) -> Self;
         fn from_f64(x: f64) -> Self;
+        /// `exp` of every element, in place (vectorised for f32).
+        fn exp_in_place(xs: &mut [Self]);
     }
     macro_rules! float {
-        ($t:ty) => {
+        ($t:ty, $exp_in_place:expr) => {
             impl Float for $t {
+                fn exp_in_place(xs: &mut [Self]) { $exp_in_place(xs) }
                 fn zero() -> Self { 0.0 }
                 fn one() -> Self { 1.0 }
                 fn neg_infinity() -> Self { <$t>::NEG_INFINITY }
@@ -59,9 +62,10 @@ pub(super) mod num {
             }
         };
     }
-    float!(f32);
-    float!(f64);
+    float!(f32, super::super::fast_exp::exp_in_place_f32);
+    float!(f64, |xs: &mut [f64]| xs.iter_mut().for_each(|x| *x = x.exp()));
 }
+
 
 impl CustomOp1 for SoftmaxLastDim {
     fn name(&self) -> &'static str {
@@ -601,14 +605,18 @@ fn linear_ce<T: 'static + num::Float>(x: &[T], w: &[T], t: &[u32], h: usize, v: 
                     return T::zero();
                 }
                 let max = r.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-                let sum = r.iter().fold(T::zero(), |s, &x| s + (x - max).exp());
-                let lse = max + sum.ln();
-                let loss = lse - r[t as usize];
+                let target = r[t as usize] - max;
+                // In place: the row becomes exp(x - max), then (in training) the softmax minus
+                // the one-hot target, its gradient.
+                r.iter_mut().for_each(|x| *x = *x - max);
+                T::exp_in_place(r);
+                let sum = r.iter().fold(T::zero(), |s, &x| s + x);
                 if grads {
-                    r.iter_mut().for_each(|x| *x = (*x - lse).exp());
+                    let inv = T::one() / sum;
+                    r.iter_mut().for_each(|x| *x = *x * inv);
                     r[t as usize] = r[t as usize] - T::one();
                 }
-                loss
+                sum.ln() - target
             })
             .collect();
         total = nll.into_iter().fold(total, |a, b| a + b);

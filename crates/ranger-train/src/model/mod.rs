@@ -6,6 +6,7 @@ pub mod attention;
 pub mod bert;
 pub mod classifier;
 pub mod config;
+mod fast_exp;
 pub mod fused;
 pub mod llama;
 pub mod lora;
