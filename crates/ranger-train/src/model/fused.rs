@@ -447,10 +447,9 @@ impl CustomOp2 for GeluErfGrad {
 /// both gradients in one pass.
 pub struct SwiGlu;
 
-fn silu_parts<T: num::Float>(x: T) -> (T, T) {
-    let sig = T::one() / (T::one() + (T::zero() - x).exp());
-    (x * sig, sig)
-}
+/// Elements per task in the SwiGLU kernels (the exponentials go through the vectorised
+/// `exp_in_place` a chunk at a time).
+const SWIGLU_CHUNK: usize = 4096;
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -459,7 +458,15 @@ impl CustomOp2 for SwiGlu {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: num::Float + Send + Sync>(g: &[T], u: &[T]) -> Vec<T> {
-            g.par_iter().zip(u.par_iter()).map(|(&g, &u)| silu_parts(g).0 * u).collect()
+            let mut out: Vec<T> = g.iter().map(|&x| T::zero() - x).collect();
+            out.par_chunks_mut(SWIGLU_CHUNK).zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK))).for_each(|(o, (g, u))| {
+                // o = exp(-g), then silu(g) * u = g / (1 + exp(-g)) * u.
+                T::exp_in_place(o);
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (T::one() + *o) * u;
+                }
+            });
+            out
         }
         if l1.shape() != l2.shape() {
             candle_core::bail!("ranger-swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
@@ -493,10 +500,16 @@ impl CustomOp3 for SwiGluGrad {
             let n = gate.len();
             let mut out = vec![T::zero(); 2 * n];
             let (d_gate, d_up) = out.split_at_mut(n);
-            d_gate.par_iter_mut().zip(d_up.par_iter_mut()).zip(gate.par_iter().zip(up.par_iter()).zip(g.par_iter())).for_each(|((dg, du), ((&x, &u), &g))| {
-                let (silu, sig) = silu_parts(x);
-                *dg = g * u * sig * (T::one() + x * (T::one() - sig));
-                *du = g * silu;
+            let inputs = gate.par_chunks(SWIGLU_CHUNK).zip(up.par_chunks(SWIGLU_CHUNK)).zip(g.par_chunks(SWIGLU_CHUNK));
+            d_gate.par_chunks_mut(SWIGLU_CHUNK).zip(d_up.par_chunks_mut(SWIGLU_CHUNK)).zip(inputs).for_each(|((dg, du), ((x, u), g))| {
+                // dg holds exp(-x) first.
+                dg.iter_mut().zip(x).for_each(|(d, &x)| *d = T::zero() - x);
+                T::exp_in_place(dg);
+                for ((((dg, du), &x), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
+                    let sig = T::one() / (T::one() + *dg);
+                    *dg = g * u * sig * (T::one() + x * (T::one() - sig));
+                    *du = g * x * sig;
+                }
             });
             out
         }
