@@ -168,16 +168,65 @@ impl CustomOp2 for RmsNorm {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // n = x * r, y = n * w:  dw = sum(g * n),  dx = r * (g*w - n * mean(g*w*n)).
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
-        let n = x.broadcast_mul(&r)?;
-        let gw = g.broadcast_mul(w)?;
-        let dot = (&gw * &n)?.mean_keepdim(D::Minus1)?;
-        let dx = gw.sub(&n.broadcast_mul(&dot)?)?.broadcast_mul(&r)?;
-        let rank = x.rank();
-        let dw = (g * &n)?.flatten_to(rank.saturating_sub(2))?.sum(0)?;
-        let dw = if rank == 1 { (g * &n)? } else { dw };
-        Ok((Some(dx), Some(dw.reshape(w.shape())?)))
+        // Both gradients in one pass, stacked as [dx (all of x) | dw]; the parts are views.
+        let both = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+        let n = x.elem_count();
+        Ok((Some(both.narrow(0, 0, n)?.reshape(x.shape())?), Some(both.narrow(0, n, w.elem_count())?.reshape(w.shape())?)))
+    }
+}
+
+/// The gradients of [`RmsNorm`]: with `r = 1 / sqrt(mean(x²) + eps)` and `n = x r` per row,
+/// `dx = r (g w - n mean(g w n))` and `dw = sum over rows of g n`, flattened as `[dx | dw]`.
+struct RmsNormGrad {
+    eps: f64,
+}
+
+fn rms_grad_rows<T: num::Float>(x: &[T], w: &[T], g: &[T], eps: T) -> Vec<T> {
+    let h = w.len();
+    let mut out = vec![T::zero(); x.len() + h];
+    let (dx, dw) = out.split_at_mut(x.len());
+    // Rows in chunks: each chunk writes its rows of dx and returns its share of dw.
+    const ROWS: usize = 64;
+    let partial: Vec<Vec<T>> = dx
+        .par_chunks_mut(ROWS * h)
+        .zip(x.par_chunks(ROWS * h).zip(g.par_chunks(ROWS * h)))
+        .map(|(dx, (x, g))| {
+            let mut dw = vec![T::zero(); h];
+            for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+                let ms = x.iter().fold(T::zero(), |s, &v| s + v * v) / T::from_usize(h);
+                let r = T::one() / (ms + eps).sqrt();
+                let mut dot = T::zero();
+                for j in 0..h {
+                    let n = x[j] * r;
+                    dot = dot + g[j] * w[j] * n;
+                    dw[j] = dw[j] + g[j] * n;
+                }
+                let mean = dot / T::from_usize(h);
+                for j in 0..h {
+                    dx[j] = r * (g[j] * w[j] - x[j] * r * mean);
+                }
+            }
+            dw
+        })
+        .collect();
+    for p in partial {
+        dw.iter_mut().zip(p).for_each(|(a, b)| *a = *a + b);
+    }
+    out
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "ranger-rms-norm-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(rms_grad_rows(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(g, l3)?, self.eps as f32)),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => CpuStorage::F64(rms_grad_rows(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(g, l3)?, self.eps)),
+            _ => candle_core::bail!("ranger-rms-norm-grad: f32/f64 of one dtype"),
+        };
+        Ok((out, Shape::from(l1.shape().elem_count() + l2.shape().elem_count())))
     }
 }
 

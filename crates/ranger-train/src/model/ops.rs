@@ -258,6 +258,15 @@ mod tests {
                 assert!(close(gf.get(v).unwrap(), gr.get(v).unwrap()) < 1e-12, "chunk {rows}");
             }
         }
+        // RMSNorm over more rows than one task of its backward takes (64).
+        let xr = Var::from_tensor(&Tensor::randn(0f64, 1.0, (150, 8), &dev).unwrap()).unwrap();
+        let wr = Tensor::randn(0f64, 1.0, (150, 8), &dev).unwrap();
+        let rms_grads = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let g = f(xr.as_tensor()).mul(&wr).unwrap().sum_all().unwrap().backward().unwrap();
+            (g.get(&xr).unwrap().clone(), g.get(&wv).unwrap().clone())
+        };
+        let (a, b) = (rms_grads(&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap()), rms_grads(&|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()));
+        assert!(close(&a.0, &b.0) < 1e-10 && close(&a.1, &b.1) < 1e-10);
         let mask = Tensor::randn(0f64, 1.0, (2, 1, 3, 37), &dev).unwrap();
         let x4 = x.as_tensor().reshape((2, 1, 3, 37)).unwrap();
         let fused_m = masked_softmax(&x4, &mask).unwrap();
