@@ -783,3 +783,40 @@ impl CustomOp1 for FrozenLinear {
         Ok(Some(g.matmul(&self.weight)?))
     }
 }
+
+/// `x W^T` for a trainable `W` (f32/f64, `x: [n, in]`, `W: [out, in]`). Candle's matmul backward
+/// records its products, so a weight's gradient would keep the layer's input alive until the
+/// optimizer step, and with it most activations through the whole backward pass; this op
+/// computes both gradients from detached inputs, so gradients reference nothing.
+pub struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "ranger-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: 'static + num::Float>(x: &[T], w: &[T], n: usize, out: usize, inp: usize) -> Vec<T> {
+            let mut y = vec![T::zero(); n * out];
+            // SAFETY: y is [n, out]; x is [n, in]; w is [out, in], read transposed.
+            unsafe { gemm_strided((n, out, inp), y.as_mut_ptr(), out, false, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), T::one(), true) };
+            y
+        }
+        let (n, inp) = l1.shape().dims2()?;
+        let (out, inp2) = l2.shape().dims2()?;
+        if inp != inp2 {
+            candle_core::bail!("ranger-linear: input {:?} for weight {:?}", l1.dims(), l2.dims());
+        }
+        let y = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(run(contiguous(x, l1)?, contiguous(w, l2)?, n, out, inp)),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(run(contiguous(x, l1)?, contiguous(w, l2)?, n, out, inp)),
+            _ => candle_core::bail!("ranger-linear: f32/f64 of one dtype"),
+        };
+        Ok((y, Shape::from((n, out))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.detach(), w.detach(), g.detach());
+        Ok((Some(g.matmul(&w)?), Some(g.t()?.matmul(&x)?)))
+    }
+}

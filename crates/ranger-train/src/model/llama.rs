@@ -28,12 +28,7 @@ impl Module for Proj {
         let dims = x.dims();
         let inp = *dims.last().unwrap_or(&1);
         let x2 = x.reshape(((), inp))?;
-        let mut y = if !self.weight.is_variable() && super::ops::fused_ok(&x2) && self.weight.dtype() == x2.dtype() && x2.is_contiguous() {
-            // A frozen weight (LoRA's base): backprop computes no gradient for it.
-            x2.apply_op1(super::fused::FrozenLinear { weight: self.weight.clone() })?
-        } else {
-            x2.matmul(&self.weight.t()?)?
-        };
+        let mut y = super::ops::linear(&x2, &self.weight)?;
         if let Some(l) = &self.lora {
             y = l.apply(&x2, &self.weight, y)?;
         }

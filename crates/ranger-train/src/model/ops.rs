@@ -108,6 +108,19 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
+/// `x W^T` for `x: [n, in]` and `W: [out, in]`. On CPU (f32/f64, contiguous) through ops whose
+/// backward keeps no activation alive and computes no gradient for a frozen (non-variable)
+/// weight; Candle's matmul elsewhere.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) && w.dtype() == x.dtype() && x.is_contiguous() && w.is_contiguous() && w.device().is_cpu() {
+        if w.is_variable() {
+            return x.apply_op2(w, super::fused::Linear);
+        }
+        return x.apply_op1(super::fused::FrozenLinear { weight: w.clone() });
+    }
+    x.matmul(&w.t()?)
+}
+
 /// SwiGLU `silu(gate) * up`: the fused CPU kernel (keeping no intermediate for backprop) on CPU,
 /// [`swiglu_ops`] elsewhere.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -258,6 +271,16 @@ mod tests {
                 assert!(close(gf.get(v).unwrap(), gr.get(v).unwrap()) < 1e-12, "chunk {rows}");
             }
         }
+        // A trainable linear layer: both gradients, and none of them tracked (they keep no
+        // activation alive).
+        let lw = Var::from_tensor(&Tensor::randn(0f64, 1.0, (5, 37), &dev).unwrap()).unwrap();
+        let lin = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+            let g = f(x.as_tensor(), lw.as_tensor()).mul(&w5).unwrap().sum_all().unwrap().backward().unwrap();
+            (g.get(&x).unwrap().clone(), g.get(&lw).unwrap().clone())
+        };
+        let (a, b) = (lin(&|x, w| linear(x, w).unwrap()), lin(&|x, w| x.matmul(&w.t().unwrap()).unwrap()));
+        assert!(close(&a.0, &b.0) < 1e-12 && close(&a.1, &b.1) < 1e-12);
+        assert!(a.1.is_contiguous());
         // RMSNorm over more rows than one task of its backward takes (64).
         let xr = Var::from_tensor(&Tensor::randn(0f64, 1.0, (150, 8), &dev).unwrap()).unwrap();
         let wr = Tensor::randn(0f64, 1.0, (150, 8), &dev).unwrap();
