@@ -170,7 +170,7 @@ impl<O: Optimizer> Optimizer for Lookahead<O> {
         for i in 0..self.vars.len() {
             if grads.get(&self.vars[i]).is_some() {
                 self.steps[i] += 1;
-                if self.steps[i] % self.k as u64 == 0 {
+                if self.steps[i].is_multiple_of(self.k as u64) {
                     self.sync_one(i)?;
                 }
             }

@@ -88,7 +88,7 @@ impl StepScalars {
         } else {
             (1.0, weight_decay)
         };
-        let sync_alpha = (p.lookahead_k > 0 && t % p.lookahead_k as u64 == 0).then_some(p.lookahead_alpha);
+        let sync_alpha = (p.lookahead_k > 0 && t.is_multiple_of(p.lookahead_k as u64)).then_some(p.lookahead_alpha);
         Self { t, rho_t: rho, update, decay_factor, l2, sync_alpha }
     }
 }

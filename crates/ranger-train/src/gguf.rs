@@ -105,7 +105,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         });
     }
     let kv_heads = num("attention.head_count_kv").unwrap_or(heads as f64) as usize;
-    if kv_heads == 0 || heads % kv_heads != 0 {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(TrainError::Config { origin: path.display().to_string(), message: format!("llama.attention.head_count_kv {kv_heads} does not divide head_count {heads}") });
     }
     let hidden = num("embedding_length")? as usize;

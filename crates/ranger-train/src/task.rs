@@ -12,6 +12,8 @@ use crate::model::ops::compute_dtype;
 use crate::model::{Batch, LlamaModel, SequenceClassifier};
 
 /// The model and data of a run.
+// One per run, never moved in a hot loop: boxing a variant would only add indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum Task {
     /// Next-token prediction.
     CausalLm {

@@ -751,7 +751,7 @@ impl Trainer {
                 "epoch": self.state.micro_step as f64 / self.session.task.batches_per_epoch() as f64,
             });
             let is_last = self.state.step == self.state.total_steps;
-            if (cfg.eval_every > 0 && self.state.step % cfg.eval_every == 0) || is_last {
+            if (cfg.eval_every > 0 && self.state.step.is_multiple_of(cfg.eval_every)) || is_last {
                 if let Some(eval) = self.evaluate()? {
                     eval_fields(&eval, &mut record);
                     let score = self.score(&eval);
@@ -770,12 +770,12 @@ impl Trainer {
             self.metrics.push(record);
             bar.set_position(self.state.step as u64);
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
-            if plain_log && (self.state.step % cfg.log_every.max(1) == 0 || is_last) {
+            if plain_log && (self.state.step.is_multiple_of(cfg.log_every.max(1)) || is_last) {
                 eprintln!("step {}/{}: loss {loss:.4} lr {lr:.3e} grad_norm {gnorm:.3} {tps:.0} tok/s", self.state.step, self.state.total_steps);
             }
             let patience_hit = cfg.early_stopping_patience.is_some_and(|p| self.state.evals_without_improvement >= p);
             let interrupted = self.stop.load(Ordering::SeqCst);
-            if (cfg.save_every > 0 && self.state.step % cfg.save_every == 0) || interrupted || patience_hit || is_last {
+            if (cfg.save_every > 0 && self.state.step.is_multiple_of(cfg.save_every)) || interrupted || patience_hit || is_last {
                 self.write_metrics()?;
                 last_checkpoint = Some(self.save_checkpoint()?);
             }

@@ -144,11 +144,11 @@ impl LlamaConfig {
         if r.head_dim.is_some_and(|d| d % 2 != 0) {
             return Err(bad("head_dim must be even (rotary embeddings rotate pairs)".into()));
         }
-        if r.num_attention_heads == 0 || r.hidden_size % r.num_attention_heads != 0 && r.head_dim.is_none() {
+        if r.num_attention_heads == 0 || !r.hidden_size.is_multiple_of(r.num_attention_heads) && r.head_dim.is_none() {
             return Err(bad("hidden_size must be a multiple of num_attention_heads".into()));
         }
         let kv = r.num_key_value_heads.unwrap_or(r.num_attention_heads);
-        if kv == 0 || r.num_attention_heads % kv != 0 {
+        if kv == 0 || !r.num_attention_heads.is_multiple_of(kv) {
             return Err(bad(format!("num_attention_heads {} is not a multiple of num_key_value_heads {kv}", r.num_attention_heads)));
         }
         let head_dim = r.head_dim.unwrap_or(r.hidden_size / r.num_attention_heads);
