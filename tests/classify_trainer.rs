@@ -204,6 +204,17 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
     let trained = t.optimizer.with_slow_weights(|| t.session.task.classifier().unwrap().forward(&b).unwrap()).unwrap();
     let d = (trained - clf.model.forward(&b).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(d, 0.0, "base + adapter (LoRA, head, saved LayerNorm) is not the trained classifier");
+    // PEFT lists both `classifier` and `score` in every SEQ_CLS adapter; going on from such an
+    // adapter ignores the head this model lacks, as PEFT does.
+    let mut peft_like = ac.clone();
+    peft_like["modules_to_save"] = json!(["classifier", "score", "embeddings.LayerNorm"]);
+    std::fs::write(adapter.join("adapter_config.json"), peft_like.to_string()).unwrap();
+    let mut more = config(&dir, 1);
+    more.lora = true;
+    more.lora_adapter = Some(adapter.display().to_string());
+    more.output = dir.join("more").display().to_string();
+    let more = quiet(more);
+    assert_eq!(more.session.vars.len(), t.session.vars.len());
 }
 
 #[test]

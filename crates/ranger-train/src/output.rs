@@ -110,7 +110,10 @@ pub fn save_peft_adapter(
         write_json(&dir.join("adapter_config.json"), &c)?;
     } else {
         let mut c = adapter_config(cfg, task_type, modules_to_save);
-        c["ensure_weight_tying"] = json!(tie);
+        if tie {
+            // Only when needed: PEFT versions older than the key may not accept it.
+            c["ensure_weight_tying"] = json!(true);
+        }
         write_json(&dir.join("adapter_config.json"), &c)?;
     }
     let path = dir.join("adapter_model.safetensors");

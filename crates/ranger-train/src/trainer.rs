@@ -249,7 +249,9 @@ fn prepare_classifier(
         modules = crate::peft::read_adapter_config(Path::new(dir))?.modules_to_save;
     }
     let shapes = backbone.weight_shapes(labels.len());
-    if let Some(m) = modules.iter().find(|m| !shapes.iter().any(|(n, _)| crate::peft::saves_module(std::slice::from_ref(m), n))) {
+    // Only the user's entries must match: PEFT lists both `classifier` and `score` in every
+    // SEQ_CLS adapter, and ignores the one a model lacks.
+    if let Some(m) = cfg.modules_to_save.iter().find(|m| !shapes.iter().any(|(n, _)| crate::peft::saves_module(std::slice::from_ref(m), n))) {
         return Err(TrainError::Msg(format!("modules_to_save entry {m:?} matches no module of this model")));
     }
     let tensors = take_weights(shapes, weights, cfg.dtype.dtype(), device, origin)?;

@@ -155,7 +155,11 @@ impl LlamaConfig {
         // transformers >= 5 keeps `rope_theta` and the scaling in `rope_parameters`
         // (`rope_type: default` when unscaled); older configs have them at the top level.
         let params = r.rope_parameters.as_ref().filter(|v| v.is_object());
-        let rope_theta = r.rope_theta.or_else(|| params.and_then(|p| p["rope_theta"].as_f64())).unwrap_or(10_000.0);
+        let rope_theta = match (r.rope_theta, params) {
+            (Some(t), _) => t,
+            (None, Some(p)) => p["rope_theta"].as_f64().ok_or_else(|| bad(format!("rope_parameters without rope_theta are not supported: {p}")))?,
+            (None, None) => 10_000.0,
+        };
         let scaling = match &r.rope_scaling {
             None | Some(Value::Null) => params.filter(|p| p["rope_type"].as_str().is_some_and(|t| t != "default")),
             Some(v) => Some(v),
@@ -310,5 +314,10 @@ mod tests {
         plain["rope_parameters"] = json!({"rope_theta": 1000000.0, "rope_type": "default"});
         let c = LlamaConfig::from_json(plain, "plain").unwrap();
         assert_eq!((c.rope_theta, c.rope_scaling), (1000000.0, None));
+        // A form without rope_theta (per layer type) is refused rather than run with 10000.
+        let mut per_layer = crate::testing::tiny_config("llama");
+        per_layer.as_object_mut().unwrap().remove("rope_theta");
+        per_layer["rope_parameters"] = json!({"full_attention": {"rope_theta": 1e6, "rope_type": "default"}});
+        assert!(LlamaConfig::from_json(per_layer, "per-layer").is_err());
     }
 }
