@@ -39,10 +39,10 @@ pub fn train_modules(model: &mut LlamaModel, modules: &[String]) -> Result<Vec<(
     let mut vars = Vec::new();
     let mut used = vec![false; modules.len()];
     for (name, slot) in model.weights_mut() {
-        let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
         let mut selected = false;
         for (i, t) in modules.iter().enumerate() {
-            if module.ends_with(t.as_str()) || (tied && name == "model.embed_tokens.weight" && "lm_head".ends_with(t.as_str())) {
+            let t = std::slice::from_ref(t);
+            if saves_module(t, &name) || (tied && name == "model.embed_tokens.weight" && saves_module(t, "lm_head.weight")) {
                 used[i] = true;
                 selected = true;
             }

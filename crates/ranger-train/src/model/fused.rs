@@ -742,6 +742,28 @@ impl CustomOp3 for LinearCrossEntropy {
     }
 }
 
+/// `x W^T` on the CPU (f32/f64, `x: [n, in]`, `W: [out, in]`): the forward pass of [`Linear`]
+/// and [`FrozenLinear`].
+fn linear_fwd(op: &str, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn run<T: 'static + num::Float>(x: &[T], w: &[T], n: usize, out: usize, inp: usize) -> Vec<T> {
+        let mut y = vec![T::zero(); n * out];
+        // SAFETY: y is [n, out]; x is [n, in]; w is [out, in], read transposed.
+        unsafe { gemm_strided((n, out, inp), y.as_mut_ptr(), out, false, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), T::one(), true) };
+        y
+    }
+    let (n, inp) = l1.shape().dims2()?;
+    let (out, inp2) = l2.shape().dims2()?;
+    if inp != inp2 {
+        candle_core::bail!("{op}: input {:?} for weight {:?}", l1.dims(), l2.dims());
+    }
+    let y = match (s1, s2) {
+        (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(run(contiguous(x, l1)?, contiguous(w, l2)?, n, out, inp)),
+        (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(run(contiguous(x, l1)?, contiguous(w, l2)?, n, out, inp)),
+        _ => candle_core::bail!("{op}: f32/f64 of one dtype"),
+    };
+    Ok((y, Shape::from((n, out))))
+}
+
 /// `x W^T` for a frozen weight (f32/f64, `x: [n, in]`, `W: [out, in]` held by the op). Candle's
 /// matmul backward computes and keeps a gradient for both operands even when the weight is a
 /// plain tensor, so a LoRA run would spend a third of its projection backprop, and a
@@ -758,25 +780,12 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn run<T: 'static + num::Float>(x: &[T], w: &[T], n: usize, out: usize, inp: usize) -> Vec<T> {
-            let mut y = vec![T::zero(); n * out];
-            // SAFETY: y is [n, out]; x is [n, in]; w is [out, in], read transposed.
-            unsafe { gemm_strided((n, out, inp), y.as_mut_ptr(), out, false, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), T::one(), true) };
-            y
-        }
-        let (n, inp) = l.shape().dims2()?;
-        let (out, inp2) = self.weight.dims2()?;
-        if inp != inp2 {
-            candle_core::bail!("ranger-frozen-linear: input {:?} for weight {:?}", l.dims(), self.weight.dims());
-        }
         let w = self.weight.contiguous()?;
         let (ws, wl) = w.storage_and_layout();
-        let y = match (s, &*ws) {
-            (CpuStorage::F32(x), candle_core::Storage::Cpu(CpuStorage::F32(w))) => CpuStorage::F32(run(contiguous(x, l)?, contiguous(w, wl)?, n, out, inp)),
-            (CpuStorage::F64(x), candle_core::Storage::Cpu(CpuStorage::F64(w))) => CpuStorage::F64(run(contiguous(x, l)?, contiguous(w, wl)?, n, out, inp)),
-            _ => candle_core::bail!("ranger-frozen-linear: CPU f32/f64 of one dtype"),
-        };
-        Ok((y, Shape::from((n, out))))
+        match &*ws {
+            candle_core::Storage::Cpu(w) => linear_fwd(self.name(), s, l, w, wl),
+            _ => candle_core::bail!("ranger-frozen-linear: the weight is not on the CPU"),
+        }
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -796,23 +805,7 @@ impl CustomOp2 for Linear {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn run<T: 'static + num::Float>(x: &[T], w: &[T], n: usize, out: usize, inp: usize) -> Vec<T> {
-            let mut y = vec![T::zero(); n * out];
-            // SAFETY: y is [n, out]; x is [n, in]; w is [out, in], read transposed.
-            unsafe { gemm_strided((n, out, inp), y.as_mut_ptr(), out, false, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), T::one(), true) };
-            y
-        }
-        let (n, inp) = l1.shape().dims2()?;
-        let (out, inp2) = l2.shape().dims2()?;
-        if inp != inp2 {
-            candle_core::bail!("ranger-linear: input {:?} for weight {:?}", l1.dims(), l2.dims());
-        }
-        let y = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(run(contiguous(x, l1)?, contiguous(w, l2)?, n, out, inp)),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(run(contiguous(x, l1)?, contiguous(w, l2)?, n, out, inp)),
-            _ => candle_core::bail!("ranger-linear: f32/f64 of one dtype"),
-        };
-        Ok((y, Shape::from((n, out))))
+        linear_fwd(self.name(), s1, l1, s2, l2)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
