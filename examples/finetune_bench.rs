@@ -85,6 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|b| b / (1u64 << 30) as f64)
             .collect();
         eprintln!("peak RSS after each step (GiB): {step_peaks:.2?}");
+        eprintln!("tokens/s of each step: {tps:.1?}");
         println!(
             "ranger-tune ({optimizer:?}{}): SmolLM2-135M f32, seq 256 x batch 4, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS {:.2} GiB",
             if lora { ", LoRA r=8" } else { ", full" },

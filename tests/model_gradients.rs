@@ -6,9 +6,11 @@ mod common;
 
 use std::collections::HashMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
 use ranger_train::data::{collate, Sequence};
+use ranger_train::model::grad_sink::GradSink;
 use ranger_train::model::{causal_lm_loss_sum, Batch, LlamaConfig, LlamaModel};
 use ranger_train::rng::Rng;
 use serde_json::{json, Value};
@@ -214,7 +216,8 @@ fn lora_adapter_gradients() {
 
 /// The fused LM-head loss (logits never materialised, gradients computed in the forward pass)
 /// gives the loss and every gradient of the logits path, with a trainable (untied, tied) or a
-/// frozen head (LoRA).
+/// frozen head (LoRA); and so do two micro-batches whose weight gradients are accumulated in
+/// a [`GradSink`] (the trainer's path).
 #[test]
 fn fused_lm_head_loss_matches_the_logits_path() {
     let batch = test_batch(common::TINY_VOCAB, DType::F64);
@@ -229,6 +232,32 @@ fn fused_lm_head_loss_matches_the_logits_path() {
             let (x, y) = (ga.get(var).unwrap(), gb.get(var).unwrap_or_else(|| panic!("{what}: {name} has no fused gradient")));
             let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(d < 1e-10, "{what}: {name} differs by {d}");
+        }
+        // Two micro-batches with the weight gradients going to a sink (as the trainer runs
+        // them): the sum of both passes' gradients, whatever went to the sink and whatever
+        // stayed with Candle.
+        let sink = GradSink::new();
+        let mut acc = GradStore::default();
+        for _ in 0..2 {
+            let l = {
+                let _active = sink.activate();
+                model.loss_sum(&batch, true).unwrap()
+            };
+            let g = (l / 7.0).unwrap().backward().unwrap();
+            for (_, var) in vars {
+                if let Some(g) = g.get(var) {
+                    let sum = acc.get(var).map(|prev| (prev + g).unwrap()).unwrap_or_else(|| g.clone());
+                    acc.insert(var, sum);
+                }
+            }
+        }
+        assert!(!sink.is_empty(), "{what}: no weight gradient went to the sink");
+        sink.merge_into(&mut acc).unwrap();
+        assert!(sink.is_empty());
+        for (name, var) in vars {
+            let (x, y) = (ga.get(var).unwrap(), acc.get(var).unwrap_or_else(|| panic!("{what}: {name} has no gradient through the sink")));
+            let d = ((x * 2.0).unwrap() - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(d < 1e-10, "{what}: {name} differs by {d} through the sink");
         }
         // Evaluation mode gives the same loss and refuses backprop.
         let e = model.loss_sum(&batch, false).unwrap();

@@ -18,6 +18,7 @@ use crate::config::{parse_device, BestMetric, EvalWeights, NanPolicy, ScheduleKi
 use crate::data::{load_file, split_validation, to_sequences, DataOptions, Loader};
 use crate::error::{Result, TrainError};
 use crate::model::classifier::{complete_classifier_weights, labels_from_config};
+use crate::model::grad_sink::GradSink;
 use crate::model::lora::{attach_lora, mix_seed, DropoutSeed};
 use crate::model::{BackboneConfig, LlamaConfig, LlamaModel, LoraConfig, ModelConfig, SequenceClassifier};
 use crate::optim::TrainOptimizer;
@@ -620,12 +621,17 @@ impl Trainer {
         let targets: usize = batches.iter().map(|b| b.n_targets()).sum::<usize>().max(1);
         let tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
         let mut acc = GradStore::default();
+        // Weight gradients of the fused CPU ops, accumulated in place over the micro-batches.
+        let sink = GradSink::new();
         let mut loss_sum = 0f64;
         for (i, batch) in batches.iter().enumerate() {
             // LoRA dropout masks depend on the run's seed and the micro-batch index only, so a
             // resumed run draws the same ones.
             self.session.dropout_seed.set(Some(mix_seed(self.session.cfg.seed, (micro_start + i) as u64)));
-            let sum = task.loss_sum(batch);
+            let sum = {
+                let _active = sink.activate();
+                task.loss_sum(batch)
+            };
             self.session.dropout_seed.set(None);
             let sum = sum?;
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -640,6 +646,7 @@ impl Trainer {
                 }
             }
         }
+        sink.merge_into(&mut acc)?;
         Ok((acc, loss_sum / targets as f64, tokens))
     }
 

@@ -3,8 +3,10 @@
 //! and the LM cross-entropy (no `[tokens, vocab]` log-probabilities are kept at all).
 //! Other devices use the op-by-op versions in [`super::ops`]; the tests check both agree.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
+
+use super::grad_sink::{Buffer, GradSink, SinkFloat};
 
 pub(super) fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -231,23 +233,76 @@ impl CustomOp3 for RmsNormGrad {
 }
 
 /// Rotary embedding `x * cos + rotate_half(x) * sin` (f32/f64), keeping only its output for
-/// backprop: `x: [b, h, s, d]` with `cos`, `sin: [b, 1, s, d]`, or with `seq_first`
-/// `x: [b, s, h, d]` (the projections' layout, no transpose needed) with `cos`, `sin: [b, s, 1, d]`.
+/// backprop: `x: [b, h, s, d]` with `cos`, `sin: [b, 1, s, d]`, or with `rows` token rows
+/// `x: [n, h * d]` (the projections' layout, no transpose needed) with `cos`, `sin: [n, d]`.
 pub struct Rotary {
-    /// Whether `x` is `[b, s, h, d]` rather than `[b, h, s, d]`.
-    pub seq_first: bool,
+    /// Whether `x` is token rows `[n, heads * head_dim]` with `cos`/`sin: [n, head_dim]`, rather
+    /// than `[b, heads, s, head_dim]` with `cos`/`sin: [b, 1, s, head_dim]`.
+    pub rows: bool,
 }
 
-fn rotary_rows<T: num::Float>(x: &[T], cos: &[T], sin: &[T], h: usize, s: usize, d: usize, seq_first: bool) -> Vec<T> {
+/// The gradient of [`Rotary`] (the transposed rotation), one pass over the output gradient.
+struct RotaryGrad {
+    rows: bool,
+}
+
+impl Rotary {
+    fn run(rows: bool, transpose: bool, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (h, s, d, cs) = if rows {
+            let (n, cols) = l1.shape().dims2()?;
+            let d = l2.dims().last().copied().unwrap_or(0);
+            if d == 0 || cols % d != 0 {
+                candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", l2.shape(), l1.shape());
+            }
+            (cols / d, n, d, vec![n, d])
+        } else {
+            let (b, h, s, d) = l1.shape().dims4()?;
+            (h, s, d, vec![b, 1, s, d])
+        };
+        if l2.shape().dims() != cs || l3.shape().dims() != cs {
+            candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", l2.shape(), l1.shape());
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(sn)) => {
+                CpuStorage::F32(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d, rows, transpose))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(sn)) => {
+                CpuStorage::F64(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d, rows, transpose))
+            }
+            _ => candle_core::bail!("ranger-rotary: f32/f64 tensors of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp3 for RotaryGrad {
+    fn name(&self) -> &'static str {
+        "ranger-rotary-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        Rotary::run(self.rows, true, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` per head row or, with `transpose` (the backward pass),
+/// `x * cos + rotate_half^T(x * sin)`, where `rotate_half^T(u) = [u2, -u1]`.
+#[allow(clippy::too_many_arguments)]
+fn rotary_rows<T: num::Float>(x: &[T], cos: &[T], sin: &[T], h: usize, s: usize, d: usize, rows: bool, transpose: bool) -> Vec<T> {
     let half = d / 2;
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (o, row))| {
-        // Row r's position (b * s + i).
-        let pos = if seq_first { r / h } else { r / (h * s) * s + r % s };
+        // Head-row r's position (b * s + i).
+        let pos = if rows { r / h } else { r / (h * s) * s + r % s };
         let (c, sn) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
         for j in 0..d {
-            let rot = if j < half { T::zero() - row[j + half] } else { row[j - half] };
-            o[j] = row[j] * c[j] + rot * sn[j];
+            let rot = match (j < half, transpose) {
+                (true, false) => T::zero() - row[j + half] * sn[j],
+                (false, false) => row[j - half] * sn[j],
+                (true, true) => row[j + half] * sn[j + half],
+                (false, true) => T::zero() - row[j - half] * sn[j - half],
+            };
+            o[j] = row[j] * c[j] + rot;
         }
     });
     out
@@ -259,31 +314,11 @@ impl CustomOp3 for Rotary {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (h, s, d, cs) = match l1.shape().dims4()? {
-            (b, s, h, d) if self.seq_first => (h, s, d, [b, s, 1, d]),
-            (b, h, s, d) => (h, s, d, [b, 1, s, d]),
-        };
-        if l2.shape().dims() != cs || l3.shape().dims() != cs {
-            candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", l2.shape(), l1.shape());
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(sn)) => {
-                CpuStorage::F32(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d, self.seq_first))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(sn)) => {
-                CpuStorage::F64(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d, self.seq_first))
-            }
-            _ => candle_core::bail!("ranger-rotary: f32/f64 tensors of one dtype"),
-        };
-        Ok((out, l1.shape().clone()))
+        Self::run(self.rows, false, s1, l1, s2, l2, s3, l3)
     }
 
     fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // dx = g * cos + rotate_half^T(g * sin), rotate_half^T(u) = [u2, -u1].
-        let u = g.broadcast_mul(sin)?;
-        let half = u.dim(D::Minus1)? / 2;
-        let rot_t = Tensor::cat(&[&u.narrow(D::Minus1, half, half)?, &u.narrow(D::Minus1, 0, half)?.neg()?], D::Minus1)?;
-        Ok((Some((g.broadcast_mul(cos)? + rot_t)?), None, None))
+        Ok((Some(g.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RotaryGrad { rows: self.rows })?), None, None))
     }
 }
 
@@ -589,14 +624,18 @@ pub struct LinearCrossEntropy {
     grads: bool,
     weight_grad: bool,
     chunk_rows: Option<usize>,
-    saved: std::sync::Mutex<Option<(Tensor, Option<Tensor>)>>,
+    sink: Option<GradSink>,
+    saved: std::sync::Mutex<Option<(Tensor, Option<Buffer>)>>,
 }
 
 impl LinearCrossEntropy {
     /// `grads`: compute the gradients during the forward pass (training); `weight_grad`: also
-    /// the weight's (false for a frozen head, as in LoRA).
+    /// the weight's (false for a frozen head, as in LoRA), handed to the active
+    /// [`GradSink`] if there is one.
     pub fn new(grads: bool, weight_grad: bool) -> Self {
-        Self { grads, weight_grad: grads && weight_grad, chunk_rows: None, saved: std::sync::Mutex::new(None) }
+        let weight_grad = grads && weight_grad;
+        let sink = if weight_grad { GradSink::current() } else { None };
+        Self { grads, weight_grad, chunk_rows: None, sink, saved: std::sync::Mutex::new(None) }
     }
 
     /// Rows of logits computed at a time (default: about 8M floats' worth).
@@ -632,6 +671,51 @@ pub(super) unsafe fn gemm_strided<T: 'static + num::Float>(
     // SAFETY: forwarded from the caller.
     unsafe {
         gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, T::one(), beta, false, false, false, par)
+    }
+}
+
+/// A new `[m, n]` matrix `beta * lhs rhs` (operands as in [`gemm_strided`]), written by the
+/// product alone: no zero-fill first.
+///
+/// # Safety
+/// The pointers must address matrices of the given shapes and strides.
+pub(super) unsafe fn gemm_new<T: 'static + num::Float>((m, n, k): (usize, usize, usize), lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), beta: T, parallel: bool) -> Vec<T> {
+    if k == 0 {
+        return vec![T::zero(); m * n];
+    }
+    let mut dst = Vec::with_capacity(m * n);
+    // SAFETY: dst has room for [m, n]; without `accumulate` gemm writes every element of dst
+    // and reads none, so all m * n are set afterwards.
+    unsafe {
+        gemm_strided((m, n, k), dst.as_mut_ptr(), n, false, lhs, rhs, beta, parallel);
+        dst.set_len(m * n);
+    }
+    dst
+}
+
+/// `a b` for 2-D CPU f32/f64 tensors of one dtype, as a new tensor outside the graph (for
+/// backward passes), computed without zero-filling the result first.
+fn matmul_detached(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k) = a.dims2()?;
+    let (k2, n) = b.dims2()?;
+    if k != k2 {
+        candle_core::bail!("matmul: {:?} x {:?}", a.dims(), b.dims());
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let dev = candle_core::Device::Cpu;
+    match (&*sa, &*sb) {
+        // SAFETY: a is [m, k] and b is [k, n], both contiguous.
+        (Storage::Cpu(CpuStorage::F32(x)), Storage::Cpu(CpuStorage::F32(y))) => {
+            let (x, y) = (contiguous(x, la)?, contiguous(y, lb)?);
+            Tensor::from_vec(unsafe { gemm_new((m, n, k), (x.as_ptr(), k, 1), (y.as_ptr(), n, 1), 1f32, true) }, (m, n), &dev)
+        }
+        (Storage::Cpu(CpuStorage::F64(x)), Storage::Cpu(CpuStorage::F64(y))) => {
+            let (x, y) = (contiguous(x, la)?, contiguous(y, lb)?);
+            Tensor::from_vec(unsafe { gemm_new((m, n, k), (x.as_ptr(), k, 1), (y.as_ptr(), n, 1), 1f64, true) }, (m, n), &dev)
+        }
+        _ => candle_core::bail!("matmul: CPU f32/f64 operands of one dtype"),
     }
 }
 
@@ -718,12 +802,12 @@ impl CustomOp3 for LinearCrossEntropy {
         let (out, saved) = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
                 let (loss, gx, gw) = linear_ce(contiguous(x, l1)?, contiguous(w, l2)?, t, h, v, rows, self.grads, self.weight_grad);
-                let saved = self.grads.then(|| -> Result<_> { Ok((Tensor::from_vec(gx, (n, h), &dev)?, self.weight_grad.then(|| Tensor::from_vec(gw, (v, h), &dev)).transpose()?)) });
+                let saved = self.grads.then(|| -> Result<_> { Ok((Tensor::from_vec(gx, (n, h), &dev)?, self.weight_grad.then_some(Buffer::F32(gw)))) });
                 (CpuStorage::F32(vec![loss]), saved.transpose()?)
             }
             (CpuStorage::F64(x), CpuStorage::F64(w)) => {
                 let (loss, gx, gw) = linear_ce(contiguous(x, l1)?, contiguous(w, l2)?, t, h, v, rows, self.grads, self.weight_grad);
-                let saved = self.grads.then(|| -> Result<_> { Ok((Tensor::from_vec(gx, (n, h), &dev)?, self.weight_grad.then(|| Tensor::from_vec(gw, (v, h), &dev)).transpose()?)) });
+                let saved = self.grads.then(|| -> Result<_> { Ok((Tensor::from_vec(gx, (n, h), &dev)?, self.weight_grad.then_some(Buffer::F64(gw)))) });
                 (CpuStorage::F64(vec![loss]), saved.transpose()?)
             }
             _ => candle_core::bail!("ranger-linear-cross-entropy: f32/f64 of one dtype"),
@@ -732,13 +816,20 @@ impl CustomOp3 for LinearCrossEntropy {
         Ok((out, Shape::from(())))
     }
 
-    fn bwd(&self, _x: &Tensor, _w: &Tensor, _t: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _x: &Tensor, w: &Tensor, _t: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some((gx, gw)) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             candle_core::bail!("ranger-linear-cross-entropy: run without gradients (or backpropagated twice)");
         };
         let g = grad_res.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         let scale = |t: Tensor| -> Result<Tensor> { if g == 1.0 { Ok(t) } else { t * g } };
-        Ok((Some(scale(gx)?), gw.map(scale).transpose()?, None))
+        let gw = match (gw, &self.sink) {
+            (Some(gw), Some(sink)) => {
+                sink.add_buffer(w, gw, g)?;
+                None
+            }
+            (gw, _) => gw.map(|gw| scale(gw.into_tensor(w.shape())?)).transpose()?,
+        };
+        Ok((Some(scale(gx)?), gw, None))
     }
 }
 
@@ -746,10 +837,8 @@ impl CustomOp3 for LinearCrossEntropy {
 /// and [`FrozenLinear`].
 fn linear_fwd(op: &str, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
     fn run<T: 'static + num::Float>(x: &[T], w: &[T], n: usize, out: usize, inp: usize) -> Vec<T> {
-        let mut y = vec![T::zero(); n * out];
         // SAFETY: y is [n, out]; x is [n, in]; w is [out, in], read transposed.
-        unsafe { gemm_strided((n, out, inp), y.as_mut_ptr(), out, false, (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), T::one(), true) };
-        y
+        unsafe { gemm_new((n, out, inp), (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), T::one(), true) }
     }
     let (n, inp) = l1.shape().dims2()?;
     let (out, inp2) = l2.shape().dims2()?;
@@ -789,7 +878,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(g.matmul(&self.weight)?))
+        Ok(Some(matmul_detached(g, &self.weight)?))
     }
 }
 
@@ -797,7 +886,11 @@ impl CustomOp1 for FrozenLinear {
 /// records its products, so a weight's gradient would keep the layer's input alive until the
 /// optimizer step, and with it most activations through the whole backward pass; this op
 /// computes both gradients from detached inputs, so gradients reference nothing.
-pub struct Linear;
+/// With a [`GradSink`], the weight's gradient goes there, accumulated in place by the matmul.
+pub struct Linear {
+    /// Where the weight's gradient goes (to Candle's gradient store without one).
+    pub sink: Option<GradSink>,
+}
 
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
@@ -809,7 +902,100 @@ impl CustomOp2 for Linear {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (x, w, g) = (x.detach(), w.detach(), g.detach());
-        Ok((Some(g.matmul(&w)?), Some(g.t()?.matmul(&x)?)))
+        let (xd, wd, g) = (x.detach(), w.detach(), g.detach());
+        let dx = matmul_detached(&g, &wd)?;
+        match &self.sink {
+            None => Ok((Some(dx), Some(g.t()?.matmul(&xd)?))),
+            Some(sink) => {
+                weight_grad_into(sink, w, &g, &xd)?;
+                Ok((Some(dx), None))
+            }
+        }
+    }
+}
+
+/// `dW (+)= g^T x` into `sink`'s buffer for `w: [out, in]`, with `g: [n, out]`, `x: [n, in]`.
+fn weight_grad_into(sink: &GradSink, w: &Tensor, g: &Tensor, x: &Tensor) -> Result<()> {
+    fn run<T: SinkFloat>(sink: &GradSink, w: &Tensor, g: &[T], x: &[T], (n, out, inp): (usize, usize, usize)) -> Result<()> {
+        // SAFETY: dw is [out, in]; g read transposed as [out, n]; x is [n, in]. Without
+        // `accumulate` gemm sets every element of dw (n > 0).
+        unsafe {
+            sink.write_product::<T>(w, |dw, _, accumulate| gemm_strided((out, inp, n), dw, inp, accumulate, (g.as_ptr(), 1, out), (x.as_ptr(), inp, 1), T::one(), true))
+        }
+    }
+    let (n, out) = g.dims2()?;
+    let (n2, inp) = x.dims2()?;
+    if n != n2 || w.dims() != [out, inp] {
+        candle_core::bail!("ranger-linear: gradient {:?} and input {:?} for weight {:?}", g.dims(), x.dims(), w.dims());
+    }
+    if n == 0 {
+        // No rows: a zero gradient (gemm would not write a product over k = 0).
+        return match w.dtype() {
+            candle_core::DType::F64 => sink.write::<f64>(w, |_| {}),
+            _ => sink.write::<f32>(w, |_| {}),
+        };
+    }
+    let (g, x) = (g.contiguous()?, x.contiguous()?);
+    let (gs, gl) = g.storage_and_layout();
+    let (xs, xl) = x.storage_and_layout();
+    match (&*gs, &*xs) {
+        (Storage::Cpu(CpuStorage::F32(g)), Storage::Cpu(CpuStorage::F32(x))) => run(sink, w, contiguous(g, gl)?, contiguous(x, xl)?, (n, out, inp)),
+        (Storage::Cpu(CpuStorage::F64(g)), Storage::Cpu(CpuStorage::F64(x))) => run(sink, w, contiguous(g, gl)?, contiguous(x, xl)?, (n, out, inp)),
+        _ => candle_core::bail!("ranger-linear: CPU f32/f64 gradient and input of one dtype"),
+    }
+}
+
+/// Embedding lookup `table[ids]` (`table: [vocab, h]`, `ids: [n]` u32) whose backward adds the
+/// gathered rows' gradients straight into a [`GradSink`]'s buffer for the table: Candle's
+/// `index_select` backward fills a table-sized buffer with zeros and then copies it once more
+/// to add the rows in.
+pub struct Embedding {
+    /// Where the table's gradient goes.
+    pub sink: GradSink,
+}
+
+impl CustomOp2 for Embedding {
+    fn name(&self) -> &'static str {
+        "ranger-embedding"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn gather<T: Copy>(table: &[T], ids: &[u32], h: usize) -> Vec<T> {
+            ids.iter().flat_map(|&i| &table[i as usize * h..(i as usize + 1) * h]).copied().collect()
+        }
+        let (vocab, h) = l1.shape().dims2()?;
+        let ids = match s2 {
+            CpuStorage::U32(ids) => contiguous(ids, l2)?,
+            _ => candle_core::bail!("ranger-embedding: ids must be u32"),
+        };
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            candle_core::bail!("ranger-embedding: token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let out = match s1 {
+            CpuStorage::F32(t) => CpuStorage::F32(gather(contiguous(t, l1)?, ids, h)),
+            CpuStorage::F64(t) => CpuStorage::F64(gather(contiguous(t, l1)?, ids, h)),
+            _ => candle_core::bail!("ranger-embedding: f32/f64 table"),
+        };
+        Ok((out, Shape::from((ids.len(), h))))
+    }
+
+    fn bwd(&self, table: &Tensor, ids: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn scatter<T: SinkFloat>(sink: &GradSink, table: &Tensor, ids: &[u32], g: &[T], h: usize) -> Result<()> {
+            sink.write::<T>(table, |dt| {
+                for (&i, row) in ids.iter().zip(g.chunks(h)) {
+                    dt[i as usize * h..(i as usize + 1) * h].iter_mut().zip(row).for_each(|(d, &r)| *d = *d + r);
+                }
+            })
+        }
+        let h = table.dim(1)?;
+        let (ids, g) = (ids.contiguous()?, g.contiguous()?);
+        let (is, il) = ids.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        match (&*is, &*gs) {
+            (Storage::Cpu(CpuStorage::U32(i)), Storage::Cpu(CpuStorage::F32(g))) => scatter(&self.sink, table, contiguous(i, il)?, contiguous(g, gl)?, h)?,
+            (Storage::Cpu(CpuStorage::U32(i)), Storage::Cpu(CpuStorage::F64(g))) => scatter(&self.sink, table, contiguous(i, il)?, contiguous(g, gl)?, h)?,
+            _ => candle_core::bail!("ranger-embedding: CPU u32 ids and f32/f64 gradient"),
+        }
+        Ok((None, None))
     }
 }

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 
 use super::config::LlamaConfig;
 pub use super::lora::{peft_name, DropoutSeed, LoraAdapter, LoraConfig};
-use super::ops::{apply_rotary, apply_rotary_seq_first, compute_dtype, masked_softmax, repeat_kv, rms_norm, swiglu};
+use super::ops::{apply_rotary_rows, compute_dtype, masked_softmax, repeat_kv, rms_norm, swiglu};
 
 /// A linear projection `x W^T + b` (weights trainable [`Var`]s or frozen tensors), with an
 /// optional LoRA adapter.
@@ -25,16 +25,12 @@ impl Module for Proj {
         // One [tokens, in] x [in, out] product: a batched `broadcast_matmul` would compute the
         // weight gradient as one product per batch row plus a reduction over a [b, in, out]
         // temporary.
+        if x.rank() == 2 {
+            return self.forward_rows(x);
+        }
         let dims = x.dims();
         let inp = *dims.last().unwrap_or(&1);
-        let x2 = x.reshape(((), inp))?;
-        let mut y = super::ops::linear(&x2, &self.weight)?;
-        if let Some(l) = &self.lora {
-            y = l.apply(&x2, &self.weight, y)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let y = self.forward_rows(&x.reshape(((), inp))?)?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("rank >= 1") = y.dim(1)?;
         y.reshape(out_dims)
@@ -42,6 +38,18 @@ impl Module for Proj {
 }
 
 impl Proj {
+    /// The projection of token rows `x: [n, in]` to `[n, out]`.
+    pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = super::ops::linear(x, &self.weight)?;
+        if let Some(l) = &self.lora {
+            y = l.apply(x, &self.weight, y)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y)
+    }
+
     /// The weight with the LoRA/DoRA adapter merged in (see [`LoraAdapter::merge`]).
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {
@@ -257,56 +265,55 @@ impl LlamaModel {
         &self.device
     }
 
-    /// `cos`, `sin` of shape `[b, 1, s, head_dim]` for `positions: [b, s]`, in the model dtype.
+    /// `cos`, `sin` of shape `[b * s, head_dim]` (one row per token) for `positions: [b, s]`,
+    /// in the model dtype.
     fn rotary(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, s) = positions.dims2()?;
-        let pos = positions.to_dtype(DType::F32)?.reshape((b, s, 1))?;
-        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        let pos = positions.flatten_all()?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
     }
 
-    fn attention(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    /// Self-attention of one layer over token rows `x: [b * s, hidden]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, layer: &Layer, x: &Tensor, (b, s): (usize, usize), cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let c = &self.config;
-        let (b, s, _) = x.dims3()?;
         let hd = c.head_dim;
-        // [b, s, heads, head_dim]: the projections' own layout (a view, no copy).
-        let split = |t: Tensor, n: usize| t.reshape((b, s, n, hd));
-        let mut q = split(layer.q.forward(x)?, c.num_attention_heads)?;
-        let mut k = split(layer.k.forward(x)?, c.num_key_value_heads)?;
-        let v = split(layer.v.forward(x)?, c.num_key_value_heads)?;
+        let (hq, hk) = (c.num_attention_heads, c.num_key_value_heads);
+        // Token rows [b * s, heads * head_dim]: the projections' own layout.
+        let mut q = layer.q.forward_rows(x)?;
+        let mut k = layer.k.forward_rows(x)?;
+        let mut v = layer.v.forward_rows(x)?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            q = rms_norm(&q, qn, c.rms_norm_eps)?;
-            k = rms_norm(&k, kn, c.rms_norm_eps)?;
+            let per_head = |t: &Tensor, w: &Tensor, heads: usize| rms_norm(&t.reshape((b * s, heads, hd))?, w, c.rms_norm_eps)?.reshape((b * s, heads * hd));
+            q = per_head(&q, qn, hq)?;
+            k = per_head(&k, kn, hk)?;
+        }
+        q = apply_rotary_rows(&q, cos, sin)?;
+        k = apply_rotary_rows(&k, cos, sin)?;
+        if let Some(slot) = cache {
+            // Cached keys and values are kept as [b, past, heads * head_dim].
+            let (k3, v3) = (k.reshape((b, s, ()))?, v.reshape((b, s, ()))?);
+            let (k3, v3) = match slot.as_ref() {
+                Some((pk, pv)) => (Tensor::cat(&[pk, &k3], 1)?, Tensor::cat(&[pv, &v3], 1)?),
+                None => (k3, v3),
+            };
+            *slot = Some((k3.clone(), v3.clone()));
+            k = k3.flatten(0, 1)?;
+            v = v3.flatten(0, 1)?;
         }
         if super::ops::fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
-            // The fused path works in [b, s, heads, head_dim] throughout: rotary in place of
-            // layout, then one attention op that reads grouped heads in place, keeps only the
-            // log-sum-exp for backprop and writes [b, s, heads * head_dim] for o_proj.
-            let q = apply_rotary_seq_first(&q, cos, sin)?;
-            let mut k = apply_rotary_seq_first(&k, cos, sin)?;
-            let mut v = v.contiguous()?;
-            if let Some(slot) = cache {
-                if let Some((pk, pv)) = slot.as_ref() {
-                    k = Tensor::cat(&[pk, &k], 1)?;
-                    v = Tensor::cat(&[pv, &v], 1)?;
-                }
-                *slot = Some((k.clone(), v.clone()));
-            }
-            let op = super::attention::FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt());
-            return layer.o.forward(&q.apply_op3(&k, &v, op)?);
+            // One op that reads grouped heads in place, keeps only the log-sum-exp for
+            // backprop and writes token rows for o_proj: no reshape or transpose in the graph.
+            let op = super::attention::FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt(), hd);
+            return layer.o.forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
         }
-        let q = apply_rotary(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let mut k = apply_rotary(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let mut v = v.transpose(1, 2)?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let n_rep = c.num_attention_heads / c.num_key_value_heads;
+        let t = k.dim(0)? / b;
+        let heads_first = |x: &Tensor, n: usize, len: usize| x.reshape((b, len, n, hd))?.transpose(1, 2);
+        let q = heads_first(&q, hq, s)?;
+        let k = heads_first(&k, hk, t)?;
+        let v = heads_first(&v, hk, t)?;
+        let n_rep = hq / hk;
         let k = repeat_kv(&k, n_rep)?.contiguous()?;
         let v = repeat_kv(&v, n_rep)?.contiguous()?;
         let cdt = compute_dtype(self.dtype);
@@ -314,37 +321,41 @@ impl LlamaModel {
         let q = (q * (1.0 / (hd as f64).sqrt()))?.contiguous()?;
         let scores = q.matmul(&k.t()?)?.to_dtype(cdt)?;
         let probs = masked_softmax(&scores, mask)?.to_dtype(self.dtype)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, c.num_attention_heads * hd))?;
-        layer.o.forward(&out)
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, hq * hd))?;
+        layer.o.forward_rows(&out)
     }
 
     fn run(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         if !self.has_lm_head {
             candle_core::bail!("this model was built without its LM head (a classifier backbone)");
         }
+        let (b, s) = input_ids.dims2()?;
         let x = self.run_hidden(input_ids, positions, mask, cache)?;
-        x.broadcast_matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).t()?)
+        x.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).t()?)?.reshape((b, s, ()))
     }
 
     /// Final hidden states `[b, s, hidden]` (after the last norm) for `input_ids: [b, s]` at
     /// `positions: [b, s]` under the additive `mask: [b, 1, s, s]` (see [`causal_mask`]).
     pub fn hidden_states(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        self.run_hidden(input_ids, positions, mask, None)
+        let (b, s) = input_ids.dims2()?;
+        self.run_hidden(input_ids, positions, mask, None)?.reshape((b, s, ()))
     }
 
+    /// Final hidden states as token rows `[b * s, hidden]`. The whole stack works on token rows:
+    /// every reshape would be a node that backprop pays for with a zero-filled buffer and an add.
     fn run_hidden(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (cos, sin) = self.rotary(positions)?;
         let (b, s) = input_ids.dims2()?;
-        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, s, ()))?;
+        let mut x = super::ops::embedding(&self.embed, &input_ids.flatten_all()?)?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let h = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
-            x = (x + self.attention(layer, &h, &cos, &sin, mask, slot)?)?;
+            x = (x + self.attention(layer, &h, (b, s), &cos, &sin, mask, slot)?)?;
             let h = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
-            let mlp = layer.down.forward(&swiglu(&layer.gate.forward(&h)?, &layer.up.forward(&h)?)?)?;
+            let mlp = layer.down.forward_rows(&swiglu(&layer.gate.forward_rows(&h)?, &layer.up.forward_rows(&h)?)?)?;
             x = (x + mlp)?;
         }
         if let Some(c) = cache {
@@ -364,10 +375,10 @@ impl LlamaModel {
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let x = self.run_hidden(&batch.input_ids, &batch.positions, &batch.mask, None)?;
+        let (b, s) = batch.input_ids.dims2()?;
         if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
-            return super::causal_lm_loss_sum(&x.broadcast_matmul(&head.t()?)?, batch);
+            return super::causal_lm_loss_sum(&x.matmul(&head.t()?)?.reshape((b, s, ()))?, batch);
         }
-        let (b, s, w) = x.dims3()?;
         // Row i predicts token i + 1 where that token is a target.
         let ids = batch.input_ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
         let mask = batch.loss_mask.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -381,7 +392,7 @@ impl LlamaModel {
         }
         let targets = Tensor::from_vec(targets, b * s, &Device::Cpu)?;
         let op = super::fused::LinearCrossEntropy::new(training, head.is_variable());
-        x.reshape((b * s, w))?.apply_op3(&head.contiguous()?, &targets, op)
+        x.apply_op3(&head.contiguous()?, &targets, op)
     }
 
     /// Logits `[b, s, vocab]` for every position of a training batch.

@@ -8,6 +8,7 @@ pub mod classifier;
 pub mod config;
 mod fast_exp;
 pub mod fused;
+pub mod grad_sink;
 pub mod llama;
 pub mod lora;
 pub mod ops;

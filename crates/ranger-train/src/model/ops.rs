@@ -114,11 +114,23 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && w.dtype() == x.dtype() && x.is_contiguous() && w.is_contiguous() && w.device().is_cpu() {
         if w.is_variable() {
-            return x.apply_op2(w, super::fused::Linear);
+            return x.apply_op2(w, super::fused::Linear { sink: super::grad_sink::GradSink::current() });
         }
         return x.apply_op1(super::fused::FrozenLinear { weight: w.clone() });
     }
     x.matmul(&w.t()?)
+}
+
+/// Rows `table[ids]` of an embedding table (`ids: [n]` u32): with a
+/// [`super::grad_sink::GradSink`] active and a trainable f32/f64 table on the CPU, through an
+/// op that adds the table's gradient into the sink; `index_select` otherwise.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    if let Some(sink) = super::grad_sink::GradSink::current() {
+        if fused_ok(table) && table.is_variable() && table.is_contiguous() && ids.dtype() == DType::U32 && ids.device().is_cpu() {
+            return table.apply_op2(ids, super::fused::Embedding { sink });
+        }
+    }
+    table.index_select(ids, 0)
 }
 
 /// SwiGLU `silu(gate) * up`: the fused CPU kernel (keeping no intermediate for backprop) on CPU,
@@ -140,20 +152,21 @@ pub fn swiglu_ops(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// `cos`/`sin: [b, 1, seq, head_dim]` (per-sequence positions, so packed examples restart at 0).
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && cos.dtype() == x.dtype() && cos.dims().get(1) == Some(&1) {
-        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, super::fused::Rotary { seq_first: false });
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, super::fused::Rotary { rows: false });
     }
     apply_rotary_ops(x, cos, sin)
 }
 
-/// [`apply_rotary`] for `x: [b, s, heads, head_dim]` (the projections' own layout), with the
-/// same `cos`/`sin: [b, 1, s, head_dim]`.
-pub fn apply_rotary_seq_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, s, _, d) = x.dims4()?;
-    let (cos, sin) = (cos.reshape((b, s, 1, d))?, sin.reshape((b, s, 1, d))?);
+/// [`apply_rotary`] for token rows `x: [n, heads * head_dim]` (the projections' own layout),
+/// with `cos`/`sin: [n, head_dim]` (each row's position).
+pub fn apply_rotary_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && cos.dtype() == x.dtype() {
-        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, super::fused::Rotary { seq_first: true });
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, super::fused::Rotary { rows: true });
     }
-    apply_rotary_ops(x, &cos, &sin)
+    let (n, cols) = x.dims2()?;
+    let d = cos.dim(1)?;
+    let heads = x.reshape((n, cols / d, d))?;
+    apply_rotary_ops(&heads, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)?.reshape((n, cols))
 }
 
 /// [`apply_rotary`] from tensor ops.
@@ -239,7 +252,15 @@ mod tests {
             (&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap(), &|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
             (&|x| layer_norm(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap(), &|x| layer_norm_ops(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()),
             (&|x| apply_rotary(x, &cos, &sin).unwrap(), &|x| apply_rotary_ops(x, &cos, &sin).unwrap()),
-            (&|x| apply_rotary_seq_first(&x.transpose(1, 2).unwrap(), &cos, &sin).unwrap().transpose(1, 2).unwrap(), &|x| apply_rotary_ops(x, &cos, &sin).unwrap()),
+            (
+                // [b, h, s, d] -> rows [b * s, h * d] and back.
+                &|x| {
+                    let rows = x.transpose(1, 2).unwrap().reshape((10, 24)).unwrap();
+                    let (c, s) = (cos.reshape((10, 8)).unwrap(), sin.reshape((10, 8)).unwrap());
+                    apply_rotary_rows(&rows, &c, &s).unwrap().reshape((2, 5, 3, 8)).unwrap().transpose(1, 2).unwrap()
+                },
+                &|x| apply_rotary_ops(x, &cos, &sin).unwrap(),
+            ),
             (&|x| swiglu(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap(), &|x| swiglu_ops(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap()),
         ];
         for (fused, ops) in pairs4 {
