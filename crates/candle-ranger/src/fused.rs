@@ -347,6 +347,43 @@ impl InplaceOp2 for FusedStep<'_> {
 
 /// Whether every element of a CPU tensor is finite, read in place (no copy, no allocation
 /// for contiguous tensors).
+/// The sum of squares of a CPU tensor's elements, accumulated in f64 and read in place (no
+/// squared copy is allocated).
+pub(crate) fn cpu_sum_squares(t: &Tensor) -> candle_core::Result<f64> {
+    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
+    let (storage, layout) = t.storage_and_layout();
+    let cpu = match &*storage {
+        candle_core::Storage::Cpu(c) => c,
+        _ => candle_core::bail!("cpu_sum_squares on a non-cpu tensor"),
+    };
+    fn sum<T: Sync + Copy, F: Fn(T) -> f64 + Sync>(xs: &[T], to_f64: F) -> f64 {
+        // Eight independent accumulators, so the adds pipeline and vectorize.
+        let block = |c: &[T]| {
+            let mut acc = [0f64; 8];
+            let mut lanes = c.chunks_exact(8);
+            for l in &mut lanes {
+                for (a, &x) in acc.iter_mut().zip(l) {
+                    let x = to_f64(x);
+                    *a += x * x;
+                }
+            }
+            let tail = lanes.remainder().iter().fold(0f64, |s, &x| s + to_f64(x) * to_f64(x));
+            acc.iter().sum::<f64>() + tail
+        };
+        // Partial sums in chunk order, added in that order: the same result on every run
+        // (a parallel reduction tree would depend on scheduling).
+        let parts: Vec<f64> = if xs.len() < CHUNK { vec![block(xs)] } else { xs.par_chunks(CHUNK).map(block).collect() };
+        parts.iter().sum()
+    }
+    Ok(match cpu {
+        CpuStorage::F32(d) => sum(slice(d, layout)?, |x: f32| x as f64),
+        CpuStorage::F64(d) => sum(slice(d, layout)?, |x: f64| x),
+        CpuStorage::BF16(d) => sum(slice(d, layout)?, |x: bf16| x.to_f64()),
+        CpuStorage::F16(d) => sum(slice(d, layout)?, |x: f16| x.to_f64()),
+        _ => candle_core::bail!("cpu_sum_squares of a {:?} tensor", t.dtype()),
+    })
+}
+
 pub(crate) fn cpu_all_finite(t: &Tensor) -> candle_core::Result<bool> {
     let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
     let (storage, layout) = t.storage_and_layout();

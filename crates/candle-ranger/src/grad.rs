@@ -4,7 +4,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Var};
 
-use crate::fused::cpu_all_finite;
+use crate::fused::{cpu_all_finite, cpu_sum_squares};
 use crate::portable;
 
 /// Whether every element of `t` is finite: read in place on CPU, with tensor ops elsewhere.
@@ -22,9 +22,12 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> candle_core::Result<f64> {
     let mut total = 0f64;
     for var in vars {
         if let Some(g) = grads.get(var) {
-            let dt = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-            let s = g.to_dtype(dt)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            total += s;
+            total += if g.device().is_cpu() && g.dtype().is_float() {
+                cpu_sum_squares(g)?
+            } else {
+                let dt = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+                g.to_dtype(dt)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
+            };
         }
     }
     Ok(total.sqrt())
@@ -63,4 +66,26 @@ pub fn non_finite_grads(grads: &GradStore, vars: &[Var]) -> candle_core::Result<
         }
     }
     Ok(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// The in-place CPU sum of squares (over several parallel chunks, and in each float dtype)
+    /// against the sum written out in f64.
+    #[test]
+    fn grad_norm_reads_every_element_once() {
+        let values: Vec<f64> = (0..100_003).map(|i| ((i * 7919) % 1000) as f64 / 500.0 - 1.0).collect();
+        for dt in [DType::F64, DType::F32, DType::BF16, DType::F16] {
+            let t = Tensor::new(values.as_slice(), &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let expected: f64 = t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap().iter().map(|x| x * x).sum::<f64>().sqrt();
+            let var = Var::from_tensor(&t).unwrap();
+            let mut grads = GradStore::default();
+            grads.insert(&var, t.clone());
+            let norm = grad_norm(&grads, &[var]).unwrap();
+            assert!((norm - expected).abs() < 1e-9 * expected, "{dt:?}: {norm} vs {expected}");
+        }
+    }
 }
