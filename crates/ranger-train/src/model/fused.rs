@@ -247,6 +247,7 @@ struct RotaryGrad {
 }
 
 impl Rotary {
+    #[allow(clippy::too_many_arguments)]
     fn run(rows: bool, transpose: bool, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let (h, s, d, cs) = if rows {
             let (n, cols) = l1.shape().dims2()?;

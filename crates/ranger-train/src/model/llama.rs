@@ -376,7 +376,7 @@ impl LlamaModel {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let x = self.run_hidden(&batch.input_ids, &batch.positions, &batch.mask, None)?;
         let (b, s) = batch.input_ids.dims2()?;
-        if !(x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) {
+        if !super::ops::fused_ok(&x) {
             return super::causal_lm_loss_sum(&x.matmul(&head.t()?)?.reshape((b, s, ()))?, batch);
         }
         // Row i predicts token i + 1 where that token is a target.

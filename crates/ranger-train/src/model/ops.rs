@@ -44,9 +44,24 @@ pub fn layer_norm_ops(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> R
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
-/// Whether the fused CPU kernels apply (CPU, f32 or f64).
+/// Whether the fused CPU kernels apply (CPU, f32 or f64, and not turned off by
+/// [`without_fused_kernels`]).
 pub(crate) fn fused_ok(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && !UNFUSED.with(|u| u.get())
+}
+
+thread_local! {
+    static UNFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the fused CPU kernels turned off on this thread: models then take the
+/// op-by-op path that other devices (CUDA, Metal) and dtypes take, so tests can check that
+/// path on the CPU against the fused one.
+pub fn without_fused_kernels<R>(f: impl FnOnce() -> R) -> R {
+    let before = UNFUSED.with(|u| u.replace(true));
+    let out = f();
+    UNFUSED.with(|u| u.set(before));
+    out
 }
 
 /// [`rms_norm`] from tensor ops.
