@@ -345,8 +345,6 @@ impl InplaceOp2 for FusedStep<'_> {
     }
 }
 
-/// Whether every element of a CPU tensor is finite, read in place (no copy, no allocation
-/// for contiguous tensors).
 /// The sum of squares of a CPU tensor's elements, accumulated in f64 and read in place (no
 /// squared copy is allocated).
 pub(crate) fn cpu_sum_squares(t: &Tensor) -> candle_core::Result<f64> {
@@ -384,6 +382,8 @@ pub(crate) fn cpu_sum_squares(t: &Tensor) -> candle_core::Result<f64> {
     })
 }
 
+/// Whether every element of a CPU tensor is finite, read in place (no copy, no allocation
+/// for contiguous tensors).
 pub(crate) fn cpu_all_finite(t: &Tensor) -> candle_core::Result<bool> {
     let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
     let (storage, layout) = t.storage_and_layout();

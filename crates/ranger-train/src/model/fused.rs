@@ -826,7 +826,9 @@ impl CustomOp3 for LinearCrossEntropy {
         let g = grad_res.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         let scale = |t: Tensor| -> Result<Tensor> { if g == 1.0 { Ok(t) } else { t * g } };
         let gw = match (gw, &self.sink) {
-            (Some(gw), Some(sink)) => {
+            // Only a variable's gradient may bypass Candle: for any other tensor Candle itself
+            // needs it to go on backpropagating.
+            (Some(gw), Some(sink)) if w.is_variable() => {
                 sink.add_buffer(w, gw, g)?;
                 None
             }

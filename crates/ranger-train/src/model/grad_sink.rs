@@ -80,9 +80,11 @@ thread_local! {
     static ACTIVE: RefCell<Option<GradSink>> = const { RefCell::new(None) };
 }
 
-/// Keeps a sink active on this thread until dropped (see [`GradSink::activate`]).
+/// Keeps a sink active on this thread until dropped (see [`GradSink::activate`]). Not `Send`:
+/// it must be dropped on the thread that activated it.
 pub struct ActiveSink {
     previous: Option<GradSink>,
+    _this_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl Drop for ActiveSink {
@@ -109,7 +111,7 @@ impl GradSink {
     /// to it whenever they run.
     pub fn activate(&self) -> ActiveSink {
         let previous = ACTIVE.with(|a| a.borrow_mut().replace(self.clone()));
-        ActiveSink { previous }
+        ActiveSink { previous, _this_thread: std::marker::PhantomData }
     }
 
     /// The sink active on this thread, if any.

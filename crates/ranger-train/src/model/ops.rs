@@ -58,10 +58,15 @@ thread_local! {
 /// op-by-op path that other devices (CUDA, Metal) and dtypes take, so tests can check that
 /// path on the CPU against the fused one.
 pub fn without_fused_kernels<R>(f: impl FnOnce() -> R) -> R {
-    let before = UNFUSED.with(|u| u.replace(true));
-    let out = f();
-    UNFUSED.with(|u| u.set(before));
-    out
+    /// Restores the flag even when `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            UNFUSED.with(|u| u.set(self.0));
+        }
+    }
+    let _restore = Restore(UNFUSED.with(|u| u.replace(true)));
+    f()
 }
 
 /// [`rms_norm`] from tensor ops.
