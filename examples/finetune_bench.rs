@@ -46,7 +46,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let only = std::env::args().nth(2);
     if only.is_none() {
         for name in ["ranger", "adamw", "lora"] {
-            let status = std::process::Command::new(std::env::current_exe()?).arg(steps.to_string()).arg(name).status()?;
+            let status =
+                std::process::Command::new(std::env::current_exe()?).arg(steps.to_string()).arg(name).status()?;
             if !status.success() {
                 return Err(format!("benchmark of {name} failed").into());
             }

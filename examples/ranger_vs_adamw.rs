@@ -38,7 +38,11 @@ struct Mlp {
 impl Mlp {
     fn new(vb: VarBuilder) -> Result<Self> {
         let dims = [FEATURES, 64, 64, 2];
-        let layers = dims.windows(2).enumerate().map(|(i, w)| linear(w[0], w[1], vb.pp(format!("l{i}")))).collect::<Result<_>>()?;
+        let layers = dims
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| linear(w[0], w[1], vb.pp(format!("l{i}"))))
+            .collect::<Result<_>>()?;
         Ok(Self { layers })
     }
 }
@@ -91,17 +95,25 @@ fn main() -> Result<()> {
     let (x, y) = spirals(1000, &dev)?;
     let init = VarMap::new();
     Mlp::new(VarBuilder::from_varmap(&init, DType::F32, &dev))?;
-    let schedule = Schedule { base_lr: 1e-2, min_lr: 1e-4, warmup_steps: 0, total_steps: STEPS, decay: Decay::FlatThenCosine { flat_fraction: 0.7 } };
+    let schedule = Schedule {
+        base_lr: 1e-2,
+        min_lr: 1e-4,
+        warmup_steps: 0,
+        total_steps: STEPS,
+        decay: Decay::FlatThenCosine { flat_fraction: 0.7 },
+    };
 
     let (ranger_vars, ranger_model) = model_from(&init, &dev)?;
     let params = ParamsRanger { lr: 1e-2, weight_decay: 1e-4, ..Default::default() };
-    let mut ranger = Ranger::with_groups(ParamGroup::split_decay(named_vars(&ranger_vars)), params).map_err(|e| e.into_candle())?;
+    let mut ranger =
+        Ranger::with_groups(ParamGroup::split_decay(named_vars(&ranger_vars)), params).map_err(|e| e.into_candle())?;
     let ranger_curve = train(&ranger_model, &mut ranger, &schedule, &x, &y)?;
     // Evaluate on the slow weights, as the Lookahead paper recommends.
     let ranger_acc = ranger.with_slow_weights(|| accuracy(&ranger_model, &x, &y)).map_err(|e| e.into_candle())??;
 
     let (adamw_vars, adamw_model) = model_from(&init, &dev)?;
-    let mut adamw = AdamW::new(adamw_vars.all_vars(), ParamsAdamW { lr: 1e-2, weight_decay: 1e-4, ..Default::default() })?;
+    let mut adamw =
+        AdamW::new(adamw_vars.all_vars(), ParamsAdamW { lr: 1e-2, weight_decay: 1e-4, ..Default::default() })?;
     let adamw_curve = train(&adamw_model, &mut adamw, &schedule, &x, &y)?;
     let adamw_acc = accuracy(&adamw_model, &x, &y)?;
 

@@ -20,7 +20,11 @@ const LABELS: usize = 3;
 fn build(config: &Value, dtype: DType, seed: u64) -> (Vec<(String, Var)>, SequenceClassifier) {
     let backbone = ModelConfig::from_json(config.clone(), "test").unwrap().backbone();
     let weights = random_classifier_weights(&backbone, LABELS, seed, dtype).unwrap();
-    let vars: Vec<(String, Var)> = backbone.weight_shapes(LABELS).into_iter().map(|(n, _)| (n.clone(), Var::from_tensor(&weights[&n]).unwrap())).collect();
+    let vars: Vec<(String, Var)> = backbone
+        .weight_shapes(LABELS)
+        .into_iter()
+        .map(|(n, _)| (n.clone(), Var::from_tensor(&weights[&n]).unwrap()))
+        .collect();
     let map: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     (vars, SequenceClassifier::new(backbone, LABELS, &map).unwrap())
 }
@@ -67,7 +71,8 @@ fn gradient_check(config: Value, vocab: usize) {
         // Embedding tables: check rows the batch uses, where the gradient is not trivially 0.
         let nonzero: Vec<usize> = (0..g.len()).filter(|&i| g[i] != 0.0).collect();
         for k in 0..4 {
-            let i = if k % 2 == 0 && !nonzero.is_empty() { nonzero[rng.below(nonzero.len())] } else { rng.below(g.len()) };
+            let i =
+                if k % 2 == 0 && !nonzero.is_empty() { nonzero[rng.below(nonzero.len())] } else { rng.below(g.len()) };
             check_element(&model, &b, var, &g, i, &format!("{name}: {wname}"));
         }
     }
@@ -102,14 +107,26 @@ fn qwen2_classifier_gradients() {
 /// decoders pool at the last real token).
 #[test]
 fn padding_does_not_change_logits() {
-    for config in [tiny_encoder_config("bert"), tiny_encoder_config("roberta"), tiny_encoder_config("distilbert"), common::tiny_config("llama")] {
+    for config in [
+        tiny_encoder_config("bert"),
+        tiny_encoder_config("roberta"),
+        tiny_encoder_config("distilbert"),
+        common::tiny_config("llama"),
+    ] {
         let vocab = if config["model_type"] == "llama" { common::TINY_VOCAB } else { TINY_ENCODER_VOCAB };
         let (_, model) = build(&config, DType::F64, 5);
         let ex = examples(vocab);
         let together = model.forward(&batch(&model, &ex)).unwrap();
         for (i, e) in ex.iter().enumerate() {
             let alone = model.forward(&batch(&model, std::slice::from_ref(e))).unwrap();
-            let d = (together.get(i).unwrap() - alone.get(0).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let d = (together.get(i).unwrap() - alone.get(0).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             assert!(d < 1e-10, "{}: row {i} differs by {d} when padded", config["model_type"]);
         }
     }

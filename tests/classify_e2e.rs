@@ -23,7 +23,9 @@ use serde_json::{json, Value};
 /// tokens the model reads.
 fn spam_corpus(dir: &Path) -> Vec<(String, &'static str)> {
     let mut out = Vec::new();
-    for (group, label) in [("easy-ham-1", "ham"), ("easy-ham-2", "ham"), ("hard-ham-1", "ham"), ("spam-1", "spam"), ("spam-2", "spam")] {
+    for (group, label) in
+        [("easy-ham-1", "ham"), ("easy-ham-2", "ham"), ("hard-ham-1", "ham"), ("spam-1", "spam"), ("spam-2", "spam")]
+    {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("data").join(group))
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -94,18 +96,27 @@ fn minilm_learns_spamassassin_to_97_percent_held_out() {
     let best = s.best_model.clone().expect("best model kept");
     // The saved model, reloaded from disk, classifies the held-out emails.
     let loaded = load(best.to_str().unwrap(), &HubOptions::default()).unwrap();
-    let clf = ranger_train::predict::load_classifier(loaded, None, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let clf = ranger_train::predict::load_classifier(loaded, None, candle_core::DType::F32, &candle_core::Device::Cpu)
+        .unwrap();
     assert_eq!(clf.labels, vec!["ham".to_string(), "spam".to_string()]);
     let test_path = dir.join("test.jsonl");
-    let records = read_records(&test_path, &Columns { text: "text".into(), text_pair: None, label: Some("label".into()) }).unwrap();
+    let records =
+        read_records(&test_path, &Columns { text: "text".into(), text_pair: None, label: Some("label".into()) })
+            .unwrap();
     let preds = clf.predict(&records, 128, 32, &test_path).unwrap();
-    let gold: Vec<u32> = records.iter().map(|r| clf.labels.iter().position(|l| Some(l) == r.label.as_ref()).unwrap() as u32).collect();
+    let gold: Vec<u32> =
+        records.iter().map(|r| clf.labels.iter().position(|l| Some(l) == r.label.as_ref()).unwrap() as u32).collect();
     let predicted: Vec<u32> = preds.iter().map(|p| p.label_id).collect();
     let m = ClassMetrics::compute(&predicted, &gold, &clf.labels);
     eprintln!("held-out: {m:?} ({:.0} s in all)", started.elapsed().as_secs_f64());
     // The reloaded model agrees with the evaluation made during training.
     let during = s.best_evaluation.as_ref().and_then(|e| e.classes.as_ref()).expect("classification metrics");
-    assert!((during.accuracy - m.accuracy).abs() < 1e-9, "{} during training, {} reloaded", during.accuracy, m.accuracy);
+    assert!(
+        (during.accuracy - m.accuracy).abs() < 1e-9,
+        "{} during training, {} reloaded",
+        during.accuracy,
+        m.accuracy
+    );
     assert!(m.accuracy >= 0.97, "held-out accuracy {:.4} < 0.97", m.accuracy);
     let config: Value = serde_json::from_str(&std::fs::read_to_string(best.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"], json!(["BertForSequenceClassification"]));

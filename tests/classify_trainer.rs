@@ -91,26 +91,42 @@ fn bert_classifier_trains_keeps_the_best_and_reloads() {
     let s = t.run().unwrap();
     assert!(s.eval_accuracy.unwrap() >= 0.99, "{s:?}");
     // metrics.jsonl has the classification figures, per class.
-    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let last = metrics.iter().rev().find(|m| m.get("eval_accuracy").is_some()).unwrap();
     assert_eq!(last["eval_per_class"].as_array().unwrap().len(), 2);
-    assert_eq!(last["eval_per_class"][0]["support"].as_u64().unwrap() + last["eval_per_class"][1]["support"].as_u64().unwrap(), 12);
+    assert_eq!(
+        last["eval_per_class"][0]["support"].as_u64().unwrap() + last["eval_per_class"][1]["support"].as_u64().unwrap(),
+        12
+    );
     // The output is a BertForSequenceClassification folder with the label maps.
     let model_dir = s.output.clone().unwrap();
     let cfg = read_json(&model_dir.join("config.json"));
     assert_eq!(cfg["architectures"], json!(["BertForSequenceClassification"]));
     assert_eq!(cfg["id2label"], json!({"0": "cool", "1": "warm"}));
     assert_eq!(cfg["label2id"], json!({"cool": 0, "warm": 1}));
-    let names: Vec<String> = candle_core::safetensors::load(model_dir.join("model.safetensors"), &Device::Cpu).unwrap().into_keys().collect();
-    for n in ["bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "classifier.weight", "classifier.bias"] {
+    let names: Vec<String> = candle_core::safetensors::load(model_dir.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_keys()
+        .collect();
+    for n in
+        ["bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "classifier.weight", "classifier.bias"]
+    {
         assert!(names.iter().any(|m| m == n), "{n} missing from the saved model");
     }
     // best/ holds the best evaluation, and reloading it gives the same accuracy.
     let best = s.best_model.clone().unwrap();
     let results = read_json(&best.join("eval_results.json"));
-    let clf = load_classifier(load(best.to_str().unwrap(), &HubOptions::default()).unwrap(), None, DType::F32, &Device::Cpu).unwrap();
+    let clf =
+        load_classifier(load(best.to_str().unwrap(), &HubOptions::default()).unwrap(), None, DType::F32, &Device::Cpu)
+            .unwrap();
     let val = dir.join("val.csv");
-    let records = read_records(&val, &Columns { text: "sentence".into(), text_pair: None, label: Some("category".into()) }).unwrap();
+    let records =
+        read_records(&val, &Columns { text: "sentence".into(), text_pair: None, label: Some("category".into()) })
+            .unwrap();
     let preds = clf.predict(&records, 16, 5, &val).unwrap();
     let correct = preds.iter().zip(&records).filter(|(p, r)| Some(&p.label) == r.label.as_ref()).count();
     assert_eq!(correct as f64 / records.len() as f64, results["classes"]["accuracy"].as_f64().unwrap());
@@ -121,7 +137,9 @@ fn bert_classifier_trains_keeps_the_best_and_reloads() {
 #[test]
 fn classification_resume_is_exact() {
     // lora: None for full fine-tuning, else (DoRA, dropout).
-    for (model_type, lora) in [("distilbert", None), ("llama", None), ("bert", Some((false, 0.0))), ("roberta", Some((true, 0.1)))] {
+    for (model_type, lora) in
+        [("distilbert", None), ("llama", None), ("bert", Some((false, 0.0))), ("roberta", Some((true, 0.1)))]
+    {
         let dir = common::temp_dir(&format!("cls-resume-{model_type}-{lora:?}"));
         setup(&dir, model_type);
         let n = 7; // crosses a Lookahead sync (k = 6) and an epoch (48 examples / 8 per step = 6 steps)
@@ -150,7 +168,8 @@ fn classification_resume_is_exact() {
         assert_eq!(resumed.state.step, n);
         resumed.run().unwrap();
         for ((name, a), (_, b)) in straight.session.vars.iter().zip(&resumed.session.vars) {
-            let d = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d =
+                (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(d, 0.0, "{model_type} (lora {lora:?}): {name} differs after resume");
         }
         assert_eq!(straight.state.best_score, resumed.state.best_score);
@@ -189,20 +208,47 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
     // Base + adapter reproduces the evaluated model, unmerged and merged.
     let probe = dir.join("val.csv");
     let records = read_records(&probe, &Columns { text: "sentence".into(), text_pair: None, label: None }).unwrap();
-    let clf = load_classifier(load(dir.join("model").to_str().unwrap(), &HubOptions::default()).unwrap(), Some(&adapter), DType::F32, &Device::Cpu).unwrap();
+    let clf = load_classifier(
+        load(dir.join("model").to_str().unwrap(), &HubOptions::default()).unwrap(),
+        Some(&adapter),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let preds = clf.predict(&records, 16, 4, &probe).unwrap();
     let eval = t.evaluate().unwrap().unwrap();
-    let correct = preds.iter().zip(read_records(&probe, &Columns { text: "sentence".into(), text_pair: None, label: Some("category".into()) }).unwrap()).filter(|(p, r)| Some(&p.label) == r.label.as_ref()).count();
+    let correct = preds
+        .iter()
+        .zip(
+            read_records(&probe, &Columns { text: "sentence".into(), text_pair: None, label: Some("category".into()) })
+                .unwrap(),
+        )
+        .filter(|(p, r)| Some(&p.label) == r.label.as_ref())
+        .count();
     assert_eq!(correct as f64 / records.len() as f64, eval.classes.unwrap().accuracy);
     let merged: std::collections::HashMap<_, _> = clf.model.merged_weights().unwrap().into_iter().collect();
     let plain = ranger_train::model::SequenceClassifier::new(clf.model.config.clone(), 2, &merged).unwrap();
     let ex = ranger_train::classify::encode_records(&records, &clf.tokenizer, &clf.labels, 16, &probe).unwrap();
     let refs: Vec<_> = ex.iter().collect();
     let b = ranger_train::classify::collate(&refs, clf.tokenizer.pad_id, false, DType::F32, &Device::Cpu).unwrap();
-    let d = (plain.forward(&b).unwrap() - clf.model.forward(&b).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (plain.forward(&b).unwrap() - clf.model.forward(&b).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d < 1e-5, "merged classifier differs by {d}");
     let trained = t.optimizer.with_slow_weights(|| t.session.task.classifier().unwrap().forward(&b).unwrap()).unwrap();
-    let d = (trained - clf.model.forward(&b).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (trained - clf.model.forward(&b).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(d, 0.0, "base + adapter (LoRA, head, saved LayerNorm) is not the trained classifier");
     // PEFT lists both `classifier` and `score` in every SEQ_CLS adapter; going on from such an
     // adapter ignores the head this model lacks, as PEFT does.
@@ -222,7 +268,8 @@ fn decoder_classifier_writes_labels_and_padding() {
     let dir = common::temp_dir("cls-llama");
     setup(&dir, "llama");
     // Integer labels keep their values as ids.
-    let rows: Vec<(String, &str)> = colour_rows(24, 0).into_iter().map(|(t, l)| (t, if l == "warm" { "1" } else { "0" })).collect();
+    let rows: Vec<(String, &str)> =
+        colour_rows(24, 0).into_iter().map(|(t, l)| (t, if l == "warm" { "1" } else { "0" })).collect();
     let mut s = String::new();
     for (t, l) in &rows {
         s.push_str(&json!({"sentence": t, "category": l.parse::<u32>().unwrap()}).to_string());
@@ -238,7 +285,8 @@ fn decoder_classifier_writes_labels_and_padding() {
     assert_eq!(c["architectures"], json!(["LlamaForSequenceClassification"]));
     assert_eq!(c["id2label"], json!({"0": "0", "1": "1"}));
     assert_eq!(c["pad_token_id"], json!(2));
-    let names: Vec<String> = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap().into_keys().collect();
+    let names: Vec<String> =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap().into_keys().collect();
     assert!(names.iter().any(|n| n == "score.weight"));
     assert!(!names.iter().any(|n| n == "lm_head.weight"));
 }
@@ -253,20 +301,33 @@ fn classification_data_errors_name_the_file_and_line() {
     let err = prepare(cfg).err().unwrap().to_string();
     assert!(err.contains("train.csv:1") && err.contains("\"labels\"") && err.contains("category"), "{err}");
     // A validation label the model does not know names its line.
-    std::fs::write(dir.join("val.csv"), "sentence,category\n\"the cat is red .\",warm\n\"the sky is blue .\",lukewarm\n").unwrap();
+    std::fs::write(
+        dir.join("val.csv"),
+        "sentence,category\n\"the cat is red .\",warm\n\"the sky is blue .\",lukewarm\n",
+    )
+    .unwrap();
     let err = prepare(config(&dir, 1)).err().unwrap().to_string();
     assert!(err.contains("val.csv:3") && err.contains("lukewarm"), "{err}");
     // JSONL: a non-string text names its line.
-    std::fs::write(dir.join("bad.jsonl"), "{\"sentence\": \"the cat\", \"category\": \"warm\"}\n{\"sentence\": 5, \"category\": \"cool\"}\n").unwrap();
+    std::fs::write(
+        dir.join("bad.jsonl"),
+        "{\"sentence\": \"the cat\", \"category\": \"warm\"}\n{\"sentence\": 5, \"category\": \"cool\"}\n",
+    )
+    .unwrap();
     let mut cfg = config(&dir, 1);
     cfg.data = dir.join("bad.jsonl").display().to_string();
     cfg.validation_file = None;
     match prepare(cfg) {
-        Err(TrainError::Data { line, message, .. }) => assert!(line == 2 && message.contains("sentence"), "{line}: {message}"),
+        Err(TrainError::Data { line, message, .. }) => {
+            assert!(line == 2 && message.contains("sentence"), "{line}: {message}")
+        }
         other => panic!("expected a data error, got {:?}", other.err()),
     }
     // Integer labels sort numerically.
-    let recs: Vec<ranger_train::classify::Record> = ["10", "2", "1"].iter().map(|l| ranger_train::classify::Record { line: 1, text: "x".into(), pair: None, label: Some(l.to_string()) }).collect();
+    let recs: Vec<ranger_train::classify::Record> = ["10", "2", "1"]
+        .iter()
+        .map(|l| ranger_train::classify::Record { line: 1, text: "x".into(), pair: None, label: Some(l.to_string()) })
+        .collect();
     assert_eq!(labels_from_records(&recs), vec!["1", "2", "10"]);
 }
 
@@ -276,7 +337,11 @@ fn text_pairs_reach_the_model_as_two_segments() {
     setup(&dir, "bert");
     let mut s = String::from("premise,hypothesis,label\n");
     for (i, (t, l)) in colour_rows(16, 0).iter().enumerate() {
-        s.push_str(&format!("\"{t}\",\"{} is red .\",{}\n", if i % 2 == 0 { "the cat" } else { "the dog" }, if *l == "warm" { "yes" } else { "no" }));
+        s.push_str(&format!(
+            "\"{t}\",\"{} is red .\",{}\n",
+            if i % 2 == 0 { "the cat" } else { "the dog" },
+            if *l == "warm" { "yes" } else { "no" }
+        ));
     }
     std::fs::write(dir.join("pairs.csv"), s).unwrap();
     let mut cfg = config(&dir, 2);
@@ -293,5 +358,9 @@ fn text_pairs_reach_the_model_as_two_segments() {
     assert_eq!(e.ids[0], 2);
     assert_eq!(e.ids.iter().filter(|&&i| i == 3).count(), 2);
     let first_sep = e.ids.iter().position(|&i| i == 3).unwrap();
-    assert!(e.type_ids[..=first_sep].iter().all(|&t| t == 0) && e.type_ids[first_sep + 1..].iter().all(|&t| t == 1), "{:?}", e.type_ids);
+    assert!(
+        e.type_ids[..=first_sep].iter().all(|&t| t == 0) && e.type_ids[first_sep + 1..].iter().all(|&t| t == 1),
+        "{:?}",
+        e.type_ids
+    );
 }

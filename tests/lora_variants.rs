@@ -39,7 +39,14 @@ fn dora_projection_follows_peft_and_gets_its_gradients() {
         let cfg = lora_config(dropout, true, rslora);
         let seed = DropoutSeed::default();
         let vars = attach_lora(vec![("layer.q_proj".into(), &mut proj)], &cfg, 1, DType::F64, &dev, &seed).unwrap();
-        assert_eq!(vars.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["base_model.model.layer.q_proj.lora_A.weight", "base_model.model.layer.q_proj.lora_B.weight", "base_model.model.layer.q_proj.lora_magnitude_vector"]);
+        assert_eq!(
+            vars.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            [
+                "base_model.model.layer.q_proj.lora_A.weight",
+                "base_model.model.layer.q_proj.lora_B.weight",
+                "base_model.model.layer.q_proj.lora_magnitude_vector"
+            ]
+        );
         let x = Var::from_tensor(&random(&[t, inp], 3, 1.0)).unwrap();
         let base = x.as_tensor().matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
         // At the start (B = 0, m = ||W||) DoRA is the base projection, in training too.
@@ -56,9 +63,17 @@ fn dora_projection_follows_peft_and_gets_its_gradients() {
         assert_eq!(proj.lora.as_ref().unwrap().scale, s);
 
         seed.set(Some(11));
-        let mask = proj.lora.as_ref().unwrap().dropout.as_ref().map(|d| d.mask(t, inp, DType::F64, &dev).unwrap().unwrap());
+        let mask =
+            proj.lora.as_ref().unwrap().dropout.as_ref().map(|d| d.mask(t, inp, DType::F64, &dev).unwrap().unwrap());
         assert_eq!(mask.is_some(), dropout > 0.0);
-        let frozen_norm = (&w + (b.as_tensor().matmul(a.as_tensor()).unwrap() * s).unwrap()).unwrap().sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        let frozen_norm = (&w + (b.as_tensor().matmul(a.as_tensor()).unwrap() * s).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap();
         let reference = || -> Tensor {
             let x = x.as_tensor();
             let xd = match &mask {
@@ -68,7 +83,11 @@ fn dora_projection_follows_peft_and_gets_its_gradients() {
             let g = m.as_tensor().broadcast_div(&frozen_norm).unwrap();
             let base = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
             let base_d = xd.matmul(&w.t().unwrap()).unwrap().broadcast_mul(&(&g - 1.0).unwrap()).unwrap();
-            let low = (xd.matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&b.as_tensor().t().unwrap()).unwrap() * s).unwrap().broadcast_mul(&g).unwrap();
+            let low = (xd.matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&b.as_tensor().t().unwrap()).unwrap()
+                * s)
+                .unwrap()
+                .broadcast_mul(&g)
+                .unwrap();
             ((base + base_d).unwrap() + low).unwrap()
         };
         let ours = proj.forward(x.as_tensor()).unwrap();
@@ -76,14 +95,23 @@ fn dora_projection_follows_peft_and_gets_its_gradients() {
         let r = random(&[t, out], 7, 1.0);
         let grads = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, var) in [("A", a), ("B", b), ("magnitude", m), ("input", &x)] {
-            let g = grads.get(var).unwrap_or_else(|| panic!("{name}: no gradient")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name}: no gradient"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             for i in 0..g.len() {
-                common::check_gradient_element(var, &g, i, &format!("dropout {dropout}, {name}"), || (reference() * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap());
+                common::check_gradient_element(var, &g, i, &format!("dropout {dropout}, {name}"), || {
+                    (reference() * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+                });
             }
         }
         // Out of training (no seed), the adapter is exactly its merged weight.
         seed.set(None);
-        let merged = x.as_tensor().matmul(&proj.merged_weight().unwrap().t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+        let merged =
+            x.as_tensor().matmul(&proj.merged_weight().unwrap().t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
         assert!(max_diff(&proj.forward(x.as_tensor()).unwrap(), &merged) < 1e-12, "merged DoRA weight differs");
     }
 }
@@ -101,11 +129,27 @@ fn dropout_masks_are_reproducible_and_only_in_training() {
     let dropped = values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len() as f64;
     assert!((dropped - 0.25).abs() < 0.01, "dropped fraction {dropped}");
     assert!(values.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
-    assert_eq!(values, d.mask(200, 300, DType::F32, &Device::Cpu).unwrap().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        values,
+        d.mask(200, 300, DType::F32, &Device::Cpu).unwrap().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
     let other_stream = LoraDropout { stream: 4, ..d.clone() };
-    assert_ne!(values, other_stream.mask(200, 300, DType::F32, &Device::Cpu).unwrap().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_ne!(
+        values,
+        other_stream
+            .mask(200, 300, DType::F32, &Device::Cpu)
+            .unwrap()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
     seed.set(Some(18));
-    assert_ne!(values, d.mask(200, 300, DType::F32, &Device::Cpu).unwrap().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_ne!(
+        values,
+        d.mask(200, 300, DType::F32, &Device::Cpu).unwrap().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
 }
 
 fn test_batch() -> ranger_train::model::Batch {
@@ -149,7 +193,13 @@ fn model_with_dropout_and_dora_adapters_gets_true_gradients() {
         assert_eq!(max_diff(&train, &model.forward(&batch).unwrap()), 0.0, "same seed, same masks");
         let grads = loss().backward().unwrap();
         for (name, var) in &vars {
-            let g = grads.get(var).unwrap_or_else(|| panic!("{name} has no gradient")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("{name} has no gradient"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             assert!(g.iter().any(|&v| v != 0.0), "{name}: zero gradient");
             // DoRA's A and B gradients treat the row norm as a constant (checked above on one
             // projection); the magnitudes' and plain LoRA's are exact derivatives of the loss.

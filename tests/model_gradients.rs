@@ -98,10 +98,18 @@ fn qwen3_qk_norm_gradients() {
 #[test]
 fn packed_examples_do_not_attend_to_each_other() {
     let (_, _, model) = build(&common::tiny_config("llama"), DType::F64, 5);
-    let packed = Sequence { ids: vec![5, 6, 7, 8, 9, 10, 11], target: vec![true; 7], segment: vec![0, 0, 0, 1, 1, 1, 1], position: vec![0, 1, 2, 0, 1, 2, 3] };
-    let alone = Sequence { ids: vec![8, 9, 10, 11], target: vec![true; 4], segment: vec![0; 4], position: vec![0, 1, 2, 3] };
-    let a = model.forward(&collate(&[&packed], 2, None, DType::F64, &Device::Cpu).unwrap()).unwrap().i((0, 3..7)).unwrap();
-    let b = model.forward(&collate(&[&alone], 2, None, DType::F64, &Device::Cpu).unwrap()).unwrap().i((0, 0..4)).unwrap();
+    let packed = Sequence {
+        ids: vec![5, 6, 7, 8, 9, 10, 11],
+        target: vec![true; 7],
+        segment: vec![0, 0, 0, 1, 1, 1, 1],
+        position: vec![0, 1, 2, 0, 1, 2, 3],
+    };
+    let alone =
+        Sequence { ids: vec![8, 9, 10, 11], target: vec![true; 4], segment: vec![0; 4], position: vec![0, 1, 2, 3] };
+    let a =
+        model.forward(&collate(&[&packed], 2, None, DType::F64, &Device::Cpu).unwrap()).unwrap().i((0, 3..7)).unwrap();
+    let b =
+        model.forward(&collate(&[&alone], 2, None, DType::F64, &Device::Cpu).unwrap()).unwrap().i((0, 0..4)).unwrap();
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
     assert!(diff < 1e-10, "{diff}");
 }
@@ -148,7 +156,10 @@ fn compare_config_with_candle(model_type: &str, config: Value) {
     assert_eq!(last.dims(), &[cfg.vocab_size]);
     let diff = (last - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     let scale = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff <= 1e-4 * scale.max(1.0), "{model_type}: logits differ from candle-transformers by {diff} (scale {scale})");
+    assert!(
+        diff <= 1e-4 * scale.max(1.0),
+        "{model_type}: logits differ from candle-transformers by {diff} (scale {scale})"
+    );
     // The cached generation path agrees with the full forward pass.
     let mut cache = ranger_train::model::KvCache::default();
     let first = ours.forward_cached(&ids.narrow(1, 0, 5).unwrap(), &mut cache).unwrap();
@@ -207,7 +218,13 @@ fn lora_adapter_gradients() {
     let batch = test_batch(common::TINY_VOCAB, DType::F64);
     let grads = loss(&model, &batch).backward().unwrap();
     for (name, var) in &vars {
-        let g = grads.get(var).unwrap_or_else(|| panic!("{name} has no gradient")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name} has no gradient"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         check_element(&model, &batch, var, &g, rng.below(g.len()), name);
     }
     // The frozen base has no gradient at all: it is not a variable.
@@ -229,7 +246,8 @@ fn fused_lm_head_loss_matches_the_logits_path() {
         // Scaled as the trainer scales it, so the incoming gradient is not 1.
         let (ga, gb) = ((a / 7.0).unwrap().backward().unwrap(), (b / 7.0).unwrap().backward().unwrap());
         for (name, var) in vars {
-            let (x, y) = (ga.get(var).unwrap(), gb.get(var).unwrap_or_else(|| panic!("{what}: {name} has no fused gradient")));
+            let (x, y) =
+                (ga.get(var).unwrap(), gb.get(var).unwrap_or_else(|| panic!("{what}: {name} has no fused gradient")));
             let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(d < 1e-10, "{what}: {name} differs by {d}");
         }
@@ -255,7 +273,10 @@ fn fused_lm_head_loss_matches_the_logits_path() {
         sink.merge_into(&mut acc).unwrap();
         assert!(sink.is_empty());
         for (name, var) in vars {
-            let (x, y) = (ga.get(var).unwrap(), acc.get(var).unwrap_or_else(|| panic!("{what}: {name} has no gradient through the sink")));
+            let (x, y) = (
+                ga.get(var).unwrap(),
+                acc.get(var).unwrap_or_else(|| panic!("{what}: {name} has no gradient through the sink")),
+            );
             let d = ((x * 2.0).unwrap() - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(d < 1e-10, "{what}: {name} differs by {d} through the sink");
         }
@@ -271,7 +292,13 @@ fn fused_lm_head_loss_matches_the_logits_path() {
     let cfg = LlamaConfig::from_json(common::tiny_config("qwen2"), "test").unwrap();
     let base = ranger_train::weights::random_weights(&cfg, 4, DType::F64).unwrap();
     let mut model = LlamaModel::new(cfg, &base).unwrap();
-    let vars = model.add_lora(&ranger_train::model::LoraConfig { rank: 3, alpha: 6.0, ..Default::default() }, 9, &Default::default()).unwrap();
+    let vars = model
+        .add_lora(
+            &ranger_train::model::LoraConfig { rank: 3, alpha: 6.0, ..Default::default() },
+            9,
+            &Default::default(),
+        )
+        .unwrap();
     let mut rng = Rng::new(5);
     for (_, v) in vars.iter().filter(|(n, _)| n.ends_with("lora_B.weight")) {
         let data: Vec<f64> = (0..v.elem_count()).map(|_| 0.1 * rng.normal()).collect();
@@ -301,10 +328,14 @@ fn op_by_op_path_matches_the_fused_kernels() {
         };
         let (fused, plain) = (run(), without_fused_kernels(run));
         assert!((fused.0 - plain.0).abs() < 1e-10 * fused.0.abs(), "{arch}: loss {} vs {}", fused.0, plain.0);
-        let max_diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let max_diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(max_diff(&fused.2, &plain.2) < 1e-10, "{arch}: cached logits differ");
         for (name, var) in &vars {
-            let (a, b) = (fused.1.get(var).unwrap(), plain.1.get(var).unwrap_or_else(|| panic!("{arch}: {name} has no op-by-op gradient")));
+            let (a, b) = (
+                fused.1.get(var).unwrap(),
+                plain.1.get(var).unwrap_or_else(|| panic!("{arch}: {name} has no op-by-op gradient")),
+            );
             let d = max_diff(a, b);
             assert!(d < 1e-10, "{arch}: {name} differs by {d}");
         }

@@ -118,7 +118,8 @@ fn run_resume(path: UpdatePath, dtype: DType) {
     first.save_state(dir.join("optimizer.safetensors")).unwrap();
     let weights: Vec<(String, Tensor)> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().copy().unwrap())).collect();
     drop(first);
-    let resumed_vars: Vec<(String, Var)> = weights.iter().map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap())).collect();
+    let resumed_vars: Vec<(String, Var)> =
+        weights.iter().map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap())).collect();
     let mut resumed = Ranger::new_named(resumed_vars.clone(), params(path)).unwrap();
     resumed.load_state(dir.join("optimizer.safetensors")).unwrap();
     assert_eq!(resumed.learning_rate(), 0.0123, "learning rate restored");
@@ -129,7 +130,10 @@ fn run_resume(path: UpdatePath, dtype: DType) {
     }
     let (a, b) = (values(&straight_vars), values(&resumed_vars));
     for (x, y) in a.iter().zip(&b) {
-        assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "{path:?} {dtype:?}: resume is not bit-exact");
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{path:?} {dtype:?}: resume is not bit-exact"
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -285,7 +289,10 @@ fn parameter_groups_scale_lr_and_decay() {
     assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 2.0], "lr_scale 0 freezes");
     assert_eq!(c.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 2.0], "wd 0 in the group");
 
-    let split = ParamGroup::split_decay(vec![("w".into(), Var::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()), ("bias".into(), a)]);
+    let split = ParamGroup::split_decay(vec![
+        ("w".into(), Var::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()),
+        ("bias".into(), a),
+    ]);
     assert_eq!(split[0].vars[0].0, "w");
     assert_eq!(split[1].vars[0].0, "bias");
     let dup = vec![("x".into(), b.clone()), ("x".into(), c.clone())];
@@ -368,8 +375,12 @@ fn random_configurations_stay_finite() {
             let mut g = GradStore::default();
             g.insert(&var, rng.tensor(&shape, scale, dtype));
             opt.step(&g).unwrap();
-            let vals: Vec<f64> = var.as_tensor().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            assert!(vals.iter().all(|x| x.is_finite()), "trial {trial} step {s}: {p:?} {dtype:?} {shape:?} gave {vals:?}");
+            let vals: Vec<f64> =
+                var.as_tensor().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                vals.iter().all(|x| x.is_finite()),
+                "trial {trial} step {s}: {p:?} {dtype:?} {shape:?} gave {vals:?}"
+            );
         }
     }
 }
@@ -480,7 +491,8 @@ fn slow_weights_are_taken_at_the_first_step_not_at_construction() {
         assert_eq!(values(&vars), expected, "{path:?}: the sync pulled the weights toward the pre-load init");
     }
     let w = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
-    let config = LookaheadConfig { inner: ParamsAdamW { lr: 0.0, weight_decay: 0.0, ..Default::default() }, k: 1, alpha: 0.5 };
+    let config =
+        LookaheadConfig { inner: ParamsAdamW { lr: 0.0, weight_decay: 0.0, ..Default::default() }, k: 1, alpha: 0.5 };
     let mut la = Lookahead::<AdamW>::new(vec![w.clone()], config).unwrap();
     w.set(&Tensor::new(&[5.0f32, 6.0], &Device::Cpu).unwrap()).unwrap();
     let mut g = GradStore::default();
@@ -497,6 +509,8 @@ fn slow_weights_are_taken_at_the_first_step_not_at_construction() {
 #[test]
 fn the_same_variable_cannot_be_added_twice() {
     let w = Var::new(&[1.0f32], &Device::Cpu).unwrap();
-    let err = Ranger::new_named(vec![("a".into(), w.clone()), ("b".into(), w)], ParamsRanger::default()).unwrap_err().to_string();
+    let err = Ranger::new_named(vec![("a".into(), w.clone()), ("b".into(), w)], ParamsRanger::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("another name"), "{err}");
 }

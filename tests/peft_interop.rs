@@ -18,7 +18,8 @@ fn base_model() -> LlamaModel {
     let dir = fixture().join("base");
     let raw: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let config = LlamaConfig::from_json(raw, "peft_tiny/base").unwrap();
-    let weights: HashMap<String, Tensor> = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let weights: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     LlamaModel::new(config, &weights).unwrap()
 }
 
@@ -66,14 +67,28 @@ fn peft_adapters_load_for_further_training() {
     for (variant, count) in [("lora", 12), ("dora_rslora", 42), ("saved_modules", 10)] {
         let mut model = base_model();
         let seed = DropoutSeed::default();
-        let vars = ranger_train::peft::load_peft_adapter(&mut model, &fixture().join(variant), Some((0.1, &seed))).unwrap();
+        let vars =
+            ranger_train::peft::load_peft_adapter(&mut model, &fixture().join(variant), Some((0.1, &seed))).unwrap();
         assert_eq!(vars.len(), count, "{variant}");
         let ids = Tensor::new(&[[3u32, 7, 1, 12, 5]], &Device::Cpu).unwrap();
         seed.set(Some(1));
-        let grads = model.forward_ids(&ids).unwrap().to_dtype(DType::F32).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = model
+            .forward_ids(&ids)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (name, var) in &vars {
             let g = grads.get(var).unwrap_or_else(|| panic!("{variant}: {name} has no gradient"));
-            assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{variant}: {name} has a zero gradient");
+            assert!(
+                g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0,
+                "{variant}: {name} has a zero gradient"
+            );
         }
     }
 }

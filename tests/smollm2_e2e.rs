@@ -25,9 +25,12 @@ fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-fn model_of(loaded: ranger_train::source::LoadedModel) -> (LlamaModel, ranger_train::tokenizer::TextTokenizer, Option<Value>) {
+fn model_of(
+    loaded: ranger_train::source::LoadedModel,
+) -> (LlamaModel, ranger_train::tokenizer::TextTokenizer, Option<Value>) {
     let config = loaded.decoder().unwrap().clone();
-    let vars = ranger_train::weights::into_vars(&config, loaded.weights, DType::F32, &Device::Cpu, &loaded.origin).unwrap();
+    let vars =
+        ranger_train::weights::into_vars(&config, loaded.weights, DType::F32, &Device::Cpu, &loaded.origin).unwrap();
     (LlamaModel::from_vars(config, &vars).unwrap(), loaded.tokenizer, loaded.generation_config)
 }
 
@@ -71,8 +74,8 @@ fn gguf_matches_transformers() {
 }
 
 const NAMES: [&str; 24] = [
-    "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj", "Olivia", "Peggy",
-    "Rupert", "Sybil", "Trent", "Victor", "Walter", "Yvonne", "Zoe", "Quinn", "Uma", "Xavier",
+    "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj", "Olivia",
+    "Peggy", "Rupert", "Sybil", "Trent", "Victor", "Walter", "Yvonne", "Zoe", "Quinn", "Uma", "Xavier",
 ];
 
 /// Prompt/completion pairs of a made-up, learnable pattern; the last 6 are held out.
@@ -117,7 +120,11 @@ fn fine_tune_end_to_end() {
     // 1. A real fine-tune: held-out loss and training loss fall.
     let mut t = quiet(config(&dir, "run", 10));
     let s = t.run().unwrap();
-    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let baseline = metrics[0]["eval_loss"].as_f64().unwrap();
     let after = s.eval_loss.unwrap();
     assert!(after < baseline - 0.1, "held-out loss {baseline} -> {after}");
@@ -133,7 +140,8 @@ fn fine_tune_end_to_end() {
     let (model, tok, gen) = model_of(load_dir(&out).unwrap());
     let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
     let reloaded = model.forward_ids(&probe).unwrap();
-    let trained = t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
+    let trained =
+        t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
     let diff = (reloaded - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "the saved model is not the evaluated one");
     let opts = GenerateOptions { max_tokens: 8, temperature: 0.0, ..Default::default() };
@@ -154,13 +162,17 @@ fn fine_tune_end_to_end() {
     let mut resumed = quiet(cfg);
     resumed.run().unwrap();
     for ((n, a), (_, b)) in straight.session.vars.iter().zip(&resumed.session.vars) {
-        let (a, b) = (a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (a, b) = (
+            a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} differs after resume");
     }
 
     // 4. A corrupted line names the file and the line.
     let bad = dir.join("corrupt.jsonl");
-    let mut lines: Vec<String> = std::fs::read_to_string(dir.join("train.jsonl")).unwrap().lines().map(String::from).collect();
+    let mut lines: Vec<String> =
+        std::fs::read_to_string(dir.join("train.jsonl")).unwrap().lines().map(String::from).collect();
     let cut = lines[1].len() - 5;
     lines[1].truncate(cut); // a line cut short, as by an interrupted write
     std::fs::write(&bad, lines.join("\n")).unwrap();
@@ -196,18 +208,27 @@ fn adapter_end_to_end(name: &str, dora: bool, dropout: f64, parameters: usize) {
     let mut t = quiet(cfg);
     assert_eq!(t.trainable_parameters(), parameters, "r=8 on all 7 projections of 30 layers, as PEFT counts");
     let s = t.run().unwrap();
-    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("lora/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("lora/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let baseline = metrics[0]["eval_loss"].as_f64().unwrap();
     assert!(s.eval_loss.unwrap() < baseline - 0.05, "held-out loss {baseline} -> {:?}", s.eval_loss);
     let adapter = s.output.unwrap();
     let loaded = load(common::smollm2_gguf().to_str().unwrap(), &HubOptions::default()).unwrap();
     let config = loaded.decoder().unwrap().clone();
-    let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(&config, loaded.weights, DType::F32, &Device::Cpu, "base").unwrap().into_iter().collect();
+    let base: std::collections::HashMap<_, _> =
+        ranger_train::weights::into_tensors(&config, loaded.weights, DType::F32, &Device::Cpu, "base")
+            .unwrap()
+            .into_iter()
+            .collect();
     let mut model = LlamaModel::new(config.clone(), &base).unwrap();
     ranger_train::peft::load_peft_adapter(&mut model, &adapter, None).unwrap();
     let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
     let with_adapter = model.forward_ids(&probe).unwrap();
-    let trained = t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
+    let trained =
+        t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
     let d = (&with_adapter - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(d, 0.0, "the reloaded adapter is not the evaluated one");
     let merged: std::collections::HashMap<_, _> = model.merged_weights().unwrap().into_iter().collect();

@@ -63,7 +63,12 @@ fn weights_bits(t: &Trainer) -> Vec<(String, Vec<u32>)> {
     t.session
         .vars
         .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()))
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect(),
+            )
+        })
         .collect()
 }
 
@@ -100,7 +105,10 @@ fn training_lowers_the_loss_and_writes_a_loadable_model() {
     assert!(lines[4]["eval_loss"].is_f64());
     assert!(std::fs::read_to_string(dir.join("out/loss_curve.svg")).unwrap().contains("<polyline"));
     // Only the last save_total_limit (2) checkpoints are kept, and no partial one is left.
-    let names: Vec<String> = std::fs::read_dir(dir.join("out")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    let names: Vec<String> = std::fs::read_dir(dir.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
     assert!(names.iter().all(|n| !n.contains("partial")), "{names:?}");
     assert_eq!(names.iter().filter(|n| n.starts_with("checkpoint-")).count(), 1, "{names:?}");
 }
@@ -141,11 +149,19 @@ fn resume_exact(optimizer: OptimizerKind, lora: Option<(bool, f64)>) {
     assert_eq!(resumed.state.step, n);
     let s = resumed.run().unwrap();
     assert_eq!(s.steps, 2 * n);
-    assert_eq!(weights_bits(&straight), weights_bits(&resumed), "{optimizer:?}: resumed weights differ from the straight run");
+    assert_eq!(
+        weights_bits(&straight),
+        weights_bits(&resumed),
+        "{optimizer:?}: resumed weights differ from the straight run"
+    );
     let a = std::fs::read_to_string(dir.join("straight/metrics.jsonl")).unwrap();
     let b = std::fs::read_to_string(dir.join("resumed/metrics.jsonl")).unwrap();
     assert_eq!(a.lines().count(), 2 * n + 1);
-    let losses = |t: &str| t.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().map(f64::to_bits)).collect::<Vec<_>>();
+    let losses = |t: &str| {
+        t.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().map(f64::to_bits))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(losses(&a), losses(&b), "per-step losses differ after resume");
 }
 
@@ -237,7 +253,9 @@ fn packing_fills_sequences_without_crossing_examples() {
     let dir = common::temp_dir("packing");
     setup(&dir);
     let tok = TextTokenizer::from_dir(&dir.join("model")).unwrap();
-    let data = load_file(&dir.join("train.jsonl"), &tok, &DataOptions { max_seq_len: 32, pack: true, mask_prompt: true }).unwrap();
+    let data =
+        load_file(&dir.join("train.jsonl"), &tok, &DataOptions { max_seq_len: 32, pack: true, mask_prompt: true })
+            .unwrap();
     let packed = to_sequences(&data.examples, &DataOptions { max_seq_len: 32, pack: true, mask_prompt: true });
     let single = to_sequences(&data.examples, &DataOptions { max_seq_len: 32, pack: false, mask_prompt: true });
     assert_eq!(single.len(), 24);
@@ -390,7 +408,8 @@ fn large_outputs_are_sharded_and_reload() {
     let s = t.run().unwrap();
     let out = s.output.unwrap();
     assert!(!out.join("model.safetensors").exists());
-    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
     let map = index["weight_map"].as_object().unwrap();
     assert_eq!(map.len(), t.session.vars.len());
     let files: std::collections::BTreeSet<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
@@ -437,7 +456,8 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     assert!(s.eval_loss.unwrap() < before * 0.9, "eval {before} -> {:?}", s.eval_loss);
     let out = s.output.unwrap();
     assert!(out.ends_with("adapter"));
-    let cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg_json["peft_type"], "LORA");
     assert_eq!(cfg_json["r"], 4);
     assert_eq!(cfg_json["lora_alpha"], 16.0);
@@ -445,7 +465,8 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     assert_eq!(cfg_json["use_dora"], dora);
     assert_eq!(cfg_json["use_rslora"], rslora);
     assert_eq!(cfg_json["lora_dropout"], dropout);
-    let tensors = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(out.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
     assert_eq!(tensors.len(), 6 * per_module);
     if dora {
         assert_eq!(tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"].dims(), &[16]);
@@ -458,23 +479,37 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     // Round trip: base + the saved adapter gives exactly the evaluated model's logits.
     let loaded = ranger_train::source::load_dir(&dir.join("model")).unwrap();
     let base_config = loaded.decoder().unwrap().clone();
-    let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(&base_config, loaded.weights, candle_core::DType::F32, &candle_core::Device::Cpu, "base")
-        .unwrap()
-        .into_iter()
-        .collect();
+    let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(
+        &base_config,
+        loaded.weights,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        "base",
+    )
+    .unwrap()
+    .into_iter()
+    .collect();
     let mut reloaded = ranger_train::model::LlamaModel::new(base_config, &base).unwrap();
     let adapter_vars = ranger_train::peft::load_peft_adapter(&mut reloaded, &out, None).unwrap();
     assert_eq!(adapter_vars.len(), 6 * per_module);
     let ids = candle_core::Tensor::new(&[[5u32, 9, 12, 7, 20]], &candle_core::Device::Cpu).unwrap();
     let ours = reloaded.forward_ids(&ids).unwrap();
-    let trained = t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
+    let trained =
+        t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
     let diff = (ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "adapter round trip changed the model");
     // Merging gives the same model as base + adapter.
     let merged: std::collections::HashMap<_, _> = reloaded.merged_weights().unwrap().into_iter().collect();
     let merged_model = ranger_train::model::LlamaModel::new(reloaded.config.clone(), &merged).unwrap();
     let m = merged_model.forward_ids(&ids).unwrap();
-    let d = (m - reloaded.forward_ids(&ids).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (m - reloaded.forward_ids(&ids).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(d < 1e-5, "merged model differs by {d}");
     // Training goes on from a saved adapter: it starts where the adapter left off.
     let mut more = config(&dir, 2);
@@ -487,7 +522,8 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     assert!((start - s.eval_loss.unwrap()).abs() < 1e-5, "{start} vs {:?}", s.eval_loss);
     t2.run().unwrap();
     // The adapter keeps its configuration; the dropout recorded is this run's (0 by default).
-    let copied: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("more/adapter/adapter_config.json")).unwrap()).unwrap();
+    let copied: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("more/adapter/adapter_config.json")).unwrap()).unwrap();
     let mut expected_cfg = cfg_json.clone();
     expected_cfg["lora_dropout"] = serde_json::json!(0.0);
     assert_eq!(copied, expected_cfg);
@@ -517,7 +553,8 @@ fn modules_to_save_train_whole_and_round_trip() {
         cfg.modules_to_save = if tied { vec!["embed_tokens".into()] } else { vec!["lm_head".into(), "norm".into()] };
         let mut t = quiet(cfg.clone());
         let whole = |t: &Trainer| -> Vec<String> {
-            let mut n: Vec<String> = t.session.vars.iter().map(|(n, _)| n.clone()).filter(|n| !n.contains(".lora_")).collect();
+            let mut n: Vec<String> =
+                t.session.vars.iter().map(|(n, _)| n.clone()).filter(|n| !n.contains(".lora_")).collect();
             n.sort();
             n
         };
@@ -535,14 +572,21 @@ fn modules_to_save_train_whole_and_round_trip() {
         expected = expected.iter().map(|n| format!("base_model.model.{n}")).collect();
         expected.sort();
         assert_eq!(whole(&t), expected);
-        let before: Vec<Tensor> = t.session.vars.iter().filter(|(n, _)| !n.contains(".lora_")).map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
+        let before: Vec<Tensor> = t
+            .session
+            .vars
+            .iter()
+            .filter(|(n, _)| !n.contains(".lora_"))
+            .map(|(_, v)| v.as_tensor().copy().unwrap())
+            .collect();
         let s = t.run().unwrap();
         let out = s.output.clone().unwrap();
         let moved = t.session.vars.iter().filter(|(n, _)| !n.contains(".lora_")).zip(&before).all(|((_, v), b)| {
             (v.as_tensor() - b).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0
         });
         assert!(moved, "every saved module was trained");
-        let ac: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        let ac: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!(ac["modules_to_save"], serde_json::json!(cfg.modules_to_save));
         assert_eq!(ac["ensure_weight_tying"] == true, tied);
         let tensors = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
@@ -551,22 +595,42 @@ fn modules_to_save_train_whole_and_round_trip() {
         }
         if tied {
             // PEFT saves a tied matrix under both names.
-            let d = (&tensors["base_model.model.lm_head.weight"] - &tensors["base_model.model.model.embed_tokens.weight"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (&tensors["base_model.model.lm_head.weight"]
+                - &tensors["base_model.model.model.embed_tokens.weight"])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert_eq!(d, 0.0);
         }
         // Base + adapter (LoRA and saved modules) is the trained model, unmerged and merged.
         let loaded = ranger_train::source::load_dir(&dir.join("model")).unwrap();
         let base_config = loaded.decoder().unwrap().clone();
-        let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(&base_config, loaded.weights, DType::F32, &Device::Cpu, "base").unwrap().into_iter().collect();
+        let base: std::collections::HashMap<_, _> =
+            ranger_train::weights::into_tensors(&base_config, loaded.weights, DType::F32, &Device::Cpu, "base")
+                .unwrap()
+                .into_iter()
+                .collect();
         let mut reloaded = ranger_train::model::LlamaModel::new(base_config.clone(), &base).unwrap();
         ranger_train::peft::load_peft_adapter(&mut reloaded, &out, None).unwrap();
         let ids = Tensor::new(&[[5u32, 9, 12, 7, 20]], &Device::Cpu).unwrap();
         let ours = reloaded.forward_ids(&ids).unwrap();
-        let trained = t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
-        assert_eq!((&ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "tied {tied}: reloaded adapter differs");
+        let trained =
+            t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
+        assert_eq!(
+            (&ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(),
+            0.0,
+            "tied {tied}: reloaded adapter differs"
+        );
         let merged: std::collections::HashMap<_, _> = reloaded.merged_weights().unwrap().into_iter().collect();
         let m = ranger_train::model::LlamaModel::new(base_config, &merged).unwrap().forward_ids(&ids).unwrap();
-        assert!((m - &ours).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5, "merged model differs");
+        assert!(
+            (m - &ours).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5,
+            "merged model differs"
+        );
         // Going on from the adapter trains the saved modules again.
         let mut more = config(&dir, 1);
         more.lora = true;

@@ -45,7 +45,11 @@ pub fn temp_dir(name: &str) -> TempDir {
 /// cached on first use).
 pub fn fetched_asset(mode: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new("bash").arg(root.join("tools/fetch_test_assets.sh")).arg(mode).output().expect("running tools/fetch_test_assets.sh");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("tools/fetch_test_assets.sh"))
+        .arg(mode)
+        .output()
+        .expect("running tools/fetch_test_assets.sh");
     assert!(out.status.success(), "fetch_test_assets.sh {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     let path = PathBuf::from(stdout.lines().last().expect("a path").trim());

@@ -8,7 +8,9 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ranger_train::config::{parse_device, BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind, TaskKind};
+use ranger_train::config::{
+    parse_device, BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind, TaskKind,
+};
 use ranger_train::generate::{generate, stop_ids, GenerateOptions};
 use ranger_train::source::{self, HubOptions};
 use ranger_train::{TrainConfig, Trainer};
@@ -18,7 +20,11 @@ use ranger_train::{TrainConfig, Trainer};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "ranger-tune", version, about = "Fine-tune Hugging Face causal LMs and text classifiers with the Ranger optimizer (CPU, CUDA, Metal)")]
+#[command(
+    name = "ranger-tune",
+    version,
+    about = "Fine-tune Hugging Face causal LMs and text classifiers with the Ranger optimizer (CPU, CUDA, Metal)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -285,14 +291,55 @@ impl TrainArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
-        set!(model, data, output, max_seq_length, learning_rate, weight_decay, beta2, lookahead_k, lookahead_alpha, warmup_ratio,
-             min_lr_ratio, flat_fraction, batch_size, grad_accumulation_steps, max_grad_norm, epochs, eval_every, save_every,
-             save_total_limit, log_every, seed, device, max_shard_size, val_split, lora_rank, lora_alpha, lora_dropout, lora_targets, modules_to_save,
-             text_column, label_column);
+        set!(
+            model,
+            data,
+            output,
+            max_seq_length,
+            learning_rate,
+            weight_decay,
+            beta2,
+            lookahead_k,
+            lookahead_alpha,
+            warmup_ratio,
+            min_lr_ratio,
+            flat_fraction,
+            batch_size,
+            grad_accumulation_steps,
+            max_grad_norm,
+            epochs,
+            eval_every,
+            save_every,
+            save_total_limit,
+            log_every,
+            seed,
+            device,
+            max_shard_size,
+            val_split,
+            lora_rank,
+            lora_alpha,
+            lora_dropout,
+            lora_targets,
+            modules_to_save,
+            text_column,
+            label_column
+        );
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
         }
-        set_opt!(revision, validation_file, beta1, eps, warmup_steps, max_steps, eval_batches, early_stopping_patience, resume, text_pair_column, labels);
+        set_opt!(
+            revision,
+            validation_file,
+            beta1,
+            eps,
+            warmup_steps,
+            max_steps,
+            eval_batches,
+            early_stopping_patience,
+            resume,
+            text_pair_column,
+            labels
+        );
         if let Some(t) = self.task {
             c.task = match t {
                 TaskArg::CausalLm => TaskKind::CausalLm,
@@ -528,7 +575,12 @@ fn train(args: TrainArgs) -> Result<()> {
         println!("  last checkpoint       {} (resume with --resume {})", c.display(), c.display());
     }
     match &s.output {
-        Some(o) => println!("  {} ({} weights)  {}", if o.ends_with("adapter") { "LoRA adapter" } else { "model" }, s.weights, o.display()),
+        Some(o) => println!(
+            "  {} ({} weights)  {}",
+            if o.ends_with("adapter") { "LoRA adapter" } else { "model" },
+            s.weights,
+            o.display()
+        ),
         None => println!("  model                 not written (interrupted); resume to finish"),
     }
     Ok(())
@@ -540,12 +592,19 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let dtype = candle_core::DType::F32;
     let config = loaded.decoder()?.clone();
     let vars = ranger_train::weights::into_vars(&config, loaded.weights, dtype, &device, &loaded.origin)?;
-    let mut model = ranger_train::model::LlamaModel::from_vars(config, &vars).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
+    let mut model =
+        ranger_train::model::LlamaModel::from_vars(config, &vars).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
     if let Some(dir) = &a.adapter {
         ranger_train::peft::load_peft_adapter(&mut model, dir, None)?;
     }
     let stop = stop_ids(&loaded.tokenizer, loaded.generation_config.as_ref());
-    let opts = GenerateOptions { max_tokens: a.max_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed, chat: a.chat };
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        chat: a.chat,
+    };
     use std::io::Write;
     generate(&model, &loaded.tokenizer, &a.prompt, &stop, &opts, |piece| {
         print!("{piece}");
@@ -567,7 +626,9 @@ fn merge(a: MergeArgs) -> Result<()> {
     let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
     let cpu = candle_core::Device::Cpu;
     let dtype = dtype_of(a.dtype);
-    let cast = |w: Vec<(String, candle_core::Tensor)>| w.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect::<Result<Vec<_>>>();
+    let cast = |w: Vec<(String, candle_core::Tensor)>| {
+        w.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect::<Result<Vec<_>>>()
+    };
     if a.adapter.join(ranger_train::predict::ADAPTER_CLASSIFIER_CONFIG).exists() {
         // A classifier's adapter: its head and labels come with it.
         let clf = ranger_train::predict::load_classifier(loaded, Some(&a.adapter), candle_core::DType::F32, &cpu)?;
@@ -578,12 +639,24 @@ fn merge(a: MergeArgs) -> Result<()> {
         return Ok(());
     }
     let config = loaded.decoder()?.clone();
-    let base = ranger_train::weights::into_tensors(&config, loaded.weights, candle_core::DType::F32, &cpu, &loaded.origin)?;
-    let mut model = ranger_train::model::LlamaModel::new(config.clone(), &base.into_iter().collect()).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
+    let base =
+        ranger_train::weights::into_tensors(&config, loaded.weights, candle_core::DType::F32, &cpu, &loaded.origin)?;
+    let mut model = ranger_train::model::LlamaModel::new(config.clone(), &base.into_iter().collect())
+        .map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
     ranger_train::peft::load_peft_adapter(&mut model, &a.adapter, None)?;
     let weights = cast(model.merged_weights()?)?;
-    let gen = loaded.generation_config.clone().unwrap_or_else(|| ranger_train::output::default_generation_config(&config.raw));
-    ranger_train::output::save_hf_folder(&a.output, &config.raw, &weights, &loaded.tokenizer, Some(&gen), 5_000_000_000)?;
+    let gen = loaded
+        .generation_config
+        .clone()
+        .unwrap_or_else(|| ranger_train::output::default_generation_config(&config.raw));
+    ranger_train::output::save_hf_folder(
+        &a.output,
+        &config.raw,
+        &weights,
+        &loaded.tokenizer,
+        Some(&gen),
+        5_000_000_000,
+    )?;
     println!("wrote {} (base {} + adapter {}, merged)", a.output.display(), a.model, a.adapter.display());
     Ok(())
 }
@@ -600,8 +673,18 @@ fn convert(a: ConvertArgs) -> Result<()> {
         let t = loaded.weights.get(&name).with_context(|| format!("{}: tensor {name} missing", a.model.display()))?;
         weights.push((name, t.to_dtype(dtype)?));
     }
-    let gen = loaded.generation_config.clone().unwrap_or_else(|| ranger_train::output::default_generation_config(&config.raw));
-    ranger_train::output::save_hf_folder(&a.output, &config.raw, &weights, &loaded.tokenizer, Some(&gen), 5_000_000_000)?;
+    let gen = loaded
+        .generation_config
+        .clone()
+        .unwrap_or_else(|| ranger_train::output::default_generation_config(&config.raw));
+    ranger_train::output::save_hf_folder(
+        &a.output,
+        &config.raw,
+        &weights,
+        &loaded.tokenizer,
+        Some(&gen),
+        5_000_000_000,
+    )?;
     println!("wrote {} (Hugging Face format, {} tensors)", a.output.display(), weights.len());
     Ok(())
 }
@@ -617,13 +700,16 @@ fn main() -> Result<()> {
     }
 }
 
-
 fn predict(a: PredictArgs) -> Result<()> {
     use std::io::Write;
     let device = parse_device(&a.device)?;
     let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
     let clf = ranger_train::predict::load_classifier(loaded, a.adapter.as_deref(), candle_core::DType::F32, &device)?;
-    let cols = ranger_train::classify::Columns { text: a.text_column.clone(), text_pair: a.text_pair_column.clone(), label: a.label_column.clone() };
+    let cols = ranger_train::classify::Columns {
+        text: a.text_column.clone(),
+        text_pair: a.text_pair_column.clone(),
+        label: a.label_column.clone(),
+    };
     let records = ranger_train::classify::read_records(&a.data, &cols)?;
     let preds = clf.predict(&records, a.max_seq_length, a.batch_size, &a.data)?;
     let mut text = String::new();
@@ -647,14 +733,24 @@ fn predict(a: PredictArgs) -> Result<()> {
             .iter()
             .map(|r| {
                 let l = r.label.as_deref().unwrap_or_default();
-                clf.labels.iter().position(|n| n == l).map(|i| i as u32).with_context(|| format!("{}:{}: label {l:?} is not one of the model's labels ({})", a.data.display(), r.line, clf.labels.join(", ")))
+                clf.labels.iter().position(|n| n == l).map(|i| i as u32).with_context(|| {
+                    format!(
+                        "{}:{}: label {l:?} is not one of the model's labels ({})",
+                        a.data.display(),
+                        r.line,
+                        clf.labels.join(", ")
+                    )
+                })
             })
             .collect::<Result<_>>()?;
         let predicted: Vec<u32> = preds.iter().map(|p| p.label_id).collect();
         let m = ranger_train::classify::ClassMetrics::compute(&predicted, &gold, &clf.labels);
         eprintln!("accuracy {:.4}  macro-F1 {:.4}  on {} examples", m.accuracy, m.macro_f1, m.examples);
         for c in &m.per_class {
-            eprintln!("  {:<20} support {:>6}  predicted {:>6}  correct {:>6}  precision {:.4}  recall {:.4}  f1 {:.4}", c.label, c.support, c.predicted, c.correct, c.precision, c.recall, c.f1);
+            eprintln!(
+                "  {:<20} support {:>6}  predicted {:>6}  correct {:>6}  precision {:.4}  recall {:.4}  f1 {:.4}",
+                c.label, c.support, c.predicted, c.correct, c.precision, c.recall, c.f1
+            );
         }
     }
     Ok(())

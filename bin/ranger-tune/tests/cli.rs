@@ -39,11 +39,45 @@ fn help_documents_every_flag() {
     let o = run(&["train", "--help"]);
     assert!(o.status.success());
     let t = text(&o);
-    for flag in ["--model", "--data", "--validation-file", "--val-split", "--optimizer", "--learning-rate", "--lr-scheduler", "--warmup-steps",
-        "--grad-accumulation-steps", "--max-grad-norm", "--eval-every", "--save-every", "--save-total-limit", "--early-stopping-patience",
-        "--resume", "--device", "--dtype", "--on-nan", "--eval-weights", "--pack", "--no-mask-prompt", "--config", "--lora", "--lora-rank",
-        "--lora-alpha", "--lora-targets", "--lora-adapter", "--task", "--text-column", "--text-pair-column", "--label-column", "--labels",
-        "--metric-for-best", "--lora-dropout", "--dora", "--rslora", "--modules-to-save"] {
+    for flag in [
+        "--model",
+        "--data",
+        "--validation-file",
+        "--val-split",
+        "--optimizer",
+        "--learning-rate",
+        "--lr-scheduler",
+        "--warmup-steps",
+        "--grad-accumulation-steps",
+        "--max-grad-norm",
+        "--eval-every",
+        "--save-every",
+        "--save-total-limit",
+        "--early-stopping-patience",
+        "--resume",
+        "--device",
+        "--dtype",
+        "--on-nan",
+        "--eval-weights",
+        "--pack",
+        "--no-mask-prompt",
+        "--config",
+        "--lora",
+        "--lora-rank",
+        "--lora-alpha",
+        "--lora-targets",
+        "--lora-adapter",
+        "--task",
+        "--text-column",
+        "--text-pair-column",
+        "--label-column",
+        "--labels",
+        "--metric-for-best",
+        "--lora-dropout",
+        "--dora",
+        "--rslora",
+        "--modules-to-save",
+    ] {
         assert!(t.contains(flag), "train --help lacks {flag}");
     }
     assert!(run(&["generate", "--help"]).status.success());
@@ -66,17 +100,54 @@ fn classifier_trains_then_predict_writes_labels_and_scores() {
     std::fs::write(d.join("train.csv"), &csv).unwrap();
     std::fs::write(d.join("new.jsonl"), "{\"text\": \"the dog is red .\", \"label\": \"warm\"}\n{\"text\": \"the sky is blue .\", \"label\": \"cool\"}\n").unwrap();
     let (model, train) = (d.join("model"), d.join("train.csv"));
-    let common = ["--task", "classify", "--model", p(&model), "--data", p(&train), "--val-split", "0.25", "--max-steps", "96", "--batch-size", "6",
-        "--learning-rate", "0.03", "--beta2", "0.99", "--eps", "1e-8", "--device", "cpu", "--eval-every", "24", "--metric-for-best", "accuracy"];
+    let common = [
+        "--task",
+        "classify",
+        "--model",
+        p(&model),
+        "--data",
+        p(&train),
+        "--val-split",
+        "0.25",
+        "--max-steps",
+        "96",
+        "--batch-size",
+        "6",
+        "--learning-rate",
+        "0.03",
+        "--beta2",
+        "0.99",
+        "--eps",
+        "1e-8",
+        "--device",
+        "cpu",
+        "--eval-every",
+        "24",
+        "--metric-for-best",
+        "accuracy",
+    ];
     let o = run(&[&["train", "--output", p(&d.join("out"))][..], &common[..]].concat());
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("eval accuracy") && t.contains("best model"), "{t}");
     let preds = d.join("preds.jsonl");
-    let o = run(&["predict", "--model", p(&d.join("out/best")), "--data", p(&d.join("new.jsonl")), "--label-column", "label", "--output", p(&preds), "--device", "cpu"]);
+    let o = run(&[
+        "predict",
+        "--model",
+        p(&d.join("out/best")),
+        "--data",
+        p(&d.join("new.jsonl")),
+        "--label-column",
+        "label",
+        "--output",
+        p(&preds),
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("accuracy"), "{}", text(&o));
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&preds).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&preds).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["line"], 1);
     assert_eq!(lines[0]["label"], "warm", "{lines:?}");
@@ -85,23 +156,65 @@ fn classifier_trains_then_predict_writes_labels_and_scores() {
     assert!((total - 1.0).abs() < 1e-5);
     // DoRA with dropout (--dora implies --lora): the adapter merges into a full classifier that
     // predicts the same.
-    let o = run(&[&["train", "--output", p(&d.join("lora")), "--dora", "--lora-dropout", "0.1", "--lora-rank", "4"][..], &common[..]].concat());
+    let o = run(&[
+        &["train", "--output", p(&d.join("lora")), "--dora", "--lora-dropout", "0.1", "--lora-rank", "4"][..],
+        &common[..],
+    ]
+    .concat());
     assert!(o.status.success(), "{}", text(&o));
-    let ac: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("lora/adapter/adapter_config.json")).unwrap()).unwrap();
-    assert_eq!((ac["use_dora"].as_bool(), ac["lora_dropout"].as_f64(), ac["r"].as_u64()), (Some(true), Some(0.1), Some(4)));
+    let ac: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("lora/adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (ac["use_dora"].as_bool(), ac["lora_dropout"].as_f64(), ac["r"].as_u64()),
+        (Some(true), Some(0.1), Some(4))
+    );
     let via_adapter = d.join("via-adapter.jsonl");
-    let o = run(&["predict", "--model", p(&d.join("model")), "--adapter", p(&d.join("lora/adapter")), "--data", p(&d.join("new.jsonl")), "--output", p(&via_adapter), "--device", "cpu"]);
+    let o = run(&[
+        "predict",
+        "--model",
+        p(&d.join("model")),
+        "--adapter",
+        p(&d.join("lora/adapter")),
+        "--data",
+        p(&d.join("new.jsonl")),
+        "--output",
+        p(&via_adapter),
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
-    let o = run(&["merge", "--model", p(&d.join("model")), "--adapter", p(&d.join("lora/adapter")), "--output", p(&d.join("merged"))]);
+    let o = run(&[
+        "merge",
+        "--model",
+        p(&d.join("model")),
+        "--adapter",
+        p(&d.join("lora/adapter")),
+        "--output",
+        p(&d.join("merged")),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let via_merged = d.join("via-merged.jsonl");
-    let o = run(&["predict", "--model", p(&d.join("merged")), "--data", p(&d.join("new.jsonl")), "--output", p(&via_merged), "--device", "cpu"]);
+    let o = run(&[
+        "predict",
+        "--model",
+        p(&d.join("merged")),
+        "--data",
+        p(&d.join("new.jsonl")),
+        "--output",
+        p(&via_merged),
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     let scores = |path: &Path| -> Vec<f64> {
-        std::fs::read_to_string(path).unwrap().lines().flat_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["scores"].as_object().unwrap().values().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>()
-        }).collect()
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .flat_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["scores"].as_object().unwrap().values().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>()
+            })
+            .collect()
     };
     for (a, b) in scores(&via_adapter).iter().zip(scores(&via_merged)) {
         assert!((a - b).abs() < 1e-5, "adapter {a} vs merged {b}");
@@ -132,7 +245,17 @@ fn config_file_flags_override_and_a_run_completes() {
     assert!(summary["eval_loss"].as_f64().unwrap().is_finite());
     let model = d.join("out/model");
     assert!(model.join("model.safetensors").exists());
-    let o = run(&["generate", "--model", p(&model), "--prompt", "what color is the sky ?", "--max-tokens", "4", "--device", "cpu"]);
+    let o = run(&[
+        "generate",
+        "--model",
+        p(&model),
+        "--prompt",
+        "what color is the sky ?",
+        "--max-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     // Unknown keys in the file are rejected with the file named.
     std::fs::write(d.join("bad.toml"), "learning_rat = 0.1\n").unwrap();
@@ -144,10 +267,21 @@ fn config_file_flags_override_and_a_run_completes() {
 #[test]
 fn corrupted_line_is_reported_with_file_and_line() {
     let d = workdir("corrupt");
-    let mut lines: Vec<String> = std::fs::read_to_string(d.join("train.jsonl")).unwrap().lines().map(String::from).collect();
+    let mut lines: Vec<String> =
+        std::fs::read_to_string(d.join("train.jsonl")).unwrap().lines().map(String::from).collect();
     lines[4] = "{\"prompt\": \"what color".into();
     std::fs::write(d.join("train.jsonl"), lines.join("\n")).unwrap();
-    let o = run(&["train", "--model", p(&d.join("model")), "--data", p(&d.join("train.jsonl")), "--output", p(&d.join("out")), "--device", "cpu"]);
+    let o = run(&[
+        "train",
+        "--model",
+        p(&d.join("model")),
+        "--data",
+        p(&d.join("train.jsonl")),
+        "--output",
+        p(&d.join("out")),
+        "--device",
+        "cpu",
+    ]);
     assert!(!o.status.success());
     let t = text(&o);
     assert!(t.contains("train.jsonl:5: invalid JSON"), "{t}");
@@ -158,7 +292,15 @@ fn corrupted_line_is_reported_with_file_and_line() {
 fn ctrl_c_writes_a_checkpoint_and_exits_cleanly() {
     let d = workdir("sigint");
     let child = bin()
-        .args(["train", "--model", p(&d.join("model")), "--data", p(&d.join("train.jsonl")), "--output", p(&d.join("out"))])
+        .args([
+            "train",
+            "--model",
+            p(&d.join("model")),
+            "--data",
+            p(&d.join("train.jsonl")),
+            "--output",
+            p(&d.join("out")),
+        ])
         .args(["--max-steps", "1000000", "--batch-size", "2", "--device", "cpu"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -177,7 +319,11 @@ fn ctrl_c_writes_a_checkpoint_and_exits_cleanly() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("interrupted") && t.contains("resume with --resume"), "{t}");
-    let ckpt: Vec<_> = std::fs::read_dir(d.join("out")).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")).collect();
+    let ckpt: Vec<_> = std::fs::read_dir(d.join("out"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        .collect();
     assert_eq!(ckpt.len(), 1, "one checkpoint written on Ctrl-C");
     assert!(ckpt[0].path().join("optimizer.safetensors").exists());
     assert!(!d.join("out/model").exists(), "an interrupted run writes no final model");

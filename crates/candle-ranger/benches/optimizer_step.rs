@@ -102,7 +102,10 @@ fn main() {
     };
     let only = std::env::args().skip_while(|a| a != "--only").nth(1).unwrap_or_default();
     let wanted = |label: &str| label.contains(only.as_str());
-    println!("threads: {}; allocator: system (set MALLOC_MMAP_THRESHOLD_ to change glibc's)", rayon::current_num_threads());
+    println!(
+        "threads: {}; allocator: system (set MALLOC_MMAP_THRESHOLD_ to change glibc's)",
+        rayon::current_num_threads()
+    );
     println!("{:>10} {:<34} {:>11} {:>13} {:>10} {:>10}", "params", "what", "ms/step", "params/s", "GB/s", "vs bound");
     for millions in sizes {
         let shapes = transformer_shapes(millions * 1_000_000);
@@ -123,7 +126,9 @@ fn main() {
             );
         };
         row("bandwidth bound (triad, same bytes)", bound);
-        for (label, path) in [("Ranger fused (CPU kernel)", UpdatePath::Fused), ("Ranger portable (tensor ops)", UpdatePath::Portable)] {
+        for (label, path) in
+            [("Ranger fused (CPU kernel)", UpdatePath::Fused), ("Ranger portable (tensor ops)", UpdatePath::Portable)]
+        {
             if !wanted(label) {
                 continue;
             }

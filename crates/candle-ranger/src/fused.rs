@@ -210,7 +210,15 @@ impl<S: Real> Kernel<S> {
         }
     }
 
-    fn chunk<P: Elem<S>>(&self, p: &mut [P], g: &[P], m: &mut [S], v: &mut [S], mut slow: Option<&mut [S]>, row_len: Option<usize>) {
+    fn chunk<P: Elem<S>>(
+        &self,
+        p: &mut [P],
+        g: &[P],
+        m: &mut [S],
+        v: &mut [S],
+        mut slow: Option<&mut [S]>,
+        row_len: Option<usize>,
+    ) {
         match row_len {
             None => self.span(p, g, m, v, slow, S::of(0.0)),
             Some(row) => {
@@ -219,7 +227,14 @@ impl<S: Real> Kernel<S> {
                     let end = start + row;
                     let mean = row_sum(&g[start..end]) / row as f64;
                     let s = slow.as_deref_mut().map(|s| &mut s[start..end]);
-                    self.span(&mut p[start..end], &g[start..end], &mut m[start..end], &mut v[start..end], s, S::of(mean));
+                    self.span(
+                        &mut p[start..end],
+                        &g[start..end],
+                        &mut m[start..end],
+                        &mut v[start..end],
+                        s,
+                        S::of(mean),
+                    );
                     start = end;
                 }
             }
@@ -264,7 +279,15 @@ impl<S: Real> Kernel<S> {
     }
 
     #[inline(always)]
-    fn lanes_sync<P: Elem<S>, const MODE: u8>(&self, p: &mut [P], g: &[P], m: &mut [S], v: &mut [S], s: &mut [S], mean: S) {
+    fn lanes_sync<P: Elem<S>, const MODE: u8>(
+        &self,
+        p: &mut [P],
+        g: &[P],
+        m: &mut [S],
+        v: &mut [S],
+        s: &mut [S],
+        mean: S,
+    ) {
         for ((((p, g), m), v), s) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()).zip(s.iter_mut()) {
             let fast = self.element::<MODE>(p.load(), g.load(), m, v, mean);
             *s = *s + self.alpha * (fast - *s);
@@ -370,7 +393,8 @@ pub(crate) fn cpu_sum_squares(t: &Tensor) -> candle_core::Result<f64> {
         };
         // Partial sums in chunk order, added in that order: the same result on every run
         // (a parallel reduction tree would depend on scheduling).
-        let parts: Vec<f64> = if xs.len() < CHUNK { vec![block(xs)] } else { xs.par_chunks(CHUNK).map(block).collect() };
+        let parts: Vec<f64> =
+            if xs.len() < CHUNK { vec![block(xs)] } else { xs.par_chunks(CHUNK).map(block).collect() };
         parts.iter().sum()
     }
     Ok(match cpu {
@@ -403,7 +427,9 @@ pub(crate) fn cpu_all_finite(t: &Tensor) -> candle_core::Result<bool> {
     Ok(match cpu {
         // A value is non-finite exactly when its exponent bits are all ones.
         CpuStorage::F32(d) => all(slice(d, layout)?, |x: f32| x.to_bits() & 0x7f80_0000 != 0x7f80_0000),
-        CpuStorage::F64(d) => all(slice(d, layout)?, |x: f64| x.to_bits() & 0x7ff0_0000_0000_0000 != 0x7ff0_0000_0000_0000),
+        CpuStorage::F64(d) => {
+            all(slice(d, layout)?, |x: f64| x.to_bits() & 0x7ff0_0000_0000_0000 != 0x7ff0_0000_0000_0000)
+        }
         CpuStorage::BF16(d) => all(slice(d, layout)?, |x: bf16| x.to_bits() & 0x7f80 != 0x7f80),
         CpuStorage::F16(d) => all(slice(d, layout)?, |x: f16| x.to_bits() & 0x7c00 != 0x7c00),
         _ => true,

@@ -80,7 +80,8 @@ mod tests {
         let values: Vec<f64> = (0..100_003).map(|i| ((i * 7919) % 1000) as f64 / 500.0 - 1.0).collect();
         for dt in [DType::F64, DType::F32, DType::BF16, DType::F16] {
             let t = Tensor::new(values.as_slice(), &Device::Cpu).unwrap().to_dtype(dt).unwrap();
-            let expected: f64 = t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap().iter().map(|x| x * x).sum::<f64>().sqrt();
+            let expected: f64 =
+                t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap().iter().map(|x| x * x).sum::<f64>().sqrt();
             let var = Var::from_tensor(&t).unwrap();
             let mut grads = GradStore::default();
             grads.insert(&var, t.clone());

@@ -44,7 +44,13 @@ impl Slot {
         Ok(match &self.state {
             SlotState::Host(HostState { slow: Some(buf), .. }) => buf.to_tensor(self.var.shape())?,
             SlotState::Device(DeviceState { slow: Some(s), .. }) => s.clone(),
-            SlotState::Host(_) => self.var.as_tensor().detach().to_dtype(state_dtype(self.var.dtype()))?.to_device(&candle_core::Device::Cpu)?.copy()?,
+            SlotState::Host(_) => self
+                .var
+                .as_tensor()
+                .detach()
+                .to_dtype(state_dtype(self.var.dtype()))?
+                .to_device(&candle_core::Device::Cpu)?
+                .copy()?,
             SlotState::Device(_) => self.var.as_tensor().detach().to_dtype(state_dtype(self.var.dtype()))?.copy()?,
         })
     }
@@ -165,7 +171,9 @@ impl Ranger {
                     return Err(Error::DuplicateName(name));
                 }
                 if !seen_ids.insert(var.id()) {
-                    return Err(Error::InvalidConfig(format!("variable `{name}` is already in the optimizer under another name")));
+                    return Err(Error::InvalidConfig(format!(
+                        "variable `{name}` is already in the optimizer under another name"
+                    )));
                 }
                 let state = Self::init_state(&var, &params)?;
                 slots.push(Slot { name, var, group: gi, step: 0, state });
@@ -194,11 +202,7 @@ impl Ranger {
         if fused {
             let n = var.elem_count();
             let zeros = || if sdt == DType::F64 { HostBuf::F64(vec![0.0; n]) } else { HostBuf::F32(vec![0.0; n]) };
-            Ok(SlotState::Host(HostState {
-                m: zeros(),
-                v: zeros(),
-                slow: None,
-            }))
+            Ok(SlotState::Host(HostState { m: zeros(), v: zeros(), slow: None }))
         } else {
             let zeros = Tensor::zeros(var.shape(), sdt, var.device())?;
             Ok(SlotState::Device(DeviceState { m: zeros.clone(), v: zeros.copy()?, slow: None }))
@@ -292,7 +296,8 @@ impl Ranger {
                         grad = grad.contiguous()?;
                     }
                     let dims = slot.var.dims();
-                    let row_len = (centralize && !dims.is_empty() && dims[0] > 0).then(|| slot.var.elem_count() / dims[0]);
+                    let row_len =
+                        (centralize && !dims.is_empty() && dims[0] > 0).then(|| slot.var.elem_count() / dims[0]);
                     let op = FusedStep {
                         scalars: sc,
                         row_len,
@@ -416,7 +421,9 @@ impl Ranger {
                     tensors.push((format!("{name}.exp_avg_sq"), view(&st.v, shape)));
                     match &st.slow {
                         Some(s) => tensors.push((format!("{name}.slow"), view(s, shape))),
-                        None if lookahead => tensors.push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?))),
+                        None if lookahead => {
+                            tensors.push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?)))
+                        }
                         None => {}
                     }
                 }
@@ -424,7 +431,8 @@ impl Ranger {
                     tensors.push((format!("{name}.exp_avg"), StateView::Tensor(st.m.to_device(&cpu)?)));
                     tensors.push((format!("{name}.exp_avg_sq"), StateView::Tensor(st.v.to_device(&cpu)?)));
                     if lookahead {
-                        tensors.push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?.to_device(&cpu)?)));
+                        tensors
+                            .push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?.to_device(&cpu)?)));
                     }
                 }
             }
@@ -481,7 +489,10 @@ impl Ranger {
             loaded.push((m, v, slow, step));
         }
         if let Some(extra) = tensors.keys().min() {
-            return Err(mismatch(extra, "not a variable of this optimizer (was the state saved for another model or with Lookahead?)".into()));
+            return Err(mismatch(
+                extra,
+                "not a variable of this optimizer (was the state saved for another model or with Lookahead?)".into(),
+            ));
         }
         let lr = match meta.get("lr") {
             Some(s) => Some(s.parse::<f64>().map_err(|_| format_err(format!("bad lr metadata {s:?}")))?),

@@ -83,11 +83,8 @@ impl StepScalars {
             }
             u => u,
         };
-        let (decay_factor, l2) = if p.decoupled_weight_decay {
-            (1.0 - lr * weight_decay, 0.0)
-        } else {
-            (1.0, weight_decay)
-        };
+        let (decay_factor, l2) =
+            if p.decoupled_weight_decay { (1.0 - lr * weight_decay, 0.0) } else { (1.0, weight_decay) };
         let sync_alpha = (p.lookahead_k > 0 && t.is_multiple_of(p.lookahead_k as u64)).then_some(p.lookahead_alpha);
         Self { t, rho_t: rho, update, decay_factor, l2, sync_alpha }
     }

@@ -67,7 +67,8 @@ impl Schedule {
         }
         let span = self.total_steps.saturating_sub(self.warmup_steps).saturating_sub(1);
         let progress = if span == 0 { 1.0 } else { ((step - self.warmup_steps) as f64 / span as f64).min(1.0) };
-        let cosine = |x: f64| self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * x).cos());
+        let cosine =
+            |x: f64| self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * x).cos());
         match self.decay {
             Decay::Constant => self.base_lr,
             Decay::Linear => self.base_lr + (self.min_lr - self.base_lr) * progress,
@@ -126,7 +127,13 @@ mod tests {
 
     #[test]
     fn flat_then_cosine_is_flat_first() {
-        let s = Schedule { base_lr: 1.0, min_lr: 0.0, warmup_steps: 0, total_steps: 101, decay: Decay::FlatThenCosine { flat_fraction: 0.7 } };
+        let s = Schedule {
+            base_lr: 1.0,
+            min_lr: 0.0,
+            warmup_steps: 0,
+            total_steps: 101,
+            decay: Decay::FlatThenCosine { flat_fraction: 0.7 },
+        };
         assert_eq!(s.lr_at(70), 1.0);
         assert!(s.lr_at(71) < 1.0);
         assert!((s.lr_at(85) - 0.5).abs() < 1e-12);

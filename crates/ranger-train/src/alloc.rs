@@ -8,7 +8,7 @@
 pub fn tune_mimalloc() {
     const MI_OPTION_ARENA_EAGER_COMMIT: i32 = 4;
     const MI_OPTION_ARENA_RESERVE: i32 = 23; // KiB
-    // Environment variables (MIMALLOC_*) still win: they are what a user sets on purpose.
+                                             // Environment variables (MIMALLOC_*) still win: they are what a user sets on purpose.
     let unset = |name: &str| std::env::var_os(name).is_none();
     // SAFETY: setting allocator options has no preconditions.
     unsafe {
@@ -23,7 +23,6 @@ pub fn tune_mimalloc() {
         }
     }
 }
-
 
 /// `mi_option_purge_delay` (15 in mimalloc 2.x; `use_numa_nodes` = 16 is named by the crate).
 const PURGE_DELAY: i32 = 15;

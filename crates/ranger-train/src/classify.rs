@@ -58,11 +58,19 @@ pub fn read_records(path: &Path, cols: &Columns) -> Result<Vec<Record>> {
 
 fn read_csv(path: &Path, cols: &Columns) -> Result<Vec<Record>> {
     let delimiter = if path.extension().is_some_and(|e| e == "tsv") { b'\t' } else { b',' };
-    let mut reader = csv::ReaderBuilder::new().delimiter(delimiter).from_path(path).map_err(|e| data_err(path, 1, e.to_string()))?;
+    let mut reader =
+        csv::ReaderBuilder::new().delimiter(delimiter).from_path(path).map_err(|e| data_err(path, 1, e.to_string()))?;
     let headers = reader.headers().map_err(|e| data_err(path, 1, e.to_string()))?.clone();
     let index = |name: &str| -> Result<usize> {
         headers.iter().position(|h| h == name).ok_or_else(|| {
-            data_err(path, 1, format!("no column {name:?} in the header (columns: {})", headers.iter().collect::<Vec<_>>().join(", ")))
+            data_err(
+                path,
+                1,
+                format!(
+                    "no column {name:?} in the header (columns: {})",
+                    headers.iter().collect::<Vec<_>>().join(", ")
+                ),
+            )
         })
     };
     let text_i = index(&cols.text)?;
@@ -72,7 +80,11 @@ fn read_csv(path: &Path, cols: &Columns) -> Result<Vec<Record>> {
     for row in reader.records() {
         let row = row.map_err(|e| data_err(path, e.position().map_or(0, |p| p.line() as usize), e.to_string()))?;
         let line = row.position().map_or(0, |p| p.line() as usize);
-        let field = |i: usize| row.get(i).map(String::from).ok_or_else(|| data_err(path, line, format!("the row has {} fields", row.len())));
+        let field = |i: usize| {
+            row.get(i)
+                .map(String::from)
+                .ok_or_else(|| data_err(path, line, format!("the row has {} fields", row.len())))
+        };
         out.push(Record {
             line,
             text: field(text_i)?,
@@ -105,11 +117,18 @@ fn read_jsonl(path: &Path, cols: &Columns) -> Result<Vec<Record>> {
             Some(key) => Some(match obj.get(key) {
                 Some(Value::String(s)) => s.clone(),
                 Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
-                Some(_) => return Err(data_err(path, line, format!("`{key}` must be a string, a number or a boolean"))),
+                Some(_) => {
+                    return Err(data_err(path, line, format!("`{key}` must be a string, a number or a boolean")))
+                }
                 None => return Err(data_err(path, line, format!("no `{key}` field"))),
             }),
         };
-        out.push(Record { line, text: string(&cols.text)?, pair: cols.text_pair.as_deref().map(string).transpose()?, label });
+        out.push(Record {
+            line,
+            text: string(&cols.text)?,
+            pair: cols.text_pair.as_deref().map(string).transpose()?,
+            label,
+        });
     }
     Ok(out)
 }
@@ -140,7 +159,13 @@ pub struct LabeledText {
 /// Tokenizes records with the tokenizer's own special tokens and truncation to `max_len`
 /// tokens (pairs truncated longest-first, as `transformers` does), mapping labels to ids by
 /// `labels`; an unknown label fails with the file and line.
-pub fn encode_records(records: &[Record], tok: &TextTokenizer, labels: &[String], max_len: usize, path: &Path) -> Result<Vec<LabeledText>> {
+pub fn encode_records(
+    records: &[Record],
+    tok: &TextTokenizer,
+    labels: &[String],
+    max_len: usize,
+    path: &Path,
+) -> Result<Vec<LabeledText>> {
     let mut inner = tok.inner.clone();
     inner
         .with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
@@ -159,7 +184,11 @@ pub fn encode_records(records: &[Record], tok: &TextTokenizer, labels: &[String]
             let label = match &r.label {
                 None => 0,
                 Some(l) => labels.iter().position(|n| n == l).ok_or_else(|| {
-                    data_err(path, r.line, format!("label {l:?} is not one of the model's labels ({})", labels.join(", ")))
+                    data_err(
+                        path,
+                        r.line,
+                        format!("label {l:?} is not one of the model's labels ({})", labels.join(", ")),
+                    )
                 })? as u32,
             };
             if enc.get_ids().is_empty() {
@@ -173,10 +202,22 @@ pub fn encode_records(records: &[Record], tok: &TextTokenizer, labels: &[String]
 
 /// Collates examples into a right-padded [`ClassifierBatch`]: a padding mask for encoders
 /// (`decoder == false`), a causal one for decoders.
-pub fn collate(examples: &[&LabeledText], pad_id: u32, decoder: bool, mask_dtype: DType, device: &Device) -> Result<ClassifierBatch> {
+pub fn collate(
+    examples: &[&LabeledText],
+    pad_id: u32,
+    decoder: bool,
+    mask_dtype: DType,
+    device: &Device,
+) -> Result<ClassifierBatch> {
     let b = examples.len();
     let s = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1).max(1);
-    let (mut ids, mut types, mut pos, mut last, mut labels) = (Vec::with_capacity(b * s), Vec::with_capacity(b * s), Vec::with_capacity(b * s), Vec::with_capacity(b), Vec::with_capacity(b));
+    let (mut ids, mut types, mut pos, mut last, mut labels) = (
+        Vec::with_capacity(b * s),
+        Vec::with_capacity(b * s),
+        Vec::with_capacity(b * s),
+        Vec::with_capacity(b),
+        Vec::with_capacity(b),
+    );
     for (row, e) in examples.iter().enumerate() {
         let pad = s - e.ids.len();
         ids.extend(&e.ids);
@@ -189,7 +230,8 @@ pub fn collate(examples: &[&LabeledText], pad_id: u32, decoder: bool, mask_dtype
     }
     let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     let mask = if decoder {
-        let segs: Vec<Vec<u32>> = lengths.iter().map(|&l| (0..s).map(|i| if i < l { 0 } else { u32::MAX }).collect()).collect();
+        let segs: Vec<Vec<u32>> =
+            lengths.iter().map(|&l| (0..s).map(|i| if i < l { 0 } else { u32::MAX }).collect()).collect();
         causal_mask(&segs, None, mask_dtype, device)?
     } else {
         padding_mask(&lengths, s, mask_dtype, device)?
@@ -256,11 +298,20 @@ impl ClassMetrics {
             .map(|i| {
                 let (p, r) = (ratio(correct[i], pred[i]), ratio(correct[i], support[i]));
                 let f1 = if p + r == 0.0 { 0.0 } else { 2.0 * p * r / (p + r) };
-                ClassCounts { label: labels[i].clone(), support: support[i], predicted: pred[i], correct: correct[i], precision: p, recall: r, f1 }
+                ClassCounts {
+                    label: labels[i].clone(),
+                    support: support[i],
+                    predicted: pred[i],
+                    correct: correct[i],
+                    precision: p,
+                    recall: r,
+                    f1,
+                }
             })
             .collect();
         let present: Vec<&ClassCounts> = per_class.iter().filter(|c| c.support + c.predicted > 0).collect();
-        let macro_f1 = if present.is_empty() { 0.0 } else { present.iter().map(|c| c.f1).sum::<f64>() / present.len() as f64 };
+        let macro_f1 =
+            if present.is_empty() { 0.0 } else { present.iter().map(|c| c.f1).sum::<f64>() / present.len() as f64 };
         Self { examples: gold.len(), accuracy: ratio(correct.iter().sum(), gold.len()), macro_f1, per_class }
     }
 }

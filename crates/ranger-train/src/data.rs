@@ -86,7 +86,8 @@ pub fn encode_record(record: &Value, tok: &TextTokenizer, mask_prompt: bool) -> 
         return Ok(with_eos(ids, vec![true; n]));
     }
     if let (Some(p), Some(c)) = (obj.get("prompt"), obj.get("completion")) {
-        let (p, c) = (p.as_str().ok_or("`prompt` must be a string")?, c.as_str().ok_or("`completion` must be a string")?);
+        let (p, c) =
+            (p.as_str().ok_or("`prompt` must be a string")?, c.as_str().ok_or("`completion` must be a string")?);
         let full = format!("{p}{c}");
         let (ids, offsets) = tok.encode(&full, true).map_err(|e| e.to_string())?;
         // A token is part of the completion when it ends after the prompt does.
@@ -156,7 +157,8 @@ pub fn load_file(path: &Path, tok: &TextTokenizer, opts: &DataOptions) -> Result
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(line).map_err(|e| data_err(path, i + 1, format!("invalid JSON: {e}")))?;
+            let v: Value =
+                serde_json::from_str(line).map_err(|e| data_err(path, i + 1, format!("invalid JSON: {e}")))?;
             out.push(encode_record(&v, tok, opts.mask_prompt).map_err(|e| data_err(path, i + 1, e))?);
         }
         out
@@ -198,7 +200,10 @@ pub fn to_sequences(examples: &[Example], opts: &DataOptions) -> Vec<Sequence> {
     for ex in examples {
         if !opts.pack || cur.ids.len() + ex.ids.len() > opts.max_seq_len {
             if !cur.ids.is_empty() {
-                out.push(std::mem::replace(&mut cur, Sequence { ids: vec![], target: vec![], segment: vec![], position: vec![] }));
+                out.push(std::mem::replace(
+                    &mut cur,
+                    Sequence { ids: vec![], target: vec![], segment: vec![], position: vec![] },
+                ));
             }
             seg = 0;
         }
@@ -217,10 +222,17 @@ pub fn to_sequences(examples: &[Example], opts: &DataOptions) -> Vec<Sequence> {
 
 /// Collates sequences into a [`Batch`], right-padding to the longest with `pad_id`; `window` is
 /// the model's sliding attention window, if any.
-pub fn collate(seqs: &[&Sequence], pad_id: u32, window: Option<usize>, mask_dtype: DType, device: &Device) -> Result<Batch> {
+pub fn collate(
+    seqs: &[&Sequence],
+    pad_id: u32,
+    window: Option<usize>,
+    mask_dtype: DType,
+    device: &Device,
+) -> Result<Batch> {
     let len = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(1).max(2);
     let b = seqs.len();
-    let (mut ids, mut pos, mut lm, mut segs) = (Vec::with_capacity(b * len), Vec::with_capacity(b * len), Vec::with_capacity(b * len), Vec::new());
+    let (mut ids, mut pos, mut lm, mut segs) =
+        (Vec::with_capacity(b * len), Vec::with_capacity(b * len), Vec::with_capacity(b * len), Vec::new());
     let (mut n_targets, mut n_tokens) = (0, 0);
     for s in seqs {
         let pad = len - s.ids.len();
@@ -282,7 +294,9 @@ impl<T> Loader<T> {
             *cache = Some((epoch, order));
         }
         let order = &cache.as_ref().expect("just filled").1;
-        order[i * self.batch_size..((i + 1) * self.batch_size).min(order.len())].iter().map(|&j| &self.sequences[j]).collect()
+        order[i * self.batch_size..((i + 1) * self.batch_size).min(order.len())]
+            .iter()
+            .map(|&j| &self.sequences[j])
+            .collect()
     }
 }
-

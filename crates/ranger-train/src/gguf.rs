@@ -16,7 +16,10 @@ use crate::source::LoadedModel;
 use crate::tokenizer::TextTokenizer;
 
 fn meta<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a GValue> {
-    c.metadata.get(key).ok_or_else(|| TrainError::Config { origin: path.display().to_string(), message: format!("GGUF metadata `{key}` missing") })
+    c.metadata.get(key).ok_or_else(|| TrainError::Config {
+        origin: path.display().to_string(),
+        message: format!("GGUF metadata `{key}` missing"),
+    })
 }
 
 fn as_f64(v: &GValue) -> Option<f64> {
@@ -78,14 +81,20 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// Reads a GGUF file of a Llama-architecture model.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
-    let content = Content::read(&mut file).map_err(|e| TrainError::Msg(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| TrainError::Msg(format!("{}: not a readable GGUF file: {e}", path.display())))?;
     let arch = meta(&content, "general.architecture", path)?.to_string()?.clone();
     if arch != "llama" {
-        return Err(TrainError::UnsupportedArchitecture { origin: path.display().to_string(), model_type: format!("gguf:{arch}") });
+        return Err(TrainError::UnsupportedArchitecture {
+            origin: path.display().to_string(),
+            model_type: format!("gguf:{arch}"),
+        });
     }
     let num = |k: &str| -> Result<f64> {
-        as_f64(meta(&content, &format!("llama.{k}"), path)?)
-            .ok_or_else(|| TrainError::Config { origin: path.display().to_string(), message: format!("llama.{k} is not a number") })
+        as_f64(meta(&content, &format!("llama.{k}"), path)?).ok_or_else(|| TrainError::Config {
+            origin: path.display().to_string(),
+            message: format!("llama.{k} is not a number"),
+        })
     };
     let tokens: Vec<String> = meta(&content, "tokenizer.ggml.tokens", path)?
         .to_vec()?
@@ -94,11 +103,16 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
         .collect::<candle_core::Result<_>>()?;
     let heads = num("attention.head_count")? as usize;
     if heads == 0 {
-        return Err(TrainError::Config { origin: path.display().to_string(), message: "llama.attention.head_count is 0".into() });
+        return Err(TrainError::Config {
+            origin: path.display().to_string(),
+            message: "llama.attention.head_count is 0".into(),
+        });
     }
     // Llama 3.1-style rope scaling is stored as metadata and a `rope_freqs` tensor in GGUF;
     // refuse rather than train with the wrong rotary frequencies.
-    if content.metadata.keys().any(|k| k.starts_with("llama.rope.scaling")) || content.tensor_infos.contains_key("rope_freqs.weight") {
+    if content.metadata.keys().any(|k| k.starts_with("llama.rope.scaling"))
+        || content.tensor_infos.contains_key("rope_freqs.weight")
+    {
         return Err(TrainError::Config {
             origin: path.display().to_string(),
             message: "GGUF rope scaling (llama.rope.scaling.*, rope_freqs.weight) is not supported; use the Hugging Face checkpoint".into(),
@@ -106,12 +120,19 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     }
     let kv_heads = num("attention.head_count_kv").unwrap_or(heads as f64) as usize;
     if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-        return Err(TrainError::Config { origin: path.display().to_string(), message: format!("llama.attention.head_count_kv {kv_heads} does not divide head_count {heads}") });
+        return Err(TrainError::Config {
+            origin: path.display().to_string(),
+            message: format!("llama.attention.head_count_kv {kv_heads} does not divide head_count {heads}"),
+        });
     }
     let hidden = num("embedding_length")? as usize;
     let tied = !content.tensor_infos.contains_key("output.weight");
     let token_id = |k: &str| content.metadata.get(k).and_then(as_f64).map(|v| v as u32);
-    let (bos, eos, pad) = (token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id"), token_id("tokenizer.ggml.padding_token_id"));
+    let (bos, eos, pad) = (
+        token_id("tokenizer.ggml.bos_token_id"),
+        token_id("tokenizer.ggml.eos_token_id"),
+        token_id("tokenizer.ggml.padding_token_id"),
+    );
     let raw = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -143,7 +164,11 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let mut weights = HashMap::new();
     for name in content.tensor_infos.keys() {
         let Some(hf) = hf_name(name) else { continue };
-        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| TrainError::Weights { origin: source.clone(), tensor: name.clone(), problem: e.to_string() })?;
+        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| TrainError::Weights {
+            origin: source.clone(),
+            tensor: name.clone(),
+            problem: e.to_string(),
+        })?;
         let mut t = q.dequantize(&Device::Cpu)?;
         if name.ends_with("attn_q.weight") {
             t = unpermute_qk(&t, heads)?;
@@ -154,7 +179,13 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     }
     let tokenizer = build_tokenizer(&content, &tokens, path)?;
     let generation_config = Some(json!({ "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad }));
-    Ok(LoadedModel { config: crate::model::ModelConfig::Decoder(config), weights, tokenizer, generation_config, origin: source })
+    Ok(LoadedModel {
+        config: crate::model::ModelConfig::Decoder(config),
+        weights,
+        tokenizer,
+        generation_config,
+        origin: source,
+    })
 }
 
 /// Rebuilds a Hugging Face `tokenizer.json` (byte-level BPE, the `gpt2` GGUF tokenizer model)
@@ -162,9 +193,16 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
 fn build_tokenizer(c: &Content, tokens: &[String], path: &Path) -> Result<TextTokenizer> {
     let model = meta(c, "tokenizer.ggml.model", path)?.to_string()?.clone();
     if model != "gpt2" {
-        return Err(TrainError::Tokenizer(format!("{}: GGUF tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\")", path.display())));
+        return Err(TrainError::Tokenizer(format!(
+            "{}: GGUF tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\")",
+            path.display()
+        )));
     }
-    let merges: Vec<String> = meta(c, "tokenizer.ggml.merges", path)?.to_vec()?.iter().map(|v| v.to_string().cloned()).collect::<candle_core::Result<_>>()?;
+    let merges: Vec<String> = meta(c, "tokenizer.ggml.merges", path)?
+        .to_vec()?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<candle_core::Result<_>>()?;
     let types: Vec<i64> = c
         .metadata
         .get("tokenizer.ggml.token_type")
@@ -184,7 +222,12 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path) -> Result<TextTo
     // `tokenizer.ggml.pre` regex variants split the same way on the supported vocabularies), and
     // a BOS token added by the post-processor only when `tokenizer.ggml.add_bos_token` says so.
     let add_bos = matches!(c.metadata.get("tokenizer.ggml.add_bos_token"), Some(GValue::Bool(true)));
-    let bos = c.metadata.get("tokenizer.ggml.bos_token_id").and_then(as_f64).map(|i| i as usize).filter(|&i| i < tokens.len());
+    let bos = c
+        .metadata
+        .get("tokenizer.ggml.bos_token_id")
+        .and_then(as_f64)
+        .map(|i| i as usize)
+        .filter(|&i| i < tokens.len());
     let a = json!({"Sequence": {"id": "A", "type_id": 0}});
     let b = json!({"Sequence": {"id": "B", "type_id": 1}});
     let post_processor = match (add_bos, bos) {
@@ -209,16 +252,25 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path) -> Result<TextTo
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "", "end_of_word_suffix": "",
                   "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
     });
-    let inner = Tokenizer::from_bytes(serde_json::to_vec(&tj).expect("json"))
-        .map_err(|e| TrainError::Tokenizer(format!("{}: cannot build the tokenizer from GGUF metadata: {e}", path.display())))?;
+    let inner = Tokenizer::from_bytes(serde_json::to_vec(&tj).expect("json")).map_err(|e| {
+        TrainError::Tokenizer(format!("{}: cannot build the tokenizer from GGUF metadata: {e}", path.display()))
+    })?;
     let tok_text = |k: &str| c.metadata.get(k).and_then(as_f64).and_then(|i| tokens.get(i as usize)).cloned();
     let chat_template = c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
     let mut cfg = serde_json::Map::new();
     cfg.insert("tokenizer_class".into(), json!("GPT2Tokenizer"));
-    cfg.insert("model_max_length".into(), json!(c.metadata.get("llama.context_length").and_then(as_f64).unwrap_or(2048.0) as usize));
+    cfg.insert(
+        "model_max_length".into(),
+        json!(c.metadata.get("llama.context_length").and_then(as_f64).unwrap_or(2048.0) as usize),
+    );
     cfg.insert("clean_up_tokenization_spaces".into(), json!(false));
     cfg.insert("add_prefix_space".into(), json!(false));
-    for (key, meta_key) in [("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id"), ("pad_token", "tokenizer.ggml.padding_token_id"), ("unk_token", "tokenizer.ggml.unknown_token_id")] {
+    for (key, meta_key) in [
+        ("bos_token", "tokenizer.ggml.bos_token_id"),
+        ("eos_token", "tokenizer.ggml.eos_token_id"),
+        ("pad_token", "tokenizer.ggml.padding_token_id"),
+        ("unk_token", "tokenizer.ggml.unknown_token_id"),
+    ] {
         if let Some(t) = tok_text(meta_key) {
             cfg.insert(key.into(), json!(t));
         }

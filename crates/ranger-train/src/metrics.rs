@@ -10,8 +10,13 @@ use crate::error::Result;
 
 /// Draws `records` (the metrics.jsonl records) into an SVG file, atomically.
 pub fn write_loss_svg(path: &Path, records: &[Value]) -> Result<()> {
-    let train: Vec<(f64, f64)> = records.iter().filter_map(|r| Some((r["step"].as_f64()?, r["loss"].as_f64()?))).filter(|p| p.1.is_finite()).collect();
-    let eval: Vec<(f64, f64)> = records.iter().filter_map(|r| Some((r["step"].as_f64()?, r["eval_loss"].as_f64()?))).collect();
+    let train: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| Some((r["step"].as_f64()?, r["loss"].as_f64()?)))
+        .filter(|p| p.1.is_finite())
+        .collect();
+    let eval: Vec<(f64, f64)> =
+        records.iter().filter_map(|r| Some((r["step"].as_f64()?, r["eval_loss"].as_f64()?))).collect();
     let (w, h, m) = (720.0, 420.0, 56.0);
     let all = train.iter().chain(&eval);
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
@@ -33,7 +38,10 @@ pub fn write_loss_svg(path: &Path, records: &[Value]) -> Result<()> {
     let px = |x: f64| m + (x - x0) / (x1 - x0) * (w - 2.0 * m);
     let py = |y: f64| h - m - (y - y0) / (y1 - y0) * (h - 2.0 * m);
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(s, r#"<line x1="{m}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, h - m, w - m, h - m);
     let _ = writeln!(s, r#"<line x1="{m}" y1="{m}" x2="{m}" y2="{}" stroke="black"/>"#, h - m);
@@ -43,8 +51,15 @@ pub fn write_loss_svg(path: &Path, records: &[Value]) -> Result<()> {
         let x = x0 + (x1 - x0) * i as f64 / 4.0;
         let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{x:.0}</text>"#, px(x) - 8.0, h - m + 18.0);
     }
-    let _ = writeln!(s, r#"<text x="{}" y="{}">step</text><text x="{m}" y="20">loss (blue: training, red: evaluation)</text>"#, w / 2.0, h - 12.0);
-    let points = |pts: &[(f64, f64)]| pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect::<Vec<_>>().join(" ");
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}">step</text><text x="{m}" y="20">loss (blue: training, red: evaluation)</text>"#,
+        w / 2.0,
+        h - 12.0
+    );
+    let points = |pts: &[(f64, f64)]| {
+        pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect::<Vec<_>>().join(" ")
+    };
     let _ = writeln!(s, r#"<polyline fill="none" stroke="steelblue" stroke-width="1.5" points="{}"/>"#, points(&train));
     if !eval.is_empty() {
         let _ = writeln!(s, r#"<polyline fill="none" stroke="crimson" stroke-width="2" points="{}"/>"#, points(&eval));

@@ -58,7 +58,8 @@ impl TrainOptimizer {
                 },
             )?),
             OptimizerKind::Adamw => {
-                let p = ParamsAdamW { lr: cfg.learning_rate, beta1, beta2: cfg.beta2, eps, weight_decay: cfg.weight_decay };
+                let p =
+                    ParamsAdamW { lr: cfg.learning_rate, beta1, beta2: cfg.beta2, eps, weight_decay: cfg.weight_decay };
                 let of = |g: &ParamGroup| g.vars.iter().map(|(_, v)| v.clone()).collect::<Vec<Var>>();
                 let decayed = AdamW::new(of(&groups[0]), p.clone())?;
                 let plain = AdamW::new(of(&groups[1]), ParamsAdamW { weight_decay: 0.0, ..p })?;

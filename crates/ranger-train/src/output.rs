@@ -105,7 +105,8 @@ pub fn save_peft_adapter(
         // this run trained it with.
         let from = Path::new(src).join("adapter_config.json");
         let text = std::fs::read_to_string(&from).map_err(TrainError::io(&from))?;
-        let mut c: Value = serde_json::from_str(&text).map_err(|e| TrainError::Config { origin: from.display().to_string(), message: e.to_string() })?;
+        let mut c: Value = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Config { origin: from.display().to_string(), message: e.to_string() })?;
         c["lora_dropout"] = json!(cfg.lora_dropout);
         write_json(&dir.join("adapter_config.json"), &c)?;
     } else {

@@ -42,7 +42,9 @@ pub fn train_modules(model: &mut LlamaModel, modules: &[String]) -> Result<Vec<(
         let mut selected = false;
         for (i, t) in modules.iter().enumerate() {
             let t = std::slice::from_ref(t);
-            if saves_module(t, &name) || (tied && name == "model.embed_tokens.weight" && saves_module(t, "lm_head.weight")) {
+            if saves_module(t, &name)
+                || (tied && name == "model.embed_tokens.weight" && saves_module(t, "lm_head.weight"))
+            {
                 used[i] = true;
                 selected = true;
             }
@@ -71,7 +73,8 @@ pub fn trains_tied_embeddings(model: &LlamaModel, vars: &[(String, Var)]) -> boo
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     let cp = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cp).map_err(TrainError::io(&cp))?;
-    let c: Value = serde_json::from_str(&text).map_err(|e| TrainError::Config { origin: cp.display().to_string(), message: e.to_string() })?;
+    let c: Value = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Config { origin: cp.display().to_string(), message: e.to_string() })?;
     let bad = |m: String| TrainError::Config { origin: cp.display().to_string(), message: m };
     if c["peft_type"] != "LORA" {
         return Err(bad(format!("peft_type {} is not LORA", c["peft_type"])));
@@ -119,7 +122,8 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
 
 fn read_tensors(dir: &Path) -> Result<(std::path::PathBuf, HashMap<String, Tensor>)> {
     let wp = dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&wp, &Device::Cpu).map_err(|e| TrainError::Msg(format!("{}: {e}", wp.display())))?;
+    let tensors = candle_core::safetensors::load(&wp, &Device::Cpu)
+        .map_err(|e| TrainError::Msg(format!("{}: {e}", wp.display())))?;
     Ok((wp, tensors))
 }
 
@@ -127,7 +131,13 @@ fn read_tensors(dir: &Path) -> Result<(std::path::PathBuf, HashMap<String, Tenso
 /// them as trainable variables with their PEFT names. `training` gives the dropout of a run that
 /// trains them further and its seed switch (dropout is a choice of the run, not part of the
 /// adapter); `None` for inference.
-pub fn load_lora(projs: Vec<(String, &mut Proj)>, dtype: DType, device: &Device, dir: &Path, training: Option<(f64, &DropoutSeed)>) -> Result<Vec<(String, Var)>> {
+pub fn load_lora(
+    projs: Vec<(String, &mut Proj)>,
+    dtype: DType,
+    device: &Device,
+    dir: &Path,
+    training: Option<(f64, &DropoutSeed)>,
+) -> Result<Vec<(String, Var)>> {
     let mut cfg = read_adapter_config(dir)?;
     let off = DropoutSeed::default();
     let seed = match training {
@@ -150,9 +160,17 @@ pub fn load_lora(projs: Vec<(String, &mut Proj)>, dtype: DType, device: &Device,
             // Older PEFT versions saved DoRA magnitudes as `lora_magnitude_vector.default.weight`.
             .or_else(|| tensors.get(&format!("{name}.default.weight")))
             .or_else(|| tensors.get(&format!("{name}.weight")))
-            .ok_or_else(|| TrainError::Weights { origin: wp.display().to_string(), tensor: name.clone(), problem: "missing".into() })?;
+            .ok_or_else(|| TrainError::Weights {
+                origin: wp.display().to_string(),
+                tensor: name.clone(),
+                problem: "missing".into(),
+            })?;
         if t.shape() != var.shape() {
-            return Err(TrainError::Weights { origin: wp.display().to_string(), tensor: name.clone(), problem: format!("shape {:?}, {:?} expected", t.dims(), var.dims()) });
+            return Err(TrainError::Weights {
+                origin: wp.display().to_string(),
+                tensor: name.clone(),
+                problem: format!("shape {:?}, {:?} expected", t.dims(), var.dims()),
+            });
         }
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
@@ -168,12 +186,20 @@ pub fn load_saved_modules(dir: &Path) -> Result<Vec<(String, Tensor)>> {
         .into_iter()
         .filter(|(n, _)| !n.contains(".lora_"))
         .map(|(n, t)| {
-            let n = n.strip_prefix("base_model.model.").unwrap_or(&n).replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".");
+            let n = n
+                .strip_prefix("base_model.model.")
+                .unwrap_or(&n)
+                .replace(".modules_to_save.default.", ".")
+                .replace(".modules_to_save.", ".");
             (n, t)
         })
         .collect();
     if out.is_empty() && !cfg.modules_to_save.is_empty() {
-        return Err(TrainError::Msg(format!("{}: modules_to_save {:?} are not in adapter_model.safetensors", dir.display(), cfg.modules_to_save)));
+        return Err(TrainError::Msg(format!(
+            "{}: modules_to_save {:?} are not in adapter_model.safetensors",
+            dir.display(),
+            cfg.modules_to_save
+        )));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
@@ -189,10 +215,20 @@ fn causal_lm_saved_modules(dir: &Path, cfg: &AdapterConfig, tied: bool) -> Resul
     }
     let mut saved = load_saved_modules(dir)?;
     if tied {
-        let take = |saved: &mut Vec<(String, Tensor)>, n: &str| saved.iter().position(|(m, _)| m == n).map(|i| saved.remove(i).1);
+        let take = |saved: &mut Vec<(String, Tensor)>, n: &str| {
+            saved.iter().position(|(m, _)| m == n).map(|i| saved.remove(i).1)
+        };
         let head = take(&mut saved, "lm_head.weight");
         let embed = take(&mut saved, "model.embed_tokens.weight");
-        let equal = |a: &Tensor, b: &Tensor| -> Result<bool> { Ok(a.shape() == b.shape() && a.to_dtype(DType::F32)?.ne(&b.to_dtype(DType::F32)?)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? == 0.0) };
+        let equal = |a: &Tensor, b: &Tensor| -> Result<bool> {
+            Ok(a.shape() == b.shape()
+                && a.to_dtype(DType::F32)?
+                    .ne(&b.to_dtype(DType::F32)?)?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?
+                    == 0.0)
+        };
         let shared = match (embed, head) {
             (None, None) => None,
             (Some(e), Some(h)) if cfg.ensure_weight_tying || equal(&e, &h)? => Some(e),
@@ -215,7 +251,11 @@ fn causal_lm_saved_modules(dir: &Path, cfg: &AdapterConfig, tied: bool) -> Resul
 /// whole (PEFT's `modules_to_save`, e.g. embeddings), which replace the model's — and returns
 /// the trainable variables (PEFT names), so it can be used for generation or trained further
 /// (`training`: see [`load_lora`]; saved modules are trainable then too).
-pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path, training: Option<(f64, &DropoutSeed)>) -> Result<Vec<(String, Var)>> {
+pub fn load_peft_adapter(
+    model: &mut LlamaModel,
+    dir: &Path,
+    training: Option<(f64, &DropoutSeed)>,
+) -> Result<Vec<(String, Var)>> {
     let cfg = read_adapter_config(dir)?;
     let wp = dir.join("adapter_model.safetensors");
     let (dtype, device) = (model.dtype(), model.device().clone());
@@ -224,10 +264,18 @@ pub fn load_peft_adapter(model: &mut LlamaModel, dir: &Path, training: Option<(f
     let mut slots = model.weights_mut();
     for (name, t) in saved {
         let Some((_, slot)) = slots.iter_mut().find(|(n, _)| *n == name) else {
-            return Err(TrainError::Weights { origin: wp.display().to_string(), tensor: name, problem: "not a weight of this model".into() });
+            return Err(TrainError::Weights {
+                origin: wp.display().to_string(),
+                tensor: name,
+                problem: "not a weight of this model".into(),
+            });
         };
         if t.shape() != slot.shape() {
-            return Err(TrainError::Weights { origin: wp.display().to_string(), tensor: name, problem: format!("shape {:?}, {:?} expected", t.dims(), slot.dims()) });
+            return Err(TrainError::Weights {
+                origin: wp.display().to_string(),
+                tensor: name,
+                problem: format!("shape {:?}, {:?} expected", t.dims(), slot.dims()),
+            });
         }
         let t = t.to_dtype(dtype)?.to_device(&device)?;
         if training.is_some() {

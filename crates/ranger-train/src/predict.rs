@@ -43,13 +43,19 @@ pub struct Prediction {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::Config { origin: path.display().to_string(), message: e.to_string() })
+    serde_json::from_str(&text)
+        .map_err(|e| TrainError::Config { origin: path.display().to_string(), message: e.to_string() })
 }
 
 /// Builds a classifier from `loaded` (a classifier checkpoint, or with `adapter` a base model
 /// plus a PEFT `SEQ_CLS` LoRA adapter whose saved head and labels are used), frozen, in `dtype`
 /// on `device`.
-pub fn load_classifier(loaded: LoadedModel, adapter: Option<&Path>, dtype: DType, device: &Device) -> Result<Classifier> {
+pub fn load_classifier(
+    loaded: LoadedModel,
+    adapter: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Classifier> {
     let LoadedModel { config, mut weights, tokenizer, origin, .. } = loaded;
     let backbone: BackboneConfig = config.backbone();
     let labels_origin;
@@ -64,15 +70,23 @@ pub fn load_classifier(loaded: LoadedModel, adapter: Option<&Path>, dtype: DType
             labels_from_config(config.raw())
         }
     }
-    .ok_or_else(|| TrainError::Config { origin: labels_origin, message: "no id2label: this is not a sequence classifier".into() })?;
+    .ok_or_else(|| TrainError::Config {
+        origin: labels_origin,
+        message: "no id2label: this is not a sequence classifier".into(),
+    })?;
     if let Some(dir) = adapter {
         for (name, t) in crate::peft::load_saved_modules(dir)? {
             weights.insert(name, t);
         }
     }
     let weights = complete_classifier_weights(&backbone, labels.len(), weights, None, &origin)?;
-    let tensors: HashMap<String, Tensor> = take_weights(backbone.weight_shapes(labels.len()), weights, dtype, device, &origin)?.into_iter().collect();
-    let mut model = SequenceClassifier::new(backbone, labels.len(), &tensors).map_err(|n| TrainError::Weights { origin: origin.clone(), tensor: n, problem: "missing".into() })?;
+    let tensors: HashMap<String, Tensor> =
+        take_weights(backbone.weight_shapes(labels.len()), weights, dtype, device, &origin)?.into_iter().collect();
+    let mut model = SequenceClassifier::new(backbone, labels.len(), &tensors).map_err(|n| TrainError::Weights {
+        origin: origin.clone(),
+        tensor: n,
+        problem: "missing".into(),
+    })?;
     if let Some(dir) = adapter {
         let dev = model.device().clone();
         crate::peft::load_lora(model.projections_mut(), dtype, &dev, dir, None)?;
@@ -91,7 +105,13 @@ impl Classifier {
 
     /// Classifies `records` (labels ignored) in batches of `batch_size`, truncating texts to
     /// `max_len` tokens; `path` names the file in errors.
-    pub fn predict(&self, records: &[Record], max_len: usize, batch_size: usize, path: &Path) -> Result<Vec<Prediction>> {
+    pub fn predict(
+        &self,
+        records: &[Record],
+        max_len: usize,
+        batch_size: usize,
+        path: &Path,
+    ) -> Result<Vec<Prediction>> {
         let unlabelled: Vec<Record> = records.iter().map(|r| Record { label: None, ..r.clone() }).collect();
         let examples = encode_records(&unlabelled, &self.tokenizer, &self.labels, self.max_tokens(max_len), path)?;
         let mut out = Vec::with_capacity(examples.len());

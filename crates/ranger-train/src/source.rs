@@ -33,7 +33,8 @@ pub struct HubOptions {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::Config { origin: path.display().to_string(), message: e.to_string() })
+    serde_json::from_str(&text)
+        .map_err(|e| TrainError::Config { origin: path.display().to_string(), message: e.to_string() })
 }
 
 /// Loads a Hugging Face model folder: `config.json`, safetensors weights, tokenizer files.
@@ -59,11 +60,13 @@ pub fn fetch_from_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
         None => hf_hub::Cache::from_env(),
     };
     let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
-    let wanted = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"];
+    let wanted =
+        ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"];
     let hub_err = |e: String| TrainError::Msg(format!("{repo_id}@{revision}: {e}"));
     if offline {
         let cached = cache.repo(repo.clone());
-        let cfg = cached.get("config.json").ok_or_else(|| hub_err("not in the local cache and HF_HUB_OFFLINE=1".into()))?;
+        let cfg =
+            cached.get("config.json").ok_or_else(|| hub_err("not in the local cache and HF_HUB_OFFLINE=1".into()))?;
         return Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default());
     }
     let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true);
@@ -83,7 +86,10 @@ pub fn fetch_from_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
     match api.get("model.safetensors.index.json") {
         Ok(index) => {
             let v = read_json(&index)?;
-            let mut files: Vec<String> = v["weight_map"].as_object().map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect()).unwrap_or_default();
+            let mut files: Vec<String> = v["weight_map"]
+                .as_object()
+                .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
+                .unwrap_or_default();
             files.sort();
             files.dedup();
             for f in files {

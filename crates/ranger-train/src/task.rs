@@ -132,7 +132,10 @@ impl Task {
                 train.sequences.len()
             }
             Self::Classify { train, .. } => {
-                train.sequences.iter().for_each(|e| fnv(&mut h, e.ids.iter().chain(&e.type_ids).copied().chain([e.label])));
+                train
+                    .sequences
+                    .iter()
+                    .for_each(|e| fnv(&mut h, e.ids.iter().chain(&e.type_ids).copied().chain([e.label])));
                 train.sequences.len()
             }
         };
@@ -150,8 +153,12 @@ impl Task {
     pub fn train_batch(&self, index: usize, pad_id: u32) -> Result<TaskBatch> {
         let mdt = self.mask_dtype();
         Ok(match self {
-            Self::CausalLm { model, train, .. } => TaskBatch::Lm(collate(&train.batch(index), pad_id, model.config.sliding_window, mdt, model.device())?),
-            Self::Classify { model, train, .. } => TaskBatch::Cls(classify::collate(&train.batch(index), pad_id, model.is_decoder(), mdt, model.device())?),
+            Self::CausalLm { model, train, .. } => {
+                TaskBatch::Lm(collate(&train.batch(index), pad_id, model.config.sliding_window, mdt, model.device())?)
+            }
+            Self::Classify { model, train, .. } => {
+                TaskBatch::Cls(classify::collate(&train.batch(index), pad_id, model.is_decoder(), mdt, model.device())?)
+            }
         })
     }
 

@@ -11,8 +11,38 @@ use crate::model::{BackboneConfig, EncoderConfig, LlamaConfig};
 
 /// Words of the tiny test vocabulary (ids follow this order after the 3 specials).
 pub const WORDS: &[&str] = &[
-    "<", ">", "user", "assistant", "system", "the", "cat", "dog", "sat", "on", "mat", "a", "is", "red", "blue", "what", "color",
-    "sky", "grass", "green", "?", ".", "answer", "question", "my", "name", "ranger", "hello", "world", "one", "two", "three",
+    "<",
+    ">",
+    "user",
+    "assistant",
+    "system",
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "a",
+    "is",
+    "red",
+    "blue",
+    "what",
+    "color",
+    "sky",
+    "grass",
+    "green",
+    "?",
+    ".",
+    "answer",
+    "question",
+    "my",
+    "name",
+    "ranger",
+    "hello",
+    "world",
+    "one",
+    "two",
+    "three",
 ];
 
 /// A word-level tokenizer.json over [`WORDS`] with `<unk>`=0, `<eos>`=1, `<pad>`=2.
@@ -74,7 +104,6 @@ pub fn write_tiny_model(dir: &Path, config: &Value, seed: u64) -> crate::Result<
     Ok(cfg)
 }
 
-
 /// Vocabulary of the tiny encoder tokenizer: `[PAD]`=0, `[UNK]`=1, `[CLS]`=2, `[SEP]`=3, then
 /// [`WORDS`].
 pub const TINY_ENCODER_VOCAB: usize = 4 + WORDS.len();
@@ -133,7 +162,8 @@ pub fn write_tiny_encoder(dir: &Path, config: &Value, seed: u64) -> crate::Resul
     let cfg = EncoderConfig::from_json(config.clone(), "tiny encoder")?;
     let prefix = format!("{}.", cfg.family.prefix());
     let weights = crate::weights::random_tensors(cfg.weight_shapes(), seed, DType::F32)?;
-    let mut list: Vec<(String, Tensor)> = weights.into_iter().map(|(n, t)| (n.strip_prefix(&prefix).unwrap_or(&n).to_string(), t)).collect();
+    let mut list: Vec<(String, Tensor)> =
+        weights.into_iter().map(|(n, t)| (n.strip_prefix(&prefix).unwrap_or(&n).to_string(), t)).collect();
     list.sort_by(|a, b| a.0.cmp(&b.0));
     crate::weights::save_safetensors_dir(dir, &list, usize::MAX)?;
     crate::output::write_json(&dir.join("config.json"), config)?;
@@ -144,7 +174,12 @@ pub fn write_tiny_encoder(dir: &Path, config: &Value, seed: u64) -> crate::Resul
 }
 
 /// Random weights (f64 then converted to `dtype`) for a whole classifier: backbone and head.
-pub fn random_classifier_weights(backbone: &BackboneConfig, num_labels: usize, seed: u64, dtype: DType) -> crate::Result<std::collections::HashMap<String, Tensor>> {
+pub fn random_classifier_weights(
+    backbone: &BackboneConfig,
+    num_labels: usize,
+    seed: u64,
+    dtype: DType,
+) -> crate::Result<std::collections::HashMap<String, Tensor>> {
     let mut w = crate::weights::random_tensors(backbone.weight_shapes(num_labels), seed, DType::F64)?;
     for t in w.values_mut() {
         *t = t.to_dtype(dtype)?;

@@ -90,7 +90,16 @@ impl TextTokenizer {
         // Batches are padded and truncated by us, never by the tokenizer.
         inner.with_padding(None);
         let _ = inner.with_truncation(None);
-        Self { inner, bos_token, eos_token, eos_id, pad_id, chat_template, config, compiled: std::sync::OnceLock::new() }
+        Self {
+            inner,
+            bos_token,
+            eos_token,
+            eos_id,
+            pad_id,
+            chat_template,
+            config,
+            compiled: std::sync::OnceLock::new(),
+        }
     }
 
     /// Token ids and byte offsets of `text`.
@@ -106,10 +115,9 @@ impl TextTokenizer {
 
     /// Renders `messages` with the chat template.
     pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| TrainError::Template("this tokenizer has no chat_template, so `messages` data cannot be rendered".into()))?;
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            TrainError::Template("this tokenizer has no chat_template, so `messages` data cannot be rendered".into())
+        })?;
         let env = self
             .compiled
             .get_or_init(|| {

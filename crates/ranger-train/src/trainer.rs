@@ -131,10 +131,15 @@ pub fn prepare_with_model(mut cfg: TrainConfig, loaded: LoadedModel, device: Dev
             cfg.lora_targets = loaded.config.backbone().default_lora_targets();
         }
         if cfg.lora_adapter.is_some() && !cfg.modules_to_save.is_empty() {
-            return Err(TrainError::Msg("modules_to_save comes from the adapter when going on from one (--lora-adapter); it cannot be changed".into()));
+            return Err(TrainError::Msg(
+                "modules_to_save comes from the adapter when going on from one (--lora-adapter); it cannot be changed"
+                    .into(),
+            ));
         }
     } else if !cfg.modules_to_save.is_empty() {
-        return Err(TrainError::Msg("modules_to_save needs LoRA (--lora): in a full fine-tune every module is trained".into()));
+        return Err(TrainError::Msg(
+            "modules_to_save needs LoRA (--lora): in a full fine-tune every module is trained".into(),
+        ));
     }
     if cfg.task == TaskKind::CausalLm && cfg.metric_for_best != BestMetric::Loss {
         return Err(TrainError::Msg("metric_for_best accuracy / f1 needs --task classify".into()));
@@ -142,8 +147,18 @@ pub fn prepare_with_model(mut cfg: TrainConfig, loaded: LoadedModel, device: Dev
     let LoadedModel { config, weights, tokenizer, generation_config, origin } = loaded;
     let dropout_seed = DropoutSeed::default();
     let (task, vars) = match cfg.task {
-        TaskKind::CausalLm => prepare_causal_lm(&cfg, config.decoder(&origin)?.clone(), weights, &tokenizer, &device, &origin, &dropout_seed)?,
-        TaskKind::Classify => prepare_classifier(&mut cfg, &config, weights, &tokenizer, &device, &origin, &dropout_seed)?,
+        TaskKind::CausalLm => prepare_causal_lm(
+            &cfg,
+            config.decoder(&origin)?.clone(),
+            weights,
+            &tokenizer,
+            &device,
+            &origin,
+            &dropout_seed,
+        )?,
+        TaskKind::Classify => {
+            prepare_classifier(&mut cfg, &config, weights, &tokenizer, &device, &origin, &dropout_seed)?
+        }
     };
     Ok(Session { cfg, task, vars, tokenizer, generation_config, device, origin, dropout_seed })
 }
@@ -174,7 +189,9 @@ fn prepare_causal_lm(
         // Frozen base: plain tensors, so no gradient is ever computed or stored for them.
         let mut model = LlamaModel::new(config, &tensors.into_iter().collect()).map_err(missing)?;
         let vars = match &cfg.lora_adapter {
-            Some(dir) => crate::peft::load_peft_adapter(&mut model, Path::new(dir), Some((cfg.lora_dropout, dropout_seed)))?,
+            Some(dir) => {
+                crate::peft::load_peft_adapter(&mut model, Path::new(dir), Some((cfg.lora_dropout, dropout_seed)))?
+            }
             None => {
                 let mut vars = crate::peft::train_modules(&mut model, &cfg.modules_to_save)?;
                 vars.extend(model.add_lora(&lora_config(cfg), cfg.seed, dropout_seed)?);
@@ -189,12 +206,17 @@ fn prepare_causal_lm(
     let opts = DataOptions { max_seq_len: cfg.max_seq_length, pack: cfg.pack, mask_prompt: cfg.mask_prompt };
     let train_data = load_file(Path::new(&cfg.data), tokenizer, &opts)?;
     let (train_examples, val_examples) = match &cfg.validation_file {
-        Some(v) => (train_data.examples, load_file(Path::new(v), tokenizer, &DataOptions { pack: false, ..opts })?.examples),
+        Some(v) => {
+            (train_data.examples, load_file(Path::new(v), tokenizer, &DataOptions { pack: false, ..opts })?.examples)
+        }
         None if cfg.val_split > 0.0 => split_validation(train_data.examples, cfg.val_split, cfg.seed),
         None => (train_data.examples, vec![]),
     };
     if train_examples.is_empty() {
-        return Err(TrainError::EmptyDataset(format!("{}: no training example left after the validation split", cfg.data)));
+        return Err(TrainError::EmptyDataset(format!(
+            "{}: no training example left after the validation split",
+            cfg.data
+        )));
     }
     let train = Loader::new(to_sequences(&train_examples, &opts), cfg.batch_size, cfg.seed);
     let val = to_sequences(&val_examples, &DataOptions { pack: false, ..opts });
@@ -215,7 +237,11 @@ fn prepare_classifier(
         // Texts are truncated to what the position table allows (512 for BERT-base-like models).
         cfg.max_seq_length = cfg.max_seq_length.min(e.max_tokens());
     }
-    let cols = Columns { text: cfg.text_column.clone(), text_pair: cfg.text_pair_column.clone(), label: Some(cfg.label_column.clone()) };
+    let cols = Columns {
+        text: cfg.text_column.clone(),
+        text_pair: cfg.text_pair_column.clone(),
+        label: Some(cfg.label_column.clone()),
+    };
     let data_path = PathBuf::from(&cfg.data);
     let train_records = read_records(&data_path, &cols)?;
     let (train_records, val_records, val_path) = match &cfg.validation_file {
@@ -228,14 +254,18 @@ fn prepare_classifier(
     };
     // A checkpoint that already is a classifier keeps its label order; otherwise the labels are
     // given, or read from the training data.
-    let has_head = ["classifier.weight", "score.weight", "classifier.out_proj.weight"].iter().any(|n| weights.contains_key(*n));
+    let has_head =
+        ["classifier.weight", "score.weight", "classifier.out_proj.weight"].iter().any(|n| weights.contains_key(*n));
     let labels = match (&cfg.labels, labels_from_config(config.raw()).filter(|_| has_head)) {
         (Some(l), _) => l.clone(),
         (None, Some(l)) => l,
         (None, None) => labels_from_records(&train_records),
     };
     if labels.len() < 2 {
-        return Err(TrainError::EmptyDataset(format!("{}: classification needs at least 2 labels, found {labels:?}", cfg.data)));
+        return Err(TrainError::EmptyDataset(format!(
+            "{}: classification needs at least 2 labels, found {labels:?}",
+            cfg.data
+        )));
     }
     cfg.labels = Some(labels.clone());
     let mut weights = complete_classifier_weights(&backbone, labels.len(), weights, Some(cfg.seed), origin)?;
@@ -252,7 +282,11 @@ fn prepare_classifier(
     let shapes = backbone.weight_shapes(labels.len());
     // Only the user's entries must match: PEFT lists both `classifier` and `score` in every
     // SEQ_CLS adapter, and ignores the one a model lacks.
-    if let Some(m) = cfg.modules_to_save.iter().find(|m| !shapes.iter().any(|(n, _)| crate::peft::saves_module(std::slice::from_ref(m), n))) {
+    if let Some(m) = cfg
+        .modules_to_save
+        .iter()
+        .find(|m| !shapes.iter().any(|(n, _)| crate::peft::saves_module(std::slice::from_ref(m), n)))
+    {
         return Err(TrainError::Msg(format!("modules_to_save entry {m:?} matches no module of this model")));
     }
     let tensors = take_weights(shapes, weights, cfg.dtype.dtype(), device, origin)?;
@@ -273,7 +307,13 @@ fn prepare_classifier(
         let mut model = SequenceClassifier::new(backbone, labels.len(), &map).map_err(missing)?;
         let (dtype, dev) = (model.dtype(), model.device().clone());
         let adapters = match &cfg.lora_adapter {
-            Some(dir) => crate::peft::load_lora(model.projections_mut(), dtype, &dev, Path::new(dir), Some((cfg.lora_dropout, dropout_seed)))?,
+            Some(dir) => crate::peft::load_lora(
+                model.projections_mut(),
+                dtype,
+                &dev,
+                Path::new(dir),
+                Some((cfg.lora_dropout, dropout_seed)),
+            )?,
             None => attach_lora(model.projections_mut(), &lora_config(cfg), cfg.seed, dtype, &dev, dropout_seed)?,
         };
         vars.extend(adapters);
@@ -312,7 +352,13 @@ pub fn schedule_for(cfg: &TrainConfig, total: usize) -> Schedule {
         ScheduleKind::Constant => Decay::Constant,
         ScheduleKind::FlatCosine => Decay::FlatThenCosine { flat_fraction: cfg.flat_fraction },
     };
-    Schedule { base_lr: cfg.learning_rate, min_lr: cfg.learning_rate * cfg.min_lr_ratio, warmup_steps: warmup, total_steps: total, decay }
+    Schedule {
+        base_lr: cfg.learning_rate,
+        min_lr: cfg.learning_rate * cfg.min_lr_ratio,
+        warmup_steps: warmup,
+        total_steps: total,
+        decay,
+    }
 }
 
 /// Options that must not change across a resume.
@@ -402,7 +448,15 @@ impl Trainer {
             config: cfg.clone(),
         };
         let output = PathBuf::from(&cfg.output);
-        let mut t = Self { session, optimizer, state, stop: Arc::new(AtomicBool::new(false)), verbose: true, output, metrics: vec![] };
+        let mut t = Self {
+            session,
+            optimizer,
+            state,
+            stop: Arc::new(AtomicBool::new(false)),
+            verbose: true,
+            output,
+            metrics: vec![],
+        };
         if let Some(r) = cfg.resume.clone() {
             t.resume_from(Path::new(&r))?;
         }
@@ -418,7 +472,8 @@ impl Trainer {
         let dir = find_checkpoint(path)?;
         let sp = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(TrainError::io(&sp))?;
-        let saved: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Config { origin: sp.display().to_string(), message: e.to_string() })?;
+        let saved: TrainerState = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Config { origin: sp.display().to_string(), message: e.to_string() })?;
         if resume_key(&saved.config) != resume_key(&self.session.cfg) {
             return Err(TrainError::Msg(format!(
                 "{}: the checkpoint was made with different options: saved {} vs now {}",
@@ -432,14 +487,25 @@ impl Trainer {
         }
         // Weights: every variable must be in the checkpoint with its shape and dtype.
         let mp = dir.join("model.safetensors");
-        let tensors = candle_core::safetensors::load(&mp, &Device::Cpu).map_err(|e| TrainError::Msg(format!("{}: {e}", mp.display())))?;
+        let tensors = candle_core::safetensors::load(&mp, &Device::Cpu)
+            .map_err(|e| TrainError::Msg(format!("{}: {e}", mp.display())))?;
         for (name, var) in &self.session.vars {
-            let t = tensors.get(name).ok_or_else(|| TrainError::Weights { origin: mp.display().to_string(), tensor: name.clone(), problem: "missing".into() })?;
+            let t = tensors.get(name).ok_or_else(|| TrainError::Weights {
+                origin: mp.display().to_string(),
+                tensor: name.clone(),
+                problem: "missing".into(),
+            })?;
             if t.shape() != var.shape() || t.dtype() != var.dtype() {
                 return Err(TrainError::Weights {
                     origin: mp.display().to_string(),
                     tensor: name.clone(),
-                    problem: format!("{:?} {:?} in the checkpoint, {:?} {:?} expected", t.dims(), t.dtype(), var.dims(), var.dtype()),
+                    problem: format!(
+                        "{:?} {:?} in the checkpoint, {:?} {:?} expected",
+                        t.dims(),
+                        t.dtype(),
+                        var.dims(),
+                        var.dtype()
+                    ),
                 });
             }
         }
@@ -454,7 +520,10 @@ impl Trainer {
                 eprintln!("warning: AdamW's state cannot be saved; its moments restart from zero");
             }
         } else {
-            return Err(TrainError::Msg(format!("{}: optimizer.safetensors is missing, so the run cannot resume exactly", dir.display())));
+            return Err(TrainError::Msg(format!(
+                "{}: optimizer.safetensors is missing, so the run cannot resume exactly",
+                dir.display()
+            )));
         }
         let total = self.state.total_steps;
         self.state = saved;
@@ -511,21 +580,29 @@ impl Trainer {
                 let tie = crate::peft::trains_tied_embeddings(model, &self.session.vars);
                 if tie {
                     // PEFT with ensure_weight_tying saves the shared matrix under both names.
-                    let embed = weights.iter().find(|(n, _)| n == "base_model.model.model.embed_tokens.weight").map(|(_, t)| t.clone());
+                    let embed = weights
+                        .iter()
+                        .find(|(n, _)| n == "base_model.model.model.embed_tokens.weight")
+                        .map(|(_, t)| t.clone());
                     weights.extend(embed.map(|t| ("base_model.model.lm_head.weight".to_string(), t)));
                 }
                 crate::output::save_peft_adapter(dir, cfg, "CAUSAL_LM", &cfg.modules_to_save, tie, &weights, tok)
             }
             Task::Classify { model, labels, .. } if cfg.lora => {
                 let mut modules = model.config.head_modules();
-                modules.extend(cfg.modules_to_save.iter().filter(|m| !modules.contains(m)).cloned().collect::<Vec<_>>());
+                modules
+                    .extend(cfg.modules_to_save.iter().filter(|m| !modules.contains(m)).cloned().collect::<Vec<_>>());
                 crate::output::save_peft_adapter(dir, cfg, "SEQ_CLS", &modules, false, &weights, tok)?;
                 // PEFT adapters carry no config.json: the labels go next to the adapter.
                 let json = model.config.classifier_json(labels, tok.pad_id, model.dtype());
                 write_json(&dir.join(crate::predict::ADAPTER_CLASSIFIER_CONFIG), &json)
             }
             Task::CausalLm { model, .. } => {
-                let gen = self.session.generation_config.clone().unwrap_or_else(|| default_generation_config(&model.config.raw));
+                let gen = self
+                    .session
+                    .generation_config
+                    .clone()
+                    .unwrap_or_else(|| default_generation_config(&model.config.raw));
                 save_hf_folder(dir, &model.config.raw, &weights, tok, Some(&gen), cfg.max_shard_size)
             }
             Task::Classify { model, labels, .. } => {
@@ -582,7 +659,8 @@ impl Trainer {
         let tmp = self.output.join(format!(".checkpoint-{}.partial-{}", self.state.step, std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
-        let fast: Vec<(String, Tensor)> = self.session.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let fast: Vec<(String, Tensor)> =
+            self.session.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         crate::weights::save_safetensors_dir(&tmp, &fast, usize::MAX)?;
         self.optimizer.save_state(&tmp.join("optimizer.safetensors"))?;
         write_json(&tmp.join("trainer_state.json"), &serde_json::to_value(&self.state).expect("state"))?;
@@ -593,7 +671,8 @@ impl Trainer {
         candle_ranger::state_file::sync_parent(&final_dir);
         // Rotate among this run's checkpoints up to now; later-numbered ones (left by a run that
         // was resumed from an earlier checkpoint) are not ours to delete, and the new one stays.
-        let ours: Vec<(usize, PathBuf)> = list_checkpoints(&self.output)?.into_iter().filter(|(n, _)| *n <= self.state.step).collect();
+        let ours: Vec<(usize, PathBuf)> =
+            list_checkpoints(&self.output)?.into_iter().filter(|(n, _)| *n <= self.state.step).collect();
         let keep = self.session.cfg.save_total_limit.max(1);
         for (_, p) in ours.iter().take(ours.len().saturating_sub(keep)) {
             if *p != final_dir {
@@ -617,7 +696,9 @@ impl Trainer {
     fn step_gradients(&self, micro_start: usize) -> Result<(GradStore, f64, usize)> {
         let accum = self.session.cfg.grad_accumulation_steps;
         let task = &self.session.task;
-        let batches: Vec<_> = (micro_start..micro_start + accum).map(|i| task.train_batch(i, self.session.tokenizer.pad_id)).collect::<Result<_>>()?;
+        let batches: Vec<_> = (micro_start..micro_start + accum)
+            .map(|i| task.train_batch(i, self.session.tokenizer.pad_id))
+            .collect::<Result<_>>()?;
         let targets: usize = batches.iter().map(|b| b.n_targets()).sum::<usize>().max(1);
         let tokens: usize = batches.iter().map(|b| b.n_tokens()).sum();
         let mut acc = GradStore::default();
@@ -681,7 +762,11 @@ impl Trainer {
         std::fs::create_dir_all(&self.output).map_err(TrainError::io(&self.output))?;
         let cfg = self.session.cfg.clone();
         let schedule = schedule_for(&cfg, self.state.total_steps);
-        let bar = if self.verbose { indicatif::ProgressBar::new(self.state.total_steps as u64) } else { indicatif::ProgressBar::hidden() };
+        let bar = if self.verbose {
+            indicatif::ProgressBar::new(self.state.total_steps as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
                 .expect("template"),
@@ -730,7 +815,9 @@ impl Trainer {
                         return Err(TrainError::NonFiniteLoss { step: self.state.step + 1, loss });
                     }
                     // The batch is skipped, but the step is bookkept like any other below.
-                    NanPolicy::Skip => say(format!("step {}: non-finite loss {loss}, batch skipped", self.state.step + 1)),
+                    NanPolicy::Skip => {
+                        say(format!("step {}: non-finite loss {loss}, batch skipped", self.state.step + 1))
+                    }
                 }
             } else {
                 if !gradients_checked {
@@ -738,10 +825,18 @@ impl Trainer {
                     gradients_checked = true;
                 }
                 let vars: Vec<Var> = self.session.vars.iter().map(|(_, v)| v.clone()).collect();
-                gnorm = if cfg.max_grad_norm > 0.0 { clip_grad_norm(&mut grads, &vars, cfg.max_grad_norm)? } else { grad_norm(&grads, &vars)? };
+                gnorm = if cfg.max_grad_norm > 0.0 {
+                    clip_grad_norm(&mut grads, &vars, cfg.max_grad_norm)?
+                } else {
+                    grad_norm(&grads, &vars)?
+                };
                 let report = self.optimizer.step(&grads)?;
                 if report.skipped() {
-                    say(format!("step {}: non-finite gradient in {}, step skipped", self.state.step + 1, report.non_finite.join(", ")));
+                    say(format!(
+                        "step {}: non-finite gradient in {}, step skipped",
+                        self.state.step + 1,
+                        report.non_finite.join(", ")
+                    ));
                 }
             }
             drop(grads);
@@ -780,11 +875,18 @@ impl Trainer {
             bar.set_position(self.state.step as u64);
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
             if plain_log && (self.state.step.is_multiple_of(cfg.log_every.max(1)) || is_last) {
-                eprintln!("step {}/{}: loss {loss:.4} lr {lr:.3e} grad_norm {gnorm:.3} {tps:.0} tok/s", self.state.step, self.state.total_steps);
+                eprintln!(
+                    "step {}/{}: loss {loss:.4} lr {lr:.3e} grad_norm {gnorm:.3} {tps:.0} tok/s",
+                    self.state.step, self.state.total_steps
+                );
             }
             let patience_hit = cfg.early_stopping_patience.is_some_and(|p| self.state.evals_without_improvement >= p);
             let interrupted = self.stop.load(Ordering::SeqCst);
-            if (cfg.save_every > 0 && self.state.step.is_multiple_of(cfg.save_every)) || interrupted || patience_hit || is_last {
+            if (cfg.save_every > 0 && self.state.step.is_multiple_of(cfg.save_every))
+                || interrupted
+                || patience_hit
+                || is_last
+            {
                 self.write_metrics()?;
                 last_checkpoint = Some(self.save_checkpoint()?);
             }
@@ -793,7 +895,10 @@ impl Trainer {
                 break;
             }
             if patience_hit {
-                stopped = format!("early stopping: no eval improvement in {} evaluations", self.state.evals_without_improvement);
+                stopped = format!(
+                    "early stopping: no eval improvement in {} evaluations",
+                    self.state.evals_without_improvement
+                );
                 break;
             }
         }
@@ -801,7 +906,8 @@ impl Trainer {
         self.write_metrics()?;
         crate::metrics::write_loss_svg(&self.output.join("loss_curve.svg"), &self.metrics)?;
         let last_eval = |key: &str| self.metrics.iter().rev().find_map(|m| m[key].as_f64());
-        let (eval_loss, eval_accuracy, eval_macro_f1) = (last_eval("eval_loss"), last_eval("eval_accuracy"), last_eval("eval_macro_f1"));
+        let (eval_loss, eval_accuracy, eval_macro_f1) =
+            (last_eval("eval_loss"), last_eval("eval_accuracy"), last_eval("eval_macro_f1"));
         let k = cfg.lookahead_k;
         let unsynced = if self.weights_label() == "slow" && k > 0 { self.state.step % k } else { 0 };
         if unsynced > 0 && self.verbose {
@@ -819,7 +925,9 @@ impl Trainer {
             Some(dir)
         };
         let best_dir = self.output.join("best");
-        let best_evaluation: Option<Evaluation> = std::fs::read_to_string(best_dir.join("eval_results.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+        let best_evaluation: Option<Evaluation> = std::fs::read_to_string(best_dir.join("eval_results.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
         let best_model = (self.session.task.classifier().is_some() && best_evaluation.is_some()).then_some(best_dir);
         Ok(RunSummary {
             trainable_parameters: self.trainable_parameters(),
@@ -841,7 +949,6 @@ impl Trainer {
     }
 }
 
-
 /// Adds an evaluation's figures to a metrics record.
 fn eval_fields(eval: &Evaluation, record: &mut Value) {
     record["eval_loss"] = json!(eval.loss);
@@ -859,6 +966,9 @@ fn eval_fields(eval: &Evaluation, record: &mut Value) {
 fn describe(eval: &Evaluation) -> String {
     match &eval.classes {
         None => format!("eval loss {:.4}, perplexity {:.2}", eval.loss, eval.loss.exp()),
-        Some(c) => format!("eval loss {:.4}, accuracy {:.4}, macro-F1 {:.4} on {} examples", eval.loss, c.accuracy, c.macro_f1, c.examples),
+        Some(c) => format!(
+            "eval loss {:.4}, accuracy {:.4}, macro-F1 {:.4} on {} examples",
+            eval.loss, c.accuracy, c.macro_f1, c.examples
+        ),
     }
 }

@@ -16,10 +16,8 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(TrainError::io(&index))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::Config {
-            origin: index.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Config { origin: index.display().to_string(), message: e.to_string() })?;
         let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| TrainError::Config {
             origin: index.display().to_string(),
             message: "no weight_map".into(),
@@ -36,11 +34,15 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Tensor>> {
             dir.display()
         )));
     } else {
-        return Err(TrainError::Msg(format!("{}: no model.safetensors or model.safetensors.index.json", dir.display())));
+        return Err(TrainError::Msg(format!(
+            "{}: no model.safetensors or model.safetensors.index.json",
+            dir.display()
+        )));
     };
     let mut out = HashMap::new();
     for f in files {
-        let tensors = candle_core::safetensors::load(&f, &Device::Cpu).map_err(|e| TrainError::Msg(format!("{}: {e}", f.display())))?;
+        let tensors = candle_core::safetensors::load(&f, &Device::Cpu)
+            .map_err(|e| TrainError::Msg(format!("{}: {e}", f.display())))?;
         out.extend(tensors);
     }
     Ok(out)
@@ -49,14 +51,26 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Tensor>> {
 /// Converts loaded weights to `dtype` on `device` in the model's order, checking that every
 /// tensor the model needs is there with the right shape. Unknown extra tensors are ignored
 /// (e.g. a redundant `lm_head.weight` of a tied checkpoint).
-pub fn into_tensors(config: &LlamaConfig, weights: HashMap<String, Tensor>, dtype: DType, device: &Device, origin: &str) -> Result<Vec<(String, Tensor)>> {
+pub fn into_tensors(
+    config: &LlamaConfig,
+    weights: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+    origin: &str,
+) -> Result<Vec<(String, Tensor)>> {
     take_weights(config.weight_shapes(), weights, dtype, device, origin)
 }
 
 /// Takes the tensors named by `shapes` out of `weights`, checked and converted to `dtype` on
 /// `device`, in the order of `shapes`; a missing tensor or a shape mismatch is an error naming
 /// the tensor and `origin`.
-pub fn take_weights(shapes: Vec<(String, Vec<usize>)>, mut weights: HashMap<String, Tensor>, dtype: DType, device: &Device, origin: &str) -> Result<Vec<(String, Tensor)>> {
+pub fn take_weights(
+    shapes: Vec<(String, Vec<usize>)>,
+    mut weights: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+    origin: &str,
+) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for (name, shape) in shapes {
         let t = weights.remove(&name).ok_or_else(|| TrainError::Weights {
@@ -77,7 +91,13 @@ pub fn take_weights(shapes: Vec<(String, Vec<usize>)>, mut weights: HashMap<Stri
 }
 
 /// Like [`into_tensors`], as trainable variables.
-pub fn into_vars(config: &LlamaConfig, weights: HashMap<String, Tensor>, dtype: DType, device: &Device, origin: &str) -> Result<Vec<(String, Var)>> {
+pub fn into_vars(
+    config: &LlamaConfig,
+    weights: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+    origin: &str,
+) -> Result<Vec<(String, Var)>> {
     into_tensors(config, weights, dtype, device, origin)?
         .into_iter()
         .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
@@ -115,10 +135,8 @@ pub fn random_tensors(shapes: Vec<(String, Vec<usize>)>, seed: u64, dtype: DType
 /// `model.safetensors.index.json`. Each file is written to a temporary name and renamed.
 pub fn save_safetensors_dir(dir: &Path, tensors: &[(String, Tensor)], max_shard_bytes: usize) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
-    let cpu: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?)))
-        .collect::<Result<_>>()?;
+    let cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
     let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
     let total: usize = cpu.iter().map(|(_, t)| size(t)).sum();
     let mut shards: Vec<Vec<&(String, Tensor)>> = vec![vec![]];
@@ -155,7 +173,8 @@ pub fn save_safetensors_dir(dir: &Path, tensors: &[(String, Tensor)], max_shard_
 
 /// Writes `tensors` (moved to the CPU) as one safetensors file, atomically.
 pub fn save_safetensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    let cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
     let refs: Vec<&(String, Tensor)> = cpu.iter().collect();
     write_safetensors(path, &refs, HashMap::from([("format".to_string(), "pt".to_string())]))
 }
@@ -178,8 +197,6 @@ fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)], meta: HashMap<S
     }
     res
 }
-
-
 
 /// Writes `bytes` to `path` through a temporary file in the same folder, then renames it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

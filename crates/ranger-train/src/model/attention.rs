@@ -46,9 +46,23 @@ impl Dims {
     fn of(q: &Layout, k: &Layout, v: &Layout, mask: &[usize], d: usize) -> Result<Self> {
         let (q_rows, q_cols) = q.shape().dims2()?;
         let (k_rows, k_cols) = k.shape().dims2()?;
-        let bad = || candle_core::Error::msg(format!("fused attention: q {:?}, k {:?}, v {:?}, mask {mask:?}, head_dim {d}", q.dims(), k.dims(), v.dims()));
+        let bad = || {
+            candle_core::Error::msg(format!(
+                "fused attention: q {:?}, k {:?}, v {:?}, mask {mask:?}, head_dim {d}",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            ))
+        };
         let &[mask_b, 1, sq, sk] = mask else { return Err(bad()) };
-        if d == 0 || sq == 0 || sk == 0 || q_rows % sq != 0 || q_cols % d != 0 || k_cols % d != 0 || v.dims() != k.dims() {
+        if d == 0
+            || sq == 0
+            || sk == 0
+            || q_rows % sq != 0
+            || q_cols % d != 0
+            || k_cols % d != 0
+            || v.dims() != k.dims()
+        {
             return Err(bad());
         }
         let (b, hq, hk) = (q_rows / sq, q_cols / d, k_cols / d);
@@ -100,10 +114,30 @@ fn key_ranges<T: Float>(mask: &[T], dm: &Dims) -> Vec<(usize, usize)> {
 /// `hk * d` apart) and the mask rows `mask` (from key c0, rows `sk` apart): fills `lse` (one
 /// per query) in the forward pass, reuses the saved one in the backward pass.
 #[allow(clippy::too_many_arguments)]
-fn probabilities<T: 'static + Float>(p: &mut [T], (rows, kw): (usize, usize), q: &[T], k: &[T], mask: &[T], dm: &Dims, scale: T, lse: LseMode<'_, T>) {
+fn probabilities<T: 'static + Float>(
+    p: &mut [T],
+    (rows, kw): (usize, usize),
+    q: &[T],
+    k: &[T],
+    mask: &[T],
+    dm: &Dims,
+    scale: T,
+    lse: LseMode<'_, T>,
+) {
     // SAFETY: p is [rows, kw]; q is [rows, d] with row stride hq * d; k is [kw, d] with row
     // stride hk * d, read transposed.
-    unsafe { gemm_strided((rows, kw, dm.d), p.as_mut_ptr(), kw, false, (q.as_ptr(), dm.hq * dm.d, 1), (k.as_ptr(), 1, dm.hk * dm.d), scale, false) };
+    unsafe {
+        gemm_strided(
+            (rows, kw, dm.d),
+            p.as_mut_ptr(),
+            kw,
+            false,
+            (q.as_ptr(), dm.hq * dm.d, 1),
+            (k.as_ptr(), 1, dm.hk * dm.d),
+            scale,
+            false,
+        )
+    };
     let mask_rows = mask.chunks(dm.sk).map(|m| &m[..kw]);
     match lse {
         LseMode::Compute(out) => {
@@ -162,11 +196,31 @@ fn forward<T: 'static + Float>(q: &[T], k: &[T], v: &[T], mask: &[T], dm: Dims, 
                 let kh = &k[((bi * sk + c0) * hk + g) * d..];
                 let vh = &v[((bi * sk + c0) * hk + g) * d..];
                 let p = &mut p[..rows * kw];
-                probabilities(p, (rows, kw), qh, kh, &mask[r0 * sk + c0..], &dm, scale, LseMode::Compute(&mut lse[r0..r0 + rows]));
+                probabilities(
+                    p,
+                    (rows, kw),
+                    qh,
+                    kh,
+                    &mask[r0 * sk + c0..],
+                    &dm,
+                    scale,
+                    LseMode::Compute(&mut lse[r0..r0 + rows]),
+                );
                 let dst = out_ptr;
                 // SAFETY: rows r0.. of batch bi, columns h * d .. (h + 1) * d: disjoint per
                 // task; v is [kw, d] from key c0 with row stride hk * d.
-                unsafe { gemm_strided((rows, d, kw), dst.0.add((bi * sq + r0) * hq * d + h * d), hq * d, false, (p.as_ptr(), kw, 1), (vh.as_ptr(), hk * d, 1), T::one(), false) };
+                unsafe {
+                    gemm_strided(
+                        (rows, d, kw),
+                        dst.0.add((bi * sq + r0) * hq * d + h * d),
+                        hq * d,
+                        false,
+                        (p.as_ptr(), kw, 1),
+                        (vh.as_ptr(), hk * d, 1),
+                        T::one(),
+                        false,
+                    )
+                };
             }
         },
     );
@@ -183,7 +237,16 @@ unsafe impl<T> Sync for SendPtr<T> {}
 /// Backward: `[dq | dk | dv]` flattened (each in its input's layout), from the output gradient
 /// `go: [b * sq, hq * d]`.
 #[allow(clippy::too_many_arguments)]
-fn backward<T: 'static + Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T], dm: Dims, scale: f64) -> Vec<T> {
+fn backward<T: 'static + Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: &[T],
+    lse: &[T],
+    go: &[T],
+    dm: Dims,
+    scale: f64,
+) -> Vec<T> {
     let Dims { b, hq, hk, sq, sk, d, .. } = dm;
     let rep = hq / hk;
     let scale = T::from_f64(scale);
@@ -219,9 +282,27 @@ fn backward<T: 'static + Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T]
                         let dk = grads.0.add(nq + ((bi * sk + c0) * hk + g) * d);
                         let dv = grads.0.add(nq + nk + ((bi * sk + c0) * hk + g) * d);
                         // dv += p^T go
-                        gemm_strided((kw, d, rows), dv, hk * d, true, (p.as_ptr(), 1, kw), (goh.as_ptr(), hq * d, 1), T::one(), false);
+                        gemm_strided(
+                            (kw, d, rows),
+                            dv,
+                            hk * d,
+                            true,
+                            (p.as_ptr(), 1, kw),
+                            (goh.as_ptr(), hq * d, 1),
+                            T::one(),
+                            false,
+                        );
                         // dp = go v^T
-                        gemm_strided((rows, kw, d), dp.as_mut_ptr(), kw, false, (goh.as_ptr(), hq * d, 1), (vh.as_ptr(), 1, hk * d), T::one(), false);
+                        gemm_strided(
+                            (rows, kw, d),
+                            dp.as_mut_ptr(),
+                            kw,
+                            false,
+                            (goh.as_ptr(), hq * d, 1),
+                            (vh.as_ptr(), 1, hk * d),
+                            T::one(),
+                            false,
+                        );
                         // ds = p * (dp - rowsum(p * dp)), in place in dp.
                         for (pr, dr) in p.chunks(kw).zip(dp.chunks_mut(kw)) {
                             let dot = pr.iter().zip(dr.iter()).fold(T::zero(), |s, (&a, &b)| s + a * b);
@@ -231,9 +312,27 @@ fn backward<T: 'static + Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T]
                         }
                         // dq = scale ds k
                         let dq = grads.0.add(((bi * sq + r0) * hq + h) * d);
-                        gemm_strided((rows, d, kw), dq, hq * d, false, (dp.as_ptr(), kw, 1), (kh.as_ptr(), hk * d, 1), scale, false);
+                        gemm_strided(
+                            (rows, d, kw),
+                            dq,
+                            hq * d,
+                            false,
+                            (dp.as_ptr(), kw, 1),
+                            (kh.as_ptr(), hk * d, 1),
+                            scale,
+                            false,
+                        );
                         // dk += scale ds^T q
-                        gemm_strided((kw, d, rows), dk, hk * d, true, (dp.as_ptr(), 1, kw), (qh.as_ptr(), hq * d, 1), scale, false);
+                        gemm_strided(
+                            (kw, d, rows),
+                            dk,
+                            hk * d,
+                            true,
+                            (dp.as_ptr(), 1, kw),
+                            (qh.as_ptr(), hq * d, 1),
+                            scale,
+                            false,
+                        );
                     }
                 }
             }
@@ -247,18 +346,50 @@ impl CustomOp3 for FusedAttention {
         "ranger-fused-attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let dm = Dims::of(l1, l2, l3, self.mask.dims(), self.head_dim)?;
         let mask_storage = self.mask.contiguous()?;
         let (storage, _) = mask_storage.storage_and_layout();
         let dev = candle_core::Device::Cpu;
         let (out, lse) = match (s1, s2, s3, &*storage) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v), candle_core::Storage::Cpu(CpuStorage::F32(m))) => {
-                let (o, l) = forward(contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?, &m[mask_storage.layout().start_offset()..], dm, self.scale);
+            (
+                CpuStorage::F32(q),
+                CpuStorage::F32(k),
+                CpuStorage::F32(v),
+                candle_core::Storage::Cpu(CpuStorage::F32(m)),
+            ) => {
+                let (o, l) = forward(
+                    contiguous(q, l1)?,
+                    contiguous(k, l2)?,
+                    contiguous(v, l3)?,
+                    &m[mask_storage.layout().start_offset()..],
+                    dm,
+                    self.scale,
+                );
                 (CpuStorage::F32(o), Tensor::from_vec(l, (dm.b, dm.hq, dm.sq), &dev)?)
             }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v), candle_core::Storage::Cpu(CpuStorage::F64(m))) => {
-                let (o, l) = forward(contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?, &m[mask_storage.layout().start_offset()..], dm, self.scale);
+            (
+                CpuStorage::F64(q),
+                CpuStorage::F64(k),
+                CpuStorage::F64(v),
+                candle_core::Storage::Cpu(CpuStorage::F64(m)),
+            ) => {
+                let (o, l) = forward(
+                    contiguous(q, l1)?,
+                    contiguous(k, l2)?,
+                    contiguous(v, l3)?,
+                    &m[mask_storage.layout().start_offset()..],
+                    dm,
+                    self.scale,
+                );
                 (CpuStorage::F64(o), Tensor::from_vec(l, (dm.b, dm.hq, dm.sq), &dev)?)
             }
             _ => candle_core::bail!("fused attention: q, k, v and mask must be CPU f32 or f64 of one dtype"),
@@ -267,14 +398,25 @@ impl CustomOp3 for FusedAttention {
         Ok((out, Shape::from((dm.b * dm.sq, dm.hq * dm.d))))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(lse) = self.saved_lse.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             candle_core::bail!("fused attention: backward before forward");
         };
         let op = FusedAttentionGrad { mask: self.mask.clone(), lse, scale: self.scale, head_dim: self.head_dim };
         let all = q.apply_op3_no_bwd(k, v, &GradInputs { op, grad: grad.contiguous()? })?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
-        Ok((Some(all.narrow(0, 0, nq)?.reshape(q.shape())?), Some(all.narrow(0, nq, nk)?.reshape(k.shape())?), Some(all.narrow(0, nq + nk, nk)?.reshape(v.shape())?)))
+        Ok((
+            Some(all.narrow(0, 0, nq)?.reshape(q.shape())?),
+            Some(all.narrow(0, nq, nk)?.reshape(k.shape())?),
+            Some(all.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
+        ))
     }
 }
 
@@ -297,7 +439,15 @@ impl CustomOp3 for GradInputs {
         "ranger-fused-attention-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let dm = Dims::of(l1, l2, l3, self.op.mask.dims(), self.op.head_dim)?;
         let mask = self.op.mask.contiguous()?;
         let (ms, _) = mask.storage_and_layout();
@@ -312,7 +462,16 @@ impl CustomOp3 for GradInputs {
                 candle_core::Storage::Cpu(CpuStorage::F32(m)),
                 candle_core::Storage::Cpu(CpuStorage::F32(l)),
                 candle_core::Storage::Cpu(CpuStorage::F32(g)),
-            ) => CpuStorage::F32(backward(contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?, &m[mo..], contiguous(l, ll)?, contiguous(g, gl)?, dm, self.op.scale)),
+            ) => CpuStorage::F32(backward(
+                contiguous(q, l1)?,
+                contiguous(k, l2)?,
+                contiguous(v, l3)?,
+                &m[mo..],
+                contiguous(l, ll)?,
+                contiguous(g, gl)?,
+                dm,
+                self.op.scale,
+            )),
             (
                 CpuStorage::F64(q),
                 CpuStorage::F64(k),
@@ -320,7 +479,16 @@ impl CustomOp3 for GradInputs {
                 candle_core::Storage::Cpu(CpuStorage::F64(m)),
                 candle_core::Storage::Cpu(CpuStorage::F64(l)),
                 candle_core::Storage::Cpu(CpuStorage::F64(g)),
-            ) => CpuStorage::F64(backward(contiguous(q, l1)?, contiguous(k, l2)?, contiguous(v, l3)?, &m[mo..], contiguous(l, ll)?, contiguous(g, gl)?, dm, self.op.scale)),
+            ) => CpuStorage::F64(backward(
+                contiguous(q, l1)?,
+                contiguous(k, l2)?,
+                contiguous(v, l3)?,
+                &m[mo..],
+                contiguous(l, ll)?,
+                contiguous(g, gl)?,
+                dm,
+                self.op.scale,
+            )),
             _ => candle_core::bail!("fused attention grad: CPU f32 or f64 of one dtype"),
         };
         let n = l1.shape().elem_count() + 2 * l2.shape().elem_count();
@@ -361,19 +529,26 @@ mod tests {
     #[test]
     fn fused_attention_matches_the_op_by_op_version() {
         let dev = Device::Cpu;
-        let causal = |mask_b: usize, sq: usize, sk: usize| -> Vec<f64> { (0..mask_b * sq * sk).map(|i| if (i % sk) > (i / sk) % sq + sk - sq { -1e9 } else { 0.0 }).collect() };
+        let causal = |mask_b: usize, sq: usize, sk: usize| -> Vec<f64> {
+            (0..mask_b * sq * sk).map(|i| if (i % sk) > (i / sk) % sq + sk - sq { -1e9 } else { 0.0 }).collect()
+        };
         // Batch row 0: examples of 30 and 40 tokens packed; row 1: causal.
         let packed: Vec<f64> = (0..2 * 70 * 70)
             .map(|i| {
                 let (bi, r, c) = (i / 4900, i % 4900 / 70, i % 70);
                 let visible = c <= r && (bi == 1 || (c < 30) == (r < 30));
-                if visible { 0.0 } else { -1e9 }
+                if visible {
+                    0.0
+                } else {
+                    -1e9
+                }
             })
             .collect();
         // Causal, except that queries 33..36 see nothing: their softmax is then over the raw
         // scores on every key, computed as score - 1e9, where f64 keeps only about 1e-7 of the
         // score, so both versions agree only that far on those rows.
-        let unseeing: Vec<f64> = (0..40 * 40).map(|i| if i % 40 <= i / 40 && !(33..36).contains(&(i / 40)) { 0.0 } else { -1e9 }).collect();
+        let unseeing: Vec<f64> =
+            (0..40 * 40).map(|i| if i % 40 <= i / 40 && !(33..36).contains(&(i / 40)) { 0.0 } else { -1e9 }).collect();
         let cases = [
             (2, 5, 5, 2, causal(2, 5, 5), 1e-12),
             (2, 3, 7, 1, causal(1, 3, 7), 1e-12),
@@ -388,9 +563,14 @@ mod tests {
             let mask = Tensor::from_vec(m, (mask_b, 1, sq, sk), &dev).unwrap();
             let w = Tensor::randn(0f64, 1.0, (b, sq, 24), &dev).unwrap();
             let rows = |t: &Var| t.as_tensor().flatten(0, 1).unwrap().flatten(1, 2).unwrap();
-            let fused = rows(&q).apply_op3(&rows(&k), &rows(&v), FusedAttention::new(mask.clone(), 0.5, 4)).unwrap().reshape((b, sq, 24)).unwrap();
+            let fused = rows(&q)
+                .apply_op3(&rows(&k), &rows(&v), FusedAttention::new(mask.clone(), 0.5, 4))
+                .unwrap()
+                .reshape((b, sq, 24))
+                .unwrap();
             let plain = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 0.5);
-            let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let diff =
+                |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(diff(&fused, &plain) < tol);
             let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();

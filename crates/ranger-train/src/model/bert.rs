@@ -143,10 +143,14 @@ impl EncoderConfig {
     pub fn from_json(raw: Value, source: &str) -> std::result::Result<Self, TrainError> {
         let bad = |m: String| TrainError::Config { origin: source.to_string(), message: m };
         let mt = raw.get("model_type").and_then(Value::as_str).unwrap_or_default().to_string();
-        let family = EncoderFamily::from_model_type(&mt).ok_or_else(|| TrainError::UnsupportedArchitecture { origin: source.to_string(), model_type: mt.clone() })?;
+        let family = EncoderFamily::from_model_type(&mt).ok_or_else(|| TrainError::UnsupportedArchitecture {
+            origin: source.to_string(),
+            model_type: mt.clone(),
+        })?;
         let act = |s: Option<String>| -> std::result::Result<Activation, TrainError> {
             let s = s.unwrap_or_else(|| "gelu".into());
-            Activation::parse(&s).ok_or_else(|| bad(format!("activation {s:?} is not supported (gelu, gelu_new, relu, silu)")))
+            Activation::parse(&s)
+                .ok_or_else(|| bad(format!("activation {s:?} is not supported (gelu, gelu_new, relu, silu)")))
         };
         let cfg = match family {
             EncoderFamily::DistilBert => {
@@ -191,7 +195,10 @@ impl EncoderConfig {
             }
         };
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            return Err(bad(format!("hidden size {} is not a multiple of the {} attention heads", cfg.hidden_size, cfg.num_attention_heads)));
+            return Err(bad(format!(
+                "hidden size {} is not a multiple of the {} attention heads",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
         }
         if cfg.max_position_embeddings <= cfg.position_offset() {
             return Err(bad("max_position_embeddings is too small".into()));
@@ -338,13 +345,22 @@ pub struct Encoder {
 impl Encoder {
     /// Builds the encoder; the error names a missing tensor.
     pub fn new(config: EncoderConfig, weights: &HashMap<String, Tensor>) -> std::result::Result<Self, String> {
-        let get = |n: &str| -> std::result::Result<Tensor, String> { weights.get(n).cloned().ok_or_else(|| n.to_string()) };
-        let proj = |m: &str| -> std::result::Result<Proj, String> { Ok(Proj { weight: get(&format!("{m}.weight"))?, bias: Some(get(&format!("{m}.bias"))?), lora: None }) };
-        let norm = |m: &str| -> std::result::Result<Norm, String> { Ok(Norm { weight: get(&format!("{m}.weight"))?, bias: get(&format!("{m}.bias"))? }) };
+        let get =
+            |n: &str| -> std::result::Result<Tensor, String> { weights.get(n).cloned().ok_or_else(|| n.to_string()) };
+        let proj = |m: &str| -> std::result::Result<Proj, String> {
+            Ok(Proj { weight: get(&format!("{m}.weight"))?, bias: Some(get(&format!("{m}.bias"))?), lora: None })
+        };
+        let norm = |m: &str| -> std::result::Result<Norm, String> {
+            Ok(Norm { weight: get(&format!("{m}.weight"))?, bias: get(&format!("{m}.bias"))? })
+        };
         let p = config.family.prefix();
         let word = get(&format!("{p}.embeddings.word_embeddings.weight"))?;
         let position = get(&format!("{p}.embeddings.position_embeddings.weight"))?;
-        let token_type = if config.type_vocab_size > 0 { Some(get(&format!("{p}.embeddings.token_type_embeddings.weight"))?) } else { None };
+        let token_type = if config.type_vocab_size > 0 {
+            Some(get(&format!("{p}.embeddings.token_type_embeddings.weight"))?)
+        } else {
+            None
+        };
         let embed_norm = norm(&format!("{p}.embeddings.LayerNorm"))?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -378,7 +394,8 @@ impl Encoder {
     /// Every projection with its module path (q, k, v, o, intermediate, output per layer).
     pub fn projections_mut(&mut self) -> Vec<(String, &mut Proj)> {
         let names = self.modules.clone();
-        let projs = self.layers.iter_mut().flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.inter, &mut l.out]);
+        let projs =
+            self.layers.iter_mut().flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.inter, &mut l.out]);
         names.into_iter().zip(projs).collect()
     }
 
@@ -396,10 +413,13 @@ impl Encoder {
     pub fn forward(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>, mask: &Tensor) -> Result<Tensor> {
         let c = &self.config;
         let (b, s) = input_ids.dims2()?;
-        let lookup = |table: &Tensor, ids: &Tensor| -> Result<Tensor> { table.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, ())) };
+        let lookup = |table: &Tensor, ids: &Tensor| -> Result<Tensor> {
+            table.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, ()))
+        };
         let off = c.position_offset() as u32;
         let pos = Tensor::arange(off, off + s as u32, &self.device)?;
-        let mut x = lookup(&self.word, input_ids)?.broadcast_add(&self.position.index_select(&pos, 0)?.unsqueeze(0)?)?;
+        let mut x =
+            lookup(&self.word, input_ids)?.broadcast_add(&self.position.index_select(&pos, 0)?.unsqueeze(0)?)?;
         if let Some(tt) = &self.token_type {
             // A one-row table (RoBERTa) has only type 0, whatever a tokenizer says for pairs.
             let types = match token_type_ids {
@@ -456,7 +476,12 @@ impl Encoder {
         self.config
             .weight_shapes()
             .into_iter()
-            .map(|(n, _)| by_name.remove(&n).map(|t| (n.clone(), t.detach())).ok_or_else(|| candle_core::Error::msg(format!("weight {n} missing"))))
+            .map(|(n, _)| {
+                by_name
+                    .remove(&n)
+                    .map(|t| (n.clone(), t.detach()))
+                    .ok_or_else(|| candle_core::Error::msg(format!("weight {n} missing")))
+            })
             .collect()
     }
 }

@@ -70,7 +70,9 @@ impl BackboneConfig {
         match self {
             Self::Encoder(c) => match c.family {
                 EncoderFamily::Bert => [pair("bert.pooler.dense", h), pair("classifier", num_labels)].concat(),
-                EncoderFamily::Roberta => [pair("classifier.dense", h), pair("classifier.out_proj", num_labels)].concat(),
+                EncoderFamily::Roberta => {
+                    [pair("classifier.dense", h), pair("classifier.out_proj", num_labels)].concat()
+                }
                 EncoderFamily::DistilBert => [pair("pre_classifier", h), pair("classifier", num_labels)].concat(),
             },
             Self::Decoder(_) => vec![("score.weight".into(), vec![num_labels, h])],
@@ -102,7 +104,9 @@ impl BackboneConfig {
     /// Default LoRA targets: every attention and feed-forward projection of the backbone.
     pub fn default_lora_targets(&self) -> Vec<String> {
         let t: &[&str] = match self {
-            Self::Encoder(c) if c.family == EncoderFamily::DistilBert => &["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+            Self::Encoder(c) if c.family == EncoderFamily::DistilBert => {
+                &["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
+            }
             Self::Encoder(_) => &["query", "key", "value", "output.dense", "intermediate.dense"],
             Self::Decoder(_) => &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         };
@@ -116,8 +120,10 @@ impl BackboneConfig {
         let mut cfg = self.raw().clone();
         if let Value::Object(o) = &mut cfg {
             o.insert("architectures".into(), json!([self.architecture()]));
-            let id2label: serde_json::Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect();
-            let label2id: serde_json::Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect();
+            let id2label: serde_json::Map<String, Value> =
+                labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect();
+            let label2id: serde_json::Map<String, Value> =
+                labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect();
             o.insert("id2label".into(), Value::Object(id2label));
             o.insert("label2id".into(), Value::Object(label2id));
             o.insert("num_labels".into(), json!(labels.len()));
@@ -134,9 +140,11 @@ impl BackboneConfig {
 /// The labels in a `config.json` (`id2label`), in id order, when it names a classifier.
 pub fn labels_from_config(raw: &Value) -> Option<Vec<String>> {
     let map = raw.get("id2label")?.as_object()?;
-    let mut pairs: Vec<(usize, String)> = map.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
+    let mut pairs: Vec<(usize, String)> =
+        map.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
     pairs.sort();
-    (pairs.iter().enumerate().all(|(i, (k, _))| i == *k) && !pairs.is_empty()).then(|| pairs.into_iter().map(|(_, l)| l).collect())
+    (pairs.iter().enumerate().all(|(i, (k, _))| i == *k) && !pairs.is_empty())
+        .then(|| pairs.into_iter().map(|(_, l)| l).collect())
 }
 
 /// The head on top of the pooled representation.
@@ -193,15 +201,26 @@ impl SequenceClassifier {
     /// Builds the classifier over weights by Hugging Face name (see
     /// [`BackboneConfig::weight_shapes`]); trainable where they are `Var` tensors. The error
     /// names a missing tensor.
-    pub fn new(config: BackboneConfig, num_labels: usize, weights: &HashMap<String, Tensor>) -> std::result::Result<Self, String> {
-        let get = |n: &str| -> std::result::Result<Tensor, String> { weights.get(n).cloned().ok_or_else(|| n.to_string()) };
-        let proj = |m: &str| -> std::result::Result<Proj, String> { Ok(Proj { weight: get(&format!("{m}.weight"))?, bias: Some(get(&format!("{m}.bias"))?), lora: None }) };
+    pub fn new(
+        config: BackboneConfig,
+        num_labels: usize,
+        weights: &HashMap<String, Tensor>,
+    ) -> std::result::Result<Self, String> {
+        let get =
+            |n: &str| -> std::result::Result<Tensor, String> { weights.get(n).cloned().ok_or_else(|| n.to_string()) };
+        let proj = |m: &str| -> std::result::Result<Proj, String> {
+            Ok(Proj { weight: get(&format!("{m}.weight"))?, bias: Some(get(&format!("{m}.bias"))?), lora: None })
+        };
         let (backbone, head) = match &config {
             BackboneConfig::Encoder(c) => {
                 let head = match c.family {
                     EncoderFamily::Bert => Head::Tanh { dense: proj("bert.pooler.dense")?, out: proj("classifier")? },
-                    EncoderFamily::Roberta => Head::Tanh { dense: proj("classifier.dense")?, out: proj("classifier.out_proj")? },
-                    EncoderFamily::DistilBert => Head::Relu { dense: proj("pre_classifier")?, out: proj("classifier")? },
+                    EncoderFamily::Roberta => {
+                        Head::Tanh { dense: proj("classifier.dense")?, out: proj("classifier.out_proj")? }
+                    }
+                    EncoderFamily::DistilBert => {
+                        Head::Relu { dense: proj("pre_classifier")?, out: proj("classifier")? }
+                    }
                 };
                 (Backbone::Encoder(Encoder::new(c.clone(), weights)?), head)
             }
@@ -250,7 +269,9 @@ impl SequenceClassifier {
     /// Logits `[b, num_labels]` of a batch.
     pub fn forward(&self, batch: &ClassifierBatch) -> Result<Tensor> {
         let pooled = match &self.backbone {
-            Backbone::Encoder(e) => e.forward(&batch.input_ids, batch.token_type_ids.as_ref(), &batch.mask)?.narrow(1, 0, 1)?.squeeze(1)?,
+            Backbone::Encoder(e) => {
+                e.forward(&batch.input_ids, batch.token_type_ids.as_ref(), &batch.mask)?.narrow(1, 0, 1)?.squeeze(1)?
+            }
             Backbone::Decoder(d) => {
                 let h = d.hidden_states(&batch.input_ids, &batch.positions, &batch.mask)?;
                 let (b, s, w) = h.dims3()?;
@@ -279,7 +300,12 @@ impl SequenceClassifier {
         let names = self.config.head_shapes(self.num_labels);
         let tensors: Vec<Tensor> = match &self.head {
             Head::Tanh { dense, out } | Head::Relu { dense, out } => {
-                vec![dense.weight.clone(), dense.bias.clone().expect("bias"), out.weight.clone(), out.bias.clone().expect("bias")]
+                vec![
+                    dense.weight.clone(),
+                    dense.bias.clone().expect("bias"),
+                    out.weight.clone(),
+                    out.bias.clone().expect("bias"),
+                ]
             }
             Head::Score { score } => vec![score.weight.clone()],
         };
@@ -301,7 +327,9 @@ pub fn complete_classifier_weights(
 ) -> crate::Result<HashMap<String, Tensor>> {
     for (name, _) in backbone.weight_shapes(num_labels) {
         if !weights.contains_key(&name) {
-            if let Some(bare) = name.split_once('.').map(|(_, rest)| rest.to_string()).filter(|b| weights.contains_key(b)) {
+            if let Some(bare) =
+                name.split_once('.').map(|(_, rest)| rest.to_string()).filter(|b| weights.contains_key(b))
+            {
                 let t = weights.remove(&bare).expect("checked");
                 weights.insert(name, t);
             }
@@ -316,7 +344,11 @@ pub fn complete_classifier_weights(
         }
         None => {
             if let Some((name, _)) = head.iter().find(|(n, _)| !weights.contains_key(n)) {
-                return Err(TrainError::Weights { origin: origin.to_string(), tensor: name.clone(), problem: "missing: this model has no trained classification head".into() });
+                return Err(TrainError::Weights {
+                    origin: origin.to_string(),
+                    tensor: name.clone(),
+                    problem: "missing: this model has no trained classification head".into(),
+                });
             }
         }
     }
@@ -343,7 +375,11 @@ pub fn init_head(config: &BackboneConfig, num_labels: usize, seed: u64) -> Vec<(
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name.ends_with(".bias") { vec![0.0; n] } else { (0..n).map(|_| (rng.normal() * std) as f32).collect() };
+            let data: Vec<f32> = if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| (rng.normal() * std) as f32).collect()
+            };
             let t = Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches");
             (name, t)
         })

@@ -136,7 +136,13 @@ impl LlamaConfig {
             origin: source.to_string(),
             model_type: mt.clone(),
         })?;
-        for (name, v) in [("hidden_size", r.hidden_size), ("intermediate_size", r.intermediate_size), ("num_hidden_layers", r.num_hidden_layers), ("vocab_size", r.vocab_size), ("head_dim", r.head_dim.unwrap_or(1))] {
+        for (name, v) in [
+            ("hidden_size", r.hidden_size),
+            ("intermediate_size", r.intermediate_size),
+            ("num_hidden_layers", r.num_hidden_layers),
+            ("vocab_size", r.vocab_size),
+            ("head_dim", r.head_dim.unwrap_or(1)),
+        ] {
             if v == 0 {
                 return Err(bad(format!("{name} must be > 0")));
             }
@@ -149,7 +155,10 @@ impl LlamaConfig {
         }
         let kv = r.num_key_value_heads.unwrap_or(r.num_attention_heads);
         if kv == 0 || !r.num_attention_heads.is_multiple_of(kv) {
-            return Err(bad(format!("num_attention_heads {} is not a multiple of num_key_value_heads {kv}", r.num_attention_heads)));
+            return Err(bad(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
+                r.num_attention_heads
+            )));
         }
         let head_dim = r.head_dim.unwrap_or(r.hidden_size / r.num_attention_heads);
         // transformers >= 5 keeps `rope_theta` and the scaling in `rope_parameters`
@@ -157,7 +166,9 @@ impl LlamaConfig {
         let params = r.rope_parameters.as_ref().filter(|v| v.is_object());
         let rope_theta = match (r.rope_theta, params) {
             (Some(t), _) => t,
-            (None, Some(p)) => p["rope_theta"].as_f64().ok_or_else(|| bad(format!("rope_parameters without rope_theta are not supported: {p}")))?,
+            (None, Some(p)) => p["rope_theta"]
+                .as_f64()
+                .ok_or_else(|| bad(format!("rope_parameters without rope_theta are not supported: {p}")))?,
             (None, None) => 10_000.0,
         };
         let scaling = match &r.rope_scaling {
@@ -249,7 +260,12 @@ impl LlamaConfig {
         let scaled: Vec<f64> = match &self.rope_scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
                 let low_wavelen = original_max_position_embeddings / low_freq_factor;
                 let high_wavelen = original_max_position_embeddings / high_freq_factor;
                 base.iter()
@@ -260,7 +276,8 @@ impl LlamaConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })

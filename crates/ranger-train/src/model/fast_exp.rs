@@ -44,7 +44,10 @@ mod avx2 {
             unsafe {
                 let x = _mm256_loadu_ps(c.as_ptr());
                 // NaN or near overflow anywhere in the chunk: libm for the whole chunk.
-                let odd = _mm256_or_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x), _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(super::MAX_FAST_INPUT)));
+                let odd = _mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x),
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(super::MAX_FAST_INPUT)),
+                );
                 if _mm256_movemask_ps(odd) != 0 {
                     c.iter_mut().for_each(|x| *x = super::scalar(*x));
                 } else {
@@ -63,7 +66,10 @@ mod avx2 {
         // Inputs are at most MAX_FAST_INPUT here (the caller sends larger ones to libm).
         let x = _mm256_max_ps(x, _mm256_set1_ps(super::MIN_INPUT));
         // n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for precision).
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm256_set1_ps(1.987_569_1e-4);
@@ -73,7 +79,10 @@ mod avx2 {
         let r2 = _mm256_mul_ps(r, r);
         let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
         // 2^n from the exponent bits; n is in [-126, 127] for inputs in [MIN_INPUT, MAX_FAST_INPUT].
-        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        )));
         _mm256_andnot_ps(too_small, _mm256_mul_ps(e, pow2))
     }
 }
@@ -84,7 +93,22 @@ mod tests {
     #[test]
     fn matches_libm() {
         let mut xs: Vec<f32> = (0..200_001).map(|i| -88.0 + i as f32 * (177.0 / 200_000.0)).collect();
-        xs.extend([0.0, -0.0, 1e-8, -1e-8, -87.2, -1e9, f32::NEG_INFINITY, 88.3, 88.37, 88.38, 88.7, 88.8, f32::INFINITY, 1.0]);
+        xs.extend([
+            0.0,
+            -0.0,
+            1e-8,
+            -1e-8,
+            -87.2,
+            -1e9,
+            f32::NEG_INFINITY,
+            88.3,
+            88.37,
+            88.38,
+            88.7,
+            88.8,
+            f32::INFINITY,
+            1.0,
+        ]);
         xs.extend([f32::NAN, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]); // NaN inside a vector chunk
         let want: Vec<f32> = xs.iter().map(|&x| if x < super::MIN_INPUT { 0.0 } else { x.exp() }).collect();
         let mut got = xs.clone();

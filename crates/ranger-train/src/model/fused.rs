@@ -35,7 +35,16 @@ fn softmax_rows<T: num::Float>(x: &[T], n: usize) -> Vec<T> {
 
 pub(super) mod num {
     /// The float operations the kernels need.
-    pub trait Float: Copy + Send + Sync + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self> + std::ops::Div<Output = Self> + PartialOrd {
+    pub trait Float:
+        Copy
+        + Send
+        + Sync
+        + std::ops::Add<Output = Self>
+        + std::ops::Sub<Output = Self>
+        + std::ops::Mul<Output = Self>
+        + std::ops::Div<Output = Self>
+        + PartialOrd
+    {
         fn zero() -> Self;
         fn one() -> Self;
         fn neg_infinity() -> Self;
@@ -51,23 +60,42 @@ pub(super) mod num {
     macro_rules! float {
         ($t:ty, $exp_in_place:expr) => {
             impl Float for $t {
-                fn exp_in_place(xs: &mut [Self]) { $exp_in_place(xs) }
-                fn zero() -> Self { 0.0 }
-                fn one() -> Self { 1.0 }
-                fn neg_infinity() -> Self { <$t>::NEG_INFINITY }
-                fn max(self, o: Self) -> Self { <$t>::max(self, o) }
-                fn exp(self) -> Self { <$t>::exp(self) }
-                fn ln(self) -> Self { <$t>::ln(self) }
-                fn sqrt(self) -> Self { <$t>::sqrt(self) }
-                fn from_usize(n: usize) -> Self { n as $t }
-                fn from_f64(x: f64) -> Self { x as $t }
+                fn exp_in_place(xs: &mut [Self]) {
+                    $exp_in_place(xs)
+                }
+                fn zero() -> Self {
+                    0.0
+                }
+                fn one() -> Self {
+                    1.0
+                }
+                fn neg_infinity() -> Self {
+                    <$t>::NEG_INFINITY
+                }
+                fn max(self, o: Self) -> Self {
+                    <$t>::max(self, o)
+                }
+                fn exp(self) -> Self {
+                    <$t>::exp(self)
+                }
+                fn ln(self) -> Self {
+                    <$t>::ln(self)
+                }
+                fn sqrt(self) -> Self {
+                    <$t>::sqrt(self)
+                }
+                fn from_usize(n: usize) -> Self {
+                    n as $t
+                }
+                fn from_f64(x: f64) -> Self {
+                    x as $t
+                }
             }
         };
     }
     float!(f32, super::super::fast_exp::exp_in_place_f32);
     float!(f64, |xs: &mut [f64]| xs.iter_mut().for_each(|x| *x = x.exp()));
 }
-
 
 impl CustomOp1 for SoftmaxLastDim {
     fn name(&self) -> &'static str {
@@ -122,14 +150,24 @@ impl CustomOp2 for MaskedSoftmax {
             candle_core::bail!("ranger-masked-softmax: mask shape {:?} for scores {:?}", l2.shape(), l1.shape());
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(m)) => CpuStorage::F32(masked_softmax_rows(contiguous(x, l1)?, contiguous(m, l2)?, h, s, t)),
-            (CpuStorage::F64(x), CpuStorage::F64(m)) => CpuStorage::F64(masked_softmax_rows(contiguous(x, l1)?, contiguous(m, l2)?, h, s, t)),
+            (CpuStorage::F32(x), CpuStorage::F32(m)) => {
+                CpuStorage::F32(masked_softmax_rows(contiguous(x, l1)?, contiguous(m, l2)?, h, s, t))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(m)) => {
+                CpuStorage::F64(masked_softmax_rows(contiguous(x, l1)?, contiguous(m, l2)?, h, s, t))
+            }
             _ => candle_core::bail!("ranger-masked-softmax: f32/f64 scores and mask of the same dtype"),
         };
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, _scores: &Tensor, _mask: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
         Ok((Some(res.mul(&grad_res.broadcast_sub(&dot)?)?), None))
     }
@@ -162,8 +200,12 @@ impl CustomOp2 for RmsNorm {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(rms_rows(contiguous(x, l1)?, contiguous(w, l2)?, self.eps as f32)),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(rms_rows(contiguous(x, l1)?, contiguous(w, l2)?, self.eps)),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                CpuStorage::F32(rms_rows(contiguous(x, l1)?, contiguous(w, l2)?, self.eps as f32))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                CpuStorage::F64(rms_rows(contiguous(x, l1)?, contiguous(w, l2)?, self.eps))
+            }
             _ => candle_core::bail!("ranger-rms-norm: f32/f64 input and weight of the same dtype"),
         };
         Ok((out, l1.shape().clone()))
@@ -173,7 +215,10 @@ impl CustomOp2 for RmsNorm {
         // Both gradients in one pass, stacked as [dx (all of x) | dw]; the parts are views.
         let both = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormGrad { eps: self.eps })?;
         let n = x.elem_count();
-        Ok((Some(both.narrow(0, 0, n)?.reshape(x.shape())?), Some(both.narrow(0, n, w.elem_count())?.reshape(w.shape())?)))
+        Ok((
+            Some(both.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(both.narrow(0, n, w.elem_count())?.reshape(w.shape())?),
+        ))
     }
 }
 
@@ -222,10 +267,25 @@ impl CustomOp3 for RmsNormGrad {
         "ranger-rms-norm-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(rms_grad_rows(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(g, l3)?, self.eps as f32)),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => CpuStorage::F64(rms_grad_rows(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(g, l3)?, self.eps)),
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => CpuStorage::F32(rms_grad_rows(
+                contiguous(x, l1)?,
+                contiguous(w, l2)?,
+                contiguous(g, l3)?,
+                self.eps as f32,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
+                CpuStorage::F64(rms_grad_rows(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(g, l3)?, self.eps))
+            }
             _ => candle_core::bail!("ranger-rms-norm-grad: f32/f64 of one dtype"),
         };
         Ok((out, Shape::from(l1.shape().elem_count() + l2.shape().elem_count())))
@@ -248,7 +308,16 @@ struct RotaryGrad {
 
 impl Rotary {
     #[allow(clippy::too_many_arguments)]
-    fn run(rows: bool, transpose: bool, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn run(
+        rows: bool,
+        transpose: bool,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (h, s, d, cs) = if rows {
             let (n, cols) = l1.shape().dims2()?;
             let d = l2.dims().last().copied().unwrap_or(0);
@@ -264,12 +333,26 @@ impl Rotary {
             candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", l2.shape(), l1.shape());
         }
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(sn)) => {
-                CpuStorage::F32(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d, rows, transpose))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(sn)) => {
-                CpuStorage::F64(rotary_rows(contiguous(x, l1)?, contiguous(c, l2)?, contiguous(sn, l3)?, h, s, d, rows, transpose))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(sn)) => CpuStorage::F32(rotary_rows(
+                contiguous(x, l1)?,
+                contiguous(c, l2)?,
+                contiguous(sn, l3)?,
+                h,
+                s,
+                d,
+                rows,
+                transpose,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(sn)) => CpuStorage::F64(rotary_rows(
+                contiguous(x, l1)?,
+                contiguous(c, l2)?,
+                contiguous(sn, l3)?,
+                h,
+                s,
+                d,
+                rows,
+                transpose,
+            )),
             _ => candle_core::bail!("ranger-rotary: f32/f64 tensors of one dtype"),
         };
         Ok((out, l1.shape().clone()))
@@ -281,7 +364,15 @@ impl CustomOp3 for RotaryGrad {
         "ranger-rotary-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         Rotary::run(self.rows, true, s1, l1, s2, l2, s3, l3)
     }
 }
@@ -289,7 +380,16 @@ impl CustomOp3 for RotaryGrad {
 /// `x * cos + rotate_half(x) * sin` per head row or, with `transpose` (the backward pass),
 /// `x * cos + rotate_half^T(x * sin)`, where `rotate_half^T(u) = [u2, -u1]`.
 #[allow(clippy::too_many_arguments)]
-fn rotary_rows<T: num::Float>(x: &[T], cos: &[T], sin: &[T], h: usize, s: usize, d: usize, rows: bool, transpose: bool) -> Vec<T> {
+fn rotary_rows<T: num::Float>(
+    x: &[T],
+    cos: &[T],
+    sin: &[T],
+    h: usize,
+    s: usize,
+    d: usize,
+    rows: bool,
+    transpose: bool,
+) -> Vec<T> {
     let half = d / 2;
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (o, row))| {
@@ -314,12 +414,35 @@ impl CustomOp3 for Rotary {
         "ranger-rotary"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         Self::run(self.rows, false, s1, l1, s2, l2, s3, l3)
     }
 
-    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(g.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RotaryGrad { rows: self.rows })?), None, None))
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(g.contiguous()?.apply_op3_no_bwd(
+                &cos.contiguous()?,
+                &sin.contiguous()?,
+                &RotaryGrad { rows: self.rows },
+            )?),
+            None,
+            None,
+        ))
     }
 }
 
@@ -377,7 +500,13 @@ impl CustomOp2 for CrossEntropyRows {
         Ok((out, Shape::from(n)))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = logits.apply_op3_no_bwd(targets, &grad_res.contiguous()?, &CrossEntropyGrad)?;
         Ok((Some(grad), None))
     }
@@ -391,15 +520,27 @@ impl CustomOp3 for CrossEntropyGrad {
         "ranger-cross-entropy-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
         let t = match s2 {
             CpuStorage::U32(t) => contiguous(t, l2)?,
             _ => candle_core::bail!("ranger-cross-entropy-grad: targets must be u32"),
         };
         let out = match (s1, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(ce_grad_rows(contiguous(x, l1)?, t, contiguous(g, l3)?, v)),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(ce_grad_rows(contiguous(x, l1)?, t, contiguous(g, l3)?, v)),
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(ce_grad_rows(contiguous(x, l1)?, t, contiguous(g, l3)?, v))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(ce_grad_rows(contiguous(x, l1)?, t, contiguous(g, l3)?, v))
+            }
             _ => candle_core::bail!("ranger-cross-entropy-grad: f32/f64 only"),
         };
         Ok((out, l1.shape().clone()))
@@ -432,11 +573,22 @@ impl CustomOp3 for LayerNorm {
         "ranger-layer-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(layer_norm_rows(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(b, l3)?, self.eps as f32))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => CpuStorage::F32(layer_norm_rows(
+                contiguous(x, l1)?,
+                contiguous(w, l2)?,
+                contiguous(b, l3)?,
+                self.eps as f32,
+            )),
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
                 CpuStorage::F64(layer_norm_rows(contiguous(x, l1)?, contiguous(w, l2)?, contiguous(b, l3)?, self.eps))
             }
@@ -445,7 +597,14 @@ impl CustomOp3 for LayerNorm {
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // n = (x - mean) r, y = n w + b:  dw = sum(g n),  db = sum(g),
         // dx = r (g w - mean(g w) - n mean(g w n)).
         let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
@@ -477,8 +636,12 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         use candle_core::cpu::erf::{erf_f32, erf_f64};
         let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(gelu_rows(contiguous(x, l)?, |v| 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2)))),
-            CpuStorage::F64(x) => CpuStorage::F64(gelu_rows(contiguous(x, l)?, |v| 0.5 * v * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2)))),
+            CpuStorage::F32(x) => CpuStorage::F32(gelu_rows(contiguous(x, l)?, |v| {
+                0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2))
+            })),
+            CpuStorage::F64(x) => CpuStorage::F64(gelu_rows(contiguous(x, l)?, |v| {
+                0.5 * v * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2))
+            })),
             _ => candle_core::bail!("ranger-gelu-erf: f32/f64 only"),
         };
         Ok((out, l.shape().clone()))
@@ -506,7 +669,10 @@ impl CustomOp2 for GeluErfGrad {
                 CpuStorage::F32(
                     x.par_iter()
                         .zip(g.par_iter())
-                        .map(|(&v, &gv)| gv * (0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2)) + v * inv_sqrt_2pi * (-0.5 * v * v).exp()))
+                        .map(|(&v, &gv)| {
+                            gv * (0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2))
+                                + v * inv_sqrt_2pi * (-0.5 * v * v).exp())
+                        })
                         .collect(),
                 )
             }
@@ -516,7 +682,10 @@ impl CustomOp2 for GeluErfGrad {
                 CpuStorage::F64(
                     x.par_iter()
                         .zip(g.par_iter())
-                        .map(|(&v, &gv)| gv * (0.5 * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2)) + v * inv_sqrt_2pi * (-0.5 * v * v).exp()))
+                        .map(|(&v, &gv)| {
+                            gv * (0.5 * (1.0 + erf_f64(v * std::f64::consts::FRAC_1_SQRT_2))
+                                + v * inv_sqrt_2pi * (-0.5 * v * v).exp())
+                        })
                         .collect(),
                 )
             }
@@ -544,13 +713,15 @@ impl CustomOp2 for SwiGlu {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: num::Float + Send + Sync>(g: &[T], u: &[T]) -> Vec<T> {
             let mut out: Vec<T> = g.iter().map(|&x| T::zero() - x).collect();
-            out.par_chunks_mut(SWIGLU_CHUNK).zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK))).for_each(|(o, (g, u))| {
-                // o = exp(-g), then silu(g) * u = g / (1 + exp(-g)) * u.
-                T::exp_in_place(o);
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (T::one() + *o) * u;
-                }
-            });
+            out.par_chunks_mut(SWIGLU_CHUNK).zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK))).for_each(
+                |(o, (g, u))| {
+                    // o = exp(-g), then silu(g) * u = g / (1 + exp(-g)) * u.
+                    T::exp_in_place(o);
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o = g / (T::one() + *o) * u;
+                    }
+                },
+            );
             out
         }
         if l1.shape() != l2.shape() {
@@ -580,27 +751,41 @@ impl CustomOp3 for SwiGluGrad {
         "ranger-swiglu-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         fn run<T: num::Float + Send + Sync>(gate: &[T], up: &[T], g: &[T]) -> Vec<T> {
             let n = gate.len();
             let mut out = vec![T::zero(); 2 * n];
             let (d_gate, d_up) = out.split_at_mut(n);
             let inputs = gate.par_chunks(SWIGLU_CHUNK).zip(up.par_chunks(SWIGLU_CHUNK)).zip(g.par_chunks(SWIGLU_CHUNK));
-            d_gate.par_chunks_mut(SWIGLU_CHUNK).zip(d_up.par_chunks_mut(SWIGLU_CHUNK)).zip(inputs).for_each(|((dg, du), ((x, u), g))| {
-                // dg holds exp(-x) first.
-                dg.iter_mut().zip(x).for_each(|(d, &x)| *d = T::zero() - x);
-                T::exp_in_place(dg);
-                for ((((dg, du), &x), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
-                    let sig = T::one() / (T::one() + *dg);
-                    *dg = g * u * sig * (T::one() + x * (T::one() - sig));
-                    *du = g * x * sig;
-                }
-            });
+            d_gate.par_chunks_mut(SWIGLU_CHUNK).zip(d_up.par_chunks_mut(SWIGLU_CHUNK)).zip(inputs).for_each(
+                |((dg, du), ((x, u), g))| {
+                    // dg holds exp(-x) first.
+                    dg.iter_mut().zip(x).for_each(|(d, &x)| *d = T::zero() - x);
+                    T::exp_in_place(dg);
+                    for ((((dg, du), &x), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
+                        let sig = T::one() / (T::one() + *dg);
+                        *dg = g * u * sig * (T::one() + x * (T::one() - sig));
+                        *du = g * x * sig;
+                    }
+                },
+            );
             out
         }
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32(run(contiguous(a, l1)?, contiguous(b, l2)?, contiguous(c, l3)?)),
-            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64(run(contiguous(a, l1)?, contiguous(b, l2)?, contiguous(c, l3)?)),
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                CpuStorage::F32(run(contiguous(a, l1)?, contiguous(b, l2)?, contiguous(c, l3)?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
+                CpuStorage::F64(run(contiguous(a, l1)?, contiguous(b, l2)?, contiguous(c, l3)?))
+            }
             _ => candle_core::bail!("ranger-swiglu-grad: f32/f64 of one dtype"),
         };
         let mut dims = vec![2];
@@ -673,7 +858,27 @@ pub(super) unsafe fn gemm_strided<T: 'static + num::Float>(
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: forwarded from the caller.
     unsafe {
-        gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, T::one(), beta, false, false, false, par)
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::one(),
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
     }
 }
 
@@ -682,7 +887,13 @@ pub(super) unsafe fn gemm_strided<T: 'static + num::Float>(
 ///
 /// # Safety
 /// The pointers must address matrices of the given shapes and strides.
-pub(super) unsafe fn gemm_new<T: 'static + num::Float>((m, n, k): (usize, usize, usize), lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), beta: T, parallel: bool) -> Vec<T> {
+pub(super) unsafe fn gemm_new<T: 'static + num::Float>(
+    (m, n, k): (usize, usize, usize),
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    beta: T,
+    parallel: bool,
+) -> Vec<T> {
     if k == 0 {
         return vec![T::zero(); m * n];
     }
@@ -712,11 +923,19 @@ fn matmul_detached(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         // SAFETY: a is [m, k] and b is [k, n], both contiguous.
         (Storage::Cpu(CpuStorage::F32(x)), Storage::Cpu(CpuStorage::F32(y))) => {
             let (x, y) = (contiguous(x, la)?, contiguous(y, lb)?);
-            Tensor::from_vec(unsafe { gemm_new((m, n, k), (x.as_ptr(), k, 1), (y.as_ptr(), n, 1), 1f32, true) }, (m, n), &dev)
+            Tensor::from_vec(
+                unsafe { gemm_new((m, n, k), (x.as_ptr(), k, 1), (y.as_ptr(), n, 1), 1f32, true) },
+                (m, n),
+                &dev,
+            )
         }
         (Storage::Cpu(CpuStorage::F64(x)), Storage::Cpu(CpuStorage::F64(y))) => {
             let (x, y) = (contiguous(x, la)?, contiguous(y, lb)?);
-            Tensor::from_vec(unsafe { gemm_new((m, n, k), (x.as_ptr(), k, 1), (y.as_ptr(), n, 1), 1f64, true) }, (m, n), &dev)
+            Tensor::from_vec(
+                unsafe { gemm_new((m, n, k), (x.as_ptr(), k, 1), (y.as_ptr(), n, 1), 1f64, true) },
+                (m, n),
+                &dev,
+            )
         }
         _ => candle_core::bail!("matmul: CPU f32/f64 operands of one dtype"),
     }
@@ -725,7 +944,16 @@ fn matmul_detached(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// The loss sum and, with `grads`, the hidden rows' gradient `[n, h]` and (with `weight_grad`)
 /// the weight's `[vocab, h]`.
 #[allow(clippy::too_many_arguments)]
-fn linear_ce<T: 'static + num::Float>(x: &[T], w: &[T], t: &[u32], h: usize, v: usize, rows: usize, grads: bool, weight_grad: bool) -> (T, Vec<T>, Vec<T>) {
+fn linear_ce<T: 'static + num::Float>(
+    x: &[T],
+    w: &[T],
+    t: &[u32],
+    h: usize,
+    v: usize,
+    rows: usize,
+    grads: bool,
+    weight_grad: bool,
+) -> (T, Vec<T>, Vec<T>) {
     let n = t.len();
     let rows = rows.clamp(1, n.max(1));
     let mut logits = vec![T::zero(); rows * v];
@@ -741,7 +969,9 @@ fn linear_ce<T: 'static + num::Float>(x: &[T], w: &[T], t: &[u32], h: usize, v: 
         }
         let l = &mut logits[..c * v];
         // SAFETY: l is [c, v], xs is [c, h] row-major, w is [v, h] row-major read as W^T [h, v].
-        unsafe { gemm_strided((c, v, h), l.as_mut_ptr(), v, false, (xs.as_ptr(), h, 1), (w.as_ptr(), 1, h), T::one(), true) };
+        unsafe {
+            gemm_strided((c, v, h), l.as_mut_ptr(), v, false, (xs.as_ptr(), h, 1), (w.as_ptr(), 1, h), T::one(), true)
+        };
         // Per row: the NLL, then (in training) the row becomes softmax - onehot, its gradient.
         let nll: Vec<T> = l
             .par_chunks_mut(v)
@@ -772,10 +1002,32 @@ fn linear_ce<T: 'static + num::Float>(x: &[T], w: &[T], t: &[u32], h: usize, v: 
         if grads {
             let gx = &mut grad_x[start * h..(start + c) * h];
             // SAFETY: gx is [c, h]; l is [c, v]; w is [v, h].
-            unsafe { gemm_strided((c, h, v), gx.as_mut_ptr(), h, false, (l.as_ptr(), v, 1), (w.as_ptr(), h, 1), T::one(), true) };
+            unsafe {
+                gemm_strided(
+                    (c, h, v),
+                    gx.as_mut_ptr(),
+                    h,
+                    false,
+                    (l.as_ptr(), v, 1),
+                    (w.as_ptr(), h, 1),
+                    T::one(),
+                    true,
+                )
+            };
             if weight_grad {
                 // SAFETY: grad_w is [v, h]; l read as l^T [v, c]; xs is [c, h].
-                unsafe { gemm_strided((v, h, c), grad_w.as_mut_ptr(), h, true, (l.as_ptr(), 1, v), (xs.as_ptr(), h, 1), T::one(), true) };
+                unsafe {
+                    gemm_strided(
+                        (v, h, c),
+                        grad_w.as_mut_ptr(),
+                        h,
+                        true,
+                        (l.as_ptr(), 1, v),
+                        (xs.as_ptr(), h, 1),
+                        T::one(),
+                        true,
+                    )
+                };
             }
         }
     }
@@ -787,11 +1039,24 @@ impl CustomOp3 for LinearCrossEntropy {
         "ranger-linear-cross-entropy"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, h) = l1.shape().dims2()?;
         let (v, h2) = l2.shape().dims2()?;
         if h != h2 || l3.shape().dims1()? != n {
-            candle_core::bail!("ranger-linear-cross-entropy: hidden {:?}, weight {:?}, targets {:?}", l1.dims(), l2.dims(), l3.dims());
+            candle_core::bail!(
+                "ranger-linear-cross-entropy: hidden {:?}, weight {:?}, targets {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
         }
         let t = match s3 {
             CpuStorage::U32(t) => contiguous(t, l3)?,
@@ -804,13 +1069,19 @@ impl CustomOp3 for LinearCrossEntropy {
         let rows = self.chunk_rows.unwrap_or_else(|| chunk_rows(v));
         let (out, saved) = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                let (loss, gx, gw) = linear_ce(contiguous(x, l1)?, contiguous(w, l2)?, t, h, v, rows, self.grads, self.weight_grad);
-                let saved = self.grads.then(|| -> Result<_> { Ok((Tensor::from_vec(gx, (n, h), &dev)?, self.weight_grad.then_some(Buffer::F32(gw)))) });
+                let (loss, gx, gw) =
+                    linear_ce(contiguous(x, l1)?, contiguous(w, l2)?, t, h, v, rows, self.grads, self.weight_grad);
+                let saved = self.grads.then(|| -> Result<_> {
+                    Ok((Tensor::from_vec(gx, (n, h), &dev)?, self.weight_grad.then_some(Buffer::F32(gw))))
+                });
                 (CpuStorage::F32(vec![loss]), saved.transpose()?)
             }
             (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                let (loss, gx, gw) = linear_ce(contiguous(x, l1)?, contiguous(w, l2)?, t, h, v, rows, self.grads, self.weight_grad);
-                let saved = self.grads.then(|| -> Result<_> { Ok((Tensor::from_vec(gx, (n, h), &dev)?, self.weight_grad.then_some(Buffer::F64(gw)))) });
+                let (loss, gx, gw) =
+                    linear_ce(contiguous(x, l1)?, contiguous(w, l2)?, t, h, v, rows, self.grads, self.weight_grad);
+                let saved = self.grads.then(|| -> Result<_> {
+                    Ok((Tensor::from_vec(gx, (n, h), &dev)?, self.weight_grad.then_some(Buffer::F64(gw))))
+                });
                 (CpuStorage::F64(vec![loss]), saved.transpose()?)
             }
             _ => candle_core::bail!("ranger-linear-cross-entropy: f32/f64 of one dtype"),
@@ -819,12 +1090,25 @@ impl CustomOp3 for LinearCrossEntropy {
         Ok((out, Shape::from(())))
     }
 
-    fn bwd(&self, _x: &Tensor, w: &Tensor, _t: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _t: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some((gx, gw)) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             candle_core::bail!("ranger-linear-cross-entropy: run without gradients (or backpropagated twice)");
         };
         let g = grad_res.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        let scale = |t: Tensor| -> Result<Tensor> { if g == 1.0 { Ok(t) } else { t * g } };
+        let scale = |t: Tensor| -> Result<Tensor> {
+            if g == 1.0 {
+                Ok(t)
+            } else {
+                t * g
+            }
+        };
         let gw = match (gw, &self.sink) {
             // Only a variable's gradient may bypass Candle: for any other tensor Candle itself
             // needs it to go on backpropagating.
@@ -851,8 +1135,12 @@ fn linear_fwd(op: &str, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layo
         candle_core::bail!("{op}: input {:?} for weight {:?}", l1.dims(), l2.dims());
     }
     let y = match (s1, s2) {
-        (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(run(contiguous(x, l1)?, contiguous(w, l2)?, n, out, inp)),
-        (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(run(contiguous(x, l1)?, contiguous(w, l2)?, n, out, inp)),
+        (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+            CpuStorage::F32(run(contiguous(x, l1)?, contiguous(w, l2)?, n, out, inp))
+        }
+        (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+            CpuStorage::F64(run(contiguous(x, l1)?, contiguous(w, l2)?, n, out, inp))
+        }
         _ => candle_core::bail!("{op}: f32/f64 of one dtype"),
     };
     Ok((y, Shape::from((n, out))))
@@ -921,11 +1209,28 @@ impl CustomOp2 for Linear {
 
 /// `dW (+)= g^T x` into `sink`'s buffer for `w: [out, in]`, with `g: [n, out]`, `x: [n, in]`.
 fn weight_grad_into(sink: &GradSink, w: &Tensor, g: &Tensor, x: &Tensor) -> Result<()> {
-    fn run<T: SinkFloat>(sink: &GradSink, w: &Tensor, g: &[T], x: &[T], (n, out, inp): (usize, usize, usize)) -> Result<()> {
+    fn run<T: SinkFloat>(
+        sink: &GradSink,
+        w: &Tensor,
+        g: &[T],
+        x: &[T],
+        (n, out, inp): (usize, usize, usize),
+    ) -> Result<()> {
         // SAFETY: dw is [out, in]; g read transposed as [out, n]; x is [n, in]. Without
         // `accumulate` gemm sets every element of dw (n > 0).
         unsafe {
-            sink.write_product::<T>(w, |dw, _, accumulate| gemm_strided((out, inp, n), dw, inp, accumulate, (g.as_ptr(), 1, out), (x.as_ptr(), inp, 1), T::one(), true))
+            sink.write_product::<T>(w, |dw, _, accumulate| {
+                gemm_strided(
+                    (out, inp, n),
+                    dw,
+                    inp,
+                    accumulate,
+                    (g.as_ptr(), 1, out),
+                    (x.as_ptr(), inp, 1),
+                    T::one(),
+                    true,
+                )
+            })
         }
     }
     let (n, out) = g.dims2()?;
@@ -944,8 +1249,12 @@ fn weight_grad_into(sink: &GradSink, w: &Tensor, g: &Tensor, x: &Tensor) -> Resu
     let (gs, gl) = g.storage_and_layout();
     let (xs, xl) = x.storage_and_layout();
     match (&*gs, &*xs) {
-        (Storage::Cpu(CpuStorage::F32(g)), Storage::Cpu(CpuStorage::F32(x))) => run(sink, w, contiguous(g, gl)?, contiguous(x, xl)?, (n, out, inp)),
-        (Storage::Cpu(CpuStorage::F64(g)), Storage::Cpu(CpuStorage::F64(x))) => run(sink, w, contiguous(g, gl)?, contiguous(x, xl)?, (n, out, inp)),
+        (Storage::Cpu(CpuStorage::F32(g)), Storage::Cpu(CpuStorage::F32(x))) => {
+            run(sink, w, contiguous(g, gl)?, contiguous(x, xl)?, (n, out, inp))
+        }
+        (Storage::Cpu(CpuStorage::F64(g)), Storage::Cpu(CpuStorage::F64(x))) => {
+            run(sink, w, contiguous(g, gl)?, contiguous(x, xl)?, (n, out, inp))
+        }
         _ => candle_core::bail!("ranger-linear: CPU f32/f64 gradient and input of one dtype"),
     }
 }
@@ -997,8 +1306,12 @@ impl CustomOp2 for Embedding {
         let (is, il) = ids.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
         match (&*is, &*gs) {
-            (Storage::Cpu(CpuStorage::U32(i)), Storage::Cpu(CpuStorage::F32(g))) => scatter(&self.sink, table, contiguous(i, il)?, contiguous(g, gl)?, h)?,
-            (Storage::Cpu(CpuStorage::U32(i)), Storage::Cpu(CpuStorage::F64(g))) => scatter(&self.sink, table, contiguous(i, il)?, contiguous(g, gl)?, h)?,
+            (Storage::Cpu(CpuStorage::U32(i)), Storage::Cpu(CpuStorage::F32(g))) => {
+                scatter(&self.sink, table, contiguous(i, il)?, contiguous(g, gl)?, h)?
+            }
+            (Storage::Cpu(CpuStorage::U32(i)), Storage::Cpu(CpuStorage::F64(g))) => {
+                scatter(&self.sink, table, contiguous(i, il)?, contiguous(g, gl)?, h)?
+            }
             _ => candle_core::bail!("ranger-embedding: CPU u32 ids and f32/f64 gradient"),
         }
         Ok((None, None))

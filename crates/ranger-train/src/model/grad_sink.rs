@@ -131,9 +131,7 @@ impl GradSink {
     /// Runs `add` on `weight`'s gradient buffer, zero-filled on first use.
     pub(crate) fn write<T: SinkFloat>(&self, weight: &Tensor, add: impl FnOnce(&mut [T])) -> Result<()> {
         // SAFETY: the buffer is zero-filled before `add` sees it the first time.
-        unsafe {
-            self.write_raw::<T>(weight, true, |ptr, len, _| add(std::slice::from_raw_parts_mut(ptr, len)))
-        }
+        unsafe { self.write_raw::<T>(weight, true, |ptr, len, _| add(std::slice::from_raw_parts_mut(ptr, len))) }
     }
 
     /// Runs `write` on `weight`'s gradient buffer (pointer and length), telling it whether the
@@ -143,19 +141,31 @@ impl GradSink {
     ///
     /// # Safety
     /// `write` must set every element when told there is nothing to accumulate onto.
-    pub(crate) unsafe fn write_product<T: SinkFloat>(&self, weight: &Tensor, write: impl FnOnce(*mut T, usize, bool)) -> Result<()> {
+    pub(crate) unsafe fn write_product<T: SinkFloat>(
+        &self,
+        weight: &Tensor,
+        write: impl FnOnce(*mut T, usize, bool),
+    ) -> Result<()> {
         // SAFETY: forwarded from the caller.
         unsafe { self.write_raw::<T>(weight, false, write) }
     }
 
     /// # Safety
     /// Unless `zeroed`, `write` must set every element of a new buffer (told `false`).
-    unsafe fn write_raw<T: SinkFloat>(&self, weight: &Tensor, zeroed: bool, write: impl FnOnce(*mut T, usize, bool)) -> Result<()> {
+    unsafe fn write_raw<T: SinkFloat>(
+        &self,
+        weight: &Tensor,
+        zeroed: bool,
+        write: impl FnOnce(*mut T, usize, bool),
+    ) -> Result<()> {
         let mut slots = self.lock();
         let n = weight.elem_count();
         if let Some(slot) = slots.get_mut(&weight.id()) {
             let Some(buf) = T::vec_mut(&mut slot.grad) else {
-                candle_core::bail!("gradient sink: {:?} gradient of a weight first written in another dtype", weight.dtype());
+                candle_core::bail!(
+                    "gradient sink: {:?} gradient of a weight first written in another dtype",
+                    weight.dtype()
+                );
             };
             write(buf.as_mut_ptr(), buf.len(), true);
             return Ok(());
@@ -179,7 +189,11 @@ impl GradSink {
     /// buffer; the first time, `grad` becomes the buffer, scaled in place.
     pub(crate) fn add_owned<T: SinkFloat>(&self, weight: &Tensor, mut grad: Vec<T>, scale: T) -> Result<()> {
         if grad.len() != weight.elem_count() {
-            candle_core::bail!("gradient sink: {} gradient values for a weight of shape {:?}", grad.len(), weight.dims());
+            candle_core::bail!(
+                "gradient sink: {} gradient values for a weight of shape {:?}",
+                grad.len(),
+                weight.dims()
+            );
         }
         let mut slots = self.lock();
         match slots.get_mut(&weight.id()) {
@@ -191,7 +205,10 @@ impl GradSink {
             }
             Some(slot) => {
                 let Some(buf) = T::vec_mut(&mut slot.grad) else {
-                    candle_core::bail!("gradient sink: {:?} gradient of a weight first written in another dtype", weight.dtype());
+                    candle_core::bail!(
+                        "gradient sink: {:?} gradient of a weight first written in another dtype",
+                        weight.dtype()
+                    );
                 };
                 buf.iter_mut().zip(&grad).for_each(|(b, &g)| *b = *b + g * scale);
             }

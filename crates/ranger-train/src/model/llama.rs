@@ -136,8 +136,13 @@ impl LlamaModel {
         Self::build(config, weights, false)
     }
 
-    fn build(config: LlamaConfig, weights: &HashMap<String, Tensor>, has_lm_head: bool) -> std::result::Result<Self, String> {
-        let get = |n: &str| -> std::result::Result<Tensor, String> { weights.get(n).cloned().ok_or_else(|| n.to_string()) };
+    fn build(
+        config: LlamaConfig,
+        weights: &HashMap<String, Tensor>,
+        has_lm_head: bool,
+    ) -> std::result::Result<Self, String> {
+        let get =
+            |n: &str| -> std::result::Result<Tensor, String> { weights.get(n).cloned().ok_or_else(|| n.to_string()) };
         let opt = |n: &str| weights.get(n).cloned();
         let proj = |n: &str| -> std::result::Result<Proj, String> {
             Ok(Proj { weight: get(&format!("{n}.weight"))?, bias: opt(&format!("{n}.bias")), lora: None })
@@ -200,7 +205,8 @@ impl LlamaModel {
     /// Every weight slot by Hugging Face name (the tied LM head is `model.embed_tokens.weight`),
     /// to replace weights in place: PEFT's `modules_to_save` of an adapter.
     pub fn weights_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let mut out: Vec<(String, &mut Tensor)> = vec![("model.embed_tokens.weight".into(), &mut self.embed), ("model.norm.weight".into(), &mut self.norm)];
+        let mut out: Vec<(String, &mut Tensor)> =
+            vec![("model.embed_tokens.weight".into(), &mut self.embed), ("model.norm.weight".into(), &mut self.norm)];
         if let Some(h) = &mut self.lm_head {
             out.push(("lm_head.weight".into(), h));
         }
@@ -214,7 +220,15 @@ impl LlamaModel {
             if let Some(k) = &mut l.k_norm {
                 out.push((format!("{p}.self_attn.k_norm.weight"), k));
             }
-            for (name, proj) in [("self_attn.q_proj", &mut l.q), ("self_attn.k_proj", &mut l.k), ("self_attn.v_proj", &mut l.v), ("self_attn.o_proj", &mut l.o), ("mlp.gate_proj", &mut l.gate), ("mlp.up_proj", &mut l.up), ("mlp.down_proj", &mut l.down)] {
+            for (name, proj) in [
+                ("self_attn.q_proj", &mut l.q),
+                ("self_attn.k_proj", &mut l.k),
+                ("self_attn.v_proj", &mut l.v),
+                ("self_attn.o_proj", &mut l.o),
+                ("mlp.gate_proj", &mut l.gate),
+                ("mlp.up_proj", &mut l.up),
+                ("mlp.down_proj", &mut l.down),
+            ] {
                 out.push((format!("{p}.{name}.weight"), &mut proj.weight));
                 if let Some(b) = &mut proj.bias {
                     out.push((format!("{p}.{name}.bias"), b));
@@ -237,7 +251,15 @@ impl LlamaModel {
             let p = format!("model.layers.{i}");
             by_name.insert(format!("{p}.input_layernorm.weight"), l.input_norm.clone());
             by_name.insert(format!("{p}.post_attention_layernorm.weight"), l.post_norm.clone());
-            for (name, proj) in [("self_attn.q_proj", &l.q), ("self_attn.k_proj", &l.k), ("self_attn.v_proj", &l.v), ("self_attn.o_proj", &l.o), ("mlp.gate_proj", &l.gate), ("mlp.up_proj", &l.up), ("mlp.down_proj", &l.down)] {
+            for (name, proj) in [
+                ("self_attn.q_proj", &l.q),
+                ("self_attn.k_proj", &l.k),
+                ("self_attn.v_proj", &l.v),
+                ("self_attn.o_proj", &l.o),
+                ("mlp.gate_proj", &l.gate),
+                ("mlp.up_proj", &l.up),
+                ("mlp.down_proj", &l.down),
+            ] {
                 by_name.insert(format!("{p}.{name}.weight"), proj.merged_weight()?);
                 if let Some(b) = &proj.bias {
                     by_name.insert(format!("{p}.{name}.bias"), b.clone());
@@ -251,7 +273,12 @@ impl LlamaModel {
         let shapes = if self.has_lm_head { self.config.weight_shapes() } else { self.config.backbone_weight_shapes() };
         shapes
             .into_iter()
-            .map(|(n, _)| by_name.remove(&n).map(|t| (n.clone(), t.detach())).ok_or_else(|| candle_core::Error::msg(format!("weight {n} missing"))))
+            .map(|(n, _)| {
+                by_name
+                    .remove(&n)
+                    .map(|t| (n.clone(), t.detach()))
+                    .ok_or_else(|| candle_core::Error::msg(format!("weight {n} missing")))
+            })
             .collect()
     }
 
@@ -276,7 +303,16 @@ impl LlamaModel {
 
     /// Self-attention of one layer over token rows `x: [b * s, hidden]`.
     #[allow(clippy::too_many_arguments)]
-    fn attention(&self, layer: &Layer, x: &Tensor, (b, s): (usize, usize), cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        (b, s): (usize, usize),
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let hd = c.head_dim;
         let (hq, hk) = (c.num_attention_heads, c.num_key_value_heads);
@@ -285,7 +321,9 @@ impl LlamaModel {
         let mut k = layer.k.forward_rows(x)?;
         let mut v = layer.v.forward_rows(x)?;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            let per_head = |t: &Tensor, w: &Tensor, heads: usize| rms_norm(&t.reshape((b * s, heads, hd))?, w, c.rms_norm_eps)?.reshape((b * s, heads * hd));
+            let per_head = |t: &Tensor, w: &Tensor, heads: usize| {
+                rms_norm(&t.reshape((b * s, heads, hd))?, w, c.rms_norm_eps)?.reshape((b * s, heads * hd))
+            };
             q = per_head(&q, qn, hq)?;
             k = per_head(&k, kn, hk)?;
         }
@@ -325,7 +363,13 @@ impl LlamaModel {
         layer.o.forward_rows(&out)
     }
 
-    fn run(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         if !self.has_lm_head {
             candle_core::bail!("this model was built without its LM head (a classifier backbone)");
         }
@@ -343,7 +387,13 @@ impl LlamaModel {
 
     /// Final hidden states as token rows `[b * s, hidden]`. The whole stack works on token rows:
     /// every reshape would be a node that backprop pays for with a zero-filled buffer and an add.
-    fn run_hidden(&self, input_ids: &Tensor, positions: &Tensor, mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn run_hidden(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (cos, sin) = self.rotary(positions)?;
         let (b, s) = input_ids.dims2()?;
         let mut x = super::ops::embedding(&self.embed, &input_ids.flatten_all()?)?;
@@ -404,7 +454,8 @@ impl LlamaModel {
     pub fn forward_ids(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let positions = Tensor::arange(0u32, s as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
-        let mask = causal_mask(&vec![vec![1u32; s]; b], self.config.sliding_window, compute_dtype(self.dtype), &self.device)?;
+        let mask =
+            causal_mask(&vec![vec![1u32; s]; b], self.config.sliding_window, compute_dtype(self.dtype), &self.device)?;
         self.run(ids, &positions, &mask, None)
     }
 

@@ -160,7 +160,14 @@ pub struct LoraConfig {
 impl Default for LoraConfig {
     fn default() -> Self {
         let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-        Self { rank: 8, alpha: 16.0, targets: targets.iter().map(|s| s.to_string()).collect(), dropout: 0.0, use_dora: false, use_rslora: false }
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            targets: targets.iter().map(|s| s.to_string()).collect(),
+            dropout: 0.0,
+            use_dora: false,
+            use_rslora: false,
+        }
     }
 }
 
@@ -197,19 +204,31 @@ pub fn target_matches(target: &str, module: &str) -> bool {
 /// (A: uniform in ±1/sqrt(in), as PEFT's Kaiming init; B: zeros; DoRA's magnitude: the row
 /// norms of W, so training starts from the base model). Dropout, when `cfg.dropout > 0`, is
 /// driven by `dropout_seed`. A target that selects no projection is an error naming it.
-pub fn attach_lora(projs: Vec<(String, &mut Proj)>, cfg: &LoraConfig, seed: u64, dtype: DType, device: &Device, dropout_seed: &DropoutSeed) -> Result<Vec<(String, Var)>> {
+pub fn attach_lora(
+    projs: Vec<(String, &mut Proj)>,
+    cfg: &LoraConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+    dropout_seed: &DropoutSeed,
+) -> Result<Vec<(String, Var)>> {
     if let Some(t) = cfg.targets.iter().find(|t| !projs.iter().any(|(m, _)| target_matches(t, m))) {
         let mut names: Vec<&str> = projs.iter().filter_map(|(m, _)| m.rsplit('.').next()).collect();
         names.sort();
         names.dedup();
-        candle_core::bail!("LoRA target {t:?} matches no projection of this model (its projections: {})", names.join(", "));
+        candle_core::bail!(
+            "LoRA target {t:?} matches no projection of this model (its projections: {})",
+            names.join(", ")
+        );
     }
     if !(0.0..1.0).contains(&cfg.dropout) {
         candle_core::bail!("LoRA dropout must be in [0, 1), got {}", cfg.dropout);
     }
     let mut rng = Rng::new(seed);
     let mut vars = Vec::new();
-    for (stream, (module, proj)) in projs.into_iter().filter(|(m, _)| cfg.targets.iter().any(|t| target_matches(t, m))).enumerate() {
+    for (stream, (module, proj)) in
+        projs.into_iter().filter(|(m, _)| cfg.targets.iter().any(|t| target_matches(t, m))).enumerate()
+    {
         let (out, inp) = proj.weight.dims2()?;
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..cfg.rank * inp).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
@@ -221,7 +240,11 @@ pub fn attach_lora(projs: Vec<(String, &mut Proj)>, cfg: &LoraConfig, seed: u64,
         } else {
             None
         };
-        let dropout = (cfg.dropout > 0.0).then(|| LoraDropout { p: cfg.dropout, stream: stream as u64, seed: dropout_seed.clone() });
+        let dropout = (cfg.dropout > 0.0).then(|| LoraDropout {
+            p: cfg.dropout,
+            stream: stream as u64,
+            seed: dropout_seed.clone(),
+        });
         proj.lora = Some(LoraAdapter {
             a: a.as_tensor().clone(),
             b: b.as_tensor().clone(),

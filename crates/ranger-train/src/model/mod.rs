@@ -46,7 +46,10 @@ impl ModelConfig {
             Self::Decoder(c) => Ok(c),
             Self::Encoder(c) => Err(crate::TrainError::Config {
                 origin: origin.to_string(),
-                message: format!("a {} encoder has no language-model head; train it with --task classify", c.family.prefix()),
+                message: format!(
+                    "a {} encoder has no language-model head; train it with --task classify",
+                    c.family.prefix()
+                ),
             }),
         }
     }
@@ -78,7 +81,9 @@ pub fn causal_lm_loss_sum(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let (b, s, v) = logits.dims3()?;
     let cdt = ops::compute_dtype(logits.dtype());
     let dev = logits.device();
-    let shift = |t: &Tensor| -> Result<Tensor> { Tensor::cat(&[&t.narrow(1, 1, s - 1)?, &t.narrow(1, 0, 1)?.zeros_like()?], 1) };
+    let shift = |t: &Tensor| -> Result<Tensor> {
+        Tensor::cat(&[&t.narrow(1, 1, s - 1)?, &t.narrow(1, 0, 1)?.zeros_like()?], 1)
+    };
     let targets = shift(&batch.input_ids)?.flatten_all()?;
     let mask = shift(&batch.loss_mask)?.flatten_all()?.to_dtype(cdt)?.to_device(dev)?;
     let nll = ops::cross_entropy_rows(&logits.reshape((b * s, v))?.to_dtype(cdt)?, &targets)?;

@@ -146,7 +146,12 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// op that adds the table's gradient into the sink; `index_select` otherwise.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     if let Some(sink) = super::grad_sink::GradSink::current() {
-        if fused_ok(table) && table.is_variable() && table.is_contiguous() && ids.dtype() == DType::U32 && ids.device().is_cpu() {
+        if fused_ok(table)
+            && table.is_variable()
+            && table.is_contiguous()
+            && ids.dtype() == DType::U32
+            && ids.device().is_cpu()
+        {
             return table.apply_op2(ids, super::fused::Embedding { sink });
         }
     }
@@ -245,16 +250,28 @@ mod tests {
         let frozen = Tensor::randn(0f64, 1.0, (5, 37), &dev).unwrap();
         let w5 = Tensor::randn(0f64, 1.0, (6, 5), &dev).unwrap();
         let pairs: [Pair; 4] = [
-            (&|x| x.apply_op1(super::super::fused::FrozenLinear { weight: frozen.clone() }).unwrap().mul(&w5).unwrap().sum_all().unwrap(), &|x| {
-                x.matmul(&frozen.t().unwrap()).unwrap().mul(&w5).unwrap().sum_all().unwrap()
-            }),
+            (
+                &|x| {
+                    x.apply_op1(super::super::fused::FrozenLinear { weight: frozen.clone() })
+                        .unwrap()
+                        .mul(&w5)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                },
+                &|x| x.matmul(&frozen.t().unwrap()).unwrap().mul(&w5).unwrap().sum_all().unwrap(),
+            ),
             (&|x| gelu_erf(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| {
                 // x Φ(x) from erf, whose backward is exact (Candle's gelu_erf backward rounds 1/√(2π)).
                 let phi = ((x * std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap() * 0.5;
                 (x * phi.unwrap()).unwrap().mul(&w).unwrap().sum_all().unwrap()
             }),
-            (&|x| softmax_last_dim(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| softmax_last_dim_ops(x).unwrap().mul(&w).unwrap().sum_all().unwrap()),
-            (&|x| cross_entropy_rows(x, &t).unwrap().sum_all().unwrap(), &|x| cross_entropy_rows_ops(x, &t).unwrap().sum_all().unwrap()),
+            (&|x| softmax_last_dim(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| {
+                softmax_last_dim_ops(x).unwrap().mul(&w).unwrap().sum_all().unwrap()
+            }),
+            (&|x| cross_entropy_rows(x, &t).unwrap().sum_all().unwrap(), &|x| {
+                cross_entropy_rows_ops(x, &t).unwrap().sum_all().unwrap()
+            }),
         ];
         // RMSNorm and rotary, values and both gradients.
         let x4v = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
@@ -270,7 +287,9 @@ mod tests {
         };
         let pairs4: [Pair; 5] = [
             (&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap(), &|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
-            (&|x| layer_norm(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap(), &|x| layer_norm_ops(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()),
+            (&|x| layer_norm(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap(), &|x| {
+                layer_norm_ops(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()
+            }),
             (&|x| apply_rotary(x, &cos, &sin).unwrap(), &|x| apply_rotary_ops(x, &cos, &sin).unwrap()),
             (
                 // [b, h, s, d] -> rows [b * s, h * d] and back.
@@ -281,7 +300,9 @@ mod tests {
                 },
                 &|x| apply_rotary_ops(x, &cos, &sin).unwrap(),
             ),
-            (&|x| swiglu(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap(), &|x| swiglu_ops(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap()),
+            (&|x| swiglu(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap(), &|x| {
+                swiglu_ops(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap()
+            }),
         ];
         for (fused, ops) in pairs4 {
             let (a, b) = (run(fused), run(ops));
@@ -302,12 +323,18 @@ mod tests {
         let targets = [3u32, ignore, 36, ignore, ignore, ignore, 7, ignore, 12, 0];
         let keep = Tensor::new(&targets.map(|t| if t == ignore { 0f64 } else { 1.0 }), &dev).unwrap();
         let plain = Tensor::new(&targets.map(|t| if t == ignore { 0 } else { t }), &dev).unwrap();
-        let reference = cross_entropy_rows_ops(&hidden.matmul(&head.t().unwrap()).unwrap(), &plain).unwrap().mul(&keep).unwrap().sum_all().unwrap();
+        let reference = cross_entropy_rows_ops(&hidden.matmul(&head.t().unwrap()).unwrap(), &plain)
+            .unwrap()
+            .mul(&keep)
+            .unwrap()
+            .sum_all()
+            .unwrap();
         for rows in [3, 4, 100] {
             let op = super::super::fused::LinearCrossEntropy::new(true, true).with_chunk_rows(rows);
             let fused = hidden.apply_op3(head.as_tensor(), &Tensor::new(&targets, &dev).unwrap(), op).unwrap();
             assert!(close(&fused, &reference) < 1e-12, "chunk {rows}");
-            let (gf, gr) = ((&fused * 3.0).unwrap().backward().unwrap(), (&reference * 3.0).unwrap().backward().unwrap());
+            let (gf, gr) =
+                ((&fused * 3.0).unwrap().backward().unwrap(), (&reference * 3.0).unwrap().backward().unwrap());
             for v in [&hidden, &head] {
                 assert!(close(gf.get(v).unwrap(), gr.get(v).unwrap()) < 1e-12, "chunk {rows}");
             }
@@ -329,7 +356,10 @@ mod tests {
             let g = f(xr.as_tensor()).mul(&wr).unwrap().sum_all().unwrap().backward().unwrap();
             (g.get(&xr).unwrap().clone(), g.get(&wv).unwrap().clone())
         };
-        let (a, b) = (rms_grads(&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap()), rms_grads(&|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()));
+        let (a, b) = (
+            rms_grads(&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap()),
+            rms_grads(&|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
+        );
         assert!(close(&a.0, &b.0) < 1e-10 && close(&a.1, &b.1) < 1e-10);
         let mask = Tensor::randn(0f64, 1.0, (2, 1, 3, 37), &dev).unwrap();
         let x4 = x.as_tensor().reshape((2, 1, 3, 37)).unwrap();
