@@ -184,6 +184,7 @@ enum LseMode<'a, T> {
 }
 
 /// Forward: output `[b * sq, hq * d]` and the log-sum-exp `[b, hq, sq]`.
+// q: [b * sq, hq * d], k, v: [b * sk, hk * d], mask: [b or 1, 1, sq, sk] -> out: [b * sq, hq * d], lse: [b, hq, sq]
 fn forward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], dm: Dims, scale: f64) -> (Vec<T>, Vec<T>) {
     let Dims { b, hq, hk, sq, sk, d, .. } = dm;
     let rep = hq / hk;
@@ -248,6 +249,7 @@ unsafe impl<T> Sync for SendPtr<T> {}
 
 /// Backward: `[dq | dk | dv]` flattened (each in its input's layout), from the output gradient
 /// `go: [b * sq, hq * d]`.
+// q, go: [b * sq, hq * d], k, v: [b * sk, hk * d], lse: [b, hq, sq] -> [dq: as q | dk: as k | dv: as v]
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T], dm: Dims, scale: f64) -> Vec<T> {
     let Dims { b, hq, hk, sq, sk, d, .. } = dm;

@@ -10,7 +10,11 @@ use super::float::Float;
 /// row and column strides (in elements); over rayon's threads when `parallel`.
 ///
 /// # Safety
-/// The pointers must address matrices of the given shapes and strides.
+/// `dst` must be valid for writes (and, with `accumulate`, reads) of every element of the
+/// `[m, n]` matrix at row stride `dst_rs`; `lhs` and `rhs` valid for reads of `[m, k]` and
+/// `[k, n]` at their strides; `dst` must not overlap `lhs` or `rhs`, and no other thread may
+/// touch those `dst` elements during the call. Without `accumulate`, `dst` may be
+/// uninitialised: every element is written and none read.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_strided<T: Float>(
     (m, n, k): (usize, usize, usize),
@@ -54,7 +58,7 @@ pub(crate) unsafe fn gemm_strided<T: Float>(
 /// product alone: no zero-fill first.
 ///
 /// # Safety
-/// The pointers must address matrices of the given shapes and strides.
+/// `lhs` and `rhs` must be valid for reads of `[m, k]` and `[k, n]` matrices at their strides.
 pub(crate) unsafe fn gemm_new<T: Float>(
     (m, n, k): (usize, usize, usize),
     lhs: (*const T, usize, usize),
