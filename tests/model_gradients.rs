@@ -10,7 +10,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
 use ranger_train::data::{collate, Sequence};
-use ranger_train::kernels::GradSink;
+use ranger_train::kernels::grad_sink::GradSink;
 use ranger_train::model::{causal_lm_loss_sum, Batch, LlamaConfig, LlamaModel};
 use ranger_train::rng::Rng;
 use serde_json::{json, Value};

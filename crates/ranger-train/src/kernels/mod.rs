@@ -13,14 +13,14 @@
 //! (or f64) whatever the model dtype, as the Hugging Face implementations do; the tests check
 //! that both paths agree.
 //!
-//! Shared pieces: `float` (the element types), [`dtype`] (the one dtype dispatch), `gemm`
+//! Shared pieces: `float` (the element types), `dtype` (the one dtype dispatch), `gemm`
 //! (matrix products), `exp` (vectorised `exp`), [`grad_sink`] (weight gradients accumulated
-//! in place) and [`path`] (which path an op takes).
+//! in place) and `path` (which path an op takes).
 
 pub mod activations;
 pub mod attention;
 pub mod cross_entropy;
-pub mod dtype;
+mod dtype;
 pub mod embedding;
 mod exp;
 pub(crate) mod float;
@@ -29,12 +29,12 @@ pub mod grad_sink;
 pub mod linear;
 pub mod lm_head;
 pub mod norms;
-pub mod path;
+mod path;
 pub mod rotary;
 pub mod softmax;
 #[cfg(test)]
 mod tests;
 
 pub use dtype::compute_dtype;
-pub use grad_sink::GradSink;
+pub(crate) use path::fused_ok;
 pub use path::without_fused_kernels;

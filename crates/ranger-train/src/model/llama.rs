@@ -10,10 +10,9 @@ use crate::kernels::activations::swiglu;
 use crate::kernels::attention::{repeat_kv, FusedAttention};
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
 use crate::kernels::norms::rms_norm;
-use crate::kernels::path::fused_ok;
 use crate::kernels::rotary::apply_rotary_rows;
 use crate::kernels::softmax::masked_softmax;
-use crate::kernels::{compute_dtype, embedding::embedding, linear::linear};
+use crate::kernels::{compute_dtype, embedding::embedding, fused_ok, linear::linear};
 
 /// A linear projection `x W^T + b` (weights trainable [`Var`]s or frozen tensors), with an
 /// optional LoRA adapter.
