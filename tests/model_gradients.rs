@@ -10,7 +10,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
 use ranger_train::data::{collate, Sequence};
-use ranger_train::model::grad_sink::GradSink;
+use ranger_train::kernels::grad_sink::GradSink;
 use ranger_train::model::{causal_lm_loss_sum, Batch, LlamaConfig, LlamaModel};
 use ranger_train::rng::Rng;
 use serde_json::{json, Value};
@@ -312,7 +312,7 @@ fn fused_lm_head_loss_matches_the_logits_path() {
 /// every architecture, with packing and padding in the batch (generation: both rows at once).
 #[test]
 fn op_by_op_path_matches_the_fused_kernels() {
-    use ranger_train::model::ops::without_fused_kernels;
+    use ranger_train::kernels::without_fused_kernels;
     let batch = test_batch(common::TINY_VOCAB, DType::F64);
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let (_, vars, model) = build(&common::tiny_config(arch), DType::F64, 11);

@@ -64,7 +64,7 @@ fn gguf_matches_transformers() {
     let argmax = logits.i(n - 1).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
     assert_eq!(argmax as u64, fx["logits_last_argmax"].as_u64().unwrap(), "next token after the prompt");
     // Mean causal-LM loss over the prompt, as transformers computes it.
-    let lsm = ranger_train::model::ops::log_softmax_last_dim(&logits).unwrap();
+    let lsm = ranger_train::kernels::softmax::log_softmax_last_dim(&logits).unwrap();
     let mut nll = 0f64;
     for i in 0..n - 1 {
         nll -= lsm.i((i, got[i + 1] as usize)).unwrap().to_scalar::<f32>().unwrap() as f64;

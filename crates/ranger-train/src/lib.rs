@@ -15,6 +15,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod optim;

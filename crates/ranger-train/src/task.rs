@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::classify::{self, argmax_and_probs, ClassMetrics, LabeledText};
 use crate::data::{collate, Loader, Sequence};
 use crate::error::Result;
+use crate::kernels::compute_dtype;
 use crate::model::classifier::ClassifierBatch;
-use crate::model::ops::compute_dtype;
 use crate::model::{Batch, LlamaModel, SequenceClassifier};
 
 /// The model and data of a run.

@@ -17,8 +17,8 @@ use crate::classify::{encode_records, labels_from_records, read_records, Columns
 use crate::config::{parse_device, BestMetric, EvalWeights, NanPolicy, ScheduleKind, TaskKind, TrainConfig};
 use crate::data::{load_file, split_validation, to_sequences, DataOptions, Loader};
 use crate::error::{Result, TrainError};
+use crate::kernels::grad_sink::GradSink;
 use crate::model::classifier::{complete_classifier_weights, labels_from_config};
-use crate::model::grad_sink::GradSink;
 use crate::model::lora::{attach_lora, mix_seed, DropoutSeed};
 use crate::model::{BackboneConfig, LlamaConfig, LlamaModel, LoraConfig, ModelConfig, SequenceClassifier};
 use crate::optim::TrainOptimizer;

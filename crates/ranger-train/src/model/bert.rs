@@ -11,8 +11,11 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::llama::Proj;
-use super::ops::{compute_dtype, layer_norm, masked_softmax};
 use crate::error::TrainError;
+use crate::kernels::activations::gelu_erf;
+use crate::kernels::compute_dtype;
+use crate::kernels::norms::layer_norm;
+use crate::kernels::softmax::masked_softmax;
 
 /// Which encoder family (decides tensor names and position ids).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +77,7 @@ impl Activation {
     /// Applies the activation (each has a backward pass in Candle).
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Gelu => super::ops::gelu_erf(x),
+            Self::Gelu => gelu_erf(x),
             Self::GeluTanh => x.gelu(),
             Self::Relu => x.relu(),
             Self::Silu => x.silu(),

@@ -9,9 +9,10 @@ use serde_json::{json, Value};
 
 use super::bert::{Encoder, EncoderConfig, EncoderFamily};
 use super::llama::{LlamaModel, Proj};
-use super::ops::compute_dtype;
 use super::LlamaConfig;
 use crate::error::TrainError;
+use crate::kernels::compute_dtype;
+use crate::kernels::cross_entropy::cross_entropy_rows;
 
 /// The configuration of the model under the head.
 #[derive(Debug, Clone)]
@@ -288,7 +289,7 @@ impl SequenceClassifier {
     /// Sum over the batch of the cross-entropy of the labels (a scalar in the compute dtype).
     pub fn loss_sum(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let cdt = compute_dtype(logits.dtype());
-        super::ops::cross_entropy_rows(&logits.to_dtype(cdt)?, labels)?.sum_all()
+        cross_entropy_rows(&logits.to_dtype(cdt)?, labels)?.sum_all()
     }
 
     /// Every weight by Hugging Face name, LoRA adapters merged (backbone, then head).

@@ -6,7 +6,13 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 
 use super::config::LlamaConfig;
 pub use super::lora::{peft_name, DropoutSeed, LoraAdapter, LoraConfig};
-use super::ops::{apply_rotary_rows, compute_dtype, masked_softmax, repeat_kv, rms_norm, swiglu};
+use crate::kernels::activations::swiglu;
+use crate::kernels::attention::{repeat_kv, FusedAttention};
+use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
+use crate::kernels::norms::rms_norm;
+use crate::kernels::rotary::apply_rotary_rows;
+use crate::kernels::softmax::masked_softmax;
+use crate::kernels::{compute_dtype, embedding::embedding, fused_ok, linear::linear};
 
 /// A linear projection `x W^T + b` (weights trainable [`Var`]s or frozen tensors), with an
 /// optional LoRA adapter.
@@ -40,7 +46,7 @@ impl Module for Proj {
 impl Proj {
     /// The projection of token rows `x: [n, in]` to `[n, out]`.
     pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = super::ops::linear(x, &self.weight)?;
+        let mut y = linear(x, &self.weight)?;
         if let Some(l) = &self.lora {
             y = l.apply(x, &self.weight, y)?;
         }
@@ -340,10 +346,10 @@ impl LlamaModel {
             k = k3.flatten(0, 1)?;
             v = v3.flatten(0, 1)?;
         }
-        if super::ops::fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
+        if fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
             // One op that reads grouped heads in place, keeps only the log-sum-exp for
             // backprop and writes token rows for o_proj: no reshape or transpose in the graph.
-            let op = super::attention::FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt(), hd);
+            let op = FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt(), hd);
             return layer.o.forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
         }
         let t = k.dim(0)? / b;
@@ -396,7 +402,7 @@ impl LlamaModel {
     ) -> Result<Tensor> {
         let (cos, sin) = self.rotary(positions)?;
         let (b, s) = input_ids.dims2()?;
-        let mut x = super::ops::embedding(&self.embed, &input_ids.flatten_all()?)?;
+        let mut x = embedding(&self.embed, &input_ids.flatten_all()?)?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
@@ -416,7 +422,7 @@ impl LlamaModel {
 
     /// The summed next-token loss of a batch, as [`super::causal_lm_loss_sum`] computes it from
     /// the logits. On CPU in f32/f64 the LM head and the loss run as one op
-    /// ([`super::fused::LinearCrossEntropy`]) that never materialises the `[b * s, vocab]`
+    /// ([`LinearCrossEntropy`]) that never materialises the `[b * s, vocab]`
     /// logits; with `training` it computes the gradients of the head and the loss during the
     /// forward pass (so only pass it when backward follows).
     pub fn loss_sum(&self, batch: &Batch, training: bool) -> Result<Tensor> {
@@ -426,13 +432,13 @@ impl LlamaModel {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let x = self.run_hidden(&batch.input_ids, &batch.positions, &batch.mask, None)?;
         let (b, s) = batch.input_ids.dims2()?;
-        if !super::ops::fused_ok(&x) {
+        if !fused_ok(&x) {
             return super::causal_lm_loss_sum(&x.matmul(&head.t()?)?.reshape((b, s, ()))?, batch);
         }
         // Row i predicts token i + 1 where that token is a target.
         let ids = batch.input_ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
         let mask = batch.loss_mask.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let mut targets = vec![super::fused::IGNORE_TARGET; b * s];
+        let mut targets = vec![IGNORE_TARGET; b * s];
         for (bi, (ids, mask)) in ids.iter().zip(&mask).enumerate() {
             for i in 0..s.saturating_sub(1) {
                 if mask[i + 1] != 0.0 {
@@ -441,7 +447,7 @@ impl LlamaModel {
             }
         }
         let targets = Tensor::from_vec(targets, b * s, &Device::Cpu)?;
-        let op = super::fused::LinearCrossEntropy::new(training, head.is_variable());
+        let op = LinearCrossEntropy::new(training, head.is_variable());
         x.apply_op3(&head.contiguous()?, &targets, op)
     }
 

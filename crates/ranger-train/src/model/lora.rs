@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::llama::Proj;
-use super::ops::compute_dtype;
+use crate::kernels::compute_dtype;
+use crate::kernels::linear::linear;
 use crate::rng::Rng;
 
 /// The seed of the training micro-batch being run, shared by every adapter of a model. LoRA
@@ -110,14 +111,14 @@ impl LoraAdapter {
         let xa = dropped.as_ref().unwrap_or(x);
         // Scale the rank-r intermediate, not the full-width output: one large tensor fewer
         // kept for backprop.
-        let low = super::ops::linear(&(super::ops::linear(xa, &self.a)? * self.scale)?, &self.b)?;
+        let low = linear(&(linear(xa, &self.a)? * self.scale)?, &self.b)?;
         let Some(m) = &self.magnitude else { return base + low };
         let g = self.dora_factor(weight, m)?;
         match &dropped {
             None => (base + low)?.broadcast_mul(&g),
             // PEFT: base + (g - 1) * (x_d W^T) + g * scale * x_d A^T B^T.
             Some(xd) => {
-                let base_d = super::ops::linear(xd, weight)?;
+                let base_d = linear(xd, weight)?;
                 (base + base_d.broadcast_mul(&(&g - 1.0)?)?)? + low.broadcast_mul(&g)?
             }
         }

@@ -34,7 +34,7 @@ impl Buffer {
 }
 
 /// The element types a sink holds (those of the fused CPU ops).
-pub(crate) trait SinkFloat: super::fused::num::Float + 'static {
+pub(crate) trait SinkFloat: super::float::Float {
     /// The vector in `b`, if it holds this type.
     fn vec_mut(b: &mut Buffer) -> Option<&mut Vec<Self>>;
     /// `v` as a buffer.

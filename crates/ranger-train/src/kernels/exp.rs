@@ -36,6 +36,12 @@ mod avx2 {
 
     /// Cephes' `expf`: `x = n ln2 + r`, `exp(r)` by a degree-6 polynomial, `2^n` built in the
     /// exponent bits.
+    ///
+    /// # Safety
+    /// The CPU running it must support AVX2 and FMA (check with `is_x86_feature_detected!`,
+    /// as [`super::exp_in_place_f32`] does): it is compiled to their instructions, and
+    /// running it on a CPU without them is undefined behaviour. The slice itself has no
+    /// requirement.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_in_place(xs: &mut [f32]) {
         let mut chunks = xs.chunks_exact_mut(8);
@@ -60,6 +66,8 @@ mod avx2 {
         }
     }
 
+    /// `exp` of eight lanes (safe to call only from code compiled with AVX2 and FMA, which the
+    /// compiler enforces).
     #[target_feature(enable = "avx2,fma")]
     fn exp8(x: __m256) -> __m256 {
         let too_small = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(super::MIN_INPUT));

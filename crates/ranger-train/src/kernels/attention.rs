@@ -8,8 +8,20 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::num::Float;
-use super::fused::{contiguous, gemm_strided};
+use super::dtype::{dtype, float_dispatch, slice, storage_slice};
+use super::float::Float;
+use super::gemm::gemm_strided;
+
+/// Repeats key/value heads for grouped-query attention (the op-by-op path):
+/// `[b, kv, s, d] -> [b, kv * n_rep, s, d]` with each kv head repeated `n_rep` times
+/// consecutively (as `repeat_kv` in transformers).
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, s, d))?.reshape((b, kv * n_rep, s, d))
+}
 
 /// The attention op over token rows: `q: [b * sq, hq * d]`, `k`, `v: [b * sk, hk * d]` (hq a
 /// multiple of hk) — the projections' own layout, so no head transposes are copied and no
@@ -114,7 +126,7 @@ fn key_ranges<T: Float>(mask: &[T], dm: &Dims) -> Vec<(usize, usize)> {
 /// `hk * d` apart) and the mask rows `mask` (from key c0, rows `sk` apart): fills `lse` (one
 /// per query) in the forward pass, reuses the saved one in the backward pass.
 #[allow(clippy::too_many_arguments)]
-fn probabilities<T: 'static + Float>(
+fn probabilities<T: Float>(
     p: &mut [T],
     (rows, kw): (usize, usize),
     q: &[T],
@@ -172,7 +184,8 @@ enum LseMode<'a, T> {
 }
 
 /// Forward: output `[b * sq, hq * d]` and the log-sum-exp `[b, hq, sq]`.
-fn forward<T: 'static + Float>(q: &[T], k: &[T], v: &[T], mask: &[T], dm: Dims, scale: f64) -> (Vec<T>, Vec<T>) {
+// q: [b * sq, hq * d], k, v: [b * sk, hk * d], mask: [b or 1, 1, sq, sk] -> out: [b * sq, hq * d], lse: [b, hq, sq]
+fn forward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], dm: Dims, scale: f64) -> (Vec<T>, Vec<T>) {
     let Dims { b, hq, hk, sq, sk, d, .. } = dm;
     let rep = hq / hk;
     let scale = T::from_f64(scale);
@@ -236,17 +249,9 @@ unsafe impl<T> Sync for SendPtr<T> {}
 
 /// Backward: `[dq | dk | dv]` flattened (each in its input's layout), from the output gradient
 /// `go: [b * sq, hq * d]`.
+// q, go: [b * sq, hq * d], k, v: [b * sk, hk * d], lse: [b, hq, sq] -> [dq: as q | dk: as k | dv: as v]
 #[allow(clippy::too_many_arguments)]
-fn backward<T: 'static + Float>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    mask: &[T],
-    lse: &[T],
-    go: &[T],
-    dm: Dims,
-    scale: f64,
-) -> Vec<T> {
+fn backward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T], dm: Dims, scale: f64) -> Vec<T> {
     let Dims { b, hq, hk, sq, sk, d, .. } = dm;
     let rep = hq / hk;
     let scale = T::from_f64(scale);
@@ -357,43 +362,13 @@ impl CustomOp3 for FusedAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let dm = Dims::of(l1, l2, l3, self.mask.dims(), self.head_dim)?;
         let mask_storage = self.mask.contiguous()?;
-        let (storage, _) = mask_storage.storage_and_layout();
-        let dev = candle_core::Device::Cpu;
-        let (out, lse) = match (s1, s2, s3, &*storage) {
-            (
-                CpuStorage::F32(q),
-                CpuStorage::F32(k),
-                CpuStorage::F32(v),
-                candle_core::Storage::Cpu(CpuStorage::F32(m)),
-            ) => {
-                let (o, l) = forward(
-                    contiguous(q, l1)?,
-                    contiguous(k, l2)?,
-                    contiguous(v, l3)?,
-                    &m[mask_storage.layout().start_offset()..],
-                    dm,
-                    self.scale,
-                );
-                (CpuStorage::F32(o), Tensor::from_vec(l, (dm.b, dm.hq, dm.sq), &dev)?)
-            }
-            (
-                CpuStorage::F64(q),
-                CpuStorage::F64(k),
-                CpuStorage::F64(v),
-                candle_core::Storage::Cpu(CpuStorage::F64(m)),
-            ) => {
-                let (o, l) = forward(
-                    contiguous(q, l1)?,
-                    contiguous(k, l2)?,
-                    contiguous(v, l3)?,
-                    &m[mask_storage.layout().start_offset()..],
-                    dm,
-                    self.scale,
-                );
-                (CpuStorage::F64(o), Tensor::from_vec(l, (dm.b, dm.hq, dm.sq), &dev)?)
-            }
-            _ => candle_core::bail!("fused attention: q, k, v and mask must be CPU f32 or f64 of one dtype"),
-        };
+        let (storage, ml) = mask_storage.storage_and_layout();
+        let op = self.name();
+        let (out, lse) = float_dispatch!(op, dtype(s1), |T| {
+            let (q, k, v) = (slice::<T>(op, s1, l1)?, slice(op, s2, l2)?, slice(op, s3, l3)?);
+            let (o, l) = forward(q, k, v, storage_slice(op, &storage, ml)?, dm, self.scale);
+            (T::into_storage(o), Tensor::from_vec(l, (dm.b, dm.hq, dm.sq), &candle_core::Device::Cpu)?)
+        });
         *self.saved_lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((out, Shape::from((dm.b * dm.sq, dm.hq * dm.d))))
     }
@@ -450,47 +425,15 @@ impl CustomOp3 for GradInputs {
     ) -> Result<(CpuStorage, Shape)> {
         let dm = Dims::of(l1, l2, l3, self.op.mask.dims(), self.op.head_dim)?;
         let mask = self.op.mask.contiguous()?;
-        let (ms, _) = mask.storage_and_layout();
+        let (ms, ml) = mask.storage_and_layout();
         let (ls, ll) = self.op.lse.storage_and_layout();
         let (gs, gl) = self.grad.storage_and_layout();
-        let mo = mask.layout().start_offset();
-        let out = match (s1, s2, s3, &*ms, &*ls, &*gs) {
-            (
-                CpuStorage::F32(q),
-                CpuStorage::F32(k),
-                CpuStorage::F32(v),
-                candle_core::Storage::Cpu(CpuStorage::F32(m)),
-                candle_core::Storage::Cpu(CpuStorage::F32(l)),
-                candle_core::Storage::Cpu(CpuStorage::F32(g)),
-            ) => CpuStorage::F32(backward(
-                contiguous(q, l1)?,
-                contiguous(k, l2)?,
-                contiguous(v, l3)?,
-                &m[mo..],
-                contiguous(l, ll)?,
-                contiguous(g, gl)?,
-                dm,
-                self.op.scale,
-            )),
-            (
-                CpuStorage::F64(q),
-                CpuStorage::F64(k),
-                CpuStorage::F64(v),
-                candle_core::Storage::Cpu(CpuStorage::F64(m)),
-                candle_core::Storage::Cpu(CpuStorage::F64(l)),
-                candle_core::Storage::Cpu(CpuStorage::F64(g)),
-            ) => CpuStorage::F64(backward(
-                contiguous(q, l1)?,
-                contiguous(k, l2)?,
-                contiguous(v, l3)?,
-                &m[mo..],
-                contiguous(l, ll)?,
-                contiguous(g, gl)?,
-                dm,
-                self.op.scale,
-            )),
-            _ => candle_core::bail!("fused attention grad: CPU f32 or f64 of one dtype"),
-        };
+        let op = self.name();
+        let out = float_dispatch!(op, dtype(s1), |T| {
+            let (q, k, v) = (slice::<T>(op, s1, l1)?, slice(op, s2, l2)?, slice(op, s3, l3)?);
+            let (m, l, g) = (storage_slice(op, &ms, ml)?, storage_slice(op, &ls, ll)?, storage_slice(op, &gs, gl)?);
+            T::into_storage(backward(q, k, v, m, l, g, dm, self.op.scale))
+        });
         let n = l1.shape().elem_count() + 2 * l2.shape().elem_count();
         Ok((out, Shape::from(n)))
     }
@@ -506,10 +449,10 @@ mod tests {
         let heads_first = |t: &Tensor| t.transpose(1, 2).unwrap().contiguous().unwrap();
         let (q, k, v) = (heads_first(q), heads_first(k), heads_first(v));
         let rep = q.dim(1).unwrap() / k.dim(1).unwrap();
-        let k = super::super::ops::repeat_kv(&k, rep).unwrap();
-        let v = super::super::ops::repeat_kv(&v, rep).unwrap();
+        let k = repeat_kv(&k, rep).unwrap();
+        let v = repeat_kv(&v, rep).unwrap();
         let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap().broadcast_add(mask).unwrap();
-        let probs = super::super::ops::softmax_last_dim_ops(&scores).unwrap();
+        let probs = super::super::softmax::softmax_last_dim_ops(&scores).unwrap();
         let (b, h, s, d) = q.dims4().unwrap();
         probs.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, s, h * d)).unwrap()
     }

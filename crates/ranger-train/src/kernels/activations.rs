@@ -1,0 +1,191 @@
+//! Activations: exact GELU and SwiGLU, fused on the CPU with one-pass backward kernels, and
+//! SiLU (Candle's op).
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::dtype::{dtype, float_dispatch, slice};
+use super::float::Float;
+use super::path::fused_ok;
+
+/// Exact GELU (`hidden_act: gelu`): fused on CPU (one-pass backward), Candle's op elsewhere.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        x.contiguous()?.apply_op1(GeluErf)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+/// SiLU, `x * sigmoid(x)`: Candle's unary op, which has a backward pass (checked by the
+/// gradient tests) and keeps a single intermediate.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// SwiGLU `silu(gate) * up`: the fused CPU kernel (keeping no intermediate for backprop) on CPU,
+/// [`swiglu_ops`] elsewhere.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused_ok(gate) && gate.dtype() == up.dtype() && gate.shape() == up.shape() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    swiglu_ops(gate, up)
+}
+
+/// [`swiglu`] from tensor ops.
+pub fn swiglu_ops(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    silu(gate)? * up
+}
+
+/// Exact GELU `x Φ(x) = x (1 + erf(x / √2)) / 2` (f32/f64). Candle's own backward builds about
+/// ten full-size temporaries; this one computes `g (Φ(x) + x φ(x))` in one pass from the input.
+pub struct GeluErf;
+
+// x: [n] -> out: [n]
+fn gelu<T: Float>(x: &[T]) -> Vec<T> {
+    let half = T::from_f64(0.5);
+    x.par_iter().map(|&v| half * v * (T::one() + (v * T::FRAC_1_SQRT_2).erf())).collect()
+}
+
+// x: [n], g: [n] -> dx: [n]
+fn gelu_grad<T: Float>(x: &[T], g: &[T]) -> Vec<T> {
+    let half = T::from_f64(0.5);
+    let inv_sqrt_2pi = half * T::FRAC_2_SQRT_PI * T::FRAC_1_SQRT_2;
+    x.par_iter()
+        .zip(g.par_iter())
+        .map(|(&v, &gv)| {
+            gv * (half * (T::one() + (v * T::FRAC_1_SQRT_2).erf())
+                + v * inv_sqrt_2pi * (T::from_f64(-0.5) * v * v).exp())
+        })
+        .collect()
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "ranger-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let out = float_dispatch!(op, dtype(s), |T| T::into_storage(gelu::<T>(slice(op, s, l)?)));
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluErfGrad)?))
+    }
+}
+
+/// The gradient of [`GeluErf`]: `g (Φ(x) + x φ(x))`.
+struct GeluErfGrad;
+
+impl CustomOp2 for GeluErfGrad {
+    fn name(&self) -> &'static str {
+        "ranger-gelu-erf-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let out =
+            float_dispatch!(op, dtype(s1), |T| T::into_storage(gelu_grad::<T>(slice(op, s1, l1)?, slice(op, s2, l2)?)));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// SwiGLU `silu(gate) * up` (f32/f64), the Llama MLP's gate. The op-by-op version keeps
+/// `silu(gate)` alive for backprop and builds several more temporaries in Candle's silu
+/// backward; this one keeps only its inputs (alive anyway as projection outputs) and computes
+/// both gradients in one pass.
+pub struct SwiGlu;
+
+/// Elements per task in the SwiGLU kernels (the exponentials go through the vectorised
+/// `exp_in_place` a chunk at a time).
+const SWIGLU_CHUNK: usize = 4096;
+
+// gate: [n], up: [n] -> out: [n]
+fn swiglu_fwd<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out: Vec<T> = g.iter().map(|&x| T::zero() - x).collect();
+    out.par_chunks_mut(SWIGLU_CHUNK).zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK))).for_each(
+        |(o, (g, u))| {
+            // o = exp(-g), then silu(g) * u = g / (1 + exp(-g)) * u.
+            T::exp_in_place(o);
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (T::one() + *o) * u;
+            }
+        },
+    );
+    out
+}
+
+// gate: [n], up: [n], g: [n] -> [d_gate: n | d_up: n]
+fn swiglu_bwd<T: Float>(gate: &[T], up: &[T], g: &[T]) -> Vec<T> {
+    let n = gate.len();
+    let mut out = vec![T::zero(); 2 * n];
+    let (d_gate, d_up) = out.split_at_mut(n);
+    let inputs = gate.par_chunks(SWIGLU_CHUNK).zip(up.par_chunks(SWIGLU_CHUNK)).zip(g.par_chunks(SWIGLU_CHUNK));
+    d_gate.par_chunks_mut(SWIGLU_CHUNK).zip(d_up.par_chunks_mut(SWIGLU_CHUNK)).zip(inputs).for_each(
+        |((dg, du), ((x, u), g))| {
+            // dg holds exp(-x) first.
+            dg.iter_mut().zip(x).for_each(|(d, &x)| *d = T::zero() - x);
+            T::exp_in_place(dg);
+            for ((((dg, du), &x), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
+                let sig = T::one() / (T::one() + *dg);
+                *dg = g * u * sig * (T::one() + x * (T::one() - sig));
+                *du = g * x * sig;
+            }
+        },
+    );
+    out
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "ranger-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("ranger-swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
+        }
+        let out = float_dispatch!(op, dtype(s1), |T| T::into_storage(swiglu_fwd::<T>(
+            slice(op, s1, l1)?,
+            slice(op, s2, l2)?
+        )));
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Both gradients in one pass, stacked as [2, ...]; the halves are views.
+        let both = gate.apply_op3_no_bwd(up, &g.contiguous()?, &SwiGluGrad)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// The gradients of [`SwiGlu`], stacked: `g * up * silu'(gate)` then `g * silu(gate)`, with
+/// `silu'(x) = σ(x) (1 + x (1 - σ(x)))`.
+struct SwiGluGrad;
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "ranger-swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let out = float_dispatch!(op, dtype(s1), |T| {
+            T::into_storage(swiglu_bwd::<T>(slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, s3, l3)?))
+        });
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}

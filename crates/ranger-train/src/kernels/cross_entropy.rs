@@ -1,0 +1,116 @@
+//! Per-row cross-entropy of logits, fused on the CPU (backward `softmax - onehot` in one pass,
+//! no log-probabilities kept), log-softmax and gather elsewhere. The LM head fused with its
+//! loss, which never materialises the logits, is [`super::lm_head`].
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::dtype::{dtype, float_dispatch, slice, u32_slice};
+use super::float::Float;
+use super::path::fused_ok;
+use super::softmax::log_softmax_last_dim;
+
+/// Per-row negative log-likelihood of `targets: [n]` (u32) under `logits: [n, vocab]`: the fused
+/// CPU kernel on CPU, log-softmax and gather elsewhere.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused_ok(logits) {
+        logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropyRows)
+    } else {
+        cross_entropy_rows_ops(logits, targets)
+    }
+}
+
+/// [`cross_entropy_rows`] from tensor ops.
+pub fn cross_entropy_rows_ops(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let lsm = log_softmax_last_dim(logits)?;
+    lsm.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?.neg()
+}
+
+/// Per-row negative log-likelihood `logsumexp(x) - x[target]` of `logits: [n, vocab]`
+/// (f32/f64) and `targets: [n]` (u32); backward `(softmax(x) - onehot) * grad` in one pass.
+pub struct CrossEntropyRows;
+
+// x: [n, V], t: [n] -> nll: [n]
+fn ce_rows<T: Float>(x: &[T], t: &[u32], v: usize) -> Vec<T> {
+    x.par_chunks(v)
+        .zip(t.par_iter())
+        .map(|(r, &t)| {
+            let max = r.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+            let sum = r.iter().fold(T::zero(), |s, &x| s + (x - max).exp());
+            max + sum.ln() - r[(t as usize).min(v - 1)]
+        })
+        .collect()
+}
+
+// x: [n, V], t: [n], g: [n] -> dx: [n, V]
+fn ce_grad_rows<T: Float>(x: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(v).zip(x.par_chunks(v)).zip(t.par_iter().zip(g.par_iter())).for_each(|((o, r), (&t, &g))| {
+        let max = r.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
+        let mut sum = T::zero();
+        for (o, &x) in o.iter_mut().zip(r) {
+            *o = (x - max).exp();
+            sum = sum + *o;
+        }
+        let scale = g / sum;
+        o.iter_mut().for_each(|v| *v = *v * scale);
+        let ti = (t as usize).min(v - 1);
+        o[ti] = o[ti] - g;
+    });
+    out
+}
+
+impl CustomOp2 for CrossEntropyRows {
+    fn name(&self) -> &'static str {
+        "ranger-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (n, v) = l1.shape().dims2()?;
+        let t = u32_slice(op, "targets", s2, l2)?;
+        if let Some(bad) = t.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("ranger-cross-entropy: target id {bad} is outside the vocabulary of {v}");
+        }
+        let out = float_dispatch!(op, dtype(s1), |T| T::into_storage(ce_rows::<T>(slice(op, s1, l1)?, t, v)));
+        Ok((out, Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = logits.apply_op3_no_bwd(targets, &grad_res.contiguous()?, &CrossEntropyGrad)?;
+        Ok((Some(grad), None))
+    }
+}
+
+/// The gradient of [`CrossEntropyRows`].
+struct CrossEntropyGrad;
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "ranger-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (_, v) = l1.shape().dims2()?;
+        let t = u32_slice(op, "targets", s2, l2)?;
+        let out = float_dispatch!(op, dtype(s1), |T| {
+            T::into_storage(ce_grad_rows::<T>(slice(op, s1, l1)?, t, slice(op, s3, l3)?, v))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}

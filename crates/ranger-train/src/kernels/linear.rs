@@ -1,0 +1,150 @@
+//! Linear layers `x W^T` on the CPU whose backward keeps no activation alive: a trainable
+//! weight's gradient computed from detached inputs (or written into a [`GradSink`]), and no
+//! gradient at all for a frozen weight.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::dtype::{dtype, float_dispatch, slice, storage_slice};
+use super::float::Float;
+use super::gemm::{gemm_new, gemm_strided, matmul_detached};
+use super::grad_sink::{GradSink, SinkFloat};
+use super::path::fused_ok;
+
+/// `x W^T` for `x: [n, in]` and `W: [out, in]`. On CPU (f32/f64, contiguous) through ops whose
+/// backward keeps no activation alive and computes no gradient for a frozen (non-variable)
+/// weight; Candle's matmul elsewhere.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) && w.dtype() == x.dtype() && x.is_contiguous() && w.is_contiguous() && w.device().is_cpu() {
+        if w.is_variable() {
+            return x.apply_op2(w, Linear { sink: GradSink::current() });
+        }
+        return x.apply_op1(FrozenLinear { weight: w.clone() });
+    }
+    x.matmul(&w.t()?)
+}
+
+/// `x W^T` on the CPU (f32/f64): the forward pass of [`Linear`] and [`FrozenLinear`].
+// x: [n, in], w: [out, in] -> y: [n, out]
+fn linear_fwd(op: &str, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    let (n, inp) = l1.shape().dims2()?;
+    let (out, inp2) = l2.shape().dims2()?;
+    if inp != inp2 {
+        candle_core::bail!("{op}: input {:?} for weight {:?}", l1.dims(), l2.dims());
+    }
+    let y = float_dispatch!(op, dtype(s1), |T| {
+        let (x, w) = (slice::<T>(op, s1, l1)?, slice::<T>(op, s2, l2)?);
+        // SAFETY: y is [n, out]; x is [n, in]; w is [out, in], read transposed.
+        T::into_storage(unsafe { gemm_new((n, out, inp), (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), T::one(), true) })
+    });
+    Ok((y, Shape::from((n, out))))
+}
+
+/// `x W^T` for a frozen weight (f32/f64, `x: [n, in]`, `W: [out, in]` held by the op). Candle's
+/// matmul backward computes and keeps a gradient for both operands even when the weight is a
+/// plain tensor, so a LoRA run would spend a third of its projection backprop, and a
+/// weight-sized buffer per projection, on gradients nobody uses; this op's backward computes
+/// only the input's, `g W`.
+pub struct FrozenLinear {
+    /// `[out, in]`, contiguous.
+    pub weight: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "ranger-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = self.weight.contiguous()?;
+        let (ws, wl) = w.storage_and_layout();
+        match &*ws {
+            candle_core::Storage::Cpu(w) => linear_fwd(self.name(), s, l, w, wl),
+            _ => candle_core::bail!("ranger-frozen-linear: the weight is not on the CPU"),
+        }
+    }
+
+    // g: [n, out], w: [out, in] -> dx: [n, in]
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(matmul_detached(g, &self.weight)?))
+    }
+}
+
+/// `x W^T` for a trainable `W` (f32/f64, `x: [n, in]`, `W: [out, in]`). Candle's matmul backward
+/// records its products, so a weight's gradient would keep the layer's input alive until the
+/// optimizer step, and with it most activations through the whole backward pass; this op
+/// computes both gradients from detached inputs, so gradients reference nothing.
+/// With a [`GradSink`], the weight's gradient goes there, accumulated in place by the matmul.
+pub struct Linear {
+    /// Where the weight's gradient goes (to Candle's gradient store without one).
+    pub sink: Option<GradSink>,
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "ranger-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        linear_fwd(self.name(), s1, l1, s2, l2)
+    }
+
+    // x: [n, in], w: [out, in], g: [n, out] -> dx: [n, in], dw: [out, in]
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xd, wd, g) = (x.detach(), w.detach(), g.detach());
+        let dx = matmul_detached(&g, &wd)?;
+        match &self.sink {
+            None => Ok((Some(dx), Some(g.t()?.matmul(&xd)?))),
+            Some(sink) => {
+                weight_grad_into(sink, w, &g, &xd)?;
+                Ok((Some(dx), None))
+            }
+        }
+    }
+}
+
+/// `dW (+)= g^T x` into `sink`'s buffer for `w: [out, in]`, with `g: [n, out]`, `x: [n, in]`.
+fn weight_grad_into(sink: &GradSink, w: &Tensor, g: &Tensor, x: &Tensor) -> Result<()> {
+    const OP: &str = "ranger-linear";
+    fn run<T: SinkFloat>(
+        sink: &GradSink,
+        w: &Tensor,
+        g: &[T],
+        x: &[T],
+        (n, out, inp): (usize, usize, usize),
+    ) -> Result<()> {
+        // SAFETY: dw is [out, in]; g read transposed as [out, n]; x is [n, in]. Without
+        // `accumulate` gemm sets every element of dw (n > 0).
+        unsafe {
+            sink.write_product::<T>(w, |dw, _, accumulate| {
+                gemm_strided(
+                    (out, inp, n),
+                    dw,
+                    inp,
+                    accumulate,
+                    (g.as_ptr(), 1, out),
+                    (x.as_ptr(), inp, 1),
+                    T::one(),
+                    true,
+                )
+            })
+        }
+    }
+    let (n, out) = g.dims2()?;
+    let (n2, inp) = x.dims2()?;
+    if n != n2 || w.dims() != [out, inp] {
+        candle_core::bail!("ranger-linear: gradient {:?} and input {:?} for weight {:?}", g.dims(), x.dims(), w.dims());
+    }
+    if n == 0 {
+        // No rows: a zero gradient (gemm would not write a product over k = 0).
+        return match w.dtype() {
+            candle_core::DType::F64 => sink.write::<f64>(w, |_| {}),
+            _ => sink.write::<f32>(w, |_| {}),
+        };
+    }
+    let (g, x) = (g.contiguous()?, x.contiguous()?);
+    let (gs, gl) = g.storage_and_layout();
+    let (xs, xl) = x.storage_and_layout();
+    float_dispatch!(OP, g.dtype(), |T| {
+        run::<T>(sink, w, storage_slice(OP, &gs, gl)?, storage_slice(OP, &xs, xl)?, (n, out, inp))
+    })
+}

@@ -1,0 +1,143 @@
+//! Each fused CPU kernel against its op-by-op (portable) version: values and gradients.
+
+use super::activations::{gelu_erf, swiglu, swiglu_ops};
+use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_ops};
+use super::linear::{linear, FrozenLinear};
+use super::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
+use super::norms::{layer_norm, layer_norm_ops, rms_norm, rms_norm_ops};
+use super::rotary::{apply_rotary, apply_rotary_ops, apply_rotary_rows};
+use super::softmax::{masked_softmax, softmax_last_dim, softmax_last_dim_ops};
+use candle_core::Tensor;
+use candle_core::{Device, Var};
+
+/// A fused function and its op-by-op counterpart.
+type Pair<'a> = (&'a dyn Fn(&Tensor) -> Tensor, &'a dyn Fn(&Tensor) -> Tensor);
+
+fn close(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+#[test]
+fn fused_kernels_match_the_op_by_op_versions() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&(Tensor::randn(0f64, 3.0, (6, 37), &dev).unwrap())).unwrap();
+    let w = Tensor::randn(0f64, 1.0, (6, 37), &dev).unwrap();
+    let t = Tensor::new(&[0u32, 5, 36, 7, 7, 12], &dev).unwrap();
+    let frozen = Tensor::randn(0f64, 1.0, (5, 37), &dev).unwrap();
+    let w5 = Tensor::randn(0f64, 1.0, (6, 5), &dev).unwrap();
+    let pairs: [Pair; 4] = [
+        (
+            &|x| x.apply_op1(FrozenLinear { weight: frozen.clone() }).unwrap().mul(&w5).unwrap().sum_all().unwrap(),
+            &|x| x.matmul(&frozen.t().unwrap()).unwrap().mul(&w5).unwrap().sum_all().unwrap(),
+        ),
+        (&|x| gelu_erf(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| {
+            // x Φ(x) from erf, whose backward is exact (Candle's gelu_erf backward rounds 1/√(2π)).
+            let phi = ((x * std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap() * 0.5;
+            (x * phi.unwrap()).unwrap().mul(&w).unwrap().sum_all().unwrap()
+        }),
+        (&|x| softmax_last_dim(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| {
+            softmax_last_dim_ops(x).unwrap().mul(&w).unwrap().sum_all().unwrap()
+        }),
+        (&|x| cross_entropy_rows(x, &t).unwrap().sum_all().unwrap(), &|x| {
+            cross_entropy_rows_ops(x, &t).unwrap().sum_all().unwrap()
+        }),
+    ];
+    // RMSNorm and rotary, values and both gradients.
+    let x4v = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
+    let wv = Var::from_tensor(&Tensor::randn(1f64, 0.1, 8, &dev).unwrap()).unwrap();
+    let cos = Tensor::randn(0f64, 1.0, (2, 1, 5, 8), &dev).unwrap();
+    let sin = Tensor::randn(0f64, 1.0, (2, 1, 5, 8), &dev).unwrap();
+    let w4 = Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap();
+    let bv = Var::from_tensor(&Tensor::randn(0f64, 0.1, 8, &dev).unwrap()).unwrap();
+    let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+        let y = f(x4v.as_tensor()).mul(&w4).unwrap().sum_all().unwrap();
+        let g = y.backward().unwrap();
+        (y, g.get(&x4v).unwrap().clone(), g.get(&wv).cloned(), g.get(&bv).cloned())
+    };
+    let pairs4: [Pair; 5] = [
+        (&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap(), &|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
+        (&|x| layer_norm(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap(), &|x| {
+            layer_norm_ops(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()
+        }),
+        (&|x| apply_rotary(x, &cos, &sin).unwrap(), &|x| apply_rotary_ops(x, &cos, &sin).unwrap()),
+        (
+            // [b, h, s, d] -> rows [b * s, h * d] and back.
+            &|x| {
+                let rows = x.transpose(1, 2).unwrap().reshape((10, 24)).unwrap();
+                let (c, s) = (cos.reshape((10, 8)).unwrap(), sin.reshape((10, 8)).unwrap());
+                apply_rotary_rows(&rows, &c, &s).unwrap().reshape((2, 5, 3, 8)).unwrap().transpose(1, 2).unwrap()
+            },
+            &|x| apply_rotary_ops(x, &cos, &sin).unwrap(),
+        ),
+        (&|x| swiglu(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap(), &|x| {
+            swiglu_ops(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap()
+        }),
+    ];
+    for (fused, ops) in pairs4 {
+        let (a, b) = (run(fused), run(ops));
+        assert!(close(&a.0, &b.0) < 1e-10);
+        assert!(close(&a.1, &b.1) < 1e-10);
+        for (ga, gb) in [(&a.2, &b.2), (&a.3, &b.3)] {
+            assert_eq!(ga.is_some(), gb.is_some());
+            if let (Some(ga), Some(gb)) = (ga, gb) {
+                assert!(close(ga, gb) < 1e-10);
+            }
+        }
+    }
+    // The fused LM head + loss, in chunks of 3 rows (one with no target at all), against
+    // matmul + cross-entropy: loss and both gradients.
+    let hidden = Var::from_tensor(&Tensor::randn(0f64, 1.0, (10, 8), &dev).unwrap()).unwrap();
+    let head = Var::from_tensor(&Tensor::randn(0f64, 1.0, (37, 8), &dev).unwrap()).unwrap();
+    let ignore = IGNORE_TARGET;
+    let targets = [3u32, ignore, 36, ignore, ignore, ignore, 7, ignore, 12, 0];
+    let keep = Tensor::new(&targets.map(|t| if t == ignore { 0f64 } else { 1.0 }), &dev).unwrap();
+    let plain = Tensor::new(&targets.map(|t| if t == ignore { 0 } else { t }), &dev).unwrap();
+    let reference = cross_entropy_rows_ops(&hidden.matmul(&head.t().unwrap()).unwrap(), &plain)
+        .unwrap()
+        .mul(&keep)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    for rows in [3, 4, 100] {
+        let op = LinearCrossEntropy::new(true, true).with_chunk_rows(rows);
+        let fused = hidden.apply_op3(head.as_tensor(), &Tensor::new(&targets, &dev).unwrap(), op).unwrap();
+        assert!(close(&fused, &reference) < 1e-12, "chunk {rows}");
+        let (gf, gr) = ((&fused * 3.0).unwrap().backward().unwrap(), (&reference * 3.0).unwrap().backward().unwrap());
+        for v in [&hidden, &head] {
+            assert!(close(gf.get(v).unwrap(), gr.get(v).unwrap()) < 1e-12, "chunk {rows}");
+        }
+    }
+    // A trainable linear layer: both gradients, and none of them tracked (they keep no
+    // activation alive).
+    let lw = Var::from_tensor(&Tensor::randn(0f64, 1.0, (5, 37), &dev).unwrap()).unwrap();
+    let lin = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+        let g = f(x.as_tensor(), lw.as_tensor()).mul(&w5).unwrap().sum_all().unwrap().backward().unwrap();
+        (g.get(&x).unwrap().clone(), g.get(&lw).unwrap().clone())
+    };
+    let (a, b) = (lin(&|x, w| linear(x, w).unwrap()), lin(&|x, w| x.matmul(&w.t().unwrap()).unwrap()));
+    assert!(close(&a.0, &b.0) < 1e-12 && close(&a.1, &b.1) < 1e-12);
+    assert!(a.1.is_contiguous());
+    // RMSNorm over more rows than one task of its backward takes (64).
+    let xr = Var::from_tensor(&Tensor::randn(0f64, 1.0, (150, 8), &dev).unwrap()).unwrap();
+    let wr = Tensor::randn(0f64, 1.0, (150, 8), &dev).unwrap();
+    let rms_grads = |f: &dyn Fn(&Tensor) -> Tensor| {
+        let g = f(xr.as_tensor()).mul(&wr).unwrap().sum_all().unwrap().backward().unwrap();
+        (g.get(&xr).unwrap().clone(), g.get(&wv).unwrap().clone())
+    };
+    let (a, b) = (
+        rms_grads(&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap()),
+        rms_grads(&|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
+    );
+    assert!(close(&a.0, &b.0) < 1e-10 && close(&a.1, &b.1) < 1e-10);
+    let mask = Tensor::randn(0f64, 1.0, (2, 1, 3, 37), &dev).unwrap();
+    let x4 = x.as_tensor().reshape((2, 1, 3, 37)).unwrap();
+    let fused_m = masked_softmax(&x4, &mask).unwrap();
+    let ops_m = softmax_last_dim_ops(&x4.broadcast_add(&mask).unwrap()).unwrap();
+    assert!(close(&fused_m, &ops_m) < 1e-12);
+    for (fused, ops) in pairs {
+        let (a, b) = (fused(x.as_tensor()), ops(x.as_tensor()));
+        assert!(close(&a, &b) < 1e-12);
+        let (ga, gb) = (a.backward().unwrap(), b.backward().unwrap());
+        assert!(close(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-12);
+    }
+}
