@@ -6,7 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use ranger_train::data::{collate, Sequence};
-use ranger_train::model::lora::{attach_lora, LoraDropout};
+use ranger_train::model::attach_lora;
+use ranger_train::model::lora::LoraDropout;
 use ranger_train::model::{causal_lm_loss_sum, DropoutSeed, LlamaConfig, LlamaModel, LoraConfig, Proj};
 use ranger_train::rng::Rng;
 
@@ -167,7 +168,7 @@ fn test_batch() -> ranger_train::model::Batch {
 fn model_with_dropout_and_dora_adapters_gets_true_gradients() {
     for use_dora in [false, true] {
         let cfg = LlamaConfig::from_json(common::tiny_config("qwen2"), "test").unwrap();
-        let base = ranger_train::weights::random_weights(&cfg, 4, DType::F64).unwrap();
+        let base = ranger_train::model::random_weights(&cfg, 4, DType::F64).unwrap();
         let mut model = LlamaModel::new(cfg, &base).unwrap();
         let plain_logits = model.forward(&test_batch()).unwrap();
         let seed = DropoutSeed::default();

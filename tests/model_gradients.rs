@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 
 fn build(config: &Value, dtype: DType, seed: u64) -> (LlamaConfig, Vec<(String, Var)>, LlamaModel) {
     let cfg = LlamaConfig::from_json(config.clone(), "test").unwrap();
-    let weights = ranger_train::weights::random_weights(&cfg, seed, DType::F64).unwrap();
-    let vars = ranger_train::weights::into_vars(&cfg, weights, dtype, &Device::Cpu, "test").unwrap();
+    let weights = ranger_train::model::random_weights(&cfg, seed, DType::F64).unwrap();
+    let vars = ranger_train::model::into_vars(&cfg, weights, dtype, &Device::Cpu, "test").unwrap();
     let model = LlamaModel::from_vars(cfg.clone(), &vars).unwrap();
     (cfg, vars, model)
 }
@@ -203,7 +203,7 @@ fn qwen3_matches_candle_transformers() {
 fn lora_adapter_gradients() {
     let config = common::tiny_config("qwen2");
     let cfg = LlamaConfig::from_json(config, "test").unwrap();
-    let base = ranger_train::weights::random_weights(&cfg, 4, DType::F64).unwrap();
+    let base = ranger_train::model::random_weights(&cfg, 4, DType::F64).unwrap();
     let mut model = LlamaModel::new(cfg, &base).unwrap();
     let lora = ranger_train::model::LoraConfig { rank: 3, alpha: 6.0, ..Default::default() };
     let vars = model.add_lora(&lora, 9, &Default::default()).unwrap();
@@ -290,7 +290,7 @@ fn fused_lm_head_loss_matches_the_logits_path() {
         compare(&model, &vars, arch);
     }
     let cfg = LlamaConfig::from_json(common::tiny_config("qwen2"), "test").unwrap();
-    let base = ranger_train::weights::random_weights(&cfg, 4, DType::F64).unwrap();
+    let base = ranger_train::model::random_weights(&cfg, 4, DType::F64).unwrap();
     let mut model = LlamaModel::new(cfg, &base).unwrap();
     let vars = model
         .add_lora(

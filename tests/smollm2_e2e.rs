@@ -30,7 +30,7 @@ fn model_of(
 ) -> (LlamaModel, ranger_train::tokenizer::TextTokenizer, Option<Value>) {
     let config = loaded.decoder().unwrap().clone();
     let vars =
-        ranger_train::weights::into_vars(&config, loaded.weights, DType::F32, &Device::Cpu, &loaded.origin).unwrap();
+        ranger_train::model::into_vars(&config, loaded.weights, DType::F32, &Device::Cpu, &loaded.origin).unwrap();
     (LlamaModel::from_vars(config, &vars).unwrap(), loaded.tokenizer, loaded.generation_config)
 }
 
@@ -219,7 +219,7 @@ fn adapter_end_to_end(name: &str, dora: bool, dropout: f64, parameters: usize) {
     let loaded = load(common::smollm2_gguf().to_str().unwrap(), &HubOptions::default()).unwrap();
     let config = loaded.decoder().unwrap().clone();
     let base: std::collections::HashMap<_, _> =
-        ranger_train::weights::into_tensors(&config, loaded.weights, DType::F32, &Device::Cpu, "base")
+        ranger_train::model::into_tensors(&config, loaded.weights, DType::F32, &Device::Cpu, "base")
             .unwrap()
             .into_iter()
             .collect();

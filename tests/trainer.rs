@@ -479,7 +479,7 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     // Round trip: base + the saved adapter gives exactly the evaluated model's logits.
     let loaded = ranger_train::source::load_dir(&dir.join("model")).unwrap();
     let base_config = loaded.decoder().unwrap().clone();
-    let base: std::collections::HashMap<_, _> = ranger_train::weights::into_tensors(
+    let base: std::collections::HashMap<_, _> = ranger_train::model::into_tensors(
         &base_config,
         loaded.weights,
         candle_core::DType::F32,
@@ -610,7 +610,7 @@ fn modules_to_save_train_whole_and_round_trip() {
         let loaded = ranger_train::source::load_dir(&dir.join("model")).unwrap();
         let base_config = loaded.decoder().unwrap().clone();
         let base: std::collections::HashMap<_, _> =
-            ranger_train::weights::into_tensors(&base_config, loaded.weights, DType::F32, &Device::Cpu, "base")
+            ranger_train::model::into_tensors(&base_config, loaded.weights, DType::F32, &Device::Cpu, "base")
                 .unwrap()
                 .into_iter()
                 .collect();

@@ -8,11 +8,14 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use ranger_train::build::{ModelBuilder, Tuning};
 use ranger_train::config::{
     parse_device, BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind, TaskKind,
 };
+use ranger_train::convert::gguf_to_hf;
 use ranger_train::generate::{generate, stop_ids, GenerateOptions};
-use ranger_train::source::{self, HubOptions};
+use ranger_train::merge::{merge_adapter, Merged};
+use ranger_train::source::{self, HubOptions, LoadedModel};
 use ranger_train::{TrainConfig, Trainer};
 
 // Candle allocates a buffer per op; mimalloc reuses them instead of mapping fresh pages.
@@ -589,15 +592,12 @@ fn train(args: TrainArgs) -> Result<()> {
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
-    let dtype = candle_core::DType::F32;
     let config = loaded.decoder()?.clone();
-    let vars = ranger_train::weights::into_vars(&config, loaded.weights, dtype, &device, &loaded.origin)?;
-    let mut model =
-        ranger_train::model::LlamaModel::from_vars(config, &vars).map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
-    if let Some(dir) = &a.adapter {
-        ranger_train::peft::load_peft_adapter(&mut model, dir, None)?;
-    }
     let stop = stop_ids(&loaded.tokenizer, loaded.generation_config.as_ref());
+    let tuning = a.adapter.as_deref().map_or(Tuning::Frozen, Tuning::WithAdapter);
+    let builder = ModelBuilder { dtype: candle_core::DType::F32, device: &device, tuning };
+    let LoadedModel { weights, tokenizer, origin, .. } = loaded;
+    let model = builder.causal_lm(config, weights, &origin)?.model;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -606,7 +606,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         chat: a.chat,
     };
     use std::io::Write;
-    generate(&model, &loaded.tokenizer, &a.prompt, &stop, &opts, |piece| {
+    generate(&model, &tokenizer, &a.prompt, &stop, &opts, |piece| {
         print!("{piece}");
         let _ = std::io::stdout().flush();
     })?;
@@ -623,69 +623,18 @@ fn dtype_of(d: DtypeCli) -> candle_core::DType {
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
-    let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
-    let cpu = candle_core::Device::Cpu;
-    let dtype = dtype_of(a.dtype);
-    let cast = |w: Vec<(String, candle_core::Tensor)>| {
-        w.into_iter().map(|(n, t)| Ok((n, t.to_dtype(dtype)?))).collect::<Result<Vec<_>>>()
+    let base = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
+    let what = match merge_adapter(base, &a.adapter, &a.output, dtype_of(a.dtype))? {
+        Merged::Classifier => "classifier",
+        Merged::CausalLm => "base",
     };
-    if a.adapter.join(ranger_train::predict::ADAPTER_CLASSIFIER_CONFIG).exists() {
-        // A classifier's adapter: its head and labels come with it.
-        let clf = ranger_train::predict::load_classifier(loaded, Some(&a.adapter), candle_core::DType::F32, &cpu)?;
-        let weights = cast(clf.model.merged_weights()?)?;
-        let json = clf.model.config.classifier_json(&clf.labels, clf.tokenizer.pad_id, dtype);
-        ranger_train::output::save_hf_folder(&a.output, &json, &weights, &clf.tokenizer, None, 5_000_000_000)?;
-        println!("wrote {} (classifier {} + adapter {}, merged)", a.output.display(), a.model, a.adapter.display());
-        return Ok(());
-    }
-    let config = loaded.decoder()?.clone();
-    let base =
-        ranger_train::weights::into_tensors(&config, loaded.weights, candle_core::DType::F32, &cpu, &loaded.origin)?;
-    let mut model = ranger_train::model::LlamaModel::new(config.clone(), &base.into_iter().collect())
-        .map_err(|n| anyhow::anyhow!("missing tensor {n}"))?;
-    ranger_train::peft::load_peft_adapter(&mut model, &a.adapter, None)?;
-    let weights = cast(model.merged_weights()?)?;
-    let gen = loaded
-        .generation_config
-        .clone()
-        .unwrap_or_else(|| ranger_train::output::default_generation_config(&config.raw));
-    ranger_train::output::save_hf_folder(
-        &a.output,
-        &config.raw,
-        &weights,
-        &loaded.tokenizer,
-        Some(&gen),
-        5_000_000_000,
-    )?;
-    println!("wrote {} (base {} + adapter {}, merged)", a.output.display(), a.model, a.adapter.display());
+    println!("wrote {} ({what} {} + adapter {}, merged)", a.output.display(), a.model, a.adapter.display());
     Ok(())
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {
-    if a.model.extension().is_none_or(|e| e != "gguf") {
-        bail!("{}: convert expects a .gguf file", a.model.display());
-    }
-    let loaded = ranger_train::gguf::load_gguf(&a.model)?;
-    let config = loaded.decoder()?.clone();
-    let dtype = dtype_of(a.dtype);
-    let mut weights: Vec<(String, candle_core::Tensor)> = Vec::new();
-    for (name, _) in config.weight_shapes() {
-        let t = loaded.weights.get(&name).with_context(|| format!("{}: tensor {name} missing", a.model.display()))?;
-        weights.push((name, t.to_dtype(dtype)?));
-    }
-    let gen = loaded
-        .generation_config
-        .clone()
-        .unwrap_or_else(|| ranger_train::output::default_generation_config(&config.raw));
-    ranger_train::output::save_hf_folder(
-        &a.output,
-        &config.raw,
-        &weights,
-        &loaded.tokenizer,
-        Some(&gen),
-        5_000_000_000,
-    )?;
-    println!("wrote {} (Hugging Face format, {} tensors)", a.output.display(), weights.len());
+    let n = gguf_to_hf(&a.model, &a.output, dtype_of(a.dtype))?;
+    println!("wrote {} (Hugging Face format, {n} tensors)", a.output.display());
     Ok(())
 }
 

@@ -75,6 +75,46 @@ pub enum TrainError {
     /// Some trainable tensors got no gradient.
     #[error("these trainable tensors received no (or an all-zero) gradient, so they would never learn: {}", .0.join(", "))]
     MissingGradients(Vec<String>),
+    /// A file that is not what it should be (an unreadable GGUF or safetensors file, a model
+    /// folder without weights).
+    #[error("{}: {message}", .path.display())]
+    Format {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A model given on the command line or in the configuration that cannot be found or used.
+    #[error("{spec}: {problem}")]
+    ModelSpec {
+        /// The model as given: a path or a Hub id.
+        spec: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The Hugging Face Hub could not provide a repository's files.
+    #[error("{repo}: {message}")]
+    Hub {
+        /// `repo_id@revision`.
+        repo: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A model was built over weights that lack one of its tensors.
+    #[error("tensor `{tensor}` missing from the weights the model is built over")]
+    MissingTensor {
+        /// The tensor's Hugging Face name.
+        tensor: String,
+    },
+    /// A `modules_to_save` entry that selects no module of the model.
+    #[error("modules_to_save entry {entry:?} matches no module of this model")]
+    UnknownModule {
+        /// The entry.
+        entry: String,
+    },
+    /// Generation was asked to continue an empty prompt.
+    #[error("the prompt is empty (no tokens to continue)")]
+    EmptyPrompt,
     /// Anything else, with its message.
     #[error("{0}")]
     Msg(String),

@@ -59,7 +59,7 @@ pub fn generate(
     };
     let (ids, _) = tok.encode(&text, !opts.chat)?;
     if ids.is_empty() {
-        return Err(crate::TrainError::Msg("the prompt is empty (no tokens to continue)".into()));
+        return Err(crate::TrainError::EmptyPrompt);
     }
     let sampling = if opts.temperature <= 0.0 {
         Sampling::ArgMax

@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
 use crate::error::{Result, TrainError};
+use crate::loaded::LoadedModel;
+use crate::model::llama_names::{self as names, DOWN, GATE, K, O, PROJECTIONS, Q, UP, V};
 use crate::model::LlamaConfig;
-use crate::source::LoadedModel;
 use crate::tokenizer::TextTokenizer;
 
 fn meta<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a GValue> {
@@ -51,11 +52,12 @@ pub fn permute_qk(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     w.reshape((heads, 2, rows / heads / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))
 }
 
+/// The Hugging Face name of a llama.cpp tensor name (`blk.{i}.attn_q.weight`, …).
 fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+        "token_embd.weight" => Some(names::EMBED),
+        "output_norm.weight" => Some(names::FINAL_NORM),
+        "output.weight" => Some(names::LM_HEAD),
         _ => None,
     };
     if let Some(f) = fixed {
@@ -63,26 +65,29 @@ fn hf_name(gguf: &str) -> Option<String> {
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, name) = rest.split_once('.')?;
+    let proj = |j: usize| format!("{}.weight", PROJECTIONS[j]);
     let hf = match name {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
+        "attn_norm.weight" => names::INPUT_NORM.to_string(),
+        "attn_q.weight" => proj(Q),
+        "attn_k.weight" => proj(K),
+        "attn_v.weight" => proj(V),
+        "attn_output.weight" => proj(O),
+        "ffn_norm.weight" => names::POST_NORM.to_string(),
+        "ffn_gate.weight" => proj(GATE),
+        "ffn_up.weight" => proj(UP),
+        "ffn_down.weight" => proj(DOWN),
         _ => return None,
     };
-    Some(format!("model.layers.{layer}.{hf}"))
+    Some(format!("{}.{hf}", names::layer_prefix(layer.parse().ok()?)))
 }
 
 /// Reads a GGUF file of a Llama-architecture model.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
-    let content = Content::read(&mut file)
-        .map_err(|e| TrainError::Msg(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+    let content = Content::read(&mut file).map_err(|e| TrainError::Format {
+        path: path.to_path_buf(),
+        message: format!("not a readable GGUF file: {e}"),
+    })?;
     let arch = meta(&content, "general.architecture", path)?.to_string()?.clone();
     if arch != "llama" {
         return Err(TrainError::UnsupportedArchitecture {

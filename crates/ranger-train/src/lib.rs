@@ -1,7 +1,7 @@
 //! # ranger-train
 //!
 //! The training engine behind `ranger-tune`: trainable Llama-family causal LMs and BERT-family
-//! / Llama-family sequence classifiers written with differentiable ops only (gradient-checked),
+//! / Llama-family sequence classifiers (fused CPU kernels and differentiable ops, gradient-checked),
 //! LoRA in PEFT's format, Hugging Face / GGUF loading, JSONL / CSV data with chat templates and
 //! packing, a trainer with exact resume, and Hugging Face-format output.
 
@@ -9,13 +9,17 @@
 
 #[cfg(feature = "mimalloc")]
 pub mod alloc;
+pub mod build;
 pub mod classify;
 pub mod config;
+pub mod convert;
 pub mod data;
 pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
+pub mod loaded;
+pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod optim;

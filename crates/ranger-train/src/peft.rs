@@ -8,8 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
-use crate::model::lora::{attach_lora, DropoutSeed};
-use crate::model::{LlamaModel, LoraConfig, Proj};
+use crate::model::{attach_lora, DropoutSeed, LlamaModel, LoraConfig, Proj};
 
 /// The parts of a PEFT `adapter_config.json` that ranger-tune uses.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,7 +55,7 @@ pub fn train_modules(model: &mut LlamaModel, modules: &[String]) -> Result<Vec<(
         }
     }
     if let Some(i) = used.iter().position(|u| !u) {
-        return Err(TrainError::Msg(format!("modules_to_save entry {:?} matches no module of this model", modules[i])));
+        return Err(TrainError::UnknownModule { entry: modules[i].clone() });
     }
     Ok(vars)
 }
@@ -123,7 +122,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
 fn read_tensors(dir: &Path) -> Result<(std::path::PathBuf, HashMap<String, Tensor>)> {
     let wp = dir.join("adapter_model.safetensors");
     let tensors = candle_core::safetensors::load(&wp, &Device::Cpu)
-        .map_err(|e| TrainError::Msg(format!("{}: {e}", wp.display())))?;
+        .map_err(|e| TrainError::Format { path: wp.clone(), message: e.to_string() })?;
     Ok((wp, tensors))
 }
 
@@ -195,11 +194,10 @@ pub fn load_saved_modules(dir: &Path) -> Result<Vec<(String, Tensor)>> {
         })
         .collect();
     if out.is_empty() && !cfg.modules_to_save.is_empty() {
-        return Err(TrainError::Msg(format!(
-            "{}: modules_to_save {:?} are not in adapter_model.safetensors",
-            dir.display(),
-            cfg.modules_to_save
-        )));
+        return Err(TrainError::Format {
+            path: dir.join("adapter_model.safetensors"),
+            message: format!("modules_to_save {:?} are not in it", cfg.modules_to_save),
+        });
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)

@@ -1,20 +1,20 @@
 //! Using a trained classifier: loading it (a Hugging Face `*ForSequenceClassification` folder, or
 //! a base model plus a PEFT `SEQ_CLS` adapter) and classifying texts in batches.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde::Serialize;
-use serde_json::Value;
 
+use crate::build::{ModelBuilder, Tuning};
 use crate::classify::{argmax_and_probs, collate, encode_records, Record};
 use crate::error::{Result, TrainError};
-use crate::model::classifier::{complete_classifier_weights, labels_from_config};
+use crate::loaded::LoadedModel;
+use crate::model::classifier::labels_from_config;
 use crate::model::{BackboneConfig, SequenceClassifier};
-use crate::source::LoadedModel;
+use crate::source::read_json;
 use crate::tokenizer::TextTokenizer;
-use crate::weights::take_weights;
 
 /// The file next to a classifier's LoRA adapter that keeps its labels (PEFT adapters have no
 /// `config.json`): the classifier's `config.json` content.
@@ -41,12 +41,6 @@ pub struct Prediction {
     pub scores: BTreeMap<String, f32>,
 }
 
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
-    serde_json::from_str(&text)
-        .map_err(|e| TrainError::Config { origin: path.display().to_string(), message: e.to_string() })
-}
-
 /// Builds a classifier from `loaded` (a classifier checkpoint, or with `adapter` a base model
 /// plus a PEFT `SEQ_CLS` LoRA adapter whose saved head and labels are used), frozen, in `dtype`
 /// on `device`.
@@ -56,7 +50,7 @@ pub fn load_classifier(
     dtype: DType,
     device: &Device,
 ) -> Result<Classifier> {
-    let LoadedModel { config, mut weights, tokenizer, origin, .. } = loaded;
+    let LoadedModel { config, weights, tokenizer, origin, .. } = loaded;
     let backbone: BackboneConfig = config.backbone();
     let labels_origin;
     let labels = match adapter {
@@ -74,23 +68,9 @@ pub fn load_classifier(
         origin: labels_origin,
         message: "no id2label: this is not a sequence classifier".into(),
     })?;
-    if let Some(dir) = adapter {
-        for (name, t) in crate::peft::load_saved_modules(dir)? {
-            weights.insert(name, t);
-        }
-    }
-    let weights = complete_classifier_weights(&backbone, labels.len(), weights, None, &origin)?;
-    let tensors: HashMap<String, Tensor> =
-        take_weights(backbone.weight_shapes(labels.len()), weights, dtype, device, &origin)?.into_iter().collect();
-    let mut model = SequenceClassifier::new(backbone, labels.len(), &tensors).map_err(|n| TrainError::Weights {
-        origin: origin.clone(),
-        tensor: n,
-        problem: "missing".into(),
-    })?;
-    if let Some(dir) = adapter {
-        let dev = model.device().clone();
-        crate::peft::load_lora(model.projections_mut(), dtype, &dev, dir, None)?;
-    }
+    let tuning = adapter.map_or(Tuning::Frozen, Tuning::WithAdapter);
+    let builder = ModelBuilder { dtype, device, tuning };
+    let model = builder.classifier(backbone, labels.len(), weights, None, &origin)?.model;
     Ok(Classifier { model, labels, tokenizer })
 }
 

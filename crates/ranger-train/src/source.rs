@@ -1,28 +1,13 @@
 //! Where a model comes from: a local Hugging Face folder, the Hub (via hf-hub), or a GGUF file.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
-use crate::model::{LlamaConfig, ModelConfig};
+pub use crate::loaded::LoadedModel;
+use crate::model::ModelConfig;
 use crate::tokenizer::TextTokenizer;
-
-/// A model read into memory (weights on the CPU, in their stored dtype).
-pub struct LoadedModel {
-    /// The configuration.
-    pub config: ModelConfig,
-    /// Weights by Hugging Face name.
-    pub weights: HashMap<String, Tensor>,
-    /// The tokenizer.
-    pub tokenizer: TextTokenizer,
-    /// `generation_config.json`, if the source had one.
-    pub generation_config: Option<Value>,
-    /// Human-readable origin, used in messages.
-    pub origin: String,
-}
 
 /// Hub options (`--revision`; the token and cache come from HF_TOKEN / HF_HOME / HF_HUB_CACHE).
 #[derive(Debug, Clone, Default)]
@@ -31,7 +16,8 @@ pub struct HubOptions {
     pub revision: Option<String>,
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+/// Reads a JSON file; a parse error names the file.
+pub fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
     serde_json::from_str(&text)
         .map_err(|e| TrainError::Config { origin: path.display().to_string(), message: e.to_string() })
@@ -62,7 +48,7 @@ pub fn fetch_from_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
     let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
     let wanted =
         ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"];
-    let hub_err = |e: String| TrainError::Msg(format!("{repo_id}@{revision}: {e}"));
+    let hub_err = |message: String| TrainError::Hub { repo: format!("{repo_id}@{revision}"), message };
     if offline {
         let cached = cache.repo(repo.clone());
         let cfg =
@@ -103,11 +89,8 @@ pub fn fetch_from_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
     dir.ok_or_else(|| hub_err("no files".into()))
 }
 
-impl LoadedModel {
-    /// The decoder configuration (an encoder is an error naming the model).
-    pub fn decoder(&self) -> Result<&LlamaConfig> {
-        self.config.decoder(&self.origin)
-    }
+fn spec_err(spec: &str, problem: &str) -> TrainError {
+    TrainError::ModelSpec { spec: spec.to_string(), problem: problem.to_string() }
 }
 
 /// Loads `spec`: a `.gguf` file, a local folder, or a Hub repository id.
@@ -115,7 +98,7 @@ pub fn load(spec: &str, hub: &HubOptions) -> Result<LoadedModel> {
     let path = Path::new(spec);
     if path.extension().is_some_and(|e| e == "gguf") {
         if !path.exists() {
-            return Err(TrainError::Msg(format!("{spec}: GGUF file not found")));
+            return Err(spec_err(spec, "GGUF file not found"));
         }
         return crate::gguf::load_gguf(path);
     }
@@ -123,10 +106,10 @@ pub fn load(spec: &str, hub: &HubOptions) -> Result<LoadedModel> {
         return load_dir(path);
     }
     if path.exists() {
-        return Err(TrainError::Msg(format!("{spec}: expected a model folder, a .gguf file or a Hub repository id")));
+        return Err(spec_err(spec, "expected a model folder, a .gguf file or a Hub repository id"));
     }
     if spec.starts_with('.') || spec.starts_with('/') || spec.matches('/').count() > 1 {
-        return Err(TrainError::Msg(format!("{spec}: no such file or folder")));
+        return Err(spec_err(spec, "no such file or folder"));
     }
     let dir = fetch_from_hub(spec, hub)?;
     let mut m = load_dir(&dir)?;

@@ -90,7 +90,7 @@ pub fn tiny_config(model_type: &str) -> Value {
 pub fn write_tiny_model(dir: &Path, config: &Value, seed: u64) -> crate::Result<LlamaConfig> {
     std::fs::create_dir_all(dir).map_err(crate::TrainError::io(dir))?;
     let cfg = LlamaConfig::from_json(config.clone(), "tiny model")?;
-    let weights = crate::weights::random_weights(&cfg, seed, DType::F32)?;
+    let weights = crate::model::random_weights(&cfg, seed, DType::F32)?;
     let mut list: Vec<(String, Tensor)> = weights.into_iter().collect();
     list.sort_by(|a, b| a.0.cmp(&b.0));
     crate::weights::save_safetensors_dir(dir, &list, usize::MAX)?;

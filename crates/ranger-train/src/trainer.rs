@@ -19,7 +19,10 @@ use crate::data::{load_file, split_validation, to_sequences, DataOptions, Loader
 use crate::error::{Result, TrainError};
 use crate::kernels::grad_sink::GradSink;
 use crate::model::classifier::{complete_classifier_weights, labels_from_config};
-use crate::model::lora::{attach_lora, mix_seed, DropoutSeed};
+use crate::model::{
+    attach_lora,
+    lora::{mix_seed, DropoutSeed},
+};
 use crate::model::{BackboneConfig, LlamaConfig, LlamaModel, LoraConfig, ModelConfig, SequenceClassifier};
 use crate::optim::TrainOptimizer;
 use crate::output::{default_generation_config, save_hf_folder, write_json};
@@ -183,11 +186,10 @@ fn prepare_causal_lm(
     origin: &str,
     dropout_seed: &DropoutSeed,
 ) -> Result<(Task, Vec<(String, Var)>)> {
-    let missing = |n: String| TrainError::Weights { origin: origin.to_string(), tensor: n, problem: "missing".into() };
     let tensors = take_weights(config.weight_shapes(), weights, cfg.dtype.dtype(), device, origin)?;
     let (model, vars) = if cfg.lora {
         // Frozen base: plain tensors, so no gradient is ever computed or stored for them.
-        let mut model = LlamaModel::new(config, &tensors.into_iter().collect()).map_err(missing)?;
+        let mut model = LlamaModel::new(config, &tensors.into_iter().collect())?;
         let vars = match &cfg.lora_adapter {
             Some(dir) => {
                 crate::peft::load_peft_adapter(&mut model, Path::new(dir), Some((cfg.lora_dropout, dropout_seed)))?
@@ -201,7 +203,7 @@ fn prepare_causal_lm(
         (model, vars)
     } else {
         let vars = tensors.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<Vec<_>>>()?;
-        (LlamaModel::from_vars(config, &vars).map_err(missing)?, vars)
+        (LlamaModel::from_vars(config, &vars)?, vars)
     };
     let opts = DataOptions { max_seq_len: cfg.max_seq_length, pack: cfg.pack, mask_prompt: cfg.mask_prompt };
     let train_data = load_file(Path::new(&cfg.data), tokenizer, &opts)?;
@@ -290,7 +292,6 @@ fn prepare_classifier(
         return Err(TrainError::Msg(format!("modules_to_save entry {m:?} matches no module of this model")));
     }
     let tensors = take_weights(shapes, weights, cfg.dtype.dtype(), device, origin)?;
-    let missing = |n: String| TrainError::Weights { origin: origin.to_string(), tensor: n, problem: "missing".into() };
     let (model, vars) = if cfg.lora {
         // Frozen base; the head and the adapters are trained (PEFT's modules_to_save).
         let mut map: HashMap<String, Tensor> = HashMap::new();
@@ -304,7 +305,7 @@ fn prepare_classifier(
                 map.insert(name, t);
             }
         }
-        let mut model = SequenceClassifier::new(backbone, labels.len(), &map).map_err(missing)?;
+        let mut model = SequenceClassifier::new(backbone, labels.len(), &map)?;
         let (dtype, dev) = (model.dtype(), model.device().clone());
         let adapters = match &cfg.lora_adapter {
             Some(dir) => crate::peft::load_lora(
@@ -321,7 +322,7 @@ fn prepare_classifier(
     } else {
         let vars = tensors.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect::<Result<Vec<_>>>()?;
         let map: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        (SequenceClassifier::new(backbone, labels.len(), &map).map_err(missing)?, vars)
+        (SequenceClassifier::new(backbone, labels.len(), &map)?, vars)
     };
     let max_len = cfg.max_seq_length;
     let train = encode_records(&train_records, tokenizer, &labels, max_len, &data_path)?;

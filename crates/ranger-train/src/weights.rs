@@ -4,11 +4,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_ranger::state_file::{sync_parent, tmp_path};
 
 use crate::error::{Result, TrainError};
-use crate::model::LlamaConfig;
+
+/// The largest safetensors shard written by default (5 GB, `transformers`' default
+/// `max_shard_size`): larger checkpoints are split into shards listed by an index.
+pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 
 /// Reads every tensor of the safetensors checkpoint in `dir` (`model.safetensors`, or the shards
 /// listed by `model.safetensors.index.json`) onto the CPU.
@@ -29,36 +32,23 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Tensor>> {
     } else if dir.join("model.safetensors").exists() {
         vec![dir.join("model.safetensors")]
     } else if dir.join("pytorch_model.bin").exists() {
-        return Err(TrainError::Msg(format!(
-            "{}: only pytorch_model.bin found; convert it to safetensors first (transformers: save_pretrained(safe_serialization=True))",
-            dir.display()
-        )));
+        return Err(TrainError::Format {
+            path: dir.to_path_buf(),
+            message: "only pytorch_model.bin found; convert it to safetensors first (transformers: save_pretrained(safe_serialization=True))".into(),
+        });
     } else {
-        return Err(TrainError::Msg(format!(
-            "{}: no model.safetensors or model.safetensors.index.json",
-            dir.display()
-        )));
+        return Err(TrainError::Format {
+            path: dir.to_path_buf(),
+            message: "no model.safetensors or model.safetensors.index.json".into(),
+        });
     };
     let mut out = HashMap::new();
     for f in files {
         let tensors = candle_core::safetensors::load(&f, &Device::Cpu)
-            .map_err(|e| TrainError::Msg(format!("{}: {e}", f.display())))?;
+            .map_err(|e| TrainError::Format { path: f.clone(), message: e.to_string() })?;
         out.extend(tensors);
     }
     Ok(out)
-}
-
-/// Converts loaded weights to `dtype` on `device` in the model's order, checking that every
-/// tensor the model needs is there with the right shape. Unknown extra tensors are ignored
-/// (e.g. a redundant `lm_head.weight` of a tied checkpoint).
-pub fn into_tensors(
-    config: &LlamaConfig,
-    weights: HashMap<String, Tensor>,
-    dtype: DType,
-    device: &Device,
-    origin: &str,
-) -> Result<Vec<(String, Tensor)>> {
-    take_weights(config.weight_shapes(), weights, dtype, device, origin)
 }
 
 /// Takes the tensors named by `shapes` out of `weights`, checked and converted to `dtype` on
@@ -90,28 +80,9 @@ pub fn take_weights(
     Ok(out)
 }
 
-/// Like [`into_tensors`], as trainable variables.
-pub fn into_vars(
-    config: &LlamaConfig,
-    weights: HashMap<String, Tensor>,
-    dtype: DType,
-    device: &Device,
-    origin: &str,
-) -> Result<Vec<(String, Var)>> {
-    into_tensors(config, weights, dtype, device, origin)?
-        .into_iter()
-        .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
-        .collect()
-}
-
-/// Random weights for a configuration (tests and tiny experiments): normal(0, 0.02) matrices,
-/// norm weights around 1, small biases. Deterministic for a seed.
-pub fn random_weights(config: &LlamaConfig, seed: u64, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    random_tensors(config.weight_shapes(), seed, dtype)
-}
-
-/// Random tensors for `shapes`, as [`random_weights`] makes them (norm weights named
-/// `…norm.weight` / `…LayerNorm.weight` around 1).
+/// Random tensors for `shapes` (tests and tiny experiments): normal(0, 0.1) matrices, norm
+/// weights (named `…norm.weight` / `…LayerNorm.weight`) around 1, small biases. Deterministic
+/// for a seed.
 pub fn random_tensors(shapes: Vec<(String, Vec<usize>)>, seed: u64, dtype: DType) -> Result<HashMap<String, Tensor>> {
     let mut rng = crate::rng::Rng::new(seed);
     let mut out = HashMap::new();
@@ -184,8 +155,17 @@ pub fn save_safetensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Resul
 fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)], meta: HashMap<String, String>) -> Result<()> {
     let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let tmp = tmp_path(path);
-    let res = safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| TrainError::Msg(format!("{}: {e}", path.display())))
+    // safetensors writes through a private (0600) temporary file of its own and renames it onto
+    // `tmp`: the permissions a plain `File::create` gives (0666 less the umask) are taken from
+    // a file created first and put back, so a model folder is as readable as its config.json.
+    let usual = std::fs::File::create(&tmp).and_then(|f| f.metadata()).map(|m| m.permissions());
+    let res = usual
+        .map_err(TrainError::io(&tmp))
+        .and_then(|usual| {
+            safetensors::serialize_to_file(views, Some(meta), &tmp)
+                .map_err(|e| TrainError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+            std::fs::set_permissions(&tmp, usual).map_err(TrainError::io(&tmp))
+        })
         .and_then(|()| {
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(TrainError::io(&tmp))?;
             std::fs::rename(&tmp, path).map_err(TrainError::io(path))?;
@@ -214,4 +194,38 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     res.map_err(TrainError::io(path))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Every file of a saved model folder (safetensors shards, their index, JSON written
+    /// atomically) gets the mode a plain `File::create` gives, not a temporary file's 0600.
+    #[test]
+    fn saved_files_have_the_usual_mode() {
+        let dir = std::env::temp_dir().join(format!("ranger-train-modes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let usual = std::fs::File::create(dir.join("plain")).unwrap().metadata().unwrap().permissions().mode();
+        std::fs::remove_file(dir.join("plain")).unwrap();
+        let t = |n: &str| (n.to_string(), Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap());
+        let tensors = vec![t("a.weight"), t("b.weight"), t("c.weight")];
+        save_safetensors_dir(&dir.join("sharded"), &tensors, 100).unwrap();
+        save_safetensors_dir(&dir.join("single"), &tensors, DEFAULT_MAX_SHARD_BYTES).unwrap();
+        save_safetensors_file(&dir.join("single").join("adapter_model.safetensors"), &tensors).unwrap();
+        write_atomic(&dir.join("single").join("config.json"), b"{}").unwrap();
+        let mut seen = 0;
+        for sub in ["sharded", "single"] {
+            for entry in std::fs::read_dir(dir.join(sub)).unwrap() {
+                let entry = entry.unwrap();
+                let mode = entry.metadata().unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, usual & 0o777, "{}", entry.path().display());
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 7, "3 shards + index, model + adapter + config");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

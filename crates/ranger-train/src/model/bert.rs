@@ -1,8 +1,9 @@
 //! Trainable BERT-family encoders: BERT (and MiniLM, which is a BERT), RoBERTa / XLM-RoBERTa
 //! (position ids offset past the padding index) and DistilBERT. All are post-LayerNorm
-//! transformer encoders; this is one implementation with each family's Hugging Face names,
-//! written with differentiable ops only (Candle's `layer_norm` and `softmax` kernels have no
-//! backward pass).
+//! transformer encoders; this is one implementation with each family's Hugging Face names.
+//! Norms, softmax, GELU and the projections run on the fused CPU kernels (with their own
+//! backward passes) where they apply, on differentiable Candle ops elsewhere; both are
+//! gradient-checked.
 
 use std::collections::HashMap;
 
@@ -10,7 +11,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::llama::Proj;
+use super::linear::Proj;
 use crate::error::TrainError;
 use crate::kernels::activations::gelu_erf;
 use crate::kernels::compute_dtype;
@@ -347,13 +348,12 @@ pub struct Encoder {
 
 impl Encoder {
     /// Builds the encoder; the error names a missing tensor.
-    pub fn new(config: EncoderConfig, weights: &HashMap<String, Tensor>) -> std::result::Result<Self, String> {
-        let get =
-            |n: &str| -> std::result::Result<Tensor, String> { weights.get(n).cloned().ok_or_else(|| n.to_string()) };
-        let proj = |m: &str| -> std::result::Result<Proj, String> {
+    pub fn new(config: EncoderConfig, weights: &HashMap<String, Tensor>) -> crate::Result<Self> {
+        let get = |n: &str| weights.get(n).cloned().ok_or_else(|| TrainError::MissingTensor { tensor: n.into() });
+        let proj = |m: &str| -> crate::Result<Proj> {
             Ok(Proj { weight: get(&format!("{m}.weight"))?, bias: Some(get(&format!("{m}.bias"))?), lora: None })
         };
-        let norm = |m: &str| -> std::result::Result<Norm, String> {
+        let norm = |m: &str| -> crate::Result<Norm> {
             Ok(Norm { weight: get(&format!("{m}.weight"))?, bias: get(&format!("{m}.bias"))? })
         };
         let p = config.family.prefix();

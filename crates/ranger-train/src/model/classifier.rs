@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use serde_json::{json, Value};
 
 use super::bert::{Encoder, EncoderConfig, EncoderFamily};
-use super::llama::{LlamaModel, Proj};
+use super::linear::Proj;
+use super::llama::LlamaModel;
 use super::LlamaConfig;
 use crate::error::TrainError;
 use crate::kernels::compute_dtype;
@@ -109,7 +110,7 @@ impl BackboneConfig {
                 &["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
             }
             Self::Encoder(_) => &["query", "key", "value", "output.dense", "intermediate.dense"],
-            Self::Decoder(_) => &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            Self::Decoder(_) => return super::llama_names::projection_targets(),
         };
         t.iter().map(|s| s.to_string()).collect()
     }
@@ -202,14 +203,9 @@ impl SequenceClassifier {
     /// Builds the classifier over weights by Hugging Face name (see
     /// [`BackboneConfig::weight_shapes`]); trainable where they are `Var` tensors. The error
     /// names a missing tensor.
-    pub fn new(
-        config: BackboneConfig,
-        num_labels: usize,
-        weights: &HashMap<String, Tensor>,
-    ) -> std::result::Result<Self, String> {
-        let get =
-            |n: &str| -> std::result::Result<Tensor, String> { weights.get(n).cloned().ok_or_else(|| n.to_string()) };
-        let proj = |m: &str| -> std::result::Result<Proj, String> {
+    pub fn new(config: BackboneConfig, num_labels: usize, weights: &HashMap<String, Tensor>) -> crate::Result<Self> {
+        let get = |n: &str| weights.get(n).cloned().ok_or_else(|| TrainError::MissingTensor { tensor: n.into() });
+        let proj = |m: &str| -> crate::Result<Proj> {
             Ok(Proj { weight: get(&format!("{m}.weight"))?, bias: Some(get(&format!("{m}.bias"))?), lora: None })
         };
         let (backbone, head) = match &config {

@@ -1,8 +1,9 @@
-//! `config.json` of the supported architectures (the Llama family).
+//! `config.json` of the Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
 
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::llama_names::{self as names, DOWN, GATE, K, O, PROJECTIONS, Q, UP, V};
 use crate::error::{Result, TrainError};
 
 /// The supported `model_type`s.
@@ -214,35 +215,39 @@ impl LlamaConfig {
     pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        // `[out, in]` of each projection, in `PROJECTIONS` order.
+        let proj_shape = [[q, h], [kv, h], [kv, h], [h, q], [i, h], [i, h], [h, i]];
+        let mut out = vec![(names::EMBED.to_string(), vec![self.vocab_size, h])];
         for l in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{l}");
+            let p = names::layer_prefix(l);
             let mut push = |n: &str, s: Vec<usize>| out.push((format!("{p}.{n}"), s));
-            push("input_layernorm.weight", vec![h]);
-            push("self_attn.q_proj.weight", vec![q, h]);
-            push("self_attn.k_proj.weight", vec![kv, h]);
-            push("self_attn.v_proj.weight", vec![kv, h]);
-            push("self_attn.o_proj.weight", vec![h, q]);
-            if self.qkv_bias {
-                push("self_attn.q_proj.bias", vec![q]);
-                push("self_attn.k_proj.bias", vec![kv]);
-                push("self_attn.v_proj.bias", vec![kv]);
+            let weight = |j: usize| (format!("{}.weight", PROJECTIONS[j]), proj_shape[j].to_vec());
+            let bias = |j: usize| (format!("{}.bias", PROJECTIONS[j]), vec![proj_shape[j][0]]);
+            push(names::INPUT_NORM, vec![h]);
+            for j in [Q, K, V, O] {
+                let (n, s) = weight(j);
+                push(&n, s);
             }
-            if self.o_bias {
-                push("self_attn.o_proj.bias", vec![h]);
+            for j in [Q, K, V, O] {
+                let has_bias = if j == O { self.o_bias } else { self.qkv_bias };
+                if has_bias {
+                    let (n, s) = bias(j);
+                    push(&n, s);
+                }
             }
             if self.qk_norm {
-                push("self_attn.q_norm.weight", vec![hd]);
-                push("self_attn.k_norm.weight", vec![hd]);
+                push(names::Q_NORM, vec![hd]);
+                push(names::K_NORM, vec![hd]);
             }
-            push("post_attention_layernorm.weight", vec![h]);
-            push("mlp.gate_proj.weight", vec![i, h]);
-            push("mlp.up_proj.weight", vec![i, h]);
-            push("mlp.down_proj.weight", vec![h, i]);
+            push(names::POST_NORM, vec![h]);
+            for j in [GATE, UP, DOWN] {
+                let (n, s) = weight(j);
+                push(&n, s);
+            }
         }
-        out.push(("model.norm.weight".to_string(), vec![h]));
+        out.push((names::FINAL_NORM.to_string(), vec![h]));
         if !self.tie_word_embeddings {
-            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+            out.push((names::LM_HEAD.to_string(), vec![self.vocab_size, h]));
         }
         out
     }
@@ -250,7 +255,7 @@ impl LlamaConfig {
     /// [`LlamaConfig::weight_shapes`] without `lm_head.weight`: the backbone of a sequence
     /// classifier.
     pub fn backbone_weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        self.weight_shapes().into_iter().filter(|(n, _)| n != "lm_head.weight").collect()
+        self.weight_shapes().into_iter().filter(|(n, _)| n != names::LM_HEAD).collect()
     }
 
     /// The rotary inverse frequencies (`head_dim / 2` values), scaling applied.
@@ -308,15 +313,24 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A small `config.json` (the models must not depend on the test fixtures in `testing`).
+    fn small_config(model_type: &str) -> Value {
+        json!({
+            "model_type": model_type, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "vocab_size": 64, "max_position_embeddings": 128, "use_sliding_window": false,
+        })
+    }
+
     /// transformers >= 5 writes `rope_parameters` instead of `rope_theta` / `rope_scaling`; both
     /// layouts give the same rotary frequencies.
     #[test]
     fn rope_parameters_of_transformers_5_are_read() {
-        let mut old = crate::testing::tiny_config("llama");
+        let mut old = small_config("llama");
         old["rope_theta"] = json!(500000.0);
         let scaling = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
         old["rope_scaling"] = scaling.clone();
-        let mut new = crate::testing::tiny_config("llama");
+        let mut new = small_config("llama");
         new.as_object_mut().unwrap().remove("rope_theta");
         let mut params = scaling;
         params["rope_theta"] = json!(500000.0);
@@ -326,13 +340,13 @@ mod tests {
         assert_eq!(a.rope_scaling, b.rope_scaling);
         assert_eq!(a.inv_freq(), b.inv_freq());
         // Unscaled: `rope_type: default`.
-        let mut plain = crate::testing::tiny_config("qwen2");
+        let mut plain = small_config("qwen2");
         plain.as_object_mut().unwrap().remove("rope_theta");
         plain["rope_parameters"] = json!({"rope_theta": 1000000.0, "rope_type": "default"});
         let c = LlamaConfig::from_json(plain, "plain").unwrap();
         assert_eq!((c.rope_theta, c.rope_scaling), (1000000.0, None));
         // A form without rope_theta (per layer type) is refused rather than run with 10000.
-        let mut per_layer = crate::testing::tiny_config("llama");
+        let mut per_layer = small_config("llama");
         per_layer.as_object_mut().unwrap().remove("rope_theta");
         per_layer["rope_parameters"] = json!({"full_attention": {"rope_theta": 1e6, "rope_type": "default"}});
         assert!(LlamaConfig::from_json(per_layer, "per-layer").is_err());

@@ -1,0 +1,56 @@
+//! The linear projection every model is made of: `x W^T + b`, with an optional LoRA adapter.
+
+use candle_core::{Module, Result, Tensor};
+
+use super::lora::LoraAdapter;
+
+/// A linear projection `x W^T + b` (weights trainable [`candle_core::Var`]s or frozen tensors), with an
+/// optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct Proj {
+    /// `[out, in]` weight.
+    pub weight: Tensor,
+    /// Optional `[out]` bias.
+    pub bias: Option<Tensor>,
+    /// Optional low-rank adapter.
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Module for Proj {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // One [tokens, in] x [in, out] product: a batched `broadcast_matmul` would compute the
+        // weight gradient as one product per batch row plus a reduction over a [b, in, out]
+        // temporary.
+        if x.rank() == 2 {
+            return self.forward_rows(x);
+        }
+        let dims = x.dims();
+        let inp = *dims.last().unwrap_or(&1);
+        let y = self.forward_rows(&x.reshape(((), inp))?)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = y.dim(1)?;
+        y.reshape(out_dims)
+    }
+}
+
+impl Proj {
+    /// The projection of token rows `x: [n, in]` to `[n, out]`.
+    pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = crate::kernels::linear::linear(x, &self.weight)?;
+        if let Some(l) = &self.lora {
+            y = l.apply(x, &self.weight, y)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y)
+    }
+
+    /// The weight with the LoRA/DoRA adapter merged in (see [`LoraAdapter::merge`]).
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            None => Ok(self.weight.clone()),
+            Some(l) => l.merge(&self.weight),
+        }
+    }
+}

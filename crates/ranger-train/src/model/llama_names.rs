@@ -1,0 +1,55 @@
+//! The Hugging Face names of a Llama-family checkpoint's tensors, written once: loading,
+//! the expected shapes, saving, LoRA targeting and GGUF import all take them from here.
+
+/// The token embedding (also the LM head when the embeddings are tied).
+pub const EMBED: &str = "model.embed_tokens.weight";
+/// The final norm.
+pub const FINAL_NORM: &str = "model.norm.weight";
+/// The LM head of an untied model.
+pub const LM_HEAD: &str = "lm_head.weight";
+
+/// A decoder layer's norm before attention (names below are under [`layer_prefix`]).
+pub const INPUT_NORM: &str = "input_layernorm.weight";
+/// A decoder layer's norm before the feed-forward block.
+pub const POST_NORM: &str = "post_attention_layernorm.weight";
+/// Qwen3's per-head RMSNorm of the queries.
+pub const Q_NORM: &str = "self_attn.q_norm.weight";
+/// Qwen3's per-head RMSNorm of the keys.
+pub const K_NORM: &str = "self_attn.k_norm.weight";
+
+/// Index of the query projection in [`PROJECTIONS`].
+pub const Q: usize = 0;
+/// Index of the key projection.
+pub const K: usize = 1;
+/// Index of the value projection.
+pub const V: usize = 2;
+/// Index of the attention output projection.
+pub const O: usize = 3;
+/// Index of the SwiGLU gate projection.
+pub const GATE: usize = 4;
+/// Index of the SwiGLU up projection.
+pub const UP: usize = 5;
+/// Index of the feed-forward down projection.
+pub const DOWN: usize = 6;
+
+/// The projections of a decoder layer by module path under [`layer_prefix`] (their weights are
+/// `<path>.weight`, their biases `<path>.bias`), in the order of the indices above.
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// `model.layers.{i}`: the module path of decoder layer `i`.
+pub fn layer_prefix(i: usize) -> String {
+    format!("model.layers.{i}")
+}
+
+/// The short names PEFT targets the projections by (`q_proj`, …, `down_proj`).
+pub fn projection_targets() -> Vec<String> {
+    PROJECTIONS.iter().map(|p| p.rsplit('.').next().unwrap_or(p).to_string()).collect()
+}

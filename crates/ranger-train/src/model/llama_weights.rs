@@ -1,0 +1,42 @@
+//! A Llama-family checkpoint's weights taken for a model: checked against the configuration and
+//! converted, or random ones for tests.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::config::LlamaConfig;
+use crate::error::Result;
+use crate::weights::{random_tensors, take_weights};
+
+/// Converts loaded weights to `dtype` on `device` in the model's order, checking that every
+/// tensor the model needs is there with the right shape. Unknown extra tensors are ignored
+/// (e.g. a redundant `lm_head.weight` of a tied checkpoint).
+pub fn into_tensors(
+    config: &LlamaConfig,
+    weights: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+    origin: &str,
+) -> Result<Vec<(String, Tensor)>> {
+    take_weights(config.weight_shapes(), weights, dtype, device, origin)
+}
+
+/// Like [`into_tensors`], as trainable variables.
+pub fn into_vars(
+    config: &LlamaConfig,
+    weights: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+    origin: &str,
+) -> Result<Vec<(String, Var)>> {
+    into_tensors(config, weights, dtype, device, origin)?
+        .into_iter()
+        .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+        .collect()
+}
+
+/// Random weights for a configuration, as [`random_tensors`] makes them.
+pub fn random_weights(config: &LlamaConfig, seed: u64, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    random_tensors(config.weight_shapes(), seed, dtype)
+}
