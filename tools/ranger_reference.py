@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the reference trajectories that `tests/ranger_reference.rs` checks against.
+"""Generate the reference trajectories that `crates/candle-ranger/tests/ranger_reference.rs` checks against.
 
 The reference is PyTorch's own `torch.optim.RAdam` (one parameter group per case), with
 gradient centralization applied to `.grad` before each step and Lookahead applied after it,
@@ -9,7 +9,7 @@ The "skip" fallback has no PyTorch counterpart, so for it the script uses a shor
 loop over torch ops (the same formulas as `torch.optim.RAdam`, minus the SGD fallback).
 
 Usage (needs torch, pytorch_optimizer, safetensors, numpy):
-    python tools/ranger_reference.py tests/fixtures/ranger_reference.safetensors
+    python tools/ranger_reference.py crates/candle-ranger/tests/fixtures/ranger_reference.safetensors
 
 The output holds, for case C and tensor i,
     C/i/grads   [steps, *shape]     the gradient fed at each step
@@ -182,4 +182,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/ranger_reference.safetensors")
+    main(sys.argv[1] if len(sys.argv) > 1 else "crates/candle-ranger/tests/fixtures/ranger_reference.safetensors")

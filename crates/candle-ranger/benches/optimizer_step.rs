@@ -45,13 +45,31 @@ fn transformer_shapes(target: usize) -> Vec<Vec<usize>> {
     shapes
 }
 
+/// `n` values spread uniformly with standard deviation `std`, from a fixed xorshift seed: the
+/// same data on every run (Candle's CPU `randn` cannot be seeded).
+fn uniform(n: usize, std: f32, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let half_width = std * 3f32.sqrt();
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * half_width
+        })
+        .collect()
+}
+
 fn make_vars(shapes: &[Vec<usize>]) -> (Vec<Var>, GradStore) {
     let mut grads = GradStore::default();
     let vars: Vec<Var> = shapes
         .iter()
-        .map(|s| {
-            let v = Var::from_tensor(&Tensor::randn(0f32, 0.02, s.as_slice(), &Device::Cpu).unwrap()).unwrap();
-            grads.insert(&v, Tensor::randn(0f32, 1e-3, s.as_slice(), &Device::Cpu).unwrap());
+        .enumerate()
+        .map(|(i, s)| {
+            let n = s.iter().product();
+            let values = Tensor::from_vec(uniform(n, 0.02, 2 * i as u64 + 1), s.as_slice(), &Device::Cpu).unwrap();
+            let v = Var::from_tensor(&values).unwrap();
+            grads.insert(&v, Tensor::from_vec(uniform(n, 1e-3, 2 * i as u64 + 2), s.as_slice(), &Device::Cpu).unwrap());
             v
         })
         .collect();

@@ -1,6 +1,6 @@
 //! The crate's error type.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong in `candle-ranger`.
 ///
@@ -45,17 +45,49 @@ pub enum Error {
         message: String,
     },
 
-    /// A state file does not fit this optimizer: a tensor is missing, unexpected, or has the
-    /// wrong shape or dtype.
-    #[error("{}: tensor `{tensor}`: {problem}", .path.display())]
+    /// Optimizer state (a file, or tensors given to `load_state_tensors`) does not fit this
+    /// optimizer: a tensor is missing, unexpected, or has the wrong shape or dtype.
+    #[error("{}tensor `{tensor}`: {problem}", file_prefix(.path))]
     StateMismatch {
-        /// The file involved.
-        path: PathBuf,
-        /// The tensor name in the file.
+        /// The file involved; `None` for state given as tensors.
+        path: Option<PathBuf>,
+        /// The tensor's name in the state.
         tensor: String,
         /// What does not match.
         problem: String,
     },
+
+    /// A gradient's shape differs from its variable's.
+    #[error("gradient of `{var}` has shape {grad:?}, the variable {expected:?}")]
+    GradientShape {
+        /// The variable's name.
+        var: String,
+        /// The gradient's shape.
+        grad: Vec<usize>,
+        /// The variable's shape.
+        expected: Vec<usize>,
+    },
+
+    /// A [`crate::Lookahead`] setting is out of range.
+    #[error("lookahead: k must be >= 1 and alpha in [0, 1], got k = {k}, alpha = {alpha}")]
+    InvalidLookahead {
+        /// The sync period.
+        k: usize,
+        /// The interpolation factor.
+        alpha: f64,
+    },
+
+    /// A call that needs the fast weights was made while the slow weights are swapped in.
+    #[error("{call} called while the slow weights are swapped in; call swap_back_fast_weights first")]
+    SlowWeightsSwappedIn {
+        /// The method called (`step`, `sync`, ...).
+        call: &'static str,
+    },
+}
+
+/// `"<path>: "` for errors about a file, nothing for state given as tensors.
+fn file_prefix(path: &Option<PathBuf>) -> String {
+    path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default()
 }
 
 /// `Result` with this crate's [`Error`].
@@ -67,6 +99,17 @@ impl Error {
         match self {
             Error::Candle(e) => e,
             other => candle_core::Error::wrap(other),
+        }
+    }
+
+    /// Names `path` in a [`Error::StateMismatch`] that names no file yet (state loaded from a
+    /// file through `load_state_tensors`); other errors are returned as they are.
+    pub fn in_file(self, path: &Path) -> Self {
+        match self {
+            Error::StateMismatch { path: None, tensor, problem } => {
+                Error::StateMismatch { path: Some(path.to_path_buf()), tensor, problem }
+            }
+            other => other,
         }
     }
 }

@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::lookahead_core::interpolate;
 use crate::scalars::{StepScalars, Update};
 
 /// Arithmetic the kernel needs from its state type (f32 or f64).
@@ -290,7 +291,7 @@ impl<S: Real> Kernel<S> {
     ) {
         for ((((p, g), m), v), s) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()).zip(s.iter_mut()) {
             let fast = self.element::<MODE>(p.load(), g.load(), m, v, mean);
-            *s = *s + self.alpha * (fast - *s);
+            *s = interpolate(*s, fast, self.alpha);
             *p = P::store(*s);
         }
     }

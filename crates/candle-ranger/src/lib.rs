@@ -23,8 +23,9 @@
 //! ```
 //!
 //! The step scalars are computed in f64; the step size can never be negative. Slow weights
-//! start as a copy of the weights taken at each variable's first step, never zeros. Optimizer state is f64 for f64 variables and
-//! f32 otherwise (so bf16/f16 variables don't lose small updates).
+//! start as a copy of the weights taken at each variable's first step, never zeros. Optimizer
+//! state is f64 for f64 variables and f32 otherwise (so bf16/f16 variables don't lose small
+//! updates).
 //!
 //! ## Example
 //!
@@ -35,16 +36,18 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dev = Device::Cpu;
-//! let varmap = VarMap::new();
-//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-//! let model = linear(4, 1, vb.pp("lin"))?;
+//! let mut varmap = VarMap::new();
+//! let model = linear(4, 1, VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("lin"))?;
+//! // Candle's CPU random numbers cannot be seeded: fixed weights and inputs make the run the same every time.
+//! varmap.set_one("lin.weight", Tensor::zeros((1, 4), DType::F32, &dev)?)?;
+//! varmap.set_one("lin.bias", Tensor::zeros(1, DType::F32, &dev)?)?;
 //!
 //! // Decay matrices, not biases; Ranger 2020 defaults otherwise.
 //! let params = ParamsRanger { lr: 1e-2, weight_decay: 1e-2, ..Default::default() };
 //! let mut opt = Ranger::with_groups(ParamGroup::split_decay(named_vars(&varmap)), params)?;
 //! let schedule = Schedule { base_lr: 1e-1, min_lr: 1e-3, warmup_steps: 10, total_steps: 300, decay: Decay::Cosine };
 //!
-//! let x = Tensor::randn(0f32, 1., (64, 4), &dev)?;
+//! let x = (Tensor::arange(0f32, 256., &dev)?.sqr()? * 0.1)?.sin()?.reshape((64, 4))?;
 //! let y = x.matmul(&Tensor::new(&[[1f32], [-1.], [2.], [-2.]], &dev)?)?;
 //! let initial = model.forward(&x)?.sub(&y)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
 //! for step in 0..300 {
@@ -69,7 +72,11 @@
 //! ## Modules
 //!
 //! - [`Ranger`] and [`RAdam`] implement [`candle_nn::Optimizer`];
-//! - [`Lookahead`] wraps any Candle optimizer (e.g. `Lookahead<candle_nn::AdamW>`);
+//! - [`Lookahead`] wraps any Candle optimizer (e.g. `Lookahead<candle_nn::AdamW>`), sharing
+//!   its slow-weight sync and swap with [`Ranger`];
+//! - [`OptimizerState`] is the state of [`Ranger`] and [`RAdam`] as named tensors
+//!   (`state_tensors` / `load_state_tensors`), with `save_state` / `load_state` writing it as
+//!   one safetensors file;
 //! - [`clip_grad_norm`], [`grad_norm`] and [`non_finite_grads`] work on any `GradStore`;
 //! - [`Schedule`] gives learning-rate schedules for any optimizer.
 
@@ -85,12 +92,14 @@ mod fused;
 mod grad;
 mod groups;
 mod lookahead;
+mod lookahead_core;
 mod params;
 mod portable;
 mod radam;
 mod ranger;
 pub mod scalars;
 mod schedule;
+mod state;
 pub mod state_file;
 
 pub use error::{Error, Result};
@@ -101,3 +110,5 @@ pub use params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, 
 pub use radam::{ParamsRAdam, RAdam};
 pub use ranger::{Ranger, StepReport};
 pub use schedule::{Decay, Schedule};
+pub use state::OptimizerState;
+pub use state_file::StateView;

@@ -1,8 +1,11 @@
 //! Lookahead (Zhang et al., 2019) around any Candle optimizer.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use candle_nn::Optimizer;
+
+use crate::error::{Error, Result};
+use crate::lookahead_core::{initial_slow, is_sync_step, sync_var, SlowSwap};
 
 /// Configuration of [`Lookahead`]: the inner optimizer's config, the sync period `k` and the
 /// interpolation factor `alpha`.
@@ -40,30 +43,20 @@ pub struct Lookahead<O> {
     steps: Vec<u64>,
     k: usize,
     alpha: f64,
-    swapped_out: Option<Vec<Tensor>>,
-}
-
-fn slow_dtype(dt: DType) -> DType {
-    if dt == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
+    swap: SlowSwap,
 }
 
 impl<O: Optimizer> Lookahead<O> {
-    /// Wraps an existing optimizer over `vars`.
-    pub fn wrap(inner: O, vars: Vec<Var>, k: usize, alpha: f64) -> candle_core::Result<Self> {
-        if k == 0 {
-            candle_core::bail!("lookahead: k must be >= 1");
-        }
-        if !(0.0..=1.0).contains(&alpha) {
-            candle_core::bail!("lookahead: alpha must be in [0, 1], got {alpha}");
+    /// Wraps an existing optimizer over `vars`; fails with [`Error::InvalidLookahead`] unless
+    /// `k >= 1` and `alpha` is in [0, 1].
+    pub fn wrap(inner: O, vars: Vec<Var>, k: usize, alpha: f64) -> Result<Self> {
+        if k == 0 || !(0.0..=1.0).contains(&alpha) {
+            return Err(Error::InvalidLookahead { k, alpha });
         }
         let vars: Vec<Var> = vars.into_iter().filter(|v| v.dtype().is_float()).collect();
         let slow = vec![None; vars.len()];
         let steps = vec![0; vars.len()];
-        Ok(Self { inner, vars, slow, steps, k, alpha, swapped_out: None })
+        Ok(Self { inner, vars, slow, steps, k, alpha, swap: SlowSwap::default() })
     }
 
     /// The inner optimizer.
@@ -85,78 +78,53 @@ impl<O: Optimizer> Lookahead<O> {
     fn slow_of(&self, i: usize) -> candle_core::Result<Tensor> {
         match &self.slow[i] {
             Some(s) => Ok(s.clone()),
-            None => self.vars[i].as_tensor().detach().to_dtype(slow_dtype(self.vars[i].dtype()))?.copy(),
+            None => initial_slow(&self.vars[i]),
         }
     }
 
     fn sync_one(&mut self, i: usize) -> candle_core::Result<()> {
         let old = self.slow_of(i)?;
-        let var = &self.vars[i];
-        let fast = var.as_tensor().detach().to_dtype(old.dtype())?;
-        let slow = (&old + ((fast - &old)? * self.alpha)?)?;
-        var.set(&slow.to_dtype(var.dtype())?)?;
-        self.slow[i] = Some(slow);
+        self.slow[i] = Some(sync_var(&self.vars[i], &old, self.alpha)?);
         Ok(())
     }
 
     /// Syncs every variable now, whatever its step count.
-    pub fn sync(&mut self) -> candle_core::Result<()> {
-        if self.swapped_out.is_some() {
-            candle_core::bail!("lookahead: sync called while the slow weights are swapped in");
-        }
-        (0..self.vars.len()).try_for_each(|i| self.sync_one(i))
+    pub fn sync(&mut self) -> Result<()> {
+        self.swap.ensure_fast("sync")?;
+        Ok((0..self.vars.len()).try_for_each(|i| self.sync_one(i))?)
     }
 
     /// The slow weights, in each variable's dtype.
-    pub fn slow_weights(&self) -> candle_core::Result<Vec<Tensor>> {
-        (0..self.vars.len()).map(|i| self.slow_of(i)?.to_dtype(self.vars[i].dtype())).collect()
+    pub fn slow_weights(&self) -> Result<Vec<Tensor>> {
+        Ok((0..self.vars.len())
+            .map(|i| self.slow_of(i)?.to_dtype(self.vars[i].dtype()))
+            .collect::<candle_core::Result<_>>()?)
     }
 
-    /// Puts the slow weights into the variables, keeping the fast ones aside.
-    pub fn swap_in_slow_weights(&mut self) -> candle_core::Result<()> {
-        if self.swapped_out.is_some() {
+    /// Puts the slow weights into the variables, keeping the fast ones aside. Steps and syncs
+    /// fail until [`Lookahead::swap_back_fast_weights`] is called.
+    pub fn swap_in_slow_weights(&mut self) -> Result<()> {
+        if self.swap.is_swapped() {
             return Ok(());
         }
-        let mut fast = Vec::with_capacity(self.vars.len());
-        for (v, s) in self.vars.iter().zip(self.slow_weights()?) {
-            fast.push(v.as_tensor().detach().copy()?);
-            v.set(&s)?;
-        }
-        self.swapped_out = Some(fast);
-        Ok(())
+        let slow = self.slow_weights()?;
+        self.swap.swap_in(self.vars.iter().cloned().zip(slow))
     }
 
     /// Restores the fast weights.
-    pub fn swap_back_fast_weights(&mut self) -> candle_core::Result<()> {
-        if let Some(fast) = self.swapped_out.take() {
-            for (v, f) in self.vars.iter().zip(fast) {
-                v.set(&f)?;
-            }
-        }
-        Ok(())
+    pub fn swap_back_fast_weights(&mut self) -> Result<()> {
+        self.swap.swap_back()
     }
 
-    /// Runs `f` with the slow weights swapped in, then restores the fast weights.
-    pub fn with_slow_weights<R>(&mut self, f: impl FnOnce() -> R) -> candle_core::Result<R> {
+    /// Runs `f` with the slow weights swapped in, then restores the fast weights (also when `f`
+    /// panics).
+    pub fn with_slow_weights<R>(&mut self, f: impl FnOnce() -> R) -> Result<R> {
         self.swap_in_slow_weights()?;
-        let r = f();
-        self.swap_back_fast_weights()?;
-        Ok(r)
-    }
-}
-
-impl<O: Optimizer> Optimizer for Lookahead<O> {
-    type Config = LookaheadConfig<O::Config>;
-
-    fn new(vars: Vec<Var>, config: Self::Config) -> candle_core::Result<Self> {
-        let inner = O::new(vars.clone(), config.inner)?;
-        Self::wrap(inner, vars, config.k, config.alpha)
+        self.swap.restore_after(f)
     }
 
-    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        if self.swapped_out.is_some() {
-            candle_core::bail!("lookahead: step called while the slow weights are swapped in");
-        }
+    fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        self.swap.ensure_fast("step")?;
         if !crate::grad::non_finite_grads(grads, &self.vars)?.is_empty() {
             return Ok(());
         }
@@ -170,12 +138,25 @@ impl<O: Optimizer> Optimizer for Lookahead<O> {
         for i in 0..self.vars.len() {
             if grads.get(&self.vars[i]).is_some() {
                 self.steps[i] += 1;
-                if self.steps[i].is_multiple_of(self.k as u64) {
+                if is_sync_step(self.k, self.steps[i]) {
                     self.sync_one(i)?;
                 }
             }
         }
         Ok(())
+    }
+}
+
+impl<O: Optimizer> Optimizer for Lookahead<O> {
+    type Config = LookaheadConfig<O::Config>;
+
+    fn new(vars: Vec<Var>, config: Self::Config) -> candle_core::Result<Self> {
+        let inner = O::new(vars.clone(), config.inner)?;
+        Self::wrap(inner, vars, config.k, config.alpha).map_err(Error::into_candle)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.try_step(grads).map_err(Error::into_candle)
     }
 
     fn learning_rate(&self) -> f64 {

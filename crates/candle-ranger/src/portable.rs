@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Tensor, Var};
 
+use crate::lookahead_core::interpolate_tensor;
 use crate::scalars::{StepScalars, Update};
 
 /// Optimizer state of one variable as tensors on the variable's device (f64 for f64
@@ -49,7 +50,7 @@ pub(crate) fn step(
     };
     changed |= !matches!(sc.update, Update::None);
     if let (Some(alpha), Some(slow)) = (sc.sync_alpha, st.slow.as_mut()) {
-        *slow = (&*slow + ((&p - &*slow)? * alpha)?)?;
+        *slow = interpolate_tensor(slow, &p, alpha)?;
         p = slow.clone();
         changed = true;
     }

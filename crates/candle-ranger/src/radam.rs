@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::groups::ParamGroup;
 use crate::params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, UpdatePath};
 use crate::ranger::{Ranger, StepReport};
+use crate::state::OptimizerState;
 
 /// Hyperparameters of [`RAdam`]; `Default` is `torch.optim.RAdam`'s: lr 1e-3, betas
 /// (0.9, 0.999), eps 1e-8, no weight decay (L2 when set, decoupled if asked).
@@ -89,6 +90,16 @@ impl RAdam {
     /// One step, telling what it did.
     pub fn step_with_report(&mut self, grads: &GradStore) -> Result<StepReport> {
         self.inner.step_with_report(grads)
+    }
+
+    /// Moments and step counts as data (see [`Ranger::state_tensors`]).
+    pub fn state_tensors(&self) -> Result<OptimizerState<'_>> {
+        self.inner.state_tensors()
+    }
+
+    /// Loads state taken by [`RAdam::state_tensors`] (see [`Ranger::load_state_tensors`]).
+    pub fn load_state_tensors(&mut self, state: &OptimizerState<'_>) -> Result<()> {
+        self.inner.load_state_tensors(state)
     }
 
     /// Saves moments and step counts (see [`Ranger::save_state`]).

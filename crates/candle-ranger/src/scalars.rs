@@ -1,5 +1,6 @@
 //! The per-step scalars of RAdam, computed in f64 from the step count alone.
 
+use crate::lookahead_core::is_sync_step;
 use crate::params::{ParamsRanger, RectifyFallback};
 
 /// How the parameter moves on one step.
@@ -85,7 +86,7 @@ impl StepScalars {
         };
         let (decay_factor, l2) =
             if p.decoupled_weight_decay { (1.0 - lr * weight_decay, 0.0) } else { (1.0, weight_decay) };
-        let sync_alpha = (p.lookahead_k > 0 && t.is_multiple_of(p.lookahead_k as u64)).then_some(p.lookahead_alpha);
+        let sync_alpha = is_sync_step(p.lookahead_k, t).then_some(p.lookahead_alpha);
         Self { t, rho_t: rho, update, decay_factor, l2, sync_alpha }
     }
 }

@@ -1,11 +1,11 @@
-//! Reading and writing optimizer state as one safetensors file, atomically.
+//! Reading and writing safetensors files of optimizer state, atomically: the file layer under
+//! [`crate::OptimizerState`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use std::borrow::Cow;
-
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, SafeTensors, View};
 
 use crate::error::{Error, Result};
@@ -13,8 +13,9 @@ use crate::error::{Error, Result};
 /// Value of the `format` metadata key of state files written by this crate.
 pub const STATE_FORMAT: &str = "candle-ranger-state/1";
 
-/// A tensor to write: a Candle tensor, or a host buffer borrowed without a copy (so saving the
-/// optimizer state of a large model does not double its memory).
+/// A tensor of optimizer state: a Candle tensor, or a host buffer borrowed without a copy (so
+/// saving the optimizer state of a large model does not double its memory).
+#[derive(Debug, Clone)]
 pub enum StateView<'a> {
     /// A Candle tensor (copied to bytes one tensor at a time while writing).
     Tensor(Tensor),
@@ -22,6 +23,34 @@ pub enum StateView<'a> {
     F32(&'a [f32], Vec<usize>),
     /// Borrowed f64 values with a shape.
     F64(&'a [f64], Vec<usize>),
+}
+
+impl StateView<'_> {
+    /// The shape.
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            StateView::Tensor(t) => t.dims(),
+            StateView::F32(_, s) | StateView::F64(_, s) => s,
+        }
+    }
+
+    /// The Candle dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            StateView::Tensor(t) => t.dtype(),
+            StateView::F32(..) => DType::F32,
+            StateView::F64(..) => DType::F64,
+        }
+    }
+
+    /// A Candle tensor of the values (a copy of a borrowed buffer, on the CPU).
+    pub fn to_tensor(&self) -> candle_core::Result<Tensor> {
+        match self {
+            StateView::Tensor(t) => Ok(t.clone()),
+            StateView::F32(x, s) => Tensor::from_slice(x, s.as_slice(), &Device::Cpu),
+            StateView::F64(x, s) => Tensor::from_slice(x, s.as_slice(), &Device::Cpu),
+        }
+    }
 }
 
 /// Plain floats: no padding, every bit pattern valid, so they can be viewed as bytes.
@@ -47,10 +76,7 @@ impl View for &StateView<'_> {
         }
     }
     fn shape(&self) -> &[usize] {
-        match self {
-            StateView::Tensor(t) => t.dims(),
-            StateView::F32(_, s) | StateView::F64(_, s) => s,
-        }
+        self.dims()
     }
     fn data(&self) -> Cow<'_, [u8]> {
         match self {
@@ -71,7 +97,8 @@ impl View for &StateView<'_> {
 
 /// Writes `tensors` and `metadata` to `path`, streaming tensor by tensor into a temporary file
 /// that is synced and then renamed into place, so a crash never leaves a half-written file
-/// where a good one was.
+/// where a good one was. The file gets the permissions `std::fs::File::create` gives (0666
+/// less the umask on Unix).
 pub fn write_atomic(path: &Path, tensors: &[(String, StateView<'_>)], metadata: HashMap<String, String>) -> Result<()> {
     let io = |source| Error::Io { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -79,8 +106,16 @@ pub fn write_atomic(path: &Path, tensors: &[(String, StateView<'_>)], metadata: 
     }
     let tmp = tmp_path(path);
     let views: Vec<(&str, &StateView<'_>)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let result = safetensors::serialize_to_file(views, Some(metadata), &tmp)
-        .map_err(|e| Error::StateFormat { path: path.to_path_buf(), message: format!("cannot write: {e}") })
+    // safetensors writes through a temporary file of its own, created 0600, and renames it
+    // over `tmp`: the permissions of a plain `File::create` are taken first and put back after.
+    let result = std::fs::File::create(&tmp)
+        .and_then(|f| f.metadata())
+        .map_err(io)
+        .and_then(|created| {
+            safetensors::serialize_to_file(views, Some(metadata), &tmp)
+                .map_err(|e| Error::StateFormat { path: path.to_path_buf(), message: format!("cannot write: {e}") })?;
+            std::fs::set_permissions(&tmp, created.permissions()).map_err(io)
+        })
         .and_then(|()| {
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
             std::fs::rename(&tmp, path).map_err(io)?;

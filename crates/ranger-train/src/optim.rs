@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Var;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use candle_ranger::{
-    non_finite_grads, Centralization, ParamGroup, ParamsRAdam, ParamsRanger, RAdam, Ranger, StepReport,
+    non_finite_grads, Centralization, OptimizerState, ParamGroup, ParamsRAdam, ParamsRanger, RAdam, Ranger, StepReport,
 };
 
 use crate::config::{OptimizerKind, TrainConfig};
@@ -110,23 +110,45 @@ impl TrainOptimizer {
         }
     }
 
+    /// The optimizer state as named tensors; `None` for AdamW, whose state is not exposed.
+    pub fn state_tensors(&self) -> Result<Option<OptimizerState<'_>>> {
+        Ok(match self {
+            Self::Ranger(o) => Some(o.state_tensors()?),
+            Self::RAdam(o) => Some(o.state_tensors()?),
+            Self::AdamW(..) => None,
+        })
+    }
+
+    /// Loads state taken by [`TrainOptimizer::state_tensors`]; every name, shape and dtype is
+    /// checked and a mismatch changes nothing.
+    pub fn load_state_tensors(&mut self, state: &OptimizerState<'_>) -> Result<()> {
+        match self {
+            Self::Ranger(o) => Ok(o.load_state_tensors(state)?),
+            Self::RAdam(o) => Ok(o.load_state_tensors(state)?),
+            Self::AdamW(..) => Err(TrainError::Msg("AdamW state cannot be restored".into())),
+        }
+    }
+
     /// Saves the optimizer state; `false` when this optimizer's state cannot be saved (AdamW).
     pub fn save_state(&self, path: &Path) -> Result<bool> {
-        match self {
-            Self::Ranger(o) => o.save_state(path)?,
-            Self::RAdam(o) => o.save_state(path)?,
-            Self::AdamW(..) => return Ok(false),
+        match self.state_tensors()? {
+            Some(state) => state.save(path)?,
+            None => return Ok(false),
         }
         Ok(true)
     }
 
     /// Loads the optimizer state written by [`TrainOptimizer::save_state`].
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        match self {
-            Self::Ranger(o) => Ok(o.load_state(path)?),
-            Self::RAdam(o) => Ok(o.load_state(path)?),
-            Self::AdamW(..) => Err(TrainError::Msg("AdamW state cannot be restored".into())),
+        if let Self::AdamW(..) = self {
+            return Err(TrainError::Msg("AdamW state cannot be restored".into()));
         }
+        let state = OptimizerState::load(path)?;
+        // A mismatch found while loading the tensors names the file too.
+        self.load_state_tensors(&state).map_err(|e| match e {
+            TrainError::Optimizer(e) => TrainError::Optimizer(e.in_file(path)),
+            other => other,
+        })
     }
 
     /// The slow weights by name (Ranger with Lookahead), else `None`.

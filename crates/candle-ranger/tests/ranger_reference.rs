@@ -1,6 +1,6 @@
 //! Step-by-step comparison with PyTorch: `torch.optim.RAdam` + gradient centralization +
 //! Lookahead, cross-checked against `pytorch_optimizer.Ranger` (see tools/ranger_reference.py,
-//! which wrote tests/fixtures/ranger_reference.safetensors).
+//! which wrote crates/candle-ranger/tests/fixtures/ranger_reference.safetensors).
 
 use std::collections::HashMap;
 

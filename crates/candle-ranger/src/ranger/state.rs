@@ -1,0 +1,152 @@
+//! The state of [`Ranger`] as data ([`OptimizerState`]) and as a file.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Shape, Tensor};
+
+use super::slot::SlotState;
+use super::Ranger;
+use crate::error::{Error, Result};
+use crate::fused::{HostBuf, HostState};
+use crate::portable::DeviceState;
+use crate::state::{state_dtype, OptimizerState};
+use crate::state_file::StateView;
+
+impl Ranger {
+    /// The optimizer state (moments, slow weights, per-variable step counts, learning rate,
+    /// skipped steps) as named tensors on the CPU; see [`OptimizerState`] for the names. Host
+    /// state is borrowed, not copied.
+    pub fn state_tensors(&self) -> Result<OptimizerState<'_>> {
+        fn view<'a>(buf: &'a HostBuf, shape: &Shape) -> StateView<'a> {
+            match buf {
+                HostBuf::F32(v) => StateView::F32(v.as_slice(), shape.dims().to_vec()),
+                HostBuf::F64(v) => StateView::F64(v.as_slice(), shape.dims().to_vec()),
+            }
+        }
+        let cpu = Device::Cpu;
+        let lookahead = self.params.lookahead_k > 0;
+        let mut tensors: Vec<(String, StateView<'_>)> = Vec::new();
+        for slot in &self.slots {
+            let shape = slot.var.shape();
+            let name = &slot.name;
+            match &slot.state {
+                SlotState::Host(st) => {
+                    tensors.push((format!("{name}.exp_avg"), view(&st.m, shape)));
+                    tensors.push((format!("{name}.exp_avg_sq"), view(&st.v, shape)));
+                    match &st.slow {
+                        Some(s) => tensors.push((format!("{name}.slow"), view(s, shape))),
+                        None if lookahead => {
+                            tensors.push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?)))
+                        }
+                        None => {}
+                    }
+                }
+                SlotState::Device(st) => {
+                    tensors.push((format!("{name}.exp_avg"), StateView::Tensor(st.m.to_device(&cpu)?)));
+                    tensors.push((format!("{name}.exp_avg_sq"), StateView::Tensor(st.v.to_device(&cpu)?)));
+                    if lookahead {
+                        tensors
+                            .push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?.to_device(&cpu)?)));
+                    }
+                }
+            }
+            tensors.push((format!("{name}.step"), StateView::Tensor(Tensor::new(&[slot.step as i64], &cpu)?)));
+        }
+        Ok(OptimizerState {
+            tensors,
+            lr: Some(self.params.lr),
+            skipped_steps: self.skipped_steps,
+            hyperparameters: self.params.to_metadata_string(),
+        })
+    }
+
+    /// Loads state taken by [`Ranger::state_tensors`] (or read by [`OptimizerState::load`])
+    /// into this optimizer, built over the same variable names: moments, slow weights, step
+    /// counts, the learning rate and the skipped-step count. Every name, shape and dtype is
+    /// checked first; on any mismatch nothing is changed and the [`Error::StateMismatch`]
+    /// names the offending tensor.
+    pub fn load_state_tensors(&mut self, state: &OptimizerState<'_>) -> Result<()> {
+        let mismatch =
+            |tensor: &str, problem: String| Error::StateMismatch { path: None, tensor: tensor.to_string(), problem };
+        let mut tensors: HashMap<&str, &StateView<'_>> = HashMap::with_capacity(state.tensors.len());
+        for (name, t) in &state.tensors {
+            if tensors.insert(name, t).is_some() {
+                return Err(mismatch(name, "appears twice".into()));
+            }
+        }
+        let mut take = |name: String, shape: &Shape, dtype: DType| -> Result<Tensor> {
+            let t = tensors.remove(name.as_str()).ok_or_else(|| mismatch(&name, "missing from the state".into()))?;
+            if t.dims() != shape.dims() {
+                return Err(mismatch(&name, format!("shape {:?} in the state, {:?} expected", t.dims(), shape.dims())));
+            }
+            if t.dtype() != dtype {
+                return Err(mismatch(&name, format!("dtype {:?} in the state, {:?} expected", t.dtype(), dtype)));
+            }
+            Ok(t.to_tensor()?)
+        };
+        // Validate everything first, then commit: a bad state changes nothing.
+        let mut loaded = Vec::with_capacity(self.slots.len());
+        let lookahead = self.params.lookahead_k > 0;
+        for slot in &self.slots {
+            let sdt = state_dtype(slot.var.dtype());
+            let shape = slot.var.shape();
+            let m = take(format!("{}.exp_avg", slot.name), shape, sdt)?;
+            let v = take(format!("{}.exp_avg_sq", slot.name), shape, sdt)?;
+            let slow = if lookahead { Some(take(format!("{}.slow", slot.name), shape, sdt)?) } else { None };
+            let step_name = format!("{}.step", slot.name);
+            let step = take(step_name.clone(), &Shape::from(1), DType::I64)?.to_vec1::<i64>()?[0];
+            let step = u64::try_from(step).map_err(|_| mismatch(&step_name, format!("negative step count {step}")))?;
+            loaded.push((m, v, slow, step));
+        }
+        if let Some(extra) = tensors.keys().min() {
+            return Err(mismatch(
+                extra,
+                "not a variable of this optimizer (was the state saved for another model or with Lookahead?)".into(),
+            ));
+        }
+        // Build every new state first (fallible: copies, device transfers), then swap them in.
+        let mut states = Vec::with_capacity(loaded.len());
+        for (slot, (m, v, slow, step)) in self.slots.iter().zip(loaded) {
+            let state = match slot.state {
+                SlotState::Host(_) => SlotState::Host(HostState {
+                    m: HostBuf::from_tensor(&m)?,
+                    v: HostBuf::from_tensor(&v)?,
+                    slow: slow.as_ref().map(HostBuf::from_tensor).transpose()?,
+                }),
+                SlotState::Device(_) => {
+                    let dev = slot.var.device();
+                    SlotState::Device(DeviceState {
+                        m: m.to_device(dev)?,
+                        v: v.to_device(dev)?,
+                        slow: slow.map(|s| s.to_device(dev)).transpose()?,
+                    })
+                }
+            };
+            states.push((state, step));
+        }
+        for (slot, (state, step)) in self.slots.iter_mut().zip(states) {
+            slot.state = state;
+            slot.step = step;
+        }
+        if let Some(lr) = state.lr {
+            self.params.lr = lr;
+        }
+        self.skipped_steps = state.skipped_steps;
+        Ok(())
+    }
+
+    /// Saves the optimizer state ([`Ranger::state_tensors`]) to one safetensors file,
+    /// atomically; hyperparameters, learning rate and skipped steps go in its metadata.
+    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.state_tensors()?.save(path)
+    }
+
+    /// Loads a file written by [`Ranger::save_state`] (see [`Ranger::load_state_tensors`]: a
+    /// file that does not fit changes nothing, and the error names the file and the tensor).
+    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let state = OptimizerState::load(path)?;
+        self.load_state_tensors(&state).map_err(|e| e.in_file(path))
+    }
+}
