@@ -120,8 +120,11 @@ mod tests {
         assert!(!c.mask_prompt && !c.centralize);
         assert_eq!(c.output, "out");
         let c = from(
-            &[&REQUIRED[..], &["--labels", "neg,pos", "--lora-targets", "q_proj,v_proj", "--modules-to-save", "lm_head"]]
-                .concat(),
+            &[
+                &REQUIRED[..],
+                &["--labels", "neg,pos", "--lora-targets", "q_proj,v_proj", "--modules-to-save", "lm_head"],
+            ]
+            .concat(),
             None,
         )
         .unwrap();

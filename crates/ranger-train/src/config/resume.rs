@@ -189,6 +189,9 @@ mod tests {
         let saved = TrainConfig { learning_rate: 0.01, ..TrainConfig::default() };
         let now = TrainConfig { learning_rate: 0.02, lora: true, output: "x".into(), ..TrainConfig::default() };
         let found: Vec<String> = now.resume_mismatches(&saved).iter().map(|m| m.to_string()).collect();
-        assert_eq!(found, ["learning_rate is 0.01 in the checkpoint but 0.02 now", "lora is false in the checkpoint but true now"]);
+        assert_eq!(
+            found,
+            ["learning_rate is 0.01 in the checkpoint but 0.02 now", "lora is false in the checkpoint but true now"]
+        );
     }
 }
