@@ -7,11 +7,9 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ranger_train::build::{ModelBuilder, Tuning};
-use ranger_train::config::{
-    parse_device, BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind, TaskKind,
-};
+use ranger_train::config::{parse_device, DTypeArg};
 use ranger_train::convert::gguf_to_hf;
 use ranger_train::generate::{generate, stop_ids, GenerateOptions};
 use ranger_train::merge::{merge_adapter, Merged};
@@ -50,377 +48,26 @@ enum Command {
 
 /// Every option can also be set in a TOML file given with --config (same names, snake_case);
 /// flags given on the command line win over the file.
-#[derive(Args, Default)]
+#[derive(Args)]
 struct TrainArgs {
     /// TOML file with any of the options below.
-    #[arg(short, long)]
-    config: Option<PathBuf>,
-    /// causal-lm | classify: next-token prediction, or sequence classification (BERT, RoBERTa,
-    /// DistilBERT, or a Llama-family model pooled at its last token) [default: causal-lm].
-    #[arg(long, value_enum)]
-    task: Option<TaskArg>,
-    /// Hub repository id, local model folder, or .gguf file.
-    #[arg(long)]
-    model: Option<String>,
-    /// Hub revision (branch, tag or commit).
-    #[arg(long)]
-    revision: Option<String>,
-    /// Training data. causal-lm: .jsonl (`text`, `prompt`+`completion`, or `messages` per line)
-    /// or plain text. classify: .jsonl, .csv or .tsv with a text and a label column.
-    #[arg(long)]
-    data: Option<String>,
-    /// classify: the text column (CSV header or JSON key) [default: text].
-    #[arg(long)]
-    text_column: Option<String>,
-    /// classify: the column of the second text of a pair (e.g. NLI hypotheses).
-    #[arg(long)]
-    text_pair_column: Option<String>,
-    /// classify: the label column [default: label].
-    #[arg(long)]
-    label_column: Option<String>,
-    /// classify: comma-separated label names in id order [default: the checkpoint's id2label if
-    /// it is a classifier, else the training labels sorted (integers numerically)].
-    #[arg(long, value_delimiter = ',')]
-    labels: Option<Vec<String>>,
-    /// loss | accuracy | f1: the evaluation figure that picks the best model (kept in best/ for
-    /// classifiers) and drives early stopping [default: loss].
-    #[arg(long, value_enum)]
-    metric_for_best: Option<MetricArg>,
-    /// Validation data (same formats).
-    #[arg(long)]
-    validation_file: Option<String>,
-    /// Hold out this fraction of the training examples for validation (when no file is given).
-    #[arg(long)]
-    val_split: Option<f64>,
-    /// Output folder (checkpoints, metrics.jsonl, loss_curve.svg, model/).
-    #[arg(short, long)]
-    output: Option<String>,
-    /// Longest sequence in tokens; longer examples are truncated [default: 512].
-    #[arg(long)]
-    max_seq_length: Option<usize>,
-    /// Pack short examples into full sequences (no attention across examples).
-    #[arg(long)]
-    pack: bool,
-    /// Also train on prompts / non-assistant turns.
-    #[arg(long)]
-    no_mask_prompt: bool,
-    /// ranger | radam | adamw [default: ranger].
-    #[arg(long, value_enum)]
-    optimizer: Option<OptArg>,
-    /// Peak learning rate [default: 5e-5].
-    #[arg(long)]
-    learning_rate: Option<f64>,
-    /// Weight decay, not applied to biases and norm weights [default: 0].
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// Adam beta1 [default: 0.95 for ranger, 0.9 otherwise].
-    #[arg(long)]
-    beta1: Option<f64>,
-    /// Adam beta2 [default: 0.999].
-    #[arg(long)]
-    beta2: Option<f64>,
-    /// Adam epsilon [default: 1e-5 for ranger, 1e-8 otherwise].
-    #[arg(long)]
-    eps: Option<f64>,
-    /// Lookahead sync period k; 0 disables Lookahead [default: 6].
-    #[arg(long)]
-    lookahead_k: Option<usize>,
-    /// Lookahead alpha [default: 0.5].
-    #[arg(long)]
-    lookahead_alpha: Option<f64>,
-    /// Turn gradient centralization off (ranger).
-    #[arg(long)]
-    no_centralize: bool,
-    /// cosine | linear | constant | flat-cosine [default: cosine].
-    #[arg(long, value_enum)]
-    lr_scheduler: Option<SchedArg>,
-    /// Warmup steps (wins over --warmup-ratio).
-    #[arg(long)]
-    warmup_steps: Option<usize>,
-    /// Warmup as a fraction of all steps [default: 0].
-    #[arg(long)]
-    warmup_ratio: Option<f64>,
-    /// Final learning rate as a fraction of the peak [default: 0].
-    #[arg(long)]
-    min_lr_ratio: Option<f64>,
-    /// Flat fraction of flat-cosine [default: 0.7].
-    #[arg(long)]
-    flat_fraction: Option<f64>,
-    /// Sequences per micro-batch [default: 4].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default: 1].
-    #[arg(long)]
-    grad_accumulation_steps: Option<usize>,
-    /// Clip the global gradient norm to this; 0 disables [default: 1].
-    #[arg(long)]
-    max_grad_norm: Option<f64>,
-    /// Epochs [default: 1].
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Optimizer steps (wins over --epochs).
-    #[arg(long)]
-    max_steps: Option<usize>,
-    /// Evaluate every N steps; 0: at the end only [default: 0].
-    #[arg(long)]
-    eval_every: Option<usize>,
-    /// Validation batches per evaluation [default: all].
-    #[arg(long)]
-    eval_batches: Option<usize>,
-    /// Save a checkpoint every N steps; 0: at the end only [default: 0].
-    #[arg(long)]
-    save_every: Option<usize>,
-    /// Checkpoints kept [default: 2].
-    #[arg(long)]
-    save_total_limit: Option<usize>,
-    /// Stop after this many evaluations without improvement.
-    #[arg(long)]
-    early_stopping_patience: Option<usize>,
-    /// Log every N steps [default: 1].
-    #[arg(long)]
-    log_every: Option<usize>,
-    /// Seed of shuffling and the validation split [default: 42].
-    #[arg(long)]
-    seed: Option<u64>,
-    /// auto | cpu | cuda | cuda:N | metal [default: auto].
-    #[arg(long)]
-    device: Option<String>,
-    /// f32 | bf16 | f16 parameters; optimizer state stays f32 [default: f32].
-    #[arg(long, value_enum)]
-    dtype: Option<DtypeCli>,
-    /// On a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the batch [default: stop].
-    #[arg(long, value_enum)]
-    on_nan: Option<NanArg>,
-    /// Evaluate and save the Lookahead slow weights or the fast ones [default: slow].
-    #[arg(long, value_enum)]
-    eval_weights: Option<WeightsArg>,
-    /// Shard the saved model above this many bytes [default: 5000000000].
-    #[arg(long)]
-    max_shard_size: Option<usize>,
-    /// Resume exactly from a checkpoint folder (or the output folder's latest checkpoint).
-    #[arg(long)]
-    resume: Option<String>,
-    /// Train LoRA adapters (base weights frozen); the output is a PEFT adapter folder.
-    #[arg(long)]
-    lora: bool,
-    /// LoRA rank [default: 8].
-    #[arg(long)]
-    lora_rank: Option<usize>,
-    /// LoRA alpha; adapters are scaled by alpha / rank [default: 16].
-    #[arg(long)]
-    lora_alpha: Option<f64>,
-    /// Dropout on the adapters' input while training, as PEFT's lora_dropout (never in
-    /// evaluation; masks are seeded per micro-batch, so resume stays exact) [default: 0].
-    #[arg(long)]
-    lora_dropout: Option<f64>,
-    /// DoRA: weight-decomposed LoRA with a trainable magnitude per output row, saved as PEFT's
-    /// use_dora (implies --lora).
-    #[arg(long)]
-    dora: bool,
-    /// rsLoRA: scale adapters by alpha / sqrt(rank) instead of alpha / rank, saved as PEFT's
-    /// use_rslora (implies --lora).
-    #[arg(long)]
-    rslora: bool,
-    /// Comma-separated projections that get adapters, by name or path suffix as PEFT matches them
-    /// [default: every attention and MLP projection of the model].
-    #[arg(long, value_delimiter = ',')]
-    lora_targets: Option<Vec<String>>,
-    /// Comma-separated modules trained whole next to the adapters and saved with them, as PEFT's
-    /// modules_to_save (a module path suffix: embed_tokens, lm_head, norm, ...); with tied
-    /// embeddings, embed_tokens and lm_head are one matrix, saved tied (ensure_weight_tying).
-    /// A classifier's head is always trained.
-    #[arg(long, value_delimiter = ',')]
-    modules_to_save: Option<Vec<String>>,
-    /// Go on training this PEFT LoRA adapter (implies --lora; its rank, alpha, targets, DoRA and
-    /// rsLoRA settings win).
-    #[arg(long)]
-    lora_adapter: Option<String>,
+    #[arg(short, long = "config", value_name = "FILE")]
+    config_file: Option<PathBuf>,
     /// Print the final summary as JSON.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum TaskArg {
-    CausalLm,
-    Classify,
-}
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum MetricArg {
-    Loss,
-    Accuracy,
-    F1,
-}
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum OptArg {
-    Ranger,
-    Radam,
-    Adamw,
-}
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum SchedArg {
-    Cosine,
-    Linear,
-    Constant,
-    FlatCosine,
-}
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum DtypeCli {
-    F32,
-    Bf16,
-    F16,
-}
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum NanArg {
-    Stop,
-    Skip,
-}
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum WeightsArg {
-    Slow,
-    Fast,
+    #[command(flatten)]
+    config: TrainConfig,
 }
 
 impl TrainArgs {
-    /// Defaults, then the TOML file, then the flags.
-    fn into_config(self) -> Result<TrainConfig> {
-        let mut c = match &self.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-                toml::from_str::<TrainConfig>(&text).with_context(|| format!("{}: invalid config", p.display()))?
-            }
-            None => TrainConfig::default(),
+    /// Defaults, then the TOML file, then the flags given in `matches` (this subcommand's).
+    fn into_config(self, matches: &ArgMatches) -> Result<TrainConfig> {
+        let text = match &self.config_file {
+            Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
         };
-        macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
-        }
-        set!(
-            model,
-            data,
-            output,
-            max_seq_length,
-            learning_rate,
-            weight_decay,
-            beta2,
-            lookahead_k,
-            lookahead_alpha,
-            warmup_ratio,
-            min_lr_ratio,
-            flat_fraction,
-            batch_size,
-            grad_accumulation_steps,
-            max_grad_norm,
-            epochs,
-            eval_every,
-            save_every,
-            save_total_limit,
-            log_every,
-            seed,
-            device,
-            max_shard_size,
-            val_split,
-            lora_rank,
-            lora_alpha,
-            lora_dropout,
-            lora_targets,
-            modules_to_save,
-            text_column,
-            label_column
-        );
-        macro_rules! set_opt {
-            ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
-        }
-        set_opt!(
-            revision,
-            validation_file,
-            beta1,
-            eps,
-            warmup_steps,
-            max_steps,
-            eval_batches,
-            early_stopping_patience,
-            resume,
-            text_pair_column,
-            labels
-        );
-        if let Some(t) = self.task {
-            c.task = match t {
-                TaskArg::CausalLm => TaskKind::CausalLm,
-                TaskArg::Classify => TaskKind::Classify,
-            };
-        }
-        if let Some(m) = self.metric_for_best {
-            c.metric_for_best = match m {
-                MetricArg::Loss => BestMetric::Loss,
-                MetricArg::Accuracy => BestMetric::Accuracy,
-                MetricArg::F1 => BestMetric::F1,
-            };
-        }
-        if self.pack {
-            c.pack = true;
-        }
-        if self.lora_adapter.is_some() {
-            c.lora_adapter = self.lora_adapter.clone();
-            c.lora = true;
-        }
-        if self.lora {
-            c.lora = true;
-        }
-        if self.dora {
-            c.dora = true;
-            c.lora = true;
-        }
-        if self.rslora {
-            c.rslora = true;
-            c.lora = true;
-        }
-        if self.no_mask_prompt {
-            c.mask_prompt = false;
-        }
-        if self.no_centralize {
-            c.centralize = false;
-        }
-        if let Some(o) = self.optimizer {
-            c.optimizer = match o {
-                OptArg::Ranger => OptimizerKind::Ranger,
-                OptArg::Radam => OptimizerKind::Radam,
-                OptArg::Adamw => OptimizerKind::Adamw,
-            };
-        }
-        if let Some(s) = self.lr_scheduler {
-            c.lr_scheduler = match s {
-                SchedArg::Cosine => ScheduleKind::Cosine,
-                SchedArg::Linear => ScheduleKind::Linear,
-                SchedArg::Constant => ScheduleKind::Constant,
-                SchedArg::FlatCosine => ScheduleKind::FlatCosine,
-            };
-        }
-        if let Some(d) = self.dtype {
-            c.dtype = match d {
-                DtypeCli::F32 => DTypeArg::F32,
-                DtypeCli::Bf16 => DTypeArg::Bf16,
-                DtypeCli::F16 => DTypeArg::F16,
-            };
-        }
-        if let Some(n) = self.on_nan {
-            c.on_nan = match n {
-                NanArg::Stop => NanPolicy::Stop,
-                NanArg::Skip => NanPolicy::Skip,
-            };
-        }
-        if let Some(w) = self.eval_weights {
-            c.eval_weights = match w {
-                WeightsArg::Slow => EvalWeights::Slow,
-                WeightsArg::Fast => EvalWeights::Fast,
-            };
-        }
-        if c.model.is_empty() {
-            bail!("--model is required (a Hub id, a model folder or a .gguf file)");
-        }
-        if c.data.is_empty() {
-            bail!("--data is required");
-        }
-        Ok(c)
+        Ok(TrainConfig::from_matches_and_toml(matches, self.config_file.as_deref().zip(text.as_deref()))?)
     }
 }
 
@@ -512,7 +159,7 @@ struct MergeArgs {
     output: PathBuf,
     /// f32 | bf16 | f16 weights in the output.
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeCli,
+    dtype: DTypeArg,
 }
 
 #[derive(Args)]
@@ -525,12 +172,12 @@ struct ConvertArgs {
     output: PathBuf,
     /// f32 | bf16 | f16 weights in the output.
     #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeCli,
+    dtype: DTypeArg,
 }
 
-fn train(args: TrainArgs) -> Result<()> {
+fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let json = args.json;
-    let cfg = args.into_config()?;
+    let cfg = args.into_config(matches)?;
     let session = ranger_train::prepare(cfg)?;
     let mut trainer = Trainer::new(session)?;
     let stop = trainer.stop.clone();
@@ -614,17 +261,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn dtype_of(d: DtypeCli) -> candle_core::DType {
-    match d {
-        DtypeCli::F32 => candle_core::DType::F32,
-        DtypeCli::Bf16 => candle_core::DType::BF16,
-        DtypeCli::F16 => candle_core::DType::F16,
-    }
-}
-
 fn merge(a: MergeArgs) -> Result<()> {
     let base = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
-    let what = match merge_adapter(base, &a.adapter, &a.output, dtype_of(a.dtype))? {
+    let what = match merge_adapter(base, &a.adapter, &a.output, a.dtype.dtype())? {
         Merged::Classifier => "classifier",
         Merged::CausalLm => "base",
     };
@@ -633,15 +272,17 @@ fn merge(a: MergeArgs) -> Result<()> {
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {
-    let n = gguf_to_hf(&a.model, &a.output, dtype_of(a.dtype))?;
+    let n = gguf_to_hf(&a.model, &a.output, a.dtype.dtype())?;
     println!("wrote {} (Hugging Face format, {n} tensors)", a.output.display());
     Ok(())
 }
 
 fn main() -> Result<()> {
     ranger_train::alloc::tune_mimalloc();
-    match Cli::parse().command {
-        Command::Train(a) => train(*a),
+    let matches = Cli::command().get_matches();
+    match Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()).command {
+        // The train options' sources (flag or default) decide what wins over the TOML file.
+        Command::Train(a) => train(*a, matches.subcommand_matches("train").expect("the train subcommand")),
         Command::Generate(a) => run_generate(a),
         Command::Convert(a) => convert(a),
         Command::Merge(a) => merge(a),

@@ -1,0 +1,16 @@
+//! Every option of a training run, each written once: [`TrainConfig`] is at the same time the
+//! `ranger-tune train` flags (clap), the keys of a TOML config file (serde) and what the trainer
+//! reads; which options a resume may change is declared beside it ([`MAY_CHANGE_ON_RESUME`]).
+
+mod device;
+mod error;
+mod kinds;
+mod layers;
+mod resume;
+mod train_config;
+
+pub use device::parse_device;
+pub use error::ConfigError;
+pub use kinds::{BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind, TaskKind};
+pub use resume::{ResumeMismatch, MAY_CHANGE_ON_RESUME};
+pub use train_config::TrainConfig;
