@@ -15,7 +15,6 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod gguf;
-pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod output;
@@ -31,4 +30,4 @@ pub mod weights;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
-pub use trainer::{prepare, RunSummary, Trainer};
+pub use trainer::{prepare, RunSummary, StopReason, TrainObserver, Trainer};
