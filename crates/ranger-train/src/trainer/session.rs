@@ -30,6 +30,7 @@ pub struct Session {
     pub(super) generation_config: Option<Value>,
     pub(super) device: Device,
     pub(super) origin: String,
+    /// Switches LoRA dropout on (with the micro-batch's seed) for training forward passes.
     pub(super) dropout_seed: DropoutSeed,
 }
 
@@ -67,11 +68,6 @@ impl Session {
     /// Where the model came from.
     pub fn origin(&self) -> &str {
         &self.origin
-    }
-
-    /// Switches LoRA dropout on (with the micro-batch's seed) for training forward passes.
-    pub fn dropout_seed(&self) -> &DropoutSeed {
-        &self.dropout_seed
     }
 }
 
