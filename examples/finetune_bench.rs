@@ -72,7 +72,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let mut trainer = Trainer::new(prepare(cfg)?)?;
         eprintln!("peak RSS after loading: {:.2} GiB", peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64);
-        trainer.verbose = false;
+        trainer.set_verbose(false);
         trainer.run()?;
         let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl"))?;
         let tps: Vec<f64> = metrics

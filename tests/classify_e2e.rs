@@ -90,7 +90,7 @@ fn minilm_learns_spamassassin_to_97_percent_held_out() {
     };
     let started = std::time::Instant::now();
     let mut t = Trainer::new(prepare(cfg).unwrap()).unwrap();
-    t.verbose = true;
+    t.set_verbose(true);
     let s = t.run().unwrap();
     eprintln!("trained in {:.0} s: {s:?}", started.elapsed().as_secs_f64());
     let best = s.best_model.clone().expect("best model kept");

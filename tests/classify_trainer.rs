@@ -72,7 +72,7 @@ fn config(dir: &Path, steps: usize) -> TrainConfig {
 
 fn quiet(cfg: TrainConfig) -> Trainer {
     let mut t = Trainer::new(prepare(cfg).unwrap()).unwrap();
-    t.verbose = false;
+    t.set_verbose(false);
     t
 }
 
@@ -158,21 +158,21 @@ fn classification_resume_is_exact() {
         first_cfg.output = dir.join("resumed").display().to_string();
         let mut stepper = quiet(first_cfg.clone());
         for _ in 0..n {
-            stepper.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            stepper.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
             assert_eq!(stepper.run().unwrap().stopped, "interrupted");
         }
         drop(stepper);
         let mut resume_cfg = first_cfg;
         resume_cfg.resume = Some(dir.join("resumed").display().to_string());
         let mut resumed = quiet(resume_cfg);
-        assert_eq!(resumed.state.step, n);
+        assert_eq!(resumed.state().step, n);
         resumed.run().unwrap();
-        for ((name, a), (_, b)) in straight.session.vars.iter().zip(&resumed.session.vars) {
+        for ((name, a), (_, b)) in straight.session().vars().iter().zip(resumed.session().vars()) {
             let d =
                 (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(d, 0.0, "{model_type} (lora {lora:?}): {name} differs after resume");
         }
-        assert_eq!(straight.state.best_score, resumed.state.best_score);
+        assert_eq!(straight.state().best_score, resumed.state().best_score);
     }
 }
 
@@ -240,7 +240,7 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(d < 1e-5, "merged classifier differs by {d}");
-    let trained = t.optimizer.with_slow_weights(|| t.session.task.classifier().unwrap().forward(&b).unwrap()).unwrap();
+    let trained = t.with_slow_weights(|s| s.task().classifier().unwrap().forward(&b).unwrap()).unwrap();
     let d = (trained - clf.model.forward(&b).unwrap())
         .unwrap()
         .abs()
@@ -260,7 +260,7 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
     more.lora_adapter = Some(adapter.display().to_string());
     more.output = dir.join("more").display().to_string();
     let more = quiet(more);
-    assert_eq!(more.session.vars.len(), t.session.vars.len());
+    assert_eq!(more.session().vars().len(), t.session().vars().len());
 }
 
 #[test]
@@ -351,7 +351,9 @@ fn text_pairs_reach_the_model_as_two_segments() {
     cfg.text_pair_column = Some("hypothesis".into());
     cfg.label_column = "label".into();
     let t = quiet(cfg);
-    let ranger_train::task::Task::Classify { train, labels, .. } = &t.session.task else { panic!("not a classifier") };
+    let ranger_train::task::Task::Classify { train, labels, .. } = t.session().task() else {
+        panic!("not a classifier")
+    };
     assert_eq!(labels, &vec!["no".to_string(), "yes".to_string()]);
     let e = &train.sequences[0];
     // [CLS] a [SEP] b [SEP]: the second text and its [SEP] have token type 1.

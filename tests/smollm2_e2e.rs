@@ -108,7 +108,7 @@ fn config(dir: &Path, out: &str, steps: usize) -> TrainConfig {
 
 fn quiet(cfg: TrainConfig) -> Trainer {
     let mut t = Trainer::new(prepare(cfg).unwrap()).unwrap();
-    t.verbose = false;
+    t.set_verbose(false);
     t
 }
 
@@ -140,8 +140,7 @@ fn fine_tune_end_to_end() {
     let (model, tok, gen) = model_of(load_dir(&out).unwrap());
     let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
     let reloaded = model.forward_ids(&probe).unwrap();
-    let trained =
-        t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
+    let trained = t.with_slow_weights(|s| s.task().causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
     let diff = (reloaded - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "the saved model is not the evaluated one");
     let opts = GenerateOptions { max_tokens: 8, temperature: 0.0, ..Default::default() };
@@ -154,14 +153,14 @@ fn fine_tune_end_to_end() {
     let mut straight = quiet(config(&dir, "straight", 2));
     straight.run().unwrap();
     let mut first = quiet(config(&dir, "resumed", 2));
-    first.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    first.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(first.run().unwrap().stopped, "interrupted");
     drop(first);
     let mut cfg = config(&dir, "resumed", 2);
     cfg.resume = Some(dir.join("resumed").display().to_string());
     let mut resumed = quiet(cfg);
     resumed.run().unwrap();
-    for ((n, a), (_, b)) in straight.session.vars.iter().zip(&resumed.session.vars) {
+    for ((n, a), (_, b)) in straight.session().vars().iter().zip(resumed.session().vars()) {
         let (a, b) = (
             a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -227,8 +226,7 @@ fn adapter_end_to_end(name: &str, dora: bool, dropout: f64, parameters: usize) {
     ranger_train::peft::load_peft_adapter(&mut model, &adapter, None).unwrap();
     let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
     let with_adapter = model.forward_ids(&probe).unwrap();
-    let trained =
-        t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
+    let trained = t.with_slow_weights(|s| s.task().causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
     let d = (&with_adapter - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(d, 0.0, "the reloaded adapter is not the evaluated one");
     let merged: std::collections::HashMap<_, _> = model.merged_weights().unwrap().into_iter().collect();

@@ -55,13 +55,13 @@ fn config(dir: &Path, steps: usize) -> TrainConfig {
 
 fn quiet(cfg: TrainConfig) -> Trainer {
     let mut t = Trainer::new(prepare(cfg).unwrap()).unwrap();
-    t.verbose = false;
+    t.set_verbose(false);
     t
 }
 
 fn weights_bits(t: &Trainer) -> Vec<(String, Vec<u32>)> {
-    t.session
-        .vars
+    t.session()
+        .vars()
         .iter()
         .map(|(n, v)| {
             (
@@ -136,17 +136,17 @@ fn resume_exact(optimizer: OptimizerKind, lora: Option<(bool, f64)>) {
     first_cfg.output = dir.join("resumed").display().to_string();
     let mut stepper = quiet(first_cfg.clone());
     for _ in 0..n {
-        stepper.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        stepper.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
         let s = stepper.run().unwrap();
         assert_eq!(s.stopped, "interrupted");
         assert!(s.output.is_none(), "an interrupted run writes no final model");
     }
-    assert_eq!(stepper.state.step, n);
+    assert_eq!(stepper.state().step, n);
     drop(stepper);
     let mut resume_cfg = first_cfg.clone();
     resume_cfg.resume = Some(dir.join("resumed").display().to_string());
     let mut resumed = quiet(resume_cfg);
-    assert_eq!(resumed.state.step, n);
+    assert_eq!(resumed.state().step, n);
     let s = resumed.run().unwrap();
     assert_eq!(s.steps, 2 * n);
     assert_eq!(
@@ -286,7 +286,7 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     // Two good steps (each `run` with the stop flag set does one step and checkpoints).
     let mut t = quiet(cfg.clone());
     for _ in 0..2 {
-        t.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        t.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
         t.run().unwrap();
     }
     drop(t);
@@ -296,8 +296,8 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     let mut cfg2 = cfg.clone();
     cfg2.resume = Some(dir.join("out").display().to_string());
     let mut t = quiet(cfg2.clone());
-    assert_eq!(t.state.step, 2);
-    let emb = &t.session.vars[0].1;
+    assert_eq!(t.state().step, 2);
+    let emb = &t.session().vars()[0].1;
     emb.set(&emb.as_tensor().affine(0.0, f64::NAN).unwrap()).unwrap();
     let err = t.run().unwrap_err();
     assert!(matches!(err, TrainError::NonFiniteLoss { step: 3, .. }), "{err}");
@@ -310,7 +310,7 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     cfg4.output = dir.join("skip").display().to_string();
     cfg4.resume = None;
     let mut t = quiet(cfg4);
-    let emb = &t.session.vars[0].1;
+    let emb = &t.session().vars()[0].1;
     emb.set(&emb.as_tensor().affine(0.0, f64::NAN).unwrap()).unwrap();
     let s = t.run().unwrap();
     assert_eq!(s.steps, 4, "every batch is skipped, the run still completes its bookkeeping");
@@ -334,14 +334,14 @@ fn resuming_an_earlier_checkpoint_keeps_the_new_one() {
     early.output = dir.join("early").display().to_string();
     let mut e = quiet(early);
     for _ in 0..2 {
-        e.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        e.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
         e.run().unwrap();
     }
     std::fs::rename(dir.join("early/checkpoint-2"), dir.join("out/checkpoint-2")).unwrap();
     let mut r = cfg.clone();
     r.resume = Some(dir.join("out/checkpoint-2").display().to_string());
     let mut rt = quiet(r);
-    rt.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    rt.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
     let s = rt.run().unwrap();
     let written = s.checkpoint.unwrap();
     assert!(written.ends_with("checkpoint-3") && written.exists(), "the checkpoint just written was pruned");
@@ -367,7 +367,7 @@ fn early_stopping_ends_the_run() {
     cfg.early_stopping_patience = Some(2);
     let s = quiet(cfg).run().unwrap();
     assert_eq!(s.steps, 2, "the baseline evaluation counts as the best so far: {}", s.stopped);
-    assert!(s.stopped.starts_with("early stopping"), "{}", s.stopped);
+    assert!(s.stopped.to_string().starts_with("early stopping"), "{}", s.stopped);
     assert!(s.output.is_some());
 }
 
@@ -394,8 +394,8 @@ fn val_split_holds_out_examples() {
     cfg.validation_file = None;
     cfg.val_split = 0.25;
     let t = quiet(cfg);
-    assert_eq!(t.session.task.n_val(), 6);
-    assert_eq!(t.session.task.n_train(), 18);
+    assert_eq!(t.session().task().n_val(), 6);
+    assert_eq!(t.session().task().n_train(), 18);
 }
 
 #[test]
@@ -411,11 +411,11 @@ fn large_outputs_are_sharded_and_reload() {
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
     let map = index["weight_map"].as_object().unwrap();
-    assert_eq!(map.len(), t.session.vars.len());
+    assert_eq!(map.len(), t.session().vars().len());
     let files: std::collections::BTreeSet<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
     assert!(files.len() > 2, "{files:?}");
     assert!(files.iter().all(|f| f.starts_with("model-000") && f.contains("-of-000") && out.join(f).exists()));
-    let total: u64 = t.session.vars.iter().map(|(_, v)| (v.elem_count() * 4) as u64).sum();
+    let total: u64 = t.session().vars().iter().map(|(_, v)| (v.elem_count() * 4) as u64).sum();
     assert_eq!(index["metadata"]["total_size"].as_u64().unwrap(), total);
     let mut cfg2 = config(&dir, 1);
     cfg2.model = out.display().to_string();
@@ -447,7 +447,7 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     let mut t = quiet(cfg);
     // Only the adapters are trainable: 2 layers x 3 targets x (A + B (+ DoRA's magnitude)).
     let per_module = if dora { 3 } else { 2 };
-    assert_eq!(t.session.vars.len(), 6 * per_module);
+    assert_eq!(t.session().vars().len(), 6 * per_module);
     let magnitudes = if dora { 32 + 16 + 32 } else { 0 };
     let expected: usize = (0..2).map(|_| 4 * 32 + 32 * 4 + 4 * 32 + 16 * 4 + 4 * 48 + 32 * 4 + magnitudes).sum();
     assert_eq!(t.trainable_parameters(), expected);
@@ -494,8 +494,7 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     assert_eq!(adapter_vars.len(), 6 * per_module);
     let ids = candle_core::Tensor::new(&[[5u32, 9, 12, 7, 20]], &candle_core::Device::Cpu).unwrap();
     let ours = reloaded.forward_ids(&ids).unwrap();
-    let trained =
-        t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
+    let trained = t.with_slow_weights(|s| s.task().causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
     let diff = (ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0, "adapter round trip changed the model");
     // Merging gives the same model as base + adapter.
@@ -517,7 +516,7 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     more.lora_adapter = Some(out.display().to_string());
     more.output = dir.join("more").display().to_string();
     let mut t2 = quiet(more);
-    assert_eq!(t2.session.vars.len(), 6 * per_module);
+    assert_eq!(t2.session().vars().len(), 6 * per_module);
     let start = t2.evaluate().unwrap().unwrap().loss;
     assert!((start - s.eval_loss.unwrap()).abs() < 1e-5, "{start} vs {:?}", s.eval_loss);
     t2.run().unwrap();
@@ -554,7 +553,7 @@ fn modules_to_save_train_whole_and_round_trip() {
         let mut t = quiet(cfg.clone());
         let whole = |t: &Trainer| -> Vec<String> {
             let mut n: Vec<String> =
-                t.session.vars.iter().map(|(n, _)| n.clone()).filter(|n| !n.contains(".lora_")).collect();
+                t.session().vars().iter().map(|(n, _)| n.clone()).filter(|n| !n.contains(".lora_")).collect();
             n.sort();
             n
         };
@@ -573,15 +572,15 @@ fn modules_to_save_train_whole_and_round_trip() {
         expected.sort();
         assert_eq!(whole(&t), expected);
         let before: Vec<Tensor> = t
-            .session
-            .vars
+            .session()
+            .vars()
             .iter()
             .filter(|(n, _)| !n.contains(".lora_"))
             .map(|(_, v)| v.as_tensor().copy().unwrap())
             .collect();
         let s = t.run().unwrap();
         let out = s.output.clone().unwrap();
-        let moved = t.session.vars.iter().filter(|(n, _)| !n.contains(".lora_")).zip(&before).all(|((_, v), b)| {
+        let moved = t.session().vars().iter().filter(|(n, _)| !n.contains(".lora_")).zip(&before).all(|((_, v), b)| {
             (v.as_tensor() - b).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0
         });
         assert!(moved, "every saved module was trained");
@@ -618,8 +617,7 @@ fn modules_to_save_train_whole_and_round_trip() {
         ranger_train::peft::load_peft_adapter(&mut reloaded, &out, None).unwrap();
         let ids = Tensor::new(&[[5u32, 9, 12, 7, 20]], &Device::Cpu).unwrap();
         let ours = reloaded.forward_ids(&ids).unwrap();
-        let trained =
-            t.optimizer.with_slow_weights(|| t.session.task.causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
+        let trained = t.with_slow_weights(|s| s.task().causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
         assert_eq!(
             (&ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(),
             0.0,

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ranger_train::build::{ModelBuilder, Tuning};
 use ranger_train::config::{parse_device, DTypeArg};
@@ -180,7 +180,7 @@ fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let cfg = args.into_config(matches)?;
     let session = ranger_train::prepare(cfg)?;
     let mut trainer = Trainer::new(session)?;
-    let stop = trainer.stop.clone();
+    let stop = trainer.stop_handle();
     ctrlc::set_handler(move || {
         if stop.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
@@ -190,18 +190,22 @@ fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     .context("installing the Ctrl-C handler")?;
     eprintln!(
         "training {} ({} trainable parameters) on {} {} for {} steps",
-        trainer.session.origin,
+        trainer.session().origin(),
         trainer.trainable_parameters(),
-        trainer.session.task.n_train(),
-        if trainer.session.task.classifier().is_some() { "examples" } else { "sequences" },
-        trainer.state.total_steps
+        trainer.session().task().n_train(),
+        if trainer.session().task().classifier().is_some() { "examples" } else { "sequences" },
+        trainer.state().total_steps
     );
     let s = trainer.run()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    println!("{}", if s.stopped == "completed" { "training complete".to_string() } else { s.stopped.clone() });
+    use ranger_train::StopReason;
+    match s.stopped {
+        StopReason::Completed => println!("training complete"),
+        StopReason::Interrupted | StopReason::EarlyStopped { .. } => println!("{}", s.stopped),
+    }
     println!("  trainable parameters  {}", s.trainable_parameters);
     println!("  steps                 {}", s.steps);
     println!("  tokens                {}", s.tokens);

@@ -118,6 +118,49 @@ pub enum TrainError {
     /// Anything else, with its message.
     #[error("{0}")]
     Msg(String),
+    /// An option has a value the run cannot use.
+    #[error("{message}")]
+    InvalidOption {
+        /// The option (its `TrainConfig` field name).
+        option: &'static str,
+        /// What is wrong, naming the option.
+        message: String,
+    },
+    /// No checkpoint to resume from.
+    #[error("{}: no checkpoint (trainer_state.json) found", .path.display())]
+    NoCheckpoint {
+        /// The folder searched.
+        path: PathBuf,
+    },
+    /// The checkpoint was made with options that may not change on a resume.
+    #[error("{}: the checkpoint was made with different options: {}", .checkpoint.display(),
+        .mismatches.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    ResumeOptionsDiffer {
+        /// The checkpoint.
+        checkpoint: PathBuf,
+        /// Each option that differs, with both values.
+        mismatches: Vec<crate::config::ResumeMismatch>,
+    },
+    /// The training data is not the data the checkpoint was trained on.
+    #[error("{}: the training data differs from the checkpoint's", .checkpoint.display())]
+    ResumeDataDiffers {
+        /// The checkpoint.
+        checkpoint: PathBuf,
+    },
+    /// A checkpoint's weight file could not be read.
+    #[error("{}: {source}", .path.display())]
+    CheckpointWeights {
+        /// The weight file.
+        path: PathBuf,
+        /// Candle's error.
+        source: candle_core::Error,
+    },
+    /// A checkpoint lacks the optimizer state, so the run cannot resume exactly.
+    #[error("{}: optimizer.safetensors is missing, so the run cannot resume exactly", .checkpoint.display())]
+    MissingOptimizerState {
+        /// The checkpoint.
+        checkpoint: PathBuf,
+    },
 }
 
 /// `Result` with [`TrainError`].

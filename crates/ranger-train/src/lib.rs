@@ -20,7 +20,6 @@ pub mod gguf;
 pub mod kernels;
 pub mod loaded;
 pub mod merge;
-pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod output;
@@ -36,4 +35,4 @@ pub mod weights;
 
 pub use config::TrainConfig;
 pub use error::{Result, TrainError};
-pub use trainer::{prepare, RunSummary, Trainer};
+pub use trainer::{prepare, RunSummary, StopReason, TrainObserver, Trainer};

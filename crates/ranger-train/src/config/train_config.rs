@@ -166,7 +166,7 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = 2, help_heading = OUTPUT)]
     pub save_total_limit: usize,
     /// Shard the saved model above this many bytes.
-    #[arg(long, default_value_t = 5_000_000_000, help_heading = OUTPUT)]
+    #[arg(long, default_value_t = crate::weights::DEFAULT_MAX_SHARD_BYTES, help_heading = OUTPUT)]
     pub max_shard_size: usize,
     /// Resume exactly from a checkpoint folder (or the output folder's latest checkpoint).
     #[arg(long, help_heading = OUTPUT)]

@@ -1,22 +1,47 @@
-//! The loss-curve image: an SVG (any browser or image viewer shows it) of the training loss per
-//! step and the evaluation loss where measured.
+//! The loss curve: an SVG (any browser or image viewer shows it) of the training loss per step
+//! and the evaluation loss where measured, written as `loss_curve.svg` when the loop ends.
 
 use std::fmt::Write;
-use std::path::Path;
-
-use serde_json::Value;
+use std::path::{Path, PathBuf};
 
 use crate::error::Result;
+use crate::trainer::observer::TrainObserver;
+use crate::trainer::records::{LoopEnd, StepRecord};
+
+/// Draws the loss curve into a file when the training loop ends (not when it stops on an error).
+pub struct LossCurve {
+    path: PathBuf,
+}
+
+impl LossCurve {
+    /// Draws into `path`.
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+}
+
+impl TrainObserver for LossCurve {
+    fn on_loop_end(&mut self, end: &LoopEnd<'_>) -> Result<()> {
+        match end.outcome {
+            Ok(_) => write_loss_svg(&self.path, end.history),
+            Err(_) => Ok(()),
+        }
+    }
+}
 
 /// Draws `records` (the metrics.jsonl records) into an SVG file, atomically.
-pub fn write_loss_svg(path: &Path, records: &[Value]) -> Result<()> {
+pub fn write_loss_svg(path: &Path, records: &[StepRecord]) -> Result<()> {
+    // JSON has no NaN: only finite figures were ever drawn.
     let train: Vec<(f64, f64)> = records
         .iter()
-        .filter_map(|r| Some((r["step"].as_f64()?, r["loss"].as_f64()?)))
+        .filter_map(|r| Some((r.step as f64, r.train.as_ref()?.loss)))
         .filter(|p| p.1.is_finite())
         .collect();
-    let eval: Vec<(f64, f64)> =
-        records.iter().filter_map(|r| Some((r["step"].as_f64()?, r["eval_loss"].as_f64()?))).collect();
+    let eval: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| Some((r.step as f64, r.eval.as_ref()?.eval_loss)))
+        .filter(|p| p.1.is_finite())
+        .collect();
     let (w, h, m) = (720.0, 420.0, 56.0);
     let all = train.iter().chain(&eval);
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
