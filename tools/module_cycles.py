@@ -236,6 +236,9 @@ class Crate:
                     targets.append(a)
             # Paths in expressions and types: crate::a::b, super::a, self::a.
             for mm in re.finditer(r"(?<![\w:])((?:crate|super|self)(?:\s*::\s*" + IDENT + r")+)", s):
+                # The head of a `use a::{…}` / `use a::*` tree: the use pass above resolves its leaves.
+                if re.match(r"\s*::\s*[{*]", s[mm.end():]):
+                    continue
                 segs = [x.strip() for x in mm.group(1).split("::")]
                 a = self.absolute(m, segs, self.inline_depth(m, mm.start()))
                 if a is not None:

@@ -134,12 +134,12 @@ pub enum TrainError {
     },
     /// The checkpoint was made with options that may not change on a resume.
     #[error("{}: the checkpoint was made with different options: {}", .checkpoint.display(),
-        .mismatches.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+        .mismatches.join("; "))]
     ResumeOptionsDiffer {
         /// The checkpoint.
         checkpoint: PathBuf,
-        /// Each option that differs, with both values.
-        mismatches: Vec<crate::config::ResumeMismatch>,
+        /// Each option that differs, with both values (`ResumeMismatch`'s text).
+        mismatches: Vec<String>,
     },
     /// The training data is not the data the checkpoint was trained on.
     #[error("{}: the training data differs from the checkpoint's", .checkpoint.display())]

@@ -4,63 +4,16 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use super::checkpoint_list::{find_checkpoint, list_checkpoints};
 use super::report::MetricsFile;
+use super::state::TrainerState;
 use super::Trainer;
-use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::optim::TrainOptimizer;
 use crate::output::write_json;
 use crate::task::Evaluation;
-
-/// Saved with every checkpoint; what resuming needs besides weights and optimizer state.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TrainerState {
-    /// Optimizer steps done.
-    pub step: usize,
-    /// Micro-batches consumed (the data position).
-    pub micro_step: usize,
-    /// Steps of the whole run.
-    pub total_steps: usize,
-    /// Best score so far of the metric chosen by `metric_for_best` (lower is better: the
-    /// loss, or 1 - accuracy / 1 - macro-F1).
-    #[serde(alias = "best_eval_loss")]
-    pub best_score: Option<f64>,
-    /// Evaluations since the best one.
-    pub evals_without_improvement: usize,
-    /// Tokens trained on so far.
-    pub tokens_seen: u64,
-    /// Training seconds so far.
-    pub train_seconds: f64,
-    /// Identifies the data, so a resume on other data is refused.
-    pub data_fingerprint: String,
-    /// The options of the run.
-    pub config: TrainConfig,
-}
-
-/// Finds the checkpoint to resume from: `path` itself, or the latest `checkpoint-N` inside it.
-pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
-    if path.join("trainer_state.json").exists() {
-        return Ok(path.to_path_buf());
-    }
-    list_checkpoints(path)?.pop().map(|(_, p)| p).ok_or_else(|| TrainError::NoCheckpoint { path: path.to_path_buf() })
-}
-
-fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(out) };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) {
-            if e.path().join("trainer_state.json").exists() {
-                out.push((n, e.path()));
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
 
 impl Trainer {
     /// Restores the weights, optimizer state, counters and metrics of the checkpoint at `path`
@@ -71,7 +24,8 @@ impl Trainer {
         let text = std::fs::read_to_string(&sp).map_err(TrainError::io(&sp))?;
         let saved: TrainerState = serde_json::from_str(&text)
             .map_err(|e| TrainError::Config { origin: sp.display().to_string(), message: e.to_string() })?;
-        let mismatches = self.session.cfg.resume_mismatches(&saved.config);
+        let mismatches: Vec<String> =
+            self.session.cfg.resume_mismatches(&saved.config).iter().map(ToString::to_string).collect();
         if !mismatches.is_empty() {
             return Err(TrainError::ResumeOptionsDiffer { checkpoint: dir, mismatches });
         }

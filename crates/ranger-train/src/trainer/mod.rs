@@ -4,12 +4,15 @@
 //! written at the end, and the reports ([`report`]: progress, `metrics.jsonl`, loss curve).
 
 mod checkpoint;
+mod checkpoint_list;
 mod evaluate;
 mod export;
 pub mod observer;
 pub mod records;
 pub mod report;
+mod schedule;
 mod session;
+mod state;
 mod step;
 mod summary;
 
@@ -18,13 +21,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-pub use checkpoint::{find_checkpoint, TrainerState};
+pub use checkpoint_list::find_checkpoint;
 pub use observer::TrainObserver;
 pub use records::{
     peak_rss_bytes, CheckpointRecord, EvalFigures, EvalRecord, LoopEnd, RunStart, SkipRecord, StepRecord, TrainFigures,
 };
+pub use schedule::schedule_for;
 pub use session::{prepare, prepare_with_model, Session};
-pub use step::schedule_for;
+pub use state::TrainerState;
 pub use summary::{RunSummary, StopReason};
 
 use crate::error::{Result, TrainError};

@@ -3,11 +3,11 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Var};
-use candle_ranger::{clip_grad_norm, grad_norm, Decay, Schedule};
+use candle_ranger::{clip_grad_norm, grad_norm};
 
 use super::records::SkipRecord;
 use super::Trainer;
-use crate::config::{NanPolicy, ScheduleKind, TrainConfig};
+use crate::config::NanPolicy;
 use crate::error::{Result, TrainError};
 use crate::kernels::grad_sink::GradSink;
 use crate::model::lora::mix_seed;
@@ -16,24 +16,6 @@ use crate::model::lora::mix_seed;
 /// missing-gradient check exempts them.
 fn is_key_bias(name: &str) -> bool {
     name.ends_with("k_proj.bias") || name.ends_with("attention.self.key.bias") || name.ends_with("attention.k_lin.bias")
-}
-
-/// The schedule of a run of `total` steps.
-pub fn schedule_for(cfg: &TrainConfig, total: usize) -> Schedule {
-    let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total as f64).round() as usize);
-    let decay = match cfg.lr_scheduler {
-        ScheduleKind::Cosine => Decay::Cosine,
-        ScheduleKind::Linear => Decay::Linear,
-        ScheduleKind::Constant => Decay::Constant,
-        ScheduleKind::FlatCosine => Decay::FlatThenCosine { flat_fraction: cfg.flat_fraction },
-    };
-    Schedule {
-        base_lr: cfg.learning_rate,
-        min_lr: cfg.learning_rate * cfg.min_lr_ratio,
-        warmup_steps: warmup,
-        total_steps: total,
-        decay,
-    }
 }
 
 /// What one optimizer step did.

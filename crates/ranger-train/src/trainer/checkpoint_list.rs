@@ -1,0 +1,29 @@
+//! The checkpoints of an output folder (`checkpoint-N/`, each complete once its
+//! `trainer_state.json` is written), and which one a `--resume` means.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, TrainError};
+
+/// Finds the checkpoint to resume from: `path` itself, or the latest `checkpoint-N` inside it.
+pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join("trainer_state.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    list_checkpoints(path)?.pop().map(|(_, p)| p).ok_or_else(|| TrainError::NoCheckpoint { path: path.to_path_buf() })
+}
+
+pub(super) fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(out) };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name.strip_prefix("checkpoint-").and_then(|s| s.parse::<usize>().ok()) {
+            if e.path().join("trainer_state.json").exists() {
+                out.push((n, e.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
