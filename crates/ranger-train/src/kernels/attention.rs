@@ -442,6 +442,7 @@ impl CustomOp3 for GradInputs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::randn;
     use candle_core::{Device, Var};
 
     /// The op-by-op attention (heads first): repeated k/v heads, scores, softmax.
@@ -499,12 +500,13 @@ mod tests {
             (1, 40, 75, 1, causal(1, 40, 75), 1e-12),
             (1, 40, 40, 1, unseeing, 1e-6),
         ];
+        let mut rng = crate::rng::Rng::new(11);
         for (b, sq, sk, mask_b, m, tol) in cases {
-            let q = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, sq, 6, 4), &dev).unwrap()).unwrap();
-            let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, sk, 2, 4), &dev).unwrap()).unwrap();
-            let v = Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, sk, 2, 4), &dev).unwrap()).unwrap();
+            let q = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (b, sq, 6, 4))).unwrap();
+            let k = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (b, sk, 2, 4))).unwrap();
+            let v = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (b, sk, 2, 4))).unwrap();
             let mask = Tensor::from_vec(m, (mask_b, 1, sq, sk), &dev).unwrap();
-            let w = Tensor::randn(0f64, 1.0, (b, sq, 24), &dev).unwrap();
+            let w = randn(&mut rng, 0f64, 1.0, (b, sq, 24));
             let rows = |t: &Var| t.as_tensor().flatten(0, 1).unwrap().flatten(1, 2).unwrap();
             let fused = rows(&q)
                 .apply_op3(&rows(&k), &rows(&v), FusedAttention::new(mask.clone(), 0.5, 4))

@@ -7,11 +7,19 @@ use super::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
 use super::norms::{layer_norm, layer_norm_ops, rms_norm, rms_norm_ops};
 use super::rotary::{apply_rotary, apply_rotary_ops, apply_rotary_rows};
 use super::softmax::{masked_softmax, softmax_last_dim, softmax_last_dim_ops};
-use candle_core::Tensor;
-use candle_core::{Device, Var};
+use crate::rng::Rng;
+use candle_core::{Device, Shape, Tensor, Var};
 
 /// A fused function and its op-by-op counterpart.
 type Pair<'a> = (&'a dyn Fn(&Tensor) -> Tensor, &'a dyn Fn(&Tensor) -> Tensor);
+
+/// Normal f64 samples from a seeded generator: Candle's CPU `randn` cannot be seeded, and every
+/// test must see the same data on every run.
+pub(super) fn randn(rng: &mut Rng, mean: f64, std: f64, shape: impl Into<Shape>) -> Tensor {
+    let shape = shape.into();
+    let values: Vec<f64> = (0..shape.elem_count()).map(|_| mean + std * rng.normal()).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
 
 fn close(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
@@ -20,11 +28,12 @@ fn close(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn fused_kernels_match_the_op_by_op_versions() {
     let dev = Device::Cpu;
-    let x = Var::from_tensor(&(Tensor::randn(0f64, 3.0, (6, 37), &dev).unwrap())).unwrap();
-    let w = Tensor::randn(0f64, 1.0, (6, 37), &dev).unwrap();
+    let mut rng = Rng::new(7);
+    let x = Var::from_tensor(&(randn(&mut rng, 0f64, 3.0, (6, 37)))).unwrap();
+    let w = randn(&mut rng, 0f64, 1.0, (6, 37));
     let t = Tensor::new(&[0u32, 5, 36, 7, 7, 12], &dev).unwrap();
-    let frozen = Tensor::randn(0f64, 1.0, (5, 37), &dev).unwrap();
-    let w5 = Tensor::randn(0f64, 1.0, (6, 5), &dev).unwrap();
+    let frozen = randn(&mut rng, 0f64, 1.0, (5, 37));
+    let w5 = randn(&mut rng, 0f64, 1.0, (6, 5));
     let pairs: [Pair; 4] = [
         (
             &|x| x.apply_op1(FrozenLinear { weight: frozen.clone() }).unwrap().mul(&w5).unwrap().sum_all().unwrap(),
@@ -43,12 +52,12 @@ fn fused_kernels_match_the_op_by_op_versions() {
         }),
     ];
     // RMSNorm and rotary, values and both gradients.
-    let x4v = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap()).unwrap();
-    let wv = Var::from_tensor(&Tensor::randn(1f64, 0.1, 8, &dev).unwrap()).unwrap();
-    let cos = Tensor::randn(0f64, 1.0, (2, 1, 5, 8), &dev).unwrap();
-    let sin = Tensor::randn(0f64, 1.0, (2, 1, 5, 8), &dev).unwrap();
-    let w4 = Tensor::randn(0f64, 1.0, (2, 3, 5, 8), &dev).unwrap();
-    let bv = Var::from_tensor(&Tensor::randn(0f64, 0.1, 8, &dev).unwrap()).unwrap();
+    let x4v = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (2, 3, 5, 8))).unwrap();
+    let wv = Var::from_tensor(&randn(&mut rng, 1f64, 0.1, 8)).unwrap();
+    let cos = randn(&mut rng, 0f64, 1.0, (2, 1, 5, 8));
+    let sin = randn(&mut rng, 0f64, 1.0, (2, 1, 5, 8));
+    let w4 = randn(&mut rng, 0f64, 1.0, (2, 3, 5, 8));
+    let bv = Var::from_tensor(&randn(&mut rng, 0f64, 0.1, 8)).unwrap();
     let run = |f: &dyn Fn(&Tensor) -> Tensor| {
         let y = f(x4v.as_tensor()).mul(&w4).unwrap().sum_all().unwrap();
         let g = y.backward().unwrap();
@@ -86,8 +95,8 @@ fn fused_kernels_match_the_op_by_op_versions() {
     }
     // The fused LM head + loss, in chunks of 3 rows (one with no target at all), against
     // matmul + cross-entropy: loss and both gradients.
-    let hidden = Var::from_tensor(&Tensor::randn(0f64, 1.0, (10, 8), &dev).unwrap()).unwrap();
-    let head = Var::from_tensor(&Tensor::randn(0f64, 1.0, (37, 8), &dev).unwrap()).unwrap();
+    let hidden = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (10, 8))).unwrap();
+    let head = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (37, 8))).unwrap();
     let ignore = IGNORE_TARGET;
     let targets = [3u32, ignore, 36, ignore, ignore, ignore, 7, ignore, 12, 0];
     let keep = Tensor::new(&targets.map(|t| if t == ignore { 0f64 } else { 1.0 }), &dev).unwrap();
@@ -109,7 +118,7 @@ fn fused_kernels_match_the_op_by_op_versions() {
     }
     // A trainable linear layer: both gradients, and none of them tracked (they keep no
     // activation alive).
-    let lw = Var::from_tensor(&Tensor::randn(0f64, 1.0, (5, 37), &dev).unwrap()).unwrap();
+    let lw = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (5, 37))).unwrap();
     let lin = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
         let g = f(x.as_tensor(), lw.as_tensor()).mul(&w5).unwrap().sum_all().unwrap().backward().unwrap();
         (g.get(&x).unwrap().clone(), g.get(&lw).unwrap().clone())
@@ -118,8 +127,8 @@ fn fused_kernels_match_the_op_by_op_versions() {
     assert!(close(&a.0, &b.0) < 1e-12 && close(&a.1, &b.1) < 1e-12);
     assert!(a.1.is_contiguous());
     // RMSNorm over more rows than one task of its backward takes (64).
-    let xr = Var::from_tensor(&Tensor::randn(0f64, 1.0, (150, 8), &dev).unwrap()).unwrap();
-    let wr = Tensor::randn(0f64, 1.0, (150, 8), &dev).unwrap();
+    let xr = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (150, 8))).unwrap();
+    let wr = randn(&mut rng, 0f64, 1.0, (150, 8));
     let rms_grads = |f: &dyn Fn(&Tensor) -> Tensor| {
         let g = f(xr.as_tensor()).mul(&wr).unwrap().sum_all().unwrap().backward().unwrap();
         (g.get(&xr).unwrap().clone(), g.get(&wv).unwrap().clone())
@@ -129,7 +138,7 @@ fn fused_kernels_match_the_op_by_op_versions() {
         rms_grads(&|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
     );
     assert!(close(&a.0, &b.0) < 1e-10 && close(&a.1, &b.1) < 1e-10);
-    let mask = Tensor::randn(0f64, 1.0, (2, 1, 3, 37), &dev).unwrap();
+    let mask = randn(&mut rng, 0f64, 1.0, (2, 1, 3, 37));
     let x4 = x.as_tensor().reshape((2, 1, 3, 37)).unwrap();
     let fused_m = masked_softmax(&x4, &mask).unwrap();
     let ops_m = softmax_last_dim_ops(&x4.broadcast_add(&mask).unwrap()).unwrap();
