@@ -61,8 +61,7 @@ fn gradient_check(config: Value, vocab: usize) {
     let grads = loss(&model, &b).backward().unwrap();
     let mut rng = Rng::new(17);
     for (wname, var) in &vars {
-        let g = grads.get(var).unwrap_or_else(|| panic!("{name}: {wname} has no gradient"));
-        let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = common::gradient(&grads, var, &format!("{name}: {wname}"));
         // Key biases have a true gradient of zero (softmax is shift-invariant per query).
         let key_bias = wname.ends_with("key.bias") || wname.ends_with("k_lin.bias") || wname.ends_with("k_proj.bias");
         if !key_bias {

@@ -12,8 +12,10 @@ use ranger_train::config::{BestMetric, TaskKind};
 use ranger_train::predict::load_classifier;
 use ranger_train::source::{load, HubOptions};
 use ranger_train::testing::{tiny_encoder_config, write_tiny_encoder};
-use ranger_train::{prepare, TrainConfig, TrainError, Trainer};
-use serde_json::{json, Value};
+use ranger_train::{prepare, TrainConfig, TrainError};
+use serde_json::json;
+
+use common::{quiet, read_json};
 
 /// Texts about colours: "warm" when they mention red, "cool" for blue or green.
 fn colour_rows(n: usize, offset: usize) -> Vec<(String, &'static str)> {
@@ -35,7 +37,9 @@ fn write_csv(path: &Path, rows: &[(String, &str)]) {
     std::fs::write(path, s).unwrap();
 }
 
-fn setup(dir: &Path, model_type: &str) {
+/// A temporary folder for test `name` with a tiny `model_type` model and train/validation CSVs.
+fn setup(name: &str, model_type: &str) -> common::TempDir {
+    let dir = common::temp_dir(name);
     if model_type == "llama" {
         common::write_tiny_model(&dir.join("model"), &common::tiny_config("llama"), 1);
     } else {
@@ -43,6 +47,7 @@ fn setup(dir: &Path, model_type: &str) {
     }
     write_csv(&dir.join("train.csv"), &colour_rows(48, 0));
     write_csv(&dir.join("val.csv"), &colour_rows(12, 1));
+    dir
 }
 
 fn config(dir: &Path, steps: usize) -> TrainConfig {
@@ -70,20 +75,9 @@ fn config(dir: &Path, steps: usize) -> TrainConfig {
     }
 }
 
-fn quiet(cfg: TrainConfig) -> Trainer {
-    let mut t = Trainer::new(prepare(cfg).unwrap()).unwrap();
-    t.set_verbose(false);
-    t
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn bert_classifier_trains_keeps_the_best_and_reloads() {
-    let dir = common::temp_dir("cls-bert");
-    setup(&dir, "bert");
+    let dir = setup("cls-bert", "bert");
     let mut cfg = config(&dir, 96);
     cfg.learning_rate = 3e-2;
     cfg.eval_every = 24;
@@ -91,11 +85,7 @@ fn bert_classifier_trains_keeps_the_best_and_reloads() {
     let s = t.run().unwrap();
     assert!(s.eval_accuracy.unwrap() >= 0.99, "{s:?}");
     // metrics.jsonl has the classification figures, per class.
-    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("out/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics = common::read_jsonl(&dir.join("out/metrics.jsonl"));
     let last = metrics.iter().rev().find(|m| m.get("eval_accuracy").is_some()).unwrap();
     assert_eq!(last["eval_per_class"].as_array().unwrap().len(), 2);
     assert_eq!(
@@ -140,36 +130,18 @@ fn classification_resume_is_exact() {
     for (model_type, lora) in
         [("distilbert", None), ("llama", None), ("bert", Some((false, 0.0))), ("roberta", Some((true, 0.1)))]
     {
-        let dir = common::temp_dir(&format!("cls-resume-{model_type}-{lora:?}"));
-        setup(&dir, model_type);
+        let dir = setup(&format!("cls-resume-{model_type}-{lora:?}"), model_type);
         let n = 7; // crosses a Lookahead sync (k = 6) and an epoch (48 examples / 8 per step = 6 steps)
-        let mut straight_cfg = config(&dir, 2 * n);
-        if let Some((dora, dropout)) = lora {
-            straight_cfg.lora = true;
-            straight_cfg.dora = dora;
-            straight_cfg.lora_dropout = dropout;
-        }
-        straight_cfg.output = dir.join("straight").display().to_string();
-        let mut straight = quiet(straight_cfg.clone());
-        straight.run().unwrap();
-        // The same run stopped after each of its first n steps (the stop flag is what Ctrl-C
-        // sets), then resumed from the output folder.
-        let mut first_cfg = straight_cfg.clone();
-        first_cfg.output = dir.join("resumed").display().to_string();
-        let mut stepper = quiet(first_cfg.clone());
-        for _ in 0..n {
-            stepper.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
-            assert_eq!(stepper.run().unwrap().stopped, "interrupted");
-        }
-        drop(stepper);
-        let mut resume_cfg = first_cfg;
-        resume_cfg.resume = Some(dir.join("resumed").display().to_string());
-        let mut resumed = quiet(resume_cfg);
+                   // The same run stopped after each of its first n steps (the stop flag is what Ctrl-C
+                   // sets), then resumed from the output folder.
+        let (straight, _, mut resumed) =
+            common::straight_and_resumed(&common::with_lora(config(&dir, 2 * n), lora), &dir, n, |s| {
+                assert_eq!(s.stopped, "interrupted")
+            });
         assert_eq!(resumed.state().step, n);
         resumed.run().unwrap();
         for ((name, a), (_, b)) in straight.session().vars().iter().zip(resumed.session().vars()) {
-            let d =
-                (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = common::max_abs_diff(a.as_tensor(), b.as_tensor());
             assert_eq!(d, 0.0, "{model_type} (lora {lora:?}): {name} differs after resume");
         }
         assert_eq!(straight.state().best_score, resumed.state().best_score);
@@ -178,8 +150,7 @@ fn classification_resume_is_exact() {
 
 #[test]
 fn lora_classifier_adapter_in_peft_format_round_trips() {
-    let dir = common::temp_dir("cls-lora");
-    setup(&dir, "roberta");
+    let dir = setup("cls-lora", "roberta");
     let mut cfg = config(&dir, 12);
     cfg.lora = true;
     cfg.lora_rank = 4;
@@ -231,24 +202,10 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
     let ex = ranger_train::classify::encode_records(&records, &clf.tokenizer, &clf.labels, 16, &probe).unwrap();
     let refs: Vec<_> = ex.iter().collect();
     let b = ranger_train::classify::collate(&refs, clf.tokenizer.pad_id, false, DType::F32, &Device::Cpu).unwrap();
-    let d = (plain.forward(&b).unwrap() - clf.model.forward(&b).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = common::max_abs_diff(&plain.forward(&b).unwrap(), &clf.model.forward(&b).unwrap());
     assert!(d < 1e-5, "merged classifier differs by {d}");
     let trained = t.with_slow_weights(|s| s.task().classifier().unwrap().forward(&b).unwrap()).unwrap();
-    let d = (trained - clf.model.forward(&b).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = common::max_abs_diff(&trained, &clf.model.forward(&b).unwrap());
     assert_eq!(d, 0.0, "base + adapter (LoRA, head, saved LayerNorm) is not the trained classifier");
     // PEFT lists both `classifier` and `score` in every SEQ_CLS adapter; going on from such an
     // adapter ignores the head this model lacks, as PEFT does.
@@ -265,8 +222,7 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
 
 #[test]
 fn decoder_classifier_writes_labels_and_padding() {
-    let dir = common::temp_dir("cls-llama");
-    setup(&dir, "llama");
+    let dir = setup("cls-llama", "llama");
     // Integer labels keep their values as ids.
     let rows: Vec<(String, &str)> =
         colour_rows(24, 0).into_iter().map(|(t, l)| (t, if l == "warm" { "1" } else { "0" })).collect();
@@ -293,8 +249,7 @@ fn decoder_classifier_writes_labels_and_padding() {
 
 #[test]
 fn classification_data_errors_name_the_file_and_line() {
-    let dir = common::temp_dir("cls-errors");
-    setup(&dir, "bert");
+    let dir = setup("cls-errors", "bert");
     // A missing column names the column and lists those there are.
     let mut cfg = config(&dir, 1);
     cfg.label_column = "labels".into();
@@ -333,8 +288,7 @@ fn classification_data_errors_name_the_file_and_line() {
 
 #[test]
 fn text_pairs_reach_the_model_as_two_segments() {
-    let dir = common::temp_dir("cls-pairs");
-    setup(&dir, "bert");
+    let dir = setup("cls-pairs", "bert");
     let mut s = String::from("premise,hypothesis,label\n");
     for (i, (t, l)) in colour_rows(16, 0).iter().enumerate() {
         s.push_str(&format!(

@@ -96,13 +96,7 @@ fn dora_projection_follows_peft_and_gets_its_gradients() {
         let r = random(&[t, out], 7, 1.0);
         let grads = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, var) in [("A", a), ("B", b), ("magnitude", m), ("input", &x)] {
-            let g = grads
-                .get(var)
-                .unwrap_or_else(|| panic!("{name}: no gradient"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
+            let g = common::gradient(&grads, var, name);
             for i in 0..g.len() {
                 common::check_gradient_element(var, &g, i, &format!("dropout {dropout}, {name}"), || {
                     (reference() * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
@@ -194,13 +188,7 @@ fn model_with_dropout_and_dora_adapters_gets_true_gradients() {
         assert_eq!(max_diff(&train, &model.forward(&batch).unwrap()), 0.0, "same seed, same masks");
         let grads = loss().backward().unwrap();
         for (name, var) in &vars {
-            let g = grads
-                .get(var)
-                .unwrap_or_else(|| panic!("{name} has no gradient"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
+            let g = common::gradient(&grads, var, name);
             assert!(g.iter().any(|&v| v != 0.0), "{name}: zero gradient");
             // DoRA's A and B gradients treat the row norm as a constant (checked above on one
             // projection); the magnitudes' and plain LoRA's are exact derivatives of the loss.

@@ -53,8 +53,7 @@ fn gradient_check(config: Value) {
     let grads = loss(&model, &batch).backward().unwrap();
     let mut rng = Rng::new(17);
     for (wname, var) in &vars {
-        let g = grads.get(var).unwrap_or_else(|| panic!("{name}: {wname} has no gradient"));
-        let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = common::gradient(&grads, var, &format!("{name}: {wname}"));
         // The key bias has a true gradient of zero (softmax is shift-invariant per query).
         if !wname.ends_with("k_proj.bias") {
             assert!(g.iter().any(|x| *x != 0.0), "{name}: {wname} has an all-zero gradient");
@@ -218,13 +217,7 @@ fn lora_adapter_gradients() {
     let batch = test_batch(common::TINY_VOCAB, DType::F64);
     let grads = loss(&model, &batch).backward().unwrap();
     for (name, var) in &vars {
-        let g = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("{name} has no gradient"))
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let g = common::gradient(&grads, var, name);
         check_element(&model, &batch, var, &g, rng.below(g.len()), name);
     }
     // The frozen base has no gradient at all: it is not a variable.

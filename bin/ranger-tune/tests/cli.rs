@@ -13,6 +13,30 @@ fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("running ranger-tune")
 }
 
+/// `run`, asserting that the command succeeded (its output shown otherwise).
+fn run_ok(args: &[&str]) -> Output {
+    let o = run(args);
+    assert!(o.status.success(), "{}", text(&o));
+    o
+}
+
+/// `predict --model <model> <args> --device cpu`.
+fn predict(model: &Path, args: &[&str]) -> Output {
+    run(&[&["predict", "--model", p(model)][..], args, &["--device", "cpu"]].concat())
+}
+
+/// `train` on the tiny model and data of a `workdir`, writing to its `out/`.
+fn train_in(d: &Path) -> Command {
+    let mut c = bin();
+    c.arg("train").arg("--model").arg(d.join("model")).arg("--data").arg(d.join("train.jsonl"));
+    c.arg("--output").arg(d.join("out"));
+    c
+}
+
+fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
@@ -126,28 +150,13 @@ fn classifier_trains_then_predict_writes_labels_and_scores() {
         "--metric-for-best",
         "accuracy",
     ];
-    let o = run(&[&["train", "--output", p(&d.join("out"))][..], &common[..]].concat());
-    assert!(o.status.success(), "{}", text(&o));
-    let t = text(&o);
+    let t = text(&run_ok(&[&["train", "--output", p(&d.join("out"))][..], &common[..]].concat()));
     assert!(t.contains("eval accuracy") && t.contains("best model"), "{t}");
-    let preds = d.join("preds.jsonl");
-    let o = run(&[
-        "predict",
-        "--model",
-        p(&d.join("out/best")),
-        "--data",
-        p(&d.join("new.jsonl")),
-        "--label-column",
-        "label",
-        "--output",
-        p(&preds),
-        "--device",
-        "cpu",
-    ]);
+    let (preds, new) = (d.join("preds.jsonl"), d.join("new.jsonl"));
+    let o = predict(&d.join("out/best"), &["--data", p(&new), "--label-column", "label", "--output", p(&preds)]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("accuracy"), "{}", text(&o));
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(&preds).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = read_jsonl(&preds);
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["line"], 1);
     assert_eq!(lines[0]["label"], "warm", "{lines:?}");
@@ -156,71 +165,38 @@ fn classifier_trains_then_predict_writes_labels_and_scores() {
     assert!((total - 1.0).abs() < 1e-5);
     // DoRA with dropout (--dora implies --lora): the adapter merges into a full classifier that
     // predicts the same.
-    let o = run(&[
-        &["train", "--output", p(&d.join("lora")), "--dora", "--lora-dropout", "0.1", "--lora-rank", "4"][..],
-        &common[..],
-    ]
-    .concat());
-    assert!(o.status.success(), "{}", text(&o));
+    run_ok(
+        &[
+            &["train", "--output", p(&d.join("lora")), "--dora", "--lora-dropout", "0.1", "--lora-rank", "4"][..],
+            &common[..],
+        ]
+        .concat(),
+    );
     let ac: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("lora/adapter/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(
         (ac["use_dora"].as_bool(), ac["lora_dropout"].as_f64(), ac["r"].as_u64()),
         (Some(true), Some(0.1), Some(4))
     );
+    let adapter = d.join("lora/adapter");
     let via_adapter = d.join("via-adapter.jsonl");
-    let o = run(&[
-        "predict",
-        "--model",
-        p(&d.join("model")),
-        "--adapter",
-        p(&d.join("lora/adapter")),
-        "--data",
-        p(&d.join("new.jsonl")),
-        "--output",
-        p(&via_adapter),
-        "--device",
-        "cpu",
-    ]);
+    let o = predict(&model, &["--adapter", p(&adapter), "--data", p(&new), "--output", p(&via_adapter)]);
     assert!(o.status.success(), "{}", text(&o));
-    let o = run(&[
-        "merge",
-        "--model",
-        p(&d.join("model")),
-        "--adapter",
-        p(&d.join("lora/adapter")),
-        "--output",
-        p(&d.join("merged")),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
+    run_ok(&["merge", "--model", p(&model), "--adapter", p(&adapter), "--output", p(&d.join("merged"))]);
     let via_merged = d.join("via-merged.jsonl");
-    let o = run(&[
-        "predict",
-        "--model",
-        p(&d.join("merged")),
-        "--data",
-        p(&d.join("new.jsonl")),
-        "--output",
-        p(&via_merged),
-        "--device",
-        "cpu",
-    ]);
+    let o = predict(&d.join("merged"), &["--data", p(&new), "--output", p(&via_merged)]);
     assert!(o.status.success(), "{}", text(&o));
     let scores = |path: &Path| -> Vec<f64> {
-        std::fs::read_to_string(path)
-            .unwrap()
-            .lines()
-            .flat_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                v["scores"].as_object().unwrap().values().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>()
-            })
+        read_jsonl(path)
+            .iter()
+            .flat_map(|v| v["scores"].as_object().unwrap().values().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>())
             .collect()
     };
     for (a, b) in scores(&via_adapter).iter().zip(scores(&via_merged)) {
         assert!((a - b).abs() < 1e-5, "adapter {a} vs merged {b}");
     }
     // A model without a trained head is refused by predict, naming the tensor.
-    let o = run(&["predict", "--model", p(&d.join("model")), "--data", p(&d.join("new.jsonl")), "--device", "cpu"]);
+    let o = predict(&model, &["--data", p(&new)]);
     assert!(!o.status.success());
     assert!(text(&o).contains("id2label") || text(&o).contains("classifier"), "{}", text(&o));
     let _ = std::fs::remove_dir_all(&d);
@@ -237,15 +213,14 @@ fn config_file_flags_override_and_a_run_completes() {
     );
     std::fs::write(d.join("run.toml"), toml).unwrap();
     // The file says 50 steps; the flag wins.
-    let o = run(&["train", "--config", p(&d.join("run.toml")), "--max-steps", "3", "--json"]);
-    assert!(o.status.success(), "{}", text(&o));
+    let o = run_ok(&["train", "--config", p(&d.join("run.toml")), "--max-steps", "3", "--json"]);
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["steps"], 3);
     assert_eq!(summary["weights"], "slow");
     assert!(summary["eval_loss"].as_f64().unwrap().is_finite());
     let model = d.join("out/model");
     assert!(model.join("model.safetensors").exists());
-    let o = run(&[
+    run_ok(&[
         "generate",
         "--model",
         p(&model),
@@ -256,7 +231,6 @@ fn config_file_flags_override_and_a_run_completes() {
         "--device",
         "cpu",
     ]);
-    assert!(o.status.success(), "{}", text(&o));
     // Unknown keys in the file are rejected with the file named.
     std::fs::write(d.join("bad.toml"), "learning_rat = 0.1\n").unwrap();
     let o = run(&["train", "--config", p(&d.join("bad.toml"))]);
@@ -271,17 +245,7 @@ fn corrupted_line_is_reported_with_file_and_line() {
         std::fs::read_to_string(d.join("train.jsonl")).unwrap().lines().map(String::from).collect();
     lines[4] = "{\"prompt\": \"what color".into();
     std::fs::write(d.join("train.jsonl"), lines.join("\n")).unwrap();
-    let o = run(&[
-        "train",
-        "--model",
-        p(&d.join("model")),
-        "--data",
-        p(&d.join("train.jsonl")),
-        "--output",
-        p(&d.join("out")),
-        "--device",
-        "cpu",
-    ]);
+    let o = train_in(&d).args(["--device", "cpu"]).output().expect("running ranger-tune");
     assert!(!o.status.success());
     let t = text(&o);
     assert!(t.contains("train.jsonl:5: invalid JSON"), "{t}");
@@ -291,16 +255,7 @@ fn corrupted_line_is_reported_with_file_and_line() {
 #[test]
 fn ctrl_c_writes_a_checkpoint_and_exits_cleanly() {
     let d = workdir("sigint");
-    let child = bin()
-        .args([
-            "train",
-            "--model",
-            p(&d.join("model")),
-            "--data",
-            p(&d.join("train.jsonl")),
-            "--output",
-            p(&d.join("out")),
-        ])
+    let child = train_in(&d)
         .args(["--max-steps", "1000000", "--batch-size", "2", "--device", "cpu"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

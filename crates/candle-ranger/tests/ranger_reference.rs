@@ -46,6 +46,11 @@ fn cases() -> Vec<Case> {
     out
 }
 
+/// The fixture's cases whose name starts with `prefix`.
+fn cases_named(prefix: &str) -> impl Iterator<Item = Case> + '_ {
+    cases().into_iter().filter(move |c| c.name.starts_with(prefix))
+}
+
 fn ranger_params(hp: &serde_json::Value, path: UpdatePath) -> ParamsRanger {
     ParamsRanger {
         lookahead_k: hp["lookahead_k"].as_u64().unwrap() as usize,
@@ -139,10 +144,9 @@ fn radam_params(hp: &serde_json::Value) -> ParamsRAdam {
 
 #[test]
 fn radam_matches_torch_radam() {
-    for case in cases().into_iter().filter(|c| c.name.starts_with("radam_")) {
-        let hp = &case.hp;
+    for case in cases_named("radam_") {
         let vars = fresh_vars(&case);
-        let params = radam_params(hp);
+        let params = radam_params(&case.hp);
         if case.name.starts_with("radam_torch_defaults") {
             assert_eq!(params, ParamsRAdam::default(), "ParamsRAdam::default() is torch's");
         }
@@ -154,12 +158,11 @@ fn radam_matches_torch_radam() {
 /// The generic wrapper around our RAdam reproduces the no-centralization Ranger case.
 #[test]
 fn generic_lookahead_around_radam_matches_pytorch() {
-    for case in cases().into_iter().filter(|c| c.name.starts_with("l2_wd_no_gc_k4")) {
-        let hp = &case.hp;
+    for case in cases_named("l2_wd_no_gc_k4") {
         let vars = fresh_vars(&case);
-        let inner = radam_params(hp);
+        let inner = radam_params(&case.hp);
         assert!(!inner.decoupled_weight_decay);
-        let config = LookaheadConfig { inner, k: 4, alpha: hp["lookahead_alpha"].as_f64().unwrap() };
+        let config = LookaheadConfig { inner, k: 4, alpha: case.hp["lookahead_alpha"].as_f64().unwrap() };
         let mut opt = Lookahead::<RAdam>::new(vars.clone(), config).unwrap();
         check(&case, &vars, &mut opt, "Lookahead<RAdam>");
     }
