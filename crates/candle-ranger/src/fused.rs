@@ -372,12 +372,6 @@ impl InplaceOp2 for FusedStep<'_> {
 /// The sum of squares of a CPU tensor's elements, accumulated in f64 and read in place (no
 /// squared copy is allocated).
 pub(crate) fn cpu_sum_squares(t: &Tensor) -> candle_core::Result<f64> {
-    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
-    let (storage, layout) = t.storage_and_layout();
-    let cpu = match &*storage {
-        candle_core::Storage::Cpu(c) => c,
-        _ => candle_core::bail!("cpu_sum_squares on a non-cpu tensor"),
-    };
     fn sum<T: Sync + Copy, F: Fn(T) -> f64 + Sync>(xs: &[T], to_f64: F) -> f64 {
         // Eight independent accumulators, so the adds pipeline and vectorize.
         let block = |c: &[T]| {
@@ -398,24 +392,20 @@ pub(crate) fn cpu_sum_squares(t: &Tensor) -> candle_core::Result<f64> {
             if xs.len() < CHUNK { vec![block(xs)] } else { xs.par_chunks(CHUNK).map(block).collect() };
         parts.iter().sum()
     }
-    Ok(match cpu {
-        CpuStorage::F32(d) => sum(slice(d, layout)?, |x: f32| x as f64),
-        CpuStorage::F64(d) => sum(slice(d, layout)?, |x: f64| x),
-        CpuStorage::BF16(d) => sum(slice(d, layout)?, |x: bf16| x.to_f64()),
-        CpuStorage::F16(d) => sum(slice(d, layout)?, |x: f16| x.to_f64()),
-        _ => candle_core::bail!("cpu_sum_squares of a {:?} tensor", t.dtype()),
+    with_cpu_storage(t, "cpu_sum_squares", |cpu, layout| {
+        Ok(match cpu {
+            CpuStorage::F32(d) => sum(slice(d, layout)?, |x: f32| x as f64),
+            CpuStorage::F64(d) => sum(slice(d, layout)?, |x: f64| x),
+            CpuStorage::BF16(d) => sum(slice(d, layout)?, |x: bf16| x.to_f64()),
+            CpuStorage::F16(d) => sum(slice(d, layout)?, |x: f16| x.to_f64()),
+            _ => candle_core::bail!("cpu_sum_squares of a {:?} tensor", cpu.dtype()),
+        })
     })
 }
 
 /// Whether every element of a CPU tensor is finite, read in place (no copy, no allocation
 /// for contiguous tensors).
 pub(crate) fn cpu_all_finite(t: &Tensor) -> candle_core::Result<bool> {
-    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
-    let (storage, layout) = t.storage_and_layout();
-    let cpu = match &*storage {
-        candle_core::Storage::Cpu(c) => c,
-        _ => candle_core::bail!("cpu_all_finite on a non-cpu tensor"),
-    };
     // Branch-free per block (so it vectorizes), early exit between blocks.
     fn all<T: Sync + Copy, F: Fn(T) -> bool + Sync>(xs: &[T], finite: F) -> bool {
         let block = |c: &[T]| c.iter().fold(true, |ok, &x| ok & finite(x));
@@ -425,14 +415,31 @@ pub(crate) fn cpu_all_finite(t: &Tensor) -> candle_core::Result<bool> {
             xs.par_chunks(CHUNK).all(|c| c.chunks(1024).all(block))
         }
     }
-    Ok(match cpu {
-        // A value is non-finite exactly when its exponent bits are all ones.
-        CpuStorage::F32(d) => all(slice(d, layout)?, |x: f32| x.to_bits() & 0x7f80_0000 != 0x7f80_0000),
-        CpuStorage::F64(d) => {
-            all(slice(d, layout)?, |x: f64| x.to_bits() & 0x7ff0_0000_0000_0000 != 0x7ff0_0000_0000_0000)
-        }
-        CpuStorage::BF16(d) => all(slice(d, layout)?, |x: bf16| x.to_bits() & 0x7f80 != 0x7f80),
-        CpuStorage::F16(d) => all(slice(d, layout)?, |x: f16| x.to_bits() & 0x7c00 != 0x7c00),
-        _ => true,
+    with_cpu_storage(t, "cpu_all_finite", |cpu, layout| {
+        Ok(match cpu {
+            // A value is non-finite exactly when its exponent bits are all ones.
+            CpuStorage::F32(d) => all(slice(d, layout)?, |x: f32| x.to_bits() & 0x7f80_0000 != 0x7f80_0000),
+            CpuStorage::F64(d) => {
+                all(slice(d, layout)?, |x: f64| x.to_bits() & 0x7ff0_0000_0000_0000 != 0x7ff0_0000_0000_0000)
+            }
+            CpuStorage::BF16(d) => all(slice(d, layout)?, |x: bf16| x.to_bits() & 0x7f80 != 0x7f80),
+            CpuStorage::F16(d) => all(slice(d, layout)?, |x: f16| x.to_bits() & 0x7c00 != 0x7c00),
+            _ => true,
+        })
     })
+}
+
+/// Runs `f` on the CPU storage of `t` (made contiguous first) and its layout, read in place;
+/// a tensor on another device is an error naming `op`.
+fn with_cpu_storage<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(c) => f(c, layout),
+        _ => candle_core::bail!("{op} on a non-cpu tensor"),
+    }
 }

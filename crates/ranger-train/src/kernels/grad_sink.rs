@@ -41,29 +41,24 @@ pub(crate) trait SinkFloat: super::float::Float {
     fn wrap(v: Vec<Self>) -> Buffer;
 }
 
-impl SinkFloat for f32 {
-    fn vec_mut(b: &mut Buffer) -> Option<&mut Vec<Self>> {
-        match b {
-            Buffer::F32(v) => Some(v),
-            Buffer::F64(_) => None,
+macro_rules! sink_float {
+    ($t:ty, $variant:ident) => {
+        impl SinkFloat for $t {
+            fn vec_mut(b: &mut Buffer) -> Option<&mut Vec<Self>> {
+                match b {
+                    Buffer::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn wrap(v: Vec<Self>) -> Buffer {
+                Buffer::$variant(v)
+            }
         }
-    }
-    fn wrap(v: Vec<Self>) -> Buffer {
-        Buffer::F32(v)
-    }
+    };
 }
 
-impl SinkFloat for f64 {
-    fn vec_mut(b: &mut Buffer) -> Option<&mut Vec<Self>> {
-        match b {
-            Buffer::F64(v) => Some(v),
-            Buffer::F32(_) => None,
-        }
-    }
-    fn wrap(v: Vec<Self>) -> Buffer {
-        Buffer::F64(v)
-    }
-}
+sink_float!(f32, F32);
+sink_float!(f64, F64);
 
 /// A weight and its accumulated gradient.
 struct Slot {

@@ -116,19 +116,11 @@ pub fn prepare_with_model(mut cfg: TrainConfig, loaded: LoadedModel, device: Dev
     }
     let LoadedModel { config, weights, tokenizer, generation_config, origin } = loaded;
     let dropout_seed = DropoutSeed::default();
+    let inputs =
+        TaskInputs { weights, tokenizer: &tokenizer, device: &device, origin: &origin, dropout_seed: &dropout_seed };
     let (task, vars) = match cfg.task {
-        TaskKind::CausalLm => prepare_causal_lm(
-            &cfg,
-            config.decoder(&origin)?.clone(),
-            weights,
-            &tokenizer,
-            &device,
-            &origin,
-            &dropout_seed,
-        )?,
-        TaskKind::Classify => {
-            prepare_classifier(&mut cfg, &config, weights, &tokenizer, &device, &origin, &dropout_seed)?
-        }
+        TaskKind::CausalLm => prepare_causal_lm(&cfg, config.decoder(&origin)?.clone(), inputs)?,
+        TaskKind::Classify => prepare_classifier(&mut cfg, &config, inputs)?,
     };
     Ok(Session { cfg, task, vars, tokenizer, generation_config, device, origin, dropout_seed })
 }
@@ -166,15 +158,18 @@ fn lora_config(cfg: &TrainConfig) -> LoraConfig {
     }
 }
 
-fn prepare_causal_lm(
-    cfg: &TrainConfig,
-    config: LlamaConfig,
+/// What a task's setup takes from the loaded model and the run, besides the options and the
+/// model configuration.
+struct TaskInputs<'a> {
     weights: HashMap<String, Tensor>,
-    tokenizer: &TextTokenizer,
-    device: &Device,
-    origin: &str,
-    dropout_seed: &DropoutSeed,
-) -> Result<(Task, Vec<(String, Var)>)> {
+    tokenizer: &'a TextTokenizer,
+    device: &'a Device,
+    origin: &'a str,
+    dropout_seed: &'a DropoutSeed,
+}
+
+fn prepare_causal_lm(cfg: &TrainConfig, config: LlamaConfig, inputs: TaskInputs) -> Result<(Task, Vec<(String, Var)>)> {
+    let TaskInputs { weights, tokenizer, device, origin, dropout_seed } = inputs;
     let lora = lora_config(cfg);
     let Built { model, vars } = builder(cfg, &lora, device, dropout_seed).causal_lm(config, weights, origin)?;
     let opts = DataOptions { max_seq_len: cfg.max_seq_length, pack: cfg.pack, mask_prompt: cfg.mask_prompt };
@@ -200,12 +195,9 @@ fn prepare_causal_lm(
 fn prepare_classifier(
     cfg: &mut TrainConfig,
     config: &ModelConfig,
-    weights: HashMap<String, Tensor>,
-    tokenizer: &TextTokenizer,
-    device: &Device,
-    origin: &str,
-    dropout_seed: &DropoutSeed,
+    inputs: TaskInputs,
 ) -> Result<(Task, Vec<(String, Var)>)> {
+    let TaskInputs { weights, tokenizer, device, origin, dropout_seed } = inputs;
     let backbone = config.backbone();
     if let BackboneConfig::Encoder(e) = &backbone {
         // Texts are truncated to what the position table allows (512 for BERT-base-like models).
