@@ -125,7 +125,7 @@ impl TrainOptimizer {
         match self {
             Self::Ranger(o) => Ok(o.load_state_tensors(state)?),
             Self::RAdam(o) => Ok(o.load_state_tensors(state)?),
-            Self::AdamW(..) => Err(TrainError::Msg("AdamW state cannot be restored".into())),
+            Self::AdamW(..) => Err(TrainError::AdamwStateNotRestorable),
         }
     }
 
@@ -141,7 +141,7 @@ impl TrainOptimizer {
     /// Loads the optimizer state written by [`TrainOptimizer::save_state`].
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
         if let Self::AdamW(..) = self {
-            return Err(TrainError::Msg("AdamW state cannot be restored".into()));
+            return Err(TrainError::AdamwStateNotRestorable);
         }
         let state = OptimizerState::load(path)?;
         // A mismatch found while loading the tensors names the file too.

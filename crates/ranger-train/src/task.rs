@@ -167,7 +167,7 @@ impl Task {
         Ok(match (self, batch) {
             (Self::CausalLm { model, .. }, TaskBatch::Lm(b)) => model.loss_sum(b, true)?,
             (Self::Classify { model, .. }, TaskBatch::Cls(b)) => model.loss_sum(&model.forward(b)?, &b.labels)?,
-            _ => return Err(crate::TrainError::Msg("batch of the other task".into())),
+            _ => return Err(crate::TrainError::BatchOfOtherTask),
         })
     }
 
