@@ -42,7 +42,9 @@ fn tiny_files(seed: u64) -> HashMap<String, Vec<u8>> {
 fn repo(revisions: &[(&str, &str, &HashMap<String, Vec<u8>>)], gated_token: Option<&str>) -> RepoSpec {
     let revisions = revisions
         .iter()
-        .map(|(name, commit, files)| (name.to_string(), Revision { commit: commit.to_string(), files: (*files).clone() }))
+        .map(|(name, commit, files)| {
+            (name.to_string(), Revision { commit: commit.to_string(), files: (*files).clone() })
+        })
         .collect();
     RepoSpec { revisions, gated_token: gated_token.map(String::from) }
 }
@@ -103,7 +105,8 @@ fn assert_snapshot(home: &Path, commit: &str, files: &HashMap<String, Vec<u8>>) 
 /// The partial downloads (`blobs/*.part`) in the cache under `home`.
 fn partials(home: &Path) -> Vec<PathBuf> {
     let blobs = cached_repo(home).join("blobs");
-    let entries: Vec<PathBuf> = std::fs::read_dir(blobs).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+    let entries: Vec<PathBuf> =
+        std::fs::read_dir(blobs).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
     entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "part")).collect()
 }
 
@@ -132,7 +135,10 @@ fn a_cached_model_loads_with_the_server_gone() {
     ok(generate(&endpoint, &home, "org/tiny", &[], &[]));
     drop(hub);
     let again = text(&ok(generate(&endpoint, &home, "org/tiny", &[], &[])));
-    assert!(again.contains(&format!("cannot reach {endpoint}")) && again.contains("using the cached snapshot"), "{again}");
+    assert!(
+        again.contains(&format!("cannot reach {endpoint}")) && again.contains("using the cached snapshot"),
+        "{again}"
+    );
     let err = failure(generate(&endpoint, &empty, "org/tiny", &[], &[]));
     assert!(err.contains("org/tiny@main: cannot reach") && err.contains("HF_ENDPOINT"), "{err}");
     let _ = (std::fs::remove_dir_all(&home), std::fs::remove_dir_all(&empty));
@@ -160,7 +166,9 @@ fn a_gated_repository_needs_hf_token() {
     let hub = hub_with(&files, vec![("org/gated", repo(&[("main", MAIN, &files)], Some("hf_secret")))]);
     let err = failure(generate(&hub.endpoint(), &home, "org/gated", &[], &[]));
     let page = format!("{}/org/gated", hub.endpoint());
-    for part in ["org/gated@main: config.json: the repository is gated", "HTTP 401", "licence", page.as_str(), "set HF_TOKEN"] {
+    for part in
+        ["org/gated@main: config.json: the repository is gated", "HTTP 401", "licence", page.as_str(), "set HF_TOKEN"]
+    {
         assert!(err.contains(part), "{part:?} missing from: {err}");
     }
     let err = failure(generate(&hub.endpoint(), &home, "org/gated", &[("HF_TOKEN", "hf_wrong")], &[]));
@@ -184,7 +192,10 @@ fn missing_repositories_revisions_and_files_are_named() {
     assert!(err.contains("org/tiny@nope: no such revision"), "{err}");
     let err = failure(generate(&hub.endpoint(), &home, "org/noweights", &[], &[]));
     let url = format!("{}/org/noweights/resolve/main/{WEIGHTS}", hub.endpoint());
-    assert!(err.contains(&format!("org/noweights@main: {WEIGHTS} not found in the repository (HTTP 404 for {url})")), "{err}");
+    assert!(
+        err.contains(&format!("org/noweights@main: {WEIGHTS} not found in the repository (HTTP 404 for {url})")),
+        "{err}"
+    );
     std::fs::remove_dir_all(&home).unwrap();
 }
 

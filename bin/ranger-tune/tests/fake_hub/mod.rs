@@ -175,9 +175,10 @@ fn answer(s: &mut State, path: &str, range: Option<&str>, auth: Option<&str>, ad
     if let Some(rest) = path.strip_prefix("/cdn/") {
         let parts: Vec<&str> = rest.splitn(4, '/').collect();
         let [org, name, commit, file] = parts[..] else { return Reply::error(404, "EntryNotFound", "bad CDN path") };
-        let found = s.repos.get(&format!("{org}/{name}")).and_then(|r| {
-            r.revisions.values().find(|v| v.commit == commit).and_then(|v| v.files.get(file)).cloned()
-        });
+        let found = s
+            .repos
+            .get(&format!("{org}/{name}"))
+            .and_then(|r| r.revisions.values().find(|v| v.commit == commit).and_then(|v| v.files.get(file)).cloned());
         return match found {
             Some(bytes) => transfer(s, file, bytes, range, vec![]),
             None => Reply::error(404, "EntryNotFound", "no such CDN object"),
@@ -194,7 +195,11 @@ fn answer(s: &mut State, path: &str, range: Option<&str>, auth: Option<&str>, ad
         match auth {
             None => return Reply::error(401, "GatedRepo", "Access to this model is restricted. Please log in."),
             Some(a) if a != format!("Bearer {token}") => {
-                return Reply::error(403, "GatedRepo", "Access to this model is restricted; you are not in the authorized list.")
+                return Reply::error(
+                    403,
+                    "GatedRepo",
+                    "Access to this model is restricted; you are not in the authorized list.",
+                )
             }
             Some(_) => {}
         }
@@ -230,7 +235,9 @@ fn transfer(
 ) -> Reply {
     let len = bytes.len();
     let (start, end) = match range.and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.split_once('-')) {
-        Some((a, b)) => (a.parse::<usize>().unwrap_or(0), b.parse().map_or(len.saturating_sub(1), |b: usize| b.min(len - 1))),
+        Some((a, b)) => {
+            (a.parse::<usize>().unwrap_or(0), b.parse().map_or(len.saturating_sub(1), |b: usize| b.min(len - 1)))
+        }
         None => (0, len.saturating_sub(1)),
     };
     let probe = range == Some("bytes=0-0");
@@ -243,7 +250,9 @@ fn transfer(
     let cut_at = match fault {
         Some(Fault::CutOnce) => s.faults.remove(file).map(|_| body.len() / 2),
         Some(Fault::CutAlways) => Some(body.len() / 2),
-        Some(Fault::CutThenIgnoreRange) => s.faults.insert(file.to_string(), Fault::IgnoreRangeOnce).map(|_| body.len() / 2),
+        Some(Fault::CutThenIgnoreRange) => {
+            s.faults.insert(file.to_string(), Fault::IgnoreRangeOnce).map(|_| body.len() / 2)
+        }
         _ => None,
     };
     if range.is_none() {

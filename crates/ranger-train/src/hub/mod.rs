@@ -84,7 +84,8 @@ fn download(repo_id: &str, repo: &Repo, env: &HubEnv) -> Result<PathBuf, HubProb
         .with_progress(false)
         .build()
         .map_err(|source| HubProblem::Api { file: String::new(), source })?;
-    let files = Files { api: api.repo(repo.clone()), cached: Cache::new(env.cache.clone()).repo(repo.clone()), env, repo_id };
+    let files =
+        Files { api: api.repo(repo.clone()), cached: Cache::new(env.cache.clone()).repo(repo.clone()), env, repo_id };
     let mut dir = PathBuf::new();
     for f in REQUIRED {
         dir = files.get(f)?.parent().map(Path::to_path_buf).unwrap_or_default();

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 pub(crate) fn shard_names(index: &Path) -> Option<Vec<String>> {
     let text = std::fs::read_to_string(index).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let mut files: Vec<String> = v["weight_map"].as_object()?.values().filter_map(|f| f.as_str().map(String::from)).collect();
+    let mut files: Vec<String> =
+        v["weight_map"].as_object()?.values().filter_map(|f| f.as_str().map(String::from)).collect();
     files.sort();
     files.dedup();
     Some(files)
