@@ -11,35 +11,26 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fake_hub::{FakeHub, Fault, RepoSpec, Revision};
+use ranger_train::testing::{temp_dir, TempDir};
 
 const MAIN: &str = "0123456789abcdef0123456789abcdef01234567";
 const V2: &str = "89abcdef0123456789abcdef0123456789abcdef";
 const WEIGHTS: &str = "model.safetensors";
 
-/// A folder of its own for a test (its `HF_HOME`), emptied first.
-fn home(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ranger-hub-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// The files of a tiny random Llama model (random weights for `seed`), by name.
-fn tiny_files(seed: u64) -> HashMap<String, Vec<u8>> {
+fn tiny_files(seed: u64) -> Files {
     // Tests run in parallel: each call writes into a folder of its own.
     static CALLS: AtomicUsize = AtomicUsize::new(0);
-    let dir = home(&format!("files-{seed}-{}", CALLS.fetch_add(1, Ordering::SeqCst)));
+    let dir = temp_dir(&format!("hub-files-{seed}-{}", CALLS.fetch_add(1, Ordering::SeqCst)));
     ranger_train::testing::write_tiny_model(&dir, &ranger_train::testing::tiny_config("llama"), seed).unwrap();
-    let files = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .map(|p| (p.file_name().unwrap().to_str().unwrap().to_string(), std::fs::read(&p).unwrap()))
-        .collect();
-    std::fs::remove_dir_all(&dir).unwrap();
-    files
+    let files = std::fs::read_dir(&*dir).unwrap().map(|e| e.unwrap().path());
+    files.map(|p| (p.file_name().unwrap().to_str().unwrap().to_string(), std::fs::read(&p).unwrap())).collect()
 }
 
-fn repo(revisions: &[(&str, &str, &HashMap<String, Vec<u8>>)], gated_token: Option<&str>) -> RepoSpec {
+/// A repository's files by name.
+type Files = HashMap<String, Vec<u8>>;
+
+fn repo(revisions: &[(&str, &str, &Files)], gated_token: Option<&str>) -> RepoSpec {
     let revisions = revisions
         .iter()
         .map(|(name, commit, files)| {
@@ -50,7 +41,7 @@ fn repo(revisions: &[(&str, &str, &HashMap<String, Vec<u8>>)], gated_token: Opti
 }
 
 /// A server with `org/tiny` (main: the tiny model of seed 1) and the given other repositories.
-fn hub_with(files: &HashMap<String, Vec<u8>>, others: Vec<(&str, RepoSpec)>) -> FakeHub {
+fn hub_with(files: &Files, others: Vec<(&str, RepoSpec)>) -> FakeHub {
     let mut repos: HashMap<String, RepoSpec> = others.into_iter().map(|(id, r)| (id.to_string(), r)).collect();
     repos.insert("org/tiny".into(), repo(&[("main", MAIN, files)], None));
     FakeHub::start(repos)
@@ -91,7 +82,7 @@ fn cached_repo(home: &Path) -> PathBuf {
 
 /// Asserts that the snapshot of `commit` holds exactly `files`, each a link to a blob, and that no
 /// partial download is left.
-fn assert_snapshot(home: &Path, commit: &str, files: &HashMap<String, Vec<u8>>) {
+fn assert_snapshot(home: &Path, commit: &str, files: &Files) {
     let snapshot = cached_repo(home).join("snapshots").join(commit);
     for (name, bytes) in files {
         let path = snapshot.join(name);
@@ -118,18 +109,17 @@ fn weight_transfers(hub: &FakeHub) -> Vec<String> {
 
 #[test]
 fn a_fresh_download_fills_the_empty_cache() {
-    let (files, home) = (tiny_files(1), home("fresh"));
+    let (files, home) = (tiny_files(1), temp_dir("hub-fresh"));
     let hub = hub_with(&files, vec![]);
     ok(generate(&hub.endpoint(), &home, "org/tiny", &[], &[]));
     assert_eq!(std::fs::read_to_string(cached_repo(&home).join("refs/main")).unwrap(), MAIN);
     assert_snapshot(&home, MAIN, &files);
     assert!(hub.log().iter().any(|l| l.path.starts_with("/cdn/")), "the weights came through the CDN redirect");
-    std::fs::remove_dir_all(&home).unwrap();
 }
 
 #[test]
 fn a_cached_model_loads_with_the_server_gone() {
-    let (files, home, empty) = (tiny_files(1), home("offline"), home("offline-empty"));
+    let (files, home, empty) = (tiny_files(1), temp_dir("hub-offline"), temp_dir("hub-offline-empty"));
     let hub = hub_with(&files, vec![]);
     let endpoint = hub.endpoint();
     ok(generate(&endpoint, &home, "org/tiny", &[], &[]));
@@ -141,12 +131,11 @@ fn a_cached_model_loads_with_the_server_gone() {
     );
     let err = failure(generate(&endpoint, &empty, "org/tiny", &[], &[]));
     assert!(err.contains("org/tiny@main: cannot reach") && err.contains("HF_ENDPOINT"), "{err}");
-    let _ = (std::fs::remove_dir_all(&home), std::fs::remove_dir_all(&empty));
 }
 
 #[test]
 fn a_revision_fetches_that_revision() {
-    let (main, v2, home) = (tiny_files(1), tiny_files(2), home("revision"));
+    let (main, v2, home) = (tiny_files(1), tiny_files(2), temp_dir("hub-revision"));
     assert_ne!(main[WEIGHTS], v2[WEIGHTS]);
     let hub = hub_with(&main, vec![("org/two", repo(&[("main", MAIN, &main), ("v2", V2, &v2)], None))]);
     ok(generate(&hub.endpoint(), &home, "org/two", &[], &["--revision", "v2"]));
@@ -157,12 +146,11 @@ fn a_revision_fetches_that_revision() {
     assert!(weights == v2[WEIGHTS], "the weights of v2");
     let resolves: Vec<_> = hub.log().into_iter().filter(|l| l.path.contains("/resolve/")).collect();
     assert!(resolves.iter().all(|l| l.path.starts_with("/org/two/resolve/v2/")), "{resolves:?}");
-    std::fs::remove_dir_all(&home).unwrap();
 }
 
 #[test]
 fn a_gated_repository_needs_hf_token() {
-    let (files, home) = (tiny_files(1), home("gated"));
+    let (files, home) = (tiny_files(1), temp_dir("hub-gated"));
     let hub = hub_with(&files, vec![("org/gated", repo(&[("main", MAIN, &files)], Some("hf_secret")))]);
     let err = failure(generate(&hub.endpoint(), &home, "org/gated", &[], &[]));
     let page = format!("{}/org/gated", hub.endpoint());
@@ -177,12 +165,11 @@ fn a_gated_repository_needs_hf_token() {
     let resolves = hub.log().into_iter().filter(|l| l.path.starts_with("/org/gated/resolve/") && l.status != 401);
     assert!(resolves.clone().count() > 0);
     assert!(resolves.filter(|l| l.status < 400).all(|l| l.authorization.as_deref() == Some("Bearer hf_secret")));
-    std::fs::remove_dir_all(&home).unwrap();
 }
 
 #[test]
 fn missing_repositories_revisions_and_files_are_named() {
-    let (files, home) = (tiny_files(1), home("missing"));
+    let (files, home) = (tiny_files(1), temp_dir("hub-missing"));
     let mut no_weights = files.clone();
     no_weights.remove(WEIGHTS);
     let hub = hub_with(&files, vec![("org/noweights", repo(&[("main", MAIN, &no_weights)], None))]);
@@ -196,27 +183,30 @@ fn missing_repositories_revisions_and_files_are_named() {
         err.contains(&format!("org/noweights@main: {WEIGHTS} not found in the repository (HTTP 404 for {url})")),
         "{err}"
     );
-    std::fs::remove_dir_all(&home).unwrap();
+}
+
+/// `org/tiny` served with `fault` on its weights, an empty cache, and a first run's output.
+fn run_with_fault(name: &str, fault: Fault) -> (Files, TempDir, FakeHub, Output) {
+    let (files, home) = (tiny_files(1), temp_dir(name));
+    let hub = hub_with(&files, vec![]);
+    hub.set_fault(WEIGHTS, Some(fault));
+    let out = generate(&hub.endpoint(), &home, "org/tiny", &[], &[]);
+    (files, home, hub, out)
 }
 
 #[test]
 fn a_cut_download_resumes_where_it_stopped() {
-    let (files, home) = (tiny_files(1), home("cut-once"));
-    let hub = hub_with(&files, vec![]);
-    hub.set_fault(WEIGHTS, Some(Fault::CutOnce));
-    ok(generate(&hub.endpoint(), &home, "org/tiny", &[], &[]));
+    let (files, home, hub, out) = run_with_fault("hub-cut-once", Fault::CutOnce);
+    ok(out);
     let half = files[WEIGHTS].len() / 2;
     assert_eq!(weight_transfers(&hub), ["bytes=0-".to_string(), format!("bytes={half}-")]);
     assert_snapshot(&home, MAIN, &files);
-    std::fs::remove_dir_all(&home).unwrap();
 }
 
 #[test]
 fn a_download_cut_on_every_try_fails_then_the_next_run_resumes_it() {
-    let (files, home) = (tiny_files(1), home("cut-always"));
-    let hub = hub_with(&files, vec![]);
-    hub.set_fault(WEIGHTS, Some(Fault::CutAlways));
-    let err = failure(generate(&hub.endpoint(), &home, "org/tiny", &[], &[]));
+    let (files, home, hub, out) = run_with_fault("hub-cut-always", Fault::CutAlways);
+    let err = failure(out);
     assert!(err.contains(&format!("the download of {WEIGHTS} was cut off")) && err.contains("resumes"), "{err}");
     let snapshot = cached_repo(&home).join("snapshots").join(MAIN);
     assert!(!snapshot.join(WEIGHTS).exists(), "a cut file is never in the snapshot");
@@ -228,18 +218,14 @@ fn a_download_cut_on_every_try_fails_then_the_next_run_resumes_it() {
     ok(generate(&hub.endpoint(), &home, "org/tiny", &[], &[]));
     assert_eq!(weight_transfers(&hub).last().unwrap(), &format!("bytes={kept}-"));
     assert_snapshot(&home, MAIN, &files);
-    std::fs::remove_dir_all(&home).unwrap();
 }
 
 #[test]
 fn a_resume_answered_with_the_whole_file_is_caught_and_downloaded_again() {
-    let (files, home) = (tiny_files(1), home("ignore-range"));
-    let hub = hub_with(&files, vec![]);
-    hub.set_fault(WEIGHTS, Some(Fault::CutThenIgnoreRange));
-    ok(generate(&hub.endpoint(), &home, "org/tiny", &[], &[]));
+    let (files, home, hub, out) = run_with_fault("hub-ignore-range", Fault::CutThenIgnoreRange);
+    ok(out);
     let half = files[WEIGHTS].len() / 2;
     let expected = ["bytes=0-".to_string(), format!("bytes={half}-"), "bytes=0-".to_string()];
     assert_eq!(weight_transfers(&hub), expected, "cut, resumed (answered whole: too long), downloaded again");
     assert_snapshot(&home, MAIN, &files);
-    std::fs::remove_dir_all(&home).unwrap();
 }
