@@ -17,6 +17,7 @@ pub mod data;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod kernels;
 pub mod loaded;
 pub mod merge;
