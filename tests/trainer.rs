@@ -1,5 +1,5 @@
 //! The trainer on tiny random models: data formats and their errors, masking, packing,
-//! bit-exact resume, checkpoints, NaN handling, early stopping, outputs.
+//! bit-exact resume, checkpoints, NaN handling, early stopping, outputs, metrics.jsonl as it is written.
 
 mod common;
 
@@ -9,6 +9,8 @@ use candle_core::backprop::GradStore;
 use ranger_train::config::{NanPolicy, OptimizerKind};
 use ranger_train::data::{load_file, to_sequences, DataOptions};
 use ranger_train::tokenizer::TextTokenizer;
+use ranger_train::trainer::records::StepRecord;
+use ranger_train::trainer::report::MetricsFile;
 use ranger_train::{prepare, TrainConfig, TrainError, Trainer};
 
 use common::quiet;
@@ -574,4 +576,54 @@ fn modules_to_save_train_whole_and_round_trip() {
     assert!(err.contains("\"classifier\""), "{err}");
     bad.lora = false;
     assert!(prepare(bad).err().unwrap().to_string().contains("needs LoRA"));
+}
+
+/// Checks, as each step ends, that `metrics.jsonl` already holds that step's line after one line
+/// per earlier step; fails the run (as a crash would) at step `crash_at`.
+struct MetricsWatch {
+    path: std::path::PathBuf,
+    crash_at: Option<usize>,
+}
+
+impl ranger_train::TrainObserver for MetricsWatch {
+    fn on_step(&mut self, step: &StepRecord) -> ranger_train::Result<()> {
+        let steps: Vec<usize> = MetricsFile::read(&self.path).iter().map(|r| r.step).collect();
+        assert_eq!(steps, (0..=step.step).collect::<Vec<_>>(), "metrics.jsonl as step {} ends", step.step);
+        if self.crash_at == Some(step.step) {
+            return Err(TrainError::io(&self.path)(std::io::Error::other("a crash, for the test")));
+        }
+        Ok(())
+    }
+}
+
+/// The lines of a `metrics.jsonl` without the figures that measure the machine.
+fn reproducible_lines(path: &Path) -> Vec<String> {
+    MetricsFile::read(path).iter().map(|r| serde_json::to_string(&r.without_timings()).unwrap()).collect()
+}
+
+#[test]
+fn metrics_stream_as_steps_end_and_a_resume_keeps_one_history() {
+    let dir = setup("metrics-stream");
+    let mut cfg = config(&dir, 12);
+    cfg.save_every = 4;
+    cfg.output = dir.join("straight").display().to_string();
+    quiet(cfg.clone()).run().unwrap();
+    // A run that fails at step 6: its metrics hold steps 0..=6, its latest checkpoint is step 4.
+    cfg.output = dir.join("out").display().to_string();
+    let metrics = dir.join("out/metrics.jsonl");
+    let mut t = quiet(cfg.clone());
+    t.add_observer(Box::new(MetricsWatch { path: metrics.clone(), crash_at: Some(6) }));
+    assert!(t.run().is_err());
+    drop(t);
+    assert_eq!(MetricsFile::read(&metrics).last().unwrap().step, 6);
+    // Resumed from step 4, steps 5 and 6 are dropped from the file before step 5 is done again
+    // (the watch sees 0..=5 as step 5 ends).
+    cfg.resume = Some(dir.join("out").display().to_string());
+    let mut t = quiet(cfg);
+    assert_eq!(t.state().step, 4);
+    t.add_observer(Box::new(MetricsWatch { path: metrics.clone(), crash_at: None }));
+    t.run().unwrap();
+    let lines = reproducible_lines(&metrics);
+    assert_eq!(lines.len(), 13, "{lines:#?}");
+    assert_eq!(lines, reproducible_lines(&dir.join("straight/metrics.jsonl")), "one history, the straight run's");
 }

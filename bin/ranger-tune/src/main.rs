@@ -3,8 +3,11 @@
 //!
 //! A thin command-line layer over the `ranger-train` crate.
 
+mod resume_command;
+mod stop;
+
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -182,19 +185,13 @@ struct ConvertArgs {
     dtype: DTypeArg,
 }
 
-fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
+/// Trains; a run stopped by a signal exits with [`stop::EXIT_STOPPED`] after saying how to resume.
+fn train(args: TrainArgs, matches: &ArgMatches) -> Result<ExitCode> {
     let json = args.json;
     let cfg = args.into_config(matches)?;
     let session = ranger_train::prepare(cfg)?;
     let mut trainer = Trainer::new(session)?;
-    let stop = trainer.stop_handle();
-    ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\ninterrupt: finishing the current step, then writing a checkpoint (Ctrl-C again to abort)");
-    })
-    .context("installing the Ctrl-C handler")?;
+    stop::on_signals_set(trainer.stop_handle())?;
     eprintln!(
         "training {} ({} trainable parameters) on {} {} for {} steps",
         trainer.session().origin(),
@@ -204,9 +201,24 @@ fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         trainer.state().total_steps
     );
     let s = trainer.run()?;
+    let stopped = s.stopped == ranger_train::StopReason::Interrupted;
+    let code = if stopped { ExitCode::from(stop::EXIT_STOPPED) } else { ExitCode::SUCCESS };
+    // Last, on stderr (stdout may be the JSON summary): how to go on from the checkpoint.
+    let resume_hint = || {
+        if let (true, Some(c)) = (stopped, &s.checkpoint) {
+            eprintln!(
+                "stopped at step {} of {}: checkpoint {} and metrics written. To pick the run up again:\n  {}",
+                s.steps,
+                trainer.state().total_steps,
+                c.display(),
+                resume_command::resume_command(std::env::args_os(), c)
+            );
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+        resume_hint();
+        return Ok(code);
     }
     use ranger_train::StopReason;
     match s.stopped {
@@ -244,7 +256,8 @@ fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         ),
         None => println!("  model                 not written (interrupted); resume to finish"),
     }
-    Ok(())
+    resume_hint();
+    Ok(code)
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -288,17 +301,18 @@ fn convert(a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<ExitCode> {
     ranger_train::alloc::tune_mimalloc();
     let matches = Cli::command().get_matches();
     match Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()).command {
         // The train options' sources (flag or default) decide what wins over the TOML file.
-        Command::Train(a) => train(*a, matches.subcommand_matches("train").expect("the train subcommand")),
+        Command::Train(a) => return train(*a, matches.subcommand_matches("train").expect("the train subcommand")),
         Command::Generate(a) => run_generate(a),
         Command::Convert(a) => convert(a),
         Command::Merge(a) => merge(a),
         Command::Predict(a) => predict(a),
-    }
+    }?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn predict(a: PredictArgs) -> Result<()> {

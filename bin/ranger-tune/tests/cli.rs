@@ -1,6 +1,7 @@
 //! The `ranger-tune` binary: help, TOML config with flag overrides, a full run on a tiny model,
-//! generate on its output, the documented error for a corrupted data line, Ctrl-C, and a
-//! classifier trained, merged and used by `predict`.
+//! generate on its output, the documented error for a corrupted data line, Ctrl-C, SIGTERM,
+//! SIGHUP and a second signal (tests/signals in this file's end), and a classifier trained,
+//! merged and used by `predict`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -27,9 +28,14 @@ fn predict(model: &Path, args: &[&str]) -> Output {
 
 /// `train` on the tiny model and data of a `workdir`, writing to its `out/`.
 fn train_in(d: &Path) -> Command {
+    train_into(d, "out")
+}
+
+/// `train` on the tiny model and data of a `workdir`, writing to its folder `output`.
+fn train_into(d: &Path, output: &str) -> Command {
     let mut c = bin();
     c.arg("train").arg("--model").arg(d.join("model")).arg("--data").arg(d.join("train.jsonl"));
-    c.arg("--output").arg(d.join("out"));
+    c.arg("--output").arg(d.join(output));
     c
 }
 
@@ -272,7 +278,8 @@ fn ctrl_c_writes_a_checkpoint_and_exits_cleanly() {
     assert!(status.success());
     let o = child.wait_with_output().unwrap();
     let t = text(&o);
-    assert!(o.status.success(), "{t}");
+    // Stopped by a signal, checkpoint written: the documented status, neither success nor error.
+    assert_eq!(o.status.code(), Some(75), "{t}");
     assert!(t.contains("interrupted") && t.contains("resume with --resume"), "{t}");
     let ckpt: Vec<_> = std::fs::read_dir(d.join("out"))
         .unwrap()
@@ -282,4 +289,184 @@ fn ctrl_c_writes_a_checkpoint_and_exits_cleanly() {
     assert_eq!(ckpt.len(), 1, "one checkpoint written on Ctrl-C");
     assert!(ckpt[0].path().join("optimizer.safetensors").exists());
     assert!(!d.join("out/model").exists(), "an interrupted run writes no final model");
+}
+
+/// Steps before a signal is sent, half of the signal tests' run: enough that the run cannot
+/// end between the test seeing step `HALF` in `metrics.jsonl` and the signal arriving.
+const HALF: usize = 150;
+
+/// The training options of the signal tests (the tiny model, `2 * HALF` steps).
+fn signal_args() -> Vec<String> {
+    ["--max-steps", &(2 * HALF).to_string(), "--batch-size", "2", "--learning-rate", "0.01", "--device", "cpu"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// The output folder of the straight run every signal test compares with (run once).
+fn straight_run() -> &'static Path {
+    static OUT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    OUT.get_or_init(|| {
+        let d = workdir("straight");
+        let o = train_in(&d).args(signal_args()).output().expect("running ranger-tune");
+        assert!(o.status.success(), "{}", text(&o));
+        d.join("out")
+    })
+}
+
+/// Starts the signal tests' run into `d/out`, its stdout and stderr going to `d/log.txt` (a
+/// pipe nobody reads could fill and block it).
+fn spawn_run(d: &Path, extra: &[&str]) -> std::process::Child {
+    let log = std::fs::File::create(d.join("log.txt")).unwrap();
+    train_in(d).args(signal_args()).args(extra).stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap()
+}
+
+/// The steps of the lines of a `metrics.jsonl` (a line still being written is left out).
+fn metric_steps(path: &Path) -> Vec<usize> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).map(|s| s as usize).collect()
+}
+
+/// Waits until the run in `d/out` has written the metrics of step `n` (polling its
+/// `metrics.jsonl`, for up to 10 minutes on a loaded machine).
+fn wait_for_step(child: &mut std::process::Child, d: &Path, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while metric_steps(&d.join("out/metrics.jsonl")).last() < Some(&n) {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("exited ({status}) before step {n}: {}", std::fs::read_to_string(d.join("log.txt")).unwrap());
+        }
+        assert!(std::time::Instant::now() < deadline, "step {n} not reached in 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Waits (up to 10 minutes) for the run to exit; its status and output.
+fn wait_exit(mut child: std::process::Child, d: &Path) -> (std::process::ExitStatus, String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running 10 minutes after the signal");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(d.join("log.txt")).unwrap())
+}
+
+/// Sends `signal` (a name such as `TERM`) to process `pid`.
+fn kill(signal: &str, pid: u32) {
+    let status = Command::new("kill").args([format!("-{signal}"), pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The step numbers and folders of the complete checkpoints (those with a
+/// `trainer_state.json`, which a resume considers) in `out`, in step order.
+fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(out)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let n = e.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join("trainer_state.json").exists().then(|| (n, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Checks that the run in `out` ended as the straight run did, bit for bit: the model, the last
+/// checkpoint's weights and optimizer state, and `metrics.jsonl` (one line per step, in order,
+/// with the same figures: only the speed and memory ones may differ).
+fn assert_same_as_straight(out: &Path) {
+    let straight = straight_run();
+    let last = format!("checkpoint-{}", 2 * HALF);
+    for f in ["model/model.safetensors", &format!("{last}/model.safetensors"), &format!("{last}/optimizer.safetensors")] {
+        assert!(std::fs::read(out.join(f)).unwrap() == std::fs::read(straight.join(f)).unwrap(), "{f} differs");
+    }
+    let steps = metric_steps(&out.join("metrics.jsonl"));
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "steps not strictly increasing: {steps:?}");
+    let lines = |dir: &Path| -> Vec<String> {
+        ranger_train::trainer::report::MetricsFile::read(&dir.join("metrics.jsonl"))
+            .iter()
+            .map(|r| serde_json::to_string(&r.without_timings()).unwrap())
+            .collect()
+    };
+    let (ours, theirs) = (lines(out), lines(straight));
+    assert_eq!(ours.len(), 2 * HALF);
+    assert!(ours == theirs, "metrics.jsonl differs from the straight run's");
+}
+
+/// SIGTERM (or SIGHUP) once step HALF is done: the run finishes its step, writes a checkpoint
+/// and its metrics, prints the command that resumes it and exits with 75; that command ends the
+/// run exactly as a straight one.
+fn signal_stops_after_a_checkpoint_and_the_printed_command_resumes_exactly(signal: &str) {
+    let d = workdir(&format!("sig{signal}"));
+    let out = d.join("out");
+    let mut child = spawn_run(&d, &[]);
+    wait_for_step(&mut child, &d, HALF);
+    kill(signal, child.id());
+    let (status, log) = wait_exit(child, &d);
+    assert_eq!(status.code(), Some(75), "{log}");
+    let saved = checkpoints(&out);
+    assert_eq!(saved.len(), 1, "one checkpoint, written on the signal: {saved:?}\n{log}");
+    let (at, checkpoint) = &saved[0];
+    assert!((HALF..=2 * HALF).contains(at), "checkpoint of step {at}");
+    assert!(checkpoint.join("optimizer.safetensors").exists() && checkpoint.join("model.safetensors").exists());
+    assert!(!out.join("model").exists(), "a stopped run writes no final model");
+    assert_eq!(metric_steps(&out.join("metrics.jsonl")).last(), Some(at), "metrics up to the checkpoint");
+    let command = log
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("stopped at step {at} of {}", 2 * HALF)))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no resume command printed: {log}"))
+        .trim();
+    assert!(command.ends_with(&format!("--resume {}", checkpoint.display())), "{command}");
+    let o = Command::new("sh").args(["-c", command]).output().unwrap();
+    assert!(o.status.success(), "{command}: {}", text(&o));
+    assert!(text(&o).contains(&format!("resumed from {}", checkpoint.display())), "{}", text(&o));
+    assert_same_as_straight(&out);
+}
+
+#[test]
+fn sigterm_stops_after_a_checkpoint_and_the_printed_command_resumes_exactly() {
+    signal_stops_after_a_checkpoint_and_the_printed_command_resumes_exactly("TERM");
+}
+
+#[test]
+fn sighup_stops_after_a_checkpoint_and_the_printed_command_resumes_exactly() {
+    signal_stops_after_a_checkpoint_and_the_printed_command_resumes_exactly("HUP");
+}
+
+/// A second signal exits at once (130) with no checkpoint written after it, and whatever was
+/// being written when it came (a checkpoint every step here), the latest complete checkpoint
+/// resumes to the straight run's end.
+#[test]
+fn a_second_signal_exits_at_once_and_the_latest_checkpoint_still_resumes_exactly() {
+    let d = workdir("sig-twice");
+    let out = d.join("out");
+    let mut child = spawn_run(&d, &["--save-every", "1"]);
+    wait_for_step(&mut child, &d, HALF);
+    // Stopped, the run gets both signals before it can act on the first (two of one kind would
+    // merge into one pending signal, so two kinds): the second finds the stop already asked for.
+    let pid = child.id();
+    for signal in ["STOP", "TERM", "HUP", "CONT"] {
+        kill(signal, pid);
+    }
+    let (status, log) = wait_exit(child, &d);
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(!log.contains("stopped at step"), "{log}");
+    let saved = checkpoints(&out);
+    assert!(!saved.is_empty(), "{log}");
+    for (_, dir) in &saved {
+        for f in ["model.safetensors", "optimizer.safetensors"] {
+            assert!(dir.join(f).exists(), "{} lacks {f}", dir.display());
+        }
+    }
+    let o = train_in(&d).args(signal_args()).args(["--save-every", "1", "--resume", p(&out)]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let latest = saved.last().unwrap().1.display().to_string();
+    assert!(text(&o).contains(&format!("resumed from {latest}")), "{}", text(&o));
+    assert_same_as_straight(&out);
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use super::checkpoint_list::{find_checkpoint, list_checkpoints};
+use super::checkpoint_list::{find_checkpoint, list_checkpoints, remove_checkpoint};
 use super::report::MetricsFile;
 use super::state::TrainerState;
 use super::Trainer;
@@ -114,11 +114,16 @@ impl Trainer {
         crate::weights::save_safetensors_dir(&tmp, &fast, usize::MAX)?;
         self.optimizer.save_state(&tmp.join("optimizer.safetensors"))?;
         write_json(&tmp.join("trainer_state.json"), &serde_json::to_value(&self.state).expect("state"))?;
+        // A checkpoint of this step already there (a run resumed from an earlier one) is moved
+        // aside, not deleted in place: a process killed meanwhile (a second Ctrl-C) leaves no
+        // half-deleted folder that still looks complete to a resume.
+        let old = self.output.join(format!(".checkpoint-{}.old-{}", self.state.step, std::process::id()));
         if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).map_err(TrainError::io(&final_dir))?;
+            std::fs::rename(&final_dir, &old).map_err(TrainError::io(&final_dir))?;
         }
         std::fs::rename(&tmp, &final_dir).map_err(TrainError::io(&final_dir))?;
         candle_ranger::state_file::sync_parent(&final_dir);
+        let _ = std::fs::remove_dir_all(&old);
         // Rotate among this run's checkpoints up to now; later-numbered ones (left by a run that
         // was resumed from an earlier checkpoint) are not ours to delete, and the new one stays.
         let ours: Vec<(usize, PathBuf)> =
@@ -126,7 +131,7 @@ impl Trainer {
         let keep = self.session.cfg.save_total_limit.max(1);
         for (_, p) in ours.iter().take(ours.len().saturating_sub(keep)) {
             if *p != final_dir {
-                let _ = std::fs::remove_dir_all(p);
+                remove_checkpoint(p);
             }
         }
         Ok(final_dir)

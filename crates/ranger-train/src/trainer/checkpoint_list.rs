@@ -27,3 +27,10 @@ pub(super) fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     out.sort();
     Ok(out)
 }
+
+/// Deletes a checkpoint, its `trainer_state.json` first: from then on it no longer counts as one,
+/// so a process killed halfway leaves a folder that no resume picks.
+pub(super) fn remove_checkpoint(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join("trainer_state.json"));
+    let _ = std::fs::remove_dir_all(dir);
+}

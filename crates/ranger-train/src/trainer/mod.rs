@@ -172,9 +172,9 @@ impl Trainer {
         if self.state.step == 0 {
             // The baseline, so the metrics show what training changed.
             if let Some(eval) = self.evaluate_baseline()? {
-                self.history.push(StepRecord { step: 0, train: None, eval: Some(EvalFigures::of(&eval)) });
                 let record =
                     EvalRecord { step: 0, evaluation: eval, weights: self.weights_label(), before_training: true };
+                self.history.push(StepRecord::baseline(&record));
                 obs.each(|o| o.on_eval(&record))?;
             }
         }

@@ -25,6 +25,24 @@ pub struct StepRecord {
     pub eval: Option<EvalFigures>,
 }
 
+impl StepRecord {
+    /// The line of the baseline evaluation `eval` (before training): its step, no training figures.
+    pub fn baseline(eval: &EvalRecord) -> Self {
+        Self { step: eval.step, train: None, eval: Some(EvalFigures::of(&eval.evaluation)) }
+    }
+
+    /// The record without the figures that measure the machine (tokens per second, peak
+    /// memory): what two runs of the same training, straight or resumed, agree on bit for bit.
+    pub fn without_timings(&self) -> Self {
+        let mut r = self.clone();
+        if let Some(t) = &mut r.train {
+            t.tokens_per_sec = 0.0;
+            t.peak_rss_bytes = None;
+        }
+        r
+    }
+}
+
 /// The training figures of one optimizer step. Non-finite values are written as `null`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainFigures {

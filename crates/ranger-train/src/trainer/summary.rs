@@ -13,7 +13,8 @@ use crate::task::Evaluation;
 pub enum StopReason {
     /// Every step was done.
     Completed,
-    /// The stop flag was set (Ctrl-C): the last step was checkpointed, no model written.
+    /// The stop flag was set (`ranger-tune` sets it on SIGINT, SIGTERM and SIGHUP): the last step
+    /// was checkpointed, no model written.
     Interrupted,
     /// `early_stopping_patience` evaluations in a row did not improve on the best.
     EarlyStopped {
