@@ -291,13 +291,15 @@ fn ctrl_c_writes_a_checkpoint_and_exits_cleanly() {
     assert!(!d.join("out/model").exists(), "an interrupted run writes no final model");
 }
 
-/// Steps before a signal is sent, half of the signal tests' run: enough that the run cannot
-/// end between the test seeing step `HALF` in `metrics.jsonl` and the signal arriving.
-const HALF: usize = 150;
+/// Steps before a signal is sent, half of the signal tests' run: a tiny model's step takes about
+/// a millisecond, so the run cannot end between the test seeing step `HALF` in `metrics.jsonl`
+/// and the signal arriving.
+const HALF: usize = 2000;
 
 /// The training options of the signal tests (the tiny model, `2 * HALF` steps).
 fn signal_args() -> Vec<String> {
-    ["--max-steps", &(2 * HALF).to_string(), "--batch-size", "2", "--learning-rate", "0.01", "--device", "cpu"]
+    let steps = (2 * HALF).to_string();
+    ["--max-steps", &steps, "--batch-size", "2", "--learning-rate", "0.01", "--log-every", "100", "--device", "cpu"]
         .map(String::from)
         .to_vec()
 }
@@ -323,14 +325,26 @@ fn spawn_run(d: &Path, extra: &[&str]) -> std::process::Child {
 /// The steps of the lines of a `metrics.jsonl` (a line still being written is left out).
 fn metric_steps(path: &Path) -> Vec<usize> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64()).map(|s| s as usize).collect()
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .map(|s| s as usize)
+        .collect()
+}
+
+/// The step of the last complete line of a `metrics.jsonl`.
+fn last_step(path: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .map(|s| s as usize)
 }
 
 /// Waits until the run in `d/out` has written the metrics of step `n` (polling its
 /// `metrics.jsonl`, for up to 10 minutes on a loaded machine).
 fn wait_for_step(child: &mut std::process::Child, d: &Path, n: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-    while metric_steps(&d.join("out/metrics.jsonl")).last() < Some(&n) {
+    while last_step(&d.join("out/metrics.jsonl")) < Some(n) {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("exited ({status}) before step {n}: {}", std::fs::read_to_string(d.join("log.txt")).unwrap());
         }
@@ -376,14 +390,23 @@ fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
     found
 }
 
+/// A safetensors file as its header (tensor names, shapes, offsets and metadata, in any order:
+/// the optimizer state's metadata comes from a hash map) and its tensor bytes.
+fn safetensors_parts(path: &Path) -> (serde_json::Value, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (serde_json::from_slice(&bytes[8..n]).unwrap(), bytes[n..].to_vec())
+}
+
 /// Checks that the run in `out` ended as the straight run did, bit for bit: the model, the last
 /// checkpoint's weights and optimizer state, and `metrics.jsonl` (one line per step, in order,
 /// with the same figures: only the speed and memory ones may differ).
 fn assert_same_as_straight(out: &Path) {
     let straight = straight_run();
     let last = format!("checkpoint-{}", 2 * HALF);
-    for f in ["model/model.safetensors", &format!("{last}/model.safetensors"), &format!("{last}/optimizer.safetensors")] {
-        assert!(std::fs::read(out.join(f)).unwrap() == std::fs::read(straight.join(f)).unwrap(), "{f} differs");
+    for f in ["model/model.safetensors", &format!("{last}/model.safetensors"), &format!("{last}/optimizer.safetensors")]
+    {
+        assert!(safetensors_parts(&out.join(f)) == safetensors_parts(&straight.join(f)), "{f} differs");
     }
     let steps = metric_steps(&out.join("metrics.jsonl"));
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "steps not strictly increasing: {steps:?}");
@@ -415,7 +438,7 @@ fn signal_stops_after_a_checkpoint_and_the_printed_command_resumes_exactly(signa
     assert!((HALF..=2 * HALF).contains(at), "checkpoint of step {at}");
     assert!(checkpoint.join("optimizer.safetensors").exists() && checkpoint.join("model.safetensors").exists());
     assert!(!out.join("model").exists(), "a stopped run writes no final model");
-    assert_eq!(metric_steps(&out.join("metrics.jsonl")).last(), Some(at), "metrics up to the checkpoint");
+    assert_eq!(last_step(&out.join("metrics.jsonl")), Some(*at), "metrics up to the checkpoint");
     let command = log
         .lines()
         .skip_while(|l| !l.starts_with(&format!("stopped at step {at} of {}", 2 * HALF)))
@@ -440,14 +463,15 @@ fn sighup_stops_after_a_checkpoint_and_the_printed_command_resumes_exactly() {
 }
 
 /// A second signal exits at once (130) with no checkpoint written after it, and whatever was
-/// being written when it came (a checkpoint every step here), the latest complete checkpoint
-/// resumes to the straight run's end.
+/// being written when it came (a checkpoint every step here, so most likely one), the latest
+/// complete checkpoint resumes to the straight run's end.
 #[test]
 fn a_second_signal_exits_at_once_and_the_latest_checkpoint_still_resumes_exactly() {
     let d = workdir("sig-twice");
     let out = d.join("out");
+    // Writing a checkpoint every step, the run takes far longer than HALF steps to end.
     let mut child = spawn_run(&d, &["--save-every", "1"]);
-    wait_for_step(&mut child, &d, HALF);
+    wait_for_step(&mut child, &d, 50);
     // Stopped, the run gets both signals before it can act on the first (two of one kind would
     // merge into one pending signal, so two kinds): the second finds the stop already asked for.
     let pid = child.id();
@@ -464,7 +488,8 @@ fn a_second_signal_exits_at_once_and_the_latest_checkpoint_still_resumes_exactly
             assert!(dir.join(f).exists(), "{} lacks {f}", dir.display());
         }
     }
-    let o = train_in(&d).args(signal_args()).args(["--save-every", "1", "--resume", p(&out)]).output().unwrap();
+    // The rest without a checkpoint every step (a resume may change --save-every).
+    let o = train_in(&d).args(signal_args()).args(["--resume", p(&out)]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let latest = saved.last().unwrap().1.display().to_string();
     assert!(text(&o).contains(&format!("resumed from {latest}")), "{}", text(&o));
