@@ -1,7 +1,8 @@
 //! The `ranger-tune` binary: help, TOML config with flag overrides, a full run on a tiny model,
-//! generate on its output, the documented error for a corrupted data line, Ctrl-C, SIGTERM,
-//! SIGHUP and a second signal (tests/signals in this file's end), and a classifier trained,
-//! merged and used by `predict`.
+//! generate on its output, the documented error for a corrupted data line, a classifier
+//! trained, merged and used by `predict`, and real signals: Ctrl-C, SIGTERM and SIGHUP stop
+//! after a checkpoint (exit 75) and the printed command resumes bit for bit; a second signal
+//! exits at once (130) leaving a checkpoint that resumes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
