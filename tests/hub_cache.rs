@@ -1,6 +1,6 @@
 //! Loading by Hub repository id from the local Hugging Face cache (HF_HUB_CACHE, HF_HUB_OFFLINE=1,
-//! --revision): the same folder layout `huggingface_hub` writes. (The network download itself
-//! cannot be exercised here: these machines reach no Hub.)
+//! --revision): the same folder layout `huggingface_hub` writes. (The download itself is tested
+//! against a local Hub server: bin/ranger-tune/tests/hub_download.rs.)
 //! One test only, because it sets process-wide environment variables.
 
 mod common;

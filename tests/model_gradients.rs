@@ -18,7 +18,10 @@ use serde_json::{json, Value};
 fn build(config: &Value, dtype: DType, seed: u64) -> (LlamaConfig, Vec<(String, Var)>, LlamaModel) {
     let cfg = LlamaConfig::from_json(config.clone(), "test").unwrap();
     let weights = ranger_train::model::random_weights(&cfg, seed, DType::F64).unwrap();
-    let vars = ranger_train::model::into_vars(&cfg, weights, dtype, &Device::Cpu, "test").unwrap();
+    let vars = ranger_train::weights::to_vars(
+        ranger_train::model::into_tensors(&cfg, weights, dtype, &Device::Cpu, "test").unwrap(),
+    )
+    .unwrap();
     let model = LlamaModel::from_vars(cfg.clone(), &vars).unwrap();
     (cfg, vars, model)
 }

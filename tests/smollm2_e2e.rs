@@ -31,8 +31,10 @@ fn model_of(
     loaded: ranger_train::source::LoadedModel,
 ) -> (LlamaModel, ranger_train::tokenizer::TextTokenizer, Option<Value>) {
     let config = loaded.decoder().unwrap().clone();
-    let vars =
-        ranger_train::model::into_vars(&config, loaded.weights, DType::F32, &Device::Cpu, &loaded.origin).unwrap();
+    let vars = ranger_train::weights::to_vars(
+        ranger_train::model::into_tensors(&config, loaded.weights, DType::F32, &Device::Cpu, &loaded.origin).unwrap(),
+    )
+    .unwrap();
     (LlamaModel::from_vars(config, &vars).unwrap(), loaded.tokenizer, loaded.generation_config)
 }
 

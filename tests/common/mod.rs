@@ -15,35 +15,11 @@ use ranger_train::{prepare, RunSummary, TrainConfig, Trainer};
 use serde_json::Value;
 
 #[allow(unused_imports)]
-pub use ranger_train::testing::{tiny_config, tiny_tokenizer_json, TINY_VOCAB, WORDS};
+pub use ranger_train::testing::{temp_dir, tiny_config, tiny_tokenizer_json, TempDir, TINY_VOCAB, WORDS};
 
 /// Writes a complete tiny model folder (random weights for `seed`).
 pub fn write_tiny_model(dir: &Path, config: &Value, seed: u64) -> LlamaConfig {
     ranger_train::testing::write_tiny_model(dir, config, seed).unwrap()
-}
-
-/// A temporary folder removed when dropped (checkpoints of the real model are gigabytes).
-pub struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A unique temporary folder for a test, removed at the end of it.
-pub fn temp_dir(name: &str) -> TempDir {
-    let d = std::env::temp_dir().join(format!("ranger-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
 }
 
 /// The path tools/fetch_test_assets.sh prints last for `mode` (fetched, sha256-checked and

@@ -37,6 +37,9 @@ enum Command {
     /// Fine-tune a causal LM or a text classifier (full or LoRA).
     Train(Box<TrainArgs>),
     /// Classify the texts of a JSONL/CSV file with a trained classifier (JSONL out).
+    ///
+    /// --model is the classifier (a ranger-tune output's model/ or best/ folder, any Hugging
+    /// Face *ForSequenceClassification folder or Hub id), or with --adapter its base model.
     Predict(PredictArgs),
     /// Sample text from a base or fine-tuned model.
     Generate(GenerateArgs),
@@ -72,14 +75,27 @@ impl TrainArgs {
     }
 }
 
+/// `--model` and `--revision`: where generate, predict and merge read a model from.
 #[derive(Args)]
-struct GenerateArgs {
+struct ModelArg {
     /// Hub repository id, model folder (e.g. a ranger-tune output's model/), or .gguf file.
     #[arg(long)]
     model: String,
-    /// Hub revision.
+    /// Hub revision (branch, tag or commit) when --model is a Hub id.
     #[arg(long)]
     revision: Option<String>,
+}
+
+impl ModelArg {
+    fn load(&self) -> Result<LoadedModel> {
+        Ok(source::load(&self.model, &HubOptions { revision: self.revision.clone() })?)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
     /// A PEFT LoRA adapter folder to apply to the model (e.g. a ranger-tune output's adapter/).
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -108,13 +124,8 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct PredictArgs {
-    /// A classifier: a ranger-tune output's model/ or best/ folder, any Hugging Face
-    /// *ForSequenceClassification folder or Hub id, or with --adapter the base model.
-    #[arg(long)]
-    model: String,
-    /// Hub revision.
-    #[arg(long)]
-    revision: Option<String>,
+    #[command(flatten)]
+    model: ModelArg,
     /// A PEFT LoRA classifier adapter (a ranger-tune output's adapter/) applied to --model.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -146,12 +157,8 @@ struct PredictArgs {
 
 #[derive(Args)]
 struct MergeArgs {
-    /// The base model: Hub id, folder or .gguf file.
-    #[arg(long)]
-    model: String,
-    /// Hub revision of the base model.
-    #[arg(long)]
-    revision: Option<String>,
+    #[command(flatten)]
+    model: ModelArg,
     /// The PEFT LoRA adapter folder.
     #[arg(long)]
     adapter: PathBuf,
@@ -250,7 +257,7 @@ fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
+    let loaded = a.model.load()?;
     let config = loaded.decoder()?.clone();
     let stop = stop_ids(&loaded.tokenizer, loaded.generation_config.as_ref());
     let tuning = a.adapter.as_deref().map_or(Tuning::Frozen, Tuning::WithAdapter);
@@ -274,12 +281,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
-    let base = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
+    let base = a.model.load()?;
     let what = match merge_adapter(base, &a.adapter, &a.output, a.dtype.dtype())? {
         Merged::Classifier => "classifier",
         Merged::CausalLm => "base",
     };
-    println!("wrote {} ({what} {} + adapter {}, merged)", a.output.display(), a.model, a.adapter.display());
+    println!("wrote {} ({what} {} + adapter {}, merged)", a.output.display(), a.model.model, a.adapter.display());
     Ok(())
 }
 
@@ -305,7 +312,7 @@ fn main() -> Result<()> {
 fn predict(a: PredictArgs) -> Result<()> {
     use std::io::Write;
     let device = parse_device(&a.device)?;
-    let loaded = source::load(&a.model, &HubOptions { revision: a.revision.clone() })?;
+    let loaded = a.model.load()?;
     let clf = ranger_train::predict::load_classifier(loaded, a.adapter.as_deref(), candle_core::DType::F32, &device)?;
     let cols = ranger_train::classify::Columns {
         text: a.text_column.clone(),

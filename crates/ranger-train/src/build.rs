@@ -12,7 +12,7 @@ use crate::error::{Result, TrainError};
 use crate::model::classifier::complete_classifier_weights;
 use crate::model::{attach_lora, BackboneConfig, DropoutSeed, LlamaConfig, LlamaModel, LoraConfig, SequenceClassifier};
 use crate::peft;
-use crate::weights::take_weights;
+use crate::weights::{take_weights, to_vars};
 
 /// What becomes trainable in a built model.
 #[derive(Debug, Clone, Copy)]
@@ -181,8 +181,4 @@ impl<'a> ModelBuilder<'a> {
         }
         Ok(Built { model, vars })
     }
-}
-
-fn to_vars(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Var)>> {
-    tensors.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect()
 }

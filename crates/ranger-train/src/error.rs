@@ -92,14 +92,9 @@ pub enum TrainError {
         /// What is wrong.
         problem: String,
     },
-    /// The Hugging Face Hub could not provide a repository's files.
-    #[error("{repo}: {message}")]
-    Hub {
-        /// `repo_id@revision`.
-        repo: String,
-        /// What went wrong.
-        message: String,
-    },
+    /// The Hugging Face Hub (or a mirror) could not provide a repository's files.
+    #[error(transparent)]
+    Hub(#[from] crate::hub::HubError),
     /// A model was built over weights that lack one of its tensors.
     #[error("tensor `{tensor}` missing from the weights the model is built over")]
     MissingTensor {

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
+use crate::hub::HubEnv;
 pub use crate::loaded::LoadedModel;
 use crate::model::ModelConfig;
 use crate::tokenizer::TextTokenizer;
 
-/// Hub options (`--revision`; the token and cache come from HF_TOKEN / HF_HOME / HF_HUB_CACHE).
+/// Hub options (`--revision`; the endpoint, cache and token come from the environment: [`HubEnv`]).
 #[derive(Debug, Clone, Default)]
 pub struct HubOptions {
     /// Branch, tag or commit.
@@ -34,59 +35,12 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
     Ok(LoadedModel { config, weights, tokenizer, generation_config, origin: dir.display().to_string() })
 }
 
-/// Downloads (or finds in the cache) the files of a Hub repository and returns its folder.
-/// Honours HF_HOME / HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE=1 (cache only).
+/// Downloads (or finds in the cache) the files of a Hub repository and returns its folder, with
+/// the settings of the environment ([`HubEnv::from_env`]: HF_ENDPOINT, HF_HOME / HF_HUB_CACHE,
+/// HF_TOKEN, HF_HUB_OFFLINE).
 pub fn fetch_from_hub(repo_id: &str, opts: &HubOptions) -> Result<PathBuf> {
-    use hf_hub::{Repo, RepoType};
-    let revision = opts.revision.clone().unwrap_or_else(|| "main".to_string());
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.clone());
-    // HF_HUB_CACHE names the cache folder itself; HF_HOME its parent (hf-hub reads only HF_HOME).
-    let cache = match std::env::var_os("HF_HUB_CACHE") {
-        Some(dir) => hf_hub::Cache::new(PathBuf::from(dir)),
-        None => hf_hub::Cache::from_env(),
-    };
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
-    let wanted =
-        ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"];
-    let hub_err = |message: String| TrainError::Hub { repo: format!("{repo_id}@{revision}"), message };
-    if offline {
-        let cached = cache.repo(repo.clone());
-        let cfg =
-            cached.get("config.json").ok_or_else(|| hub_err("not in the local cache and HF_HUB_OFFLINE=1".into()))?;
-        return Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default());
-    }
-    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(true);
-    if let Ok(token) = std::env::var("HF_TOKEN") {
-        builder = builder.with_token(Some(token));
-    }
-    let api = builder.build().map_err(|e| hub_err(e.to_string()))?;
-    let api = api.repo(repo);
-    let mut dir = None;
-    for f in wanted {
-        match api.get(f) {
-            Ok(p) => dir = p.parent().map(Path::to_path_buf),
-            Err(e) if f == "config.json" || f == "tokenizer.json" => return Err(hub_err(format!("{f}: {e}"))),
-            Err(_) => {}
-        }
-    }
-    match api.get("model.safetensors.index.json") {
-        Ok(index) => {
-            let v = read_json(&index)?;
-            let mut files: Vec<String> = v["weight_map"]
-                .as_object()
-                .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
-                .unwrap_or_default();
-            files.sort();
-            files.dedup();
-            for f in files {
-                api.get(&f).map_err(|e| hub_err(format!("{f}: {e}")))?;
-            }
-        }
-        Err(_) => {
-            api.get("model.safetensors").map_err(|e| hub_err(format!("model.safetensors: {e}")))?;
-        }
-    }
-    dir.ok_or_else(|| hub_err("no files".into()))
+    let revision = opts.revision.as_deref().unwrap_or("main");
+    Ok(crate::hub::fetch(repo_id, revision, &HubEnv::from_env())?)
 }
 
 fn spec_err(spec: &str, problem: &str) -> TrainError {

@@ -1,8 +1,8 @@
 //! Tiny random models written as complete Hugging Face folders (config.json, safetensors,
 //! a word-level tokenizer with a chat template), for tests, examples and quick experiments
-//! that need no download.
+//! that need no download; and a temporary folder that cleans up after itself.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
@@ -185,4 +185,29 @@ pub fn random_classifier_weights(
         *t = t.to_dtype(dtype)?;
     }
     Ok(w)
+}
+
+/// A temporary folder removed when dropped (checkpoints of real models are gigabytes).
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An empty folder `ranger-test-<name>-<pid>` in the system's temporary folder, removed when
+/// dropped (panics if it cannot be made: this is for tests).
+pub fn temp_dir(name: &str) -> TempDir {
+    let d = std::env::temp_dir().join(format!("ranger-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    TempDir(d)
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_ranger::state_file::{sync_parent, tmp_path};
 
 use crate::error::{Result, TrainError};
@@ -78,6 +78,11 @@ pub fn take_weights(
         out.push((name, t.to_dtype(dtype)?.to_device(device)?));
     }
     Ok(out)
+}
+
+/// Named tensors as trainable variables (each a new variable holding the tensor).
+pub fn to_vars(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Var)>> {
+    tensors.into_iter().map(|(n, t)| Ok((n, Var::from_tensor(&t)?))).collect()
 }
 
 /// Random tensors for `shapes` (tests and tiny experiments): normal(0, 0.1) matrices, norm

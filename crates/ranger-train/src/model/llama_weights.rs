@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
 use crate::error::Result;
@@ -20,20 +20,6 @@ pub fn into_tensors(
     origin: &str,
 ) -> Result<Vec<(String, Tensor)>> {
     take_weights(config.weight_shapes(), weights, dtype, device, origin)
-}
-
-/// Like [`into_tensors`], as trainable variables.
-pub fn into_vars(
-    config: &LlamaConfig,
-    weights: HashMap<String, Tensor>,
-    dtype: DType,
-    device: &Device,
-    origin: &str,
-) -> Result<Vec<(String, Var)>> {
-    into_tensors(config, weights, dtype, device, origin)?
-        .into_iter()
-        .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
-        .collect()
 }
 
 /// Random weights for a configuration, as [`random_tensors`] makes them.

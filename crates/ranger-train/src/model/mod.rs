@@ -23,6 +23,6 @@ pub use classifier::{BackboneConfig, ClassifierBatch, SequenceClassifier};
 pub use config::{Architecture, LlamaConfig, RopeScaling};
 pub use linear::Proj;
 pub use llama::{mean_loss, KvCache, LlamaModel};
-pub use llama_weights::{into_tensors, into_vars, random_weights};
+pub use llama_weights::{into_tensors, random_weights};
 pub use lora::{peft_magnitude_name, peft_name, DropoutSeed, LoraAdapter, LoraConfig};
 pub use loss::causal_lm_loss_sum;
