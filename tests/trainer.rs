@@ -174,6 +174,46 @@ fn resume_refuses_other_data_or_options() {
     assert!(err.contains("different options"), "{err}");
 }
 
+/// A checkpoint whose tensor bytes were damaged on disk (one flipped byte past the header, which
+/// safetensors itself does not notice) is refused, naming the file and the checkpoint before it;
+/// that one resumes, and so does one without checksums (written before they were recorded).
+#[test]
+fn resume_refuses_a_damaged_checkpoint_and_names_the_previous_one() {
+    let dir = setup("damaged");
+    let cfg = config(&dir, 4);
+    let mut t = quiet(cfg.clone());
+    for _ in 0..2 {
+        common::interrupted_run(&mut t);
+    }
+    drop(t);
+    let file = dir.join("out/checkpoint-2/model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let at = data_start + (bytes.len() - data_start) / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&file, &bytes).unwrap();
+    assert!(candle_core::safetensors::load(&file, &candle_core::Device::Cpu).is_ok(), "still a readable file");
+    let mut resume = cfg.clone();
+    resume.resume = Some(dir.join("out").display().to_string());
+    let err = Trainer::new(prepare(resume.clone()).unwrap()).err().expect("a damaged checkpoint is refused");
+    let text = err.to_string();
+    assert!(matches!(err, TrainError::CheckpointDamaged { .. }), "{text}");
+    assert!(text.contains("checkpoint-2/model.safetensors: damaged (CRC-32 "), "{text}");
+    assert!(text.contains(&format!("--resume {}", dir.join("out/checkpoint-1").display())), "{text}");
+    resume.resume = Some(dir.join("out/checkpoint-1").display().to_string());
+    assert_eq!(quiet(resume.clone()).state().step, 1);
+    let state_file = dir.join("out/checkpoint-1/trainer_state.json");
+    let mut state = common::read_json(&state_file);
+    let sums = state.as_object_mut().unwrap().remove("checksums").unwrap();
+    assert_eq!(
+        sums["model.safetensors"]["bytes"],
+        std::fs::metadata(dir.join("out/checkpoint-1/model.safetensors")).unwrap().len()
+    );
+    assert!(sums["optimizer.safetensors"]["crc32"].as_str().is_some_and(|c| c.len() == 8), "{sums}");
+    write(&state_file, &state.to_string());
+    assert_eq!(quiet(resume).state().step, 1);
+}
+
 #[test]
 fn malformed_lines_name_file_and_line() {
     let dir = setup("malformed");

@@ -17,6 +17,7 @@ use ranger_train::convert::gguf_to_hf;
 use ranger_train::generate::{generate, stop_ids, GenerateOptions};
 use ranger_train::merge::{merge_adapter, Merged};
 use ranger_train::source::{self, HubOptions, LoadedModel};
+use ranger_train::trainer::OutputLock;
 use ranger_train::{TrainConfig, Trainer};
 
 // Candle allocates a buffer per op; mimalloc reuses them instead of mapping fresh pages.
@@ -189,8 +190,15 @@ struct ConvertArgs {
 fn train(args: TrainArgs, matches: &ArgMatches) -> Result<ExitCode> {
     let json = args.json;
     let cfg = args.into_config(matches)?;
+    // A folder another run is using is refused here, before the model loads (a new folder is
+    // locked when the run starts).
+    let output = std::path::Path::new(&cfg.output);
+    let lock = if output.is_dir() { Some(OutputLock::acquire(output)?) } else { None };
     let session = ranger_train::prepare(cfg)?;
     let mut trainer = Trainer::new(session)?;
+    if let Some(lock) = lock {
+        trainer.keep_output_lock(lock);
+    }
     stop::on_signals_set(trainer.stop_handle())?;
     eprintln!(
         "training {} ({} trainable parameters) on {} {} for {} steps",

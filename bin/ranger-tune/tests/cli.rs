@@ -1,8 +1,9 @@
 //! The `ranger-tune` binary: help, TOML config with flag overrides, a full run on a tiny model,
 //! generate on its output, the documented error for a corrupted data line, a classifier
-//! trained, merged and used by `predict`, and real signals: Ctrl-C, SIGTERM and SIGHUP stop
-//! after a checkpoint (exit 75) and the printed command resumes bit for bit; a second signal
-//! exits at once (130) leaving a checkpoint that resumes.
+//! trained, merged and used by `predict`, real signals (Ctrl-C, SIGTERM and SIGHUP stop after a
+//! checkpoint with exit 75 and the printed command resumes bit for bit; a second signal exits at
+//! once with 130, leaving a checkpoint that resumes), and the guards of long runs: one run per
+//! output folder, and a full disk.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -29,14 +30,14 @@ fn predict(model: &Path, args: &[&str]) -> Output {
 
 /// `train` on the tiny model and data of a `workdir`, writing to its `out/`.
 fn train_in(d: &Path) -> Command {
-    train_into(d, "out")
+    train_into(d, &d.join("out"))
 }
 
-/// `train` on the tiny model and data of a `workdir`, writing to its folder `output`.
-fn train_into(d: &Path, output: &str) -> Command {
+/// `train` on the tiny model and data of a `workdir`, writing to `out`.
+fn train_into(d: &Path, out: &Path) -> Command {
     let mut c = bin();
     c.arg("train").arg("--model").arg(d.join("model")).arg("--data").arg(d.join("train.jsonl"));
-    c.arg("--output").arg(d.join(output));
+    c.arg("--output").arg(out);
     c
 }
 
@@ -495,4 +496,148 @@ fn a_second_signal_exits_at_once_and_the_latest_checkpoint_still_resumes_exactly
     let latest = saved.last().unwrap().1.display().to_string();
     assert!(text(&o).contains(&format!("resumed from {latest}")), "{}", text(&o));
     assert_same_as_straight(&out);
+}
+
+/// Waits (up to a minute) until `path` exists and its text contains `what`.
+fn wait_for_text(path: &Path, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(path).is_ok_and(|t| t.contains(what)) {
+        assert!(std::time::Instant::now() < deadline, "{} never held {what:?}", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Two runs into one output folder: the second fails at once (before loading its model), naming
+/// the first; once the first dies without releasing its lock (SIGKILL), the next run takes the
+/// stale lock over with a note, and removes the lock when it ends.
+#[test]
+fn a_busy_output_is_refused_and_a_dead_runs_lock_is_taken_over() {
+    let d = workdir("lock");
+    let mut first = train_in(&d)
+        .args(["--max-steps", "1000000", "--batch-size", "2", "--device", "cpu"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = d.join("out/.ranger-tune.lock");
+    wait_for_text(&lock, &format!("\"pid\":{}", first.id()));
+    let o = train_in(&d).args(["--max-steps", "2", "--device", "cpu"]).output().unwrap();
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("another run is using this output folder"), "{t}");
+    assert!(t.contains(&format!("pid {} on host ", first.id())) && t.contains(" since 20"), "{t}");
+    assert!(!t.contains("trainable parameters"), "refused before loading the model: {t}");
+    assert!(first.try_wait().unwrap().is_none(), "the first run goes on");
+    // SIGKILL: no handler runs, the lock file stays; the OS lock goes with the process.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(lock.exists());
+    let o = train_in(&d).args(["--max-steps", "2", "--device", "cpu"]).output().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("took over the stale lock") && t.contains(&format!("pid {} on host ", first.id())), "{t}");
+    assert!(!lock.exists(), "the lock is released at the end of the run");
+    assert!(d.join("out/model/model.safetensors").exists());
+}
+
+/// The bytes a file takes on a tmpfs (whole 4 KiB pages).
+fn pages(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len().div_ceil(4096) * 4096)
+}
+
+/// A safetensors file's header (as JSON: its metadata map is written in no fixed order) and data.
+fn safetensors_content(path: &Path) -> (serde_json::Value, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (serde_json::from_slice(&bytes[8..end]).unwrap(), bytes[end..].to_vec())
+}
+
+/// Names under `dir` (recursively) that only a write in progress has.
+fn debris(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.contains(".partial-") || name.contains(".old-") || name.contains(".tmp") {
+            out.push(e.path());
+        } else if e.path().is_dir() {
+            out.extend(debris(&e.path()));
+        }
+    }
+    out
+}
+
+/// A full disk: the checkpoint that does not fit leaves no partial files, the error names the
+/// file, the space needed and the ways out, and the last good checkpoint is intact and resumes
+/// exactly. The disk is a small tmpfs where mounting one is allowed (root); elsewhere the
+/// process's file size limit (`ulimit -f`) makes the same checkpoint write fail.
+#[test]
+fn a_full_disk_leaves_no_partial_checkpoint_and_the_last_one_resumes() {
+    let d = workdir("full-disk");
+    let args = ["--max-steps", "2", "--save-every", "1", "--batch-size", "2", "--device", "cpu"];
+    let reference = d.join("ref");
+    let o = train_into(&d, &reference).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let ckpt_files = ["model.safetensors", "optimizer.safetensors", "trainer_state.json"];
+    let ckpt_pages: u64 = ckpt_files.iter().map(|f| pages(&reference.join("checkpoint-1").join(f))).sum();
+    let small = pages(&reference.join("metrics.jsonl")) + pages(&reference.join("loss_curve.svg"));
+    // Room for the first checkpoint, the small files (twice: they are rewritten) and 16 pages.
+    let budget = ckpt_pages + 2 * small + 16 * 4096;
+    assert!(budget < 2 * ckpt_pages, "the second checkpoint must not fit");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let disk = d.join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let size = format!("size={}k", budget / 1024);
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &size, "tmpfs", p(&disk)])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _unmount = mounted.then(|| Unmount(disk.clone()));
+    let out = disk.join("out");
+    let o = if mounted {
+        train_into(&d, &out).args(args).output().unwrap()
+    } else {
+        // No mount allowed: step 1's checkpoint is put in place, and the resumed run may write
+        // no file larger than half the weights, so checkpoint-2's first file fails (EFBIG).
+        eprintln!("cannot mount a tmpfs here: limiting the file size instead");
+        let ckpt1 = out.join("checkpoint-1");
+        std::fs::create_dir_all(&ckpt1).unwrap();
+        for f in ckpt_files {
+            std::fs::copy(reference.join("checkpoint-1").join(f), ckpt1.join(f)).unwrap();
+        }
+        let weights = std::fs::metadata(reference.join("checkpoint-1/model.safetensors")).unwrap().len();
+        let limit_kib = (weights / 2).max(small + 4096) / 1024;
+        assert!(limit_kib * 1024 < weights, "the limit must stop the weights");
+        let mut c = Command::new("bash");
+        c.args(["-c", &format!("trap '' XFSZ; ulimit -f {limit_kib}; exec \"$0\" \"$@\"")]);
+        c.arg(env!("CARGO_BIN_EXE_ranger-tune")).args(train_into(&d, &out).get_args()).args(args);
+        c.arg("--resume").arg(&out).output().unwrap()
+    };
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("checkpoint-2: cannot write it (it needs about"), "{t}");
+    assert!(t.contains("model.safetensors") || t.contains("optimizer.safetensors"), "names the file: {t}");
+    assert!(t.contains("--save-total-limit") && t.contains("another --output"), "{t}");
+    // The bytes needed: what checkpoint-2 takes on the roomy disk, give or take its headers.
+    let needed: u64 = t.split(" bytes)").next().unwrap().rsplit('(').next().unwrap().parse().unwrap();
+    let written: u64 =
+        ckpt_files.iter().map(|f| std::fs::metadata(reference.join("checkpoint-2").join(f)).unwrap().len()).sum();
+    assert!(needed * 10 >= written * 9 && needed <= written, "needs {needed} bytes, checkpoint-2 takes {written}");
+    assert_eq!(debris(&out), Vec::<PathBuf>::new(), "partial files left: {t}");
+    assert!(!out.join("checkpoint-2").exists());
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let (kept, good) = (out.join("checkpoint-1").join(f), reference.join("checkpoint-1").join(f));
+        assert!(safetensors_content(&kept) == safetensors_content(&good), "checkpoint-1/{f} changed");
+    }
+    // It resumes (its checksums verified) into a roomy folder, to the model of the straight run.
+    let resumed = d.join("resumed");
+    let o = train_into(&d, &resumed).args(args).arg("--resume").arg(out.join("checkpoint-1")).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let model = |dir: &Path| std::fs::read(dir.join("model/model.safetensors")).unwrap();
+    assert!(model(&resumed) == model(&reference), "the resumed run ends where the straight one did");
 }

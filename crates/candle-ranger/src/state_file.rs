@@ -112,8 +112,11 @@ pub fn write_atomic(path: &Path, tensors: &[(String, StateView<'_>)], metadata: 
         .and_then(|f| f.metadata())
         .map_err(io)
         .and_then(|created| {
-            safetensors::serialize_to_file(views, Some(metadata), &tmp)
-                .map_err(|e| Error::StateFormat { path: path.to_path_buf(), message: format!("cannot write: {e}") })?;
+            // An I/O error stays one (a full disk is told apart from a malformed state).
+            safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| match e {
+                safetensors::SafeTensorError::IoError(source) => io(source),
+                e => Error::StateFormat { path: path.to_path_buf(), message: format!("cannot write: {e}") },
+            })?;
             std::fs::set_permissions(&tmp, created.permissions()).map_err(io)
         })
         .and_then(|()| {

@@ -154,6 +154,44 @@ pub enum TrainError {
         /// Candle's error.
         source: candle_core::Error,
     },
+    /// Writing an output failed: a file, or a whole folder (a checkpoint, `model/`, `adapter/`,
+    /// `best/`) built under a temporary name. Its partial files were removed and what was there
+    /// before (the earlier checkpoints, a previous `best/`) is kept.
+    #[error("{}: cannot write it (it needs about {}): {}: {source}; its partial files were removed{}",
+        .target.display(), human_bytes(.needed), .file.display(),
+        way_out(.target, .source))]
+    WriteFailed {
+        /// What was being written: the file, or the folder.
+        target: PathBuf,
+        /// The file whose write failed.
+        file: PathBuf,
+        /// The bytes the whole write needed (its files' sizes summed).
+        needed: u64,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Another run is using the output folder (its lock file is locked).
+    #[error("{}: another run is using this output folder ({holder}; lock file {}); wait for it to end, \
+        or write to another --output", .dir.display(), .lock_file.display())]
+    OutputLocked {
+        /// The output folder.
+        dir: PathBuf,
+        /// Its lock file.
+        lock_file: PathBuf,
+        /// Who holds it: `pid N on host H since T`, as its lock file says.
+        holder: String,
+    },
+    /// A file of a checkpoint does not match the checksum recorded when it was written.
+    #[error("{}: damaged ({problem}), so this checkpoint cannot be resumed; {}", .file.display(),
+        go_back(.previous))]
+    CheckpointDamaged {
+        /// The damaged file.
+        file: PathBuf,
+        /// How it differs: its size or its CRC-32 against the recorded ones.
+        problem: String,
+        /// The latest checkpoint before it in the same folder, if any.
+        previous: Option<PathBuf>,
+    },
     /// A checkpoint lacks the optimizer state, so the run cannot resume exactly.
     #[error("{}: optimizer.safetensors is missing, so the run cannot resume exactly", .checkpoint.display())]
     MissingOptimizerState {
@@ -170,5 +208,45 @@ impl TrainError {
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
         let path = path.into();
         move |source| TrainError::Io { path, source }
+    }
+}
+
+/// `1.2 MB (1234567 bytes)`: decimal units, as disk tools report free space.
+fn human_bytes(n: &u64) -> String {
+    let n = *n;
+    let units = ["bytes", "kB", "MB", "GB", "TB"];
+    let mut x = n as f64;
+    let mut unit = 0;
+    while x >= 1000.0 && unit + 1 < units.len() {
+        x /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{x:.1} {} ({n} bytes)", units[unit])
+    }
+}
+
+/// What to do after a failed write: for a full disk (or quota, or file size limit) the ways to
+/// make room; a checkpoint's failure also keeps the earlier checkpoints.
+fn way_out(target: &std::path::Path, source: &std::io::Error) -> String {
+    use std::io::ErrorKind::{FileTooLarge, QuotaExceeded, StorageFull};
+    let checkpoint = target.file_name().is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"));
+    let kept = if checkpoint { " and the earlier checkpoints are kept" } else { "" };
+    match source.kind() {
+        StorageFull | QuotaExceeded | FileTooLarge if checkpoint => format!(
+            "{kept}. Free some space, keep fewer checkpoints (--save-total-limit), or write to another --output"
+        ),
+        StorageFull | QuotaExceeded | FileTooLarge => format!("{kept}. Free some space, or write to another --output"),
+        _ => format!("{kept}. Check that the folder is writable, or write to another --output"),
+    }
+}
+
+/// Where to resume from instead of a damaged checkpoint.
+fn go_back(previous: &Option<PathBuf>) -> String {
+    match previous {
+        Some(p) => format!("resume from the previous one instead: --resume {}", p.display()),
+        None => "there is no earlier checkpoint next to it".to_string(),
     }
 }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod convert;
 pub mod data;
 pub mod error;
+pub mod folder_write;
 pub mod generate;
 pub mod gguf;
 pub mod hub;

@@ -6,11 +6,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use super::checkpoint_list::{find_checkpoint, list_checkpoints, remove_checkpoint};
+use super::checkpoint_list::{find_checkpoint, list_checkpoints, previous_checkpoint, remove_checkpoint};
+use super::checksums::{self, checksum_folder, verify};
 use super::report::MetricsFile;
 use super::state::TrainerState;
 use super::Trainer;
 use crate::error::{Result, TrainError};
+use crate::folder_write::write_folder;
 use crate::optim::TrainOptimizer;
 use crate::output::write_json;
 use crate::task::Evaluation;
@@ -22,8 +24,11 @@ impl Trainer {
         let dir = find_checkpoint(path)?;
         let sp = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(TrainError::io(&sp))?;
-        let saved: TrainerState = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Config { origin: sp.display().to_string(), message: e.to_string() })?;
+        let bad_state =
+            |e: serde_json::Error| TrainError::Config { origin: sp.display().to_string(), message: e.to_string() };
+        let mut json: serde_json::Value = serde_json::from_str(&text).map_err(bad_state)?;
+        let sums = json.as_object_mut().and_then(|o| o.remove(checksums::KEY));
+        let saved: TrainerState = serde_json::from_value(json).map_err(bad_state)?;
         let mismatches: Vec<String> =
             self.session.cfg.resume_mismatches(&saved.config).iter().map(ToString::to_string).collect();
         if !mismatches.is_empty() {
@@ -31,6 +36,19 @@ impl Trainer {
         }
         if saved.data_fingerprint != self.state.data_fingerprint {
             return Err(TrainError::ResumeDataDiffers { checkpoint: dir });
+        }
+        match sums {
+            Some(sums) => {
+                let sums = serde_json::from_value(sums).map_err(bad_state)?;
+                verify(&dir, &sums, previous_checkpoint(&dir, saved.step))?;
+            }
+            None if self.verbose => {
+                eprintln!(
+                    "note: {} records no checksums (an older checkpoint): its files are not verified",
+                    sp.display()
+                );
+            }
+            None => {}
         }
         // Weights: every variable must be in the checkpoint with its shape and dtype.
         let mp = dir.join("model.safetensors");
@@ -87,43 +105,36 @@ impl Trainer {
     /// written under a temporary name, then swapped in, so a crash leaves a complete one.
     pub(super) fn save_best(&self, eval: &Evaluation) -> Result<PathBuf> {
         let dir = self.output.join("best");
-        let tmp = self.output.join(format!(".best.partial-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        self.write_model(&tmp)?;
-        let results = BestResults { evaluation: eval, step: self.state.step, weights: self.weights_label() };
-        write_json(&tmp.join("eval_results.json"), &serde_json::to_value(results).expect("evaluation"))?;
-        let old = self.output.join(format!(".best.old-{}", std::process::id()));
-        if dir.exists() {
-            std::fs::rename(&dir, &old).map_err(TrainError::io(&dir))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(TrainError::io(&dir))?;
-        let _ = std::fs::remove_dir_all(&old);
-        candle_ranger::state_file::sync_parent(&dir);
+        write_folder(&dir, self.weight_bytes(), |tmp| {
+            self.write_model(tmp)?;
+            let results = BestResults { evaluation: eval, step: self.state.step, weights: self.weights_label() };
+            write_json(&tmp.join("eval_results.json"), &serde_json::to_value(results).expect("evaluation"))
+        })?;
         Ok(dir)
     }
 
-    /// Writes `checkpoint-<step>` atomically (built under a temporary name, then renamed) and
-    /// prunes old ones.
+    /// Writes `checkpoint-<step>` atomically (built under a temporary name, then renamed; a
+    /// failed write leaves nothing behind), with the checksum of each of its files in its
+    /// `trainer_state.json`, and prunes old ones.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let final_dir = self.checkpoint_dir();
-        let tmp = self.output.join(format!(".checkpoint-{}.partial-{}", self.state.step, std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
-        let fast: Vec<(String, Tensor)> =
-            self.session.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        crate::weights::save_safetensors_dir(&tmp, &fast, usize::MAX)?;
-        self.optimizer.save_state(&tmp.join("optimizer.safetensors"))?;
-        write_json(&tmp.join("trainer_state.json"), &serde_json::to_value(&self.state).expect("state"))?;
-        // A checkpoint of this step already there (a run resumed from an earlier one) is moved
-        // aside, not deleted in place: a process killed meanwhile (a second Ctrl-C) leaves no
-        // half-deleted folder that still looks complete to a resume.
-        let old = self.output.join(format!(".checkpoint-{}.old-{}", self.state.step, std::process::id()));
-        if final_dir.exists() {
-            std::fs::rename(&final_dir, &old).map_err(TrainError::io(&final_dir))?;
-        }
-        std::fs::rename(&tmp, &final_dir).map_err(TrainError::io(&final_dir))?;
-        candle_ranger::state_file::sync_parent(&final_dir);
-        let _ = std::fs::remove_dir_all(&old);
+        let state = self.optimizer.state_tensors()?;
+        let state_bytes: u64 = state
+            .iter()
+            .flat_map(|s| &s.tensors)
+            .map(|(_, t)| (t.dims().iter().product::<usize>() * t.dtype().size_in_bytes()) as u64)
+            .sum();
+        write_folder(&final_dir, self.weight_bytes() + state_bytes, |tmp| {
+            let fast: Vec<(String, Tensor)> =
+                self.session.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            crate::weights::save_safetensors_dir(tmp, &fast, usize::MAX)?;
+            if let Some(state) = &state {
+                state.save(tmp.join("optimizer.safetensors"))?;
+            }
+            let mut json = serde_json::to_value(&self.state).expect("state");
+            json[checksums::KEY] = serde_json::to_value(checksum_folder(tmp)?).expect("checksums");
+            write_json(&tmp.join("trainer_state.json"), &json)
+        })?;
         // Rotate among this run's checkpoints up to now; later-numbered ones (left by a run that
         // was resumed from an earlier checkpoint) are not ours to delete, and the new one stays.
         let ours: Vec<(usize, PathBuf)> =

@@ -13,6 +13,13 @@ pub fn find_checkpoint(path: &Path) -> Result<PathBuf> {
     list_checkpoints(path)?.pop().map(|(_, p)| p).ok_or_else(|| TrainError::NoCheckpoint { path: path.to_path_buf() })
 }
 
+/// The latest checkpoint next to `checkpoint` (in the same folder) from before `step`, its own.
+pub(super) fn previous_checkpoint(checkpoint: &Path, step: usize) -> Option<PathBuf> {
+    let parent = checkpoint.parent()?;
+    list_checkpoints(parent).ok()?.into_iter().rev().find(|(n, _)| *n < step).map(|(_, p)| p)
+}
+
+/// The complete checkpoints in `dir`, by step.
 pub(super) fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else { return Ok(out) };

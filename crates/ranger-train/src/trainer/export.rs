@@ -56,6 +56,12 @@ impl Trainer {
         }
     }
 
+    /// The bytes of the trainable weights: about what the model written takes, and what the
+    /// weights of each checkpoint take.
+    pub(super) fn weight_bytes(&self) -> u64 {
+        self.session.vars.iter().map(|(_, v)| (v.elem_count() * v.dtype().size_in_bytes()) as u64).sum()
+    }
+
     /// The weights to save as the model (slow or fast, see `eval_weights`).
     pub fn model_weights(&self) -> Result<Vec<(String, Tensor)>> {
         if self.weights_label() == "slow" {

@@ -5,9 +5,11 @@
 
 mod checkpoint;
 mod checkpoint_list;
+mod checksums;
 mod evaluate;
 mod export;
 pub mod observer;
+pub mod output_lock;
 pub mod records;
 pub mod report;
 mod schedule;
@@ -22,7 +24,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use checkpoint_list::find_checkpoint;
+pub use checksums::FileChecksum;
 pub use observer::TrainObserver;
+pub use output_lock::{LockHolder, OutputLock};
 pub use records::{
     peak_rss_bytes, CheckpointRecord, EvalFigures, EvalRecord, LoopEnd, RunStart, SkipRecord, StepRecord, TrainFigures,
 };
@@ -48,6 +52,8 @@ pub struct Trainer {
     history: Vec<StepRecord>,
     /// The user's observers, called after the built-in ones.
     observers: Vec<Box<dyn TrainObserver>>,
+    /// A lock on the output folder taken before the trainer was built, for `run` to keep.
+    output_lock: Option<OutputLock>,
 }
 
 impl Trainer {
@@ -80,6 +86,7 @@ impl Trainer {
             output,
             history: vec![],
             observers: vec![],
+            output_lock: None,
         };
         if let Some(r) = cfg.resume.clone() {
             t.resume_from(Path::new(&r))?;
@@ -128,6 +135,13 @@ impl Trainer {
         self.verbose = verbose;
     }
 
+    /// Hands over a lock on the output folder taken before the session was prepared (so a
+    /// second run into the folder fails before loading its model); `run` keeps it to its end.
+    /// Without one, `run` locks the folder itself.
+    pub fn keep_output_lock(&mut self, lock: OutputLock) {
+        self.output_lock = Some(lock);
+    }
+
     /// Adds an observer of the run's events, called after the built-in ones.
     pub fn add_observer(&mut self, observer: Box<dyn TrainObserver>) {
         self.observers.push(observer);
@@ -145,10 +159,11 @@ impl Trainer {
         self.session.vars.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// Runs to the end (or until stopped), writes the model and returns the summary.
+    /// Runs to the end (or until stopped), writes the model and returns the summary. The output
+    /// folder is locked while it runs (see [`OutputLock`]).
     pub fn run(&mut self) -> Result<RunSummary> {
         let started = Instant::now();
-        std::fs::create_dir_all(&self.output).map_err(TrainError::io(&self.output))?;
+        let _lock = self.lock_output()?;
         let builtin: Vec<Box<dyn TrainObserver>> = vec![
             Box::new(Console::new(self.verbose, self.state.total_steps, self.session.cfg.log_every)),
             Box::new(MetricsFile::new(self.output.join("metrics.jsonl"))),
@@ -159,6 +174,25 @@ impl Trainer {
         let result = self.run_loop(&mut observers, started);
         self.observers = observers.0.split_off(n);
         result
+    }
+
+    /// The lock on the output folder: the one handed over, else a new one. Holding it, the run
+    /// removes what a run that died mid-write left there.
+    fn lock_output(&mut self) -> Result<OutputLock> {
+        let lock = match self.output_lock.take() {
+            Some(lock) if lock.dir() == self.output => lock,
+            _ => OutputLock::acquire(&self.output)?,
+        };
+        let removed = crate::folder_write::remove_leftovers(&self.output);
+        if self.verbose {
+            if let Some(note) = lock.stale_note() {
+                eprintln!("{note}");
+            }
+            for path in removed {
+                eprintln!("note: removed {}, left by an interrupted write", path.display());
+            }
+        }
+        Ok(lock)
     }
 
     fn run_loop(&mut self, obs: &mut Observers, started: Instant) -> Result<RunSummary> {
@@ -281,7 +315,7 @@ impl Trainer {
             None
         } else {
             let dir = self.output.join(if self.session.cfg.lora { "adapter" } else { "model" });
-            self.write_model(&dir)?;
+            crate::folder_write::write_folder(&dir, self.weight_bytes(), |tmp| self.write_model(tmp))?;
             Some(dir)
         };
         let (best_model, best_evaluation) = self.best_model();

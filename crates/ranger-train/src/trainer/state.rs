@@ -1,4 +1,5 @@
-//! The trainer's progress, saved with every checkpoint as `trainer_state.json`.
+//! The trainer's progress, saved with every checkpoint as `trainer_state.json` (next to the
+//! checksums of the checkpoint's files, under `checksums`).
 
 use serde::{Deserialize, Serialize};
 
