@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_ranger::state_file::{sync_parent, tmp_path};
+use candle_ranger::StateView;
 
 use crate::error::{Result, TrainError};
 
@@ -159,36 +160,18 @@ pub fn save_safetensors_file(path: &Path, tensors: &[(String, Tensor)]) -> Resul
 /// renames it into place; on failure the temporary file is removed and the error says how many
 /// bytes the file needed.
 fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)], meta: HashMap<String, String>) -> Result<()> {
-    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     // The tensors' bytes and a header of their names and shapes (an estimate of its JSON).
     let needed: u64 =
         tensors.iter().map(|(n, t)| (t.elem_count() * t.dtype().size_in_bytes() + n.len() + 64) as u64).sum();
     let failed =
         |source| TrainError::WriteFailed { target: path.to_path_buf(), file: path.to_path_buf(), needed, source };
-    let tmp = tmp_path(path);
-    // safetensors writes through a private (0600) temporary file of its own and renames it onto
-    // `tmp`: the permissions a plain `File::create` gives (0666 less the umask) are taken from
-    // a file created first and put back, so a model folder is as readable as its config.json.
-    let usual = std::fs::File::create(&tmp).and_then(|f| f.metadata()).map(|m| m.permissions());
-    let res = usual
-        .map_err(failed)
-        .and_then(|usual| {
-            safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| match e {
-                safetensors::SafeTensorError::IoError(source) => failed(source),
-                e => TrainError::Format { path: path.to_path_buf(), message: e.to_string() },
-            })?;
-            std::fs::set_permissions(&tmp, usual).map_err(failed)
-        })
-        .and_then(|()| {
-            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(failed)?;
-            std::fs::rename(&tmp, path).map_err(failed)?;
-            sync_parent(path);
-            Ok(())
-        });
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
+    // The optimizer crate's writer: same temporary file, permissions, sync and rename.
+    let views: Vec<(String, StateView<'_>)> =
+        tensors.iter().map(|(n, t)| (n.clone(), StateView::Tensor((*t).clone()))).collect();
+    candle_ranger::state_file::write_atomic(path, &views, meta).map_err(|e| match e {
+        candle_ranger::Error::Io { source, .. } => failed(source),
+        e => TrainError::Format { path: path.to_path_buf(), message: e.to_string() },
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder, then renames it; on
