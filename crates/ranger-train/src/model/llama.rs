@@ -12,6 +12,7 @@ use super::llama_names::{self as names, layer_prefix, DOWN, GATE, K, O, PROJECTI
 use super::lora::{DropoutSeed, LoraConfig};
 use crate::kernels::activations::swiglu;
 use crate::kernels::attention::{repeat_kv, FusedAttention};
+use crate::kernels::Fused;
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
 use crate::kernels::norms::rms_norm;
 use crate::kernels::rotary::apply_rotary_rows;
@@ -241,7 +242,7 @@ impl LlamaModel {
             // One op that reads grouped heads in place, keeps only the log-sum-exp for
             // backprop and writes token rows for o_proj: no reshape or transpose in the graph.
             let op = FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt(), hd);
-            return layer.projs[O].forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
+            return layer.projs[O].forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Fused(op))?);
         }
         let t = k.dim(0)? / b;
         let heads_first = |x: &Tensor, n: usize, len: usize| x.reshape((b, len, n, hd))?.transpose(1, 2);
@@ -340,7 +341,7 @@ impl LlamaModel {
         }
         let targets = Tensor::from_vec(targets, b * s, &Device::Cpu)?;
         let op = LinearCrossEntropy::new(training, head.is_variable());
-        x.apply_op3(&head.contiguous()?, &targets, op)
+        x.apply_op3(&head.contiguous()?, &targets, Fused(op))
     }
 
     /// Logits `[b, s, vocab]` for every position of a training batch.
