@@ -26,9 +26,14 @@ impl<'a> Input<'a> {
         slice(self.op, self.storage, self.layout)
     }
 
-    /// Its contiguous elements as u32 (`what`: token ids, targets).
-    pub(crate) fn u32s(self, what: &str) -> Result<&'a [u32]> {
-        u32_slice(self.op, what, self.storage, self.layout)
+    /// Its contiguous elements as token ids (u32), each below `vocab` or equal to `ignored`;
+    /// `what` ("token", "target") names them in errors.
+    pub(crate) fn ids(self, what: &str, vocab: usize, ignored: Option<u32>) -> Result<&'a [u32]> {
+        let ids = u32_slice(self.op, what, self.storage, self.layout)?;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab && Some(i) != ignored) {
+            candle_core::bail!("{}: {what} id {bad} is outside the vocabulary of {vocab}", self.op);
+        }
+        Ok(ids)
     }
 
     /// Its layout.

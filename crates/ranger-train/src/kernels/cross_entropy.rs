@@ -65,11 +65,7 @@ impl FusedOp2 for CrossEntropyRows {
 
     fn cpu<T: Float>(&self, logits: Input<'_>, targets: Input<'_>) -> Out<T> {
         let (n, v) = logits.shape().dims2()?;
-        let t = targets.u32s("targets")?;
-        if let Some(bad) = t.iter().find(|&&t| t as usize >= v) {
-            candle_core::bail!("ranger-cross-entropy: target id {bad} is outside the vocabulary of {v}");
-        }
-        Ok((ce_rows(logits.floats()?, t, v), Shape::from(n)))
+        Ok((ce_rows(logits.floats()?, targets.ids("target", v, None)?, v), Shape::from(n)))
     }
 
     fn bwd(
@@ -92,7 +88,7 @@ impl FusedOp3 for CrossEntropyGrad {
 
     fn cpu<T: Float>(&self, logits: Input<'_>, targets: Input<'_>, g: Input<'_>) -> Out<T> {
         let (_, v) = logits.shape().dims2()?;
-        let dx = ce_grad_rows(logits.floats()?, targets.u32s("targets")?, g.floats()?, v);
+        let dx = ce_grad_rows(logits.floats()?, targets.ids("target", v, None)?, g.floats()?, v);
         Ok((dx, logits.shape().clone()))
     }
 }

@@ -62,12 +62,12 @@ pub(crate) fn storage_slice<'a, T: Float>(op: &str, s: &'a Storage, l: &Layout) 
     }
 }
 
-/// The contiguous elements of a u32 storage (token ids, targets); another dtype is an error
-/// naming `op` and `what`.
+/// The contiguous elements of a u32 storage of token ids; another dtype is an error naming `op`
+/// and `what` ("token", "target").
 pub(crate) fn u32_slice<'a>(op: &str, what: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     match s {
         CpuStorage::U32(v) => contiguous(op, v, l),
-        _ => candle_core::bail!("{op}: {what} must be u32"),
+        _ => candle_core::bail!("{op}: {what} ids must be u32"),
     }
 }
 

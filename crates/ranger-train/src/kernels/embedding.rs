@@ -54,10 +54,7 @@ impl FusedOp2 for Embedding {
 
     fn cpu<T: Float>(&self, table: Input<'_>, ids: Input<'_>) -> Out<T> {
         let (vocab, h) = table.shape().dims2()?;
-        let ids = ids.u32s("ids")?;
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            candle_core::bail!("ranger-embedding: token id {bad} is outside the vocabulary of {vocab}");
-        }
+        let ids = ids.ids("token", vocab, None)?;
         Ok((gather(table.floats()?, ids, h), Shape::from((ids.len(), h))))
     }
 
@@ -67,7 +64,7 @@ impl FusedOp2 for Embedding {
         let (ids, g) = (ids.contiguous()?, g.contiguous()?);
         let (is, il) = ids.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
-        let ids = storage_u32_slice(op, "ids", &is, il)?;
+        let ids = storage_u32_slice(op, "token", &is, il)?;
         float_dispatch!(op, g.dtype(), |T| scatter::<T>(&self.sink, table, ids, storage_slice(op, &gs, gl)?, h))?;
         Ok((None, None))
     }

@@ -162,10 +162,7 @@ impl FusedOp3 for LinearCrossEntropy {
                 t.dims()
             );
         }
-        let t = t.u32s("targets")?;
-        if let Some(bad) = t.iter().find(|&&t| t != IGNORE_TARGET && t as usize >= v) {
-            candle_core::bail!("ranger-linear-cross-entropy: target id {bad} is outside the vocabulary of {v}");
-        }
+        let t = t.ids("target", v, Some(IGNORE_TARGET))?;
         let rows = self.chunk_rows.unwrap_or_else(|| chunk_rows(v));
         let (loss, gx, gw) = linear_ce(x.floats()?, w.floats()?, t, h, v, rows, self.grads, self.weight_grad);
         let saved = if self.grads {
