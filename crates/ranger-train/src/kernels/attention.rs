@@ -157,14 +157,14 @@ fn probabilities<T: Float>(
             for ((row, m), l) in p.chunks_mut(kw).zip(mask_rows).zip(out.iter_mut()) {
                 let mut max = T::neg_infinity();
                 for (x, &m) in row.iter_mut().zip(m) {
-                    *x = *x + m;
+                    *x += m;
                     max = max.max(*x);
                 }
-                row.iter_mut().for_each(|x| *x = *x - max);
+                row.iter_mut().for_each(|x| *x -= max);
                 T::exp_in_place(row);
                 let sum = row.iter().fold(T::zero(), |s, &x| s + x);
                 let inv = T::one() / sum;
-                row.iter_mut().for_each(|x| *x = *x * inv);
+                row.iter_mut().for_each(|x| *x *= inv);
                 *l = max + sum.ln();
             }
         }

@@ -50,12 +50,12 @@ fn ce_grad_rows<T: Float>(x: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
         let mut sum = T::zero();
         for (o, &x) in o.iter_mut().zip(r) {
             *o = (x - max).exp();
-            sum = sum + *o;
+            sum += *o;
         }
         let scale = g / sum;
-        o.iter_mut().for_each(|v| *v = *v * scale);
+        o.iter_mut().for_each(|v| *v *= scale);
         let ti = (t as usize).min(v - 1);
-        o[ti] = o[ti] - g;
+        o[ti] -= g;
     });
     out
 }

@@ -44,7 +44,7 @@ fn gather<T: Copy>(table: &[T], ids: &[u32], h: usize) -> Vec<T> {
 fn scatter<T: Float>(sink: &GradSink, table: &Tensor, ids: &[u32], g: &[T], h: usize) -> Result<()> {
     sink.write::<T>(table, |dt| {
         for (&i, row) in ids.iter().zip(g.chunks(h)) {
-            dt[i as usize * h..(i as usize + 1) * h].iter_mut().zip(row).for_each(|(d, &r)| *d = *d + r);
+            dt[i as usize * h..(i as usize + 1) * h].iter_mut().zip(row).for_each(|(d, &r)| *d += r);
         }
     })
 }

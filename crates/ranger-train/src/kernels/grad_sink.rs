@@ -189,7 +189,7 @@ impl GradSink {
         match slots.get_mut(&weight.id()) {
             None => {
                 if scale != T::one() {
-                    grad.iter_mut().for_each(|g| *g = *g * scale);
+                    grad.iter_mut().for_each(|g| *g *= scale);
                 }
                 slots.insert(weight.id(), Slot { weight: weight.clone(), grad: Buffer::new(grad)? });
             }
@@ -200,7 +200,7 @@ impl GradSink {
                         weight.dtype()
                     );
                 };
-                buf.iter_mut().zip(&grad).for_each(|(b, &g)| *b = *b + g * scale);
+                buf.iter_mut().zip(&grad).for_each(|(b, &g)| *b += g * scale);
             }
         }
         Ok(())

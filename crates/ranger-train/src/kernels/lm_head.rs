@@ -101,13 +101,13 @@ fn linear_ce<T: Float>(
                 let target = r[t as usize] - max;
                 // In place: the row becomes exp(x - max), then (in training) the softmax minus
                 // the one-hot target, its gradient.
-                r.iter_mut().for_each(|x| *x = *x - max);
+                r.iter_mut().for_each(|x| *x -= max);
                 T::exp_in_place(r);
                 let sum = r.iter().fold(T::zero(), |s, &x| s + x);
                 if grads {
                     let inv = T::one() / sum;
-                    r.iter_mut().for_each(|x| *x = *x * inv);
-                    r[t as usize] = r[t as usize] - T::one();
+                    r.iter_mut().for_each(|x| *x *= inv);
+                    r[t as usize] -= T::one();
                 }
                 sum.ln() - target
             })

@@ -109,8 +109,8 @@ fn rms_grad_rows<T: Float>(x: &[T], w: &[T], g: &[T], eps: T) -> Vec<T> {
                 let mut dot = T::zero();
                 for j in 0..h {
                     let n = x[j] * r;
-                    dot = dot + g[j] * w[j] * n;
-                    dw[j] = dw[j] + g[j] * n;
+                    dot += g[j] * w[j] * n;
+                    dw[j] += g[j] * n;
                 }
                 let mean = dot / T::from_usize(h);
                 for j in 0..h {
@@ -121,7 +121,7 @@ fn rms_grad_rows<T: Float>(x: &[T], w: &[T], g: &[T], eps: T) -> Vec<T> {
         })
         .collect();
     for p in partial {
-        dw.iter_mut().zip(p).for_each(|(a, b)| *a = *a + b);
+        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
     }
     out
 }

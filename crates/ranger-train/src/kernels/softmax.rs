@@ -52,10 +52,10 @@ fn softmax_in_place<T: Float>(row: &mut [T]) {
     let mut sum = T::zero();
     for v in row.iter_mut() {
         *v = (*v - max).exp();
-        sum = sum + *v;
+        sum += *v;
     }
     let inv = T::one() / sum;
-    row.iter_mut().for_each(|v| *v = *v * inv);
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// The softmax backward pass `y * (g - sum(g * y))` from the output `y`.
