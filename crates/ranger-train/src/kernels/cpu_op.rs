@@ -9,7 +9,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use super::dtype::{float_dispatch, slice, u32_slice};
 use super::float::Float;
 
-/// A fused CPU kernel as a Candle op: `x.apply_op2(&w, Fused(RmsNorm { eps }))`.
+/// A fused CPU kernel of this module ([`super::norms::RmsNorm`], [`super::attention::FusedAttention`],
+/// ...) as a Candle op: `x.apply_op2(&w, Fused(RmsNorm { eps }))`.
 pub struct Fused<K>(pub K);
 
 /// One input of a fused op on the CPU, read as the kernel needs it; errors name the op.
