@@ -8,48 +8,26 @@
 use std::cell::RefCell;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::lookahead_core::interpolate;
 use crate::scalars::{StepScalars, Update};
 
-/// Arithmetic the kernel needs from its state type (f32 or f64).
-pub(crate) trait Real:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-{
-    fn of(x: f64) -> Self;
-    fn f64(self) -> f64;
+/// The kernel's state type (f32 or f64): Candle's element type (arithmetic, `from_f64`,
+/// `to_f64`) with a square root.
+pub(crate) trait Real: WithDType {
     fn sqrt(self) -> Self;
 }
 
 impl Real for f32 {
-    fn of(x: f64) -> Self {
-        x as f32
-    }
-    fn f64(self) -> f64 {
-        self as f64
-    }
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
 }
 
 impl Real for f64 {
-    fn of(x: f64) -> Self {
-        x
-    }
-    fn f64(self) -> f64 {
-        self
-    }
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
@@ -198,15 +176,15 @@ impl<S: Real> Kernel<S> {
             Update::None => (NO_MOVE, 0.0),
         };
         Self {
-            decay: S::of(sc.decay_factor),
-            l2: S::of(sc.l2),
-            one_minus_b1: S::of(1.0 - op.beta1),
-            b2: S::of(op.beta2),
-            one_minus_b2: S::of(1.0 - op.beta2),
-            eps: S::of(op.eps),
+            decay: S::from_f64(sc.decay_factor),
+            l2: S::from_f64(sc.l2),
+            one_minus_b1: S::from_f64(1.0 - op.beta1),
+            b2: S::from_f64(op.beta2),
+            one_minus_b2: S::from_f64(1.0 - op.beta2),
+            eps: S::from_f64(op.eps),
             mode,
-            step: S::of(step),
-            alpha: S::of(sc.sync_alpha.unwrap_or(0.0)),
+            step: S::from_f64(step),
+            alpha: S::from_f64(sc.sync_alpha.unwrap_or(0.0)),
             sync: sc.sync_alpha.is_some(),
         }
     }
@@ -221,7 +199,7 @@ impl<S: Real> Kernel<S> {
         row_len: Option<usize>,
     ) {
         match row_len {
-            None => self.span(p, g, m, v, slow, S::of(0.0)),
+            None => self.span(p, g, m, v, slow, S::from_f64(0.0)),
             Some(row) => {
                 let mut start = 0;
                 while start < p.len() {
@@ -234,7 +212,7 @@ impl<S: Real> Kernel<S> {
                         &mut m[start..end],
                         &mut v[start..end],
                         s,
-                        S::of(mean),
+                        S::from_f64(mean),
                     );
                     start = end;
                 }
@@ -305,10 +283,10 @@ fn row_sum<S: Real, P: Elem<S>>(xs: &[P]) -> f64 {
     let mut chunks = xs.chunks_exact(8);
     for c in &mut chunks {
         for (a, x) in acc.iter_mut().zip(c) {
-            *a += x.load().f64();
+            *a += x.load().to_f64();
         }
     }
-    let tail: f64 = chunks.remainder().iter().map(|x| x.load().f64()).sum();
+    let tail: f64 = chunks.remainder().iter().map(|x| x.load().to_f64()).sum();
     acc.iter().sum::<f64>() + tail
 }
 

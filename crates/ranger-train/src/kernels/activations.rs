@@ -1,17 +1,17 @@
 //! Activations: exact GELU and SwiGLU, fused on the CPU with one-pass backward kernels, and
 //! SiLU (Candle's op).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::dtype::{dtype, float_dispatch, slice};
+use super::cpu_op::{Fused, FusedOp1, FusedOp2, FusedOp3, Input, Out};
 use super::float::Float;
 use super::path::fused_ok;
 
 /// Exact GELU (`hidden_act: gelu`): fused on CPU (one-pass backward), Candle's op elsewhere.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if fused_ok(x) {
-        x.contiguous()?.apply_op1(GeluErf)
+        x.contiguous()?.apply_op1(Fused(GeluErf))
     } else {
         x.gelu_erf()
     }
@@ -27,7 +27,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 /// [`swiglu_ops`] elsewhere.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if fused_ok(gate) && gate.dtype() == up.dtype() && gate.shape() == up.shape() {
-        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, Fused(SwiGlu));
     }
     swiglu_ops(gate, up)
 }
@@ -50,45 +50,36 @@ fn gelu<T: Float>(x: &[T]) -> Vec<T> {
 // x: [n], g: [n] -> dx: [n]
 fn gelu_grad<T: Float>(x: &[T], g: &[T]) -> Vec<T> {
     let half = T::from_f64(0.5);
+    let neg_half = T::from_f64(-0.5);
     let inv_sqrt_2pi = half * T::FRAC_2_SQRT_PI * T::FRAC_1_SQRT_2;
     x.par_iter()
         .zip(g.par_iter())
         .map(|(&v, &gv)| {
-            gv * (half * (T::one() + (v * T::FRAC_1_SQRT_2).erf())
-                + v * inv_sqrt_2pi * (T::from_f64(-0.5) * v * v).exp())
+            gv * (half * (T::one() + (v * T::FRAC_1_SQRT_2).erf()) + v * inv_sqrt_2pi * (neg_half * v * v).exp())
         })
         .collect()
 }
 
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "ranger-gelu-erf"
-    }
+impl FusedOp1 for GeluErf {
+    const NAME: &'static str = "ranger-gelu-erf";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let out = float_dispatch!(op, dtype(s), |T| T::into_storage(gelu::<T>(slice(op, s, l)?)));
-        Ok((out, l.shape().clone()))
+    fn cpu<T: Float>(&self, x: Input<'_>) -> Out<T> {
+        Ok((gelu(x.floats()?), x.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluErfGrad)?))
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &Fused(GeluErfGrad))?))
     }
 }
 
 /// The gradient of [`GeluErf`]: `g (Φ(x) + x φ(x))`.
 struct GeluErfGrad;
 
-impl CustomOp2 for GeluErfGrad {
-    fn name(&self) -> &'static str {
-        "ranger-gelu-erf-grad"
-    }
+impl FusedOp2 for GeluErfGrad {
+    const NAME: &'static str = "ranger-gelu-erf-grad";
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let out =
-            float_dispatch!(op, dtype(s1), |T| T::into_storage(gelu_grad::<T>(slice(op, s1, l1)?, slice(op, s2, l2)?)));
-        Ok((out, l1.shape().clone()))
+    fn cpu<T: Float>(&self, x: Input<'_>, g: Input<'_>) -> Out<T> {
+        Ok((gelu_grad(x.floats()?, g.floats()?), x.shape().clone()))
     }
 }
 
@@ -138,26 +129,19 @@ fn swiglu_bwd<T: Float>(gate: &[T], up: &[T], g: &[T]) -> Vec<T> {
     out
 }
 
-impl CustomOp2 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "ranger-swiglu"
-    }
+impl FusedOp2 for SwiGlu {
+    const NAME: &'static str = "ranger-swiglu";
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("ranger-swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
+    fn cpu<T: Float>(&self, gate: Input<'_>, up: Input<'_>) -> Out<T> {
+        if gate.shape() != up.shape() {
+            candle_core::bail!("ranger-swiglu: gate {:?} and up {:?} differ", gate.dims(), up.dims());
         }
-        let out = float_dispatch!(op, dtype(s1), |T| T::into_storage(swiglu_fwd::<T>(
-            slice(op, s1, l1)?,
-            slice(op, s2, l2)?
-        )));
-        Ok((out, l1.shape().clone()))
+        Ok((swiglu_fwd(gate.floats()?, up.floats()?), gate.shape().clone()))
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Both gradients in one pass, stacked as [2, ...]; the halves are views.
-        let both = gate.apply_op3_no_bwd(up, &g.contiguous()?, &SwiGluGrad)?;
+        let both = gate.apply_op3_no_bwd(up, &g.contiguous()?, &Fused(SwiGluGrad))?;
         Ok((Some(both.get(0)?), Some(both.get(1)?)))
     }
 }
@@ -166,26 +150,12 @@ impl CustomOp2 for SwiGlu {
 /// `silu'(x) = σ(x) (1 + x (1 - σ(x)))`.
 struct SwiGluGrad;
 
-impl CustomOp3 for SwiGluGrad {
-    fn name(&self) -> &'static str {
-        "ranger-swiglu-grad"
-    }
+impl FusedOp3 for SwiGluGrad {
+    const NAME: &'static str = "ranger-swiglu-grad";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let out = float_dispatch!(op, dtype(s1), |T| {
-            T::into_storage(swiglu_bwd::<T>(slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, s3, l3)?))
-        });
+    fn cpu<T: Float>(&self, gate: Input<'_>, up: Input<'_>, g: Input<'_>) -> Out<T> {
         let mut dims = vec![2];
-        dims.extend_from_slice(l1.dims());
-        Ok((out, Shape::from(dims)))
+        dims.extend_from_slice(gate.dims());
+        Ok((swiglu_bwd(gate.floats()?, up.floats()?, g.floats()?), Shape::from(dims)))
     }
 }

@@ -5,10 +5,11 @@
 //! transposed copy of the output (about 28 MB per SmolLM2 layer at 4 x 256 tokens). Backward
 //! recomputes the probabilities from q, k and the log-sum-exp, as FlashAttention does.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::dtype::{dtype, float_dispatch, slice, storage_slice};
+use super::cpu_op::{Fused, FusedOp3, Grads3, Input, Out};
+use super::dtype::storage_slice;
 use super::float::Float;
 use super::gemm::gemm_strided;
 
@@ -156,14 +157,14 @@ fn probabilities<T: Float>(
             for ((row, m), l) in p.chunks_mut(kw).zip(mask_rows).zip(out.iter_mut()) {
                 let mut max = T::neg_infinity();
                 for (x, &m) in row.iter_mut().zip(m) {
-                    *x = *x + m;
+                    *x += m;
                     max = max.max(*x);
                 }
-                row.iter_mut().for_each(|x| *x = *x - max);
+                row.iter_mut().for_each(|x| *x -= max);
                 T::exp_in_place(row);
                 let sum = row.iter().fold(T::zero(), |s, &x| s + x);
                 let inv = T::one() / sum;
-                row.iter_mut().for_each(|x| *x = *x * inv);
+                row.iter_mut().for_each(|x| *x *= inv);
                 *l = max + sum.ln();
             }
         }
@@ -287,16 +288,7 @@ fn backward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T]
                         let dk = grads.0.add(nq + ((bi * sk + c0) * hk + g) * d);
                         let dv = grads.0.add(nq + nk + ((bi * sk + c0) * hk + g) * d);
                         // dv += p^T go
-                        gemm_strided(
-                            (kw, d, rows),
-                            dv,
-                            hk * d,
-                            true,
-                            (p.as_ptr(), 1, kw),
-                            (goh.as_ptr(), hq * d, 1),
-                            T::one(),
-                            false,
-                        );
+                        add_key_grad(dv, p, goh, (rows, kw), &dm, T::one());
                         // dp = go v^T
                         gemm_strided(
                             (rows, kw, d),
@@ -328,16 +320,7 @@ fn backward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T]
                             false,
                         );
                         // dk += scale ds^T q
-                        gemm_strided(
-                            (kw, d, rows),
-                            dk,
-                            hk * d,
-                            true,
-                            (dp.as_ptr(), 1, kw),
-                            (qh.as_ptr(), hq * d, 1),
-                            scale,
-                            false,
-                        );
+                        add_key_grad(dk, dp, qh, (rows, kw), &dm, scale);
                     }
                 }
             }
@@ -346,46 +329,38 @@ fn backward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T]
     grads
 }
 
-impl CustomOp3 for FusedAttention {
-    fn name(&self) -> &'static str {
-        "ranger-fused-attention"
-    }
+/// `dst += beta a^T b` for a block of keys' gradient (dk or dv, `[kw, d]` with rows `hk * d`
+/// apart) from `a: [rows, kw]` (contiguous) and `b: [rows, d]` (query-side rows, `hq * d` apart).
+///
+/// # Safety
+/// `dst` must be valid for reads and writes of `[kw, d]` at row stride `hk * d`, `b` for reads
+/// of `[rows, d]` at row stride `hq * d`, and no other thread may access those elements of `dst`.
+unsafe fn add_key_grad<T: Float>(dst: *mut T, a: &[T], b: &[T], (rows, kw): (usize, usize), dm: &Dims, beta: T) {
+    let (d, hq, hk) = (dm.d, dm.hq, dm.hk);
+    // SAFETY: forwarded from the caller; a holds rows * kw elements, read transposed.
+    unsafe { gemm_strided((kw, d, rows), dst, hk * d, true, (a.as_ptr(), 1, kw), (b.as_ptr(), hq * d, 1), beta, false) }
+}
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dm = Dims::of(l1, l2, l3, self.mask.dims(), self.head_dim)?;
-        let mask_storage = self.mask.contiguous()?;
-        let (storage, ml) = mask_storage.storage_and_layout();
-        let op = self.name();
-        let (out, lse) = float_dispatch!(op, dtype(s1), |T| {
-            let (q, k, v) = (slice::<T>(op, s1, l1)?, slice(op, s2, l2)?, slice(op, s3, l3)?);
-            let (o, l) = forward(q, k, v, storage_slice(op, &storage, ml)?, dm, self.scale);
-            (T::into_storage(o), Tensor::from_vec(l, (dm.b, dm.hq, dm.sq), &candle_core::Device::Cpu)?)
-        });
+impl FusedOp3 for FusedAttention {
+    const NAME: &'static str = "ranger-fused-attention";
+
+    fn cpu<T: Float>(&self, q: Input<'_>, k: Input<'_>, v: Input<'_>) -> Out<T> {
+        let dm = Dims::of(q.layout(), k.layout(), v.layout(), self.mask.dims(), self.head_dim)?;
+        let mask = self.mask.contiguous()?;
+        let (ms, ml) = mask.storage_and_layout();
+        let mask = storage_slice(Self::NAME, &ms, ml)?;
+        let (out, lse) = forward(q.floats()?, k.floats()?, v.floats()?, mask, dm, self.scale);
+        let lse = Tensor::from_vec(lse, (dm.b, dm.hq, dm.sq), &candle_core::Device::Cpu)?;
         *self.saved_lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((out, Shape::from((dm.b * dm.sq, dm.hq * dm.d))))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Grads3> {
         let Some(lse) = self.saved_lse.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             candle_core::bail!("fused attention: backward before forward");
         };
         let op = FusedAttentionGrad { mask: self.mask.clone(), lse, scale: self.scale, head_dim: self.head_dim };
-        let all = q.apply_op3_no_bwd(k, v, &GradInputs { op, grad: grad.contiguous()? })?;
+        let all = q.apply_op3_no_bwd(k, v, &Fused(GradInputs { op, grad: grad.contiguous()? }))?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         Ok((
             Some(all.narrow(0, 0, nq)?.reshape(q.shape())?),
@@ -409,33 +384,19 @@ struct GradInputs {
     grad: Tensor,
 }
 
-impl CustomOp3 for GradInputs {
-    fn name(&self) -> &'static str {
-        "ranger-fused-attention-grad"
-    }
+impl FusedOp3 for GradInputs {
+    const NAME: &'static str = "ranger-fused-attention-grad";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dm = Dims::of(l1, l2, l3, self.op.mask.dims(), self.op.head_dim)?;
+    fn cpu<T: Float>(&self, q: Input<'_>, k: Input<'_>, v: Input<'_>) -> Out<T> {
+        const OP: &str = GradInputs::NAME;
+        let dm = Dims::of(q.layout(), k.layout(), v.layout(), self.op.mask.dims(), self.op.head_dim)?;
         let mask = self.op.mask.contiguous()?;
         let (ms, ml) = mask.storage_and_layout();
         let (ls, ll) = self.op.lse.storage_and_layout();
         let (gs, gl) = self.grad.storage_and_layout();
-        let op = self.name();
-        let out = float_dispatch!(op, dtype(s1), |T| {
-            let (q, k, v) = (slice::<T>(op, s1, l1)?, slice(op, s2, l2)?, slice(op, s3, l3)?);
-            let (m, l, g) = (storage_slice(op, &ms, ml)?, storage_slice(op, &ls, ll)?, storage_slice(op, &gs, gl)?);
-            T::into_storage(backward(q, k, v, m, l, g, dm, self.op.scale))
-        });
-        let n = l1.shape().elem_count() + 2 * l2.shape().elem_count();
-        Ok((out, Shape::from(n)))
+        let (m, l, g) = (storage_slice(OP, &ms, ml)?, storage_slice(OP, &ls, ll)?, storage_slice(OP, &gs, gl)?);
+        let grads = backward(q.floats()?, k.floats()?, v.floats()?, m, l, g, dm, self.op.scale);
+        Ok((grads, Shape::from(q.shape().elem_count() + 2 * k.shape().elem_count())))
     }
 }
 
@@ -509,7 +470,7 @@ mod tests {
             let w = randn(&mut rng, 0f64, 1.0, (b, sq, 24));
             let rows = |t: &Var| t.as_tensor().flatten(0, 1).unwrap().flatten(1, 2).unwrap();
             let fused = rows(&q)
-                .apply_op3(&rows(&k), &rows(&v), FusedAttention::new(mask.clone(), 0.5, 4))
+                .apply_op3(&rows(&k), &rows(&v), Fused(FusedAttention::new(mask.clone(), 0.5, 4)))
                 .unwrap()
                 .reshape((b, sq, 24))
                 .unwrap();

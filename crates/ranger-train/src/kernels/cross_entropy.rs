@@ -2,10 +2,10 @@
 //! no log-probabilities kept), log-softmax and gather elsewhere. The LM head fused with its
 //! loss, which never materialises the logits, is [`super::lm_head`].
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::dtype::{dtype, float_dispatch, slice, u32_slice};
+use super::cpu_op::{Fused, FusedOp2, FusedOp3, Input, Out};
 use super::float::Float;
 use super::path::fused_ok;
 use super::softmax::log_softmax_last_dim;
@@ -14,7 +14,7 @@ use super::softmax::log_softmax_last_dim;
 /// CPU kernel on CPU, log-softmax and gather elsewhere.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if fused_ok(logits) {
-        logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropyRows)
+        logits.contiguous()?.apply_op2(&targets.contiguous()?, Fused(CrossEntropyRows))
     } else {
         cross_entropy_rows_ops(logits, targets)
     }
@@ -50,30 +50,22 @@ fn ce_grad_rows<T: Float>(x: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
         let mut sum = T::zero();
         for (o, &x) in o.iter_mut().zip(r) {
             *o = (x - max).exp();
-            sum = sum + *o;
+            sum += *o;
         }
         let scale = g / sum;
-        o.iter_mut().for_each(|v| *v = *v * scale);
+        o.iter_mut().for_each(|v| *v *= scale);
         let ti = (t as usize).min(v - 1);
-        o[ti] = o[ti] - g;
+        o[ti] -= g;
     });
     out
 }
 
-impl CustomOp2 for CrossEntropyRows {
-    fn name(&self) -> &'static str {
-        "ranger-cross-entropy"
-    }
+impl FusedOp2 for CrossEntropyRows {
+    const NAME: &'static str = "ranger-cross-entropy";
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (n, v) = l1.shape().dims2()?;
-        let t = u32_slice(op, "targets", s2, l2)?;
-        if let Some(bad) = t.iter().find(|&&t| t as usize >= v) {
-            candle_core::bail!("ranger-cross-entropy: target id {bad} is outside the vocabulary of {v}");
-        }
-        let out = float_dispatch!(op, dtype(s1), |T| T::into_storage(ce_rows::<T>(slice(op, s1, l1)?, t, v)));
-        Ok((out, Shape::from(n)))
+    fn cpu<T: Float>(&self, logits: Input<'_>, targets: Input<'_>) -> Out<T> {
+        let (n, v) = logits.shape().dims2()?;
+        Ok((ce_rows(logits.floats()?, targets.ids("target", v, None)?, v), Shape::from(n)))
     }
 
     fn bwd(
@@ -83,7 +75,7 @@ impl CustomOp2 for CrossEntropyRows {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = logits.apply_op3_no_bwd(targets, &grad_res.contiguous()?, &CrossEntropyGrad)?;
+        let grad = logits.apply_op3_no_bwd(targets, &grad_res.contiguous()?, &Fused(CrossEntropyGrad))?;
         Ok((Some(grad), None))
     }
 }
@@ -91,26 +83,12 @@ impl CustomOp2 for CrossEntropyRows {
 /// The gradient of [`CrossEntropyRows`].
 struct CrossEntropyGrad;
 
-impl CustomOp3 for CrossEntropyGrad {
-    fn name(&self) -> &'static str {
-        "ranger-cross-entropy-grad"
-    }
+impl FusedOp3 for CrossEntropyGrad {
+    const NAME: &'static str = "ranger-cross-entropy-grad";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (_, v) = l1.shape().dims2()?;
-        let t = u32_slice(op, "targets", s2, l2)?;
-        let out = float_dispatch!(op, dtype(s1), |T| {
-            T::into_storage(ce_grad_rows::<T>(slice(op, s1, l1)?, t, slice(op, s3, l3)?, v))
-        });
-        Ok((out, l1.shape().clone()))
+    fn cpu<T: Float>(&self, logits: Input<'_>, targets: Input<'_>, g: Input<'_>) -> Out<T> {
+        let (_, v) = logits.shape().dims2()?;
+        let dx = ce_grad_rows(logits.floats()?, targets.ids("target", v, None)?, g.floats()?, v);
+        Ok((dx, logits.shape().clone()))
     }
 }

@@ -17,9 +17,8 @@ pub fn compute_dtype(dt: DType) -> DType {
 }
 
 /// Runs `body` with the type alias `T` set to the Rust type of `dtype` (f32 or f64); any other
-/// dtype is an error naming `op`. With [`slice`] and [`Float::into_storage`] this is the whole
-/// dtype dispatch of a kernel:
-/// `float_dispatch!(op, s1.dtype(), |T| T::into_storage(kernel::<T>(slice(op, s1, l1)?)))`.
+/// dtype is an error naming `op`. [`super::cpu_op::Fused`] dispatches every fused op this way,
+/// once per call.
 macro_rules! float_dispatch {
     ($op:expr, $dtype:expr, |$t:ident| $body:expr) => {
         match $dtype {
@@ -37,25 +36,20 @@ macro_rules! float_dispatch {
 }
 pub(crate) use float_dispatch;
 
-/// The dtype of a CPU storage.
-pub(crate) fn dtype(s: &CpuStorage) -> DType {
-    s.dtype()
-}
-
-/// The elements `l` addresses in `s`, which must be contiguous.
-pub(crate) fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+/// The elements `l` addresses in `s`, which must be contiguous; otherwise an error naming `op`.
+fn contiguous<'a, T>(op: &str, s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("fused op: input not contiguous"),
+        None => candle_core::bail!("{op}: input not contiguous"),
     }
 }
 
 /// The contiguous elements of `s` under `l` as a `T` slice; another dtype is an error naming `op`.
 #[inline]
 pub(crate) fn slice<'a, T: Float>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match T::of_storage(s) {
-        Some(v) => contiguous(v, l),
-        None => candle_core::bail!("{op}: f32/f64 inputs of one dtype expected, got {:?}", s.dtype()),
+    match T::cpu_storage_as_slice(s) {
+        Ok(v) => contiguous(op, v, l),
+        Err(_) => candle_core::bail!("{op}: f32/f64 inputs of one dtype expected, got {:?}", s.dtype()),
     }
 }
 
@@ -68,12 +62,12 @@ pub(crate) fn storage_slice<'a, T: Float>(op: &str, s: &'a Storage, l: &Layout) 
     }
 }
 
-/// The contiguous elements of a u32 storage (token ids, targets); another dtype is an error
-/// naming `op` and `what`.
+/// The contiguous elements of a u32 storage of token ids; another dtype is an error naming `op`
+/// and `what` ("token", "target").
 pub(crate) fn u32_slice<'a>(op: &str, what: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     match s {
-        CpuStorage::U32(v) => contiguous(v, l),
-        _ => candle_core::bail!("{op}: {what} must be u32"),
+        CpuStorage::U32(v) => contiguous(op, v, l),
+        _ => candle_core::bail!("{op}: {what} ids must be u32"),
     }
 }
 

@@ -1,11 +1,12 @@
 //! Embedding lookup whose backward adds the gathered rows' gradients straight into a
 //! [`GradSink`], with no table-sized zero-filled buffer.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Result, Shape, Tensor};
 
-use super::dtype::{dtype, float_dispatch, slice, storage_slice, storage_u32_slice, u32_slice};
+use super::cpu_op::{Fused, FusedOp2, Input, Out};
+use super::dtype::{float_dispatch, storage_slice, storage_u32_slice};
 use super::float::Float;
-use super::grad_sink::{GradSink, SinkFloat};
+use super::grad_sink::GradSink;
 use super::path::fused_ok;
 
 /// Rows `table[ids]` of an embedding table (`ids: [n]` u32): with a [`GradSink`] active and a
@@ -19,7 +20,7 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
             && ids.dtype() == DType::U32
             && ids.device().is_cpu()
         {
-            return table.apply_op2(ids, Embedding { sink });
+            return table.apply_op2(ids, Fused(Embedding { sink }));
         }
     }
     table.index_select(ids, 0)
@@ -40,37 +41,30 @@ fn gather<T: Copy>(table: &[T], ids: &[u32], h: usize) -> Vec<T> {
 }
 
 // ids: [n], g: [n, C] -> d_table: [V, C] (+)= rows of g at ids
-fn scatter<T: SinkFloat>(sink: &GradSink, table: &Tensor, ids: &[u32], g: &[T], h: usize) -> Result<()> {
+fn scatter<T: Float>(sink: &GradSink, table: &Tensor, ids: &[u32], g: &[T], h: usize) -> Result<()> {
     sink.write::<T>(table, |dt| {
         for (&i, row) in ids.iter().zip(g.chunks(h)) {
-            dt[i as usize * h..(i as usize + 1) * h].iter_mut().zip(row).for_each(|(d, &r)| *d = *d + r);
+            dt[i as usize * h..(i as usize + 1) * h].iter_mut().zip(row).for_each(|(d, &r)| *d += r);
         }
     })
 }
 
-impl CustomOp2 for Embedding {
-    fn name(&self) -> &'static str {
-        "ranger-embedding"
-    }
+impl FusedOp2 for Embedding {
+    const NAME: &'static str = "ranger-embedding";
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (vocab, h) = l1.shape().dims2()?;
-        let ids = u32_slice(op, "ids", s2, l2)?;
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            candle_core::bail!("ranger-embedding: token id {bad} is outside the vocabulary of {vocab}");
-        }
-        let out = float_dispatch!(op, dtype(s1), |T| T::into_storage(gather::<T>(slice(op, s1, l1)?, ids, h)));
-        Ok((out, Shape::from((ids.len(), h))))
+    fn cpu<T: Float>(&self, table: Input<'_>, ids: Input<'_>) -> Out<T> {
+        let (vocab, h) = table.shape().dims2()?;
+        let ids = ids.ids("token", vocab, None)?;
+        Ok((gather(table.floats()?, ids, h), Shape::from((ids.len(), h))))
     }
 
     fn bwd(&self, table: &Tensor, ids: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let op = self.name();
+        let op = Self::NAME;
         let h = table.dim(1)?;
         let (ids, g) = (ids.contiguous()?, g.contiguous()?);
         let (is, il) = ids.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
-        let ids = storage_u32_slice(op, "ids", &is, il)?;
+        let ids = storage_u32_slice(op, "token", &is, il)?;
         float_dispatch!(op, g.dtype(), |T| scatter::<T>(&self.sink, table, ids, storage_slice(op, &gs, gl)?, h))?;
         Ok((None, None))
     }

@@ -95,7 +95,7 @@ pub(crate) fn matmul_detached(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     float_dispatch!(OP, a.dtype(), |T| {
         let (x, y) = (storage_slice::<T>(OP, &sa, la)?, storage_slice::<T>(OP, &sb, lb)?);
         // SAFETY: a is [m, k] and b is [k, n], both contiguous.
-        let out = unsafe { gemm_new((m, n, k), (x.as_ptr(), k, 1), (y.as_ptr(), n, 1), T::one(), true) };
+        let out = unsafe { gemm_new((m, n, k), (x.as_ptr(), k, 1), (y.as_ptr(), n, 1), 1.0, true) };
         Tensor::from_vec(out, (m, n), &candle_core::Device::Cpu)
     })
 }

@@ -10,12 +10,16 @@
 //! moves them into a `GradStore`, adding where Candle holds a gradient of the same weight too.
 //! Without an active sink the ops return every gradient to Candle as usual.
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Result, Tensor, TensorId};
+use candle_core::{CpuStorage, Device, Result, Tensor, TensorId};
+
+use super::float::Float;
 
 /// One weight's gradient values, row-major.
 pub(crate) enum Buffer {
@@ -24,6 +28,24 @@ pub(crate) enum Buffer {
 }
 
 impl Buffer {
+    /// `v` as a buffer (no copy).
+    pub(crate) fn new<T: Float>(v: Vec<T>) -> Result<Self> {
+        match T::to_cpu_storage_owned(v) {
+            CpuStorage::F32(v) => Ok(Buffer::F32(v)),
+            CpuStorage::F64(v) => Ok(Buffer::F64(v)),
+            s => candle_core::bail!("gradient sink: {:?} gradients (f32/f64 only)", s.dtype()),
+        }
+    }
+
+    /// The values, if they are of type `T`.
+    fn values_mut<T: Float>(&mut self) -> Option<&mut Vec<T>> {
+        let values: &mut dyn Any = match self {
+            Buffer::F32(v) => v,
+            Buffer::F64(v) => v,
+        };
+        values.downcast_mut()
+    }
+
     /// The values as a CPU tensor of `shape` (no copy).
     pub(crate) fn into_tensor(self, shape: &candle_core::Shape) -> Result<Tensor> {
         match self {
@@ -32,33 +54,6 @@ impl Buffer {
         }
     }
 }
-
-/// The element types a sink holds (those of the fused CPU ops).
-pub(crate) trait SinkFloat: super::float::Float {
-    /// The vector in `b`, if it holds this type.
-    fn vec_mut(b: &mut Buffer) -> Option<&mut Vec<Self>>;
-    /// `v` as a buffer.
-    fn wrap(v: Vec<Self>) -> Buffer;
-}
-
-macro_rules! sink_float {
-    ($t:ty, $variant:ident) => {
-        impl SinkFloat for $t {
-            fn vec_mut(b: &mut Buffer) -> Option<&mut Vec<Self>> {
-                match b {
-                    Buffer::$variant(v) => Some(v),
-                    _ => None,
-                }
-            }
-            fn wrap(v: Vec<Self>) -> Buffer {
-                Buffer::$variant(v)
-            }
-        }
-    };
-}
-
-sink_float!(f32, F32);
-sink_float!(f64, F64);
 
 /// A weight and its accumulated gradient.
 struct Slot {
@@ -124,7 +119,7 @@ impl GradSink {
     }
 
     /// Runs `add` on `weight`'s gradient buffer, zero-filled on first use.
-    pub(crate) fn write<T: SinkFloat>(&self, weight: &Tensor, add: impl FnOnce(&mut [T])) -> Result<()> {
+    pub(crate) fn write<T: Float>(&self, weight: &Tensor, add: impl FnOnce(&mut [T])) -> Result<()> {
         // SAFETY: the buffer is zero-filled before `add` sees it the first time.
         unsafe { self.write_raw::<T>(weight, true, |ptr, len, _| add(std::slice::from_raw_parts_mut(ptr, len))) }
     }
@@ -136,7 +131,7 @@ impl GradSink {
     ///
     /// # Safety
     /// `write` must set every element when told there is nothing to accumulate onto.
-    pub(crate) unsafe fn write_product<T: SinkFloat>(
+    pub(crate) unsafe fn write_product<T: Float>(
         &self,
         weight: &Tensor,
         write: impl FnOnce(*mut T, usize, bool),
@@ -147,7 +142,7 @@ impl GradSink {
 
     /// # Safety
     /// Unless `zeroed`, `write` must set every element of a new buffer (told `false`).
-    unsafe fn write_raw<T: SinkFloat>(
+    unsafe fn write_raw<T: Float>(
         &self,
         weight: &Tensor,
         zeroed: bool,
@@ -156,7 +151,7 @@ impl GradSink {
         let mut slots = self.lock();
         let n = weight.elem_count();
         if let Some(slot) = slots.get_mut(&weight.id()) {
-            let Some(buf) = T::vec_mut(&mut slot.grad) else {
+            let Some(buf) = slot.grad.values_mut::<T>() else {
                 candle_core::bail!(
                     "gradient sink: {:?} gradient of a weight first written in another dtype",
                     weight.dtype()
@@ -176,13 +171,13 @@ impl GradSink {
             unsafe { buf.set_len(n) };
             buf
         };
-        slots.insert(weight.id(), Slot { weight: weight.clone(), grad: T::wrap(buf) });
+        slots.insert(weight.id(), Slot { weight: weight.clone(), grad: Buffer::new(buf)? });
         Ok(())
     }
 
     /// Adds `scale * grad` (a gradient computed whole, of `weight`'s shape) to `weight`'s
     /// buffer; the first time, `grad` becomes the buffer, scaled in place.
-    pub(crate) fn add_owned<T: SinkFloat>(&self, weight: &Tensor, mut grad: Vec<T>, scale: T) -> Result<()> {
+    pub(crate) fn add_owned<T: Float>(&self, weight: &Tensor, mut grad: Vec<T>, scale: T) -> Result<()> {
         if grad.len() != weight.elem_count() {
             candle_core::bail!(
                 "gradient sink: {} gradient values for a weight of shape {:?}",
@@ -194,18 +189,18 @@ impl GradSink {
         match slots.get_mut(&weight.id()) {
             None => {
                 if scale != T::one() {
-                    grad.iter_mut().for_each(|g| *g = *g * scale);
+                    grad.iter_mut().for_each(|g| *g *= scale);
                 }
-                slots.insert(weight.id(), Slot { weight: weight.clone(), grad: T::wrap(grad) });
+                slots.insert(weight.id(), Slot { weight: weight.clone(), grad: Buffer::new(grad)? });
             }
             Some(slot) => {
-                let Some(buf) = T::vec_mut(&mut slot.grad) else {
+                let Some(buf) = slot.grad.values_mut::<T>() else {
                     candle_core::bail!(
                         "gradient sink: {:?} gradient of a weight first written in another dtype",
                         weight.dtype()
                     );
                 };
-                buf.iter_mut().zip(&grad).for_each(|(b, &g)| *b = *b + g * scale);
+                buf.iter_mut().zip(&grad).for_each(|(b, &g)| *b += g * scale);
             }
         }
         Ok(())

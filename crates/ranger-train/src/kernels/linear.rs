@@ -2,12 +2,13 @@
 //! weight's gradient computed from detached inputs (or written into a [`GradSink`]), and no
 //! gradient at all for a frozen weight.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{Layout, Result, Shape, Tensor};
 
-use super::dtype::{dtype, float_dispatch, slice, storage_slice};
+use super::cpu_op::{Fused, FusedOp1, FusedOp2, Input, Out};
+use super::dtype::{float_dispatch, storage_slice};
 use super::float::Float;
 use super::gemm::{gemm_new, gemm_strided, matmul_detached};
-use super::grad_sink::{GradSink, SinkFloat};
+use super::grad_sink::GradSink;
 use super::path::fused_ok;
 
 /// `x W^T` for `x: [n, in]` and `W: [out, in]`. On CPU (f32/f64, contiguous) through ops whose
@@ -16,26 +17,23 @@ use super::path::fused_ok;
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && w.dtype() == x.dtype() && x.is_contiguous() && w.is_contiguous() && w.device().is_cpu() {
         if w.is_variable() {
-            return x.apply_op2(w, Linear { sink: GradSink::current() });
+            return x.apply_op2(w, Fused(Linear { sink: GradSink::current() }));
         }
-        return x.apply_op1(FrozenLinear { weight: w.clone() });
+        return x.apply_op1(Fused(FrozenLinear { weight: w.clone() }));
     }
     x.matmul(&w.t()?)
 }
 
-/// `x W^T` on the CPU (f32/f64): the forward pass of [`Linear`] and [`FrozenLinear`].
+/// `x W^T` on the CPU: the forward pass of [`Linear`] and [`FrozenLinear`].
 // x: [n, in], w: [out, in] -> y: [n, out]
-fn linear_fwd(op: &str, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-    let (n, inp) = l1.shape().dims2()?;
-    let (out, inp2) = l2.shape().dims2()?;
+fn linear_fwd<T: Float>(op: &str, (x, xl): (&[T], &Layout), (w, wl): (&[T], &Layout)) -> Out<T> {
+    let (n, inp) = xl.shape().dims2()?;
+    let (out, inp2) = wl.shape().dims2()?;
     if inp != inp2 {
-        candle_core::bail!("{op}: input {:?} for weight {:?}", l1.dims(), l2.dims());
+        candle_core::bail!("{op}: input {:?} for weight {:?}", xl.dims(), wl.dims());
     }
-    let y = float_dispatch!(op, dtype(s1), |T| {
-        let (x, w) = (slice::<T>(op, s1, l1)?, slice::<T>(op, s2, l2)?);
-        // SAFETY: y is [n, out]; x is [n, in]; w is [out, in], read transposed.
-        T::into_storage(unsafe { gemm_new((n, out, inp), (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), T::one(), true) })
-    });
+    // SAFETY: y is [n, out]; x is [n, in]; w is [out, in], read transposed.
+    let y = unsafe { gemm_new((n, out, inp), (x.as_ptr(), inp, 1), (w.as_ptr(), 1, inp), T::one(), true) };
     Ok((y, Shape::from((n, out))))
 }
 
@@ -49,18 +47,13 @@ pub struct FrozenLinear {
     pub weight: Tensor,
 }
 
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "ranger-frozen-linear"
-    }
+impl FusedOp1 for FrozenLinear {
+    const NAME: &'static str = "ranger-frozen-linear";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu<T: Float>(&self, x: Input<'_>) -> Out<T> {
         let w = self.weight.contiguous()?;
         let (ws, wl) = w.storage_and_layout();
-        match &*ws {
-            candle_core::Storage::Cpu(w) => linear_fwd(self.name(), s, l, w, wl),
-            _ => candle_core::bail!("ranger-frozen-linear: the weight is not on the CPU"),
-        }
+        linear_fwd(Self::NAME, (x.floats()?, x.layout()), (storage_slice(Self::NAME, &ws, wl)?, wl))
     }
 
     // g: [n, out], w: [out, in] -> dx: [n, in]
@@ -79,13 +72,11 @@ pub struct Linear {
     pub sink: Option<GradSink>,
 }
 
-impl CustomOp2 for Linear {
-    fn name(&self) -> &'static str {
-        "ranger-linear"
-    }
+impl FusedOp2 for Linear {
+    const NAME: &'static str = "ranger-linear";
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        linear_fwd(self.name(), s1, l1, s2, l2)
+    fn cpu<T: Float>(&self, x: Input<'_>, w: Input<'_>) -> Out<T> {
+        linear_fwd(Self::NAME, (x.floats()?, x.layout()), (w.floats()?, w.layout()))
     }
 
     // x: [n, in], w: [out, in], g: [n, out] -> dx: [n, in], dw: [out, in]
@@ -105,7 +96,7 @@ impl CustomOp2 for Linear {
 /// `dW (+)= g^T x` into `sink`'s buffer for `w: [out, in]`, with `g: [n, out]`, `x: [n, in]`.
 fn weight_grad_into(sink: &GradSink, w: &Tensor, g: &Tensor, x: &Tensor) -> Result<()> {
     const OP: &str = "ranger-linear";
-    fn run<T: SinkFloat>(
+    fn run<T: Float>(
         sink: &GradSink,
         w: &Tensor,
         g: &[T],

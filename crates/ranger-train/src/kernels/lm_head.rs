@@ -2,13 +2,13 @@
 //! never materialised, and in training the gradients are computed while each chunk of logits
 //! is at hand.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::dtype::{dtype, float_dispatch, slice, u32_slice};
+use super::cpu_op::{FusedOp3, Grads3, Input, Out};
 use super::float::Float;
 use super::gemm::gemm_strided;
-use super::grad_sink::{Buffer, GradSink, SinkFloat};
+use super::grad_sink::{Buffer, GradSink};
 
 /// Target id of a row that is not a prediction target (prompt, padding) in
 /// [`LinearCrossEntropy`].
@@ -101,13 +101,13 @@ fn linear_ce<T: Float>(
                 let target = r[t as usize] - max;
                 // In place: the row becomes exp(x - max), then (in training) the softmax minus
                 // the one-hot target, its gradient.
-                r.iter_mut().for_each(|x| *x = *x - max);
+                r.iter_mut().for_each(|x| *x -= max);
                 T::exp_in_place(r);
                 let sum = r.iter().fold(T::zero(), |s, &x| s + x);
                 if grads {
                     let inv = T::one() / sum;
-                    r.iter_mut().for_each(|x| *x = *x * inv);
-                    r[t as usize] = r[t as usize] - T::one();
+                    r.iter_mut().for_each(|x| *x *= inv);
+                    r[t as usize] -= T::one();
                 }
                 sum.ln() - target
             })
@@ -148,57 +148,34 @@ fn linear_ce<T: Float>(
     (total, grad_x, grad_w)
 }
 
-impl CustomOp3 for LinearCrossEntropy {
-    fn name(&self) -> &'static str {
-        "ranger-linear-cross-entropy"
-    }
+impl FusedOp3 for LinearCrossEntropy {
+    const NAME: &'static str = "ranger-linear-cross-entropy";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (n, h) = l1.shape().dims2()?;
-        let (v, h2) = l2.shape().dims2()?;
-        if h != h2 || l3.shape().dims1()? != n {
+    fn cpu<T: Float>(&self, x: Input<'_>, w: Input<'_>, t: Input<'_>) -> Out<T> {
+        let (n, h) = x.shape().dims2()?;
+        let (v, h2) = w.shape().dims2()?;
+        if h != h2 || t.shape().dims1()? != n {
             candle_core::bail!(
                 "ranger-linear-cross-entropy: hidden {:?}, weight {:?}, targets {:?}",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
+                x.dims(),
+                w.dims(),
+                t.dims()
             );
         }
-        let t = u32_slice(op, "targets", s3, l3)?;
-        if let Some(bad) = t.iter().find(|&&t| t != IGNORE_TARGET && t as usize >= v) {
-            candle_core::bail!("ranger-linear-cross-entropy: target id {bad} is outside the vocabulary of {v}");
-        }
+        let t = t.ids("target", v, Some(IGNORE_TARGET))?;
         let rows = self.chunk_rows.unwrap_or_else(|| chunk_rows(v));
-        let (out, saved) = float_dispatch!(op, dtype(s1), |T| {
-            let (loss, gx, gw) =
-                linear_ce::<T>(slice(op, s1, l1)?, slice(op, s2, l2)?, t, h, v, rows, self.grads, self.weight_grad);
-            let saved = self.grads.then(|| -> Result<_> {
-                let gx = Tensor::from_vec(gx, (n, h), &candle_core::Device::Cpu)?;
-                Ok((gx, self.weight_grad.then(|| T::wrap(gw))))
-            });
-            (T::into_storage(vec![loss]), saved.transpose()?)
-        });
+        let (loss, gx, gw) = linear_ce(x.floats()?, w.floats()?, t, h, v, rows, self.grads, self.weight_grad);
+        let saved = if self.grads {
+            let gx = Tensor::from_vec(gx, (n, h), &candle_core::Device::Cpu)?;
+            Some((gx, self.weight_grad.then(|| Buffer::new(gw)).transpose()?))
+        } else {
+            None
+        };
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = saved;
-        Ok((out, Shape::from(())))
+        Ok((vec![loss], Shape::from(())))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        w: &Tensor,
-        _t: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _x: &Tensor, w: &Tensor, _t: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Grads3> {
         let Some((gx, gw)) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             candle_core::bail!("ranger-linear-cross-entropy: run without gradients (or backpropagated twice)");
         };

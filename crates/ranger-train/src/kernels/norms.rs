@@ -1,10 +1,11 @@
 //! RMSNorm and LayerNorm over the last dimension, fused on the CPU (backprop keeps only the
 //! input, not the op-by-op version's intermediates), op by op elsewhere.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::dtype::{compute_dtype, dtype, float_dispatch, slice};
+use super::cpu_op::{Fused, FusedOp2, FusedOp3, Grads3, Input, Out};
+use super::dtype::compute_dtype;
 use super::float::Float;
 use super::path::fused_ok;
 
@@ -12,7 +13,7 @@ use super::path::fused_ok;
 /// normalised in f32, cast back, then scaled).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_ok(x) && weight.dtype() == x.dtype() {
-        return x.contiguous()?.apply_op2(&weight.contiguous()?, RmsNorm { eps });
+        return x.contiguous()?.apply_op2(&weight.contiguous()?, Fused(RmsNorm { eps }));
     }
     rms_norm_ops(x, weight, eps)
 }
@@ -30,7 +31,7 @@ pub fn rms_norm_ops(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// in f32 (or f64) whatever the model dtype; fused on CPU.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if fused_ok(x) && weight.dtype() == x.dtype() && bias.dtype() == x.dtype() {
-        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, LayerNorm { eps });
+        return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Fused(LayerNorm { eps }));
     }
     layer_norm_ops(x, weight, bias, eps)
 }
@@ -66,22 +67,16 @@ fn rms_rows<T: Float>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     out
 }
 
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "ranger-rms-norm"
-    }
+impl FusedOp2 for RmsNorm {
+    const NAME: &'static str = "ranger-rms-norm";
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let out = float_dispatch!(op, dtype(s1), |T| {
-            T::into_storage(rms_rows::<T>(slice(op, s1, l1)?, slice(op, s2, l2)?, T::from_f64(self.eps)))
-        });
-        Ok((out, l1.shape().clone()))
+    fn cpu<T: Float>(&self, x: Input<'_>, w: Input<'_>) -> Out<T> {
+        Ok((rms_rows(x.floats()?, w.floats()?, T::from_f64(self.eps)), x.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Both gradients in one pass, stacked as [dx (all of x) | dw]; the parts are views.
-        let both = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormGrad { eps: self.eps })?;
+        let both = x.apply_op3_no_bwd(w, &g.contiguous()?, &Fused(RmsNormGrad { eps: self.eps }))?;
         let n = x.elem_count();
         Ok((
             Some(both.narrow(0, 0, n)?.reshape(x.shape())?),
@@ -114,8 +109,8 @@ fn rms_grad_rows<T: Float>(x: &[T], w: &[T], g: &[T], eps: T) -> Vec<T> {
                 let mut dot = T::zero();
                 for j in 0..h {
                     let n = x[j] * r;
-                    dot = dot + g[j] * w[j] * n;
-                    dw[j] = dw[j] + g[j] * n;
+                    dot += g[j] * w[j] * n;
+                    dw[j] += g[j] * n;
                 }
                 let mean = dot / T::from_usize(h);
                 for j in 0..h {
@@ -126,31 +121,17 @@ fn rms_grad_rows<T: Float>(x: &[T], w: &[T], g: &[T], eps: T) -> Vec<T> {
         })
         .collect();
     for p in partial {
-        dw.iter_mut().zip(p).for_each(|(a, b)| *a = *a + b);
+        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
     }
     out
 }
 
-impl CustomOp3 for RmsNormGrad {
-    fn name(&self) -> &'static str {
-        "ranger-rms-norm-grad"
-    }
+impl FusedOp3 for RmsNormGrad {
+    const NAME: &'static str = "ranger-rms-norm-grad";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let out = float_dispatch!(op, dtype(s1), |T| {
-            let (x, w, g) = (slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, s3, l3)?);
-            T::into_storage(rms_grad_rows::<T>(x, w, g, T::from_f64(self.eps)))
-        });
-        Ok((out, Shape::from(l1.shape().elem_count() + l2.shape().elem_count())))
+    fn cpu<T: Float>(&self, x: Input<'_>, w: Input<'_>, g: Input<'_>) -> Out<T> {
+        let dx_dw = rms_grad_rows(x.floats()?, w.floats()?, g.floats()?, T::from_f64(self.eps));
+        Ok((dx_dw, Shape::from(x.shape().elem_count() + w.shape().elem_count())))
     }
 }
 
@@ -176,37 +157,15 @@ fn layer_norm_rows<T: Float>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
     out
 }
 
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "ranger-layer-norm"
-    }
+impl FusedOp3 for LayerNorm {
+    const NAME: &'static str = "ranger-layer-norm";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let out = float_dispatch!(op, dtype(s1), |T| {
-            let (x, w, b) = (slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, s3, l3)?);
-            T::into_storage(layer_norm_rows::<T>(x, w, b, T::from_f64(self.eps)))
-        });
-        Ok((out, l1.shape().clone()))
+    fn cpu<T: Float>(&self, x: Input<'_>, w: Input<'_>, b: Input<'_>) -> Out<T> {
+        Ok((layer_norm_rows(x.floats()?, w.floats()?, b.floats()?, T::from_f64(self.eps)), x.shape().clone()))
     }
 
     // x: [rows, C], w: [C], b: [C], g: [rows, C] -> dx: [rows, C], dw: [C], db: [C]
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Grads3> {
         // n = (x - mean) r, y = n w + b:  dw = sum(g n),  db = sum(g),
         // dx = r (g w - mean(g w) - n mean(g w n)).
         let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;

@@ -1,10 +1,10 @@
 //! Rotary position embedding in Hugging Face's "rotate half" layout, fused on the CPU (only its
 //! output kept for backprop; backward is the transposed rotation), op by op elsewhere.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{Result, Tensor, D};
 use rayon::prelude::*;
 
-use super::dtype::{dtype, float_dispatch, slice};
+use super::cpu_op::{Fused, FusedOp3, Grads3, Input, Out};
 use super::float::Float;
 use super::path::fused_ok;
 
@@ -13,7 +13,7 @@ use super::path::fused_ok;
 /// `cos`/`sin: [b, 1, seq, head_dim]` (per-sequence positions, so packed examples restart at 0).
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && cos.dtype() == x.dtype() && cos.dims().get(1) == Some(&1) {
-        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rotary { rows: false });
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Fused(Rotary { rows: false }));
     }
     apply_rotary_ops(x, cos, sin)
 }
@@ -22,7 +22,7 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// with `cos`/`sin: [n, head_dim]` (each row's position).
 pub fn apply_rotary_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && cos.dtype() == x.dtype() {
-        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rotary { rows: true });
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Fused(Rotary { rows: true }));
     }
     let (n, cols) = x.dims2()?;
     let d = cos.dim(1)?;
@@ -53,41 +53,25 @@ struct RotaryGrad {
     rows: bool,
 }
 
-impl Rotary {
-    /// The forward pass or, with `transpose`, the backward pass (of the output gradient in s1).
-    // x: [b, h, s, d] (or [n, h * d]), cos, sin: [b, 1, s, d] (or [n, d]) -> out: as x
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        op: &str,
-        rows: bool,
-        transpose: bool,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (h, s, d, cs) = if rows {
-            let (n, cols) = l1.shape().dims2()?;
-            let d = l2.dims().last().copied().unwrap_or(0);
-            if d == 0 || cols % d != 0 {
-                candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", l2.shape(), l1.shape());
-            }
-            (cols / d, n, d, vec![n, d])
-        } else {
-            let (b, h, s, d) = l1.shape().dims4()?;
-            (h, s, d, vec![b, 1, s, d])
-        };
-        if l2.shape().dims() != cs || l3.shape().dims() != cs {
-            candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", l2.shape(), l1.shape());
+/// The forward pass or, with `transpose`, the backward pass (of the output gradient in `x`).
+// x: [b, h, s, d] (or [n, h * d]), cos, sin: [b, 1, s, d] (or [n, d]) -> out: as x
+fn rotary<T: Float>(rows: bool, transpose: bool, x: Input<'_>, cos: Input<'_>, sin: Input<'_>) -> Out<T> {
+    let (h, s, d, cs) = if rows {
+        let (n, cols) = x.shape().dims2()?;
+        let d = cos.dims().last().copied().unwrap_or(0);
+        if d == 0 || cols % d != 0 {
+            candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", cos.shape(), x.shape());
         }
-        let out = float_dispatch!(op, dtype(s1), |T| {
-            let (x, c, sn) = (slice(op, s1, l1)?, slice(op, s2, l2)?, slice(op, s3, l3)?);
-            T::into_storage(rotary_rows::<T>(x, c, sn, h, s, d, rows, transpose))
-        });
-        Ok((out, l1.shape().clone()))
+        (cols / d, n, d, vec![n, d])
+    } else {
+        let (b, h, s, d) = x.shape().dims4()?;
+        (h, s, d, vec![b, 1, s, d])
+    };
+    if cos.dims() != cs || sin.dims() != cs {
+        candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", cos.shape(), x.shape());
     }
+    let out = rotary_rows(x.floats()?, cos.floats()?, sin.floats()?, h, s, d, rows, transpose);
+    Ok((out, x.shape().clone()))
 }
 
 /// `x * cos + rotate_half(x) * sin` per head row or, with `transpose` (the backward pass),
@@ -122,58 +106,24 @@ fn rotary_rows<T: Float>(
     out
 }
 
-impl CustomOp3 for Rotary {
-    fn name(&self) -> &'static str {
-        "ranger-rotary"
-    }
+impl FusedOp3 for Rotary {
+    const NAME: &'static str = "ranger-rotary";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::run(self.name(), self.rows, false, s1, l1, s2, l2, s3, l3)
+    fn cpu<T: Float>(&self, x: Input<'_>, cos: Input<'_>, sin: Input<'_>) -> Out<T> {
+        rotary(self.rows, false, x, cos, sin)
     }
 
     // g: as x -> dx: as x (cos and sin get none)
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((
-            Some(g.contiguous()?.apply_op3_no_bwd(
-                &cos.contiguous()?,
-                &sin.contiguous()?,
-                &RotaryGrad { rows: self.rows },
-            )?),
-            None,
-            None,
-        ))
+    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Grads3> {
+        let grad = Fused(RotaryGrad { rows: self.rows });
+        Ok((Some(g.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &grad)?), None, None))
     }
 }
 
-impl CustomOp3 for RotaryGrad {
-    fn name(&self) -> &'static str {
-        "ranger-rotary-grad"
-    }
+impl FusedOp3 for RotaryGrad {
+    const NAME: &'static str = "ranger-rotary-grad";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Rotary::run(self.name(), self.rows, true, s1, l1, s2, l2, s3, l3)
+    fn cpu<T: Float>(&self, g: Input<'_>, cos: Input<'_>, sin: Input<'_>) -> Out<T> {
+        rotary(self.rows, true, g, cos, sin)
     }
 }

@@ -1,10 +1,10 @@
 //! Softmax over the last dimension, plain and with an additive attention mask, keeping only
 //! its output for backprop; and log-softmax (op by op only).
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
+use candle_core::{Result, Tensor, D};
 use rayon::prelude::*;
 
-use super::dtype::{dtype, float_dispatch, slice};
+use super::cpu_op::{Fused, FusedOp1, FusedOp2, Input, Out};
 use super::float::Float;
 use super::path::fused_ok;
 
@@ -12,7 +12,7 @@ use super::path::fused_ok;
 /// backprop) on CPU, [`softmax_last_dim_ops`] elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if fused_ok(x) {
-        x.contiguous()?.apply_op1(SoftmaxLastDim)
+        x.contiguous()?.apply_op1(Fused(SoftmaxLastDim))
     } else {
         softmax_last_dim_ops(x)
     }
@@ -30,7 +30,7 @@ pub fn softmax_last_dim_ops(x: &Tensor) -> Result<Tensor> {
 /// `mask: [b, 1, s, t]`): fused on CPU, op by op elsewhere.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
     if fused_ok(scores) && scores.dtype() == mask.dtype() {
-        scores.contiguous()?.apply_op2(&mask.contiguous()?, MaskedSoftmax)
+        scores.contiguous()?.apply_op2(&mask.contiguous()?, Fused(MaskedSoftmax))
     } else {
         softmax_last_dim_ops(&scores.broadcast_add(mask)?)
     }
@@ -46,38 +46,42 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Softmax over the last dimension; backward `y * (g - sum(g * y))` from the saved output.
 pub struct SoftmaxLastDim;
 
+/// Softmax of one row in place: `exp(x - max) / sum`.
+fn softmax_in_place<T: Float>(row: &mut [T]) {
+    let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+    let mut sum = T::zero();
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = T::one() / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// The softmax backward pass `y * (g - sum(g * y))` from the output `y`.
+// y: [.., n], g: [.., n] -> dx: [.., n]
+fn softmax_grad(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+    y.mul(&g.broadcast_sub(&dot)?)
+}
+
 // x: [rows, n] -> out: [rows, n]
 fn softmax_rows<T: Float>(x: &[T], n: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, r)| {
-        let max = r.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-        let mut sum = T::zero();
-        for (o, &v) in o.iter_mut().zip(r) {
-            *o = (v - max).exp();
-            sum = sum + *o;
-        }
-        let inv = T::one() / sum;
-        o.iter_mut().for_each(|v| *v = *v * inv);
-    });
+    let mut out = x.to_vec();
+    out.par_chunks_mut(n).for_each(softmax_in_place);
     out
 }
 
-impl CustomOp1 for SoftmaxLastDim {
-    fn name(&self) -> &'static str {
-        "ranger-softmax-last-dim"
+impl FusedOp1 for SoftmaxLastDim {
+    const NAME: &'static str = "ranger-softmax-last-dim";
+
+    fn cpu<T: Float>(&self, x: Input<'_>) -> Out<T> {
+        let n = *x.dims().last().unwrap_or(&1);
+        Ok((softmax_rows(x.floats()?, n), x.shape().clone()))
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let n = *l.shape().dims().last().unwrap_or(&1);
-        let out = float_dispatch!(op, dtype(s), |T| T::into_storage(softmax_rows::<T>(slice(op, s, l)?, n)));
-        Ok((out, l.shape().clone()))
-    }
-
-    // y: [.., n], g: [.., n] -> dx: [.., n]
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(res.mul(&grad_res.broadcast_sub(&dot)?)?))
+        Ok(Some(softmax_grad(res, grad_res)?))
     }
 }
 
@@ -91,33 +95,23 @@ fn masked_softmax_rows<T: Float>(x: &[T], mask: &[T], heads: usize, s: usize, t:
     out.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(r, (o, row))| {
         let (b, i) = (r / (heads * s), r % s);
         let m = &mask[(b * s + i) * t..(b * s + i + 1) * t];
-        let max = row.iter().zip(m).fold(T::neg_infinity(), |acc, (&v, &mv)| acc.max(v + mv));
-        let mut sum = T::zero();
         for ((o, &v), &mv) in o.iter_mut().zip(row).zip(m) {
-            *o = (v + mv - max).exp();
-            sum = sum + *o;
+            *o = v + mv;
         }
-        let inv = T::one() / sum;
-        o.iter_mut().for_each(|v| *v = *v * inv);
+        softmax_in_place(o);
     });
     out
 }
 
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "ranger-masked-softmax"
-    }
+impl FusedOp2 for MaskedSoftmax {
+    const NAME: &'static str = "ranger-masked-softmax";
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let op = self.name();
-        let (b, h, s, t) = l1.shape().dims4()?;
-        if l2.shape().dims() != [b, 1, s, t] {
-            candle_core::bail!("ranger-masked-softmax: mask shape {:?} for scores {:?}", l2.shape(), l1.shape());
+    fn cpu<T: Float>(&self, scores: Input<'_>, mask: Input<'_>) -> Out<T> {
+        let (b, h, s, t) = scores.shape().dims4()?;
+        if mask.dims() != [b, 1, s, t] {
+            candle_core::bail!("ranger-masked-softmax: mask shape {:?} for scores {:?}", mask.shape(), scores.shape());
         }
-        let out = float_dispatch!(op, dtype(s1), |T| {
-            T::into_storage(masked_softmax_rows::<T>(slice(op, s1, l1)?, slice(op, s2, l2)?, h, s, t))
-        });
-        Ok((out, l1.shape().clone()))
+        Ok((masked_softmax_rows(scores.floats()?, mask.floats()?, h, s, t), scores.shape().clone()))
     }
 
     // y: [b, h, s, t], g: [b, h, s, t] -> d_scores: [b, h, s, t] (the mask gets none)
@@ -128,7 +122,6 @@ impl CustomOp2 for MaskedSoftmax {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
-        Ok((Some(res.mul(&grad_res.broadcast_sub(&dot)?)?), None))
+        Ok((Some(softmax_grad(res, grad_res)?), None))
     }
 }

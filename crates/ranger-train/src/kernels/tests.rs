@@ -1,6 +1,7 @@
 //! Each fused CPU kernel against its op-by-op (portable) version: values and gradients.
 
 use super::activations::{gelu_erf, swiglu, swiglu_ops};
+use super::cpu_op::Fused;
 use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_ops};
 use super::linear::{linear, FrozenLinear};
 use super::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
@@ -34,11 +35,11 @@ fn fused_kernels_match_the_op_by_op_versions() {
     let t = Tensor::new(&[0u32, 5, 36, 7, 7, 12], &dev).unwrap();
     let frozen = randn(&mut rng, 0f64, 1.0, (5, 37));
     let w5 = randn(&mut rng, 0f64, 1.0, (6, 5));
+    let frozen_linear = |x: &Tensor| x.apply_op1(Fused(FrozenLinear { weight: frozen.clone() })).unwrap();
     let pairs: [Pair; 4] = [
-        (
-            &|x| x.apply_op1(FrozenLinear { weight: frozen.clone() }).unwrap().mul(&w5).unwrap().sum_all().unwrap(),
-            &|x| x.matmul(&frozen.t().unwrap()).unwrap().mul(&w5).unwrap().sum_all().unwrap(),
-        ),
+        (&|x| frozen_linear(x).mul(&w5).unwrap().sum_all().unwrap(), &|x| {
+            x.matmul(&frozen.t().unwrap()).unwrap().mul(&w5).unwrap().sum_all().unwrap()
+        }),
         (&|x| gelu_erf(x).unwrap().mul(&w).unwrap().sum_all().unwrap(), &|x| {
             // x Φ(x) from erf, whose backward is exact (Candle's gelu_erf backward rounds 1/√(2π)).
             let phi = ((x * std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap() * 0.5;
@@ -109,7 +110,7 @@ fn fused_kernels_match_the_op_by_op_versions() {
         .unwrap();
     for rows in [3, 4, 100] {
         let op = LinearCrossEntropy::new(true, true).with_chunk_rows(rows);
-        let fused = hidden.apply_op3(head.as_tensor(), &Tensor::new(&targets, &dev).unwrap(), op).unwrap();
+        let fused = hidden.apply_op3(head.as_tensor(), &Tensor::new(&targets, &dev).unwrap(), Fused(op)).unwrap();
         assert!(close(&fused, &reference) < 1e-12, "chunk {rows}");
         let (gf, gr) = ((&fused * 3.0).unwrap().backward().unwrap(), (&reference * 3.0).unwrap().backward().unwrap());
         for v in [&hidden, &head] {

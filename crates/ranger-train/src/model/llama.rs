@@ -16,6 +16,7 @@ use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
 use crate::kernels::norms::rms_norm;
 use crate::kernels::rotary::apply_rotary_rows;
 use crate::kernels::softmax::masked_softmax;
+use crate::kernels::Fused;
 use crate::kernels::{compute_dtype, embedding::embedding, fused_ok};
 
 #[derive(Debug, Clone)]
@@ -240,7 +241,7 @@ impl LlamaModel {
         if fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
             // One op that reads grouped heads in place, keeps only the log-sum-exp for
             // backprop and writes token rows for o_proj: no reshape or transpose in the graph.
-            let op = FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt(), hd);
+            let op = Fused(FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt(), hd));
             return layer.projs[O].forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
         }
         let t = k.dim(0)? / b;
@@ -339,7 +340,7 @@ impl LlamaModel {
             }
         }
         let targets = Tensor::from_vec(targets, b * s, &Device::Cpu)?;
-        let op = LinearCrossEntropy::new(training, head.is_variable());
+        let op = Fused(LinearCrossEntropy::new(training, head.is_variable()));
         x.apply_op3(&head.contiguous()?, &targets, op)
     }
 
