@@ -229,3 +229,23 @@ fn a_resume_answered_with_the_whole_file_is_caught_and_downloaded_again() {
     assert_eq!(weight_transfers(&hub), expected, "cut, resumed (answered whole: too long), downloaded again");
     assert_snapshot(&home, MAIN, &files);
 }
+
+/// hf-hub keeps a complete `.part` when its last retry finished the file (it reports that as a
+/// failure). The next run asks for bytes past its end, which the server refuses (416); hf-hub's
+/// retry then asks from 0 and appends, so the file comes out too long: the size check removes it
+/// and the file is downloaded once more, whole and correct.
+#[test]
+fn a_complete_partial_download_is_started_over() {
+    let (files, home, hub, out) = run_with_fault("hub-full-part", Fault::CutAlways);
+    failure(out);
+    let part = partials(&home);
+    assert_eq!(part.len(), 1);
+    std::fs::write(&part[0], &files[WEIGHTS]).unwrap();
+    hub.set_fault(WEIGHTS, None);
+    ok(generate(&hub.endpoint(), &home, "org/tiny", &[], &[]));
+    let size = files[WEIGHTS].len();
+    let transfers = weight_transfers(&hub);
+    let refused = transfers.iter().position(|r| *r == format!("bytes={size}-")).expect("a resume past the end");
+    assert!(transfers[refused + 1..].iter().all(|r| r == "bytes=0-"), "then whole downloads: {transfers:?}");
+    assert_snapshot(&home, MAIN, &files);
+}

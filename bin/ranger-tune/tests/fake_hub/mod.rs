@@ -246,6 +246,11 @@ fn transfer(
         s.faults.remove(file);
         return Reply { status: 200, headers, body: bytes, cut_at: None };
     }
+    if start >= len && len > 0 {
+        // As the Hub's CDN answers a range past the end.
+        headers.push(("Content-Range", format!("bytes */{len}")));
+        return Reply { status: 416, headers, body: vec![], cut_at: None };
+    }
     let body = bytes[start..=end].to_vec();
     let cut_at = match fault {
         Some(Fault::CutOnce) => s.faults.remove(file).map(|_| body.len() / 2),
@@ -269,6 +274,7 @@ fn send(mut stream: TcpStream, reply: Reply) -> std::io::Result<()> {
         302 => "Found",
         401 => "Unauthorized",
         403 => "Forbidden",
+        416 => "Range Not Satisfiable",
         _ => "Not Found",
     };
     let mut head = format!("HTTP/1.1 {} {reason}\r\n", reply.status);
