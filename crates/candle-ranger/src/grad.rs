@@ -7,6 +7,17 @@ use candle_core::{DType, Var};
 use crate::fused::{cpu_all_finite, cpu_sum_squares};
 use crate::portable;
 
+/// A one-element tensor's value on the host, as f64, without an f64 op on the device (Metal has
+/// none): f32, bf16 and f16 are read as f32 and widened on the host, which gives the same value
+/// as a cast to f64 would; an f64 tensor (CPU, CUDA) is read as it is.
+pub fn to_host_f64(t: &candle_core::Tensor) -> candle_core::Result<f64> {
+    let t = t.flatten_all()?.get(0)?;
+    match t.dtype() {
+        DType::F64 => t.to_scalar::<f64>(),
+        _ => Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64),
+    }
+}
+
 /// Whether every element of `t` is finite: read in place on CPU, with tensor ops elsewhere.
 pub(crate) fn all_finite(t: &candle_core::Tensor) -> candle_core::Result<bool> {
     if t.device().is_cpu() {
@@ -26,7 +37,7 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> candle_core::Result<f64> {
                 cpu_sum_squares(g)?
             } else {
                 let dt = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-                g.to_dtype(dt)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
+                to_host_f64(&g.to_dtype(dt)?.sqr()?.sum_all()?)?
             };
         }
     }
@@ -87,6 +98,20 @@ mod tests {
             grads.insert(&var, t.clone());
             let norm = grad_norm(&grads, &[var]).unwrap();
             assert!((norm - expected).abs() < 1e-9 * expected, "{dt:?}: {norm} vs {expected}");
+        }
+    }
+
+    /// Read as f32 and widened on the host, a scalar has the value a cast to f64 gives, in
+    /// every float dtype (and for a one-element vector as for a rank-0 tensor).
+    #[test]
+    fn to_host_f64_equals_the_f64_cast() {
+        for v in [0.1f64, -3.5e-7, 12345.678, f64::INFINITY, 1.0 / 3.0] {
+            for dt in [DType::F64, DType::F32, DType::BF16, DType::F16] {
+                let t = Tensor::new(v, &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+                let cast = t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                assert_eq!(to_host_f64(&t).unwrap().to_bits(), cast.to_bits(), "{v} {dt:?}");
+                assert_eq!(to_host_f64(&t.unsqueeze(0).unwrap()).unwrap().to_bits(), cast.to_bits());
+            }
         }
     }
 }

@@ -103,7 +103,7 @@ mod state;
 pub mod state_file;
 
 pub use error::{Error, Result};
-pub use grad::{clip_grad_norm, grad_norm, non_finite_grads};
+pub use grad::{clip_grad_norm, grad_norm, non_finite_grads, to_host_f64};
 pub use groups::{named_vars, ParamGroup};
 pub use lookahead::{Lookahead, LookaheadConfig};
 pub use params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, UpdatePath};

@@ -178,7 +178,7 @@ impl Task {
             return Ok(None);
         }
         let mdt = self.mask_dtype();
-        let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let scalar = |t: Tensor| -> Result<f64> { Ok(candle_ranger::to_host_f64(&t)?) };
         match self {
             Self::CausalLm { model, val, .. } => {
                 let (mut sum, mut n) = (0f64, 0usize);

@@ -266,9 +266,12 @@ impl SequenceClassifier {
     /// Logits `[b, num_labels]` of a batch.
     pub fn forward(&self, batch: &ClassifierBatch) -> Result<Tensor> {
         let pooled = match &self.backbone {
-            Backbone::Encoder(e) => {
-                e.forward(&batch.input_ids, batch.token_type_ids.as_ref(), &batch.mask)?.narrow(1, 0, 1)?.squeeze(1)?
-            }
+            // The [CLS] row is a strided view; CUDA and Metal refuse such a matmul input.
+            Backbone::Encoder(e) => e
+                .forward(&batch.input_ids, batch.token_type_ids.as_ref(), &batch.mask)?
+                .narrow(1, 0, 1)?
+                .squeeze(1)?
+                .contiguous()?,
             Backbone::Decoder(d) => {
                 let h = d.hidden_states(&batch.input_ids, &batch.positions, &batch.mask)?;
                 let (b, s, w) = h.dims3()?;

@@ -381,6 +381,6 @@ impl LlamaModel {
 
 /// Mean loss of a batch as an f64 (for evaluation).
 pub fn mean_loss(model: &LlamaModel, batch: &Batch) -> Result<(f64, usize)> {
-    let sum = model.loss_sum(batch, false)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let sum = candle_ranger::to_host_f64(&model.loss_sum(batch, false)?)?;
     Ok((sum, batch.n_targets))
 }

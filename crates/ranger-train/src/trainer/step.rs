@@ -89,7 +89,7 @@ impl Trainer {
             };
             self.session.dropout_seed.set(None);
             let sum = sum?;
-            loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            loss_sum += candle_ranger::to_host_f64(&sum)?;
             let grads = (sum / targets as f64)?.backward()?;
             for (_, var) in &self.session.vars {
                 if let Some(g) = grads.get(var) {
