@@ -16,6 +16,17 @@ pub enum Error {
     #[error("invalid optimizer configuration: {0}")]
     InvalidConfig(String),
 
+    /// A variable's dtype is one its device cannot compute in (f64 on Metal).
+    #[error("variable `{name}` is {} on {device}, which has no {} operations: use f32, bf16 or f16", .dtype.as_str(), .dtype.as_str())]
+    UnsupportedDtype {
+        /// The variable's name.
+        name: String,
+        /// Its dtype.
+        dtype: candle_core::DType,
+        /// Its device.
+        device: String,
+    },
+
     /// Two variables were given the same name (names key the saved state).
     #[error("duplicate variable name `{0}`: every variable needs a unique name")]
     DuplicateName(String),

@@ -87,6 +87,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+mod device_support;
 mod error;
 mod fused;
 mod grad;

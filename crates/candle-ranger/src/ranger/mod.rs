@@ -11,6 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::{Optimizer, VarMap};
 
+use crate::device_support::check_var_device;
 use crate::error::{Error, Result};
 use crate::fused::FusedStep;
 use crate::grad::all_finite;
@@ -107,6 +108,7 @@ impl Ranger {
                 if !var.dtype().is_float() {
                     continue;
                 }
+                check_var_device(&name, var.dtype(), var.device().location())?;
                 if !seen.insert(name.clone()) {
                     return Err(Error::DuplicateName(name));
                 }
