@@ -103,6 +103,32 @@ pub(crate) struct HostState {
     pub m: HostBuf,
     pub v: HostBuf,
     pub slow: Option<HostBuf>,
+    /// The f32 master copy of a half-precision variable (see `ParamsRanger::master_weights`):
+    /// the update applies to it, and the variable gets its rounding.
+    pub master: Option<HostBuf>,
+}
+
+/// The state element types, taken out of a [`HostBuf`].
+pub(crate) trait StateElem: Real + Elem<Self> {
+    fn buf(b: &mut HostBuf) -> Option<&mut [Self]>;
+}
+
+impl StateElem for f32 {
+    fn buf(b: &mut HostBuf) -> Option<&mut [f32]> {
+        match b {
+            HostBuf::F32(v) => Some(v),
+            HostBuf::F64(_) => None,
+        }
+    }
+}
+
+impl StateElem for f64 {
+    fn buf(b: &mut HostBuf) -> Option<&mut [f64]> {
+        match b {
+            HostBuf::F64(v) => Some(v),
+            HostBuf::F32(_) => None,
+        }
+    }
 }
 
 /// The op applied with `param.inplace_op2(&grad, &op)`.
@@ -121,7 +147,15 @@ pub(crate) struct FusedStep<'a> {
 const CHUNK: usize = 1 << 15;
 
 impl FusedStep<'_> {
-    fn run<P: Elem<S>, S: Real>(&self, p: &mut [P], g: &[P], m: &mut [S], v: &mut [S], slow: Option<&mut [S]>) {
+    /// The update of `p` (the variable, or its master copy) from `g`, both of `p.len()` elements.
+    fn run<P: Elem<S>, G: Elem<S>, S: Real>(
+        &self,
+        p: &mut [P],
+        g: &[G],
+        m: &mut [S],
+        v: &mut [S],
+        slow: Option<&mut [S]>,
+    ) {
         let n = p.len();
         let row_len = self.row_len;
         let row = row_len.unwrap_or(1).max(1);
@@ -189,10 +223,10 @@ impl<S: Real> Kernel<S> {
         }
     }
 
-    fn chunk<P: Elem<S>>(
+    fn chunk<P: Elem<S>, G: Elem<S>>(
         &self,
         p: &mut [P],
-        g: &[P],
+        g: &[G],
         m: &mut [S],
         v: &mut [S],
         mut slow: Option<&mut [S]>,
@@ -220,15 +254,24 @@ impl<S: Real> Kernel<S> {
         }
     }
 
-    fn span<P: Elem<S>>(&self, p: &mut [P], g: &[P], m: &mut [S], v: &mut [S], slow: Option<&mut [S]>, mean: S) {
+    #[allow(clippy::too_many_arguments)]
+    fn span<P: Elem<S>, G: Elem<S>>(
+        &self,
+        p: &mut [P],
+        g: &[G],
+        m: &mut [S],
+        v: &mut [S],
+        slow: Option<&mut [S]>,
+        mean: S,
+    ) {
         let slow = if self.sync { slow } else { None };
         match (self.mode, slow) {
-            (RECTIFIED, None) => self.lanes::<P, RECTIFIED>(p, g, m, v, mean),
-            (MOMENTUM, None) => self.lanes::<P, MOMENTUM>(p, g, m, v, mean),
-            (_, None) => self.lanes::<P, NO_MOVE>(p, g, m, v, mean),
-            (RECTIFIED, Some(s)) => self.lanes_sync::<P, RECTIFIED>(p, g, m, v, s, mean),
-            (MOMENTUM, Some(s)) => self.lanes_sync::<P, MOMENTUM>(p, g, m, v, s, mean),
-            (_, Some(s)) => self.lanes_sync::<P, NO_MOVE>(p, g, m, v, s, mean),
+            (RECTIFIED, None) => self.lanes::<P, G, RECTIFIED>(p, g, m, v, mean),
+            (MOMENTUM, None) => self.lanes::<P, G, MOMENTUM>(p, g, m, v, mean),
+            (_, None) => self.lanes::<P, G, NO_MOVE>(p, g, m, v, mean),
+            (RECTIFIED, Some(s)) => self.lanes_sync::<P, G, RECTIFIED>(p, g, m, v, s, mean),
+            (MOMENTUM, Some(s)) => self.lanes_sync::<P, G, MOMENTUM>(p, g, m, v, s, mean),
+            (_, Some(s)) => self.lanes_sync::<P, G, NO_MOVE>(p, g, m, v, s, mean),
         }
     }
 
@@ -251,17 +294,17 @@ impl<S: Real> Kernel<S> {
     }
 
     #[inline(always)]
-    fn lanes<P: Elem<S>, const MODE: u8>(&self, p: &mut [P], g: &[P], m: &mut [S], v: &mut [S], mean: S) {
+    fn lanes<P: Elem<S>, G: Elem<S>, const MODE: u8>(&self, p: &mut [P], g: &[G], m: &mut [S], v: &mut [S], mean: S) {
         for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
             *p = P::store(self.element::<MODE>(p.load(), g.load(), m, v, mean));
         }
     }
 
     #[inline(always)]
-    fn lanes_sync<P: Elem<S>, const MODE: u8>(
+    fn lanes_sync<P: Elem<S>, G: Elem<S>, const MODE: u8>(
         &self,
         p: &mut [P],
-        g: &[P],
+        g: &[G],
         m: &mut [S],
         v: &mut [S],
         s: &mut [S],
@@ -312,36 +355,48 @@ impl InplaceOp2 for FusedStep<'_> {
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let mut guard = self.state.borrow_mut();
         let st: &mut HostState = &mut guard;
-        macro_rules! go {
-            ($p:expr, $g:expr, $buf:ident) => {{
-                let p = slice_mut($p, l1)?;
-                let g = slice($g, l2)?;
-                match (&mut st.m, &mut st.v, st.slow.as_mut()) {
-                    (HostBuf::$buf(m), HostBuf::$buf(v), slow) => {
-                        let slow = match slow {
-                            Some(HostBuf::$buf(s)) => Some(s.as_mut_slice()),
-                            None => None,
-                            Some(_) => candle_core::bail!("fused ranger step: slow weights have the wrong dtype"),
-                        };
-                        if m.len() != p.len() || g.len() != p.len() {
-                            candle_core::bail!("fused ranger step: state/gradient size does not match the parameter");
-                        }
-                        self.run(p, g, m, v, slow)
-                    }
-                    _ => candle_core::bail!("fused ranger step: moments have the wrong dtype"),
-                }
-            }};
-        }
         match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(g)) => go!(p, g, F32),
-            (CpuStorage::F64(p), CpuStorage::F64(g)) => go!(p, g, F64),
-            (CpuStorage::BF16(p), CpuStorage::BF16(g)) => go!(p, g, F32),
-            (CpuStorage::F16(p), CpuStorage::F16(g)) => go!(p, g, F32),
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => self.apply::<f32, f32>(slice_mut(p, l1)?, slice(g, l2)?, st),
+            (CpuStorage::F64(p), CpuStorage::F64(g)) => self.apply::<f64, f64>(slice_mut(p, l1)?, slice(g, l2)?, st),
+            (CpuStorage::BF16(p), CpuStorage::BF16(g)) => self.apply::<bf16, f32>(slice_mut(p, l1)?, slice(g, l2)?, st),
+            (CpuStorage::F16(p), CpuStorage::F16(g)) => self.apply::<f16, f32>(slice_mut(p, l1)?, slice(g, l2)?, st),
             (p, g) => candle_core::bail!(
                 "fused ranger step: unsupported parameter/gradient dtypes {:?}/{:?}",
                 p.dtype(),
                 g.dtype()
             ),
+        }
+    }
+}
+
+impl FusedStep<'_> {
+    /// The step on the variable's elements `p`, or on its master copy, which `p` then takes the
+    /// rounding of (a second, cheap pass).
+    fn apply<P: Elem<S>, S: StateElem>(&self, p: &mut [P], g: &[P], st: &mut HostState) -> candle_core::Result<()> {
+        let HostState { m, v, slow, master } = st;
+        let wrong = || candle_core::Error::msg("fused ranger step: optimizer state has the wrong dtype");
+        let (m, v) = (S::buf(m).ok_or_else(wrong)?, S::buf(v).ok_or_else(wrong)?);
+        let slow = match slow.as_mut() {
+            Some(s) => Some(S::buf(s).ok_or_else(wrong)?),
+            None => None,
+        };
+        if m.len() != p.len() || v.len() != p.len() || g.len() != p.len() {
+            candle_core::bail!("fused ranger step: state/gradient size does not match the parameter");
+        }
+        match master.as_mut() {
+            None => self.run(p, g, m, v, slow),
+            Some(master) => {
+                let master = S::buf(master).ok_or_else(wrong)?;
+                if master.len() != p.len() {
+                    candle_core::bail!("fused ranger step: master copy size does not match the parameter");
+                }
+                self.run::<S, P, S>(master, g, m, v, slow);
+                p.par_chunks_mut(CHUNK).zip(master.par_chunks(CHUNK)).for_each(|(p, m)| {
+                    for (p, &m) in p.iter_mut().zip(m) {
+                        *p = P::store(m);
+                    }
+                });
+            }
         }
         Ok(())
     }

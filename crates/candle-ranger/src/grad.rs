@@ -50,19 +50,7 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> candle_core::Result<f64> {
 /// gradients untouched (an optimizer with [`crate::NonFiniteGrads`] will then skip or fail).
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> candle_core::Result<f64> {
     let norm = grad_norm(grads, vars)?;
-    if !norm.is_finite() {
-        return Ok(norm);
-    }
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for var in vars {
-            if let Some(g) = grads.get(var) {
-                // Out of place: a gradient tensor may share storage with another tensor.
-                let scaled = (g * coef)?;
-                grads.insert(var, scaled);
-            }
-        }
-    }
+    crate::grad_check::scale_grads_to_norm(grads, vars, max_norm, norm)?;
     Ok(norm)
 }
 

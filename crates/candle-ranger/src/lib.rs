@@ -78,6 +78,8 @@
 //!   (`state_tensors` / `load_state_tensors`), with `save_state` / `load_state` writing it as
 //!   one safetensors file;
 //! - [`clip_grad_norm`], [`grad_norm`] and [`non_finite_grads`] work on any `GradStore`;
+//!   [`check_grads`] gives the norm, the non-finite verdicts and the loss in one device→host
+//!   read, which [`scale_grads_to_norm`] and [`Ranger::step_checked`] use instead of reading again;
 //! - [`Schedule`] gives learning-rate schedules for any optimizer.
 
 #![warn(missing_docs)]
@@ -91,6 +93,7 @@ mod device_support;
 mod error;
 mod fused;
 mod grad;
+mod grad_check;
 mod groups;
 mod lookahead;
 mod lookahead_core;
@@ -105,6 +108,7 @@ pub mod state_file;
 
 pub use error::{Error, Result};
 pub use grad::{clip_grad_norm, grad_norm, non_finite_grads, to_host_f64};
+pub use grad_check::{check_grads, scale_grads_to_norm, GradCheck};
 pub use groups::{named_vars, ParamGroup};
 pub use lookahead::{Lookahead, LookaheadConfig};
 pub use params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, UpdatePath};

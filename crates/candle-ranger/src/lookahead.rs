@@ -84,7 +84,7 @@ impl<O: Optimizer> Lookahead<O> {
 
     fn sync_one(&mut self, i: usize) -> candle_core::Result<()> {
         let old = self.slow_of(i)?;
-        self.slow[i] = Some(sync_var(&self.vars[i], &old, self.alpha)?);
+        self.slow[i] = Some(sync_var(&self.vars[i], self.vars[i].as_tensor(), &old, self.alpha)?);
         Ok(())
     }
 

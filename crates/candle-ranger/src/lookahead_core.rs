@@ -37,10 +37,11 @@ pub(crate) fn initial_slow(var: &Var) -> candle_core::Result<Tensor> {
     var.as_tensor().detach().to_dtype(state_dtype(var.dtype()))?.copy()
 }
 
-/// Syncs `var` with its slow weights `slow` (on any device, in the state dtype): returns the
-/// new slow weights and sets the variable to them.
-pub(crate) fn sync_var(var: &Var, slow: &Tensor, alpha: f64) -> candle_core::Result<Tensor> {
-    let fast = var.as_tensor().detach().to_dtype(slow.dtype())?.to_device(slow.device())?;
+/// Syncs `var`, whose fast weights are `fast` (the variable itself, or its master copy), with
+/// its slow weights `slow` (on any device, in the state dtype): returns the new slow weights and
+/// sets the variable to them.
+pub(crate) fn sync_var(var: &Var, fast: &Tensor, slow: &Tensor, alpha: f64) -> candle_core::Result<Tensor> {
+    let fast = fast.to_dtype(slow.dtype())?.to_device(slow.device())?;
     let new = interpolate_tensor(slow, &fast, alpha)?;
     var.set(&new.to_device(var.device())?.to_dtype(var.dtype())?)?;
     Ok(new)

@@ -13,6 +13,8 @@ pub(crate) struct DeviceState {
     pub m: Tensor,
     pub v: Tensor,
     pub slow: Option<Tensor>,
+    /// The f32 master copy of a half-precision variable (see `ParamsRanger::master_weights`).
+    pub master: Option<Tensor>,
 }
 
 /// One step for one variable; `centralize` says whether the gradient is centralized.
@@ -33,7 +35,10 @@ pub(crate) fn step(
         let dims: Vec<usize> = (1..g.rank()).collect();
         g = g.broadcast_sub(&g.mean_keepdim(dims)?)?;
     }
-    let mut p = var.as_tensor().detach().to_dtype(sdt)?;
+    let mut p = match &st.master {
+        Some(master) => master.clone(),
+        None => var.as_tensor().detach().to_dtype(sdt)?,
+    };
     if sc.l2 != 0.0 {
         g = (&g + (&p * sc.l2)?)?;
     }
@@ -59,6 +64,9 @@ pub(crate) fn step(
     // When nothing moved, `p` may still share the variable's storage, which `Var::set` rejects.
     if changed {
         var.set(&p.to_dtype(var.dtype())?)?;
+        if st.master.is_some() {
+            st.master = Some(p);
+        }
     }
     Ok(())
 }

@@ -33,6 +33,8 @@ pub struct ParamsRAdam {
     pub non_finite: NonFiniteGrads,
     /// Fused CPU kernel or tensor ops.
     pub update_path: UpdatePath,
+    /// An f32 master copy of bf16/f16 variables (see [`ParamsRanger::master_weights`]).
+    pub master_weights: bool,
 }
 
 impl Default for ParamsRAdam {
@@ -46,6 +48,7 @@ impl Default for ParamsRAdam {
             decoupled_weight_decay: false,
             non_finite: NonFiniteGrads::Skip,
             update_path: UpdatePath::Auto,
+            master_weights: true,
         }
     }
 }
@@ -66,6 +69,7 @@ impl From<ParamsRAdam> for ParamsRanger {
             fallback: RectifyFallback::Sgd,
             non_finite: p.non_finite,
             update_path: p.update_path,
+            master_weights: p.master_weights,
         }
     }
 }
@@ -90,6 +94,11 @@ impl RAdam {
     /// One step, telling what it did.
     pub fn step_with_report(&mut self, grads: &GradStore) -> Result<StepReport> {
         self.inner.step_with_report(grads)
+    }
+
+    /// One step using the finite verdicts of a [`crate::GradCheck`] (see [`Ranger::step_checked`]).
+    pub fn step_checked(&mut self, grads: &GradStore, check: &crate::GradCheck) -> Result<StepReport> {
+        self.inner.step_checked(grads, check)
     }
 
     /// Moments and step counts as data (see [`Ranger::state_tensors`]).

@@ -23,7 +23,8 @@ pub(crate) fn state_dtype(param: DType) -> DType {
 /// takes it back; [`OptimizerState::save`] and [`OptimizerState::load`] write and read it as
 /// one safetensors file.
 ///
-/// Tensors are named `<var>.exp_avg`, `<var>.exp_avg_sq`, `<var>.slow` (with Lookahead) and
+/// Tensors are named `<var>.exp_avg`, `<var>.exp_avg_sq`, `<var>.slow` (with Lookahead),
+/// `<var>.master` (the f32 master copy of a bf16/f16 variable, once it has stepped) and
 /// `<var>.step` (an i64 of shape `[1]`), variable by variable. Host state is borrowed, not
 /// copied (so saving the state of a large model does not double its memory):
 /// [`StateView::to_tensor`] makes a Candle tensor of an entry.

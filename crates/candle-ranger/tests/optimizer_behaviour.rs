@@ -155,8 +155,10 @@ fn state_file_records_everything_in_f32_for_half_params() {
     let file = dir.join("s.safetensors");
     opt.save_state(&file).unwrap();
     let (tensors, meta) = candle_ranger::state_file::read(&file).unwrap();
-    assert_eq!(tensors.len(), 4 * vars.len());
+    // exp_avg, exp_avg_sq, slow, master (the f32 copy of a bf16 variable) and step.
+    assert_eq!(tensors.len(), 5 * vars.len());
     assert_eq!(tensors["w1.exp_avg"].dtype(), DType::F32);
+    assert_eq!(tensors["w1.master"].dtype(), DType::F32);
     assert_eq!(tensors["w1.slow"].dtype(), DType::F32);
     assert_eq!(tensors["w1.step"].to_vec1::<i64>().unwrap(), vec![1]);
     assert!(meta["hyperparameters"].contains("lookahead_k=5"));

@@ -6,7 +6,8 @@ use candle_core::backprop::GradStore;
 use candle_core::Var;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use candle_ranger::{
-    non_finite_grads, Centralization, OptimizerState, ParamGroup, ParamsRAdam, ParamsRanger, RAdam, Ranger, StepReport,
+    non_finite_grads, Centralization, GradCheck, OptimizerState, ParamGroup, ParamsRAdam, ParamsRanger, RAdam, Ranger,
+    StepReport,
 };
 
 use crate::config::{OptimizerKind, TrainConfig};
@@ -42,6 +43,7 @@ impl TrainOptimizer {
                     lookahead_k: cfg.lookahead_k,
                     lookahead_alpha: cfg.lookahead_alpha,
                     centralization: if cfg.centralize { Centralization::Rank2Plus } else { Centralization::Off },
+                    master_weights: cfg.master_weights,
                     ..Default::default()
                 },
             )?),
@@ -54,6 +56,7 @@ impl TrainOptimizer {
                     eps,
                     weight_decay: cfg.weight_decay,
                     decoupled_weight_decay: true,
+                    master_weights: cfg.master_weights,
                     ..Default::default()
                 },
             )?),
@@ -77,14 +80,25 @@ impl TrainOptimizer {
         }
     }
 
-    /// One step; a step with non-finite gradients is skipped and reported.
-    pub fn step(&mut self, grads: &GradStore) -> Result<StepReport> {
+    /// One step; a step with non-finite gradients is skipped and reported. The finite
+    /// verdicts come from `check` (the step's one device→host read), made on these gradients
+    /// over the same variables, in the trainer's order.
+    pub fn step(&mut self, grads: &GradStore, check: &GradCheck) -> Result<StepReport> {
         Ok(match self {
-            Self::Ranger(o) => o.step_with_report(grads)?,
-            Self::RAdam(o) => o.step_with_report(grads)?,
+            Self::Ranger(o) => o.step_checked(grads, check)?,
+            Self::RAdam(o) => o.step_checked(grads, check)?,
             Self::AdamW(o, named) => {
                 let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-                let bad = non_finite_grads(grads, &vars)?;
+                let mut bad = Vec::new();
+                for (i, var) in vars.iter().enumerate() {
+                    let finite = match check.is_finite(var) {
+                        Some(verdict) => verdict,
+                        None => non_finite_grads(grads, std::slice::from_ref(var))?.is_empty(),
+                    };
+                    if !finite {
+                        bad.push(i);
+                    }
+                }
                 if bad.is_empty() {
                     for o in o.iter_mut() {
                         o.step(grads)?;

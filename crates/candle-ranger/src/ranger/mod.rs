@@ -15,6 +15,7 @@ use crate::device_support::check_var_device;
 use crate::error::{Error, Result};
 use crate::fused::FusedStep;
 use crate::grad::all_finite;
+use crate::grad_check::GradCheck;
 use crate::groups::{named_vars, ParamGroup};
 use crate::lookahead_core::SlowSwap;
 use crate::params::{NonFiniteGrads, ParamsRanger};
@@ -156,6 +157,18 @@ impl Ranger {
 
     /// One optimizer step, telling what it did. [`Optimizer::step`] calls this.
     pub fn step_with_report(&mut self, grads: &GradStore) -> Result<StepReport> {
+        self.step_inner(grads, None)
+    }
+
+    /// [`Ranger::step_with_report`] taking the finite verdicts of a [`GradCheck`] (from
+    /// [`crate::check_grads`] on these gradients) instead of reading every gradient again: on a
+    /// GPU that saves a device→host read per tensor. A gradient the check did not cover is
+    /// checked here as usual. Clipping after the check does not change its verdicts.
+    pub fn step_checked(&mut self, grads: &GradStore, check: &GradCheck) -> Result<StepReport> {
+        self.step_inner(grads, Some(check))
+    }
+
+    fn step_inner(&mut self, grads: &GradStore, check: Option<&GradCheck>) -> Result<StepReport> {
         self.swap.ensure_fast("step")?;
         // `set_learning_rate` cannot fail, so a bad learning rate is caught here.
         self.params.validate()?;
@@ -175,7 +188,11 @@ impl Ranger {
         // Check all gradients before touching anything, so a bad step changes nothing.
         let mut non_finite = Vec::new();
         for (i, g) in &work {
-            if !all_finite(g)? {
+            let finite = match check.and_then(|c| c.is_finite(&self.slots[*i].var)) {
+                Some(verdict) => verdict,
+                None => all_finite(g)?,
+            };
+            if !finite {
                 non_finite.push(self.slots[*i].name.clone());
             }
         }
@@ -193,6 +210,9 @@ impl Ranger {
             let slot = &mut self.slots[*i];
             if p.lookahead_k > 0 {
                 slot.ensure_slow()?;
+            }
+            if slot.wants_master(&p) {
+                slot.ensure_master()?;
             }
             let group = self.groups[slot.group];
             let lr = p.lr * group.lr_scale;

@@ -41,10 +41,10 @@ impl SlotState {
         if fused {
             let n = var.elem_count();
             let zeros = || if sdt == DType::F64 { HostBuf::F64(vec![0.0; n]) } else { HostBuf::F32(vec![0.0; n]) };
-            Ok(SlotState::Host(HostState { m: zeros(), v: zeros(), slow: None }))
+            Ok(SlotState::Host(HostState { m: zeros(), v: zeros(), slow: None, master: None }))
         } else {
             let zeros = Tensor::zeros(var.shape(), sdt, var.device())?;
-            Ok(SlotState::Device(DeviceState { m: zeros.clone(), v: zeros.copy()?, slow: None }))
+            Ok(SlotState::Device(DeviceState { m: zeros.clone(), v: zeros.copy()?, slow: None, master: None }))
         }
     }
 }
@@ -88,15 +88,54 @@ impl Slot {
         Ok(())
     }
 
+    /// Whether this variable keeps an f32 master copy under `params`: half-precision variables,
+    /// unless master weights are off.
+    pub(super) fn wants_master(&self, params: &ParamsRanger) -> bool {
+        params.master_weights && matches!(self.var.dtype(), DType::BF16 | DType::F16)
+    }
+
+    /// The master copy (f32, on the state's device), taken from the variable if not yet taken.
+    pub(super) fn ensure_master(&mut self) -> Result<()> {
+        match &mut self.state {
+            SlotState::Host(st) if st.master.is_none() => {
+                st.master = Some(HostBuf::from_tensor(&self.var.as_tensor().to_device(&Device::Cpu)?)?)
+            }
+            SlotState::Device(st) if st.master.is_none() => {
+                st.master = Some(self.var.as_tensor().detach().to_dtype(DType::F32)?.copy()?)
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The weights the update works on: the master copy when there is one, else the variable
+    /// (in the state dtype, on the variable's device).
+    pub(super) fn fast_weights(&self) -> Result<Tensor> {
+        Ok(match &self.state {
+            SlotState::Host(HostState { master: Some(buf), .. }) => buf.to_tensor(self.var.shape())?,
+            SlotState::Device(DeviceState { master: Some(t), .. }) => t.clone(),
+            _ => self.var.as_tensor().detach().to_dtype(state_dtype(self.var.dtype()))?,
+        })
+    }
+
     /// A Lookahead sync now, outside the step (the fused kernel syncs inside its own pass):
     /// nothing happens before the slow weights are taken.
     pub(super) fn sync(&mut self, alpha: f64) -> Result<()> {
+        let fast = self.fast_weights()?;
         match &mut self.state {
-            SlotState::Host(HostState { slow: Some(buf), .. }) => {
-                let new = sync_var(&self.var, &buf.to_tensor(self.var.shape())?, alpha)?;
+            SlotState::Host(HostState { slow: Some(buf), master, .. }) => {
+                let new = sync_var(&self.var, &fast, &buf.to_tensor(self.var.shape())?, alpha)?;
                 *buf = HostBuf::from_tensor(&new)?;
+                if let Some(m) = master {
+                    *m = HostBuf::from_tensor(&new)?;
+                }
             }
-            SlotState::Device(DeviceState { slow: Some(s), .. }) => *s = sync_var(&self.var, s, alpha)?,
+            SlotState::Device(DeviceState { slow: Some(s), master, .. }) => {
+                *s = sync_var(&self.var, &fast, s, alpha)?;
+                if let Some(m) = master {
+                    *m = s.copy()?;
+                }
+            }
             SlotState::Host(_) | SlotState::Device(_) => {}
         }
         Ok(())

@@ -41,6 +41,9 @@ impl Ranger {
                         }
                         None => {}
                     }
+                    if let Some(master) = &st.master {
+                        tensors.push((format!("{name}.master"), view(master, shape)));
+                    }
                 }
                 SlotState::Device(st) => {
                     tensors.push((format!("{name}.exp_avg"), StateView::Tensor(st.m.to_device(&cpu)?)));
@@ -48,6 +51,9 @@ impl Ranger {
                     if lookahead {
                         tensors
                             .push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?.to_device(&cpu)?)));
+                    }
+                    if let Some(master) = &st.master {
+                        tensors.push((format!("{name}.master"), StateView::Tensor(master.to_device(&cpu)?)));
                     }
                 }
             }
@@ -75,29 +81,39 @@ impl Ranger {
                 return Err(mismatch(name, "appears twice".into()));
             }
         }
-        let mut take = |name: String, shape: &Shape, dtype: DType| -> Result<Tensor> {
-            let t = tensors.remove(name.as_str()).ok_or_else(|| mismatch(&name, "missing from the state".into()))?;
+        // `None` when an optional tensor is absent.
+        let mut take_opt = |name: String, shape: &Shape, dtype: DType, required: bool| -> Result<Option<Tensor>> {
+            let t = match tensors.remove(name.as_str()) {
+                Some(t) => t,
+                None if required => return Err(mismatch(&name, "missing from the state".into())),
+                None => return Ok(None),
+            };
             if t.dims() != shape.dims() {
                 return Err(mismatch(&name, format!("shape {:?} in the state, {:?} expected", t.dims(), shape.dims())));
             }
             if t.dtype() != dtype {
                 return Err(mismatch(&name, format!("dtype {:?} in the state, {:?} expected", t.dtype(), dtype)));
             }
-            Ok(t.to_tensor()?)
+            Ok(Some(t.to_tensor()?))
         };
+        // A required tensor is there or `take_opt` failed.
+        let present = |t: Option<Tensor>| t.expect("take_opt returns required tensors or an error");
         // Validate everything first, then commit: a bad state changes nothing.
         let mut loaded = Vec::with_capacity(self.slots.len());
         let lookahead = self.params.lookahead_k > 0;
         for slot in &self.slots {
             let sdt = state_dtype(slot.var.dtype());
             let shape = slot.var.shape();
-            let m = take(format!("{}.exp_avg", slot.name), shape, sdt)?;
-            let v = take(format!("{}.exp_avg_sq", slot.name), shape, sdt)?;
-            let slow = if lookahead { Some(take(format!("{}.slow", slot.name), shape, sdt)?) } else { None };
+            let m = present(take_opt(format!("{}.exp_avg", slot.name), shape, sdt, true)?);
+            let v = present(take_opt(format!("{}.exp_avg_sq", slot.name), shape, sdt, true)?);
+            let slow = if lookahead { take_opt(format!("{}.slow", slot.name), shape, sdt, true)? } else { None };
+            // A master copy is taken at a variable's first step: a state saved before it has none.
+            let master_name = format!("{}.master", slot.name);
+            let master = if slot.wants_master(&self.params) { take_opt(master_name, shape, sdt, false)? } else { None };
             let step_name = format!("{}.step", slot.name);
-            let step = take(step_name.clone(), &Shape::from(1), DType::I64)?.to_vec1::<i64>()?[0];
+            let step = present(take_opt(step_name.clone(), &Shape::from(1), DType::I64, true)?).to_vec1::<i64>()?[0];
             let step = u64::try_from(step).map_err(|_| mismatch(&step_name, format!("negative step count {step}")))?;
-            loaded.push((m, v, slow, step));
+            loaded.push((m, v, slow, master, step));
         }
         if let Some(extra) = tensors.keys().min() {
             return Err(mismatch(
@@ -107,12 +123,13 @@ impl Ranger {
         }
         // Build every new state first (fallible: copies, device transfers), then swap them in.
         let mut states = Vec::with_capacity(loaded.len());
-        for (slot, (m, v, slow, step)) in self.slots.iter().zip(loaded) {
+        for (slot, (m, v, slow, master, step)) in self.slots.iter().zip(loaded) {
             let state = match slot.state {
                 SlotState::Host(_) => SlotState::Host(HostState {
                     m: HostBuf::from_tensor(&m)?,
                     v: HostBuf::from_tensor(&v)?,
                     slow: slow.as_ref().map(HostBuf::from_tensor).transpose()?,
+                    master: master.as_ref().map(HostBuf::from_tensor).transpose()?,
                 }),
                 SlotState::Device(_) => {
                     let dev = slot.var.device();
@@ -120,6 +137,7 @@ impl Ranger {
                         m: m.to_device(dev)?,
                         v: v.to_device(dev)?,
                         slow: slow.map(|s| s.to_device(dev)).transpose()?,
+                        master: master.map(|s| s.to_device(dev)).transpose()?,
                     })
                 }
             };

@@ -108,6 +108,7 @@ mod tests {
             lookahead_k: 5,
             lookahead_alpha: 0.6,
             centralize: false,
+            master_weights: false,
             max_grad_norm: 2.0,
             lr_scheduler: ScheduleKind::FlatCosine,
             warmup_steps: Some(3),

@@ -97,6 +97,10 @@ pub struct TrainConfig {
     /// Gradient centralization (ranger); --no-centralize turns it off.
     #[arg(long = "no-centralize", action = ArgAction::SetFalse, help_heading = OPTIMIZER)]
     pub centralize: bool,
+    /// An f32 master copy of bf16/f16 weights (ranger, radam; 4 more bytes per parameter), so
+    /// updates below half a bf16 ulp accumulate; --no-master-weights turns it off.
+    #[arg(long = "no-master-weights", action = ArgAction::SetFalse, help_heading = OPTIMIZER)]
+    pub master_weights: bool,
     /// Clip the global gradient norm to this; 0 disables.
     #[arg(long, default_value_t = 1.0, help_heading = OPTIMIZER)]
     pub max_grad_norm: f64,

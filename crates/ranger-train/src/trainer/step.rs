@@ -2,8 +2,8 @@
 //! missing-gradient check, clipping and the update; and the learning-rate schedule.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Var};
-use candle_ranger::{clip_grad_norm, grad_norm};
+use candle_core::{DType, Tensor, Var};
+use candle_ranger::{check_grads, scale_grads_to_norm};
 
 use super::records::SkipRecord;
 use super::Trainer;
@@ -37,7 +37,11 @@ impl Trainer {
     /// `check_gradients` is set (and clears it).
     pub(super) fn optimizer_step(&mut self, lr: f64, check_gradients: &mut bool) -> Result<StepOutcome> {
         self.optimizer.set_lr(lr);
-        let (mut grads, loss, tokens) = self.step_gradients(self.state.micro_step)?;
+        let (mut grads, losses, targets, tokens) = self.step_gradients(self.state.micro_step)?;
+        let vars: Vec<Var> = self.session.vars.iter().map(|(_, v)| v.clone()).collect();
+        // The step's one device→host read: grad norm, finite verdicts and the loss together.
+        let check = check_grads(&grads, &vars, &losses)?;
+        let loss = check.extras.iter().sum::<f64>() / targets as f64;
         let step = self.state.step + 1;
         if !loss.is_finite() {
             return match self.session.cfg.on_nan {
@@ -55,19 +59,20 @@ impl Trainer {
             self.check_gradients(&grads)?;
             *check_gradients = false;
         }
-        let vars: Vec<Var> = self.session.vars.iter().map(|(_, v)| v.clone()).collect();
         let max_norm = self.session.cfg.max_grad_norm;
-        let grad_norm =
-            if max_norm > 0.0 { clip_grad_norm(&mut grads, &vars, max_norm)? } else { grad_norm(&grads, &vars)? };
-        let report = self.optimizer.step(&grads)?;
+        if max_norm > 0.0 {
+            scale_grads_to_norm(&mut grads, &vars, max_norm, check.norm)?;
+        }
+        let report = self.optimizer.step(&grads, &check)?;
         let skipped =
             report.skipped().then(|| SkipRecord::NonFiniteGradient { step, tensors: report.non_finite.clone() });
-        Ok(StepOutcome { loss, grad_norm, tokens, skipped })
+        Ok(StepOutcome { loss, grad_norm: check.norm, tokens, skipped })
     }
 
     /// Gradients of one optimizer step (accumulated over micro-batches, normalised by the
-    /// number of target tokens of the whole step), the mean loss and the token count.
-    fn step_gradients(&self, micro_start: usize) -> Result<(GradStore, f64, usize)> {
+    /// number of target tokens of the whole step), each micro-batch's loss sum (still on the
+    /// device: it is read with the gradient check), the target count and the token count.
+    fn step_gradients(&self, micro_start: usize) -> Result<(GradStore, Vec<Tensor>, usize, usize)> {
         let accum = self.session.cfg.grad_accumulation_steps;
         let task = &self.session.task;
         let batches: Vec<_> = (micro_start..micro_start + accum)
@@ -78,7 +83,7 @@ impl Trainer {
         let mut acc = GradStore::default();
         // Weight gradients of the fused CPU ops, accumulated in place over the micro-batches.
         let sink = GradSink::new();
-        let mut loss_sum = 0f64;
+        let mut loss_sums = Vec::with_capacity(batches.len());
         for (i, batch) in batches.iter().enumerate() {
             // LoRA dropout masks depend on the run's seed and the micro-batch index only, so a
             // resumed run draws the same ones.
@@ -89,8 +94,8 @@ impl Trainer {
             };
             self.session.dropout_seed.set(None);
             let sum = sum?;
-            loss_sum += candle_ranger::to_host_f64(&sum)?;
-            let grads = (sum / targets as f64)?.backward()?;
+            let grads = (&sum / targets as f64)?.backward()?;
+            loss_sums.push(sum.detach());
             for (_, var) in &self.session.vars {
                 if let Some(g) = grads.get(var) {
                     let g = match acc.get(var) {
@@ -102,7 +107,7 @@ impl Trainer {
             }
         }
         sink.merge_into(&mut acc)?;
-        Ok((acc, loss_sum / targets as f64, tokens))
+        Ok((acc, loss_sums, targets, tokens))
     }
 
     /// Aborts when a trainable tensor got no gradient or an all-zero one (the symptom of an op
