@@ -1,0 +1,195 @@
+//! The op-by-op path (what CUDA and Metal run, and half precision everywhere) in f32 and bf16
+//! against the fused CPU kernels, for every architecture and for the sequence classifiers, with
+//! batches of more than one row (packing, padding, text pairs).
+//!
+//! f32: op-by-op and fused on the same f32 model agree to float rounding. bf16: the bf16 model
+//! (op-by-op: the fused kernels take f32/f64 only) against the fused f32 model with the same
+//! (bf16-rounded) weights, to bf16 rounding. `model_gradients` and `classifier_gradients` check
+//! the f64 paths against finite differences.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use ranger_train::classify::LabeledText;
+use ranger_train::data::{collate, Sequence};
+use ranger_train::kernels::compute_dtype;
+use ranger_train::kernels::without_fused_kernels;
+use ranger_train::model::{LlamaConfig, LlamaModel, ModelConfig, SequenceClassifier};
+use ranger_train::rng::Rng;
+use ranger_train::testing::{random_classifier_weights, tiny_encoder_config, TINY_ENCODER_VOCAB};
+use serde_json::Value;
+
+/// f32: measured at most 1.5e-6 (differences in summation order only).
+const F32_TOL: f64 = 1e-5;
+/// bf16: measured median 1.2e-2, at most 5.2e-2 over all tensors (8-bit mantissas); a wrong op
+/// or a dtype bug gives differences of order 1, or NaN, which fails too.
+const BF16_TOL: f64 = 0.1;
+
+/// `max |a - b| / max |a|` over a tensor (0 when both are 0).
+fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let m = a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    if m == 0.0 {
+        d
+    } else {
+        d / m
+    }
+}
+
+/// Loss and gradients of `vars` under `path` compared with the reference ones, within `tol`
+/// relative to each tensor's largest gradient.
+fn compare(
+    what: &str,
+    tol: f64,
+    reference: (&Tensor, &GradStore, &[(String, Var)]),
+    other: (&Tensor, &GradStore, &[(String, Var)]),
+) {
+    let (la, ga, va) = reference;
+    let (lb, gb, vb) = other;
+    let dl = rel_diff(la, lb);
+    assert!(dl < tol, "{what}: loss {la} vs {lb} (relative difference {dl:.2e})");
+    for ((name, a), (_, b)) in va.iter().zip(vb) {
+        // Softmax is shift-invariant per query: a key bias's true gradient is 0, and what is
+        // computed is rounding noise on either path.
+        if name.ends_with("k_proj.bias") || name.ends_with("key.bias") || name.ends_with("k_lin.bias") {
+            continue;
+        }
+        let (x, y) = (
+            ga.get(a).unwrap_or_else(|| panic!("{what}: {name} has no reference gradient")),
+            gb.get(b).unwrap_or_else(|| panic!("{what}: {name} has no gradient")),
+        );
+        let d = rel_diff(x, y);
+        if std::env::var("SHOW_DIFFS").is_ok() {
+            eprintln!("{what}: {name} {d:.2e}");
+        }
+        assert!(d < tol, "{what}: gradient of {name} differs by {d:.2e} of its largest element");
+    }
+}
+
+/// The same weights as f32 variables.
+fn as_f32(vars: &[(String, Var)]) -> Vec<(String, Var)> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap()))
+        .collect()
+}
+
+fn decoder_vars(cfg: &LlamaConfig, dtype: DType) -> Vec<(String, Var)> {
+    let weights = ranger_train::model::random_weights(cfg, 11, DType::F64).unwrap();
+    ranger_train::weights::to_vars(
+        ranger_train::model::into_tensors(cfg, weights, dtype, &Device::Cpu, "test").unwrap(),
+    )
+    .unwrap()
+}
+
+/// Two rows: two packed examples (partly masked) and a shorter padded one.
+fn lm_sequences(vocab: usize) -> Vec<Sequence> {
+    let mut rng = Rng::new(3);
+    let mut ids = |n: usize| (0..n).map(|_| rng.below(vocab) as u32).collect::<Vec<_>>();
+    vec![
+        Sequence {
+            ids: ids(9),
+            target: vec![false, false, true, true, true, false, false, true, true],
+            segment: vec![0, 0, 0, 0, 0, 1, 1, 1, 1],
+            position: vec![0, 1, 2, 3, 4, 0, 1, 2, 3],
+        },
+        Sequence { ids: ids(6), target: vec![true; 6], segment: vec![0; 6], position: (0..6).collect() },
+    ]
+}
+
+fn lm_loss_and_grads(cfg: &LlamaConfig, vars: &[(String, Var)], seqs: &[Sequence]) -> (Tensor, GradStore) {
+    let model = LlamaModel::from_vars(cfg.clone(), vars).unwrap();
+    let refs: Vec<&Sequence> = seqs.iter().collect();
+    let dt = compute_dtype(vars[0].1.dtype());
+    let batch = collate(&refs, 2, cfg.sliding_window, dt, &Device::Cpu).unwrap();
+    let loss = model.loss_sum(&batch, true).unwrap();
+    let grads = loss.backward().unwrap();
+    (loss.detach(), grads)
+}
+
+#[test]
+fn decoders_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+        let cfg = LlamaConfig::from_json(common::tiny_config(arch), "test").unwrap();
+        let seqs = lm_sequences(common::TINY_VOCAB);
+
+        let f32_vars = decoder_vars(&cfg, DType::F32);
+        let (lf, gf) = lm_loss_and_grads(&cfg, &f32_vars, &seqs);
+        let (lo, go) = without_fused_kernels(|| lm_loss_and_grads(&cfg, &f32_vars, &seqs));
+        compare(&format!("{arch} f32"), F32_TOL, (&lf, &gf, &f32_vars), (&lo, &go, &f32_vars));
+
+        let bf16_vars = decoder_vars(&cfg, DType::BF16);
+        let reference = as_f32(&bf16_vars);
+        let (lr, gr) = lm_loss_and_grads(&cfg, &reference, &seqs);
+        let (lb, gb) = lm_loss_and_grads(&cfg, &bf16_vars, &seqs);
+        compare(&format!("{arch} bf16"), BF16_TOL, (&lr, &gr, &reference), (&lb, &gb, &bf16_vars));
+    }
+}
+
+const LABELS: usize = 3;
+
+fn classifier_vars(config: &Value, dtype: DType) -> (ranger_train::model::BackboneConfig, Vec<(String, Var)>) {
+    let backbone = ModelConfig::from_json(config.clone(), "test").unwrap().backbone();
+    let weights = random_classifier_weights(&backbone, LABELS, 11, dtype).unwrap();
+    let vars = backbone
+        .weight_shapes(LABELS)
+        .into_iter()
+        .map(|(n, _)| (n.clone(), Var::from_tensor(&weights[&n]).unwrap()))
+        .collect();
+    (backbone, vars)
+}
+
+/// Three rows of different lengths (two padded), one a text pair.
+fn labeled(vocab: usize) -> Vec<LabeledText> {
+    let mut rng = Rng::new(3);
+    let mut ids = |n: usize| (0..n).map(|_| 4 + rng.below(vocab - 4) as u32).collect::<Vec<_>>();
+    vec![
+        LabeledText { ids: ids(7), type_ids: vec![0, 0, 0, 0, 1, 1, 1], label: 2 },
+        LabeledText { ids: ids(4), type_ids: vec![0; 4], label: 0 },
+        LabeledText { ids: ids(6), type_ids: vec![0; 6], label: 1 },
+    ]
+}
+
+fn cls_loss_and_grads(
+    backbone: &ranger_train::model::BackboneConfig,
+    vars: &[(String, Var)],
+    ex: &[LabeledText],
+) -> (Tensor, GradStore) {
+    let map: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let model = SequenceClassifier::new(backbone.clone(), LABELS, &map).unwrap();
+    let refs: Vec<&LabeledText> = ex.iter().collect();
+    let b = ranger_train::classify::collate(&refs, 0, model.is_decoder(), model.mask_dtype(), &Device::Cpu).unwrap();
+    let loss = model.loss_sum(&model.forward(&b).unwrap(), &b.labels).unwrap();
+    let grads = loss.backward().unwrap();
+    (loss.detach(), grads)
+}
+
+#[test]
+fn classifiers_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
+    let configs = [
+        (tiny_encoder_config("bert"), TINY_ENCODER_VOCAB),
+        (tiny_encoder_config("roberta"), TINY_ENCODER_VOCAB),
+        (tiny_encoder_config("distilbert"), TINY_ENCODER_VOCAB),
+        (common::tiny_config("llama"), common::TINY_VOCAB),
+        (common::tiny_config("qwen2"), common::TINY_VOCAB),
+    ];
+    for (config, vocab) in configs {
+        let arch = config["model_type"].as_str().unwrap().to_string();
+        let ex = labeled(vocab);
+
+        let (backbone, f32_vars) = classifier_vars(&config, DType::F32);
+        let (lf, gf) = cls_loss_and_grads(&backbone, &f32_vars, &ex);
+        let (lo, go) = without_fused_kernels(|| cls_loss_and_grads(&backbone, &f32_vars, &ex));
+        compare(&format!("{arch} classifier f32"), F32_TOL, (&lf, &gf, &f32_vars), (&lo, &go, &f32_vars));
+
+        let (_, bf16_vars) = classifier_vars(&config, DType::BF16);
+        let reference = as_f32(&bf16_vars);
+        let (lr, gr) = cls_loss_and_grads(&backbone, &reference, &ex);
+        let (lb, gb) = cls_loss_and_grads(&backbone, &bf16_vars, &ex);
+        compare(&format!("{arch} classifier bf16"), BF16_TOL, (&lr, &gr, &reference), (&lb, &gb, &bf16_vars));
+    }
+}
