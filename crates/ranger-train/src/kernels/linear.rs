@@ -12,14 +12,17 @@ use super::grad_sink::GradSink;
 use super::path::fused_ok;
 
 /// `x W^T` for `x: [n, in]` and `W: [out, in]`. On CPU (f32/f64, contiguous) through ops whose
-/// backward keeps no activation alive and computes no gradient for a frozen (non-variable)
-/// weight; Candle's matmul elsewhere.
+/// backward keeps no activation alive; a frozen (non-variable) weight gets no gradient on any
+/// device ([`super::frozen_matmul`]); Candle's matmul otherwise.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && w.dtype() == x.dtype() && x.is_contiguous() && w.is_contiguous() && w.device().is_cpu() {
         if w.is_variable() {
             return x.apply_op2(w, Fused(Linear { sink: GradSink::current() }));
         }
         return x.apply_op1(Fused(FrozenLinear { weight: w.clone() }));
+    }
+    if !w.is_variable() {
+        return super::frozen_matmul::frozen_matmul(x, w);
     }
     x.matmul(&w.t()?)
 }

@@ -20,12 +20,14 @@
 
 pub mod activations;
 pub mod attention;
+pub mod chunked_lm_loss;
 mod cpu_op;
 pub mod cross_entropy;
 mod dtype;
 pub mod embedding;
 mod exp;
 pub(crate) mod float;
+mod frozen_matmul;
 mod gemm;
 pub mod grad_sink;
 pub mod linear;

@@ -490,8 +490,17 @@ impl Encoder {
 }
 
 /// Additive self-attention mask `[b, 1, s, s]` of right-padded sequences of `lengths` padded
-/// to `s`: every token sees every non-padding token of its own sequence.
+/// to `s`: every token sees every non-padding token of its own sequence. On a GPU it is built
+/// there from the lengths, so only those cross the bus.
 pub fn padding_mask(lengths: &[usize], s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    if device.is_cpu() {
+        host_padding_mask(lengths, s, dtype, device)
+    } else {
+        device_padding_mask(lengths, s, dtype, device)
+    }
+}
+
+fn host_padding_mask(lengths: &[usize], s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mut m = vec![0f32; lengths.len() * s * s];
     for (bi, &len) in lengths.iter().enumerate() {
         for i in 0..s {
@@ -501,4 +510,33 @@ pub fn padding_mask(lengths: &[usize], s: usize, dtype: DType, device: &Device) 
         }
     }
     Tensor::from_vec(m, (lengths.len(), 1, s, s), device)?.to_dtype(dtype)
+}
+
+/// [`padding_mask`] with tensor ops on `device`: key `j` is visible when `j < length`.
+fn device_padding_mask(lengths: &[usize], s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let b = lengths.len();
+    let len: Vec<f32> = lengths.iter().map(|&l| l as f32).collect();
+    let len = Tensor::from_vec(len, (b, 1, 1, 1), device)?;
+    let j = Tensor::arange(0f32, s as f32, device)?.reshape((1, 1, 1, s))?;
+    let visible = j.broadcast_lt(&len)?.broadcast_as((b, 1, s, s))?.contiguous()?;
+    let zeros = Tensor::zeros((b, 1, s, s), dtype, device)?;
+    let masked = Tensor::full(-1e9f32, (b, 1, s, s), device)?.to_dtype(dtype)?;
+    visible.where_cond(&zeros, &masked)
+}
+
+#[cfg(test)]
+mod mask_tests {
+    use super::*;
+
+    /// The device construction, run on the CPU, gives the host mask bit for bit.
+    #[test]
+    fn device_padding_mask_is_the_host_mask() {
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            let a = host_padding_mask(&[5, 2, 7], 7, dtype, &Device::Cpu).unwrap();
+            let b = device_padding_mask(&[5, 2, 7], 7, dtype, &Device::Cpu).unwrap();
+            assert_eq!((b.dims(), b.dtype()), (a.dims(), dtype));
+            let v = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            assert_eq!(v(&a), v(&b), "{dtype:?}");
+        }
+    }
 }

@@ -12,6 +12,7 @@ use super::llama_names::{self as names, layer_prefix, DOWN, GATE, K, O, PROJECTI
 use super::lora::{DropoutSeed, LoraConfig};
 use crate::kernels::activations::swiglu;
 use crate::kernels::attention::{repeat_kv, FusedAttention};
+use crate::kernels::chunked_lm_loss::chunked_linear_cross_entropy;
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
 use crate::kernels::norms::rms_norm;
 use crate::kernels::rotary::apply_rotary_rows;
@@ -326,7 +327,10 @@ impl LlamaModel {
         let x = self.run_hidden(&batch.input_ids, &batch.positions, &batch.mask, None)?;
         let (b, s) = batch.input_ids.dims2()?;
         if !fused_ok(&x) {
-            return super::loss::causal_lm_loss_sum(&x.matmul(&head.t()?)?.reshape((b, s, ()))?, batch);
+            // Devices and half precision: the head and loss in chunks of rows, targets built
+            // on the device.
+            let targets = super::loss::shifted_targets(batch)?;
+            return chunked_linear_cross_entropy(&x.reshape((b * s, ()))?, head, &targets, training, None);
         }
         // Row i predicts token i + 1 where that token is a target.
         let ids = batch.input_ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
