@@ -70,7 +70,7 @@ fn config(dir: &Path, steps: usize) -> TrainConfig {
         warmup_steps: Some(2),
         eval_every: 6,
         metric_for_best: BestMetric::Accuracy,
-        device: "cpu".into(),
+        device: common::test_device_spec(),
         ..Default::default()
     }
 }

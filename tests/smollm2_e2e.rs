@@ -105,7 +105,7 @@ fn config(dir: &Path, out: &str, steps: usize) -> TrainConfig {
         learning_rate: 5e-4,
         beta2: 0.99,
         max_steps: Some(steps),
-        device: "cpu".into(),
+        device: common::test_device_spec(),
         ..Default::default()
     }
 }

@@ -54,7 +54,7 @@ fn config(dir: &Path, steps: usize) -> TrainConfig {
         max_steps: Some(steps),
         warmup_steps: Some(2),
         eval_every: 4,
-        device: "cpu".into(),
+        device: common::test_device_spec(),
         ..Default::default()
     }
 }

@@ -17,6 +17,17 @@ use serde_json::Value;
 #[allow(unused_imports)]
 pub use ranger_train::testing::{temp_dir, tiny_config, tiny_tokenizer_json, TempDir, TINY_VOCAB, WORDS};
 
+/// The device the device-capable tests run on: `RANGER_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`,
+/// `metal`; the build needs the matching feature), `cpu` when unset.
+pub fn test_device_spec() -> String {
+    std::env::var("RANGER_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
+/// [`test_device_spec`] as a Candle device.
+pub fn test_device() -> Device {
+    ranger_train::config::parse_device(&test_device_spec()).expect("RANGER_TEST_DEVICE names a device this build has")
+}
+
 /// Writes a complete tiny model folder (random weights for `seed`).
 pub fn write_tiny_model(dir: &Path, config: &Value, seed: u64) -> LlamaConfig {
     ranger_train::testing::write_tiny_model(dir, config, seed).unwrap()

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, IndexOp, Tensor, Var};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::Optimizer;
 use candle_ranger::{
     Centralization, Lookahead, LookaheadConfig, ParamsRAdam, ParamsRanger, RAdam, Ranger, RectifyFallback, UpdatePath,
@@ -74,6 +74,8 @@ fn ranger_params(hp: &serde_json::Value, path: UpdatePath) -> ParamsRanger {
 /// Largest `|a - b| / (|b| + mean|b|)` over the tensor: relative, but not blown up by the
 /// elements that cross zero.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    // Read back first: Metal has no f64.
+    let (a, b) = (a.to_device(&Device::Cpu).unwrap(), b.to_device(&Device::Cpu).unwrap());
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let scale = b.iter().map(|x| x.abs()).sum::<f64>() / b.len() as f64;
@@ -94,7 +96,7 @@ fn check<O: Optimizer>(case: &Case, vars: &[Var], opt: &mut O, label: &str) -> f
     for t in 0..case.steps {
         let mut grads = GradStore::default();
         for (var, g) in vars.iter().zip(&case.grads) {
-            grads.insert(var, g.i(t).unwrap());
+            grads.insert(var, g.i(t).unwrap().to_device(var.device()).unwrap());
         }
         opt.step(&grads).unwrap();
         for (i, var) in vars.iter().enumerate() {
@@ -125,6 +127,40 @@ fn ranger_matches_pytorch_on_both_paths() {
             let mut opt = Ranger::new(vars.clone(), ranger_params(&case.hp, path)).unwrap();
             let worst = check(&case, &vars, &mut opt, &format!("{path:?}"));
             eprintln!("{:28} {:?}: max rel err {worst:.2e}", case.name, path);
+        }
+    }
+}
+
+/// The device of `RANGER_TEST_DEVICE` (`cpu` when unset; `cuda[:N]` and `metal` need the
+/// crate's feature of that name).
+fn test_device() -> Device {
+    match std::env::var("RANGER_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("cpu") => Device::Cpu,
+        Ok("metal") => Device::new_metal(0).expect("a Metal device"),
+        Ok("cuda") => Device::new_cuda(0).expect("a CUDA device"),
+        Ok(s) => Device::new_cuda(s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).expect("cpu|cuda[:N]|metal"))
+            .expect("a CUDA device"),
+    }
+}
+
+/// Every case on the test device, with the update path it takes there by default (the tensor
+/// ops on CUDA and Metal, the fused kernel on the CPU) and the tensor-op path; f64 cases are
+/// skipped on Metal, which has no f64.
+#[test]
+fn ranger_matches_pytorch_on_the_test_device() {
+    let dev = test_device();
+    for case in cases() {
+        if case.dtype == DType::F64 && dev.is_metal() {
+            continue;
+        }
+        for path in [UpdatePath::Auto, UpdatePath::Portable] {
+            let vars: Vec<Var> = case
+                .params
+                .iter()
+                .map(|p| Var::from_tensor(&p.i(0).unwrap().to_device(&dev).unwrap()).unwrap())
+                .collect();
+            let mut opt = Ranger::new(vars.clone(), ranger_params(&case.hp, path)).unwrap();
+            check(&case, &vars, &mut opt, &format!("{:?} {path:?}", dev.location()));
         }
     }
 }

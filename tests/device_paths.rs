@@ -1,11 +1,13 @@
 //! The op-by-op path (what CUDA and Metal run, and half precision everywhere) in f32 and bf16
 //! against the fused CPU kernels, for every architecture and for the sequence classifiers, with
-//! batches of more than one row (packing, padding, text pairs).
+//! batches of more than one row (packing, padding, text pairs): the loss, every gradient, and the
+//! weights after one Ranger step (tensor-op update path against the fused CPU one).
 //!
-//! f32: op-by-op and fused on the same f32 model agree to float rounding. bf16: the bf16 model
-//! (op-by-op: the fused kernels take f32/f64 only) against the fused f32 model with the same
-//! (bf16-rounded) weights, to bf16 rounding. `model_gradients` and `classifier_gradients` check
-//! the f64 paths against finite differences.
+//! The op-by-op side runs on `RANGER_TEST_DEVICE` (`cpu` when unset; `cuda` or `metal` with the
+//! matching feature), the reference on the CPU. f32: the same f32 model on both sides, equal to
+//! float rounding. bf16: the bf16 model (op-by-op: the fused kernels take f32/f64 only) against
+//! the fused f32 model with the same (bf16-rounded) weights, to bf16 rounding.
+//! `model_gradients` and `classifier_gradients` check the f64 paths against finite differences.
 
 mod common;
 
@@ -13,6 +15,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use candle_ranger::{check_grads, ParamsRanger, Ranger, UpdatePath};
 use ranger_train::classify::LabeledText;
 use ranger_train::data::{collate, Sequence};
 use ranger_train::kernels::compute_dtype;
@@ -27,11 +30,14 @@ const F32_TOL: f64 = 1e-5;
 /// bf16: measured median 1.2e-2, at most 5.2e-2 over all tensors (8-bit mantissas); a wrong op
 /// or a dtype bug gives differences of order 1, or NaN, which fails too.
 const BF16_TOL: f64 = 0.1;
+/// Weights after one step: bf16 rounding of the weights themselves (2^-8 relative) dominates.
+const BF16_WEIGHT_TOL: f64 = 1e-2;
 
 /// `max |a - b| / max |a|` over a tensor (0 when both are 0).
 fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
+    // Read back first: Metal has no f64.
+    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
     let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
     let m = a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
     if m == 0.0 {
@@ -71,11 +77,34 @@ fn compare(
     }
 }
 
-/// The same weights as f32 variables.
+/// Copies of `vars` as `dtype` variables on `dev`.
+fn copies(vars: &[(String, Var)], dtype: DType, dev: &Device) -> Vec<(String, Var)> {
+    let copy = |v: &Var| v.as_tensor().to_dtype(dtype).unwrap().to_device(dev).unwrap().copy().unwrap();
+    vars.iter().map(|(n, v)| (n.clone(), Var::from_tensor(&copy(v)).unwrap())).collect()
+}
+
+/// The same weights as f32 variables on the CPU.
 fn as_f32(vars: &[(String, Var)]) -> Vec<(String, Var)> {
-    vars.iter()
-        .map(|(n, v)| (n.clone(), Var::from_tensor(&v.as_tensor().to_dtype(DType::F32).unwrap()).unwrap()))
-        .collect()
+    copies(vars, DType::F32, &Device::Cpu)
+}
+
+/// One Ranger step from `grads` as the trainer takes it (one gradient check, then the checked
+/// step), on `path`.
+fn ranger_step(vars: &[(String, Var)], grads: &GradStore, path: UpdatePath) {
+    let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let check = check_grads(grads, &plain, &[]).unwrap();
+    assert!(check.all_finite() && check.norm.is_finite());
+    let params = ParamsRanger { lr: 1e-2, weight_decay: 0.01, update_path: path, ..Default::default() };
+    let mut opt = Ranger::new_named(vars.to_vec(), params).unwrap();
+    assert_eq!(opt.step_checked(grads, &check).unwrap().updated, vars.len());
+}
+
+/// Weights after the step, each within `tol` of the reference relative to its largest element.
+fn compare_weights(what: &str, tol: f64, reference: &[(String, Var)], other: &[(String, Var)]) {
+    for ((name, a), (_, b)) in reference.iter().zip(other) {
+        let d = rel_diff(a.as_tensor(), b.as_tensor());
+        assert!(d < tol, "{what}: {name} after one Ranger step differs by {d:.2e}");
+    }
 }
 
 fn decoder_vars(cfg: &LlamaConfig, dtype: DType) -> Vec<(String, Var)> {
@@ -105,7 +134,7 @@ fn lm_loss_and_grads(cfg: &LlamaConfig, vars: &[(String, Var)], seqs: &[Sequence
     let model = LlamaModel::from_vars(cfg.clone(), vars).unwrap();
     let refs: Vec<&Sequence> = seqs.iter().collect();
     let dt = compute_dtype(vars[0].1.dtype());
-    let batch = collate(&refs, 2, cfg.sliding_window, dt, &Device::Cpu).unwrap();
+    let batch = collate(&refs, 2, cfg.sliding_window, dt, vars[0].1.device()).unwrap();
     let loss = model.loss_sum(&batch, true).unwrap();
     let grads = loss.backward().unwrap();
     (loss.detach(), grads)
@@ -113,20 +142,28 @@ fn lm_loss_and_grads(cfg: &LlamaConfig, vars: &[(String, Var)], seqs: &[Sequence
 
 #[test]
 fn decoders_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
+    let dev = common::test_device();
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let cfg = LlamaConfig::from_json(common::tiny_config(arch), "test").unwrap();
         let seqs = lm_sequences(common::TINY_VOCAB);
 
         let f32_vars = decoder_vars(&cfg, DType::F32);
+        let dev_vars = copies(&f32_vars, DType::F32, &dev);
         let (lf, gf) = lm_loss_and_grads(&cfg, &f32_vars, &seqs);
-        let (lo, go) = without_fused_kernels(|| lm_loss_and_grads(&cfg, &f32_vars, &seqs));
-        compare(&format!("{arch} f32"), F32_TOL, (&lf, &gf, &f32_vars), (&lo, &go, &f32_vars));
+        let (lo, go) = without_fused_kernels(|| lm_loss_and_grads(&cfg, &dev_vars, &seqs));
+        compare(&format!("{arch} f32"), F32_TOL, (&lf, &gf, &f32_vars), (&lo, &go, &dev_vars));
+        ranger_step(&f32_vars, &gf, UpdatePath::Auto);
+        ranger_step(&dev_vars, &go, UpdatePath::Portable);
+        compare_weights(&format!("{arch} f32"), F32_TOL, &f32_vars, &dev_vars);
 
-        let bf16_vars = decoder_vars(&cfg, DType::BF16);
+        let bf16_vars = copies(&decoder_vars(&cfg, DType::BF16), DType::BF16, &dev);
         let reference = as_f32(&bf16_vars);
         let (lr, gr) = lm_loss_and_grads(&cfg, &reference, &seqs);
         let (lb, gb) = lm_loss_and_grads(&cfg, &bf16_vars, &seqs);
         compare(&format!("{arch} bf16"), BF16_TOL, (&lr, &gr, &reference), (&lb, &gb, &bf16_vars));
+        ranger_step(&reference, &gr, UpdatePath::Auto);
+        ranger_step(&bf16_vars, &gb, UpdatePath::Portable);
+        compare_weights(&format!("{arch} bf16"), BF16_WEIGHT_TOL, &reference, &bf16_vars);
     }
 }
 
@@ -162,7 +199,8 @@ fn cls_loss_and_grads(
     let map: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let model = SequenceClassifier::new(backbone.clone(), LABELS, &map).unwrap();
     let refs: Vec<&LabeledText> = ex.iter().collect();
-    let b = ranger_train::classify::collate(&refs, 0, model.is_decoder(), model.mask_dtype(), &Device::Cpu).unwrap();
+    let dev = vars[0].1.device();
+    let b = ranger_train::classify::collate(&refs, 0, model.is_decoder(), model.mask_dtype(), dev).unwrap();
     let loss = model.loss_sum(&model.forward(&b).unwrap(), &b.labels).unwrap();
     let grads = loss.backward().unwrap();
     (loss.detach(), grads)
@@ -177,19 +215,28 @@ fn classifiers_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
         (common::tiny_config("llama"), common::TINY_VOCAB),
         (common::tiny_config("qwen2"), common::TINY_VOCAB),
     ];
+    let dev = common::test_device();
     for (config, vocab) in configs {
         let arch = config["model_type"].as_str().unwrap().to_string();
         let ex = labeled(vocab);
 
         let (backbone, f32_vars) = classifier_vars(&config, DType::F32);
+        let dev_vars = copies(&f32_vars, DType::F32, &dev);
         let (lf, gf) = cls_loss_and_grads(&backbone, &f32_vars, &ex);
-        let (lo, go) = without_fused_kernels(|| cls_loss_and_grads(&backbone, &f32_vars, &ex));
-        compare(&format!("{arch} classifier f32"), F32_TOL, (&lf, &gf, &f32_vars), (&lo, &go, &f32_vars));
+        let (lo, go) = without_fused_kernels(|| cls_loss_and_grads(&backbone, &dev_vars, &ex));
+        compare(&format!("{arch} classifier f32"), F32_TOL, (&lf, &gf, &f32_vars), (&lo, &go, &dev_vars));
+        ranger_step(&f32_vars, &gf, UpdatePath::Auto);
+        ranger_step(&dev_vars, &go, UpdatePath::Portable);
+        compare_weights(&format!("{arch} classifier f32"), F32_TOL, &f32_vars, &dev_vars);
 
         let (_, bf16_vars) = classifier_vars(&config, DType::BF16);
+        let bf16_vars = copies(&bf16_vars, DType::BF16, &dev);
         let reference = as_f32(&bf16_vars);
         let (lr, gr) = cls_loss_and_grads(&backbone, &reference, &ex);
         let (lb, gb) = cls_loss_and_grads(&backbone, &bf16_vars, &ex);
         compare(&format!("{arch} classifier bf16"), BF16_TOL, (&lr, &gr, &reference), (&lb, &gb, &bf16_vars));
+        ranger_step(&reference, &gr, UpdatePath::Auto);
+        ranger_step(&bf16_vars, &gb, UpdatePath::Portable);
+        compare_weights(&format!("{arch} classifier bf16"), BF16_WEIGHT_TOL, &reference, &bf16_vars);
     }
 }
