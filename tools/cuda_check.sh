@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compile the CUDA build without a GPU: `cargo check --features cuda` of the libraries and the
-# CLI, which runs Candle's kernel build script (nvcc -> PTX) and type-checks every cuda_fwd.
+# Compile the CUDA build without a GPU: `cargo clippy --features cuda` (a check plus lints) of the
+# libraries and the CLI, which runs the kernel build scripts (Candle's and ours: nvcc -> PTX) and
+# type-checks every cuda_fwd.
 # No link (the driver library libcuda is not on a machine without a GPU), no run.
 #
 # nvcc and the CUDA headers come from PyPI wheels, pinned to 13.4 (cudarc 0.19 accepts CUDA up to
@@ -22,4 +23,4 @@ CUDA_ROOT="$(echo "$VENV"/lib/python3*/site-packages/nvidia/cu13)"
 export CUDA_ROOT CUDA_PATH="$CUDA_ROOT" PATH="$CUDA_ROOT/bin:$PATH"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 nvcc --version | tail -n 2
-cargo check -p candle-ranger -p ranger-train -p ranger-tune --all-targets --features cuda "$@"
+cargo clippy -p candle-ranger -p ranger-train -p ranger-tune --all-targets --features cuda "$@" -- -D warnings

@@ -89,6 +89,8 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+#[cfg(feature = "cuda")]
+mod cuda_step;
 mod device_support;
 mod error;
 mod fused;

@@ -73,7 +73,9 @@ pub enum UpdatePath {
     /// The fused in-place kernel for CPU variables, tensor ops elsewhere.
     #[default]
     Auto,
-    /// The fused in-place CPU kernel; building the optimizer fails for non-CPU variables.
+    /// The fused in-place kernel: on the CPU, and on CUDA in a build with the `cuda` feature
+    /// (opt-in there: compiled in CI, not yet run on a GPU by this project, so `Auto` does not
+    /// choose it); building the optimizer fails for other variables.
     Fused,
     /// Candle tensor ops on every device (what CUDA and Metal variables use).
     Portable,

@@ -15,6 +15,9 @@ pub(crate) struct DeviceState {
     pub slow: Option<Tensor>,
     /// The f32 master copy of a half-precision variable (see `ParamsRanger::master_weights`).
     pub master: Option<Tensor>,
+    /// Updated in place by the fused CUDA kernel (`UpdatePath::Fused` on CUDA) rather than
+    /// replaced by tensor ops.
+    pub fused: bool,
 }
 
 /// One step for one variable; `centralize` says whether the gradient is centralized.

@@ -144,8 +144,9 @@ fn test_device() -> Device {
 }
 
 /// Every case on the test device, with the update path it takes there by default (the tensor
-/// ops on CUDA and Metal, the fused kernel on the CPU) and the tensor-op path; f64 cases are
-/// skipped on Metal, which has no f64.
+/// ops on CUDA and Metal, the fused kernel on the CPU), the tensor-op path, and on CUDA the fused
+/// CUDA kernel; f64 cases are skipped on Metal, which has no f64 (and on the CUDA kernel, which
+/// is f32/bf16/f16).
 #[test]
 fn ranger_matches_pytorch_on_the_test_device() {
     let dev = test_device();
@@ -153,7 +154,16 @@ fn ranger_matches_pytorch_on_the_test_device() {
         if case.dtype == DType::F64 && dev.is_metal() {
             continue;
         }
-        for path in [UpdatePath::Auto, UpdatePath::Portable] {
+        // On CUDA the fused kernel is opt-in (`Fused`) until checked here.
+        let paths: &[UpdatePath] = if dev.is_cuda() {
+            &[UpdatePath::Auto, UpdatePath::Portable, UpdatePath::Fused]
+        } else {
+            &[UpdatePath::Auto, UpdatePath::Portable]
+        };
+        for &path in paths {
+            if path == UpdatePath::Fused && case.dtype == DType::F64 {
+                continue; // the CUDA kernel is f32/bf16/f16
+            }
             let vars: Vec<Var> = case
                 .params
                 .iter()

@@ -238,6 +238,25 @@ impl Ranger {
                     };
                     slot.var.as_tensor().inplace_op2(&grad, &op)?;
                 }
+                #[cfg(feature = "cuda")]
+                SlotState::Device(st) if st.fused => {
+                    let mut grad = grad.to_dtype(slot.var.dtype())?;
+                    if !grad.is_contiguous() {
+                        grad = grad.contiguous()?;
+                    }
+                    let dims = slot.var.dims();
+                    let row_len =
+                        (centralize && !dims.is_empty() && dims[0] > 0).then(|| slot.var.elem_count() / dims[0]);
+                    let op = crate::cuda_step::CudaStep {
+                        scalars: sc,
+                        row_len,
+                        eps: p.eps,
+                        beta1: p.beta1,
+                        beta2: p.beta2,
+                        state: st,
+                    };
+                    slot.var.as_tensor().inplace_op2(&grad, &op)?;
+                }
                 SlotState::Device(st) => portable::step(&slot.var, grad, st, &sc, centralize, p.beta1, p.beta2, p.eps)?,
             }
             slot.step += 1;

@@ -26,9 +26,10 @@ impl SlotState {
         let fused = match params.update_path {
             UpdatePath::Auto => var.device().is_cpu(),
             UpdatePath::Fused => {
-                if !var.device().is_cpu() {
+                let has_kernel = var.device().is_cpu() || (cfg!(feature = "cuda") && var.device().is_cuda());
+                if !has_kernel {
                     return Err(Error::InvalidConfig(format!(
-                        "UpdatePath::Fused needs CPU variables, got one on {:?}",
+                        "UpdatePath::Fused needs CPU variables (or CUDA ones in a build with the `cuda` feature), got one on {:?}",
                         var.device().location()
                     )));
                 }
@@ -38,13 +39,13 @@ impl SlotState {
         };
         // Slow weights are taken at the variable's first step (see `Slot::ensure_slow`), so
         // weights loaded after the optimizer was built are the ones Lookahead starts from.
-        if fused {
+        if fused && var.device().is_cpu() {
             let n = var.elem_count();
             let zeros = || if sdt == DType::F64 { HostBuf::F64(vec![0.0; n]) } else { HostBuf::F32(vec![0.0; n]) };
             Ok(SlotState::Host(HostState { m: zeros(), v: zeros(), slow: None, master: None }))
         } else {
             let zeros = Tensor::zeros(var.shape(), sdt, var.device())?;
-            Ok(SlotState::Device(DeviceState { m: zeros.clone(), v: zeros.copy()?, slow: None, master: None }))
+            Ok(SlotState::Device(DeviceState { m: zeros.copy()?, v: zeros.copy()?, slow: None, master: None, fused }))
         }
     }
 }

@@ -131,13 +131,15 @@ impl Ranger {
                     slow: slow.as_ref().map(HostBuf::from_tensor).transpose()?,
                     master: master.as_ref().map(HostBuf::from_tensor).transpose()?,
                 }),
-                SlotState::Device(_) => {
+                SlotState::Device(ref old) => {
                     let dev = slot.var.device();
+                    // Fresh copies: the fused CUDA kernel updates the state in place.
                     SlotState::Device(DeviceState {
-                        m: m.to_device(dev)?,
-                        v: v.to_device(dev)?,
-                        slow: slow.map(|s| s.to_device(dev)).transpose()?,
-                        master: master.map(|s| s.to_device(dev)).transpose()?,
+                        fused: old.fused,
+                        m: m.to_device(dev)?.copy()?,
+                        v: v.to_device(dev)?.copy()?,
+                        slow: slow.map(|s| s.to_device(dev)?.copy()).transpose()?,
+                        master: master.map(|s| s.to_device(dev)?.copy()).transpose()?,
                     })
                 }
             };
