@@ -45,7 +45,6 @@ DECLARED = [
     ("crates/ranger-train/src/kernels/dtype.rs", "DType::F64", "compute dtype: f64 models stay f64 (refused on Metal)"),
     ("crates/ranger-train/src/kernels/linear.rs", "DType::F64", "weight-gradient sink of the fused CPU linear"),
     ("crates/ranger-train/src/kernels/lm_head.rs", "to_scalar", "backward of the fused CPU LM-head loss (CPU only)"),
-    ("crates/ranger-train/src/kernels/chunked_lm_loss.rs", "DType::F64", "f64 compute only for f64 models (refused on Metal)"),
     ("crates/ranger-train/src/kernels/path.rs", "DType::F64", "the fused-path test: CPU tensors only"),
     ("crates/ranger-train/src/model/llama.rs", "to_device(&Device::Cpu)", "fused LM-head loss: taken only for CPU tensors"),
     ("crates/ranger-train/src/model/llama.rs", "to_host_f64", "mean_loss: evaluation helper, once per call"),

@@ -6,7 +6,7 @@
 //! until backward, which is the whole `[tokens, vocab]` again.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, D};
 
 use super::lm_head::IGNORE_TARGET;
 
@@ -30,7 +30,7 @@ pub fn chunked_linear_cross_entropy(
     if h != h2 || targets.dims() != [n] {
         candle_core::bail!("chunked LM loss: hidden {:?}, head {:?}, targets {:?}", x.dims(), w.dims(), targets.dims());
     }
-    let cdt = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let cdt = super::compute_dtype(x.dtype());
     let dev = x.device();
     let rows = chunk_rows.unwrap_or((CHUNK_ELEMS / vocab.max(1)).max(1));
     let (xd, wd) = (x.detach().contiguous()?, w.detach().contiguous()?);
@@ -138,7 +138,7 @@ impl CustomOp2 for PrecomputedLoss {
 mod tests {
     use super::*;
     use crate::kernels::cross_entropy::cross_entropy_rows_ops;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// Chunked (several chunk sizes, ignored rows included) against logits + cross-entropy +
     /// Candle's backprop: the same loss and gradients, for a trainable and a frozen head.

@@ -20,6 +20,7 @@
 
 pub mod activations;
 pub mod attention;
+pub mod chunked_attention;
 pub mod chunked_lm_loss;
 mod cpu_op;
 pub mod cross_entropy;

@@ -14,7 +14,9 @@ use serde_json::Value;
 use super::linear::Proj;
 use crate::error::TrainError;
 use crate::kernels::activations::gelu_erf;
+use crate::kernels::chunked_attention::chunked_attention;
 use crate::kernels::compute_dtype;
+use crate::kernels::fused_ok;
 use crate::kernels::norms::layer_norm;
 use crate::kernels::softmax::masked_softmax;
 
@@ -441,9 +443,14 @@ impl Encoder {
             let q = (split(l.q.forward(&x)?)? * (1.0 / (hd as f64).sqrt()))?;
             let k = split(l.k.forward(&x)?)?;
             let v = split(l.v.forward(&x)?)?;
-            let scores = q.matmul(&k.t()?)?.to_dtype(cdt)?;
-            let probs = masked_softmax(&scores, mask)?.to_dtype(self.dtype)?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, c.hidden_size))?;
+            let attn = if fused_ok(&q) {
+                let scores = q.matmul(&k.t()?)?.to_dtype(cdt)?;
+                masked_softmax(&scores, mask)?.to_dtype(self.dtype)?.matmul(&v)?
+            } else {
+                // Devices and half precision: query chunks, scores never [b, h, s, s] whole.
+                chunked_attention(&q, &k, &v, mask, None)?
+            };
+            let attn = attn.transpose(1, 2)?.reshape((b, s, c.hidden_size))?;
             x = layer_norm(&(x + l.o.forward(&attn)?)?, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
             let ff = l.out.forward(&c.activation.apply(&l.inter.forward(&x)?)?)?;
             x = layer_norm(&(x + ff)?, &l.out_norm.weight, &l.out_norm.bias, eps)?;

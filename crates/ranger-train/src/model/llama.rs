@@ -12,11 +12,11 @@ use super::llama_names::{self as names, layer_prefix, DOWN, GATE, K, O, PROJECTI
 use super::lora::{DropoutSeed, LoraConfig};
 use crate::kernels::activations::swiglu;
 use crate::kernels::attention::{repeat_kv, FusedAttention};
+use crate::kernels::chunked_attention::chunked_attention;
 use crate::kernels::chunked_lm_loss::chunked_linear_cross_entropy;
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
 use crate::kernels::norms::rms_norm;
 use crate::kernels::rotary::apply_rotary_rows;
-use crate::kernels::softmax::masked_softmax;
 use crate::kernels::Fused;
 use crate::kernels::{compute_dtype, embedding::embedding, fused_ok};
 
@@ -253,12 +253,10 @@ impl LlamaModel {
         let n_rep = hq / hk;
         let k = repeat_kv(&k, n_rep)?.contiguous()?;
         let v = repeat_kv(&v, n_rep)?.contiguous()?;
-        let cdt = compute_dtype(self.dtype);
         // Scaling q (s x d) rather than the scores (s x s) keeps one fewer large tensor.
         let q = (q * (1.0 / (hd as f64).sqrt()))?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?.to_dtype(cdt)?;
-        let probs = masked_softmax(&scores, mask)?.to_dtype(self.dtype)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, hq * hd))?;
+        // Query chunks: the scores are never [b, h, s, s] whole, in forward or backward.
+        let out = chunked_attention(&q, &k, &v, mask, None)?.transpose(1, 2)?.reshape((b * s, hq * hd))?;
         layer.projs[O].forward_rows(&out)
     }
 
