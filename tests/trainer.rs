@@ -147,6 +147,12 @@ fn resume_is_bit_exact_with_ranger() {
     resume_exact(OptimizerKind::Ranger, None);
 }
 
+/// AdamW's moments are saved and restored too (candle-ranger's AdamW).
+#[test]
+fn resume_is_bit_exact_with_adamw() {
+    resume_exact(OptimizerKind::Adamw, None);
+}
+
 #[test]
 fn resume_is_bit_exact_with_lora() {
     resume_exact(OptimizerKind::Ranger, Some((false, 0.0)));

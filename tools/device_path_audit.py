@@ -41,7 +41,6 @@ DECLARED = [
     ("crates/candle-ranger/src/portable.rs", "fn all_finite", "its definition"),
     ("crates/candle-ranger/src/ranger/mod.rs", "None => all_finite(g)?", "only for a gradient no GradCheck covers"),
     ("crates/candle-ranger/src/lookahead.rs", "non_finite_grads(", "Lookahead<O> over any optimizer: not the trainer's step"),
-    ("crates/ranger-train/src/optim.rs", "None => non_finite_grads(", "only for a gradient no GradCheck covers"),
     ("crates/ranger-train/src/kernels/dtype.rs", "DType::F64", "compute dtype: f64 models stay f64 (refused on Metal)"),
     ("crates/ranger-train/src/kernels/linear.rs", "DType::F64", "weight-gradient sink of the fused CPU linear"),
     ("crates/ranger-train/src/kernels/lm_head.rs", "to_scalar", "backward of the fused CPU LM-head loss (CPU only)"),

@@ -71,7 +71,8 @@
 //!
 //! ## Modules
 //!
-//! - [`Ranger`] and [`RAdam`] implement [`candle_nn::Optimizer`];
+//! - [`Ranger`], [`RAdam`] and [`AdamW`] implement [`candle_nn::Optimizer`] (all three fused on
+//!   the CPU, with f32 state and master copies for half-precision variables, and resumable);
 //! - [`Lookahead`] wraps any Candle optimizer (e.g. `Lookahead<candle_nn::AdamW>`), sharing
 //!   its slow-weight sync and swap with [`Ranger`];
 //! - [`OptimizerState`] is the state of [`Ranger`] and [`RAdam`] as named tensors
@@ -89,6 +90,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+mod adamw;
 #[cfg(feature = "cuda")]
 mod cuda_step;
 mod device_support;
@@ -108,6 +110,7 @@ mod schedule;
 mod state;
 pub mod state_file;
 
+pub use adamw::{AdamW, AdamWOptions};
 pub use error::{Error, Result};
 pub use grad::{clip_grad_norm, grad_norm, non_finite_grads, to_host_f64};
 pub use grad_check::{check_grads, scale_grads_to_norm, GradCheck};

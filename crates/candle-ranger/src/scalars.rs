@@ -35,6 +35,10 @@ pub struct StepScalars {
     pub l2: f64,
     /// `Some(alpha)` when this step ends with a Lookahead sync.
     pub sync_alpha: Option<f64>,
+    /// The `eps` added to `sqrt(v)` in the denominator: the configured one for RAdam; for Adam
+    /// `eps * sqrt(1 - b2^t)`, which makes the rectified form equal to Adam's
+    /// `m_hat / (sqrt(v_hat) + eps)`.
+    pub eps: f64,
 }
 
 /// The maximum length of the approximated SMA, `2 / (1 - beta2) - 1`.
@@ -87,7 +91,22 @@ impl StepScalars {
         let (decay_factor, l2) =
             if p.decoupled_weight_decay { (1.0 - lr * weight_decay, 0.0) } else { (1.0, weight_decay) };
         let sync_alpha = is_sync_step(p.lookahead_k, t).then_some(p.lookahead_alpha);
-        Self { t, rho_t: rho, update, decay_factor, l2, sync_alpha }
+        Self { t, rho_t: rho, update, decay_factor, l2, sync_alpha, eps: p.eps }
+    }
+
+    /// The scalars of step `t` of Adam(W) (`torch.optim.AdamW` when the decay is decoupled):
+    /// `p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`, written in the rectified
+    /// form the kernels take, `p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps sqrt(1 - b2^t))`
+    /// (the same value, rounded differently). No rectification, no fallback.
+    pub fn adam(p: &ParamsRanger, lr: f64, weight_decay: f64, t: u64) -> Self {
+        let mut sc = Self::new(p, lr, weight_decay, t);
+        let ti = t.min(i32::MAX as u64) as i32;
+        let (bc1, bc2) = (1.0 - p.beta1.powi(ti), 1.0 - p.beta2.powi(ti));
+        let step_size = lr * bc2.sqrt() / bc1;
+        sc.update =
+            if step_size.is_finite() && step_size >= 0.0 { Update::Rectified { step_size } } else { Update::None };
+        sc.eps = p.eps * bc2.sqrt();
+        sc
     }
 }
 

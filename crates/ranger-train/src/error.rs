@@ -110,9 +110,6 @@ pub enum TrainError {
     /// Generation was asked to continue an empty prompt.
     #[error("the prompt is empty (no tokens to continue)")]
     EmptyPrompt,
-    /// `candle_nn::AdamW` keeps its moments private, so they cannot be set from a checkpoint.
-    #[error("AdamW state cannot be restored")]
-    AdamwStateNotRestorable,
     /// A batch was handed to the task of the other kind (a causal-LM batch to a classifier or
     /// the reverse): a bug in the caller.
     #[error("batch of the other task")]

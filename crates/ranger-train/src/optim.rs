@@ -4,10 +4,10 @@ use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::Var;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
 use candle_ranger::{
-    non_finite_grads, Centralization, GradCheck, OptimizerState, ParamGroup, ParamsRAdam, ParamsRanger, RAdam, Ranger,
-    StepReport,
+    AdamW, AdamWOptions, Centralization, GradCheck, OptimizerState, ParamGroup, ParamsRAdam, ParamsRanger, RAdam,
+    Ranger, StepReport,
 };
 
 use crate::config::{OptimizerKind, TrainConfig};
@@ -19,9 +19,8 @@ pub enum TrainOptimizer {
     Ranger(Ranger),
     /// RAdam.
     RAdam(RAdam),
-    /// AdamW: one instance for the decayed matrices, one without decay for vectors (candle's
-    /// AdamW has a single weight decay), and the variable names for reports.
-    AdamW(Box<[AdamW; 2]>, Vec<(String, Var)>),
+    /// AdamW (candle-ranger's: fused, f32 state, resumable).
+    AdamW(AdamW),
 }
 
 impl TrainOptimizer {
@@ -60,14 +59,11 @@ impl TrainOptimizer {
                     ..Default::default()
                 },
             )?),
-            OptimizerKind::Adamw => {
-                let p =
-                    ParamsAdamW { lr: cfg.learning_rate, beta1, beta2: cfg.beta2, eps, weight_decay: cfg.weight_decay };
-                let of = |g: &ParamGroup| g.vars.iter().map(|(_, v)| v.clone()).collect::<Vec<Var>>();
-                let decayed = AdamW::new(of(&groups[0]), p.clone())?;
-                let plain = AdamW::new(of(&groups[1]), ParamsAdamW { weight_decay: 0.0, ..p })?;
-                TrainOptimizer::AdamW(Box::new([decayed, plain]), vars)
-            }
+            OptimizerKind::Adamw => TrainOptimizer::AdamW(AdamW::with_options(
+                groups,
+                ParamsAdamW { lr: cfg.learning_rate, beta1, beta2: cfg.beta2, eps, weight_decay: cfg.weight_decay },
+                AdamWOptions { master_weights: cfg.master_weights, ..Default::default() },
+            )?),
         })
     }
 
@@ -76,7 +72,7 @@ impl TrainOptimizer {
         match self {
             Self::Ranger(o) => o.set_learning_rate(lr),
             Self::RAdam(o) => o.set_learning_rate(lr),
-            Self::AdamW(o, _) => o.iter_mut().for_each(|o| o.set_learning_rate(lr)),
+            Self::AdamW(o) => o.set_learning_rate(lr),
         }
     }
 
@@ -87,27 +83,7 @@ impl TrainOptimizer {
         Ok(match self {
             Self::Ranger(o) => o.step_checked(grads, check)?,
             Self::RAdam(o) => o.step_checked(grads, check)?,
-            Self::AdamW(o, named) => {
-                let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-                let mut bad = Vec::new();
-                for (i, var) in vars.iter().enumerate() {
-                    let finite = match check.is_finite(var) {
-                        Some(verdict) => verdict,
-                        None => non_finite_grads(grads, std::slice::from_ref(var))?.is_empty(),
-                    };
-                    if !finite {
-                        bad.push(i);
-                    }
-                }
-                if bad.is_empty() {
-                    for o in o.iter_mut() {
-                        o.step(grads)?;
-                    }
-                    StepReport { updated: vars.len(), non_finite: vec![] }
-                } else {
-                    StepReport { updated: 0, non_finite: bad.into_iter().map(|i| named[i].0.clone()).collect() }
-                }
-            }
+            Self::AdamW(o) => o.step_checked(grads, check)?,
         })
     }
 
@@ -124,12 +100,12 @@ impl TrainOptimizer {
         }
     }
 
-    /// The optimizer state as named tensors; `None` for AdamW, whose state is not exposed.
-    pub fn state_tensors(&self) -> Result<Option<OptimizerState<'_>>> {
+    /// The optimizer state as named tensors.
+    pub fn state_tensors(&self) -> Result<OptimizerState<'_>> {
         Ok(match self {
-            Self::Ranger(o) => Some(o.state_tensors()?),
-            Self::RAdam(o) => Some(o.state_tensors()?),
-            Self::AdamW(..) => None,
+            Self::Ranger(o) => o.state_tensors()?,
+            Self::RAdam(o) => o.state_tensors()?,
+            Self::AdamW(o) => o.state_tensors()?,
         })
     }
 
@@ -139,24 +115,17 @@ impl TrainOptimizer {
         match self {
             Self::Ranger(o) => Ok(o.load_state_tensors(state)?),
             Self::RAdam(o) => Ok(o.load_state_tensors(state)?),
-            Self::AdamW(..) => Err(TrainError::AdamwStateNotRestorable),
+            Self::AdamW(o) => Ok(o.load_state_tensors(state)?),
         }
     }
 
-    /// Saves the optimizer state; `false` when this optimizer's state cannot be saved (AdamW).
-    pub fn save_state(&self, path: &Path) -> Result<bool> {
-        match self.state_tensors()? {
-            Some(state) => state.save(path)?,
-            None => return Ok(false),
-        }
-        Ok(true)
+    /// Saves the optimizer state.
+    pub fn save_state(&self, path: &Path) -> Result<()> {
+        Ok(self.state_tensors()?.save(path)?)
     }
 
     /// Loads the optimizer state written by [`TrainOptimizer::save_state`].
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        if let Self::AdamW(..) = self {
-            return Err(TrainError::AdamwStateNotRestorable);
-        }
         let state = OptimizerState::load(path)?;
         // A mismatch found while loading the tensors names the file too.
         self.load_state_tensors(&state).map_err(|e| match e {

@@ -74,6 +74,8 @@ pub struct Ranger {
     skipped_steps: u64,
     /// The fast weights put aside while the slow weights are swapped in.
     swap: SlowSwap,
+    /// Adam's update instead of RAdam's ([`crate::AdamW`]).
+    adam: bool,
 }
 
 impl Ranger {
@@ -122,7 +124,12 @@ impl Ranger {
                 slots.push(Slot { name, var, group: gi, step: 0, state });
             }
         }
-        Ok(Self { params, groups: settings, slots, skipped_steps: 0, swap: SlowSwap::default() })
+        Ok(Self { params, groups: settings, slots, skipped_steps: 0, swap: SlowSwap::default(), adam: false })
+    }
+
+    /// The engine of [`crate::AdamW`]: Adam's update (no rectification) on the same kernels.
+    pub(crate) fn adam(groups: Vec<ParamGroup>, params: ParamsRanger) -> Result<Self> {
+        Ok(Self { adam: true, ..Self::with_groups(groups, params)? })
     }
 
     /// The hyperparameters (with the current learning rate).
@@ -217,7 +224,11 @@ impl Ranger {
             let group = self.groups[slot.group];
             let lr = p.lr * group.lr_scale;
             let wd = group.weight_decay.unwrap_or(p.weight_decay);
-            let sc = StepScalars::new(&p, lr, wd, slot.step + 1);
+            let sc = if self.adam {
+                StepScalars::adam(&p, lr, wd, slot.step + 1)
+            } else {
+                StepScalars::new(&p, lr, wd, slot.step + 1)
+            };
             let centralize = p.centralization.applies_to_rank(slot.var.rank());
             match &mut slot.state {
                 SlotState::Host(st) => {
@@ -231,7 +242,7 @@ impl Ranger {
                     let op = FusedStep {
                         scalars: sc,
                         row_len,
-                        eps: p.eps,
+                        eps: sc.eps,
                         beta1: p.beta1,
                         beta2: p.beta2,
                         state: RefCell::new(st),
@@ -250,14 +261,16 @@ impl Ranger {
                     let op = crate::cuda_step::CudaStep {
                         scalars: sc,
                         row_len,
-                        eps: p.eps,
+                        eps: sc.eps,
                         beta1: p.beta1,
                         beta2: p.beta2,
                         state: st,
                     };
                     slot.var.as_tensor().inplace_op2(&grad, &op)?;
                 }
-                SlotState::Device(st) => portable::step(&slot.var, grad, st, &sc, centralize, p.beta1, p.beta2, p.eps)?,
+                SlotState::Device(st) => {
+                    portable::step(&slot.var, grad, st, &sc, centralize, p.beta1, p.beta2, sc.eps)?
+                }
             }
             slot.step += 1;
         }

@@ -14,7 +14,7 @@ pub enum OptimizerKind {
     Ranger,
     /// Plain RAdam (torch semantics).
     Radam,
-    /// `candle_nn::AdamW` (its moments cannot be saved: resume restarts them).
+    /// AdamW (`torch.optim.AdamW`'s update; fused on the CPU, f32 state, resumable).
     Adamw,
 }
 

@@ -13,7 +13,6 @@ use super::state::TrainerState;
 use super::Trainer;
 use crate::error::{Result, TrainError};
 use crate::folder_write::write_folder;
-use crate::optim::TrainOptimizer;
 use crate::output::write_json;
 use crate::task::Evaluation;
 
@@ -80,10 +79,6 @@ impl Trainer {
         let op = dir.join("optimizer.safetensors");
         if op.exists() {
             self.optimizer.load_state(&op)?;
-        } else if matches!(self.optimizer, TrainOptimizer::AdamW(..)) {
-            if self.verbose {
-                eprintln!("warning: AdamW's state cannot be saved; its moments restart from zero");
-            }
         } else {
             return Err(TrainError::MissingOptimizerState { checkpoint: dir });
         }
@@ -120,17 +115,15 @@ impl Trainer {
         let final_dir = self.checkpoint_dir();
         let state = self.optimizer.state_tensors()?;
         let state_bytes: u64 = state
+            .tensors
             .iter()
-            .flat_map(|s| &s.tensors)
             .map(|(_, t)| (t.dims().iter().product::<usize>() * t.dtype().size_in_bytes()) as u64)
             .sum();
         write_folder(&final_dir, self.weight_bytes() + state_bytes, |tmp| {
             let fast: Vec<(String, Tensor)> =
                 self.session.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
             crate::weights::save_safetensors_dir(tmp, &fast, usize::MAX)?;
-            if let Some(state) = &state {
-                state.save(tmp.join("optimizer.safetensors"))?;
-            }
+            state.save(tmp.join("optimizer.safetensors"))?;
             let mut json = serde_json::to_value(&self.state).expect("state");
             json[checksums::KEY] = serde_json::to_value(checksum_folder(tmp)?).expect("checksums");
             write_json(&tmp.join("trainer_state.json"), &json)

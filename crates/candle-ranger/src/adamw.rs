@@ -1,0 +1,129 @@
+//! AdamW (Loshchilov & Hutter, 2019), numerically `torch.optim.AdamW`, on Ranger's kernels:
+//! fused on the CPU, f32 state for half-precision variables with an f32 master copy, state
+//! saved and restored exactly. `candle_nn::AdamW` keeps its moments in the variable's dtype and
+//! private (no resume); this one takes the same [`ParamsAdamW`].
+
+use std::path::Path;
+
+use candle_core::backprop::GradStore;
+use candle_core::Var;
+use candle_nn::{Optimizer, ParamsAdamW};
+
+use crate::error::{Error, Result};
+use crate::groups::ParamGroup;
+use crate::params::{Centralization, NonFiniteGrads, ParamsRanger, UpdatePath};
+use crate::ranger::{Ranger, StepReport};
+use crate::state::OptimizerState;
+
+/// AdamW with decoupled weight decay: `p *= 1 - lr wd`, then the Adam step with bias
+/// correction. [`candle_nn::ParamsAdamW`]'s defaults are torch's (lr 1e-3, betas (0.9, 0.999),
+/// eps 1e-8, weight decay 0.01).
+#[derive(Debug)]
+pub struct AdamW {
+    inner: Ranger,
+}
+
+/// What [`AdamW`] takes beyond [`ParamsAdamW`]; `Default` is what [`Ranger`] defaults to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdamWOptions {
+    /// An f32 master copy of bf16/f16 variables (see [`ParamsRanger::master_weights`]).
+    pub master_weights: bool,
+    /// Fused kernel or tensor ops (see [`UpdatePath`]).
+    pub update_path: UpdatePath,
+    /// Handling of NaN/Inf gradients.
+    pub non_finite: NonFiniteGrads,
+}
+
+impl Default for AdamWOptions {
+    fn default() -> Self {
+        let d = ParamsRanger::default();
+        Self { master_weights: d.master_weights, update_path: d.update_path, non_finite: d.non_finite }
+    }
+}
+
+fn engine_params(p: &ParamsAdamW, o: AdamWOptions) -> ParamsRanger {
+    ParamsRanger {
+        master_weights: o.master_weights,
+        update_path: o.update_path,
+        non_finite: o.non_finite,
+        lr: p.lr,
+        beta1: p.beta1,
+        beta2: p.beta2,
+        eps: p.eps,
+        weight_decay: p.weight_decay,
+        decoupled_weight_decay: true,
+        lookahead_k: 0,
+        centralization: Centralization::Off,
+        ..Default::default()
+    }
+}
+
+impl AdamW {
+    /// Builds the optimizer over named variables (names key the saved state).
+    pub fn new_named(vars: Vec<(String, Var)>, params: ParamsAdamW) -> Result<Self> {
+        Self::with_groups(vec![ParamGroup::new(vars)], params)
+    }
+
+    /// Builds the optimizer over parameter groups (a group's `weight_decay` and `lr_scale`
+    /// override the defaults, as for [`Ranger`]).
+    pub fn with_groups(groups: Vec<ParamGroup>, params: ParamsAdamW) -> Result<Self> {
+        Self::with_options(groups, params, AdamWOptions::default())
+    }
+
+    /// [`AdamW::with_groups`] with the options of [`AdamWOptions`].
+    pub fn with_options(groups: Vec<ParamGroup>, params: ParamsAdamW, options: AdamWOptions) -> Result<Self> {
+        Ok(Self { inner: Ranger::adam(groups, engine_params(&params, options))? })
+    }
+
+    /// One step, telling what it did.
+    pub fn step_with_report(&mut self, grads: &GradStore) -> Result<StepReport> {
+        self.inner.step_with_report(grads)
+    }
+
+    /// One step using the finite verdicts of a [`crate::GradCheck`] (see [`Ranger::step_checked`]).
+    pub fn step_checked(&mut self, grads: &GradStore, check: &crate::GradCheck) -> Result<StepReport> {
+        self.inner.step_checked(grads, check)
+    }
+
+    /// Moments, master copies and step counts as data (see [`Ranger::state_tensors`]).
+    pub fn state_tensors(&self) -> Result<OptimizerState<'_>> {
+        self.inner.state_tensors()
+    }
+
+    /// Loads state taken by [`AdamW::state_tensors`] (see [`Ranger::load_state_tensors`]).
+    pub fn load_state_tensors(&mut self, state: &OptimizerState<'_>) -> Result<()> {
+        self.inner.load_state_tensors(state)
+    }
+
+    /// Saves the state to one safetensors file (see [`Ranger::save_state`]).
+    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.inner.save_state(path)
+    }
+
+    /// Loads state saved by [`AdamW::save_state`] (see [`Ranger::load_state`]).
+    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        self.inner.load_state(path)
+    }
+}
+
+impl Optimizer for AdamW {
+    type Config = ParamsAdamW;
+
+    /// Builds the optimizer; variables are named `param.0`, `param.1`, … in the saved state.
+    fn new(vars: Vec<Var>, config: ParamsAdamW) -> candle_core::Result<Self> {
+        let named = vars.into_iter().enumerate().map(|(i, v)| (format!("param.{i}"), v)).collect();
+        Self::new_named(named, config).map_err(Error::into_candle)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.inner.step_with_report(grads).map(|_| ()).map_err(Error::into_candle)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.inner.learning_rate()
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.inner.set_learning_rate(lr)
+    }
+}
