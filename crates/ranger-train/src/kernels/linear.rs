@@ -13,7 +13,7 @@ use super::path::fused_ok;
 
 /// `x W^T` for `x: [n, in]` and `W: [out, in]`. On CPU (f32/f64, contiguous) through ops whose
 /// backward keeps no activation alive; a frozen (non-variable) weight gets no gradient on any
-/// device ([`super::frozen_matmul`]); Candle's matmul otherwise.
+/// device (`frozen_matmul`: the backend's matmul, input gradient only); Candle's matmul otherwise.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && w.dtype() == x.dtype() && x.is_contiguous() && w.is_contiguous() && w.device().is_cpu() {
         if w.is_variable() {
