@@ -46,9 +46,18 @@ pub struct LoraDropout {
 
 impl LoraDropout {
     /// The mask for a `[rows, cols]` input in the current micro-batch (`None` when off): 0 with
-    /// probability p, else `1 / (1 - p)`, drawn on the CPU so every device gets the same mask.
+    /// probability p, else `1 / (1 - p)`. On the CPU it is drawn from our own generator; on a
+    /// GPU it is drawn there, from the device's generator reseeded for this mask, so no
+    /// `[rows, cols]` mask crosses the bus. Either way it depends on the run's seed, the
+    /// micro-batch and the adapter only, so a resumed run draws the same masks (on the same kind
+    /// of device: GPU masks are not the CPU's).
     pub fn mask(&self, rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
         let Some(seed) = self.seed.get() else { return Ok(None) };
+        if !device.is_cpu() {
+            device.set_seed(mix_seed(seed, self.stream))?;
+            let kept = Tensor::rand(0f32, 1f32, (rows, cols), device)?.ge(self.p as f32)?;
+            return Ok(Some((kept.to_dtype(dtype)? * (1.0 / (1.0 - self.p)))?));
+        }
         let mut rng = Rng::new(mix_seed(seed, self.stream));
         // Two 32-bit draws per 64 random bits; keep when the draw is below (1 - p) * 2^32.
         let threshold = ((1.0 - self.p) * 4_294_967_296.0) as u64;
