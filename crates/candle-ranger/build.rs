@@ -22,7 +22,8 @@ fn main() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let cap: String = cap.chars().filter(|c| c.is_ascii_digit()).collect();
     let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), "-o"])
+        // No fused multiply-adds: the kernel rounds each operation as the CPU kernel does.
+        .args(["--ptx", "-O3", "-std=c++17", "-fmad=false", &format!("-arch=compute_{cap}"), "-o"])
         .arg(&out)
         .arg("src/cuda/ranger_step.cu")
         .status()

@@ -34,7 +34,7 @@ impl Real for f64 {
 }
 
 /// A parameter element type and the state type it computes in.
-pub(crate) trait Elem<S: Real>: Copy + Send + Sync {
+pub(crate) trait Elem<S: Real>: Copy + Send + Sync + PartialEq {
     fn load(self) -> S;
     fn store(x: S) -> Self;
 }
@@ -390,6 +390,15 @@ impl FusedStep<'_> {
                 if master.len() != p.len() {
                     candle_core::bail!("fused ranger step: master copy size does not match the parameter");
                 }
+                // A variable changed from outside (a `Lookahead<O>` sync, a user's `set`) is
+                // adopted where it is no longer the master copy's rounding.
+                p.par_chunks(CHUNK).zip(master.par_chunks_mut(CHUNK)).for_each(|(p, m)| {
+                    for (&p, m) in p.iter().zip(m) {
+                        if P::store(*m) != p {
+                            *m = p.load();
+                        }
+                    }
+                });
                 self.run::<S, P, S>(master, g, m, v, slow);
                 p.par_chunks_mut(CHUNK).zip(master.par_chunks(CHUNK)).for_each(|(p, m)| {
                     for (p, &m) in p.iter_mut().zip(m) {

@@ -50,8 +50,29 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> candle_core::Result<f64> {
 /// gradients untouched (an optimizer with [`crate::NonFiniteGrads`] will then skip or fail).
 pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> candle_core::Result<f64> {
     let norm = grad_norm(grads, vars)?;
-    crate::grad_check::scale_grads_to_norm(grads, vars, max_norm, norm)?;
+    scale_grads_to_norm(grads, vars, max_norm, norm)?;
     Ok(norm)
+}
+
+/// Scales the gradients of `vars` so that their global L2 norm, known to be `norm` (from
+/// [`check_grads`]), is at most `max_norm`, as `torch.nn.utils.clip_grad_norm_` does
+/// (`coef = max_norm / (norm + 1e-6)`, applied only when below 1). A non-finite `norm` leaves
+/// the gradients untouched. Reads nothing back from the device.
+pub fn scale_grads_to_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64, norm: f64) -> candle_core::Result<()> {
+    if !norm.is_finite() {
+        return Ok(());
+    }
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for var in vars {
+            if let Some(g) = grads.get(var) {
+                // Out of place: a gradient tensor may share storage with another tensor.
+                let scaled = (g * coef)?;
+                grads.insert(var, scaled);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The indices (into `vars`) of variables whose gradient holds NaN or infinity.

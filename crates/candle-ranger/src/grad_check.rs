@@ -132,27 +132,6 @@ fn check(grads: &GradStore, vars: &[Var], extras: &[Tensor], cpu_in_place: bool)
     Ok(check)
 }
 
-/// Scales the gradients of `vars` so that their global L2 norm, known to be `norm` (from
-/// [`check_grads`]), is at most `max_norm`, as `torch.nn.utils.clip_grad_norm_` does
-/// (`coef = max_norm / (norm + 1e-6)`, applied only when below 1). A non-finite `norm` leaves
-/// the gradients untouched. Reads nothing back from the device.
-pub fn scale_grads_to_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64, norm: f64) -> candle_core::Result<()> {
-    if !norm.is_finite() {
-        return Ok(());
-    }
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for var in vars {
-            if let Some(g) = grads.get(var) {
-                // Out of place: a gradient tensor may share storage with another tensor.
-                let scaled = (g * coef)?;
-                grads.insert(var, scaled);
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The device branch of [`check_grads`] run on CPU tensors, so tests can compare it with the
 /// in-place host branch.
 #[cfg(test)]
@@ -227,7 +206,7 @@ mod tests {
         let mut a = store(&[(&v, Tensor::new(&[3f32, 4.0], &dev).unwrap())]);
         let mut b = store(&[(&v, Tensor::new(&[3f32, 4.0], &dev).unwrap())]);
         let norm = check_grads(&a, &vars, &[]).unwrap().norm;
-        scale_grads_to_norm(&mut a, &vars, 1.0, norm).unwrap();
+        crate::scale_grads_to_norm(&mut a, &vars, 1.0, norm).unwrap();
         crate::clip_grad_norm(&mut b, &vars, 1.0).unwrap();
         assert_eq!(a.get(&v).unwrap().to_vec1::<f32>().unwrap(), b.get(&v).unwrap().to_vec1::<f32>().unwrap());
     }

@@ -75,7 +75,7 @@
 //!   the CPU, with f32 state and master copies for half-precision variables, and resumable);
 //! - [`Lookahead`] wraps any Candle optimizer (e.g. `Lookahead<candle_nn::AdamW>`), sharing
 //!   its slow-weight sync and swap with [`Ranger`];
-//! - [`OptimizerState`] is the state of [`Ranger`] and [`RAdam`] as named tensors
+//! - [`OptimizerState`] is the state of [`Ranger`], [`RAdam`] and [`AdamW`] as named tensors
 //!   (`state_tensors` / `load_state_tensors`), with `save_state` / `load_state` writing it as
 //!   one safetensors file;
 //! - [`clip_grad_norm`], [`grad_norm`] and [`non_finite_grads`] work on any `GradStore`;
@@ -101,6 +101,8 @@ mod grad_check;
 mod groups;
 mod lookahead;
 mod lookahead_core;
+#[cfg(feature = "metal")]
+mod metal_step;
 mod params;
 mod portable;
 mod radam;
@@ -112,8 +114,8 @@ pub mod state_file;
 
 pub use adamw::{AdamW, AdamWOptions};
 pub use error::{Error, Result};
-pub use grad::{clip_grad_norm, grad_norm, non_finite_grads, to_host_f64};
-pub use grad_check::{check_grads, scale_grads_to_norm, GradCheck};
+pub use grad::{clip_grad_norm, grad_norm, non_finite_grads, scale_grads_to_norm, to_host_f64};
+pub use grad_check::{check_grads, GradCheck};
 pub use groups::{named_vars, ParamGroup};
 pub use lookahead::{Lookahead, LookaheadConfig};
 pub use params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, UpdatePath};

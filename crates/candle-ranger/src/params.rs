@@ -119,7 +119,8 @@ pub struct ParamsRanger {
     /// learning rates are in that range). Costs 4 bytes per half-precision parameter, on the
     /// variable's device, beside the 8 (12 with Lookahead) of the moments and slow weights; saved
     /// with the state. No effect on f32/f64 variables. A variable changed from outside the
-    /// optimizer after its first step is overwritten by the master copy at the next step.
+    /// optimizer (a `Lookahead<O>` sync, `Var::set`) is adopted at the next step wherever it is
+    /// no longer the rounding of the master copy.
     pub master_weights: bool,
 }
 

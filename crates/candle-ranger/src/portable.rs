@@ -39,7 +39,13 @@ pub(crate) fn step(
         g = g.broadcast_sub(&g.mean_keepdim(dims)?)?;
     }
     let mut p = match &st.master {
-        Some(master) => master.clone(),
+        // A variable changed from outside (a `Lookahead<O>` sync, a user's `set`) is adopted
+        // where it is no longer the master copy's rounding.
+        Some(master) => {
+            let current = var.as_tensor().detach().to_dtype(sdt)?;
+            let rounded = master.to_dtype(var.dtype())?.to_dtype(sdt)?;
+            rounded.ne(&current)?.where_cond(&current, master)?
+        }
         None => var.as_tensor().detach().to_dtype(sdt)?,
     };
     if sc.l2 != 0.0 {

@@ -11,6 +11,9 @@ use candle_ranger::{
     Centralization, Lookahead, LookaheadConfig, ParamsRAdam, ParamsRanger, RAdam, Ranger, RectifyFallback, UpdatePath,
 };
 
+mod common;
+use common::test_device;
+
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ranger_reference.safetensors");
 const TENSORS_PER_CASE: usize = 3;
 
@@ -128,18 +131,6 @@ fn ranger_matches_pytorch_on_both_paths() {
             let worst = check(&case, &vars, &mut opt, &format!("{path:?}"));
             eprintln!("{:28} {:?}: max rel err {worst:.2e}", case.name, path);
         }
-    }
-}
-
-/// The device of `RANGER_TEST_DEVICE` (`cpu` when unset; `cuda[:N]` and `metal` need the
-/// crate's feature of that name).
-fn test_device() -> Device {
-    match std::env::var("RANGER_TEST_DEVICE").as_deref() {
-        Err(_) | Ok("cpu") => Device::Cpu,
-        Ok("metal") => Device::new_metal(0).expect("a Metal device"),
-        Ok("cuda") => Device::new_cuda(0).expect("a CUDA device"),
-        Ok(s) => Device::new_cuda(s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).expect("cpu|cuda[:N]|metal"))
-            .expect("a CUDA device"),
     }
 }
 

@@ -51,7 +51,15 @@ __device__ void ranger_step(
     }
     const float mean = centralize ? mean_s : 0.0f;
     for (size_t i = start + threadIdx.x; i < end; i += BLOCK) {
-        const float p0 = has_master ? master[i] : load(p[i]);
+        // With a master copy, a variable changed from outside (where it is no longer the
+        // master's rounding) is adopted, as on the CPU.
+        const float pv = load(p[i]);
+        float p0 = pv;
+        if (has_master) {
+            P r;
+            store(&r, master[i]);
+            p0 = (load(r) == pv) ? master[i] : pv;
+        }
         float gi = load(g[i]) - mean;
         gi = gi + l2 * p0;
         float pi = p0 * decay;

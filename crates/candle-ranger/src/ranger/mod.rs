@@ -230,35 +230,38 @@ impl Ranger {
                 StepScalars::new(&p, lr, wd, slot.step + 1)
             };
             let centralize = p.centralization.applies_to_rank(slot.var.rank());
+            // The fused kernels take a contiguous gradient of the variable's dtype, and the row
+            // length to centralize over (`numel / dim0`), if any.
+            let fused_input = || -> Result<(Tensor, Option<usize>)> {
+                let grad = grad.to_dtype(slot.var.dtype())?.contiguous()?;
+                let dims = slot.var.dims();
+                let row_len = (centralize && !dims.is_empty() && dims[0] > 0).then(|| slot.var.elem_count() / dims[0]);
+                Ok((grad, row_len))
+            };
             match &mut slot.state {
                 SlotState::Host(st) => {
-                    let mut grad = grad.to_dtype(slot.var.dtype())?;
-                    if !grad.is_contiguous() {
-                        grad = grad.contiguous()?;
-                    }
-                    let dims = slot.var.dims();
-                    let row_len =
-                        (centralize && !dims.is_empty() && dims[0] > 0).then(|| slot.var.elem_count() / dims[0]);
-                    let op = FusedStep {
+                    let (grad, row_len) = fused_input()?;
+                    let state = RefCell::new(st);
+                    let op = FusedStep { scalars: sc, row_len, eps: sc.eps, beta1: p.beta1, beta2: p.beta2, state };
+                    slot.var.as_tensor().inplace_op2(&grad, &op)?;
+                }
+                #[cfg(feature = "cuda")]
+                SlotState::Device(st) if st.fused && slot.var.device().is_cuda() => {
+                    let (grad, row_len) = fused_input()?;
+                    let op = crate::cuda_step::CudaStep {
                         scalars: sc,
                         row_len,
                         eps: sc.eps,
                         beta1: p.beta1,
                         beta2: p.beta2,
-                        state: RefCell::new(st),
+                        state: st,
                     };
                     slot.var.as_tensor().inplace_op2(&grad, &op)?;
                 }
-                #[cfg(feature = "cuda")]
-                SlotState::Device(st) if st.fused => {
-                    let mut grad = grad.to_dtype(slot.var.dtype())?;
-                    if !grad.is_contiguous() {
-                        grad = grad.contiguous()?;
-                    }
-                    let dims = slot.var.dims();
-                    let row_len =
-                        (centralize && !dims.is_empty() && dims[0] > 0).then(|| slot.var.elem_count() / dims[0]);
-                    let op = crate::cuda_step::CudaStep {
+                #[cfg(feature = "metal")]
+                SlotState::Device(st) if st.fused && slot.var.device().is_metal() => {
+                    let (grad, row_len) = fused_input()?;
+                    let op = crate::metal_step::MetalStep {
                         scalars: sc,
                         row_len,
                         eps: sc.eps,

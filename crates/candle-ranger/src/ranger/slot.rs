@@ -26,10 +26,14 @@ impl SlotState {
         let fused = match params.update_path {
             UpdatePath::Auto => var.device().is_cpu(),
             UpdatePath::Fused => {
-                let has_kernel = var.device().is_cpu() || (cfg!(feature = "cuda") && var.device().is_cuda());
+                let gpu_dtype = matches!(var.dtype(), DType::F32 | DType::BF16 | DType::F16);
+                let has_kernel = var.device().is_cpu()
+                    || (cfg!(feature = "cuda") && var.device().is_cuda() && gpu_dtype)
+                    || (cfg!(feature = "metal") && var.device().is_metal() && gpu_dtype);
                 if !has_kernel {
                     return Err(Error::InvalidConfig(format!(
-                        "UpdatePath::Fused needs CPU variables (or CUDA ones in a build with the `cuda` feature), got one on {:?}",
+                        "UpdatePath::Fused needs CPU variables (or f32/bf16/f16 CUDA/Metal ones in a build with that feature), got a {:?} one on {:?}",
+                        var.dtype(),
                         var.device().location()
                     )));
                 }
@@ -67,7 +71,8 @@ impl Slot {
     pub(super) fn current_slow(&self) -> Result<Tensor> {
         Ok(match &self.state {
             SlotState::Host(HostState { slow: Some(buf), .. }) => buf.to_tensor(self.var.shape())?,
-            SlotState::Device(DeviceState { slow: Some(s), .. }) => s.clone(),
+            // A copy: the fused GPU kernels update the slow weights in place.
+            SlotState::Device(DeviceState { slow: Some(s), .. }) => s.copy()?,
             SlotState::Host(_) => initial_slow(&self.var)?.to_device(&Device::Cpu)?,
             SlotState::Device(_) => initial_slow(&self.var)?,
         })

@@ -63,7 +63,11 @@ impl Ranger {
             tensors,
             lr: Some(self.params.lr),
             skipped_steps: self.skipped_steps,
-            hyperparameters: self.params.to_metadata_string(),
+            hyperparameters: if self.adam {
+                format!("{};update=adamw", self.params.to_metadata_string())
+            } else {
+                self.params.to_metadata_string()
+            },
         })
     }
 
@@ -109,7 +113,8 @@ impl Ranger {
             let slow = if lookahead { take_opt(format!("{}.slow", slot.name), shape, sdt, true)? } else { None };
             // A master copy is taken at a variable's first step: a state saved before it has none.
             let master_name = format!("{}.master", slot.name);
-            let master = if slot.wants_master(&self.params) { take_opt(master_name, shape, sdt, false)? } else { None };
+            // Present without master weights here: dropped (the variable is the weights then).
+            let master = take_opt(master_name, shape, sdt, false)?.filter(|_| slot.wants_master(&self.params));
             let step_name = format!("{}.step", slot.name);
             let step = present(take_opt(step_name.clone(), &Shape::from(1), DType::I64, true)?).to_vec1::<i64>()?[0];
             let step = u64::try_from(step).map_err(|_| mismatch(&step_name, format!("negative step count {step}")))?;

@@ -97,7 +97,7 @@ pub struct TrainConfig {
     /// Gradient centralization (ranger); --no-centralize turns it off.
     #[arg(long = "no-centralize", action = ArgAction::SetFalse, help_heading = OPTIMIZER)]
     pub centralize: bool,
-    /// An f32 master copy of bf16/f16 weights (ranger, radam; 4 more bytes per parameter), so
+    /// An f32 master copy of bf16/f16 weights (every optimizer; 4 more bytes per parameter), so
     /// updates below half a bf16 ulp accumulate; --no-master-weights turns it off.
     #[arg(long = "no-master-weights", action = ArgAction::SetFalse, help_heading = OPTIMIZER)]
     pub master_weights: bool,

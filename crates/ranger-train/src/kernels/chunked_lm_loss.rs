@@ -35,7 +35,8 @@ pub fn chunked_linear_cross_entropy(
     let rows = chunk_rows.unwrap_or((CHUNK_ELEMS / vocab.max(1)).max(1));
     let (xd, wd) = (x.detach().contiguous()?, w.detach().contiguous()?);
     let wt = wd.t()?;
-    let want_w = training && w.is_variable();
+    // The head's gradient is wanted when it is a variable or computed from one.
+    let want_w = training && w.track_op();
     let ids = Tensor::arange(0u32, vocab as u32, dev)?.unsqueeze(0)?; // [1, V]
     let mut loss = Tensor::zeros((), cdt, dev)?;
     let mut gx_parts = Vec::new();

@@ -19,9 +19,12 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         if w.is_variable() {
             return x.apply_op2(w, Fused(Linear { sink: GradSink::current() }));
         }
-        return x.apply_op1(Fused(FrozenLinear { weight: w.clone() }));
+        if !w.track_op() {
+            return x.apply_op1(Fused(FrozenLinear { weight: w.clone() }));
+        }
     }
-    if !w.is_variable() {
+    // Frozen: neither a variable nor computed from one.
+    if !w.track_op() {
         return super::frozen_matmul::frozen_matmul(x, w);
     }
     x.matmul(&w.t()?)

@@ -14,17 +14,36 @@ use crate::rng::Rng;
 /// dropout draws its masks from it (per micro-batch and adapter, so a resumed run draws the
 /// same masks) and is off while it is unset: evaluation and inference never drop anything.
 #[derive(Debug, Clone, Default)]
-pub struct DropoutSeed(Arc<Mutex<Option<u64>>>);
+pub struct DropoutSeed(Arc<Mutex<SeedState>>);
+
+/// The seed, and whether a GPU's generator has been seeded with it yet.
+#[derive(Debug, Default)]
+struct SeedState {
+    seed: Option<u64>,
+    device_seeded: bool,
+}
 
 impl DropoutSeed {
     /// Sets the seed of the next forward passes (`None`: dropout off).
     pub fn set(&self, seed: Option<u64>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = seed;
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = SeedState { seed, device_seeded: false };
     }
 
     /// The current seed.
     pub fn get(&self) -> Option<u64> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).seed
+    }
+
+    /// Seeds `device`'s generator with the current seed, once per [`DropoutSeed::set`]: the
+    /// masks of a forward pass are then that generator's draws in order (the adapters always run
+    /// in the same order), and rebuilding the generator per mask is avoided.
+    fn seed_device_once(&self, device: &Device) -> Result<()> {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(seed), false) = (st.seed, st.device_seeded) {
+            device.set_seed(seed)?;
+            st.device_seeded = true;
+        }
+        Ok(())
     }
 }
 
@@ -46,15 +65,15 @@ pub struct LoraDropout {
 
 impl LoraDropout {
     /// The mask for a `[rows, cols]` input in the current micro-batch (`None` when off): 0 with
-    /// probability p, else `1 / (1 - p)`. On the CPU it is drawn from our own generator; on a
-    /// GPU it is drawn there, from the device's generator reseeded for this mask, so no
-    /// `[rows, cols]` mask crosses the bus. Either way it depends on the run's seed, the
-    /// micro-batch and the adapter only, so a resumed run draws the same masks (on the same kind
-    /// of device: GPU masks are not the CPU's).
+    /// probability p, else `1 / (1 - p)`. On the CPU it is drawn from our own generator, seeded
+    /// by the micro-batch and the adapter; on a GPU it is drawn there, from the device's
+    /// generator seeded once per micro-batch, so no `[rows, cols]` mask crosses the bus. Either
+    /// way a resumed run draws the same masks (on the same kind of device: GPU masks are not the
+    /// CPU's).
     pub fn mask(&self, rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
         let Some(seed) = self.seed.get() else { return Ok(None) };
         if !device.is_cpu() {
-            device.set_seed(mix_seed(seed, self.stream))?;
+            self.seed.seed_device_once(device)?;
             let kept = Tensor::rand(0f32, 1f32, (rows, cols), device)?.ge(self.p as f32)?;
             return Ok(Some((kept.to_dtype(dtype)? * (1.0 / (1.0 - self.p)))?));
         }

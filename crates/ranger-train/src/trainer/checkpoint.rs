@@ -13,6 +13,7 @@ use super::state::TrainerState;
 use super::Trainer;
 use crate::error::{Result, TrainError};
 use crate::folder_write::write_folder;
+use crate::optim::TrainOptimizer;
 use crate::output::write_json;
 use crate::task::Evaluation;
 
@@ -79,6 +80,11 @@ impl Trainer {
         let op = dir.join("optimizer.safetensors");
         if op.exists() {
             self.optimizer.load_state(&op)?;
+        } else if matches!(self.optimizer, TrainOptimizer::AdamW(..)) {
+            // Written by an earlier version, whose AdamW (candle-nn's) could not save its state.
+            if self.verbose {
+                eprintln!("warning: this AdamW checkpoint has no optimizer state (an older version); moments restart from zero");
+            }
         } else {
             return Err(TrainError::MissingOptimizerState { checkpoint: dir });
         }
