@@ -29,17 +29,6 @@ fn build(config: &Value, dtype: DType, seed: u64) -> (Vec<(String, Var)>, Sequen
     (vars, SequenceClassifier::new(backbone, LABELS, &map).unwrap())
 }
 
-/// Three rows of different lengths (so two are padded), one of them a text pair.
-fn examples(vocab: usize) -> Vec<LabeledText> {
-    let mut rng = Rng::new(3);
-    let mut ids = |n: usize| (0..n).map(|_| 4 + rng.below(vocab - 4) as u32).collect::<Vec<_>>();
-    vec![
-        LabeledText { ids: ids(7), type_ids: vec![0, 0, 0, 0, 1, 1, 1], label: 2 },
-        LabeledText { ids: ids(4), type_ids: vec![0; 4], label: 0 },
-        LabeledText { ids: ids(6), type_ids: vec![0; 6], label: 1 },
-    ]
-}
-
 fn batch(model: &SequenceClassifier, ex: &[LabeledText]) -> ClassifierBatch {
     let refs: Vec<&LabeledText> = ex.iter().collect();
     collate(&refs, 0, model.is_decoder(), model.mask_dtype(), &Device::Cpu).unwrap()
@@ -57,7 +46,7 @@ fn check_element(model: &SequenceClassifier, b: &ClassifierBatch, var: &Var, g: 
 fn gradient_check(config: Value, vocab: usize) {
     let name = config["model_type"].as_str().unwrap().to_string();
     let (vars, model) = build(&config, DType::F64, 11);
-    let b = batch(&model, &examples(vocab));
+    let b = batch(&model, &common::labeled_examples(vocab));
     let grads = loss(&model, &b).backward().unwrap();
     let mut rng = Rng::new(17);
     for (wname, var) in &vars {
@@ -114,7 +103,7 @@ fn padding_does_not_change_logits() {
     ] {
         let vocab = if config["model_type"] == "llama" { common::TINY_VOCAB } else { TINY_ENCODER_VOCAB };
         let (_, model) = build(&config, DType::F64, 5);
-        let ex = examples(vocab);
+        let ex = common::labeled_examples(vocab);
         let together = model.forward(&batch(&model, &ex)).unwrap();
         for (i, e) in ex.iter().enumerate() {
             let alone = model.forward(&batch(&model, std::slice::from_ref(e))).unwrap();
@@ -140,7 +129,7 @@ fn bert_encoder_matches_candle_transformers() {
     let BackboneConfig::Encoder(enc_cfg) = &backbone else { unreachable!() };
     let weights = random_classifier_weights(&backbone, LABELS, 7, DType::F32).unwrap();
     let ours = ranger_train::model::Encoder::new(enc_cfg.clone(), &weights).unwrap();
-    let ex = examples(TINY_ENCODER_VOCAB);
+    let ex = common::labeled_examples(TINY_ENCODER_VOCAB);
     let refs: Vec<&LabeledText> = ex.iter().collect();
     let b = collate(&refs, 0, false, DType::F32, &Device::Cpu).unwrap();
     let h_ours = ours.forward(&b.input_ids, b.token_type_ids.as_ref(), &b.mask).unwrap();

@@ -77,6 +77,34 @@ fn compare(
     }
 }
 
+/// The op-by-op path on `dev` against the fused CPU path for one model, whose loss and
+/// gradients `run` computes from its variables: in f32 (`f32_vars` on both sides) and in bf16
+/// (`bf16_vars` on `dev` against the fused f32 model with the same weights); loss, every
+/// gradient, and the weights after one Ranger step (tensor ops on `dev`, fused on the CPU).
+fn check_paths(
+    what: &str,
+    f32_vars: &[(String, Var)],
+    bf16_vars: &[(String, Var)],
+    dev: &Device,
+    run: impl Fn(&[(String, Var)]) -> (Tensor, GradStore),
+) {
+    let f32_ref = copies(f32_vars, DType::F32, &Device::Cpu);
+    let bf16_dev = copies(bf16_vars, DType::BF16, dev);
+    let cases = [
+        ("f32", f32_ref.clone(), copies(f32_vars, DType::F32, dev), F32_TOL, F32_TOL),
+        ("bf16", as_f32(&bf16_dev), bf16_dev, BF16_TOL, BF16_WEIGHT_TOL),
+    ];
+    for (dt, reference, other, tol, weight_tol) in cases {
+        let what = format!("{what} {dt}");
+        let (lr, gr) = run(&reference);
+        let (lo, go) = without_fused_kernels(|| run(&other));
+        compare(&what, tol, (&lr, &gr, &reference), (&lo, &go, &other));
+        ranger_step(&reference, &gr, UpdatePath::Auto);
+        ranger_step(&other, &go, UpdatePath::Portable);
+        compare_weights(&what, weight_tol, &reference, &other);
+    }
+}
+
 /// Copies of `vars` as `dtype` variables on `dev`.
 fn copies(vars: &[(String, Var)], dtype: DType, dev: &Device) -> Vec<(String, Var)> {
     let copy = |v: &Var| v.as_tensor().to_dtype(dtype).unwrap().to_device(dev).unwrap().copy().unwrap();
@@ -147,23 +175,8 @@ fn decoders_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
         let cfg = LlamaConfig::from_json(common::tiny_config(arch), "test").unwrap();
         let seqs = lm_sequences(common::TINY_VOCAB);
 
-        let f32_vars = decoder_vars(&cfg, DType::F32);
-        let dev_vars = copies(&f32_vars, DType::F32, &dev);
-        let (lf, gf) = lm_loss_and_grads(&cfg, &f32_vars, &seqs);
-        let (lo, go) = without_fused_kernels(|| lm_loss_and_grads(&cfg, &dev_vars, &seqs));
-        compare(&format!("{arch} f32"), F32_TOL, (&lf, &gf, &f32_vars), (&lo, &go, &dev_vars));
-        ranger_step(&f32_vars, &gf, UpdatePath::Auto);
-        ranger_step(&dev_vars, &go, UpdatePath::Portable);
-        compare_weights(&format!("{arch} f32"), F32_TOL, &f32_vars, &dev_vars);
-
-        let bf16_vars = copies(&decoder_vars(&cfg, DType::BF16), DType::BF16, &dev);
-        let reference = as_f32(&bf16_vars);
-        let (lr, gr) = lm_loss_and_grads(&cfg, &reference, &seqs);
-        let (lb, gb) = lm_loss_and_grads(&cfg, &bf16_vars, &seqs);
-        compare(&format!("{arch} bf16"), BF16_TOL, (&lr, &gr, &reference), (&lb, &gb, &bf16_vars));
-        ranger_step(&reference, &gr, UpdatePath::Auto);
-        ranger_step(&bf16_vars, &gb, UpdatePath::Portable);
-        compare_weights(&format!("{arch} bf16"), BF16_WEIGHT_TOL, &reference, &bf16_vars);
+        let run = |vars: &[(String, Var)]| lm_loss_and_grads(&cfg, vars, &seqs);
+        check_paths(arch, &decoder_vars(&cfg, DType::F32), &decoder_vars(&cfg, DType::BF16), &dev, run);
     }
 }
 
@@ -178,17 +191,6 @@ fn classifier_vars(config: &Value, dtype: DType) -> (ranger_train::model::Backbo
         .map(|(n, _)| (n.clone(), Var::from_tensor(&weights[&n]).unwrap()))
         .collect();
     (backbone, vars)
-}
-
-/// Three rows of different lengths (two padded), one a text pair.
-fn labeled(vocab: usize) -> Vec<LabeledText> {
-    let mut rng = Rng::new(3);
-    let mut ids = |n: usize| (0..n).map(|_| 4 + rng.below(vocab - 4) as u32).collect::<Vec<_>>();
-    vec![
-        LabeledText { ids: ids(7), type_ids: vec![0, 0, 0, 0, 1, 1, 1], label: 2 },
-        LabeledText { ids: ids(4), type_ids: vec![0; 4], label: 0 },
-        LabeledText { ids: ids(6), type_ids: vec![0; 6], label: 1 },
-    ]
 }
 
 fn cls_loss_and_grads(
@@ -218,25 +220,11 @@ fn classifiers_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
     let dev = common::test_device();
     for (config, vocab) in configs {
         let arch = config["model_type"].as_str().unwrap().to_string();
-        let ex = labeled(vocab);
+        let ex = common::labeled_examples(vocab);
 
         let (backbone, f32_vars) = classifier_vars(&config, DType::F32);
-        let dev_vars = copies(&f32_vars, DType::F32, &dev);
-        let (lf, gf) = cls_loss_and_grads(&backbone, &f32_vars, &ex);
-        let (lo, go) = without_fused_kernels(|| cls_loss_and_grads(&backbone, &dev_vars, &ex));
-        compare(&format!("{arch} classifier f32"), F32_TOL, (&lf, &gf, &f32_vars), (&lo, &go, &dev_vars));
-        ranger_step(&f32_vars, &gf, UpdatePath::Auto);
-        ranger_step(&dev_vars, &go, UpdatePath::Portable);
-        compare_weights(&format!("{arch} classifier f32"), F32_TOL, &f32_vars, &dev_vars);
-
         let (_, bf16_vars) = classifier_vars(&config, DType::BF16);
-        let bf16_vars = copies(&bf16_vars, DType::BF16, &dev);
-        let reference = as_f32(&bf16_vars);
-        let (lr, gr) = cls_loss_and_grads(&backbone, &reference, &ex);
-        let (lb, gb) = cls_loss_and_grads(&backbone, &bf16_vars, &ex);
-        compare(&format!("{arch} classifier bf16"), BF16_TOL, (&lr, &gr, &reference), (&lb, &gb, &bf16_vars));
-        ranger_step(&reference, &gr, UpdatePath::Auto);
-        ranger_step(&bf16_vars, &gb, UpdatePath::Portable);
-        compare_weights(&format!("{arch} classifier bf16"), BF16_WEIGHT_TOL, &reference, &bf16_vars);
+        let run = |vars: &[(String, Var)]| cls_loss_and_grads(&backbone, vars, &ex);
+        check_paths(&format!("{arch} classifier"), &f32_vars, &bf16_vars, &dev, run);
     }
 }

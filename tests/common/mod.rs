@@ -28,6 +28,19 @@ pub fn test_device() -> Device {
     ranger_train::config::parse_device(&test_device_spec()).expect("RANGER_TEST_DEVICE names a device this build has")
 }
 
+/// Three labelled rows of different lengths (so two are padded in a batch), one of them a text
+/// pair, with ids below `vocab` (and above the 4 special ids).
+pub fn labeled_examples(vocab: usize) -> Vec<ranger_train::classify::LabeledText> {
+    use ranger_train::classify::LabeledText;
+    let mut rng = ranger_train::rng::Rng::new(3);
+    let mut ids = |n: usize| (0..n).map(|_| 4 + rng.below(vocab - 4) as u32).collect::<Vec<_>>();
+    vec![
+        LabeledText { ids: ids(7), type_ids: vec![0, 0, 0, 0, 1, 1, 1], label: 2 },
+        LabeledText { ids: ids(4), type_ids: vec![0; 4], label: 0 },
+        LabeledText { ids: ids(6), type_ids: vec![0; 6], label: 1 },
+    ]
+}
+
 /// Writes a complete tiny model folder (random weights for `seed`).
 pub fn write_tiny_model(dir: &Path, config: &Value, seed: u64) -> LlamaConfig {
     ranger_train::testing::write_tiny_model(dir, config, seed).unwrap()

@@ -3,17 +3,14 @@
 //! saved and restored exactly. `candle_nn::AdamW` keeps its moments in the variable's dtype and
 //! private (no resume); this one takes the same [`ParamsAdamW`].
 
-use std::path::Path;
-
-use candle_core::backprop::GradStore;
 use candle_core::Var;
 use candle_nn::{Optimizer, ParamsAdamW};
 
+use crate::engine::{engine_methods, engine_optimizer_methods};
 use crate::error::{Error, Result};
 use crate::groups::ParamGroup;
 use crate::params::{Centralization, NonFiniteGrads, ParamsRanger, UpdatePath};
-use crate::ranger::{Ranger, StepReport};
-use crate::state::OptimizerState;
+use crate::ranger::Ranger;
 
 /// AdamW with decoupled weight decay: `p *= 1 - lr wd`, then the Adam step with bias
 /// correction. [`candle_nn::ParamsAdamW`]'s defaults are torch's (lr 1e-3, betas (0.9, 0.999),
@@ -74,37 +71,9 @@ impl AdamW {
     pub fn with_options(groups: Vec<ParamGroup>, params: ParamsAdamW, options: AdamWOptions) -> Result<Self> {
         Ok(Self { inner: Ranger::adam(groups, engine_params(&params, options))? })
     }
-
-    /// One step, telling what it did.
-    pub fn step_with_report(&mut self, grads: &GradStore) -> Result<StepReport> {
-        self.inner.step_with_report(grads)
-    }
-
-    /// One step using the finite verdicts of a [`crate::GradCheck`] (see [`Ranger::step_checked`]).
-    pub fn step_checked(&mut self, grads: &GradStore, check: &crate::GradCheck) -> Result<StepReport> {
-        self.inner.step_checked(grads, check)
-    }
-
-    /// Moments, master copies and step counts as data (see [`Ranger::state_tensors`]).
-    pub fn state_tensors(&self) -> Result<OptimizerState<'_>> {
-        self.inner.state_tensors()
-    }
-
-    /// Loads state taken by [`AdamW::state_tensors`] (see [`Ranger::load_state_tensors`]).
-    pub fn load_state_tensors(&mut self, state: &OptimizerState<'_>) -> Result<()> {
-        self.inner.load_state_tensors(state)
-    }
-
-    /// Saves the state to one safetensors file (see [`Ranger::save_state`]).
-    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        self.inner.save_state(path)
-    }
-
-    /// Loads state saved by [`AdamW::save_state`] (see [`Ranger::load_state`]).
-    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        self.inner.load_state(path)
-    }
 }
+
+engine_methods!(AdamW);
 
 impl Optimizer for AdamW {
     type Config = ParamsAdamW;
@@ -115,15 +84,5 @@ impl Optimizer for AdamW {
         Self::new_named(named, config).map_err(Error::into_candle)
     }
 
-    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        self.inner.step_with_report(grads).map(|_| ()).map_err(Error::into_candle)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.inner.learning_rate()
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.inner.set_learning_rate(lr)
-    }
+    engine_optimizer_methods!();
 }

@@ -55,7 +55,7 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> can
 }
 
 /// Scales the gradients of `vars` so that their global L2 norm, known to be `norm` (from
-/// [`check_grads`]), is at most `max_norm`, as `torch.nn.utils.clip_grad_norm_` does
+/// [`crate::check_grads`]), is at most `max_norm`, as `torch.nn.utils.clip_grad_norm_` does
 /// (`coef = max_norm / (norm + 1e-6)`, applied only when below 1). A non-finite `norm` leaves
 /// the gradients untouched. Reads nothing back from the device.
 pub fn scale_grads_to_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64, norm: f64) -> candle_core::Result<()> {

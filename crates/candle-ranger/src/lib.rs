@@ -94,8 +94,13 @@ mod adamw;
 #[cfg(feature = "cuda")]
 mod cuda_step;
 mod device_support;
+mod engine;
 mod error;
 mod fused;
+#[cfg(any(feature = "cuda", feature = "metal"))]
+mod gpu_dispatch;
+#[cfg(any(feature = "cuda", feature = "metal"))]
+mod gpu_step;
 mod grad;
 mod grad_check;
 mod groups;

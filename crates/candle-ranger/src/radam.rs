@@ -1,17 +1,14 @@
 //! Plain RAdam with `torch.optim.RAdam`'s defaults: [`Ranger`] without Lookahead and without
 //! gradient centralization.
 
-use std::path::Path;
-
-use candle_core::backprop::GradStore;
 use candle_core::Var;
 use candle_nn::Optimizer;
 
-use crate::error::{Error, Result};
+use crate::engine::{engine_methods, engine_optimizer_methods};
+use crate::error::Result;
 use crate::groups::ParamGroup;
 use crate::params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, UpdatePath};
-use crate::ranger::{Ranger, StepReport};
-use crate::state::OptimizerState;
+use crate::ranger::Ranger;
 
 /// Hyperparameters of [`RAdam`]; `Default` is `torch.optim.RAdam`'s: lr 1e-3, betas
 /// (0.9, 0.999), eps 1e-8, no weight decay (L2 when set, decoupled if asked).
@@ -91,41 +88,13 @@ impl RAdam {
         Ok(Self { inner: Ranger::with_groups(groups, params.into())? })
     }
 
-    /// One step, telling what it did.
-    pub fn step_with_report(&mut self, grads: &GradStore) -> Result<StepReport> {
-        self.inner.step_with_report(grads)
-    }
-
-    /// One step using the finite verdicts of a [`crate::GradCheck`] (see [`Ranger::step_checked`]).
-    pub fn step_checked(&mut self, grads: &GradStore, check: &crate::GradCheck) -> Result<StepReport> {
-        self.inner.step_checked(grads, check)
-    }
-
-    /// Moments and step counts as data (see [`Ranger::state_tensors`]).
-    pub fn state_tensors(&self) -> Result<OptimizerState<'_>> {
-        self.inner.state_tensors()
-    }
-
-    /// Loads state taken by [`RAdam::state_tensors`] (see [`Ranger::load_state_tensors`]).
-    pub fn load_state_tensors(&mut self, state: &OptimizerState<'_>) -> Result<()> {
-        self.inner.load_state_tensors(state)
-    }
-
-    /// Saves moments and step counts (see [`Ranger::save_state`]).
-    pub fn save_state(&self, path: impl AsRef<Path>) -> Result<()> {
-        self.inner.save_state(path)
-    }
-
-    /// Loads state saved by [`RAdam::save_state`] (see [`Ranger::load_state`]).
-    pub fn load_state(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        self.inner.load_state(path)
-    }
-
     /// The underlying engine (a [`Ranger`] with Lookahead and centralization off).
     pub fn as_ranger(&self) -> &Ranger {
         &self.inner
     }
 }
+
+engine_methods!(RAdam);
 
 impl Optimizer for RAdam {
     type Config = ParamsRAdam;
@@ -134,15 +103,5 @@ impl Optimizer for RAdam {
         Ok(Self { inner: Ranger::new(vars, config.into())? })
     }
 
-    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        self.inner.step_with_report(grads).map(|_| ()).map_err(Error::into_candle)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.inner.learning_rate()
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.inner.set_learning_rate(lr)
-    }
+    engine_optimizer_methods!();
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Result, TrainError};
-use crate::model::bert::padding_mask;
+use crate::model::batch::padding_mask;
 use crate::model::causal_mask;
 use crate::model::classifier::ClassifierBatch;
 use crate::tokenizer::TextTokenizer;

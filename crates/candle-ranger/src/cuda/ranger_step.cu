@@ -19,6 +19,25 @@
 #define MOMENTUM 1
 #define RECTIFIED 2
 
+// The scalar arguments, laid out as `RangerArgs` in src/gpu_step.rs.
+struct RangerArgs {
+    uint32_t n;
+    uint32_t row_len;
+    int32_t centralize;
+    int32_t has_slow;
+    int32_t has_master;
+    float decay;
+    float l2;
+    float one_minus_b1;
+    float b2;
+    float one_minus_b2;
+    float eps;
+    int32_t mode;
+    float step;
+    float alpha;
+    int32_t sync;
+};
+
 __device__ __forceinline__ float load(float x) { return x; }
 __device__ __forceinline__ float load(__half x) { return __half2float(x); }
 __device__ __forceinline__ float load(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -27,11 +46,12 @@ __device__ __forceinline__ void store(__half *p, float x) { *p = __float2half_rn
 __device__ __forceinline__ void store(__nv_bfloat16 *p, float x) { *p = __float2bfloat16_rn(x); }
 
 template <typename P>
-__device__ void ranger_step(
-    const size_t n, const size_t row_len, const int centralize,
-    P *p, const P *g, float *m, float *v, float *slow, const int has_slow, float *master, const int has_master,
-    const float decay, const float l2, const float one_minus_b1, const float b2, const float one_minus_b2,
-    const float eps, const int mode, const float step, const float alpha, const int sync) {
+__device__ void ranger_step(P *p, const P *g, float *m, float *v, float *slow, float *master, const RangerArgs a) {
+    const size_t n = a.n, row_len = a.row_len;
+    const int centralize = a.centralize, has_slow = a.has_slow, has_master = a.has_master, mode = a.mode,
+              sync = a.sync;
+    const float decay = a.decay, l2 = a.l2, one_minus_b1 = a.one_minus_b1, b2 = a.b2, one_minus_b2 = a.one_minus_b2,
+                eps = a.eps, step = a.step, alpha = a.alpha;
     const size_t start = (size_t)blockIdx.x * row_len;
     if (start >= n) return;
     const size_t end = min(start + row_len, n);
@@ -82,15 +102,10 @@ __device__ void ranger_step(
     }
 }
 
-#define RANGER_OP(TYPENAME, FN_NAME)                                                                        \
-    extern "C" __global__ void FN_NAME(                                                                     \
-        const size_t n, const size_t row_len, const int centralize, TYPENAME *p, const TYPENAME *g,         \
-        float *m, float *v, float *slow, const int has_slow, float *master, const int has_master,           \
-        const float decay, const float l2, const float one_minus_b1, const float b2,                         \
-        const float one_minus_b2, const float eps, const int mode, const float step, const float alpha,     \
-        const int sync) {                                                                                   \
-        ranger_step<TYPENAME>(n, row_len, centralize, p, g, m, v, slow, has_slow, master, has_master, decay, \
-                              l2, one_minus_b1, b2, one_minus_b2, eps, mode, step, alpha, sync);             \
+#define RANGER_OP(TYPENAME, FN_NAME)                                                                \
+    extern "C" __global__ void FN_NAME(TYPENAME *p, const TYPENAME *g, float *m, float *v, float *slow,  \
+                                       float *master, const RangerArgs a) {                             \
+        ranger_step<TYPENAME>(p, g, m, v, slow, master, a);                                             \
     }
 
 RANGER_OP(float, ranger_step_f32)

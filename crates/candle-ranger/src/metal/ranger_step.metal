@@ -13,6 +13,7 @@ using namespace metal;
 #define MOMENTUM 1
 #define RECTIFIED 2
 
+// The scalar arguments, laid out as `RangerArgs` in src/gpu_step.rs.
 struct RangerArgs {
     uint n;
     uint row_len;

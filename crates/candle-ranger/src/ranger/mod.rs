@@ -245,23 +245,11 @@ impl Ranger {
                     let op = FusedStep { scalars: sc, row_len, eps: sc.eps, beta1: p.beta1, beta2: p.beta2, state };
                     slot.var.as_tensor().inplace_op2(&grad, &op)?;
                 }
-                #[cfg(feature = "cuda")]
-                SlotState::Device(st) if st.fused && slot.var.device().is_cuda() => {
+                // The fused CUDA / Metal kernel (opt-in): slots are only marked `fused` there.
+                #[cfg(any(feature = "cuda", feature = "metal"))]
+                SlotState::Device(st) if st.fused => {
                     let (grad, row_len) = fused_input()?;
-                    let op = crate::cuda_step::CudaStep {
-                        scalars: sc,
-                        row_len,
-                        eps: sc.eps,
-                        beta1: p.beta1,
-                        beta2: p.beta2,
-                        state: st,
-                    };
-                    slot.var.as_tensor().inplace_op2(&grad, &op)?;
-                }
-                #[cfg(feature = "metal")]
-                SlotState::Device(st) if st.fused && slot.var.device().is_metal() => {
-                    let (grad, row_len) = fused_input()?;
-                    let op = crate::metal_step::MetalStep {
+                    let op = crate::gpu_step::GpuStep {
                         scalars: sc,
                         row_len,
                         eps: sc.eps,

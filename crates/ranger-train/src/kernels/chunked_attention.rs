@@ -6,10 +6,10 @@
 //! Candle's autograd over the eager version keeps the scores and the probabilities of every
 //! layer until backward.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CustomOp3, Result, Tensor, D};
 
 use super::compute_dtype;
+use super::precomputed::precomputed_forwards;
 
 /// Score elements per chunk (16M: 64 MiB of f32 scores, as much again for the probabilities).
 const CHUNK_ELEMS: usize = 1 << 24;
@@ -77,15 +77,12 @@ impl ChunkedAttention {
         Ok((Tensor::cat(&outs, 2)?, Tensor::cat(&lses, 2)?))
     }
 
-    /// The computed output, taken out of the op: a copy of its storage, on the backend `S`.
-    fn output<S: BackendStorage>(&self, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
-        let Some(out) = self.out.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            candle_core::bail!("ranger-chunked-attention: run twice")
-        };
-        let (s, l) = out.storage_and_layout();
-        match pick(&s) {
-            Some(s) => Ok((s.try_clone(l)?, out.shape().clone())),
-            None => candle_core::bail!("ranger-chunked-attention: output and inputs on different devices"),
+    /// The computed output, the op's forward value, taken out of the op (backward gets it back
+    /// as the op's result).
+    fn value(&self) -> Result<Tensor> {
+        match self.out.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(out) => Ok(out),
+            None => candle_core::bail!("ranger-chunked-attention: run twice"),
         }
     }
 }
@@ -95,52 +92,7 @@ impl CustomOp3 for ChunkedAttention {
         "ranger-chunked-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.output(|s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
-    }
+    precomputed_forwards!(value; q ql, k kl, v vl);
 
     // dO: [b, h, sq, d] -> dq: [b, h, sq, d], dk, dv: [b, h, sk, d]; per chunk, with
     // P = exp(S - lse): dv += P^T dO, dS = P * (dO v^T - rowsum(dO * O)), dq = dS k, dk += dS^T q.

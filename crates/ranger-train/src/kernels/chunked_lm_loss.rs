@@ -5,8 +5,9 @@
 //! to backprop: Candle's autograd over chunked logits would keep every chunk's softmax alive
 //! until backward, which is the whole `[tokens, vocab]` again.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CustomOp2, Result, Tensor, D};
+
+use super::precomputed::precomputed_forwards;
 
 use super::lm_head::IGNORE_TARGET;
 
@@ -85,15 +86,11 @@ struct PrecomputedLoss {
     gw: Option<Tensor>,
 }
 
-/// A copy of the loss's storage, which must be on the backend `$variant`.
-macro_rules! loss_storage {
-    ($self:ident, $variant:ident) => {{
-        let (s, l) = $self.loss.storage_and_layout();
-        match &*s {
-            Storage::$variant(s) => Ok((s.try_clone(l)?, Shape::from(()))),
-            _ => candle_core::bail!("chunked LM loss: loss and inputs on different devices"),
-        }
-    }};
+impl PrecomputedLoss {
+    /// The loss, the op's forward value.
+    fn value(&self) -> Result<Tensor> {
+        Ok(self.loss.clone())
+    }
 }
 
 impl CustomOp2 for PrecomputedLoss {
@@ -101,31 +98,7 @@ impl CustomOp2 for PrecomputedLoss {
         "ranger-chunked-lm-loss"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        loss_storage!(self, Cpu)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        loss_storage!(self, Cuda)
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        loss_storage!(self, Metal)
-    }
+    precomputed_forwards!(value; x xl, w wl);
 
     // g: [] -> dx: [n, h], dw: [vocab, h]
     fn bwd(&self, _x: &Tensor, _w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

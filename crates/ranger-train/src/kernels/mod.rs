@@ -65,6 +65,7 @@ pub mod linear;
 pub mod lm_head;
 pub mod norms;
 mod path;
+mod precomputed;
 pub mod rotary;
 pub mod softmax;
 #[cfg(test)]

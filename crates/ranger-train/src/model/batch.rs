@@ -1,4 +1,5 @@
-//! A batch of token sequences for a causal LM, and the attention mask of packed sequences.
+//! A batch of token sequences for a causal LM, and the attention masks: packed causal
+//! sequences (decoders) and right-padded ones (encoders).
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -72,28 +73,66 @@ fn device_causal_mask(segments: &[Vec<u32>], window: Option<usize>, dtype: DType
     visible.where_cond(&zeros, &masked)
 }
 
+/// Additive self-attention mask `[b, 1, s, s]` of right-padded sequences of `lengths` padded
+/// to `s`: every token sees every non-padding token of its own sequence. On a GPU it is built
+/// there from the lengths, so only those cross the bus.
+pub fn padding_mask(lengths: &[usize], s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    if device.is_cpu() {
+        host_padding_mask(lengths, s, dtype, device)
+    } else {
+        device_padding_mask(lengths, s, dtype, device)
+    }
+}
+
+fn host_padding_mask(lengths: &[usize], s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; lengths.len() * s * s];
+    for (bi, &len) in lengths.iter().enumerate() {
+        for i in 0..s {
+            for j in len..s {
+                m[(bi * s + i) * s + j] = -1e9;
+            }
+        }
+    }
+    Tensor::from_vec(m, (lengths.len(), 1, s, s), device)?.to_dtype(dtype)
+}
+
+/// [`padding_mask`] with tensor ops on `device`: key `j` is visible when `j < length`.
+fn device_padding_mask(lengths: &[usize], s: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let b = lengths.len();
+    let len: Vec<f32> = lengths.iter().map(|&l| l as f32).collect();
+    let len = Tensor::from_vec(len, (b, 1, 1, 1), device)?;
+    let j = Tensor::arange(0f32, s as f32, device)?.reshape((1, 1, 1, s))?;
+    let visible = j.broadcast_lt(&len)?.broadcast_as((b, 1, s, s))?.contiguous()?;
+    let zeros = Tensor::zeros((b, 1, s, s), dtype, device)?;
+    let masked = Tensor::full(-1e9f32, (b, 1, s, s), device)?.to_dtype(dtype)?;
+    visible.where_cond(&zeros, &masked)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The device construction, run on the CPU, gives the host mask bit for bit (packing,
-    /// padding segments, windows, every float dtype).
+    /// The device constructions, run on the CPU, give the host masks bit for bit (causal: packing,
+    /// padding segments, windows; padding: rows of several lengths; every float dtype).
     #[test]
-    fn device_mask_is_the_host_mask() {
+    fn device_masks_are_the_host_masks() {
+        let same = |a: Tensor, b: Tensor, what: String| {
+            assert_eq!((b.dims(), b.dtype()), (a.dims(), a.dtype()), "{what}");
+            let v = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            assert_eq!(v(&a), v(&b), "{what}");
+        };
         let segments = vec![vec![0, 0, 0, 1, 1, 1, 1, 2], vec![0, 0, 0, 0, 0, 0, 1, 1]];
+        let cpu = &Device::Cpu;
         for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
             for window in [None, Some(1), Some(3), Some(100)] {
-                let a = host_causal_mask(&segments, window, dtype, &Device::Cpu).unwrap();
-                let b = device_causal_mask(&segments, window, dtype, &Device::Cpu).unwrap();
-                assert_eq!(b.dims(), a.dims());
-                assert_eq!(b.dtype(), dtype);
-                let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());
-                assert_eq!(
-                    a.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-                    b.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-                    "{dtype:?} {window:?}"
+                let (a, b) = (
+                    host_causal_mask(&segments, window, dtype, cpu),
+                    device_causal_mask(&segments, window, dtype, cpu),
                 );
+                same(a.unwrap(), b.unwrap(), format!("causal {dtype:?} {window:?}"));
             }
+            let (a, b) = (host_padding_mask(&[5, 2, 7], 7, dtype, cpu), device_padding_mask(&[5, 2, 7], 7, dtype, cpu));
+            same(a.unwrap(), b.unwrap(), format!("padding {dtype:?}"));
         }
     }
 }
