@@ -64,7 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max_seq_length: 256,
             batch_size: 4,
             max_steps: Some(steps),
-            learning_rate: 1e-4,
+            learning_rate: Some(1e-4),
             optimizer,
             lora,
             device: "cpu".into(),

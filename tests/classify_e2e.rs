@@ -76,7 +76,9 @@ fn minilm_learns_spamassassin_to_97_percent_held_out() {
         batch_size: 16,
         // all-MiniLM-L6-v2's pooler output is small (it was trained for mean pooling), so the
         // fresh head needs a high learning rate and a small epsilon to get going.
-        learning_rate: 1e-3,
+        learning_rate: Some(1e-3),
+        // The beta2 this test was calibrated with (the CLI now picks one from the run length).
+        beta2: Some(0.999),
         eps: Some(1e-8),
         warmup_steps: Some(20),
         lr_scheduler: ranger_train::config::ScheduleKind::Linear,

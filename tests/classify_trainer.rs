@@ -61,11 +61,11 @@ fn config(dir: &Path, steps: usize) -> TrainConfig {
         output: dir.join("out").display().to_string(),
         max_seq_length: 16,
         batch_size: 8,
-        learning_rate: 1e-2,
+        learning_rate: Some(1e-2),
         eps: Some(1e-8),
         // RAdam's rectification with beta2 = 0.999 keeps steps small for hundreds of steps;
         // 0.99 finishes it within these short runs.
-        beta2: 0.99,
+        beta2: Some(0.99),
         max_steps: Some(steps),
         warmup_steps: Some(2),
         eval_every: 6,
@@ -79,7 +79,7 @@ fn config(dir: &Path, steps: usize) -> TrainConfig {
 fn bert_classifier_trains_keeps_the_best_and_reloads() {
     let dir = setup("cls-bert", "bert");
     let mut cfg = config(&dir, 96);
-    cfg.learning_rate = 3e-2;
+    cfg.learning_rate = Some(3e-2);
     cfg.eval_every = 24;
     let mut t = quiet(cfg);
     let s = t.run().unwrap();
@@ -154,7 +154,7 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
     let mut cfg = config(&dir, 12);
     cfg.lora = true;
     cfg.lora_rank = 4;
-    cfg.learning_rate = 2e-2;
+    cfg.learning_rate = Some(2e-2);
     // Besides the head (always trained), one module the user names, as PEFT's modules_to_save.
     cfg.modules_to_save = vec!["embeddings.LayerNorm".into()];
     let mut t = quiet(cfg);

@@ -102,8 +102,8 @@ fn config(dir: &Path, out: &str, steps: usize) -> TrainConfig {
         output: dir.join(out).display().to_string(),
         max_seq_length: 64,
         batch_size: 4,
-        learning_rate: 5e-4,
-        beta2: 0.99,
+        learning_rate: Some(5e-4),
+        beta2: Some(0.99),
         max_steps: Some(steps),
         device: common::test_device_spec(),
         ..Default::default()
@@ -196,7 +196,7 @@ fn adapter_end_to_end(name: &str, dora: bool, dropout: f64, parameters: usize) {
     cfg.lora = true;
     cfg.dora = dora;
     cfg.lora_dropout = dropout;
-    cfg.learning_rate = 1e-2;
+    cfg.learning_rate = Some(1e-2);
     let mut t = quiet(cfg);
     assert_eq!(t.trainable_parameters(), parameters, "r=8 on all 7 projections of 30 layers, as PEFT counts");
     let s = t.run().unwrap();

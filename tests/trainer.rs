@@ -49,8 +49,8 @@ fn config(dir: &Path, steps: usize) -> TrainConfig {
         max_seq_length: 32,
         batch_size: 3,
         grad_accumulation_steps: 2,
-        learning_rate: 3e-2,
-        beta2: 0.99,
+        learning_rate: Some(3e-2),
+        beta2: Some(0.99),
         max_steps: Some(steps),
         warmup_steps: Some(2),
         eval_every: 4,
@@ -375,7 +375,7 @@ fn early_stopping_ends_the_run() {
     let dir = setup("early");
     let mut cfg = config(&dir, 40);
     cfg.eval_every = 1;
-    cfg.learning_rate = 0.0; // nothing improves after the first evaluation
+    cfg.learning_rate = Some(0.0); // nothing improves after the first evaluation
     cfg.early_stopping_patience = Some(2);
     let s = quiet(cfg).run().unwrap();
     assert_eq!(s.steps, 2, "the baseline evaluation counts as the best so far: {}", s.stopped);
@@ -444,7 +444,7 @@ fn dora_rslora_with_dropout_trains_and_writes_a_peft_adapter() {
 fn lora_round_trip(name: &str, dora: bool, rslora: bool, dropout: f64) {
     let dir = setup(name);
     let mut cfg = config(&dir, 24);
-    cfg.learning_rate = 0.1; // adapters start at zero and want a larger rate
+    cfg.learning_rate = Some(0.1); // adapters start at zero and want a larger rate
     cfg.lora = true;
     cfg.lora_rank = 4;
     cfg.dora = dora;

@@ -3,7 +3,7 @@
 //! trained, merged and used by `predict`, real signals (Ctrl-C, SIGTERM and SIGHUP stop after a
 //! checkpoint with exit 75 and the printed command resumes bit for bit; a second signal exits at
 //! once with 130, leaving a checkpoint that resumes), and the guards of long runs: one run per
-//! output folder, and a full disk.
+//! output folder, and a full disk; the learning rate and beta2 chosen for a run when unset.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -244,6 +244,37 @@ fn config_file_flags_override_and_a_run_completes() {
     let o = run(&["train", "--config", p(&d.join("bad.toml"))]);
     assert!(!o.status.success());
     assert!(text(&o).contains("bad.toml"), "{}", text(&o));
+}
+
+#[test]
+fn unset_learning_rate_and_beta2_are_chosen_for_the_run_said_and_resumed() {
+    use ranger_train::config::{default_beta2, default_learning_rate, OptimizerKind, TaskKind};
+    let d = workdir("defaults");
+    let o = train_in(&d).args(["--max-steps", "40", "--batch-size", "2", "--device", "cpu"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let (lr, beta2) = (default_learning_rate(OptimizerKind::Ranger, TaskKind::CausalLm, false), default_beta2(OptimizerKind::Ranger, 40));
+    assert!(text(&o).contains(&format!("learning rate {lr:e}: the default for ranger, full fine-tune")), "{}", text(&o));
+    assert!(text(&o).contains(&format!("beta2 {beta2}: RAdam's warmup")), "{}", text(&o));
+    // The checkpoint records the values used, and the same command resumes from it.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/checkpoint-40/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!((state["config"]["learning_rate"].as_f64(), state["config"]["beta2"].as_f64()), (Some(lr), Some(beta2)));
+    let o = train_in(&d)
+        .args(["--max-steps", "40", "--batch-size", "2", "--device", "cpu", "--resume", p(&d.join("out/checkpoint-40"))])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // A given value is kept and not announced; AdamW keeps torch's beta2.
+    let o = train_into(&d, &d.join("adamw"))
+        .args(["--max-steps", "2", "--device", "cpu", "--optimizer", "adamw", "--learning-rate", "0.01"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("learning rate") && !text(&o).contains("beta2"), "{}", text(&o));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("adamw/checkpoint-2/trainer_state.json")).unwrap()).unwrap();
+    assert_eq!((state["config"]["learning_rate"].as_f64(), state["config"]["beta2"].as_f64()), (Some(0.01), Some(0.999)));
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]

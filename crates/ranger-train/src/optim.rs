@@ -10,7 +10,7 @@ use candle_ranger::{
     Ranger, StepReport,
 };
 
-use crate::config::{OptimizerKind, TrainConfig};
+use crate::config::{default_beta1, default_eps, OptimizerKind, TrainConfig};
 use crate::error::{Result, TrainError};
 
 /// A configured optimizer over named variables.
@@ -25,18 +25,21 @@ pub enum TrainOptimizer {
 
 impl TrainOptimizer {
     /// Builds the optimizer of `cfg` over `vars`, with no weight decay on vectors (biases,
-    /// norm weights).
+    /// norm weights). A learning rate or β2 left unset takes its default for a run of unknown
+    /// length (β2 0.999): the trainer fills them in for its run first
+    /// ([`TrainConfig::fill_run_defaults`]).
     pub fn new(cfg: &TrainConfig, vars: Vec<(String, Var)>) -> Result<Self> {
-        let beta1 = cfg.beta1.unwrap_or(if cfg.optimizer == OptimizerKind::Ranger { 0.95 } else { 0.9 });
-        let eps = cfg.eps.unwrap_or(if cfg.optimizer == OptimizerKind::Ranger { 1e-5 } else { 1e-8 });
+        let (lr, beta2) = (cfg.lr(), cfg.beta2_for(usize::MAX));
+        let beta1 = cfg.beta1.unwrap_or(default_beta1(cfg.optimizer));
+        let eps = cfg.eps.unwrap_or(default_eps(cfg.optimizer));
         let groups = ParamGroup::split_decay(vars.clone());
         Ok(match cfg.optimizer {
             OptimizerKind::Ranger => TrainOptimizer::Ranger(Ranger::with_groups(
                 groups,
                 ParamsRanger {
-                    lr: cfg.learning_rate,
+                    lr,
                     beta1,
-                    beta2: cfg.beta2,
+                    beta2,
                     eps,
                     weight_decay: cfg.weight_decay,
                     lookahead_k: cfg.lookahead_k,
@@ -49,9 +52,9 @@ impl TrainOptimizer {
             OptimizerKind::Radam => TrainOptimizer::RAdam(RAdam::with_groups(
                 groups,
                 ParamsRAdam {
-                    lr: cfg.learning_rate,
+                    lr,
                     beta1,
-                    beta2: cfg.beta2,
+                    beta2,
                     eps,
                     weight_decay: cfg.weight_decay,
                     decoupled_weight_decay: true,
@@ -61,7 +64,7 @@ impl TrainOptimizer {
             )?),
             OptimizerKind::Adamw => TrainOptimizer::AdamW(AdamW::with_options(
                 groups,
-                ParamsAdamW { lr: cfg.learning_rate, beta1, beta2: cfg.beta2, eps, weight_decay: cfg.weight_decay },
+                ParamsAdamW { lr, beta1, beta2, eps, weight_decay: cfg.weight_decay },
                 AdamWOptions { master_weights: cfg.master_weights, ..Default::default() },
             )?),
         })

@@ -86,7 +86,7 @@ mod tests {
         assert_eq!((c.model.as_str(), c.data.as_str(), c.output.as_str()), ("", "", "ranger-output"));
         assert_eq!((c.task, c.optimizer, c.lr_scheduler, c.dtype), Default::default());
         assert!(c.mask_prompt && c.centralize && !c.pack && !c.lora);
-        assert_eq!((c.learning_rate, c.beta2, c.lookahead_alpha, c.flat_fraction), (5e-5, 0.999, 0.5, 0.7));
+        assert_eq!((c.learning_rate, c.beta2, c.lookahead_alpha, c.flat_fraction), (None, None, 0.5, 0.7));
         assert_eq!((c.max_seq_length, c.batch_size, c.lookahead_k, c.seed), (512, 4, 6, 42));
         assert_eq!((c.max_shard_size, c.save_total_limit, c.lora_rank, c.lora_alpha), (5_000_000_000, 2, 8, 16.0));
         assert_eq!((c.text_column.as_str(), c.label_column.as_str(), c.device.as_str()), ("text", "label", "auto"));
@@ -103,7 +103,7 @@ mod tests {
         let c = from(&["--max-steps", "3", "--dtype", "bf16", "--optimizer", "radam"], Some(file)).unwrap();
         assert_eq!((c.model.as_str(), c.data.as_str()), ("from-file", "f.jsonl"));
         assert_eq!(c.max_steps, Some(3), "the flag wins");
-        assert_eq!(c.learning_rate, 0.01, "the file wins over the default");
+        assert_eq!(c.learning_rate, Some(0.01), "the file wins over the default");
         assert!(c.pack && !c.mask_prompt, "flags not given leave the file's booleans alone");
         assert_eq!((c.lr_scheduler, c.task), (ScheduleKind::FlatCosine, TaskKind::Classify));
         assert_eq!((c.dtype, c.optimizer), (DTypeArg::Bf16, OptimizerKind::Radam));
@@ -111,7 +111,7 @@ mod tests {
         assert_eq!(c.batch_size, 4, "neither: the default");
         // A flag equal to the default still wins over the file.
         let c = from(&["--learning-rate", "5e-5", "--max-steps", "7"], Some(file)).unwrap();
-        assert_eq!((c.learning_rate, c.max_steps), (5e-5, Some(7)));
+        assert_eq!((c.learning_rate, c.max_steps), (Some(5e-5), Some(7)));
     }
 
     #[test]

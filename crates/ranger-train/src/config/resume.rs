@@ -100,10 +100,10 @@ mod tests {
             label_column: "y".into(),
             labels: Some(vec!["a".into(), "b".into()]),
             optimizer: OptimizerKind::Adamw,
-            learning_rate: 0.1,
+            learning_rate: Some(0.1),
             weight_decay: 0.01,
             beta1: Some(0.8),
-            beta2: 0.99,
+            beta2: Some(0.99),
             eps: Some(1e-6),
             lookahead_k: 5,
             lookahead_alpha: 0.6,
@@ -187,8 +187,8 @@ mod tests {
 
     #[test]
     fn a_mismatch_names_the_option_and_both_values() {
-        let saved = TrainConfig { learning_rate: 0.01, ..TrainConfig::default() };
-        let now = TrainConfig { learning_rate: 0.02, lora: true, output: "x".into(), ..TrainConfig::default() };
+        let saved = TrainConfig { learning_rate: Some(0.01), ..TrainConfig::default() };
+        let now = TrainConfig { learning_rate: Some(0.02), lora: true, output: "x".into(), ..TrainConfig::default() };
         let found: Vec<String> = now.resume_mismatches(&saved).iter().map(|m| m.to_string()).collect();
         assert_eq!(
             found,

@@ -73,19 +73,22 @@ pub struct TrainConfig {
     /// The optimizer.
     #[arg(long, value_enum, default_value_t, help_heading = OPTIMIZER)]
     pub optimizer: OptimizerKind,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 5e-5, help_heading = OPTIMIZER)]
-    pub learning_rate: f64,
+    /// Peak learning rate (default: ranger/radam 1e-4 full, 1e-3 LoRA and classifiers; adamw 5e-5
+    /// full, 2e-4 LoRA, 1e-4 classifiers; chosen by the recipe study, README "Choosing settings").
+    #[arg(long, help_heading = OPTIMIZER)]
+    pub learning_rate: Option<f64>,
     /// Weight decay, not applied to biases and norm weights.
     #[arg(long, default_value_t = 0.0, help_heading = OPTIMIZER)]
     pub weight_decay: f64,
     /// Adam beta1 (default: 0.95 for ranger, 0.9 otherwise).
     #[arg(long, help_heading = OPTIMIZER)]
     pub beta1: Option<f64>,
-    /// Adam beta2.
-    #[arg(long, default_value_t = 0.999, help_heading = OPTIMIZER)]
-    pub beta2: f64,
-    /// Adam epsilon (default: 1e-5 for ranger, 1e-8 otherwise).
+    /// Adam beta2 (default: adamw 0.999; ranger/radam from the run length, so that RAdam's warmup
+    /// of ~2/(1-beta2) steps is a quarter of the run, between 0.9 and 0.999; printed at start).
+    #[arg(long, help_heading = OPTIMIZER)]
+    pub beta2: Option<f64>,
+    /// Adam epsilon (default 1e-8 for every optimizer; the published Ranger uses 1e-5, which damps
+    /// the small, clipped gradients of a fine-tune: README "Choosing settings").
     #[arg(long, help_heading = OPTIMIZER)]
     pub eps: Option<f64>,
     /// Lookahead sync period k; 0 disables Lookahead.

@@ -28,7 +28,8 @@ impl Trainer {
             |e: serde_json::Error| TrainError::Config { origin: sp.display().to_string(), message: e.to_string() };
         let mut json: serde_json::Value = serde_json::from_str(&text).map_err(bad_state)?;
         let sums = json.as_object_mut().and_then(|o| o.remove(checksums::KEY));
-        let saved: TrainerState = serde_json::from_value(json).map_err(bad_state)?;
+        let mut saved: TrainerState = serde_json::from_value(json).map_err(bad_state)?;
+        saved.config.fill_legacy_defaults();
         let mismatches: Vec<String> =
             self.session.cfg.resume_mismatches(&saved.config).iter().map(ToString::to_string).collect();
         if !mismatches.is_empty() {

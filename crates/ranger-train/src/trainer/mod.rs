@@ -54,16 +54,20 @@ pub struct Trainer {
     observers: Vec<Box<dyn TrainObserver>>,
     /// A lock on the output folder taken before the trainer was built, for `run` to keep.
     output_lock: Option<OutputLock>,
+    /// What the options left unset were set to, and why (said when the run starts).
+    chosen_defaults: Vec<String>,
 }
 
 impl Trainer {
     /// Builds the trainer; resumes when `cfg.resume` is set.
-    pub fn new(session: Session) -> Result<Self> {
-        let cfg = session.cfg.clone();
+    pub fn new(mut session: Session) -> Result<Self> {
         // Whole epochs of micro-batches, grouped into optimizer steps (the last may span an
         // epoch boundary, never more than one step's worth).
-        let micro_batches = session.task.batches_per_epoch() * cfg.epochs.max(1);
-        let total_steps = cfg.max_steps.unwrap_or(micro_batches.div_ceil(cfg.grad_accumulation_steps)).max(1);
+        let micro_batches = session.task.batches_per_epoch() * session.cfg.epochs.max(1);
+        let total_steps =
+            session.cfg.max_steps.unwrap_or(micro_batches.div_ceil(session.cfg.grad_accumulation_steps)).max(1);
+        let chosen_defaults = session.cfg.fill_run_defaults(total_steps);
+        let cfg = session.cfg.clone();
         let optimizer = TrainOptimizer::new(&cfg, session.vars.clone())?;
         let state = TrainerState {
             step: 0,
@@ -87,6 +91,7 @@ impl Trainer {
             history: vec![],
             observers: vec![],
             output_lock: None,
+            chosen_defaults,
         };
         if let Some(r) = cfg.resume.clone() {
             t.resume_from(Path::new(&r))?;
@@ -164,6 +169,11 @@ impl Trainer {
     pub fn run(&mut self) -> Result<RunSummary> {
         let started = Instant::now();
         let _lock = self.lock_output()?;
+        if self.verbose {
+            for note in &self.chosen_defaults {
+                eprintln!("{note}");
+            }
+        }
         let builtin: Vec<Box<dyn TrainObserver>> = vec![
             Box::new(Console::new(self.verbose, self.state.total_steps, self.session.cfg.log_every)),
             Box::new(MetricsFile::new(self.output.join("metrics.jsonl"))),

@@ -14,8 +14,8 @@ pub fn schedule_for(cfg: &TrainConfig, total: usize) -> Schedule {
         ScheduleKind::FlatCosine => Decay::FlatThenCosine { flat_fraction: cfg.flat_fraction },
     };
     Schedule {
-        base_lr: cfg.learning_rate,
-        min_lr: cfg.learning_rate * cfg.min_lr_ratio,
+        base_lr: cfg.lr(),
+        min_lr: cfg.lr() * cfg.min_lr_ratio,
         warmup_steps: warmup,
         total_steps: total,
         decay,
