@@ -252,15 +252,32 @@ fn unset_learning_rate_and_beta2_are_chosen_for_the_run_said_and_resumed() {
     let d = workdir("defaults");
     let o = train_in(&d).args(["--max-steps", "40", "--batch-size", "2", "--device", "cpu"]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    let (lr, beta2) = (default_learning_rate(OptimizerKind::Ranger, TaskKind::CausalLm, false), default_beta2(OptimizerKind::Ranger, 40));
-    assert!(text(&o).contains(&format!("learning rate {lr:e}: the default for ranger, full fine-tune")), "{}", text(&o));
+    let (lr, beta2) = (
+        default_learning_rate(OptimizerKind::Ranger, TaskKind::CausalLm, false),
+        default_beta2(OptimizerKind::Ranger, 40),
+    );
+    assert!(
+        text(&o).contains(&format!("learning rate {lr:e}: the default for ranger, full fine-tune")),
+        "{}",
+        text(&o)
+    );
     assert!(text(&o).contains(&format!("beta2 {beta2}: RAdam's warmup")), "{}", text(&o));
     // The checkpoint records the values used, and the same command resumes from it.
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("out/checkpoint-40/trainer_state.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/checkpoint-40/trainer_state.json")).unwrap())
+            .unwrap();
     assert_eq!((state["config"]["learning_rate"].as_f64(), state["config"]["beta2"].as_f64()), (Some(lr), Some(beta2)));
     let o = train_in(&d)
-        .args(["--max-steps", "40", "--batch-size", "2", "--device", "cpu", "--resume", p(&d.join("out/checkpoint-40"))])
+        .args([
+            "--max-steps",
+            "40",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--resume",
+            p(&d.join("out/checkpoint-40")),
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -272,8 +289,12 @@ fn unset_learning_rate_and_beta2_are_chosen_for_the_run_said_and_resumed() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(!text(&o).contains("learning rate") && !text(&o).contains("beta2"), "{}", text(&o));
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.join("adamw/checkpoint-2/trainer_state.json")).unwrap()).unwrap();
-    assert_eq!((state["config"]["learning_rate"].as_f64(), state["config"]["beta2"].as_f64()), (Some(0.01), Some(0.999)));
+        serde_json::from_str(&std::fs::read_to_string(d.join("adamw/checkpoint-2/trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (state["config"]["learning_rate"].as_f64(), state["config"]["beta2"].as_f64()),
+        (Some(0.01), Some(0.999))
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

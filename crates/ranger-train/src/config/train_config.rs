@@ -73,8 +73,9 @@ pub struct TrainConfig {
     /// The optimizer.
     #[arg(long, value_enum, default_value_t, help_heading = OPTIMIZER)]
     pub optimizer: OptimizerKind,
-    /// Peak learning rate (default: ranger/radam 1e-4 full, 1e-3 LoRA and classifiers; adamw 5e-5
-    /// full, 2e-4 LoRA, 1e-4 classifiers; chosen by the recipe study, README "Choosing settings").
+    /// Peak learning rate (default, from the recipe study in README "Choosing settings": ranger
+    /// 1e-3 full, 5e-3 LoRA, 3e-3 classifiers; adamw 2e-4 full, 2e-3 LoRA, 2e-4 classifiers;
+    /// radam half of ranger's).
     #[arg(long, help_heading = OPTIMIZER)]
     pub learning_rate: Option<f64>,
     /// Weight decay, not applied to biases and norm weights.

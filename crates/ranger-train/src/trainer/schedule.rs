@@ -13,11 +13,5 @@ pub fn schedule_for(cfg: &TrainConfig, total: usize) -> Schedule {
         ScheduleKind::Constant => Decay::Constant,
         ScheduleKind::FlatCosine => Decay::FlatThenCosine { flat_fraction: cfg.flat_fraction },
     };
-    Schedule {
-        base_lr: cfg.lr(),
-        min_lr: cfg.lr() * cfg.min_lr_ratio,
-        warmup_steps: warmup,
-        total_steps: total,
-        decay,
-    }
+    Schedule { base_lr: cfg.lr(), min_lr: cfg.lr() * cfg.min_lr_ratio, warmup_steps: warmup, total_steps: total, decay }
 }
