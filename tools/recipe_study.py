@@ -26,7 +26,7 @@ Tasks (held-out data never trained on):
 
 Every run is cached under --work (keyed by its command line, and for rows that use the CLI's
 defaults also by the binary's sha256), so a rerun only runs what changed. The whole study is
-about 2.5 hours on a 2-core CPU; pick sections to run less.
+about 2 hours on a 2-core CPU; pick sections to run less.
 
     cargo build --release -p ranger-tune
     python3 tools/recipe_study.py                       # every section
@@ -279,7 +279,8 @@ def variants(s):
         ("β2 0.92, no gradient centralization", auto + ["--no-centralize"]),
         ("β2 0.92, eps 1e-5 (published Ranger's)", auto + ["--eps", "1e-5"]),
     ]:
-        rows.append([label, s.cell("chat", True, 100, base + extra, SEEDS[:1])])
+        flags = ["--learning-rate", lr] if "--eps" in extra else base  # the row's own eps replaces the default
+        rows.append([label, s.cell("chat", True, 100, flags + extra, SEEDS[:1])])
     table(f"chat, LoRA, 100 steps: Ranger's options at lr {lr} (seed 1)", ["Ranger", "held-out loss"], rows)
 
 
