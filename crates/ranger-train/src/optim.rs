@@ -10,7 +10,7 @@ use candle_ranger::{
     Ranger, StepReport,
 };
 
-use crate::config::{default_beta1, default_eps, OptimizerKind, TrainConfig};
+use crate::config::{default_beta1, default_eps, OptimizerKind, TrainConfig, MAX_AUTO_BETA2};
 use crate::error::{Result, TrainError};
 
 /// A configured optimizer over named variables.
@@ -29,7 +29,7 @@ impl TrainOptimizer {
     /// length (β2 0.999): the trainer fills them in for its run first
     /// ([`TrainConfig::fill_run_defaults`]).
     pub fn new(cfg: &TrainConfig, vars: Vec<(String, Var)>) -> Result<Self> {
-        let (lr, beta2) = (cfg.lr(), cfg.beta2_for(usize::MAX));
+        let (lr, beta2) = (cfg.lr(), cfg.beta2.unwrap_or(MAX_AUTO_BETA2));
         let beta1 = cfg.beta1.unwrap_or(default_beta1(cfg.optimizer));
         let eps = cfg.eps.unwrap_or(default_eps(cfg.optimizer));
         let groups = ParamGroup::split_decay(vars.clone());

@@ -85,8 +85,8 @@ impl TrainConfig {
             if self.optimizer != OptimizerKind::Adamw {
                 let warmup = 2.0 / (1.0 - beta2);
                 notes.push(format!(
-                    "beta2 {beta2}: RAdam's warmup of ~2/(1-beta2) = {warmup:.0} steps is at most a quarter of the \
-                     {total_steps}-step run (--beta2 to change)"
+                    "beta2 {beta2}: RAdam's warmup of ~2/(1-beta2) = {warmup:.0} steps in this {total_steps}-step run \
+                     (a quarter of it, with beta2 kept within [{MIN_AUTO_BETA2}, {MAX_AUTO_BETA2}]; --beta2 to change)"
                 ));
             }
         }
@@ -94,22 +94,16 @@ impl TrainConfig {
     }
 
     /// Fills in β1 and ε of a config saved before the chosen values were recorded, with the
-    /// values those versions used (Ranger: 0.95 and 1e-5; the others 0.9 and 1e-8), so that
+    /// values those versions used (β1 as today; ε 1e-5 for Ranger, 1e-8 for the others), so that
     /// resuming such a checkpoint with today's defaults is refused instead of silently changed.
     pub fn fill_legacy_defaults(&mut self) {
-        let ranger = self.optimizer == OptimizerKind::Ranger;
-        self.beta1.get_or_insert(if ranger { 0.95 } else { 0.9 });
-        self.eps.get_or_insert(if ranger { 1e-5 } else { 1e-8 });
+        self.beta1.get_or_insert(default_beta1(self.optimizer));
+        self.eps.get_or_insert(if self.optimizer == OptimizerKind::Ranger { 1e-5 } else { 1e-8 });
     }
 
     /// The peak learning rate (the default until [`TrainConfig::fill_run_defaults`] ran).
     pub fn lr(&self) -> f64 {
         self.learning_rate.unwrap_or_else(|| default_learning_rate(self.optimizer, self.task, self.lora))
-    }
-
-    /// β2 (for a run of `total_steps` until [`TrainConfig::fill_run_defaults`] ran).
-    pub fn beta2_for(&self, total_steps: usize) -> f64 {
-        self.beta2.unwrap_or_else(|| default_beta2(self.optimizer, total_steps))
     }
 }
 
