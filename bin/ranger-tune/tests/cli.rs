@@ -253,11 +253,11 @@ fn unset_learning_rate_and_beta2_are_chosen_for_the_run_said_and_resumed() {
     let o = train_in(&d).args(["--max-steps", "40", "--batch-size", "2", "--device", "cpu"]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let (lr, beta2) = (
-        default_learning_rate(OptimizerKind::Ranger, TaskKind::CausalLm, false),
+        default_learning_rate(OptimizerKind::Ranger, TaskKind::CausalLm, false, 40),
         default_beta2(OptimizerKind::Ranger, 40),
     );
     assert!(
-        text(&o).contains(&format!("learning rate {lr:e}: the default for ranger, full fine-tune")),
+        text(&o).contains(&format!("learning rate {lr:e}: the default for ranger, full fine-tune, raised 2.50x")),
         "{}",
         text(&o)
     );

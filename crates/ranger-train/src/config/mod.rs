@@ -15,7 +15,7 @@ pub use error::ConfigError;
 pub use kinds::{BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind, TaskKind};
 pub use resume::{ResumeMismatch, MAY_CHANGE_ON_RESUME};
 pub use run_defaults::{
-    default_beta1, default_beta2, default_eps, default_learning_rate, MAX_AUTO_BETA2, MIN_AUTO_BETA2,
-    RECTIFIER_WARMUP_FRACTION,
+    default_beta1, default_beta2, default_eps, default_learning_rate, short_run_boost, MAX_AUTO_BETA2,
+    MAX_SHORT_RUN_BOOST, MIN_AUTO_BETA2, RECTIFIER_WARMUP_FRACTION, REFERENCE_RUN_STEPS,
 };
 pub use train_config::TrainConfig;
