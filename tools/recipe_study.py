@@ -7,8 +7,8 @@ tools/fetch_test_assets.sh), reads the held-out loss the trainer itself measures
 step and after the last (metrics.jsonl), and prints markdown tables of the held-out loss after each
 run (lower is better; every row of a table starts from the same loss):
 
-  sweep      learning-rate sweeps for AdamW and Ranger: chat data at 100 steps, full and LoRA;
-             the classifier at 30 steps
+  sweep      learning-rate sweeps for AdamW and Ranger: chat data at 100 and 30 steps and email
+             text at 100 steps, full and LoRA; the classifier at 30 and 100 steps
   chat       chat data, full and LoRA, at 30/100/300 optimizer steps: AdamW and Ranger with the
              CLI's defaults over two seeds (one at 300 steps), and Ranger with the old defaults
              (lr 5e-5, beta2 0.999, eps 1e-5)
@@ -26,7 +26,7 @@ Tasks (held-out data never trained on):
 
 Every run is cached under --work (keyed by its command line, and for rows that use the CLI's
 defaults also by the binary's sha256), so a rerun only runs what changed. The whole study is
-about 2 hours on a 2-core CPU; pick sections to run less.
+about 2.5 hours on a 2-core CPU; pick sections to run less.
 
     cargo build --release -p ranger-tune
     python3 tools/recipe_study.py                       # every section
@@ -240,6 +240,31 @@ AUTO_BETA2_100 = "0.92"
 AUTO_BETA2_30 = "0.9"
 
 
+# Short-run and email sweeps (seed 1): the recipes as the probes that set the run-length rule
+# ran them (Ranger with the beta2 its defaults choose for the run, eps 1e-8; AdamW with its
+# defaults but the learning rate).
+def ranger_at(lr, beta2):
+    return ["--learning-rate", lr, "--beta2", beta2, "--eps", "1e-8"]
+
+
+def adamw_at(lr):
+    return ["--optimizer", "adamw", "--learning-rate", lr]
+
+
+SWEEP_30 = {
+    False: [("adamw", adamw_at(lr)) for lr in ("2e-4", "5e-4")]
+    + [("ranger", ranger_at(lr, AUTO_BETA2_30)) for lr in ("1e-3", "2e-3", "3e-3")],
+    True: [("adamw", adamw_at(lr)) for lr in ("2e-3", "3e-3", "5e-3", "1e-2")]
+    + [("ranger", ranger_at(lr, AUTO_BETA2_30)) for lr in ("5e-3", "1e-2", "2e-2", "3e-2", "5e-2")],
+}
+SWEEP_EMAIL_100 = {
+    False: [("adamw", adamw_at("2e-4"))] + [("ranger", ranger_at(lr, AUTO_BETA2_100)) for lr in ("5e-4", "1e-3")],
+    True: [("adamw", adamw_at("2e-3"))] + [("ranger", ranger_at(lr, AUTO_BETA2_100)) for lr in ("2.5e-3", "5e-3", "1e-2")],
+}
+SWEEP_CLASSIFY_100 = [("ranger", ranger_at(lr, b2)) for lr, b2 in (("1.5e-3", AUTO_BETA2_100), ("3e-3", AUTO_BETA2_100),
+                                                                   ("3e-3", "0.99"))]
+
+
 def sweep(s):
     for lora in (False, True):
         rows = []
@@ -250,6 +275,12 @@ def sweep(s):
                 rows.append([f"{opt}, lr {lr}", s.cell("chat", lora, 100, recipe, SEEDS[:1])])
         table(f"chat, {'LoRA' if lora else 'full'}, 100 steps: learning-rate sweep (seed 1; Ranger with the "
               "default beta2)", ["recipe", "held-out loss"], rows)
+    for task, steps, grid in (("chat", 30, SWEEP_30), ("email", 100, SWEEP_EMAIL_100)):
+        for lora in (False, True):
+            rows = [[f"{opt}, lr {r[r.index('--learning-rate') + 1]}", s.cell(task, lora, steps, r, SEEDS[:1])]
+                    for opt, r in grid[lora]]
+            table(f"{task}, {'LoRA' if lora else 'full'}, {steps} steps: learning-rate sweep (seed 1; Ranger with "
+                  "the default beta2)", ["recipe", "held-out loss"], rows)
     rows = []
     for opt, lrs in SWEEP_CLASSIFY.items():
         for lr in lrs:
@@ -258,6 +289,10 @@ def sweep(s):
             rows.append([f"{opt}, lr {lr}", s.cell("spam", False, 30, recipe, SEEDS[:1], "acc"),
                          s.cell("spam", False, 30, recipe, SEEDS[:1])])
     table("spam classifier, 30 steps: learning-rate sweep (seed 1)", ["recipe", "accuracy %", "held-out loss"], rows)
+    rows = [[f"{opt}, lr {r[1]}, β2 {r[3]}", s.cell("spam", False, 100, r, SEEDS, "acc"), s.cell("spam", False, 100, r, SEEDS)]
+            for opt, r in SWEEP_CLASSIFY_100]
+    table(f"spam classifier, 100 steps: Ranger's learning rate and β2 (seeds {SEEDS})",
+          ["recipe", "accuracy %", "held-out loss"], rows)
 
 
 def variants(s):
@@ -306,7 +341,7 @@ def main():
     p.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all, in that order)")
     p.add_argument("--bin", default=str(ROOT / "target" / "release" / "ranger-tune"))
     p.add_argument("--work", default=str(ROOT / ".cache" / "study"))
-    p.add_argument("--variant-lr", default="5e-3", help="Ranger's learning rate in the variants table (its LoRA default)")
+    p.add_argument("--variant-lr", default="5e-3", help="Ranger's learning rate in the variants table (the 100-step chat LoRA sweep's best)")
     p.add_argument("--smoke", action="store_true", help="2-step runs, one seed: checks that everything runs")
     p.add_argument("--cached-only", action="store_true", help="print the tables from the runs done so far")
     p.add_argument("--keep", action="store_true", help="keep each run's output folder")

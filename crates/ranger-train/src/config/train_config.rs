@@ -74,7 +74,7 @@ pub struct TrainConfig {
     #[arg(long, value_enum, default_value_t, help_heading = OPTIMIZER)]
     pub optimizer: OptimizerKind,
     /// Peak learning rate (default, from the recipe study in README "Choosing settings": ranger
-    /// 5e-4 full, 5e-3 LoRA, 1e-3 classifiers, raised by 100/steps (at most 4x) for runs shorter
+    /// 5e-4 full, 7e-3 LoRA, 1e-3 classifiers, raised by 100/steps (at most 4x) for runs shorter
     /// than 100 steps; adamw 2e-4 full, 2e-3 LoRA, 2e-4 classifiers; radam half of ranger's;
     /// printed at start).
     #[arg(long, help_heading = OPTIMIZER)]
