@@ -97,9 +97,10 @@ impl TrainConfig {
         if self.learning_rate.is_none() {
             let lr = default_learning_rate(self.optimizer, self.task, self.lora, total_steps);
             self.learning_rate = Some(lr);
+            // In the order default_learning_rate picks the rate: a classifier's is the same with LoRA.
             let what = match (self.task, self.lora) {
-                (_, true) => "LoRA",
-                (TaskKind::Classify, false) => "classifier",
+                (TaskKind::Classify, _) => "classifier",
+                (TaskKind::CausalLm, true) => "LoRA",
                 (TaskKind::CausalLm, false) => "full fine-tune",
             };
             let boost = short_run_boost(self.optimizer, total_steps);
