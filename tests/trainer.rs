@@ -169,6 +169,48 @@ fn resume_is_bit_exact_with_radam() {
     resume_exact(OptimizerKind::Radam, None);
 }
 
+/// `--gradient-checkpointing` changes memory and time only: a run with it gives the weights and
+/// per-step losses of the run without it, bit for bit, and a checkpoint written with it resumes
+/// exactly without it (the option may change on resume, for a run that ran out of memory).
+fn checkpointing_changes_nothing(lora: Option<(bool, f64)>) {
+    let dir = setup(&format!("checkpointing-{lora:?}"));
+    let n = 4;
+    let plain_cfg = common::with_lora(config(&dir, 2 * n), lora);
+    let mut plain = quiet(TrainConfig { output: dir.join("plain").display().to_string(), ..plain_cfg.clone() });
+    plain.run().unwrap();
+    let cfg = TrainConfig { gradient_checkpointing: true, ..plain_cfg };
+    let (straight, stopped_at, _) = common::straight_and_resumed(&cfg, &dir, n, |_| {});
+    assert_eq!(stopped_at, n);
+    assert_eq!(weights_bits(&plain), weights_bits(&straight), "{lora:?}: weights differ with checkpointing");
+    let losses = |run: &str| {
+        common::read_jsonl(&dir.join(run).join("metrics.jsonl"))
+            .iter()
+            .filter_map(|l| l["loss"].as_f64().map(f64::to_bits))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses("plain"), losses("straight"), "{lora:?}: per-step losses differ with checkpointing");
+    let mut resumed = quiet(TrainConfig {
+        gradient_checkpointing: false,
+        output: dir.join("resumed").display().to_string(),
+        resume: Some(dir.join("resumed").display().to_string()),
+        ..cfg
+    });
+    assert_eq!(resumed.state().step, n);
+    resumed.run().unwrap();
+    assert_eq!(weights_bits(&plain), weights_bits(&resumed), "{lora:?}: resumed without checkpointing");
+    assert_eq!(losses("plain"), losses("resumed"));
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_run_and_resumes_either_way() {
+    checkpointing_changes_nothing(None);
+}
+
+#[test]
+fn gradient_checkpointing_with_dora_and_lora_dropout_gives_the_same_run() {
+    checkpointing_changes_nothing(Some((true, 0.2)));
+}
+
 #[test]
 fn resume_refuses_other_data_or_options() {
     let dir = setup("resume-refuse");

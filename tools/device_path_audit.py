@@ -43,6 +43,7 @@ DECLARED = [
     ("crates/candle-ranger/src/lookahead.rs", "non_finite_grads(", "Lookahead<O> over any optimizer: not the trainer's step"),
     ("crates/ranger-train/src/kernels/dtype.rs", "DType::F64", "compute dtype: f64 models stay f64 (refused on Metal)"),
     ("crates/ranger-train/src/kernels/linear.rs", "DType::F64", "weight-gradient sink of the fused CPU linear"),
+    ("crates/ranger-train/src/kernels/grad_sink.rs", "to_vec1", "add_tensor: CPU gradients only (taken under grad.device().is_cpu())"),
     ("crates/ranger-train/src/kernels/lm_head.rs", "to_scalar", "backward of the fused CPU LM-head loss (CPU only)"),
     ("crates/ranger-train/src/kernels/path.rs", "DType::F64", "the fused-path test: CPU tensors only"),
     ("crates/ranger-train/src/model/llama.rs", "to_device(&Device::Cpu)", "fused LM-head loss: taken only for CPU tensors"),

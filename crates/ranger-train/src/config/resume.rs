@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 use super::TrainConfig;
 
 /// Options that may differ between a checkpoint and the run resuming from it: where things go,
-/// how often the run reports, evaluates and saves, and the device. Each is a field name.
+/// how often the run reports, evaluates and saves, the device, and activation checkpointing
+/// (it trades memory for time; the gradients are the same bit for bit). Each is a field name.
 pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
     "revision",
     "output",
@@ -24,6 +25,7 @@ pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
     "eval_weights",
     "max_shard_size",
     "resume",
+    "gradient_checkpointing",
 ];
 
 /// An option whose value in a checkpoint differs from the resuming run's.
@@ -117,6 +119,7 @@ mod tests {
             flat_fraction: 0.5,
             batch_size: 2,
             grad_accumulation_steps: 3,
+            gradient_checkpointing: true,
             epochs: 2,
             max_steps: Some(10),
             seed: 7,

@@ -132,6 +132,11 @@ pub struct TrainConfig {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1, help_heading = TRAINING)]
     pub grad_accumulation_steps: usize,
+    /// Activation checkpointing: each layer keeps only its input during the forward pass and
+    /// is recomputed in the backward pass. Much less activation memory for about a third more
+    /// compute; the gradients, and so the run, are the same bit for bit.
+    #[arg(long, help_heading = TRAINING)]
+    pub gradient_checkpointing: bool,
     /// Epochs (ignored when --max-steps is set).
     #[arg(long, default_value_t = 1, help_heading = TRAINING)]
     pub epochs: usize,

@@ -9,6 +9,10 @@
 //! later micro-batches accumulate into that buffer in place. [`GradSink::merge_into`] then
 //! moves them into a `GradStore`, adding where Candle holds a gradient of the same weight too.
 //! Without an active sink the ops return every gradient to Candle as usual.
+//!
+//! Activation checkpointing ([`super::checkpoint`]) hands the sink whole gradient tensors of
+//! any device and dtype ([`GradSink::add_tensor`]): a Candle op can return gradients of its
+//! inputs only, and a checkpointed layer's weights are not its inputs.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -21,10 +25,11 @@ use candle_core::{CpuStorage, Device, Result, Tensor, TensorId};
 
 use super::float::Float;
 
-/// One weight's gradient values, row-major.
+/// One weight's gradient values, row-major; or a gradient tensor of another device or dtype.
 pub(crate) enum Buffer {
     F32(Vec<f32>),
     F64(Vec<f64>),
+    Tensor(Tensor),
 }
 
 impl Buffer {
@@ -42,6 +47,7 @@ impl Buffer {
         let values: &mut dyn Any = match self {
             Buffer::F32(v) => v,
             Buffer::F64(v) => v,
+            Buffer::Tensor(_) => return None,
         };
         values.downcast_mut()
     }
@@ -51,6 +57,7 @@ impl Buffer {
         match self {
             Buffer::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
             Buffer::F64(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+            Buffer::Tensor(t) => t.reshape(shape),
         }
     }
 }
@@ -153,7 +160,7 @@ impl GradSink {
         if let Some(slot) = slots.get_mut(&weight.id()) {
             let Some(buf) = slot.grad.values_mut::<T>() else {
                 candle_core::bail!(
-                    "gradient sink: {:?} gradient of a weight first written in another dtype",
+                    "gradient sink: {:?} gradient of a weight first written in another dtype or on another device",
                     weight.dtype()
                 );
             };
@@ -196,7 +203,7 @@ impl GradSink {
             Some(slot) => {
                 let Some(buf) = slot.grad.values_mut::<T>() else {
                     candle_core::bail!(
-                        "gradient sink: {:?} gradient of a weight first written in another dtype",
+                        "gradient sink: {:?} gradient of a weight first written in another dtype or on another device",
                         weight.dtype()
                     );
                 };
@@ -211,7 +218,41 @@ impl GradSink {
         match grad {
             Buffer::F32(v) => self.add_owned(weight, v, scale as f32),
             Buffer::F64(v) => self.add_owned(weight, v, scale),
+            Buffer::Tensor(t) => self.add_tensor(weight, (t * scale)?),
         }
+    }
+
+    /// Adds a gradient tensor of `weight` (any device and dtype, `weight`'s shape). A CPU
+    /// f32/f64 gradient joins the in-place buffers (`b += g`, the sum Candle's own store would
+    /// form); any other is kept as a tensor and summed with tensor ops.
+    pub fn add_tensor(&self, weight: &Tensor, grad: Tensor) -> Result<()> {
+        if grad.dims() != weight.dims() {
+            candle_core::bail!(
+                "gradient sink: gradient of shape {:?} for a weight of shape {:?}",
+                grad.dims(),
+                weight.dims()
+            );
+        }
+        if grad.device().is_cpu() && grad.dtype() == weight.dtype() {
+            match grad.dtype() {
+                candle_core::DType::F32 => return self.add_owned(weight, grad.flatten_all()?.to_vec1::<f32>()?, 1.0),
+                candle_core::DType::F64 => return self.add_owned(weight, grad.flatten_all()?.to_vec1::<f64>()?, 1.0),
+                _ => {}
+            }
+        }
+        let grad = grad.detach();
+        let mut slots = self.lock();
+        match slots.get_mut(&weight.id()) {
+            None => {
+                slots.insert(weight.id(), Slot { weight: weight.clone(), grad: Buffer::Tensor(grad) });
+            }
+            Some(Slot { grad: Buffer::Tensor(sum), .. }) => *sum = (&*sum + grad)?,
+            Some(_) => candle_core::bail!(
+                "gradient sink: {:?} gradient tensor of a weight whose earlier gradients were CPU buffers",
+                weight.dtype()
+            ),
+        }
+        Ok(())
     }
 
     /// Moves every gradient into `grads` (adding it to any gradient of the same weight already

@@ -46,10 +46,12 @@
 //! Shared pieces: `cpu_op` (the one Candle op impl per arity and its dtype dispatch), `float`
 //! (the element types), `dtype` (typed slices of a storage), `gemm`
 //! (matrix products), `exp` (vectorised `exp`), [`grad_sink`] (weight gradients accumulated
-//! in place) and `path` (which path an op takes).
+//! in place), `path` (which path an op takes) and [`checkpoint`] (a layer recomputed in
+//! backward instead of keeping its activations, on any device).
 
 pub mod activations;
 pub mod attention;
+pub mod checkpoint;
 pub mod chunked_attention;
 pub mod chunked_lm_loss;
 mod cpu_op;

@@ -6,14 +6,17 @@
 //! gradient-checked.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::linear::Proj;
+use super::lora::DropoutSeed;
 use crate::error::TrainError;
 use crate::kernels::activations::gelu_erf;
+use crate::kernels::checkpoint::{checkpoint, LayerFn};
 use crate::kernels::chunked_attention::chunked_attention;
 use crate::kernels::compute_dtype;
 use crate::kernels::fused_ok;
@@ -331,6 +334,48 @@ struct EncoderLayer {
     out_norm: Norm,
 }
 
+impl EncoderLayer {
+    /// The layer over hidden states `x: [b, s, hidden]` under the additive `mask: [b, 1, s, s]`.
+    fn forward(&self, c: &EncoderConfig, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (heads, hd) = (c.num_attention_heads, c.hidden_size / c.num_attention_heads);
+        let eps = c.layer_norm_eps;
+        let split = |t: Tensor| t.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous();
+        // Scaling q (s x d) rather than the scores (s x s) keeps one fewer large tensor.
+        let q = (split(self.q.forward(x)?)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = split(self.k.forward(x)?)?;
+        let v = split(self.v.forward(x)?)?;
+        let attn = if fused_ok(&q) {
+            let scores = q.matmul(&k.t()?)?.to_dtype(compute_dtype(q.dtype()))?;
+            masked_softmax(&scores, mask)?.to_dtype(q.dtype())?.matmul(&v)?
+        } else {
+            // Devices and half precision: query chunks, scores never [b, h, s, s] whole.
+            chunked_attention(&q, &k, &v, mask, None)?
+        };
+        let attn = attn.transpose(1, 2)?.reshape((b, s, c.hidden_size))?;
+        let x = layer_norm(&(x + self.o.forward(&attn)?)?, &self.attn_norm.weight, &self.attn_norm.bias, eps)?;
+        let ff = self.out.forward(&c.activation.apply(&self.inter.forward(&x)?)?)?;
+        layer_norm(&(x + ff)?, &self.out_norm.weight, &self.out_norm.bias, eps)
+    }
+
+    /// Every tensor the layer computes with.
+    fn tensors(&self) -> Vec<Tensor> {
+        let projs = [&self.q, &self.k, &self.v, &self.o, &self.inter, &self.out];
+        let mut out: Vec<Tensor> = projs.iter().flat_map(|p| p.tensors()).collect();
+        for n in [&self.attn_norm, &self.out_norm] {
+            out.extend([n.weight.clone(), n.bias.clone()]);
+        }
+        out
+    }
+
+    /// The dropout switch of its LoRA adapters, if any has dropout.
+    fn dropout_seed(&self) -> Option<DropoutSeed> {
+        [&self.q, &self.k, &self.v, &self.o, &self.inter, &self.out]
+            .iter()
+            .find_map(|p| Some(p.lora.as_ref()?.dropout.as_ref()?.seed.clone()))
+    }
+}
+
 /// A BERT-family encoder over weights by Hugging Face name: trainable where they are the
 /// tensors of `Var`s, frozen where they are plain tensors.
 #[derive(Debug, Clone)]
@@ -346,6 +391,8 @@ pub struct Encoder {
     modules: Vec<String>,
     dtype: DType,
     device: Device,
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 impl Encoder {
@@ -383,7 +430,18 @@ impl Encoder {
         }
         let (dtype, device) = (word.dtype(), word.device().clone());
         let modules = config.projection_modules();
-        Ok(Self { config, word, position, token_type, embed_norm, layers, modules, dtype, device })
+        Ok(Self {
+            config,
+            word,
+            position,
+            token_type,
+            embed_norm,
+            layers,
+            modules,
+            dtype,
+            device,
+            gradient_checkpointing: false,
+        })
     }
 
     /// The parameter dtype.
@@ -433,29 +491,28 @@ impl Encoder {
             };
             x = (x + lookup(tt, &types)?)?;
         }
-        let eps = c.layer_norm_eps;
-        let mut x = layer_norm(&x, &self.embed_norm.weight, &self.embed_norm.bias, eps)?;
-        let (heads, hd) = (c.num_attention_heads, c.hidden_size / c.num_attention_heads);
-        let cdt = compute_dtype(self.dtype);
-        for l in &self.layers {
-            let split = |t: Tensor| t.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous();
-            // Scaling q (s x d) rather than the scores (s x s) keeps one fewer large tensor.
-            let q = (split(l.q.forward(&x)?)? * (1.0 / (hd as f64).sqrt()))?;
-            let k = split(l.k.forward(&x)?)?;
-            let v = split(l.v.forward(&x)?)?;
-            let attn = if fused_ok(&q) {
-                let scores = q.matmul(&k.t()?)?.to_dtype(cdt)?;
-                masked_softmax(&scores, mask)?.to_dtype(self.dtype)?.matmul(&v)?
-            } else {
-                // Devices and half precision: query chunks, scores never [b, h, s, s] whole.
-                chunked_attention(&q, &k, &v, mask, None)?
-            };
-            let attn = attn.transpose(1, 2)?.reshape((b, s, c.hidden_size))?;
-            x = layer_norm(&(x + l.o.forward(&attn)?)?, &l.attn_norm.weight, &l.attn_norm.bias, eps)?;
-            let ff = l.out.forward(&c.activation.apply(&l.inter.forward(&x)?)?)?;
-            x = layer_norm(&(x + ff)?, &l.out_norm.weight, &l.out_norm.bias, eps)?;
+        let mut x = layer_norm(&x, &self.embed_norm.weight, &self.embed_norm.bias, c.layer_norm_eps)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            // As the decoder's layers: one function of the input, run twice under activation
+            // checkpointing with the LoRA dropout seed of now.
+            let dropout = l.dropout_seed().map(|d| {
+                let seed = d.get();
+                (d, seed)
+            });
+            let (c, layer, mask) = (c.clone(), l.clone(), mask.clone());
+            let run: LayerFn = Arc::new(move |x: &Tensor| match &dropout {
+                Some((d, seed)) => d.replay(*seed, i as u64, x.device(), || layer.forward(&c, x, &mask)),
+                None => layer.forward(&c, x, &mask),
+            });
+            x = if self.gradient_checkpointing { checkpoint(&x, &l.tensors(), run)? } else { run(&x)? };
         }
         Ok(x)
+    }
+
+    /// Activation checkpointing, as [`super::LlamaModel::set_gradient_checkpointing`]: each
+    /// encoder layer keeps only its input and is recomputed in the backward pass.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// Every weight by Hugging Face name (in [`EncoderConfig::weight_shapes`] order), with LoRA

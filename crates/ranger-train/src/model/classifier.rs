@@ -250,6 +250,15 @@ impl SequenceClassifier {
         compute_dtype(self.dtype())
     }
 
+    /// Activation checkpointing of the backbone's layers (see
+    /// [`LlamaModel::set_gradient_checkpointing`]).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        match &mut self.backbone {
+            Backbone::Encoder(e) => e.set_gradient_checkpointing(on),
+            Backbone::Decoder(d) => d.set_gradient_checkpointing(on),
+        }
+    }
+
     /// Whether the backbone is a decoder (causal mask, last-token pooling).
     pub fn is_decoder(&self) -> bool {
         matches!(self.backbone, Backbone::Decoder(_))

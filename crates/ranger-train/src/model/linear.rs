@@ -46,6 +46,17 @@ impl Proj {
         Ok(y)
     }
 
+    /// Every tensor it computes with: weight, bias, and the adapter's matrices and magnitude.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.weight.clone()];
+        out.extend(self.bias.iter().cloned());
+        if let Some(l) = &self.lora {
+            out.extend([l.a.clone(), l.b.clone()]);
+            out.extend(l.magnitude.iter().cloned());
+        }
+        out
+    }
+
     /// The weight with the LoRA/DoRA adapter merged in (see [`LoraAdapter::merge`]).
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {

@@ -2,6 +2,7 @@
 //! with the fused CPU kernels for attention and the LM head + loss where they apply.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
@@ -12,6 +13,7 @@ use super::llama_names::{self as names, layer_prefix, DOWN, GATE, K, O, PROJECTI
 use super::lora::{DropoutSeed, LoraConfig};
 use crate::kernels::activations::swiglu;
 use crate::kernels::attention::{repeat_kv, FusedAttention};
+use crate::kernels::checkpoint::{checkpoint, LayerFn};
 use crate::kernels::chunked_attention::chunked_attention;
 use crate::kernels::chunked_lm_loss::chunked_linear_cross_entropy;
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
@@ -50,12 +52,25 @@ impl Layer {
         }
         out
     }
+
+    /// Every tensor the layer computes with (weights, biases, norms, adapters).
+    fn tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.input_norm.clone(), self.post_norm.clone()];
+        out.extend(self.q_norm.iter().chain(&self.k_norm).cloned());
+        out.extend(self.projs.iter().flat_map(Proj::tensors));
+        out
+    }
+
+    /// The dropout switch of its LoRA adapters, if any has dropout.
+    fn dropout_seed(&self) -> Option<DropoutSeed> {
+        self.projs.iter().find_map(|p| Some(p.lora.as_ref()?.dropout.as_ref()?.seed.clone()))
+    }
 }
 
 /// Per-layer key/value cache for generation.
 #[derive(Debug, Default, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<KvSlot>,
     /// Tokens already in the cache.
     pub len: usize,
 }
@@ -74,6 +89,8 @@ pub struct LlamaModel {
     inv_freq: Tensor,
     dtype: DType,
     device: Device,
+    /// Recompute each layer in the backward pass instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 impl LlamaModel {
@@ -121,7 +138,18 @@ impl LlamaModel {
         let device = embed.device().clone();
         let dtype = embed.dtype();
         let inv_freq = Tensor::new(config.inv_freq(), &device)?;
-        Ok(Self { config, embed, layers, norm, lm_head, has_lm_head, inv_freq, dtype, device })
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            has_lm_head,
+            inv_freq,
+            dtype,
+            device,
+            gradient_checkpointing: false,
+        })
     }
 
     /// Adds LoRA adapters to the targeted projections and returns them as trainable variables
@@ -181,6 +209,23 @@ impl LlamaModel {
             .collect()
     }
 
+    /// Activation checkpointing: while training, each decoder layer keeps only its input and
+    /// is recomputed in the backward pass ([`crate::kernels::checkpoint`]), so the backward
+    /// pass holds one layer's activations instead of every layer's, for one more forward pass
+    /// of each layer. The gradients are the same bit for bit. It applies to forward passes run
+    /// under an active [`crate::kernels::grad_sink::GradSink`], which receives the weights'
+    /// gradients: the trainer's training steps; a caller running its own backward pass
+    /// activates one around the forward pass and merges it after backward. Evaluation and
+    /// inference run as usual.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
+    /// Whether activation checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
     /// The parameter dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -198,66 +243,6 @@ impl LlamaModel {
         let freqs = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
-    }
-
-    /// Self-attention of one layer over token rows `x: [b * s, hidden]`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        (b, s): (usize, usize),
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
-        let c = &self.config;
-        let hd = c.head_dim;
-        let (hq, hk) = (c.num_attention_heads, c.num_key_value_heads);
-        // Token rows [b * s, heads * head_dim]: the projections' own layout.
-        let mut q = layer.projs[Q].forward_rows(x)?;
-        let mut k = layer.projs[K].forward_rows(x)?;
-        let mut v = layer.projs[V].forward_rows(x)?;
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            let per_head = |t: &Tensor, w: &Tensor, heads: usize| {
-                rms_norm(&t.reshape((b * s, heads, hd))?, w, c.rms_norm_eps)?.reshape((b * s, heads * hd))
-            };
-            q = per_head(&q, qn, hq)?;
-            k = per_head(&k, kn, hk)?;
-        }
-        q = apply_rotary_rows(&q, cos, sin)?;
-        k = apply_rotary_rows(&k, cos, sin)?;
-        if let Some(slot) = cache {
-            // Cached keys and values are kept as [b, past, heads * head_dim].
-            let (k3, v3) = (k.reshape((b, s, ()))?, v.reshape((b, s, ()))?);
-            let (k3, v3) = match slot.as_ref() {
-                Some((pk, pv)) => (Tensor::cat(&[pk, &k3], 1)?, Tensor::cat(&[pv, &v3], 1)?),
-                None => (k3, v3),
-            };
-            *slot = Some((k3.clone(), v3.clone()));
-            k = k3.flatten(0, 1)?;
-            v = v3.flatten(0, 1)?;
-        }
-        if fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
-            // One op that reads grouped heads in place, keeps only the log-sum-exp for
-            // backprop and writes token rows for o_proj: no reshape or transpose in the graph.
-            let op = Fused(FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt(), hd));
-            return layer.projs[O].forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
-        }
-        let t = k.dim(0)? / b;
-        let heads_first = |x: &Tensor, n: usize, len: usize| x.reshape((b, len, n, hd))?.transpose(1, 2);
-        let q = heads_first(&q, hq, s)?;
-        let k = heads_first(&k, hk, t)?;
-        let v = heads_first(&v, hk, t)?;
-        let n_rep = hq / hk;
-        let k = repeat_kv(&k, n_rep)?.contiguous()?;
-        let v = repeat_kv(&v, n_rep)?.contiguous()?;
-        // Scaling q (s x d) rather than the scores (s x s) keeps one fewer large tensor.
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.contiguous()?;
-        // Query chunks: the scores are never [b, h, s, s] whole, in forward or backward.
-        let out = chunked_attention(&q, &k, &v, mask, None)?.transpose(1, 2)?.reshape((b * s, hq * hd))?;
-        layer.projs[O].forward_rows(&out)
     }
 
     fn run(
@@ -297,14 +282,19 @@ impl LlamaModel {
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
+        let rows = Rows { b, s, cos: &cos, sin: &sin, mask };
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
-            x = (x + self.attention(layer, &h, (b, s), &cos, &sin, mask, slot)?)?;
-            let h = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
-            let mlp = layer.projs[DOWN]
-                .forward_rows(&swiglu(&layer.projs[GATE].forward_rows(&h)?, &layer.projs[UP].forward_rows(&h)?)?)?;
-            x = (x + mlp)?;
+            x = match cache.as_deref_mut() {
+                Some(c) => layer_forward(&self.config, layer, &x, rows, Some(&mut c.layers[i]))?,
+                None => {
+                    let run = training_layer(&self.config, i, layer, rows);
+                    if self.gradient_checkpointing {
+                        checkpoint(&x, &layer.tensors(), run)?
+                    } else {
+                        run(&x)?
+                    }
+                }
+            };
         }
         if let Some(c) = cache {
             c.len += s;
@@ -379,6 +369,106 @@ impl LlamaModel {
         let mask = Tensor::from_vec(m, (1, 1, s, total), &self.device)?.to_dtype(compute_dtype(self.dtype))?;
         self.run(ids, &positions, &mask, Some(cache))
     }
+}
+
+/// Self-attention of one layer over token rows `x: [b * s, hidden]`.
+fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: Option<&mut KvSlot>) -> Result<Tensor> {
+    let Rows { b, s, cos, sin, mask } = rows;
+    let hd = c.head_dim;
+    let (hq, hk) = (c.num_attention_heads, c.num_key_value_heads);
+    // Token rows [b * s, heads * head_dim]: the projections' own layout.
+    let mut q = layer.projs[Q].forward_rows(x)?;
+    let mut k = layer.projs[K].forward_rows(x)?;
+    let mut v = layer.projs[V].forward_rows(x)?;
+    if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+        let per_head = |t: &Tensor, w: &Tensor, heads: usize| {
+            rms_norm(&t.reshape((b * s, heads, hd))?, w, c.rms_norm_eps)?.reshape((b * s, heads * hd))
+        };
+        q = per_head(&q, qn, hq)?;
+        k = per_head(&k, kn, hk)?;
+    }
+    q = apply_rotary_rows(&q, cos, sin)?;
+    k = apply_rotary_rows(&k, cos, sin)?;
+    if let Some(slot) = cache {
+        // Cached keys and values are kept as [b, past, heads * head_dim].
+        let (k3, v3) = (k.reshape((b, s, ()))?, v.reshape((b, s, ()))?);
+        let (k3, v3) = match slot.as_ref() {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k3], 1)?, Tensor::cat(&[pv, &v3], 1)?),
+            None => (k3, v3),
+        };
+        *slot = Some((k3.clone(), v3.clone()));
+        k = k3.flatten(0, 1)?;
+        v = v3.flatten(0, 1)?;
+    }
+    if fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
+        // One op that reads grouped heads in place, keeps only the log-sum-exp for
+        // backprop and writes token rows for o_proj: no reshape or transpose in the graph.
+        let op = Fused(FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt(), hd));
+        return layer.projs[O].forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
+    }
+    let t = k.dim(0)? / b;
+    let heads_first = |x: &Tensor, n: usize, len: usize| x.reshape((b, len, n, hd))?.transpose(1, 2);
+    let q = heads_first(&q, hq, s)?;
+    let k = heads_first(&k, hk, t)?;
+    let v = heads_first(&v, hk, t)?;
+    let n_rep = hq / hk;
+    let k = repeat_kv(&k, n_rep)?.contiguous()?;
+    let v = repeat_kv(&v, n_rep)?.contiguous()?;
+    // Scaling q (s x d) rather than the scores (s x s) keeps one fewer large tensor.
+    let q = (q * (1.0 / (hd as f64).sqrt()))?.contiguous()?;
+    // Query chunks: the scores are never [b, h, s, s] whole, in forward or backward.
+    let out = chunked_attention(&q, &k, &v, mask, None)?.transpose(1, 2)?.reshape((b * s, hq * hd))?;
+    layer.projs[O].forward_rows(&out)
+}
+
+/// What every layer of one forward pass shares: the batch shape, the rotary tables (one row
+/// per token) and the additive mask.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    b: usize,
+    s: usize,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: &'a Tensor,
+}
+
+/// A layer's cached keys and values during generation.
+type KvSlot = Option<(Tensor, Tensor)>;
+
+/// One decoder layer over token rows `x: [b * s, hidden]`.
+fn layer_forward(
+    c: &LlamaConfig,
+    layer: &Layer,
+    x: &Tensor,
+    rows: Rows<'_>,
+    cache: Option<&mut KvSlot>,
+) -> Result<Tensor> {
+    let h = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
+    let x = (x + attention(c, layer, &h, rows, cache)?)?;
+    let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+    let mlp = layer.projs[DOWN]
+        .forward_rows(&swiglu(&layer.projs[GATE].forward_rows(&h)?, &layer.projs[UP].forward_rows(&h)?)?)?;
+    x + mlp
+}
+
+/// [`layer_forward`] of layer `index` in training, as a function of its input that owns what it
+/// needs: activation checkpointing runs it twice, the second time in the backward pass, when
+/// the trainer has cleared the LoRA dropout seed, so it replays the seed of now (and on a GPU
+/// seeds the device's generator per layer, so both runs draw the same masks).
+fn training_layer(c: &LlamaConfig, index: usize, layer: &Layer, rows: Rows<'_>) -> LayerFn {
+    let dropout = layer.dropout_seed().map(|d| {
+        let seed = d.get();
+        (d, seed)
+    });
+    let (c, layer, b, s) = (c.clone(), layer.clone(), rows.b, rows.s);
+    let (cos, sin, mask) = (rows.cos.clone(), rows.sin.clone(), rows.mask.clone());
+    Arc::new(move |x: &Tensor| {
+        let rows = Rows { b, s, cos: &cos, sin: &sin, mask: &mask };
+        match &dropout {
+            Some((d, seed)) => d.replay(*seed, index as u64, x.device(), || layer_forward(&c, &layer, x, rows, None)),
+            None => layer_forward(&c, &layer, x, rows, None),
+        }
+    })
 }
 
 /// Mean loss of a batch as an f64 (for evaluation).

@@ -45,6 +45,31 @@ impl DropoutSeed {
         }
         Ok(())
     }
+
+    /// Runs `f` with the seed set to `seed`, as when a checkpointed layer is recomputed in the
+    /// backward pass (the trainer has cleared the seed by then), then restores the state. On a
+    /// GPU the device's generator is first seeded from `seed` and `scope` (the layer's index),
+    /// so the layer draws the same masks in its forward pass and when it is recomputed; on the
+    /// CPU the masks depend on the seed and the adapter only, as without checkpointing.
+    pub fn replay<R>(
+        &self,
+        seed: Option<u64>,
+        scope: u64,
+        device: &Device,
+        f: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
+        let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = std::mem::replace(&mut *lock(), SeedState { seed, device_seeded: false });
+        let result = (|| {
+            if let (Some(seed), false) = (seed, device.is_cpu()) {
+                device.set_seed(mix_seed(seed, scope))?;
+                lock().device_seeded = true;
+            }
+            f()
+        })();
+        *lock() = previous;
+        result
+    }
 }
 
 /// SplitMix64's output function: a well-mixed 64-bit hash of `a` and `b`.

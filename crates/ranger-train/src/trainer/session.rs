@@ -171,7 +171,8 @@ struct TaskInputs<'a> {
 fn prepare_causal_lm(cfg: &TrainConfig, config: LlamaConfig, inputs: TaskInputs) -> Result<(Task, Vec<(String, Var)>)> {
     let TaskInputs { weights, tokenizer, device, origin, dropout_seed } = inputs;
     let lora = lora_config(cfg);
-    let Built { model, vars } = builder(cfg, &lora, device, dropout_seed).causal_lm(config, weights, origin)?;
+    let Built { mut model, vars } = builder(cfg, &lora, device, dropout_seed).causal_lm(config, weights, origin)?;
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing);
     let opts = DataOptions { max_seq_len: cfg.max_seq_length, pack: cfg.pack, mask_prompt: cfg.mask_prompt };
     let train_data = load_file(Path::new(&cfg.data), tokenizer, &opts)?;
     let (train_examples, val_examples) = match &cfg.validation_file {
@@ -235,13 +236,14 @@ fn prepare_classifier(
     }
     cfg.labels = Some(labels.clone());
     let lora = lora_config(cfg);
-    let Built { model, vars } = builder(cfg, &lora, device, dropout_seed).classifier(
+    let Built { mut model, vars } = builder(cfg, &lora, device, dropout_seed).classifier(
         backbone,
         labels.len(),
         weights,
         Some(cfg.seed),
         origin,
     )?;
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing);
     let max_len = cfg.max_seq_length;
     let train = encode_records(&train_records, tokenizer, &labels, max_len, &data_path)?;
     let val = encode_records(&val_records, tokenizer, &labels, max_len, &val_path)?;
