@@ -1,12 +1,17 @@
-//! Full fine-tuning throughput and memory of SmolLM2-135M on CPU, f32, sequence 256, batch 4,
-//! to set beside `tools/bench_pytorch.py` (PyTorch + transformers, same model, data and shape):
+//! Fine-tuning throughput and memory of SmolLM2-135M on CPU, f32, to set beside
+//! `tools/bench_pytorch.py` (PyTorch + transformers, same model, data and shape):
 //!
 //!     cargo run --release --example finetune_bench [-- STEPS]
+//!     cargo run --release --example finetune_bench -- 3 --seq 1024 --batch 4 --checkpointing
 //!
-//! Fetches the model with tools/fetch_test_assets.sh, trains on a synthetic text — full
-//! fine-tuning with Ranger, with AdamW, and LoRA (r = 8, all projections) with Ranger — each in
-//! its own process so each peak is its own, and prints tokens/s (mean over the steps after the
-//! first) and the peak resident memory.
+//! Fetches the model with tools/fetch_test_assets.sh and trains on a synthetic text, each
+//! configuration in its own process so each peak is its own, and prints tokens/s (mean over the
+//! steps after the first) and the peak resident memory. The first form (sequence 256 x batch
+//! 4) runs full fine-tuning with Ranger, with AdamW, and LoRA (r = 8, all projections) with
+//! Ranger. `--checkpointing` runs full and LoRA Ranger with and without
+//! `--gradient-checkpointing`, alternately, at the shape given, and each once more at
+//! 16 tokens x 1: that run's peak is the memory that does not grow with the batch (weights,
+//! gradients, optimizer state), and each row's peak less it estimates its activation memory.
 
 use std::path::Path;
 
@@ -34,65 +39,113 @@ fn synthetic_text() -> String {
     paras.join("\n\n")
 }
 
+/// One configuration, as the parent process passes it to a child.
+struct Run {
+    name: String,
+    seq: usize,
+    batch: usize,
+    checkpointing: bool,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     ranger_train::alloc::tune_mimalloc(); // as ranger-tune does
-    let steps: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let steps: usize = args.first().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)?.parse::<usize>().ok());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = std::process::Command::new("bash").arg(root.join("tools/fetch_test_assets.sh")).output()?;
     let gguf = String::from_utf8(out.stdout)?.lines().last().ok_or("fetch failed")?.trim().to_string();
     let dir = std::env::temp_dir().join("ranger-finetune-bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("data.txt"), synthetic_text())?;
-    let only = std::env::args().nth(2);
-    if only.is_none() {
-        for name in ["ranger", "adamw", "lora"] {
-            let status =
-                std::process::Command::new(std::env::current_exe()?).arg(steps.to_string()).arg(name).status()?;
-            if !status.success() {
-                return Err(format!("benchmark of {name} failed").into());
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        let run = Run {
+            name: args[i + 1].clone(),
+            seq: args[i + 2].parse()?,
+            batch: args[i + 3].parse()?,
+            checkpointing: args[i + 4] == "1",
+        };
+        return child(&gguf, &dir, steps, &run);
+    }
+    let (seq, batch) = (flag("--seq").unwrap_or(256), flag("--batch").unwrap_or(4));
+    let mut runs = Vec::new();
+    if args.iter().any(|a| a == "--checkpointing") {
+        for name in ["ranger", "lora"] {
+            runs.push(Run { name: name.into(), seq: 16, batch: 1, checkpointing: false });
+        }
+        for checkpointing in [false, true] {
+            for name in ["ranger", "lora"] {
+                runs.push(Run { name: name.into(), seq, batch, checkpointing });
             }
         }
-        return Ok(());
+    } else {
+        for name in ["ranger", "adamw", "lora"] {
+            runs.push(Run { name: name.into(), seq, batch, checkpointing: false });
+        }
     }
-    let optimizer = if only.as_deref() == Some("adamw") { OptimizerKind::Adamw } else { OptimizerKind::Ranger };
-    let lora = only.as_deref() == Some("lora");
-    {
-        let cfg = TrainConfig {
-            model: gguf.clone(),
-            data: dir.join("data.txt").display().to_string(),
-            output: dir.join("out").display().to_string(),
-            max_seq_length: 256,
-            batch_size: 4,
-            max_steps: Some(steps),
-            learning_rate: Some(1e-4),
-            optimizer,
-            lora,
-            device: "cpu".into(),
-            ..Default::default()
-        };
-        let mut trainer = Trainer::new(prepare(cfg)?)?;
-        eprintln!("peak RSS after loading: {:.2} GiB", peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64);
-        trainer.set_verbose(false);
-        trainer.run()?;
-        let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl"))?;
-        let tps: Vec<f64> = metrics
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["tokens_per_sec"].as_f64())
-            .collect();
-        let mean = tps[1..].iter().sum::<f64>() / (tps.len() - 1).max(1) as f64;
-        let step_peaks: Vec<f64> = metrics
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["peak_rss_bytes"].as_f64())
-            .map(|b| b / (1u64 << 30) as f64)
-            .collect();
-        eprintln!("peak RSS after each step (GiB): {step_peaks:.2?}");
-        eprintln!("tokens/s of each step: {tps:.1?}");
-        println!(
-            "ranger-tune ({optimizer:?}{}): SmolLM2-135M f32, seq 256 x batch 4, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS {:.2} GiB",
-            if lora { ", LoRA r=8" } else { ", full" },
-            peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
-        );
-        let _ = std::fs::remove_dir_all(dir.join("out"));
+    for r in &runs {
+        let status = std::process::Command::new(std::env::current_exe()?)
+            .arg(steps.to_string())
+            .args([
+                "--child",
+                &r.name,
+                &r.seq.to_string(),
+                &r.batch.to_string(),
+                if r.checkpointing { "1" } else { "0" },
+            ])
+            .status()?;
+        if !status.success() {
+            return Err(format!("benchmark of {} failed", r.name).into());
+        }
     }
+    Ok(())
+}
+
+/// Trains one configuration and prints its figures.
+fn child(gguf: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn std::error::Error>> {
+    let optimizer = if run.name == "adamw" { OptimizerKind::Adamw } else { OptimizerKind::Ranger };
+    let lora = run.name == "lora";
+    let cfg = TrainConfig {
+        model: gguf.to_string(),
+        data: dir.join("data.txt").display().to_string(),
+        output: dir.join("out").display().to_string(),
+        max_seq_length: run.seq,
+        batch_size: run.batch,
+        max_steps: Some(steps),
+        learning_rate: Some(1e-4),
+        optimizer,
+        lora,
+        gradient_checkpointing: run.checkpointing,
+        // Whole sequences of the length asked for (the paragraphs are about 280 tokens long).
+        pack: run.seq > 256,
+        device: "cpu".into(),
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(prepare(cfg)?)?;
+    eprintln!("peak RSS after loading: {:.2} GiB", peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64);
+    trainer.set_verbose(false);
+    trainer.run()?;
+    let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl"))?;
+    let tps: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["tokens_per_sec"].as_f64())
+        .collect();
+    let mean = tps[1..].iter().sum::<f64>() / (tps.len() - 1).max(1) as f64;
+    let step_peaks: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["peak_rss_bytes"].as_f64())
+        .map(|b| b / (1u64 << 30) as f64)
+        .collect();
+    eprintln!("peak RSS after each step (GiB): {step_peaks:.2?}");
+    eprintln!("tokens/s of each step: {tps:.1?}");
+    println!(
+        "ranger-tune ({optimizer:?}{}{}): SmolLM2-135M f32, seq {} x batch {}, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS {:.2} GiB",
+        if lora { ", LoRA r=8" } else { ", full" },
+        if run.checkpointing { ", gradient checkpointing" } else { "" },
+        run.seq,
+        run.batch,
+        peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
+    );
+    let _ = std::fs::remove_dir_all(dir.join("out"));
     Ok(())
 }
