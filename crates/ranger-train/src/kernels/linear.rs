@@ -100,7 +100,7 @@ impl FusedOp2 for Linear {
 }
 
 /// `dW (+)= g^T x` into `sink`'s buffer for `w: [out, in]`, with `g: [n, out]`, `x: [n, in]`.
-fn weight_grad_into(sink: &GradSink, w: &Tensor, g: &Tensor, x: &Tensor) -> Result<()> {
+pub(crate) fn weight_grad_into(sink: &GradSink, w: &Tensor, g: &Tensor, x: &Tensor) -> Result<()> {
     const OP: &str = "ranger-linear";
     fn run<T: Float>(
         sink: &GradSink,

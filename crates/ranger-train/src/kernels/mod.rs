@@ -65,6 +65,7 @@ mod gemm;
 pub mod grad_sink;
 pub mod linear;
 pub mod lm_head;
+pub mod lora_linear;
 pub mod norms;
 mod path;
 mod precomputed;

@@ -151,3 +151,58 @@ fn fused_kernels_match_the_op_by_op_versions() {
         assert!(close(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-12);
     }
 }
+
+/// The fused LoRA projection against `x W^T + scale (x_d A^T) B^T` op by op, with and without a
+/// dropout mask: the output, the input's gradient and A's and B's, returned to Candle or
+/// written into a sink (twice, accumulated).
+#[test]
+fn fused_lora_projection_matches_the_op_by_op_version() {
+    use super::grad_sink::GradSink;
+    use super::lora_linear::lora_linear;
+    use candle_core::backprop::GradStore;
+    let mut rng = Rng::new(11);
+    let (n, inp, out, r, scale) = (7, 13, 9, 3, 0.7);
+    let x = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (n, inp))).unwrap();
+    let w = randn(&mut rng, 0f64, 1.0, (out, inp));
+    let a = Var::from_tensor(&randn(&mut rng, 0f64, 0.5, (r, inp))).unwrap();
+    let b = Var::from_tensor(&randn(&mut rng, 0f64, 0.5, (out, r))).unwrap();
+    let probe = randn(&mut rng, 0f64, 1.0, (n, out));
+    let keep: Vec<f64> = (0..n * inp).map(|i| if i % 3 == 0 { 0.0 } else { 1.5 }).collect();
+    let mask = Tensor::from_vec(keep, (n, inp), &Device::Cpu).unwrap();
+    for mask in [None, Some(&mask)] {
+        let xd = match mask {
+            Some(m) => x.as_tensor().mul(m).unwrap(),
+            None => x.as_tensor().clone(),
+        };
+        let low = (xd.matmul(&a.t().unwrap()).unwrap() * scale).unwrap().matmul(&b.t().unwrap()).unwrap();
+        let reference = (x.as_tensor().matmul(&w.t().unwrap()).unwrap() + low).unwrap();
+        let fused = lora_linear(&x, &w, (&a, &b, scale), mask).unwrap().expect("the fused op applies");
+        assert!(close(&fused, &reference) < 1e-12, "output, mask {}", mask.is_some());
+        let loss = |y: &Tensor| y.mul(&probe).unwrap().sum_all().unwrap();
+        let (gr, gf) = (loss(&reference).backward().unwrap(), loss(&fused).backward().unwrap());
+        for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
+            let d = close(gr.get(v).unwrap(), gf.get(v).unwrap());
+            assert!(d < 1e-12, "{name} gradient differs by {d}, mask {}", mask.is_some());
+        }
+        // Through a sink, two passes accumulated: twice the gradients of A and B.
+        let sink = GradSink::new();
+        let mut acc = GradStore::default();
+        for _ in 0..2 {
+            let y = {
+                let _on = sink.activate();
+                lora_linear(&x, &w, (&a, &b, scale), mask).unwrap().unwrap()
+            };
+            let g = loss(&y).backward().unwrap();
+            assert!(g.get(&a).is_none() && g.get(&b).is_none(), "A and B went to the sink");
+            acc.insert(&x, g.get(&x).unwrap().clone());
+        }
+        sink.merge_into(&mut acc).unwrap();
+        for v in [&a, &b] {
+            let d = close(&(gr.get(v).unwrap() * 2.0).unwrap(), acc.get(v).unwrap());
+            assert!(d < 1e-12, "sink gradient differs by {d}, mask {}", mask.is_some());
+        }
+    }
+    // A trainable base weight is not this op's case: the caller computes it op by op.
+    let wv = Var::from_tensor(&w).unwrap();
+    assert!(lora_linear(&x, wv.as_tensor(), (&a, &b, scale), None).unwrap().is_none());
+}

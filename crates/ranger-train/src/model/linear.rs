@@ -36,10 +36,10 @@ impl Module for Proj {
 impl Proj {
     /// The projection of token rows `x: [n, in]` to `[n, out]`.
     pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = crate::kernels::linear::linear(x, &self.weight)?;
-        if let Some(l) = &self.lora {
-            y = l.apply(x, &self.weight, y)?;
-        }
+        let mut y = match &self.lora {
+            Some(l) => l.project(x, &self.weight)?,
+            None => crate::kernels::linear::linear(x, &self.weight)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

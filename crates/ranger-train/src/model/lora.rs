@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use crate::kernels::compute_dtype;
 use crate::kernels::linear::linear;
+use crate::kernels::lora_linear::lora_linear;
 use crate::rng::Rng;
 
 /// The seed of the training micro-batch being run, shared by every adapter of a model. LoRA
@@ -151,15 +152,27 @@ impl LoraAdapter {
         magnitude.broadcast_div(&norm.to_dtype(magnitude.dtype())?)
     }
 
-    /// The projection's output with the adapter applied, given its input `x` (`[tokens, in]`),
-    /// the base weight and `base = x W^T` (without bias). In training with dropout the adapter
-    /// (and DoRA's rescaling of the base path) sees the dropped-out input, exactly as PEFT.
-    pub fn apply(&self, x: &Tensor, weight: &Tensor, base: Tensor) -> Result<Tensor> {
+    /// The projection `x W^T` with the adapter applied (without bias), for its input `x`
+    /// (`[tokens, in]`) and the base weight. In training with dropout the adapter (and DoRA's
+    /// rescaling of the base path) sees the dropped-out input, exactly as PEFT. Plain LoRA on
+    /// the CPU is one op ([`lora_linear`]) that keeps no output-sized intermediate for backward.
+    pub fn project(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let (rows, cols) = x.dims2()?;
-        let dropped = match &self.dropout {
-            Some(d) => d.mask(rows, cols, x.dtype(), x.device())?.map(|m| x.mul(&m)).transpose()?,
+        let mask = match &self.dropout {
+            Some(d) => d.mask(rows, cols, x.dtype(), x.device())?,
             None => None,
         };
+        if self.magnitude.is_none() {
+            if let Some(y) = lora_linear(x, weight, (&self.a, &self.b, self.scale), mask.as_ref())? {
+                return Ok(y);
+            }
+        }
+        self.apply(x, weight, linear(x, weight)?, mask)
+    }
+
+    /// [`Self::project`] op by op, given `base = x W^T` and the dropout mask.
+    fn apply(&self, x: &Tensor, weight: &Tensor, base: Tensor, mask: Option<Tensor>) -> Result<Tensor> {
+        let dropped = mask.map(|m| x.mul(&m)).transpose()?;
         let xa = dropped.as_ref().unwrap_or(x);
         // Scale the rank-r intermediate, not the full-width output: one large tensor fewer
         // kept for backprop.
