@@ -12,7 +12,9 @@ use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::fused_q8::Q8Moments;
 use crate::lookahead_core::interpolate;
+use crate::quant8::Q8Buf;
 use crate::scalars::{StepScalars, Update};
 
 /// The kernel's state type (f32 or f64): Candle's element type (arithmetic, `from_f64`,
@@ -72,11 +74,13 @@ impl Elem<f32> for f16 {
     }
 }
 
-/// Host-side optimizer state of one variable: f64 for f64 parameters, f32 otherwise.
+/// Host-side optimizer state of one variable: f64 for f64 parameters, f32 otherwise, or
+/// 8-bit ([`crate::StatePrecision::Int8`], f32 and half-precision parameters).
 #[derive(Debug, Clone)]
 pub(crate) enum HostBuf {
     F32(Vec<f32>),
     F64(Vec<f64>),
+    Q8(Q8Buf),
 }
 
 impl HostBuf {
@@ -85,6 +89,7 @@ impl HostBuf {
         match self {
             HostBuf::F32(v) => Tensor::from_slice(v, shape, &cpu),
             HostBuf::F64(v) => Tensor::from_slice(v, shape, &cpu),
+            HostBuf::Q8(q) => Tensor::from_vec(q.to_f32(), shape, &cpu),
         }
     }
 
@@ -117,7 +122,7 @@ impl StateElem for f32 {
     fn buf(b: &mut HostBuf) -> Option<&mut [f32]> {
         match b {
             HostBuf::F32(v) => Some(v),
-            HostBuf::F64(_) => None,
+            HostBuf::F64(_) | HostBuf::Q8(_) => None,
         }
     }
 }
@@ -126,7 +131,7 @@ impl StateElem for f64 {
     fn buf(b: &mut HostBuf) -> Option<&mut [f64]> {
         match b {
             HostBuf::F64(v) => Some(v),
-            HostBuf::F32(_) => None,
+            HostBuf::F32(_) | HostBuf::Q8(_) => None,
         }
     }
 }
@@ -139,12 +144,14 @@ pub(crate) struct FusedStep<'a> {
     pub eps: f64,
     pub beta1: f64,
     pub beta2: f64,
+    /// Seed of the stochastic rounding of 8-bit state (per variable and step).
+    pub seed: u64,
     pub state: RefCell<&'a mut HostState>,
 }
 
 /// Target elements per parallel task: big enough to amortize scheduling, small enough to
 /// keep both cores busy on mid-sized tensors.
-const CHUNK: usize = 1 << 15;
+pub(crate) const CHUNK: usize = 1 << 15;
 
 impl FusedStep<'_> {
     /// The update of `p` (the variable, or its master copy) from `g`, both of `p.len()` elements.
@@ -188,7 +195,7 @@ const RECTIFIED: u8 = 2;
 ///
 /// Weight decay is applied unconditionally with neutral values when off (`g + 0*p`,
 /// `p * 1`): that is exact, and it keeps the inner loop free of branches so it vectorizes.
-struct Kernel<S> {
+pub(crate) struct Kernel<S> {
     decay: S,
     l2: S,
     one_minus_b1: S,
@@ -202,7 +209,7 @@ struct Kernel<S> {
 }
 
 impl<S: Real> Kernel<S> {
-    fn new(op: &FusedStep<'_>) -> Self {
+    pub(crate) fn new(op: &FusedStep<'_>) -> Self {
         let sc = &op.scalars;
         let (mode, step) = match sc.update {
             Update::Rectified { step_size } => (RECTIFIED, step_size),
@@ -223,7 +230,7 @@ impl<S: Real> Kernel<S> {
         }
     }
 
-    fn chunk<P: Elem<S>, G: Elem<S>>(
+    pub(crate) fn chunk<P: Elem<S>, G: Elem<S>>(
         &self,
         p: &mut [P],
         g: &[G],
@@ -355,6 +362,16 @@ impl InplaceOp2 for FusedStep<'_> {
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let mut guard = self.state.borrow_mut();
         let st: &mut HostState = &mut guard;
+        if matches!(st.m, HostBuf::Q8(_)) {
+            return match (s1, s2) {
+                (CpuStorage::F32(p), CpuStorage::F32(g)) => self.apply_q8::<f32>(slice_mut(p, l1)?, slice(g, l2)?, st),
+                (CpuStorage::BF16(p), CpuStorage::BF16(g)) => {
+                    self.apply_q8::<bf16>(slice_mut(p, l1)?, slice(g, l2)?, st)
+                }
+                (CpuStorage::F16(p), CpuStorage::F16(g)) => self.apply_q8::<f16>(slice_mut(p, l1)?, slice(g, l2)?, st),
+                (p, _) => candle_core::bail!("fused ranger step: 8-bit state for a {:?} parameter", p.dtype()),
+            };
+        }
         match (s1, s2) {
             (CpuStorage::F32(p), CpuStorage::F32(g)) => self.apply::<f32, f32>(slice_mut(p, l1)?, slice(g, l2)?, st),
             (CpuStorage::F64(p), CpuStorage::F64(g)) => self.apply::<f64, f64>(slice_mut(p, l1)?, slice(g, l2)?, st),
@@ -390,25 +407,70 @@ impl FusedStep<'_> {
                 if master.len() != p.len() {
                     candle_core::bail!("fused ranger step: master copy size does not match the parameter");
                 }
-                // A variable changed from outside (a `Lookahead<O>` sync, a user's `set`) is
-                // adopted where it is no longer the master copy's rounding.
-                p.par_chunks(CHUNK).zip(master.par_chunks_mut(CHUNK)).for_each(|(p, m)| {
-                    for (&p, m) in p.iter().zip(m) {
-                        if P::store(*m) != p {
-                            *m = p.load();
-                        }
-                    }
-                });
+                adopt_outside_changes(p, master);
                 self.run::<S, P, S>(master, g, m, v, slow);
-                p.par_chunks_mut(CHUNK).zip(master.par_chunks(CHUNK)).for_each(|(p, m)| {
-                    for (p, &m) in p.iter_mut().zip(m) {
-                        *p = P::store(m);
-                    }
-                });
+                round_into(p, master);
             }
         }
         Ok(())
     }
+}
+
+impl FusedStep<'_> {
+    /// [`FusedStep::apply`] over 8-bit moments (state type f32).
+    fn apply_q8<P: Elem<f32>>(&self, p: &mut [P], g: &[P], st: &mut HostState) -> candle_core::Result<()> {
+        let HostState { m, v, slow, master } = st;
+        let wrong = || candle_core::Error::msg("fused ranger step: 8-bit optimizer state expected");
+        let (HostBuf::Q8(m), HostBuf::Q8(v)) = (m, v) else { return Err(wrong()) };
+        let delta = match slow.as_mut() {
+            Some(HostBuf::Q8(d)) => Some(d),
+            Some(_) => return Err(wrong()),
+            None => None,
+        };
+        if m.len() != p.len()
+            || v.len() != p.len()
+            || g.len() != p.len()
+            || delta.as_ref().is_some_and(|d| d.len() != p.len())
+        {
+            candle_core::bail!("fused ranger step: state/gradient size does not match the parameter");
+        }
+        let moments = Q8Moments { m, v, delta };
+        match master.as_mut() {
+            None => self.run_q8(p, g, moments),
+            Some(master) => {
+                let master = f32::buf(master)
+                    .ok_or_else(|| candle_core::Error::msg("fused ranger step: f32 master copy expected"))?;
+                if master.len() != p.len() {
+                    candle_core::bail!("fused ranger step: master copy size does not match the parameter");
+                }
+                adopt_outside_changes(p, master);
+                self.run_q8::<f32, P>(master, g, moments);
+                round_into(p, master);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A variable changed from outside (a `Lookahead<O>` sync, a user's `set`) is adopted by its
+/// master copy where it is no longer the master copy's rounding.
+fn adopt_outside_changes<P: Elem<S>, S: Real>(p: &[P], master: &mut [S]) {
+    p.par_chunks(CHUNK).zip(master.par_chunks_mut(CHUNK)).for_each(|(p, m)| {
+        for (&p, m) in p.iter().zip(m) {
+            if P::store(*m) != p {
+                *m = p.load();
+            }
+        }
+    });
+}
+
+/// The variable takes the rounding of its master copy.
+fn round_into<P: Elem<S>, S: Real>(p: &mut [P], master: &[S]) {
+    p.par_chunks_mut(CHUNK).zip(master.par_chunks(CHUNK)).for_each(|(p, m)| {
+        for (p, &m) in p.iter_mut().zip(m) {
+            *p = P::store(m);
+        }
+    });
 }
 
 /// The sum of squares of a CPU tensor's elements, accumulated in f64 and read in place (no

@@ -97,6 +97,7 @@ mod device_support;
 mod engine;
 mod error;
 mod fused;
+mod fused_q8;
 #[cfg(any(feature = "cuda", feature = "metal"))]
 mod gpu_dispatch;
 #[cfg(any(feature = "cuda", feature = "metal"))]
@@ -110,6 +111,7 @@ mod lookahead_core;
 mod metal_step;
 mod params;
 mod portable;
+mod quant8;
 mod radam;
 mod ranger;
 pub mod scalars;
@@ -123,7 +125,7 @@ pub use grad::{clip_grad_norm, grad_norm, non_finite_grads, scale_grads_to_norm,
 pub use grad_check::{check_grads, GradCheck};
 pub use groups::{named_vars, ParamGroup};
 pub use lookahead::{Lookahead, LookaheadConfig};
-pub use params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, UpdatePath};
+pub use params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, StatePrecision, UpdatePath};
 pub use radam::{ParamsRAdam, RAdam};
 pub use ranger::{Ranger, StepReport};
 pub use schedule::{Decay, Schedule};

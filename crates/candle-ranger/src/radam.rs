@@ -67,6 +67,7 @@ impl From<ParamsRAdam> for ParamsRanger {
             non_finite: p.non_finite,
             update_path: p.update_path,
             master_weights: p.master_weights,
+            state_precision: Default::default(),
         }
     }
 }

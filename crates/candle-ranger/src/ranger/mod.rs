@@ -242,7 +242,11 @@ impl Ranger {
                 SlotState::Host(st) => {
                     let (grad, row_len) = fused_input()?;
                     let state = RefCell::new(st);
-                    let op = FusedStep { scalars: sc, row_len, eps: sc.eps, beta1: p.beta1, beta2: p.beta2, state };
+                    // The stochastic rounding of 8-bit state: per variable and step, so a resumed
+                    // run rounds as the uninterrupted one.
+                    let seed = crate::quant8::stream_seed(*i as u64, slot.step + 1);
+                    let op =
+                        FusedStep { scalars: sc, row_len, eps: sc.eps, beta1: p.beta1, beta2: p.beta2, seed, state };
                     slot.var.as_tensor().inplace_op2(&grad, &op)?;
                 }
                 // The fused CUDA / Metal kernel (opt-in): slots are only marked `fused` there.

@@ -5,8 +5,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::error::{Error, Result};
 use crate::fused::{HostBuf, HostState};
 use crate::lookahead_core::{initial_slow, sync_var};
-use crate::params::{ParamsRanger, UpdatePath};
+use crate::params::{ParamsRanger, StatePrecision, UpdatePath};
 use crate::portable::DeviceState;
+use crate::quant8::{Code, Q8Buf};
 use crate::state::state_dtype;
 
 /// Optimizer state of one variable, wherever it lives.
@@ -43,6 +44,21 @@ impl SlotState {
         };
         // Slow weights are taken at the variable's first step (see `Slot::ensure_slow`), so
         // weights loaded after the optimizer was built are the ones Lookahead starts from.
+        if params.state_precision == StatePrecision::Int8 {
+            let supported =
+                fused && var.device().is_cpu() && matches!(var.dtype(), DType::F32 | DType::BF16 | DType::F16);
+            if !supported {
+                return Err(Error::InvalidConfig(format!(
+                    "8-bit optimizer state is implemented in the fused CPU step for f32/bf16/f16 variables; got a {:?} variable on {:?}{}",
+                    var.dtype(),
+                    var.device().location(),
+                    if fused { "" } else { " with the portable update path" }
+                )));
+            }
+            let n = var.elem_count();
+            let (m, v) = (Q8Buf::zeros(Code::Signed, n), Q8Buf::zeros(Code::Positive, n));
+            return Ok(SlotState::Host(HostState { m: HostBuf::Q8(m), v: HostBuf::Q8(v), slow: None, master: None }));
+        }
         if fused && var.device().is_cpu() {
             let n = var.elem_count();
             let zeros = || if sdt == DType::F64 { HostBuf::F64(vec![0.0; n]) } else { HostBuf::F32(vec![0.0; n]) };
@@ -70,6 +86,10 @@ impl Slot {
     /// a deep copy of the current weights, in the state dtype, on the state's device.
     pub(super) fn current_slow(&self) -> Result<Tensor> {
         Ok(match &self.state {
+            // 8-bit state keeps `fast - slow`.
+            SlotState::Host(HostState { slow: Some(HostBuf::Q8(delta)), .. }) => {
+                (self.fast_weights()? - Tensor::from_vec(delta.to_f32(), self.var.shape(), &Device::Cpu)?)?
+            }
             SlotState::Host(HostState { slow: Some(buf), .. }) => buf.to_tensor(self.var.shape())?,
             // A copy: the fused GPU kernels update the slow weights in place.
             SlotState::Device(DeviceState { slow: Some(s), .. }) => s.copy()?,
@@ -84,6 +104,11 @@ impl Slot {
             SlotState::Host(st) => st.slow.is_none(),
             SlotState::Device(st) => st.slow.is_none(),
         };
+        if let SlotState::Host(st @ HostState { m: HostBuf::Q8(_), slow: None, .. }) = &mut self.state {
+            // Slow == fast now: a zero difference.
+            st.slow = Some(HostBuf::Q8(Q8Buf::zeros(Code::Signed, self.var.elem_count())));
+            return Ok(());
+        }
         if missing {
             let copy = self.current_slow()?;
             match &mut self.state {
@@ -128,6 +153,16 @@ impl Slot {
     /// nothing happens before the slow weights are taken.
     pub(super) fn sync(&mut self, alpha: f64) -> Result<()> {
         let fast = self.fast_weights()?;
+        if let SlotState::Host(HostState { slow: Some(HostBuf::Q8(_)), .. }) = &self.state {
+            let new = sync_var(&self.var, &fast, &self.current_slow()?, alpha)?;
+            if let SlotState::Host(HostState { slow: Some(HostBuf::Q8(delta)), master, .. }) = &mut self.state {
+                *delta = Q8Buf::zeros(Code::Signed, delta.len());
+                if let Some(m) = master {
+                    *m = HostBuf::from_tensor(&new)?;
+                }
+            }
+            return Ok(());
+        }
         match &mut self.state {
             SlotState::Host(HostState { slow: Some(buf), master, .. }) => {
                 let new = sync_var(&self.var, &fast, &buf.to_tensor(self.var.shape())?, alpha)?;

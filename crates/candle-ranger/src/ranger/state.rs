@@ -10,19 +10,42 @@ use super::Ranger;
 use crate::error::{Error, Result};
 use crate::fused::{HostBuf, HostState};
 use crate::portable::DeviceState;
+use crate::quant8::{Code, Q8Buf, BLOCK};
 use crate::state::{state_dtype, OptimizerState};
 use crate::state_file::StateView;
+
+/// One variable's state read from an [`OptimizerState`], checked, not yet swapped in.
+enum Loaded {
+    /// Moments, slow weights, master copy and step count as tensors.
+    Tensors(Tensor, Tensor, Option<Tensor>, Option<Tensor>, u64),
+    /// 8-bit host state, already built, and the step count.
+    Host(HostState, u64),
+}
 
 impl Ranger {
     /// The optimizer state (moments, slow weights, per-variable step counts, learning rate,
     /// skipped steps) as named tensors on the CPU; see [`OptimizerState`] for the names. Host
     /// state is borrowed, not copied.
     pub fn state_tensors(&self) -> Result<OptimizerState<'_>> {
-        fn view<'a>(buf: &'a HostBuf, shape: &Shape) -> StateView<'a> {
+        // An 8-bit buffer is two entries: `<name>.q8` (u8, one per value) and `<name>.q8_scales`.
+        fn push<'a>(
+            out: &mut Vec<(String, StateView<'a>)>,
+            name: String,
+            buf: &'a HostBuf,
+            shape: &Shape,
+        ) -> Result<()> {
             match buf {
-                HostBuf::F32(v) => StateView::F32(v.as_slice(), shape.dims().to_vec()),
-                HostBuf::F64(v) => StateView::F64(v.as_slice(), shape.dims().to_vec()),
+                HostBuf::F32(v) => out.push((name, StateView::F32(v.as_slice(), shape.dims().to_vec()))),
+                HostBuf::F64(v) => out.push((name, StateView::F64(v.as_slice(), shape.dims().to_vec()))),
+                HostBuf::Q8(q) => {
+                    out.push((
+                        format!("{name}.q8"),
+                        StateView::Tensor(Tensor::from_slice(&q.bytes, q.len(), &Device::Cpu)?),
+                    ));
+                    out.push((format!("{name}.q8_scales"), StateView::F32(q.scales.as_slice(), vec![q.scales.len()])));
+                }
             }
+            Ok(())
         }
         let cpu = Device::Cpu;
         let lookahead = self.params.lookahead_k > 0;
@@ -32,17 +55,26 @@ impl Ranger {
             let name = &slot.name;
             match &slot.state {
                 SlotState::Host(st) => {
-                    tensors.push((format!("{name}.exp_avg"), view(&st.m, shape)));
-                    tensors.push((format!("{name}.exp_avg_sq"), view(&st.v, shape)));
+                    push(&mut tensors, format!("{name}.exp_avg"), &st.m, shape)?;
+                    push(&mut tensors, format!("{name}.exp_avg_sq"), &st.v, shape)?;
+                    let q8 = matches!(st.m, HostBuf::Q8(_));
                     match &st.slow {
-                        Some(s) => tensors.push((format!("{name}.slow"), view(s, shape))),
+                        // 8-bit state keeps the slow weights as their difference from the fast ones.
+                        Some(d @ HostBuf::Q8(_)) => push(&mut tensors, format!("{name}.slow_delta"), d, shape)?,
+                        Some(s) => push(&mut tensors, format!("{name}.slow"), s, shape)?,
+                        None if lookahead && q8 => {
+                            let zeros = Tensor::zeros(slot.var.elem_count(), DType::U8, &cpu)?;
+                            let scales = Tensor::zeros(slot.var.elem_count().div_ceil(BLOCK), DType::F32, &cpu)?;
+                            tensors.push((format!("{name}.slow_delta.q8"), StateView::Tensor(zeros)));
+                            tensors.push((format!("{name}.slow_delta.q8_scales"), StateView::Tensor(scales)));
+                        }
                         None if lookahead => {
                             tensors.push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?)))
                         }
                         None => {}
                     }
                     if let Some(master) = &st.master {
-                        tensors.push((format!("{name}.master"), view(master, shape)));
+                        push(&mut tensors, format!("{name}.master"), master, shape)?;
                     }
                 }
                 SlotState::Device(st) => {
@@ -108,6 +140,34 @@ impl Ranger {
         for slot in &self.slots {
             let sdt = state_dtype(slot.var.dtype());
             let shape = slot.var.shape();
+            if let SlotState::Host(HostState { m: HostBuf::Q8(_), .. }) = slot.state {
+                // 8-bit state: each buffer's bytes and scales.
+                let n = slot.var.elem_count();
+                let mut q8 = |name: String, code: Code| -> Result<Q8Buf> {
+                    let bytes = present(take_opt(format!("{name}.q8"), &Shape::from(n), DType::U8, true)?);
+                    let nb = Shape::from(n.div_ceil(BLOCK));
+                    let scales = present(take_opt(format!("{name}.q8_scales"), &nb, DType::F32, true)?);
+                    Ok(Q8Buf { code, bytes: bytes.to_vec1::<u8>()?, scales: scales.to_vec1::<f32>()? })
+                };
+                let m = q8(format!("{}.exp_avg", slot.name), Code::Signed)?;
+                let v = q8(format!("{}.exp_avg_sq", slot.name), Code::Positive)?;
+                let delta = if lookahead { Some(q8(format!("{}.slow_delta", slot.name), Code::Signed)?) } else { None };
+                let master = take_opt(format!("{}.master", slot.name), shape, sdt, false)?
+                    .filter(|_| slot.wants_master(&self.params));
+                let step_name = format!("{}.step", slot.name);
+                let step =
+                    present(take_opt(step_name.clone(), &Shape::from(1), DType::I64, true)?).to_vec1::<i64>()?[0];
+                let step =
+                    u64::try_from(step).map_err(|_| mismatch(&step_name, format!("negative step count {step}")))?;
+                let state = HostState {
+                    m: HostBuf::Q8(m),
+                    v: HostBuf::Q8(v),
+                    slow: delta.map(HostBuf::Q8),
+                    master: master.as_ref().map(HostBuf::from_tensor).transpose()?,
+                };
+                loaded.push(Loaded::Host(state, step));
+                continue;
+            }
             let m = present(take_opt(format!("{}.exp_avg", slot.name), shape, sdt, true)?);
             let v = present(take_opt(format!("{}.exp_avg_sq", slot.name), shape, sdt, true)?);
             let slow = if lookahead { take_opt(format!("{}.slow", slot.name), shape, sdt, true)? } else { None };
@@ -118,7 +178,7 @@ impl Ranger {
             let step_name = format!("{}.step", slot.name);
             let step = present(take_opt(step_name.clone(), &Shape::from(1), DType::I64, true)?).to_vec1::<i64>()?[0];
             let step = u64::try_from(step).map_err(|_| mismatch(&step_name, format!("negative step count {step}")))?;
-            loaded.push((m, v, slow, master, step));
+            loaded.push(Loaded::Tensors(m, v, slow, master, step));
         }
         if let Some(extra) = tensors.keys().min() {
             return Err(mismatch(
@@ -128,7 +188,14 @@ impl Ranger {
         }
         // Build every new state first (fallible: copies, device transfers), then swap them in.
         let mut states = Vec::with_capacity(loaded.len());
-        for (slot, (m, v, slow, master, step)) in self.slots.iter().zip(loaded) {
+        for (slot, loaded) in self.slots.iter().zip(loaded) {
+            let (m, v, slow, master, step) = match loaded {
+                Loaded::Host(state, step) => {
+                    states.push((SlotState::Host(state), step));
+                    continue;
+                }
+                Loaded::Tensors(m, v, slow, master, step) => (m, v, slow, master, step),
+            };
             let state = match slot.state {
                 SlotState::Host(_) => SlotState::Host(HostState {
                     m: HostBuf::from_tensor(&m)?,

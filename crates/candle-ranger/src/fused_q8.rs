@@ -1,0 +1,92 @@
+//! The fused CPU update over 8-bit state ([`crate::StatePrecision::Int8`]): each parallel
+//! chunk decodes its blocks of m, v (and the Lookahead delta) into f32 scratch, runs the same
+//! per-element kernel as the f32 state, and encodes them again, in one pass over memory.
+//!
+//! The slow weights are not stored themselves: a slow weight equals its fast weight right after
+//! each sync, so the state keeps the delta `u = fast - slow` (zero after a sync, the sum of
+//! the steps since), which is small and loses nothing of the weight when rounded to 8 bits.
+//! At a sync, `slow = fast - u`.
+
+use rayon::prelude::*;
+
+use crate::fused::{Elem, FusedStep, Kernel, CHUNK};
+use crate::quant8::{decode_blocks, encode_blocks, Code, Q8Buf, BLOCK};
+
+/// Separate the stochastic rounding streams of the three buffers (far apart, so that no two
+/// elements' indices meet).
+const SEED_M: u64 = 0x9e37_79b9_7f4a_7c15;
+const SEED_V: u64 = 0xc2b2_ae3d_27d4_eb4f;
+const SEED_U: u64 = 0x1656_67b1_9e37_79f9;
+
+/// The 8-bit state of one variable, borrowed for a step.
+pub(crate) struct Q8Moments<'a> {
+    pub(crate) m: &'a mut Q8Buf,
+    pub(crate) v: &'a mut Q8Buf,
+    /// `fast - slow`, when Lookahead is on.
+    pub(crate) delta: Option<&'a mut Q8Buf>,
+}
+
+/// `a * b / gcd(a, b)`.
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
+}
+
+impl FusedStep<'_> {
+    /// The update of `p` from `g` over 8-bit state (see the module documentation).
+    pub(crate) fn run_q8<P: Elem<f32>, G: Elem<f32>>(&self, p: &mut [P], g: &[G], st: Q8Moments<'_>) {
+        let Q8Moments { m, v, delta } = st;
+        let row_len = self.row_len;
+        // Chunks hold whole rows (each row's mean is taken where it is used) and whole blocks.
+        let unit = lcm(row_len.unwrap_or(1).max(1), BLOCK);
+        let chunk = unit * (CHUNK / unit).max(1);
+        let k = Kernel::<f32>::new(self);
+        let sync = self.scalars.sync_alpha.is_some();
+        let seed = self.seed;
+        let n = p.len();
+        let blocks = chunk / BLOCK;
+        let mut deltas: Vec<Option<(&mut [u8], &mut [f32])>> = match delta {
+            Some(d) => d.bytes.chunks_mut(chunk).zip(d.scales.chunks_mut(blocks)).map(Some).collect(),
+            None => (0..n.div_ceil(chunk)).map(|_| None).collect(),
+        };
+        p.par_chunks_mut(chunk)
+            .zip(g.par_chunks(chunk))
+            .zip(m.bytes.par_chunks_mut(chunk).zip(m.scales.par_chunks_mut(blocks)))
+            .zip(v.bytes.par_chunks_mut(chunk).zip(v.scales.par_chunks_mut(blocks)))
+            .zip(deltas.par_iter_mut())
+            .enumerate()
+            .for_each(|(ci, ((((p, g), (mb, ms)), (vb, vs)), d))| {
+                let len = p.len();
+                let first = (ci * chunk) as u64;
+                let (mut mf, mut vf) = (vec![0f32; len], vec![0f32; len]);
+                decode_blocks(Code::Signed, mb, ms, &mut mf);
+                decode_blocks(Code::Positive, vb, vs, &mut vf);
+                match d.take() {
+                    None => k.chunk(p, g, &mut mf, &mut vf, None, row_len),
+                    Some((db, ds)) => {
+                        let mut u = vec![0f32; len];
+                        decode_blocks(Code::Signed, db, ds, &mut u);
+                        let before: Vec<f32> = p.iter().map(|x| x.load()).collect();
+                        if sync {
+                            // slow = fast - u; the kernel syncs, and fast == slow after it.
+                            let mut slow: Vec<f32> = before.iter().zip(&u).map(|(f, u)| f - u).collect();
+                            k.chunk(p, g, &mut mf, &mut vf, Some(&mut slow), row_len);
+                            db.fill(0);
+                            ds.fill(0.0);
+                        } else {
+                            k.chunk(p, g, &mut mf, &mut vf, None, row_len);
+                            for ((u, b), p) in u.iter_mut().zip(&before).zip(p.iter()) {
+                                *u += p.load() - b;
+                            }
+                            encode_blocks(Code::Signed, &u, db, ds, seed ^ SEED_U, first);
+                        }
+                    }
+                }
+                encode_blocks(Code::Signed, &mf, mb, ms, seed ^ SEED_M, first);
+                encode_blocks(Code::Positive, &vf, vb, vs, seed ^ SEED_V, first);
+            });
+    }
+}
