@@ -113,10 +113,15 @@ fn training_lowers_the_loss_and_writes_a_loadable_model() {
 
 /// `lora`: None for full fine-tuning, else (DoRA, dropout).
 fn resume_exact(optimizer: OptimizerKind, lora: Option<(bool, f64)>) {
-    let dir = setup(&format!("resume-{optimizer:?}-{lora:?}"));
+    resume_exact_with_state_bits(optimizer, lora, 32);
+}
+
+fn resume_exact_with_state_bits(optimizer: OptimizerKind, lora: Option<(bool, f64)>, bits: u8) {
+    let dir = setup(&format!("resume-{optimizer:?}-{lora:?}-{bits}"));
     let n = 7; // crosses a Lookahead sync (k = 6) and the epoch boundary (24 examples / 6 per step = 4 steps)
     let mut cfg = common::with_lora(config(&dir, 2 * n), lora);
     cfg.optimizer = optimizer;
+    cfg.optimizer_state_bits = bits;
     // Each interrupted `run` call does one step and writes a checkpoint.
     let (straight, stopped_at, mut resumed) = common::straight_and_resumed(&cfg, &dir, n, |s| {
         assert_eq!(s.stopped, "interrupted");
@@ -162,6 +167,15 @@ fn resume_is_bit_exact_with_lora() {
 #[test]
 fn resume_is_bit_exact_with_dora_and_lora_dropout() {
     resume_exact(OptimizerKind::Ranger, Some((true, 0.2)));
+}
+
+/// 8-bit state: its bytes, scales and rounding streams are saved and restored (CPU only).
+#[test]
+fn resume_is_bit_exact_with_8_bit_ranger_state() {
+    if common::test_device_spec() == "cpu" {
+        resume_exact_with_state_bits(OptimizerKind::Ranger, None, 8);
+        resume_exact_with_state_bits(OptimizerKind::Adamw, Some((false, 0.0)), 8);
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ use candle_nn::{Optimizer, ParamsAdamW};
 use crate::engine::{engine_methods, engine_optimizer_methods};
 use crate::error::{Error, Result};
 use crate::groups::ParamGroup;
-use crate::params::{Centralization, NonFiniteGrads, ParamsRanger, UpdatePath};
+use crate::params::{Centralization, NonFiniteGrads, ParamsRanger, StatePrecision, UpdatePath};
 use crate::ranger::Ranger;
 
 /// AdamW with decoupled weight decay: `p *= 1 - lr wd`, then the Adam step with bias
@@ -29,12 +29,19 @@ pub struct AdamWOptions {
     pub update_path: UpdatePath,
     /// Handling of NaN/Inf gradients.
     pub non_finite: NonFiniteGrads,
+    /// How the moments are stored (see [`StatePrecision`]).
+    pub state_precision: StatePrecision,
 }
 
 impl Default for AdamWOptions {
     fn default() -> Self {
         let d = ParamsRanger::default();
-        Self { master_weights: d.master_weights, update_path: d.update_path, non_finite: d.non_finite }
+        Self {
+            master_weights: d.master_weights,
+            update_path: d.update_path,
+            non_finite: d.non_finite,
+            state_precision: d.state_precision,
+        }
     }
 }
 
@@ -43,6 +50,7 @@ fn engine_params(p: &ParamsAdamW, o: AdamWOptions) -> ParamsRanger {
         master_weights: o.master_weights,
         update_path: o.update_path,
         non_finite: o.non_finite,
+        state_precision: o.state_precision,
         lr: p.lr,
         beta1: p.beta1,
         beta2: p.beta2,

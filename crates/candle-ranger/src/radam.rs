@@ -7,7 +7,7 @@ use candle_nn::Optimizer;
 use crate::engine::{engine_methods, engine_optimizer_methods};
 use crate::error::Result;
 use crate::groups::ParamGroup;
-use crate::params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, UpdatePath};
+use crate::params::{Centralization, NonFiniteGrads, ParamsRanger, RectifyFallback, StatePrecision, UpdatePath};
 use crate::ranger::Ranger;
 
 /// Hyperparameters of [`RAdam`]; `Default` is `torch.optim.RAdam`'s: lr 1e-3, betas
@@ -32,6 +32,8 @@ pub struct ParamsRAdam {
     pub update_path: UpdatePath,
     /// An f32 master copy of bf16/f16 variables (see [`ParamsRanger::master_weights`]).
     pub master_weights: bool,
+    /// How the moments are stored (see [`StatePrecision`]).
+    pub state_precision: StatePrecision,
 }
 
 impl Default for ParamsRAdam {
@@ -46,6 +48,7 @@ impl Default for ParamsRAdam {
             non_finite: NonFiniteGrads::Skip,
             update_path: UpdatePath::Auto,
             master_weights: true,
+            state_precision: StatePrecision::F32,
         }
     }
 }
@@ -67,7 +70,7 @@ impl From<ParamsRAdam> for ParamsRanger {
             non_finite: p.non_finite,
             update_path: p.update_path,
             master_weights: p.master_weights,
-            state_precision: Default::default(),
+            state_precision: p.state_precision,
         }
     }
 }

@@ -7,7 +7,7 @@ use candle_core::Var;
 use candle_nn::{Optimizer, ParamsAdamW};
 use candle_ranger::{
     AdamW, AdamWOptions, Centralization, GradCheck, OptimizerState, ParamGroup, ParamsRAdam, ParamsRanger, RAdam,
-    Ranger, StepReport,
+    Ranger, StatePrecision, StepReport,
 };
 
 use crate::config::{default_beta1, default_eps, OptimizerKind, TrainConfig, MAX_AUTO_BETA2};
@@ -33,6 +33,7 @@ impl TrainOptimizer {
         let beta1 = cfg.beta1.unwrap_or(default_beta1(cfg.optimizer));
         let eps = cfg.eps.unwrap_or(default_eps(cfg.optimizer));
         let groups = ParamGroup::split_decay(vars.clone());
+        let state_precision = if cfg.optimizer_state_bits == 8 { StatePrecision::Int8 } else { StatePrecision::F32 };
         Ok(match cfg.optimizer {
             OptimizerKind::Ranger => TrainOptimizer::Ranger(Ranger::with_groups(
                 groups,
@@ -46,6 +47,7 @@ impl TrainOptimizer {
                     lookahead_alpha: cfg.lookahead_alpha,
                     centralization: if cfg.centralize { Centralization::Rank2Plus } else { Centralization::Off },
                     master_weights: cfg.master_weights,
+                    state_precision,
                     ..Default::default()
                 },
             )?),
@@ -59,13 +61,14 @@ impl TrainOptimizer {
                     weight_decay: cfg.weight_decay,
                     decoupled_weight_decay: true,
                     master_weights: cfg.master_weights,
+                    state_precision,
                     ..Default::default()
                 },
             )?),
             OptimizerKind::Adamw => TrainOptimizer::AdamW(AdamW::with_options(
                 groups,
                 ParamsAdamW { lr, beta1, beta2, eps, weight_decay: cfg.weight_decay },
-                AdamWOptions { master_weights: cfg.master_weights, ..Default::default() },
+                AdamWOptions { master_weights: cfg.master_weights, state_precision, ..Default::default() },
             )?),
         })
     }

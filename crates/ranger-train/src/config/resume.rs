@@ -120,6 +120,7 @@ mod tests {
             batch_size: 2,
             grad_accumulation_steps: 3,
             gradient_checkpointing: true,
+            optimizer_state_bits: 8,
             epochs: 2,
             max_steps: Some(10),
             seed: 7,
