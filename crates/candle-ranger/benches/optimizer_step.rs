@@ -13,7 +13,7 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use candle_ranger::{ParamsRanger, Ranger, UpdatePath};
+use candle_ranger::{ParamsRanger, Ranger, StatePrecision, UpdatePath};
 use rayon::prelude::*;
 
 const WARMUP: usize = 6;
@@ -144,14 +144,17 @@ fn main() {
             );
         };
         row("bandwidth bound (triad, same bytes)", bound);
-        for (label, path) in
-            [("Ranger fused (CPU kernel)", UpdatePath::Fused), ("Ranger portable (tensor ops)", UpdatePath::Portable)]
-        {
+        for (label, path, state_precision) in [
+            ("Ranger fused (CPU kernel)", UpdatePath::Fused, StatePrecision::F32),
+            ("Ranger fused, 8-bit state", UpdatePath::Fused, StatePrecision::Int8),
+            ("Ranger portable (tensor ops)", UpdatePath::Portable, StatePrecision::F32),
+        ] {
             if !wanted(label) {
                 continue;
             }
             let (vars, grads) = make_vars(&shapes);
-            let mut opt = Ranger::new(vars, ParamsRanger { update_path: path, ..Default::default() }).unwrap();
+            let params = ParamsRanger { update_path: path, state_precision, ..Default::default() };
+            let mut opt = Ranger::new(vars, params).unwrap();
             row(label, time_steps(&mut opt, &grads));
         }
         if !wanted("candle_nn::AdamW") {

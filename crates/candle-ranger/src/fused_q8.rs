@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use crate::fused::{Elem, FusedStep, Kernel, CHUNK};
-use crate::quant8::{decode_blocks, encode_blocks, Code, Q8Buf, BLOCK};
+use crate::quant8::{decoded, encode_blocks, Code, Q8Buf, BLOCK};
 
 /// Separate the stochastic rounding streams of the three buffers (far apart, so that no two
 /// elements' indices meet).
@@ -59,34 +59,74 @@ impl FusedStep<'_> {
             .zip(deltas.par_iter_mut())
             .enumerate()
             .for_each(|(ci, ((((p, g), (mb, ms)), (vb, vs)), d))| {
-                let len = p.len();
-                let first = (ci * chunk) as u64;
-                let (mut mf, mut vf) = (vec![0f32; len], vec![0f32; len]);
-                decode_blocks(Code::Signed, mb, ms, &mut mf);
-                decode_blocks(Code::Positive, vb, vs, &mut vf);
-                match d.take() {
-                    None => k.chunk(p, g, &mut mf, &mut vf, None, row_len),
-                    Some((db, ds)) => {
-                        let mut u = vec![0f32; len];
-                        decode_blocks(Code::Signed, db, ds, &mut u);
-                        let before: Vec<f32> = p.iter().map(|x| x.load()).collect();
-                        if sync {
-                            // slow = fast - u; the kernel syncs, and fast == slow after it.
-                            let mut slow: Vec<f32> = before.iter().zip(&u).map(|(f, u)| f - u).collect();
-                            k.chunk(p, g, &mut mf, &mut vf, Some(&mut slow), row_len);
-                            db.fill(0);
-                            ds.fill(0.0);
-                        } else {
-                            k.chunk(p, g, &mut mf, &mut vf, None, row_len);
-                            for ((u, b), p) in u.iter_mut().zip(&before).zip(p.iter()) {
-                                *u += p.load() - b;
-                            }
-                            encode_blocks(Code::Signed, &u, db, ds, seed ^ SEED_U, first);
-                        }
-                    }
+                let chunk = Chunk { first: (ci * chunk) as u64, m: (mb, ms), v: (vb, vs), delta: d.take() };
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (the same code, compiled for it; no FMA, so the
+                    // arithmetic rounds as the baseline build's).
+                    return unsafe { step_chunk_avx2(&k, p, g, chunk, row_len, sync, seed) };
                 }
-                encode_blocks(Code::Signed, &mf, mb, ms, seed ^ SEED_M, first);
-                encode_blocks(Code::Positive, &vf, vb, vs, seed ^ SEED_V, first);
+                step_chunk(&k, p, g, chunk, row_len, sync, seed)
             });
     }
+}
+
+/// One parallel chunk's 8-bit state: bytes and scales of m, v and the delta, and the index of
+/// its first element.
+struct Chunk<'a> {
+    first: u64,
+    m: (&'a mut [u8], &'a mut [f32]),
+    v: (&'a mut [u8], &'a mut [f32]),
+    delta: Option<(&'a mut [u8], &'a mut [f32])>,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn step_chunk_avx2<P: Elem<f32>, G: Elem<f32>>(
+    k: &Kernel<f32>,
+    p: &mut [P],
+    g: &[G],
+    c: Chunk<'_>,
+    row_len: Option<usize>,
+    sync: bool,
+    seed: u64,
+) {
+    step_chunk(k, p, g, c, row_len, sync, seed)
+}
+
+/// Decode, the f32 kernel, encode (see the module documentation).
+#[inline(always)]
+fn step_chunk<P: Elem<f32>, G: Elem<f32>>(
+    k: &Kernel<f32>,
+    p: &mut [P],
+    g: &[G],
+    c: Chunk<'_>,
+    row_len: Option<usize>,
+    sync: bool,
+    seed: u64,
+) {
+    let Chunk { first, m: (mb, ms), v: (vb, vs), delta } = c;
+    let (mut mf, mut vf) = (decoded(Code::Signed, mb, ms), decoded(Code::Positive, vb, vs));
+    match delta {
+        None => k.chunk(p, g, &mut mf, &mut vf, None, row_len),
+        Some((db, ds)) => {
+            let mut u = decoded(Code::Signed, db, ds);
+            let before: Vec<f32> = p.iter().map(|x| x.load()).collect();
+            if sync {
+                // slow = fast - u; the kernel syncs, and fast == slow after it.
+                let mut slow: Vec<f32> = before.iter().zip(&u).map(|(f, u)| f - u).collect();
+                k.chunk(p, g, &mut mf, &mut vf, Some(&mut slow), row_len);
+                db.fill(0);
+                ds.fill(0.0);
+            } else {
+                k.chunk(p, g, &mut mf, &mut vf, None, row_len);
+                for ((u, b), p) in u.iter_mut().zip(&before).zip(p.iter()) {
+                    *u += p.load() - b;
+                }
+                encode_blocks(Code::Signed, &u, db, ds, seed ^ SEED_U, first);
+            }
+        }
+    }
+    encode_blocks(Code::Signed, &mf, mb, ms, seed ^ SEED_M, first);
+    encode_blocks(Code::Positive, &vf, vb, vs, seed ^ SEED_V, first);
 }

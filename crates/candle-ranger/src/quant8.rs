@@ -63,48 +63,56 @@ pub(crate) fn stream_seed(var: u64, step: u64) -> u64 {
     mix(mix(var ^ 0x5851_f42d_4c95_7f2d) ^ step)
 }
 
+/// 32 random bits for element `i` of a stream (a 32-bit integer hash, lowbias32: cheap enough
+/// to run per element in vector registers, which a 64-bit multiply is not on AVX2).
+#[inline(always)]
+fn hash32(seed: u32, i: u32) -> u32 {
+    let mut h = i ^ seed;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^ (h >> 16)
+}
+
 /// The byte of `x` (with `inv_scale = 1 / scale`, `x` finite), rounded stochastically by the
-/// 20 random bits `r`.
+/// random bits `r`. Written without branches, so a block's loop vectorizes.
 #[inline(always)]
 fn encode(code: Code, x: f32, inv_scale: f32, r: u32) -> u8 {
     let y = (x * inv_scale).abs();
-    if y == 0.0 {
-        return 0;
-    }
     // Random bits below the 3 kept mantissa bits, then truncation: rounds up with probability
     // equal to the dropped fraction (a carry moves into the exponent as it should).
-    let bits = y.to_bits() + (r & 0xF_FFFF);
-    let exp = ((bits >> 23) & 0xFF) as i32 - 127 + code.bias();
-    let mant = ((bits >> 20) & 7) as u8;
+    let bits = y.to_bits().wrapping_add(r & 0xF_FFFF);
+    let exp = ((bits >> 23) as i32) - 127 + code.bias();
+    let mant = (bits >> 20) & 7;
     match code {
         Code::Signed => {
-            if exp < 1 {
-                return 0;
-            }
-            let sign = if x < 0.0 { 0x80 } else { 0 };
-            sign | ((exp.min(15) as u8) << 3) | mant
+            let sign = (x.to_bits() >> 24) & 0x80;
+            let byte = sign | ((exp.clamp(0, 15) as u32) << 3) | mant;
+            // Below the smallest exponent (and 0 itself): 0.
+            (if exp < 1 { 0 } else { byte }) as u8
         }
-        // Never 0 for a non-zero value; never above the largest code.
-        Code::Positive if exp < 1 => 1 << 3,
-        Code::Positive => ((exp.min(31) as u8) << 3) | mant,
+        Code::Positive => {
+            // Never 0 for a non-zero value: the smallest code instead.
+            let byte = if exp < 1 { 1 << 3 } else { ((exp.min(31) as u32) << 3) | mant };
+            (if y == 0.0 { 0 } else { byte }) as u8
+        }
     }
 }
 
-/// The value of byte `b` in a block of scale `scale`.
+/// The value of byte `b` in a block of scale `scale` (without branches).
 #[inline(always)]
 fn decode(code: Code, b: u8, scale: f32) -> f32 {
+    let b = b as u32;
     let (sign, field) = match code {
-        Code::Signed => (b & 0x80 != 0, b & 0x7F),
-        Code::Positive => (false, b),
+        Code::Signed => ((b & 0x80) << 24, b & 0x7F),
+        Code::Positive => (0, b),
     };
-    let exp = (field >> 3) as i32;
-    if exp == 0 {
-        return 0.0;
-    }
-    let bits = (((exp - code.bias() + 127) as u32) << 23) | (((field & 7) as u32) << 20);
+    let exp = field >> 3;
+    let bits = sign | ((exp + 127).wrapping_sub(code.bias() as u32) << 23) | ((field & 7) << 20);
     let y = f32::from_bits(bits) * scale;
-    if sign {
-        -y
+    if exp == 0 {
+        0.0
     } else {
         y
     }
@@ -123,33 +131,77 @@ impl Q8Buf {
 
     /// Every value as f32.
     pub(crate) fn to_f32(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.len()];
-        decode_blocks(self.code, &self.bytes, &self.scales, &mut out);
-        out
+        decoded(self.code, &self.bytes, &self.scales)
     }
 }
 
 /// Decodes `bytes` (whole blocks from a block boundary, the last may be short) with their
-/// `scales` into `out`.
-pub(crate) fn decode_blocks(code: Code, bytes: &[u8], scales: &[f32], out: &mut [f32]) {
-    for ((b, &s), o) in bytes.chunks(BLOCK).zip(scales).zip(out.chunks_mut(BLOCK)) {
-        for (&b, o) in b.iter().zip(o) {
-            *o = decode(code, b, s);
+/// `scales` into a new vector (no zero-fill first).
+pub(crate) fn decoded(code: Code, bytes: &[u8], scales: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(bytes.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        unsafe { decode_avx2(code, bytes, scales, &mut out) };
+        return out;
+    }
+    decode_into(code, bytes, scales, &mut out);
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn decode_avx2(code: Code, bytes: &[u8], scales: &[f32], out: &mut Vec<f32>) {
+    decode_into(code, bytes, scales, out)
+}
+
+#[inline(always)]
+fn decode_into(code: Code, bytes: &[u8], scales: &[f32], out: &mut Vec<f32>) {
+    for (b, &s) in bytes.chunks(BLOCK).zip(scales) {
+        match code {
+            Code::Signed => out.extend(b.iter().map(|&b| decode(Code::Signed, b, s))),
+            Code::Positive => out.extend(b.iter().map(|&b| decode(Code::Positive, b, s))),
         }
     }
 }
 
 /// Encodes `values` (whole blocks from a block boundary) into `bytes` and `scales`, rounding
-/// stochastically with bits from `seed` and each value's index `first + i`.
+/// stochastically with bits from `seed` and each value's index `first + i`. The same code is
+/// compiled for AVX2 too (integer multiplies in vector registers), chosen at run time.
 pub(crate) fn encode_blocks(code: Code, values: &[f32], bytes: &mut [u8], scales: &mut [f32], seed: u64, first: u64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { encode_avx2(code, values, bytes, scales, seed, first) };
+    }
+    encode_into(code, values, bytes, scales, seed, first)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn encode_avx2(code: Code, values: &[f32], bytes: &mut [u8], scales: &mut [f32], seed: u64, first: u64) {
+    encode_into(code, values, bytes, scales, seed, first)
+}
+
+#[inline(always)]
+fn encode_into(code: Code, values: &[f32], bytes: &mut [u8], scales: &mut [f32], seed: u64, first: u64) {
+    // Indices wrap at 2^32: streams of tensors above 4G elements repeat, harmlessly.
+    let seed = (seed ^ (seed >> 32)) as u32;
     let blocks = values.chunks(BLOCK).zip(bytes.chunks_mut(BLOCK)).zip(scales.iter_mut());
     for (bi, ((v, b), s)) in blocks.enumerate() {
         let scale = v.iter().fold(0f32, |m, x| m.max(x.abs()));
         *s = scale;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        let base = first + (bi * BLOCK) as u64;
-        for (i, (&x, b)) in v.iter().zip(b.iter_mut()).enumerate() {
-            *b = encode(code, x, inv, mix(seed ^ (base + i as u64)) as u32);
+        let base = (first + (bi * BLOCK) as u64) as u32;
+        match code {
+            Code::Signed => {
+                v.iter().zip(b.iter_mut()).enumerate().for_each(|(i, (&x, b))| {
+                    *b = encode(Code::Signed, x, inv, hash32(seed, base.wrapping_add(i as u32)))
+                })
+            }
+            Code::Positive => v.iter().zip(b.iter_mut()).enumerate().for_each(|(i, (&x, b))| {
+                *b = encode(Code::Positive, x, inv, hash32(seed, base.wrapping_add(i as u32)))
+            }),
         }
     }
 }
