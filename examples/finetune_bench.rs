@@ -11,7 +11,11 @@
 //! Ranger. `--checkpointing` runs full and LoRA Ranger with and without
 //! `--gradient-checkpointing`, alternately, at the shape given, and each once more at
 //! 16 tokens x 1: that run's peak is the memory that does not grow with the batch (weights,
-//! gradients, optimizer state), and each row's peak less it estimates its activation memory.
+//! gradients, optimizer state), and each row's peak less it estimates its activation memory;
+//! and full Ranger with 8-bit state (`--optimizer-state-bits 8`) with and without it.
+//! `--llama-1b` does the same for a Llama-3.2-1B-shaped model with random weights (written once
+//! under the temp folder, 4.3 GB): LoRA + checkpointing and full with 8-bit state +
+//! checkpointing, each beside its 16 x 1 run.
 
 use std::path::Path;
 
@@ -41,10 +45,66 @@ fn synthetic_text() -> String {
 
 /// One configuration, as the parent process passes it to a child.
 struct Run {
+    /// `ranger`, `adamw` or `lora` (Ranger).
     name: String,
     seq: usize,
     batch: usize,
     checkpointing: bool,
+    /// `--optimizer-state-bits`.
+    state_bits: u8,
+    /// `smollm2`, or `llama-1b` (random weights).
+    model: String,
+}
+
+impl Run {
+    fn new(name: &str, (seq, batch): (usize, usize), checkpointing: bool, state_bits: u8, model: &str) -> Self {
+        Self { name: name.into(), seq, batch, checkpointing, state_bits, model: model.into() }
+    }
+}
+
+/// A Llama-3.2-1B-shaped configuration (hidden 2048, 16 layers, 32 heads over 8 key/value
+/// heads, MLP 8192, tied embeddings) over SmolLM2's tokenizer (vocabulary 49,152): 1.07 B
+/// parameters. Memory and speed do not depend on the weights' values.
+fn llama_1b_config(smollm2: &serde_json::Value) -> serde_json::Value {
+    let mut c = smollm2.clone();
+    for (k, v) in [
+        ("hidden_size", 2048),
+        ("intermediate_size", 8192),
+        ("num_hidden_layers", 16),
+        ("num_attention_heads", 32),
+        ("num_key_value_heads", 8),
+        ("head_dim", 64),
+    ] {
+        c[k] = serde_json::json!(v);
+    }
+    c["tie_word_embeddings"] = serde_json::json!(true);
+    c
+}
+
+/// The folder of the random 1B model (written once: SmolLM2's tokenizer and configuration,
+/// reshaped, with random f32 weights).
+fn llama_1b_folder(gguf: &str, dir: &Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    let folder = dir.join("llama-1b");
+    if folder.join("done").exists() {
+        return Ok(folder);
+    }
+    let _ = std::fs::remove_dir_all(&folder);
+    ranger_train::convert::gguf_to_hf(Path::new(gguf), &folder, candle_core::DType::F32)?;
+    for entry in std::fs::read_dir(&folder)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") || path.ends_with("model.safetensors.index.json") {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let smollm2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json"))?)?;
+    let config = llama_1b_config(&smollm2);
+    let cfg = ranger_train::model::LlamaConfig::from_json(config.clone(), "llama-1b")?;
+    let mut weights: Vec<_> = ranger_train::model::random_weights(&cfg, 1, candle_core::DType::F32)?.into_iter().collect();
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    ranger_train::weights::save_safetensors_dir(&folder, &weights, ranger_train::weights::DEFAULT_MAX_SHARD_BYTES)?;
+    std::fs::write(folder.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(folder.join("done"), "")?;
+    Ok(folder)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -64,23 +124,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             seq: args[i + 2].parse()?,
             batch: args[i + 3].parse()?,
             checkpointing: args[i + 4] == "1",
+            state_bits: args[i + 5].parse()?,
+            model: args[i + 6].clone(),
         };
-        return child(&gguf, &dir, steps, &run);
+        let model = match run.model.as_str() {
+            "llama-1b" => llama_1b_folder(&gguf, &dir)?.display().to_string(),
+            _ => gguf,
+        };
+        return child(&model, &dir, steps, &run);
     }
-    let (seq, batch) = (flag("--seq").unwrap_or(256), flag("--batch").unwrap_or(4));
+    let shape = (flag("--seq").unwrap_or(256), flag("--batch").unwrap_or(4));
     let mut runs = Vec::new();
     if args.iter().any(|a| a == "--checkpointing") {
         for name in ["ranger", "lora"] {
-            runs.push(Run { name: name.into(), seq: 16, batch: 1, checkpointing: false });
+            runs.push(Run::new(name, (16, 1), false, 32, "smollm2"));
         }
         for checkpointing in [false, true] {
             for name in ["ranger", "lora"] {
-                runs.push(Run { name: name.into(), seq, batch, checkpointing });
+                runs.push(Run::new(name, shape, checkpointing, 32, "smollm2"));
             }
+            runs.push(Run::new("ranger", shape, checkpointing, 8, "smollm2"));
         }
+    } else if args.iter().any(|a| a == "--llama-1b") {
+        runs.push(Run::new("lora", (16, 1), false, 32, "llama-1b"));
+        runs.push(Run::new("lora", shape, true, 32, "llama-1b"));
+        runs.push(Run::new("ranger", (16, 1), false, 8, "llama-1b"));
+        runs.push(Run::new("ranger", shape, true, 8, "llama-1b"));
     } else {
         for name in ["ranger", "adamw", "lora"] {
-            runs.push(Run { name: name.into(), seq, batch, checkpointing: false });
+            runs.push(Run::new(name, shape, false, 32, "smollm2"));
         }
     }
     for r in &runs {
@@ -92,6 +164,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 &r.seq.to_string(),
                 &r.batch.to_string(),
                 if r.checkpointing { "1" } else { "0" },
+                &r.state_bits.to_string(),
+                &r.model,
             ])
             .status()?;
         if !status.success() {
@@ -102,11 +176,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Trains one configuration and prints its figures.
-fn child(gguf: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn std::error::Error>> {
+fn child(model: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn std::error::Error>> {
     let optimizer = if run.name == "adamw" { OptimizerKind::Adamw } else { OptimizerKind::Ranger };
     let lora = run.name == "lora";
     let cfg = TrainConfig {
-        model: gguf.to_string(),
+        model: model.to_string(),
         data: dir.join("data.txt").display().to_string(),
         output: dir.join("out").display().to_string(),
         max_seq_length: run.seq,
@@ -116,6 +190,7 @@ fn child(gguf: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn 
         optimizer,
         lora,
         gradient_checkpointing: run.checkpointing,
+        optimizer_state_bits: run.state_bits,
         // Whole sequences of the length asked for (the paragraphs are about 280 tokens long).
         pack: run.seq > 256,
         device: "cpu".into(),
@@ -139,9 +214,11 @@ fn child(gguf: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn 
     eprintln!("peak RSS after each step (GiB): {step_peaks:.2?}");
     eprintln!("tokens/s of each step: {tps:.1?}");
     println!(
-        "ranger-tune ({optimizer:?}{}{}): SmolLM2-135M f32, seq {} x batch {}, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS {:.2} GiB",
+        "ranger-tune ({optimizer:?}{}{}{}): {} f32, seq {} x batch {}, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS {:.2} GiB",
         if lora { ", LoRA r=8" } else { ", full" },
+        if run.state_bits == 8 { ", 8-bit state" } else { "" },
         if run.checkpointing { ", gradient checkpointing" } else { "" },
+        if run.model == "llama-1b" { "Llama-1B-shaped (random)" } else { "SmolLM2-135M" },
         run.seq,
         run.batch,
         peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
