@@ -99,7 +99,8 @@ fn llama_1b_folder(gguf: &str, dir: &Path) -> Result<std::path::PathBuf, Box<dyn
     let smollm2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json"))?)?;
     let config = llama_1b_config(&smollm2);
     let cfg = ranger_train::model::LlamaConfig::from_json(config.clone(), "llama-1b")?;
-    let mut weights: Vec<_> = ranger_train::model::random_weights(&cfg, 1, candle_core::DType::F32)?.into_iter().collect();
+    let mut weights: Vec<_> =
+        ranger_train::model::random_weights(&cfg, 1, candle_core::DType::F32)?.into_iter().collect();
     weights.sort_by(|a, b| a.0.cmp(&b.0));
     ranger_train::weights::save_safetensors_dir(&folder, &weights, ranger_train::weights::DEFAULT_MAX_SHARD_BYTES)?;
     std::fs::write(folder.join("config.json"), serde_json::to_string_pretty(&config)?)?;

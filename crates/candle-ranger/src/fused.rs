@@ -12,7 +12,6 @@ use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::fused_q8::Q8Moments;
 use crate::lookahead_core::interpolate;
 use crate::quant8::Q8Buf;
 use crate::scalars::{StepScalars, Update};
@@ -416,45 +415,9 @@ impl FusedStep<'_> {
     }
 }
 
-impl FusedStep<'_> {
-    /// [`FusedStep::apply`] over 8-bit moments (state type f32).
-    fn apply_q8<P: Elem<f32>>(&self, p: &mut [P], g: &[P], st: &mut HostState) -> candle_core::Result<()> {
-        let HostState { m, v, slow, master } = st;
-        let wrong = || candle_core::Error::msg("fused ranger step: 8-bit optimizer state expected");
-        let (HostBuf::Q8(m), HostBuf::Q8(v)) = (m, v) else { return Err(wrong()) };
-        let delta = match slow.as_mut() {
-            Some(HostBuf::Q8(d)) => Some(d),
-            Some(_) => return Err(wrong()),
-            None => None,
-        };
-        if m.len() != p.len()
-            || v.len() != p.len()
-            || g.len() != p.len()
-            || delta.as_ref().is_some_and(|d| d.len() != p.len())
-        {
-            candle_core::bail!("fused ranger step: state/gradient size does not match the parameter");
-        }
-        let moments = Q8Moments { m, v, delta };
-        match master.as_mut() {
-            None => self.run_q8(p, g, moments),
-            Some(master) => {
-                let master = f32::buf(master)
-                    .ok_or_else(|| candle_core::Error::msg("fused ranger step: f32 master copy expected"))?;
-                if master.len() != p.len() {
-                    candle_core::bail!("fused ranger step: master copy size does not match the parameter");
-                }
-                adopt_outside_changes(p, master);
-                self.run_q8::<f32, P>(master, g, moments);
-                round_into(p, master);
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A variable changed from outside (a `Lookahead<O>` sync, a user's `set`) is adopted by its
 /// master copy where it is no longer the master copy's rounding.
-fn adopt_outside_changes<P: Elem<S>, S: Real>(p: &[P], master: &mut [S]) {
+pub(crate) fn adopt_outside_changes<P: Elem<S>, S: Real>(p: &[P], master: &mut [S]) {
     p.par_chunks(CHUNK).zip(master.par_chunks_mut(CHUNK)).for_each(|(p, m)| {
         for (&p, m) in p.iter().zip(m) {
             if P::store(*m) != p {
@@ -465,7 +428,7 @@ fn adopt_outside_changes<P: Elem<S>, S: Real>(p: &[P], master: &mut [S]) {
 }
 
 /// The variable takes the rounding of its master copy.
-fn round_into<P: Elem<S>, S: Real>(p: &mut [P], master: &[S]) {
+pub(crate) fn round_into<P: Elem<S>, S: Real>(p: &mut [P], master: &[S]) {
     p.par_chunks_mut(CHUNK).zip(master.par_chunks(CHUNK)).for_each(|(p, m)| {
         for (p, &m) in p.iter_mut().zip(m) {
             *p = P::store(m);

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::fused::{Elem, FusedStep, Kernel, CHUNK};
+use crate::fused::{adopt_outside_changes, round_into, Elem, FusedStep, HostBuf, HostState, Kernel, StateElem, CHUNK};
 use crate::quant8::{decoded, encode_blocks, Code, Q8Buf, BLOCK};
 
 /// Separate the stochastic rounding streams of the three buffers (far apart, so that no two
@@ -129,4 +129,40 @@ fn step_chunk<P: Elem<f32>, G: Elem<f32>>(
     }
     encode_blocks(Code::Signed, &mf, mb, ms, seed ^ SEED_M, first);
     encode_blocks(Code::Positive, &vf, vb, vs, seed ^ SEED_V, first);
+}
+
+impl FusedStep<'_> {
+    /// [`FusedStep::apply`] over 8-bit moments (state type f32).
+    pub(crate) fn apply_q8<P: Elem<f32>>(&self, p: &mut [P], g: &[P], st: &mut HostState) -> candle_core::Result<()> {
+        let HostState { m, v, slow, master } = st;
+        let wrong = || candle_core::Error::msg("fused ranger step: 8-bit optimizer state expected");
+        let (HostBuf::Q8(m), HostBuf::Q8(v)) = (m, v) else { return Err(wrong()) };
+        let delta = match slow.as_mut() {
+            Some(HostBuf::Q8(d)) => Some(d),
+            Some(_) => return Err(wrong()),
+            None => None,
+        };
+        if m.len() != p.len()
+            || v.len() != p.len()
+            || g.len() != p.len()
+            || delta.as_ref().is_some_and(|d| d.len() != p.len())
+        {
+            candle_core::bail!("fused ranger step: state/gradient size does not match the parameter");
+        }
+        let moments = Q8Moments { m, v, delta };
+        match master.as_mut() {
+            None => self.run_q8(p, g, moments),
+            Some(master) => {
+                let master = f32::buf(master)
+                    .ok_or_else(|| candle_core::Error::msg("fused ranger step: f32 master copy expected"))?;
+                if master.len() != p.len() {
+                    candle_core::bail!("fused ranger step: master copy size does not match the parameter");
+                }
+                adopt_outside_changes(p, master);
+                self.run_q8::<f32, P>(master, g, moments);
+                round_into(p, master);
+            }
+        }
+        Ok(())
+    }
 }
