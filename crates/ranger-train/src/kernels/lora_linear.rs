@@ -119,12 +119,17 @@ impl FusedOp3 for LoraLinear {
     //   t = scale x_d A^T [n, r]; gb = scale g B [n, r]
     //   dB = g^T t [out, r]; dA = gb^T x_d [r, in]; dx = g W + (gb A) * mask [n, in]
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Grads3> {
-        let (a_var, b_var) = (a, b);
+        let (a_var, b_var, x_tracked) = (a, b, x.track_op());
         let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), g.detach());
         let xd = self.dropped(&x)?;
         let t = (matmul_detached(&xd, &a.t()?)? * self.scale)?;
         let gb = (matmul_detached(&g, &b)? * self.scale)?;
-        let dx = (matmul_detached(&g, &self.weight)? + self.dropped(&matmul_detached(&gb, &a)?)?)?;
+        // An input computed from nothing trainable (the first layer's, under a frozen embedding)
+        // needs no gradient: its `[n, out] x [out, in]` product is skipped.
+        let dx = match x_tracked {
+            true => Some((matmul_detached(&g, &self.weight)? + self.dropped(&matmul_detached(&gb, &a)?)?)?),
+            false => None,
+        };
         // An adapter applied without training it (its matrices frozen) gets no gradient.
         let (mut da, mut db) = (None, None);
         match &self.sink {
@@ -145,6 +150,6 @@ impl FusedOp3 for LoraLinear {
                 }
             }
         }
-        Ok((Some(dx), da, db))
+        Ok((dx, da, db))
     }
 }

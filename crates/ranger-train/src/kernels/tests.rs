@@ -202,6 +202,11 @@ fn fused_lora_projection_matches_the_op_by_op_version() {
             assert!(d < 1e-12, "sink gradient differs by {d}, mask {}", mask.is_some());
         }
     }
+    // An input that needs no gradient gets none; A and B still get theirs.
+    let plain_x = x.as_tensor().detach();
+    let g = lora_linear(&plain_x, &w, (&a, &b, scale), None).unwrap().unwrap().mul(&probe).unwrap().sum_all().unwrap();
+    let g = g.backward().unwrap();
+    assert!(g.get(&plain_x).is_none() && g.get(&a).is_some() && g.get(&b).is_some());
     // A trainable base weight is not this op's case: the caller computes it op by op.
     let wv = Var::from_tensor(&w).unwrap();
     assert!(lora_linear(&x, wv.as_tensor(), (&a, &b, scale), None).unwrap().is_none());
