@@ -69,8 +69,46 @@ fn assert_same(what: &str, plain: &Bits, checkpointed: &Bits) {
     assert!(plain.iter().any(|(_, g)| g.iter().any(|&x| f64::from_bits(x) != 0.0)), "{what}: all gradients are 0");
 }
 
+/// On `RANGER_TEST_DEVICE` (the CPU when unset; CUDA or Metal run the op-by-op path): full and
+/// LoRA with dropout, f32 and bf16, the same gradients with and without checkpointing, bit for
+/// bit on the CPU, to 1e-6 of each tensor's largest gradient on a GPU (whose kernels may sum in
+/// another order from one call to the next).
+#[test]
+fn checkpointing_on_the_test_device() {
+    let device = common::test_device();
+    let dtypes: &[DType] = if device.is_cpu() { &[DType::F32, DType::BF16] } else { &[DType::F32] };
+    for &dtype in dtypes {
+        for lora in [None, Some((false, 0.3))] {
+            let dropout = DropoutSeed::default();
+            let (vars, mut model) = decoder_on("qwen3", dtype, lora, &dropout, &device);
+            let batches = lm_batches_on(common::TINY_VOCAB, dtype, &device);
+            let mut run = |on: bool| {
+                model.set_gradient_checkpointing(on);
+                step_gradients(&vars, &dropout, |i| model.loss_sum(&batches[i], true).unwrap())
+            };
+            let (plain, checkpointed) = (run(false), run(true));
+            let what = format!("{device:?} {dtype:?} {lora:?}");
+            if device.is_cpu() {
+                assert_same(&what, &plain, &checkpointed);
+                continue;
+            }
+            for ((name, a), (_, b)) in plain.iter().zip(&checkpointed) {
+                let (a, b): (Vec<f64>, Vec<f64>) =
+                    (a.iter().map(|x| f64::from_bits(*x)).collect(), b.iter().map(|x| f64::from_bits(*x)).collect());
+                let top = a.iter().fold(0f64, |m, x| m.max(x.abs()));
+                let diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                assert!(diff <= 1e-6 * top.max(1e-30), "{what}: {name} differs by {diff} (largest {top})");
+            }
+        }
+    }
+}
+
 /// Two different training batches with packing and padding.
 fn lm_batches(vocab: usize, dtype: DType) -> [Batch; 2] {
+    lm_batches_on(vocab, dtype, &Device::Cpu)
+}
+
+fn lm_batches_on(vocab: usize, dtype: DType, device: &Device) -> [Batch; 2] {
     let mut rng = Rng::new(3);
     let mut ids = |n: usize| (0..n).map(|_| rng.below(vocab) as u32).collect::<Vec<_>>();
     let packed = Sequence {
@@ -82,8 +120,8 @@ fn lm_batches(vocab: usize, dtype: DType) -> [Batch; 2] {
     let short = Sequence { ids: ids(6), target: vec![true; 6], segment: vec![0; 6], position: (0..6).collect() };
     let long = Sequence { ids: ids(8), target: vec![true; 8], segment: vec![0; 8], position: (0..8).collect() };
     [
-        collate_lm(&[&packed, &short], 2, None, dtype, &Device::Cpu).unwrap(),
-        collate_lm(&[&long, &short], 2, None, dtype, &Device::Cpu).unwrap(),
+        collate_lm(&[&packed, &short], 2, None, dtype, device).unwrap(),
+        collate_lm(&[&long, &short], 2, None, dtype, device).unwrap(),
     ]
 }
 
@@ -95,9 +133,20 @@ fn decoder(
     lora: Option<(bool, f64)>,
     dropout: &DropoutSeed,
 ) -> (Vec<(String, Var)>, LlamaModel) {
+    decoder_on(arch, dtype, lora, dropout, &Device::Cpu)
+}
+
+/// [`decoder`] on `device`.
+fn decoder_on(
+    arch: &str,
+    dtype: DType,
+    lora: Option<(bool, f64)>,
+    dropout: &DropoutSeed,
+    device: &Device,
+) -> (Vec<(String, Var)>, LlamaModel) {
     let cfg = LlamaConfig::from_json(common::tiny_config(arch), "test").unwrap();
     let weights = ranger_train::model::random_weights(&cfg, 11, DType::F64).unwrap();
-    let tensors = ranger_train::model::into_tensors(&cfg, weights, dtype, &Device::Cpu, "test").unwrap();
+    let tensors = ranger_train::model::into_tensors(&cfg, weights, dtype, device, "test").unwrap();
     let Some((dora, p)) = lora else {
         let vars = ranger_train::weights::to_vars(tensors).unwrap();
         return (vars.clone(), LlamaModel::from_vars(cfg, &vars).unwrap());
@@ -107,8 +156,8 @@ fn decoder(
     let vars = model.add_lora(&lora, 9, dropout).unwrap();
     let mut rng = Rng::new(5);
     for (_, v) in vars.iter().filter(|(n, _)| n.ends_with("lora_B.weight")) {
-        let data: Vec<f64> = (0..v.elem_count()).map(|_| 0.1 * rng.normal()).collect();
-        v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let data: Vec<f32> = (0..v.elem_count()).map(|_| (0.1 * rng.normal()) as f32).collect();
+        v.set(&Tensor::from_vec(data, v.shape(), device).unwrap().to_dtype(dtype).unwrap()).unwrap();
     }
     (vars, model)
 }
