@@ -169,12 +169,13 @@ fn resume_is_bit_exact_with_dora_and_lora_dropout() {
     resume_exact(OptimizerKind::Ranger, Some((true, 0.2)));
 }
 
-/// 8-bit state: its bytes, scales and rounding streams are saved and restored (CPU only).
+/// 8-bit and bf16 state: bytes, scales and rounding streams are saved and restored (CPU only).
 #[test]
-fn resume_is_bit_exact_with_8_bit_ranger_state() {
+fn resume_is_bit_exact_with_8_and_16_bit_ranger_state() {
     if common::test_device_spec() == "cpu" {
         resume_exact_with_state_bits(OptimizerKind::Ranger, None, 8);
         resume_exact_with_state_bits(OptimizerKind::Adamw, Some((false, 0.0)), 8);
+        resume_exact_with_state_bits(OptimizerKind::Ranger, Some((true, 0.2)), 16);
     }
 }
 

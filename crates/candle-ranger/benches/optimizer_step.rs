@@ -147,6 +147,7 @@ fn main() {
         for (label, path, state_precision) in [
             ("Ranger fused (CPU kernel)", UpdatePath::Fused, StatePrecision::F32),
             ("Ranger fused, 8-bit state", UpdatePath::Fused, StatePrecision::Int8),
+            ("Ranger fused, bf16 state", UpdatePath::Fused, StatePrecision::Bf16),
             ("Ranger portable (tensor ops)", UpdatePath::Portable, StatePrecision::F32),
         ] {
             if !wanted(label) {

@@ -13,8 +13,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::lookahead_core::interpolate;
-use crate::quant8::Q8Buf;
 use crate::scalars::{StepScalars, Update};
+use crate::state_codec::Q8Buf;
 
 /// The kernel's state type (f32 or f64): Candle's element type (arithmetic, `from_f64`,
 /// `to_f64`) with a square root.
@@ -73,13 +73,14 @@ impl Elem<f32> for f16 {
     }
 }
 
-/// Host-side optimizer state of one variable: f64 for f64 parameters, f32 otherwise, or
-/// 8-bit ([`crate::StatePrecision::Int8`], f32 and half-precision parameters).
+/// Host-side optimizer state of one variable: f64 for f64 parameters, f32 otherwise, or packed
+/// ([`crate::StatePrecision`]: bf16 bits or 8-bit; f32 and half-precision parameters).
 #[derive(Debug, Clone)]
 pub(crate) enum HostBuf {
     F32(Vec<f32>),
     F64(Vec<f64>),
     Q8(Q8Buf),
+    B16(Vec<u16>),
 }
 
 impl HostBuf {
@@ -89,6 +90,31 @@ impl HostBuf {
             HostBuf::F32(v) => Tensor::from_slice(v, shape, &cpu),
             HostBuf::F64(v) => Tensor::from_slice(v, shape, &cpu),
             HostBuf::Q8(q) => Tensor::from_vec(q.to_f32(), shape, &cpu),
+            HostBuf::B16(b) => Tensor::from_vec(crate::state_codec::decode16(b), shape, &cpu),
+        }
+    }
+
+    /// Number of values.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            HostBuf::F32(v) => v.len(),
+            HostBuf::F64(v) => v.len(),
+            HostBuf::Q8(q) => q.len(),
+            HostBuf::B16(b) => b.len(),
+        }
+    }
+
+    /// Whether it is packed (bf16 or 8-bit).
+    pub(crate) fn is_packed(&self) -> bool {
+        matches!(self, HostBuf::Q8(_) | HostBuf::B16(_))
+    }
+
+    /// A packed buffer of the same kind and length, all zeros (a signed code for 8-bit).
+    pub(crate) fn packed_zeros_like(&self) -> Option<HostBuf> {
+        match self {
+            HostBuf::Q8(q) => Some(HostBuf::Q8(Q8Buf::zeros(crate::state_codec::Code::Signed, q.len()))),
+            HostBuf::B16(b) => Some(HostBuf::B16(vec![0; b.len()])),
+            _ => None,
         }
     }
 
@@ -121,7 +147,7 @@ impl StateElem for f32 {
     fn buf(b: &mut HostBuf) -> Option<&mut [f32]> {
         match b {
             HostBuf::F32(v) => Some(v),
-            HostBuf::F64(_) | HostBuf::Q8(_) => None,
+            HostBuf::F64(_) | HostBuf::Q8(_) | HostBuf::B16(_) => None,
         }
     }
 }
@@ -130,7 +156,7 @@ impl StateElem for f64 {
     fn buf(b: &mut HostBuf) -> Option<&mut [f64]> {
         match b {
             HostBuf::F64(v) => Some(v),
-            HostBuf::F32(_) | HostBuf::Q8(_) => None,
+            HostBuf::F32(_) | HostBuf::Q8(_) | HostBuf::B16(_) => None,
         }
     }
 }
@@ -361,14 +387,18 @@ impl InplaceOp2 for FusedStep<'_> {
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
         let mut guard = self.state.borrow_mut();
         let st: &mut HostState = &mut guard;
-        if matches!(st.m, HostBuf::Q8(_)) {
+        if st.m.is_packed() {
             return match (s1, s2) {
-                (CpuStorage::F32(p), CpuStorage::F32(g)) => self.apply_q8::<f32>(slice_mut(p, l1)?, slice(g, l2)?, st),
-                (CpuStorage::BF16(p), CpuStorage::BF16(g)) => {
-                    self.apply_q8::<bf16>(slice_mut(p, l1)?, slice(g, l2)?, st)
+                (CpuStorage::F32(p), CpuStorage::F32(g)) => {
+                    self.apply_packed::<f32>(slice_mut(p, l1)?, slice(g, l2)?, st)
                 }
-                (CpuStorage::F16(p), CpuStorage::F16(g)) => self.apply_q8::<f16>(slice_mut(p, l1)?, slice(g, l2)?, st),
-                (p, _) => candle_core::bail!("fused ranger step: 8-bit state for a {:?} parameter", p.dtype()),
+                (CpuStorage::BF16(p), CpuStorage::BF16(g)) => {
+                    self.apply_packed::<bf16>(slice_mut(p, l1)?, slice(g, l2)?, st)
+                }
+                (CpuStorage::F16(p), CpuStorage::F16(g)) => {
+                    self.apply_packed::<f16>(slice_mut(p, l1)?, slice(g, l2)?, st)
+                }
+                (p, _) => candle_core::bail!("fused ranger step: packed state for a {:?} parameter", p.dtype()),
             };
         }
         match (s1, s2) {

@@ -97,7 +97,7 @@ mod device_support;
 mod engine;
 mod error;
 mod fused;
-mod fused_q8;
+mod fused_packed;
 #[cfg(any(feature = "cuda", feature = "metal"))]
 mod gpu_dispatch;
 #[cfg(any(feature = "cuda", feature = "metal"))]
@@ -111,12 +111,12 @@ mod lookahead_core;
 mod metal_step;
 mod params;
 mod portable;
-mod quant8;
 mod radam;
 mod ranger;
 pub mod scalars;
 mod schedule;
 mod state;
+mod state_codec;
 pub mod state_file;
 
 pub use adamw::{AdamW, AdamWOptions};

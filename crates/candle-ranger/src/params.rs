@@ -87,6 +87,10 @@ pub enum StatePrecision {
     /// f32 (f64 for f64 variables): 12 bytes per parameter with Lookahead.
     #[default]
     F32,
+    /// bf16, rounded stochastically (6 bytes per parameter with Lookahead); the slow weights
+    /// are kept as their difference from the fast ones. Fused CPU path only (f32, bf16 and f16
+    /// variables).
+    Bf16,
     /// One byte per value in blocks of 256 with an f32 scale, rounded stochastically (about
     /// 3.05 bytes per parameter with Lookahead); the slow weights are kept as their difference
     /// from the fast ones. Fused CPU path only (f32, bf16 and f16 variables).
@@ -97,6 +101,7 @@ impl StatePrecision {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             StatePrecision::F32 => "f32",
+            StatePrecision::Bf16 => "bf16",
             StatePrecision::Int8 => "int8",
         }
     }

@@ -33,7 +33,11 @@ impl TrainOptimizer {
         let beta1 = cfg.beta1.unwrap_or(default_beta1(cfg.optimizer));
         let eps = cfg.eps.unwrap_or(default_eps(cfg.optimizer));
         let groups = ParamGroup::split_decay(vars.clone());
-        let state_precision = if cfg.optimizer_state_bits == 8 { StatePrecision::Int8 } else { StatePrecision::F32 };
+        let state_precision = match cfg.optimizer_state_bits {
+            8 => StatePrecision::Int8,
+            16 => StatePrecision::Bf16,
+            _ => StatePrecision::F32,
+        };
         Ok(match cfg.optimizer {
             OptimizerKind::Ranger => TrainOptimizer::Ranger(Ranger::with_groups(
                 groups,

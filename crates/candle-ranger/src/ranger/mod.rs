@@ -244,7 +244,7 @@ impl Ranger {
                     let state = RefCell::new(st);
                     // The stochastic rounding of 8-bit state: per variable and step, so a resumed
                     // run rounds as the uninterrupted one.
-                    let seed = crate::quant8::stream_seed(*i as u64, slot.step + 1);
+                    let seed = crate::state_codec::stream_seed(*i as u64, slot.step + 1);
                     let op =
                         FusedStep { scalars: sc, row_len, eps: sc.eps, beta1: p.beta1, beta2: p.beta2, seed, state };
                     slot.var.as_tensor().inplace_op2(&grad, &op)?;

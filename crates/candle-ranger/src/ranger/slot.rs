@@ -7,8 +7,8 @@ use crate::fused::{HostBuf, HostState};
 use crate::lookahead_core::{initial_slow, sync_var};
 use crate::params::{ParamsRanger, StatePrecision, UpdatePath};
 use crate::portable::DeviceState;
-use crate::quant8::{Code, Q8Buf};
 use crate::state::state_dtype;
+use crate::state_codec::{Code, Q8Buf};
 
 /// Optimizer state of one variable, wherever it lives.
 #[derive(Debug, Clone)]
@@ -44,20 +44,27 @@ impl SlotState {
         };
         // Slow weights are taken at the variable's first step (see `Slot::ensure_slow`), so
         // weights loaded after the optimizer was built are the ones Lookahead starts from.
-        if params.state_precision == StatePrecision::Int8 {
+        if params.state_precision != StatePrecision::F32 {
             let supported =
                 fused && var.device().is_cpu() && matches!(var.dtype(), DType::F32 | DType::BF16 | DType::F16);
             if !supported {
                 return Err(Error::InvalidConfig(format!(
-                    "8-bit optimizer state is implemented in the fused CPU step for f32/bf16/f16 variables; got a {:?} variable on {:?}{}",
+                    "{} optimizer state is implemented in the fused CPU step for f32/bf16/f16 variables; got a {:?} variable on {:?}{}",
+                    match params.state_precision {
+                        StatePrecision::Bf16 => "bf16",
+                        _ => "8-bit",
+                    },
                     var.dtype(),
                     var.device().location(),
                     if fused { "" } else { " with the portable update path" }
                 )));
             }
             let n = var.elem_count();
-            let (m, v) = (Q8Buf::zeros(Code::Signed, n), Q8Buf::zeros(Code::Positive, n));
-            return Ok(SlotState::Host(HostState { m: HostBuf::Q8(m), v: HostBuf::Q8(v), slow: None, master: None }));
+            let (m, v) = match params.state_precision {
+                StatePrecision::Bf16 => (HostBuf::B16(vec![0; n]), HostBuf::B16(vec![0; n])),
+                _ => (HostBuf::Q8(Q8Buf::zeros(Code::Signed, n)), HostBuf::Q8(Q8Buf::zeros(Code::Positive, n))),
+            };
+            return Ok(SlotState::Host(HostState { m, v, slow: None, master: None }));
         }
         if fused && var.device().is_cpu() {
             let n = var.elem_count();
@@ -86,9 +93,9 @@ impl Slot {
     /// a deep copy of the current weights, in the state dtype, on the state's device.
     pub(super) fn current_slow(&self) -> Result<Tensor> {
         Ok(match &self.state {
-            // 8-bit state keeps `fast - slow`.
-            SlotState::Host(HostState { slow: Some(HostBuf::Q8(delta)), .. }) => {
-                (self.fast_weights()? - Tensor::from_vec(delta.to_f32(), self.var.shape(), &Device::Cpu)?)?
+            // Packed state keeps `fast - slow`.
+            SlotState::Host(HostState { slow: Some(delta), .. }) if delta.is_packed() => {
+                (self.fast_weights()? - delta.to_tensor(self.var.shape())?)?
             }
             SlotState::Host(HostState { slow: Some(buf), .. }) => buf.to_tensor(self.var.shape())?,
             // A copy: the fused GPU kernels update the slow weights in place.
@@ -104,10 +111,12 @@ impl Slot {
             SlotState::Host(st) => st.slow.is_none(),
             SlotState::Device(st) => st.slow.is_none(),
         };
-        if let SlotState::Host(st @ HostState { m: HostBuf::Q8(_), slow: None, .. }) = &mut self.state {
-            // Slow == fast now: a zero difference.
-            st.slow = Some(HostBuf::Q8(Q8Buf::zeros(Code::Signed, self.var.elem_count())));
-            return Ok(());
+        if let SlotState::Host(st @ HostState { slow: None, .. }) = &mut self.state {
+            if let Some(zeros) = st.m.packed_zeros_like() {
+                // Slow == fast now: a zero difference.
+                st.slow = Some(zeros);
+                return Ok(());
+            }
         }
         if missing {
             let copy = self.current_slow()?;
@@ -153,15 +162,17 @@ impl Slot {
     /// nothing happens before the slow weights are taken.
     pub(super) fn sync(&mut self, alpha: f64) -> Result<()> {
         let fast = self.fast_weights()?;
-        if let SlotState::Host(HostState { slow: Some(HostBuf::Q8(_)), .. }) = &self.state {
-            let new = sync_var(&self.var, &fast, &self.current_slow()?, alpha)?;
-            if let SlotState::Host(HostState { slow: Some(HostBuf::Q8(delta)), master, .. }) = &mut self.state {
-                *delta = Q8Buf::zeros(Code::Signed, delta.len());
-                if let Some(m) = master {
-                    *m = HostBuf::from_tensor(&new)?;
+        if let SlotState::Host(HostState { slow: Some(d), .. }) = &self.state {
+            if d.is_packed() {
+                let new = sync_var(&self.var, &fast, &self.current_slow()?, alpha)?;
+                if let SlotState::Host(HostState { slow: Some(delta), master, .. }) = &mut self.state {
+                    *delta = delta.packed_zeros_like().expect("a packed buffer");
+                    if let Some(m) = master {
+                        *m = HostBuf::from_tensor(&new)?;
+                    }
                 }
+                return Ok(());
             }
-            return Ok(());
         }
         match &mut self.state {
             SlotState::Host(HostState { slow: Some(buf), master, .. }) => {

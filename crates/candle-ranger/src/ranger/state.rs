@@ -10,8 +10,8 @@ use super::Ranger;
 use crate::error::{Error, Result};
 use crate::fused::{HostBuf, HostState};
 use crate::portable::DeviceState;
-use crate::quant8::{Code, Q8Buf, BLOCK};
 use crate::state::{state_dtype, OptimizerState};
+use crate::state_codec::{Code, Q8Buf, BLOCK};
 use crate::state_file::StateView;
 
 /// One variable's state read from an [`OptimizerState`], checked, not yet swapped in.
@@ -27,7 +27,8 @@ impl Ranger {
     /// skipped steps) as named tensors on the CPU; see [`OptimizerState`] for the names. Host
     /// state is borrowed, not copied.
     pub fn state_tensors(&self) -> Result<OptimizerState<'_>> {
-        // An 8-bit buffer is two entries: `<name>.q8` (u8, one per value) and `<name>.q8_scales`.
+        // An 8-bit buffer is two entries: `<name>.q8` (u8, one per value) and `<name>.q8_scales`;
+        // a bf16 buffer is a bf16 tensor.
         fn push<'a>(
             out: &mut Vec<(String, StateView<'a>)>,
             name: String,
@@ -44,6 +45,10 @@ impl Ranger {
                     ));
                     out.push((format!("{name}.q8_scales"), StateView::F32(q.scales.as_slice(), vec![q.scales.len()])));
                 }
+                HostBuf::B16(b) => {
+                    let values: Vec<half::bf16> = b.iter().map(|&b| half::bf16::from_bits(b)).collect();
+                    out.push((name, StateView::Tensor(Tensor::from_vec(values, shape, &Device::Cpu)?)));
+                }
             }
             Ok(())
         }
@@ -57,17 +62,23 @@ impl Ranger {
                 SlotState::Host(st) => {
                     push(&mut tensors, format!("{name}.exp_avg"), &st.m, shape)?;
                     push(&mut tensors, format!("{name}.exp_avg_sq"), &st.v, shape)?;
-                    let q8 = matches!(st.m, HostBuf::Q8(_));
                     match &st.slow {
-                        // 8-bit state keeps the slow weights as their difference from the fast ones.
-                        Some(d @ HostBuf::Q8(_)) => push(&mut tensors, format!("{name}.slow_delta"), d, shape)?,
+                        // Packed state keeps the slow weights as their difference from the fast ones.
+                        Some(d) if d.is_packed() => push(&mut tensors, format!("{name}.slow_delta"), d, shape)?,
                         Some(s) => push(&mut tensors, format!("{name}.slow"), s, shape)?,
-                        None if lookahead && q8 => {
-                            let zeros = Tensor::zeros(slot.var.elem_count(), DType::U8, &cpu)?;
-                            let scales = Tensor::zeros(slot.var.elem_count().div_ceil(BLOCK), DType::F32, &cpu)?;
-                            tensors.push((format!("{name}.slow_delta.q8"), StateView::Tensor(zeros)));
-                            tensors.push((format!("{name}.slow_delta.q8_scales"), StateView::Tensor(scales)));
-                        }
+                        // Before the first step: a zero difference.
+                        None if lookahead && st.m.is_packed() => match &st.m {
+                            HostBuf::Q8(_) => {
+                                let zeros = Tensor::zeros(slot.var.elem_count(), DType::U8, &cpu)?;
+                                let scales = Tensor::zeros(slot.var.elem_count().div_ceil(BLOCK), DType::F32, &cpu)?;
+                                tensors.push((format!("{name}.slow_delta.q8"), StateView::Tensor(zeros)));
+                                tensors.push((format!("{name}.slow_delta.q8_scales"), StateView::Tensor(scales)));
+                            }
+                            _ => tensors.push((
+                                format!("{name}.slow_delta"),
+                                StateView::Tensor(Tensor::zeros(shape, DType::BF16, &cpu)?),
+                            )),
+                        },
                         None if lookahead => {
                             tensors.push((format!("{name}.slow"), StateView::Tensor(slot.current_slow()?)))
                         }
@@ -140,33 +151,38 @@ impl Ranger {
         for slot in &self.slots {
             let sdt = state_dtype(slot.var.dtype());
             let shape = slot.var.shape();
-            if let SlotState::Host(HostState { m: HostBuf::Q8(_), .. }) = slot.state {
-                // 8-bit state: each buffer's bytes and scales.
-                let n = slot.var.elem_count();
-                let mut q8 = |name: String, code: Code| -> Result<Q8Buf> {
-                    let bytes = present(take_opt(format!("{name}.q8"), &Shape::from(n), DType::U8, true)?);
-                    let nb = Shape::from(n.div_ceil(BLOCK));
-                    let scales = present(take_opt(format!("{name}.q8_scales"), &nb, DType::F32, true)?);
-                    Ok(Q8Buf { code, bytes: bytes.to_vec1::<u8>()?, scales: scales.to_vec1::<f32>()? })
-                };
-                let m = q8(format!("{}.exp_avg", slot.name), Code::Signed)?;
-                let v = q8(format!("{}.exp_avg_sq", slot.name), Code::Positive)?;
-                let delta = if lookahead { Some(q8(format!("{}.slow_delta", slot.name), Code::Signed)?) } else { None };
-                let master = take_opt(format!("{}.master", slot.name), shape, sdt, false)?
-                    .filter(|_| slot.wants_master(&self.params));
-                let step_name = format!("{}.step", slot.name);
-                let step =
-                    present(take_opt(step_name.clone(), &Shape::from(1), DType::I64, true)?).to_vec1::<i64>()?[0];
-                let step =
-                    u64::try_from(step).map_err(|_| mismatch(&step_name, format!("negative step count {step}")))?;
-                let state = HostState {
-                    m: HostBuf::Q8(m),
-                    v: HostBuf::Q8(v),
-                    slow: delta.map(HostBuf::Q8),
-                    master: master.as_ref().map(HostBuf::from_tensor).transpose()?,
-                };
-                loaded.push(Loaded::Host(state, step));
-                continue;
+            if let SlotState::Host(HostState { m: packed, .. }) = &slot.state {
+                if packed.is_packed() {
+                    let n = slot.var.elem_count();
+                    let bf16 = matches!(packed, HostBuf::B16(_));
+                    // 8-bit: each buffer's bytes and scales; bf16: a bf16 tensor.
+                    let mut read = |name: String, code: Code| -> Result<HostBuf> {
+                        if bf16 {
+                            let t = present(take_opt(name, shape, DType::BF16, true)?);
+                            let bits = t.flatten_all()?.to_vec1::<half::bf16>()?.iter().map(|b| b.to_bits()).collect();
+                            return Ok(HostBuf::B16(bits));
+                        }
+                        let bytes = present(take_opt(format!("{name}.q8"), &Shape::from(n), DType::U8, true)?);
+                        let nb = Shape::from(n.div_ceil(BLOCK));
+                        let scales = present(take_opt(format!("{name}.q8_scales"), &nb, DType::F32, true)?);
+                        Ok(HostBuf::Q8(Q8Buf { code, bytes: bytes.to_vec1::<u8>()?, scales: scales.to_vec1::<f32>()? }))
+                    };
+                    let m = read(format!("{}.exp_avg", slot.name), Code::Signed)?;
+                    let v = read(format!("{}.exp_avg_sq", slot.name), Code::Positive)?;
+                    let delta =
+                        if lookahead { Some(read(format!("{}.slow_delta", slot.name), Code::Signed)?) } else { None };
+                    let master = take_opt(format!("{}.master", slot.name), shape, sdt, false)?
+                        .filter(|_| slot.wants_master(&self.params));
+                    let step_name = format!("{}.step", slot.name);
+                    let step =
+                        present(take_opt(step_name.clone(), &Shape::from(1), DType::I64, true)?).to_vec1::<i64>()?[0];
+                    let step =
+                        u64::try_from(step).map_err(|_| mismatch(&step_name, format!("negative step count {step}")))?;
+                    let state =
+                        HostState { m, v, slow: delta, master: master.as_ref().map(HostBuf::from_tensor).transpose()? };
+                    loaded.push(Loaded::Host(state, step));
+                    continue;
+                }
             }
             let m = present(take_opt(format!("{}.exp_avg", slot.name), shape, sdt, true)?);
             let v = present(take_opt(format!("{}.exp_avg_sq", slot.name), shape, sdt, true)?);

@@ -106,9 +106,10 @@ pub struct TrainConfig {
     /// updates below half a bf16 ulp accumulate; --no-master-weights turns it off.
     #[arg(long = "no-master-weights", action = ArgAction::SetFalse, help_heading = OPTIMIZER)]
     pub master_weights: bool,
-    /// Bits per value of the optimizer state (moments, and Ranger's slow weights): 32, or 8
-    /// (blockwise 8-bit, about 3 bytes per parameter instead of 12 for Ranger; CPU only).
-    #[arg(long, default_value_t = 32, value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["8", "32"]), |s: String| s.parse::<u8>().expect("a listed value")), help_heading = OPTIMIZER)]
+    /// Bits per value of the optimizer state (moments, and Ranger's slow weights): 32; 16 (bf16,
+    /// 6 bytes per parameter instead of 12 for Ranger); or 8 (blockwise 8-bit, about 3). Both
+    /// round stochastically; CPU only.
+    #[arg(long, default_value_t = 32, value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["8", "16", "32"]), |s: String| s.parse::<u8>().expect("a listed value")), help_heading = OPTIMIZER)]
     pub optimizer_state_bits: u8,
     /// Clip the global gradient norm to this; 0 disables.
     #[arg(long, default_value_t = 1.0, help_heading = OPTIMIZER)]

@@ -111,10 +111,10 @@ pub fn prepare_with_model(mut cfg: TrainConfig, loaded: LoadedModel, device: Dev
             "modules_to_save needs LoRA (--lora): in a full fine-tune every module is trained",
         ));
     }
-    if !matches!(cfg.optimizer_state_bits, 8 | 32) {
+    if !matches!(cfg.optimizer_state_bits, 8 | 16 | 32) {
         return Err(invalid(
             "optimizer_state_bits",
-            format!("optimizer_state_bits must be 8 or 32, got {}", cfg.optimizer_state_bits),
+            format!("optimizer_state_bits must be 8, 16 or 32, got {}", cfg.optimizer_state_bits),
         ));
     }
     if cfg.task == TaskKind::CausalLm && cfg.metric_for_best != BestMetric::Loss {

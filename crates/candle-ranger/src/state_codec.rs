@@ -1,4 +1,6 @@
-//! 8-bit optimizer state ([`crate::StatePrecision::Int8`]): values stored as one byte each, in
+//! Packed optimizer state: bf16 ([`crate::StatePrecision::Bf16`], [`encode16`]) and 8-bit.
+//!
+//! 8-bit ([`crate::StatePrecision::Int8`]): values stored as one byte each, in
 //! blocks of [`BLOCK`] with an f32 scale (the block's largest magnitude), as bitsandbytes'
 //! and torchao's blockwise 8-bit optimizers store theirs.
 //!
@@ -37,6 +39,25 @@ impl Code {
             Code::Signed => 15,
             Code::Positive => 31,
         }
+    }
+}
+
+/// bf16 bits to f32 (exact).
+#[inline(always)]
+pub(crate) fn decode16(bits: &[u16]) -> Vec<f32> {
+    bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect()
+}
+
+/// f32 to bf16 bits, rounded stochastically (random bits below the kept 16, then truncation:
+/// unbiased, so Adam's small per-step changes survive bf16's 8-bit mantissa), with bits from
+/// `seed` and each value's index `first + i`. Zero stays zero, of either sign.
+#[inline(always)]
+pub(crate) fn encode16(values: &[f32], bits: &mut [u16], seed: u64, first: u64) {
+    let seed = (seed ^ (seed >> 32)) as u32;
+    let first = first as u32;
+    for (i, (&x, b)) in values.iter().zip(bits.iter_mut()).enumerate() {
+        let r = hash32(seed, first.wrapping_add(i as u32)) & 0xFFFF;
+        *b = (x.to_bits().wrapping_add(r) >> 16) as u16;
     }
 }
 
@@ -258,6 +279,21 @@ mod tests {
         assert_eq!(back[2], 0.0);
         assert_eq!(back[1], 2f32.powi(-30), "a non-zero second moment never becomes 0");
         assert_eq!(roundtrip(Code::Signed, &[0.0; 5], 1), [0.0; 5]);
+    }
+
+    #[test]
+    fn bf16_rounding_is_unbiased_and_keeps_zero() {
+        let x = 1.0f32 + 1.0 / 1024.0; // between two bf16 values (steps of 1/128)
+        let n = 20_000;
+        let mut bits = vec![0u16; n];
+        encode16(&vec![x; n], &mut bits, 3, 0);
+        let back = decode16(&bits);
+        let mean = back.iter().map(|&y| y as f64).sum::<f64>() / n as f64;
+        assert!((mean - x as f64).abs() < 2e-4, "mean {mean} for {x}");
+        assert!(back.iter().all(|&y| y == 1.0 || y == 1.0 + 1.0 / 128.0));
+        let mut z = [7u16; 2];
+        encode16(&[0.0, -0.0], &mut z, 3, 0);
+        assert_eq!(decode16(&z), [0.0, -0.0]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! 8-bit optimizer state (`StatePrecision::Int8`): it trains like the f32 state, takes about
-//! 3 bytes per parameter, resumes bit for bit through a state file, keeps the slow weights
-//! right through Lookahead syncs, and is refused where it is not implemented.
+//! Packed optimizer state (`StatePrecision::Int8` and `Bf16`): it trains like the f32 state,
+//! takes about 3 (8-bit) or 6 (bf16) bytes per parameter, resumes bit for bit through a state
+//! file, keeps the slow weights right through Lookahead syncs, and is refused where it is not
+//! implemented.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -54,7 +55,7 @@ fn scalar(t: &Tensor) -> f32 {
 /// Over 300 steps the 8-bit state follows the f32 state: the loss curves stay within a few
 /// percent and end at the same place, and the weights stay close.
 #[test]
-fn int8_state_trains_like_f32_state() {
+fn packed_state_trains_like_f32_state() {
     let problem = Problem::new();
     let run = |precision| {
         let vars = problem.vars();
@@ -68,46 +69,65 @@ fn int8_state_trains_like_f32_state() {
         (losses, vars[0].1.as_tensor().clone())
     };
     let (f32_losses, f32_w) = run(StatePrecision::F32);
-    let (q8_losses, q8_w) = run(StatePrecision::Int8);
     assert!(f32_losses[300] < 0.5 * f32_losses[0], "the problem trains: {} -> {}", f32_losses[0], f32_losses[300]);
-    for (step, (a, b)) in f32_losses.iter().zip(&q8_losses).enumerate() {
-        assert!((a - b).abs() <= 0.03 * a, "step {step}: loss {b} with 8-bit state, {a} with f32");
+    // (precision, loss tolerance at each step, weight tolerance as a share of the largest move):
+    // 8-bit measured 6.5 % of the move.
+    for (precision, loss_tol, weight_tol) in [(StatePrecision::Int8, 0.03, 0.1), (StatePrecision::Bf16, 0.01, 0.03)] {
+        let (losses, w) = run(precision);
+        for (step, (a, b)) in f32_losses.iter().zip(&losses).enumerate() {
+            assert!((a - b).abs() <= loss_tol * a, "{precision:?}, step {step}: loss {b}, {a} with f32 state");
+        }
+        let diff = scalar(&(&f32_w - &w).unwrap().abs().unwrap().max_all().unwrap());
+        let moved = scalar(&(&f32_w - tensor(&[48, 300], 3, 0.1)).unwrap().abs().unwrap().max_all().unwrap());
+        assert!(diff < weight_tol * moved, "{precision:?}: weights differ by {diff}, moved by {moved}");
     }
-    let diff = scalar(&(&f32_w - &q8_w).unwrap().abs().unwrap().max_all().unwrap());
-    let moved = scalar(&(&f32_w - tensor(&[48, 300], 3, 0.1)).unwrap().abs().unwrap().max_all().unwrap());
-    // Measured: 6.5 % of the largest move.
-    assert!(diff < 0.1 * moved, "weights differ by {diff}, moved by {moved}");
 }
 
-/// m, v and the slow-weight delta take one byte per value plus a scale per 256.
+/// m, v and the slow-weight delta take one byte (8-bit, plus a scale per 256) or two (bf16)
+/// per value.
 #[test]
-fn int8_state_takes_about_3_bytes_per_parameter() {
+fn packed_state_takes_3_or_6_bytes_per_parameter() {
     let problem = Problem::new();
-    let vars = problem.vars();
-    let mut opt = Ranger::new_named(vars.clone(), params(StatePrecision::Int8)).unwrap();
-    opt.step_with_report(&problem.grads(&vars)).unwrap();
-    let state = opt.state_tensors().unwrap();
-    let bytes: usize = state
-        .tensors
-        .iter()
-        .filter(|(n, _)| !n.ends_with(".step"))
-        .map(|(_, t)| t.dims().iter().product::<usize>() * t.dtype().size_in_bytes())
-        .sum();
-    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let per_param = bytes as f64 / params as f64;
-    assert!(per_param <= 3.1, "{per_param} bytes per parameter");
-    let names: Vec<&str> = state.tensors.iter().map(|(n, _)| n.as_str()).collect();
-    for n in ["w.exp_avg.q8", "w.exp_avg.q8_scales", "w.exp_avg_sq.q8", "w.slow_delta.q8", "w.slow_delta.q8_scales"] {
-        assert!(names.contains(&n), "{n} missing from {names:?}");
+    for (precision, most, names) in [
+        (
+            StatePrecision::Int8,
+            3.1,
+            &["w.exp_avg.q8", "w.exp_avg.q8_scales", "w.exp_avg_sq.q8", "w.slow_delta.q8", "w.slow_delta.q8_scales"][..],
+        ),
+        (StatePrecision::Bf16, 6.0, &["w.exp_avg", "w.exp_avg_sq", "w.slow_delta"][..]),
+    ] {
+        let vars = problem.vars();
+        let mut opt = Ranger::new_named(vars.clone(), params(precision)).unwrap();
+        opt.step_with_report(&problem.grads(&vars)).unwrap();
+        let state = opt.state_tensors().unwrap();
+        let bytes: usize = state
+            .tensors
+            .iter()
+            .filter(|(n, _)| !n.ends_with(".step"))
+            .map(|(_, t)| t.dims().iter().product::<usize>() * t.dtype().size_in_bytes())
+            .sum();
+        let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let per_param = bytes as f64 / params as f64;
+        assert!(per_param <= most, "{precision:?}: {per_param} bytes per parameter");
+        let saved: Vec<&str> = state.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        for n in names {
+            assert!(saved.contains(n), "{precision:?}: {n} missing from {saved:?}");
+        }
     }
 }
 
 /// 2N steps straight == N steps, save to a file, load into a fresh optimizer, N steps: the
 /// bytes, scales and rounding streams all carry over, across Lookahead syncs.
 #[test]
-fn int8_state_resumes_bit_exactly_through_a_file() {
+fn packed_state_resumes_bit_exactly_through_a_file() {
+    for precision in [StatePrecision::Int8, StatePrecision::Bf16] {
+        resume_through_a_file(precision);
+    }
+}
+
+fn resume_through_a_file(precision: StatePrecision) {
     let problem = Problem::new();
-    let dir = std::env::temp_dir().join(format!("int8-state-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("packed-state-{precision:?}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bits = |vars: &[(String, Var)]| -> Vec<Vec<u32>> {
         vars.iter()
@@ -116,12 +136,12 @@ fn int8_state_resumes_bit_exactly_through_a_file() {
             .collect()
     };
     let straight_vars = problem.vars();
-    let mut straight = Ranger::new_named(straight_vars.clone(), params(StatePrecision::Int8)).unwrap();
+    let mut straight = Ranger::new_named(straight_vars.clone(), params(precision)).unwrap();
     for _ in 0..14 {
         straight.step_with_report(&problem.grads(&straight_vars)).unwrap();
     }
     let first_vars = problem.vars();
-    let mut first = Ranger::new_named(first_vars.clone(), params(StatePrecision::Int8)).unwrap();
+    let mut first = Ranger::new_named(first_vars.clone(), params(precision)).unwrap();
     for _ in 0..7 {
         first.step_with_report(&problem.grads(&first_vars)).unwrap();
     }
@@ -131,7 +151,7 @@ fn int8_state_resumes_bit_exactly_through_a_file() {
         a.set(b.as_tensor()).unwrap();
     }
     drop(first);
-    let mut resumed = Ranger::new_named(resumed_vars.clone(), params(StatePrecision::Int8)).unwrap();
+    let mut resumed = Ranger::new_named(resumed_vars.clone(), params(precision)).unwrap();
     resumed.load_state(dir.join("state.safetensors")).unwrap();
     for _ in 0..7 {
         resumed.step_with_report(&problem.grads(&resumed_vars)).unwrap();
@@ -150,17 +170,23 @@ fn int8_state_resumes_bit_exactly_through_a_file() {
     f32_opt.step_with_report(&problem.grads(&problem.vars())).unwrap();
     f32_opt.save_state(dir.join("f32.safetensors")).unwrap();
     let err = resumed.load_state(dir.join("f32.safetensors")).unwrap_err().to_string();
-    assert!(err.contains("w.exp_avg.q8"), "{err}");
+    assert!(err.contains("w.exp_avg"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The slow weights the 8-bit state implies (fast - delta) are the ones Lookahead syncs to:
+/// The slow weights packed state implies (fast - delta) are the ones Lookahead syncs to:
 /// right after a sync step the variable equals them, and a forced sync leaves them equal too.
 #[test]
-fn int8_slow_weights_match_the_fast_ones_after_a_sync() {
+fn packed_slow_weights_match_the_fast_ones_after_a_sync() {
+    for precision in [StatePrecision::Int8, StatePrecision::Bf16] {
+        slow_equals_fast_after_a_sync(precision);
+    }
+}
+
+fn slow_equals_fast_after_a_sync(precision: StatePrecision) {
     let problem = Problem::new();
     let vars = problem.vars();
-    let mut opt = Ranger::new_named(vars.clone(), params(StatePrecision::Int8)).unwrap();
+    let mut opt = Ranger::new_named(vars.clone(), params(precision)).unwrap();
     let max_diff = |opt: &Ranger| {
         opt.slow_weights()
             .unwrap()
@@ -183,19 +209,22 @@ fn int8_slow_weights_match_the_fast_ones_after_a_sync() {
 
 /// Where 8-bit state is not implemented the optimizer says so when it is built.
 #[test]
-fn int8_state_is_refused_where_it_is_not_implemented() {
+fn packed_state_is_refused_where_it_is_not_implemented() {
     let f64_var = Var::from_tensor(&tensor(&[4, 4], 0, 1.0).to_dtype(DType::F64).unwrap()).unwrap();
     let err = Ranger::new_named(vec![("x".into(), f64_var)], params(StatePrecision::Int8)).unwrap_err().to_string();
     assert!(err.contains("8-bit optimizer state") && err.contains("F64"), "{err}");
     let var = Var::from_tensor(&tensor(&[4, 4], 0, 1.0)).unwrap();
     let portable = ParamsRanger { update_path: UpdatePath::Portable, ..params(StatePrecision::Int8) };
-    let err = Ranger::new_named(vec![("x".into(), var)], portable).unwrap_err().to_string();
+    let err = Ranger::new_named(vec![("x".into(), var.clone())], portable).unwrap_err().to_string();
     assert!(err.contains("portable update path"), "{err}");
+    let bf16 = ParamsRanger { update_path: UpdatePath::Portable, ..params(StatePrecision::Bf16) };
+    let err = Ranger::new_named(vec![("x".into(), var)], bf16).unwrap_err().to_string();
+    assert!(err.contains("bf16 optimizer state"), "{err}");
 }
 
 /// bf16 variables train over an f32 master copy with 8-bit moments, as with f32 moments.
 #[test]
-fn int8_state_with_a_bf16_variable_and_its_master_copy() {
+fn packed_state_with_a_bf16_variable_and_its_master_copy() {
     let run = |precision| {
         let w = Var::from_tensor(&tensor(&[16, 300], 5, 1.0).to_dtype(DType::BF16).unwrap()).unwrap();
         let mut opt = Ranger::new_named(vec![("w".into(), w.clone())], params(precision)).unwrap();
@@ -208,7 +237,10 @@ fn int8_state_with_a_bf16_variable_and_its_master_copy() {
         assert!(names.contains(&"w.master".to_string()), "{names:?}");
         (start, scalar(&loss()))
     };
-    let ((start, f32_end), (_, q8_end)) = (run(StatePrecision::F32), run(StatePrecision::Int8));
+    let (start, f32_end) = run(StatePrecision::F32);
     assert!(f32_end < 0.9 * start, "the problem trains: {start} -> {f32_end}");
-    assert!((q8_end - f32_end).abs() < 0.03 * (start - f32_end), "8-bit {q8_end}, f32 {f32_end} (from {start})");
+    for precision in [StatePrecision::Int8, StatePrecision::Bf16] {
+        let (_, end) = run(precision);
+        assert!((end - f32_end).abs() < 0.03 * (start - f32_end), "{precision:?} {end}, f32 {f32_end} (from {start})");
+    }
 }

@@ -1,0 +1,259 @@
+//! The fused CPU update over packed state ([`crate::StatePrecision::Int8`] and
+//! [`crate::StatePrecision::Bf16`]): each parallel chunk decodes its part of m, v (and the
+//! Lookahead delta) into f32 scratch, runs the same per-element kernel as the f32 state, and
+//! encodes them again, in one pass over memory.
+//!
+//! The slow weights are not stored themselves: a slow weight equals its fast weight right after
+//! each sync, so the state keeps the delta `u = fast - slow` (zero after a sync, the sum of
+//! the steps since), which is small and loses nothing of the weight when rounded.
+//! At a sync, `slow = fast - u`.
+
+use rayon::prelude::*;
+
+use crate::fused::{adopt_outside_changes, round_into, Elem, FusedStep, HostBuf, HostState, Kernel, StateElem, CHUNK};
+use crate::state_codec::{decode16, decoded, encode16, encode_blocks, Code, Q8Buf, BLOCK};
+
+/// Separate the stochastic rounding streams of the three buffers (far apart, so that no two
+/// elements' indices meet).
+const SEED_M: u64 = 0x9e37_79b9_7f4a_7c15;
+const SEED_V: u64 = 0xc2b2_ae3d_27d4_eb4f;
+const SEED_U: u64 = 0x1656_67b1_9e37_79f9;
+
+/// One parallel chunk of a packed buffer.
+trait Packed: Send {
+    /// Its values as f32.
+    fn decode(&self) -> Vec<f32>;
+    /// Stores `values`, rounded stochastically from stream `seed` (`first`: the index of the
+    /// chunk's first element in the whole buffer).
+    fn encode(&mut self, values: &[f32], seed: u64, first: u64);
+    /// Sets every value to 0.
+    fn clear(&mut self);
+}
+
+/// A chunk of an 8-bit buffer: whole blocks, with their scales.
+struct Q8Chunk<'a> {
+    code: Code,
+    bytes: &'a mut [u8],
+    scales: &'a mut [f32],
+}
+
+impl Packed for Q8Chunk<'_> {
+    fn decode(&self) -> Vec<f32> {
+        decoded(self.code, self.bytes, self.scales)
+    }
+
+    fn encode(&mut self, values: &[f32], seed: u64, first: u64) {
+        encode_blocks(self.code, values, self.bytes, self.scales, seed, first)
+    }
+
+    fn clear(&mut self) {
+        self.bytes.fill(0);
+        self.scales.fill(0.0);
+    }
+}
+
+/// A chunk of a bf16 buffer (the values' bits).
+struct B16Chunk<'a>(&'a mut [u16]);
+
+impl Packed for B16Chunk<'_> {
+    fn decode(&self) -> Vec<f32> {
+        decode16(self.0)
+    }
+
+    fn encode(&mut self, values: &[f32], seed: u64, first: u64) {
+        encode16(values, self.0, seed, first)
+    }
+
+    fn clear(&mut self) {
+        self.0.fill(0);
+    }
+}
+
+/// `chunk`-sized pieces of an 8-bit buffer (`chunk` a multiple of [`BLOCK`]).
+fn q8_chunks(q: &mut Q8Buf, chunk: usize) -> Vec<Q8Chunk<'_>> {
+    let code = q.code;
+    q.bytes
+        .chunks_mut(chunk)
+        .zip(q.scales.chunks_mut(chunk / BLOCK))
+        .map(|(bytes, scales)| Q8Chunk { code, bytes, scales })
+        .collect()
+}
+
+/// `chunk`-sized pieces of a bf16 buffer.
+fn b16_chunks(b: &mut [u16], chunk: usize) -> Vec<B16Chunk<'_>> {
+    b.chunks_mut(chunk).map(B16Chunk).collect()
+}
+
+/// `a * b / gcd(a, b)`.
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
+}
+
+/// One variable's packed state, split into parallel chunks.
+struct Chunks<C> {
+    m: Vec<C>,
+    v: Vec<C>,
+    /// `fast - slow`, when Lookahead is on.
+    delta: Option<Vec<C>>,
+}
+
+impl FusedStep<'_> {
+    /// [`FusedStep::apply`] over packed moments (state type f32).
+    pub(crate) fn apply_packed<P: Elem<f32>>(
+        &self,
+        p: &mut [P],
+        g: &[P],
+        st: &mut HostState,
+    ) -> candle_core::Result<()> {
+        let HostState { m, v, slow, master } = st;
+        let n = p.len();
+        let sizes_match = [Some(&*m), Some(&*v), slow.as_ref()].into_iter().flatten().all(|b| b.len() == n);
+        if !sizes_match || g.len() != n {
+            candle_core::bail!("fused ranger step: state/gradient size does not match the parameter");
+        }
+        // Chunks hold whole rows (each row's mean is taken where it is used) and whole blocks.
+        let unit = lcm(self.row_len.unwrap_or(1).max(1), BLOCK);
+        let chunk = unit * (CHUNK / unit).max(1);
+        let wrong = || candle_core::Error::msg("fused ranger step: packed optimizer state of mixed kinds");
+        let master = match master.as_mut() {
+            None => None,
+            Some(buf) => {
+                let m = f32::buf(buf)
+                    .ok_or_else(|| candle_core::Error::msg("fused ranger step: f32 master copy expected"))?;
+                adopt_outside_changes(p, m);
+                Some(m)
+            }
+        };
+        match (m, v, slow.as_mut()) {
+            (HostBuf::Q8(m), HostBuf::Q8(v), d) => {
+                let delta = match d {
+                    Some(HostBuf::Q8(d)) => Some(q8_chunks(d, chunk)),
+                    Some(_) => return Err(wrong()),
+                    None => None,
+                };
+                let c = Chunks { m: q8_chunks(m, chunk), v: q8_chunks(v, chunk), delta };
+                self.run_on(p, g, master, c, chunk);
+            }
+            (HostBuf::B16(m), HostBuf::B16(v), d) => {
+                let delta = match d {
+                    Some(HostBuf::B16(d)) => Some(b16_chunks(d, chunk)),
+                    Some(_) => return Err(wrong()),
+                    None => None,
+                };
+                let c = Chunks { m: b16_chunks(m, chunk), v: b16_chunks(v, chunk), delta };
+                self.run_on(p, g, master, c, chunk);
+            }
+            _ => return Err(wrong()),
+        }
+        Ok(())
+    }
+
+    /// The update of the variable `p`, or of its master copy which `p` then takes the rounding of.
+    fn run_on<P: Elem<f32>, C: Packed>(
+        &self,
+        p: &mut [P],
+        g: &[P],
+        master: Option<&mut [f32]>,
+        c: Chunks<C>,
+        chunk: usize,
+    ) {
+        match master {
+            None => self.run_packed(p, g, c, chunk),
+            Some(master) => {
+                self.run_packed::<f32, P, C>(master, g, c, chunk);
+                round_into(p, master);
+            }
+        }
+    }
+
+    /// The update of `p` from `g` over packed state split in `chunk`-sized pieces.
+    fn run_packed<P: Elem<f32>, G: Elem<f32>, C: Packed>(&self, p: &mut [P], g: &[G], c: Chunks<C>, chunk: usize) {
+        let row_len = self.row_len;
+        let k = Kernel::<f32>::new(self);
+        let sync = self.scalars.sync_alpha.is_some();
+        let seed = self.seed;
+        let Chunks { m, v, delta } = c;
+        let deltas: Vec<Option<C>> = match delta {
+            Some(d) => d.into_iter().map(Some).collect(),
+            None => (0..m.len()).map(|_| None).collect(),
+        };
+        p.par_chunks_mut(chunk)
+            .zip(g.par_chunks(chunk))
+            .zip(m.into_par_iter())
+            .zip(v.into_par_iter())
+            .zip(deltas.into_par_iter())
+            .enumerate()
+            .for_each(|(ci, ((((p, g), m), v), delta))| {
+                let part = Part { first: (ci * chunk) as u64, m, v, delta };
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (the same code, compiled for it; no FMA, so the
+                    // arithmetic rounds as the baseline build's).
+                    return unsafe { step_part_avx2(&k, p, g, part, row_len, sync, seed) };
+                }
+                step_part(&k, p, g, part, row_len, sync, seed)
+            });
+    }
+}
+
+/// One parallel chunk's packed state and the index of its first element.
+struct Part<C> {
+    first: u64,
+    m: C,
+    v: C,
+    delta: Option<C>,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn step_part_avx2<P: Elem<f32>, G: Elem<f32>, C: Packed>(
+    k: &Kernel<f32>,
+    p: &mut [P],
+    g: &[G],
+    part: Part<C>,
+    row_len: Option<usize>,
+    sync: bool,
+    seed: u64,
+) {
+    step_part(k, p, g, part, row_len, sync, seed)
+}
+
+/// Decode, the f32 kernel, encode (see the module documentation).
+#[inline(always)]
+fn step_part<P: Elem<f32>, G: Elem<f32>, C: Packed>(
+    k: &Kernel<f32>,
+    p: &mut [P],
+    g: &[G],
+    part: Part<C>,
+    row_len: Option<usize>,
+    sync: bool,
+    seed: u64,
+) {
+    let Part { first, mut m, mut v, delta } = part;
+    let (mut mf, mut vf) = (m.decode(), v.decode());
+    match delta {
+        None => k.chunk(p, g, &mut mf, &mut vf, None, row_len),
+        Some(mut d) => {
+            let mut u = d.decode();
+            let before: Vec<f32> = p.iter().map(|x| x.load()).collect();
+            if sync {
+                // slow = fast - u; the kernel syncs, and fast == slow after it.
+                let mut slow: Vec<f32> = before.iter().zip(&u).map(|(f, u)| f - u).collect();
+                k.chunk(p, g, &mut mf, &mut vf, Some(&mut slow), row_len);
+                d.clear();
+            } else {
+                k.chunk(p, g, &mut mf, &mut vf, None, row_len);
+                for ((u, b), p) in u.iter_mut().zip(&before).zip(p.iter()) {
+                    *u += p.load() - b;
+                }
+                d.encode(&u, seed ^ SEED_U, first);
+            }
+        }
+    }
+    m.encode(&mf, seed ^ SEED_M, first);
+    v.encode(&vf, seed ^ SEED_V, first);
+}
