@@ -36,7 +36,7 @@ fn dora_projection_follows_peft_and_gets_its_gradients() {
     for (dropout, rslora) in [(0.0, false), (0.3, false), (0.3, true)] {
         let w = random(&[out, inp], 1, 0.5);
         let bias = random(&[out], 2, 0.1);
-        let mut proj = Proj { weight: w.clone(), bias: Some(bias.clone()), lora: None };
+        let mut proj = Proj::dense(w.clone(), Some(bias.clone()));
         let cfg = lora_config(dropout, true, rslora);
         let seed = DropoutSeed::default();
         let vars = attach_lora(vec![("layer.q_proj".into(), &mut proj)], &cfg, 1, DType::F64, &dev, &seed).unwrap();

@@ -14,24 +14,28 @@ use super::dtype::storage_slice;
 use super::float::Float;
 use super::gemm::{gemm_new, gemm_strided, matmul_detached};
 use super::grad_sink::GradSink;
-use super::linear::weight_grad_into;
+use super::linear::{weight_grad_into, Weight};
 use super::path::fused_ok;
 
-/// `x W^T + scale (x_d A^T) B^T` for `x: [n, in]`, a frozen `W: [out, in]`, `A: [r, in]`,
-/// `B: [out, r]` and `x_d = x * mask` (`mask: [n, in]`, LoRA dropout) or `x`; `None` when the
-/// fused op does not apply (not CPU f32/f64, not contiguous, or a trainable W), for the caller
-/// to compute it op by op.
+/// `x W^T + scale (x_d A^T) B^T` for `x: [n, in]`, a frozen `W: [out, in]` (a tensor, or
+/// quantized), `A: [r, in]`, `B: [out, r]` and `x_d = x * mask` (`mask: [n, in]`, LoRA
+/// dropout) or `x`; `None` when the fused op does not apply (not CPU f32/f64, not contiguous,
+/// or a trainable W), for the caller to compute it op by op.
 pub fn lora_linear(
     x: &Tensor,
-    w: &Tensor,
+    w: &Weight,
     (a, b, scale): (&Tensor, &Tensor, f64),
     mask: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let plain = |t: &Tensor| t.dtype() == x.dtype() && t.is_contiguous() && t.device().is_cpu();
+    let base_ok = match w {
+        Weight::Dense(w) => plain(w) && !w.track_op(),
+        Weight::Quantized(q) => q.device().is_cpu() && q.dtype() == x.dtype(),
+    };
     let applies = fused_ok(x)
         && x.is_contiguous()
-        && [w, a, b].into_iter().chain(mask).all(plain)
-        && !w.track_op()
+        && base_ok
+        && [a, b].into_iter().chain(mask).all(plain)
         && mask.is_none_or(|m| m.dims() == x.dims());
     if !applies {
         return Ok(None);
@@ -42,8 +46,8 @@ pub fn lora_linear(
 
 /// The op of [`lora_linear`].
 struct LoraLinear {
-    /// `[out, in]`, frozen, contiguous.
-    weight: Tensor,
+    /// `[out, in]`, frozen (contiguous when dense).
+    weight: Weight,
     scale: f64,
     /// `[n, in]` dropout mask (0 or `1 / (1 - p)`).
     mask: Option<Tensor>,
@@ -72,17 +76,14 @@ impl FusedOp3 for LoraLinear {
         let (out_w, inp_w) = self.weight.dims2()?;
         if (inp_a, r_b, out_w, inp_w) != (inp, r, out, inp) {
             candle_core::bail!(
-                "{}: input {:?}, A {:?}, B {:?} for weight {:?}",
+                "{}: input {:?}, A {:?}, B {:?} for weight [{out_w}, {inp_w}]",
                 Self::NAME,
                 x.dims(),
                 a.dims(),
                 b.dims(),
-                self.weight.dims()
             );
         }
         let (xs, a_s, bs) = (x.floats::<T>()?, a.floats::<T>()?, b.floats::<T>()?);
-        let (ws, wl) = self.weight.storage_and_layout();
-        let ws = storage_slice::<T>(Self::NAME, &ws, wl)?;
         let dropped: Option<Vec<T>> = match &self.mask {
             None => None,
             Some(m) => {
@@ -92,11 +93,19 @@ impl FusedOp3 for LoraLinear {
             }
         };
         let xd = dropped.as_deref().unwrap_or(xs);
-        // SAFETY: y is [n, out] = x [n, in] W^T (W read transposed); t is [n, r] =
-        // scale x_d A^T; then y += t B^T (B read transposed), y fully written by the first
-        // product (n, out > 0 or the buffers are empty).
-        let y = unsafe {
-            let mut y = gemm_new((n, out, inp), (xs.as_ptr(), inp, 1), (ws.as_ptr(), 1, inp), T::one(), true);
+        // y is [n, out] = x [n, in] W^T (W read transposed).
+        let mut y = match &self.weight {
+            Weight::Dense(w) => {
+                let (ws, wl) = w.storage_and_layout();
+                let ws = storage_slice::<T>(Self::NAME, &ws, wl)?;
+                // SAFETY: x is [n, in], W is [out, in] (contiguous).
+                unsafe { gemm_new((n, out, inp), (xs.as_ptr(), inp, 1), (ws.as_ptr(), 1, inp), T::one(), true) }
+            }
+            Weight::Quantized(q) => q.xwt(xs, n)?,
+        };
+        // SAFETY: t is [n, r] = scale x_d A^T; then y += t B^T (B read transposed), y fully
+        // written by the base product above.
+        unsafe {
             let t = gemm_new((n, r, inp), (xd.as_ptr(), inp, 1), (a_s.as_ptr(), 1, inp), T::from_f64(self.scale), true);
             if r > 0 {
                 gemm_strided(
@@ -110,8 +119,7 @@ impl FusedOp3 for LoraLinear {
                     true,
                 );
             }
-            y
-        };
+        }
         Ok((y, Shape::from((n, out))))
     }
 
@@ -127,7 +135,13 @@ impl FusedOp3 for LoraLinear {
         // An input computed from nothing trainable (the first layer's, under a frozen embedding)
         // needs no gradient: its `[n, out] x [out, in]` product is skipped.
         let dx = match x_tracked {
-            true => Some((matmul_detached(&g, &self.weight)? + self.dropped(&matmul_detached(&gb, &a)?)?)?),
+            true => {
+                let base = match &self.weight {
+                    Weight::Dense(w) => matmul_detached(&g, w)?,
+                    Weight::Quantized(q) => q.grad_input(&g)?,
+                };
+                Some((base + self.dropped(&matmul_detached(&gb, &a)?)?)?)
+            }
             false => None,
         };
         // An adapter applied without training it (its matrices frozen) gets no gradient.

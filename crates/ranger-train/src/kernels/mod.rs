@@ -69,6 +69,7 @@ pub mod lora_linear;
 pub mod norms;
 mod path;
 mod precomputed;
+pub mod quantized;
 pub mod rotary;
 pub mod softmax;
 #[cfg(test)]

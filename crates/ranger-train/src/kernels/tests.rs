@@ -158,6 +158,7 @@ fn fused_kernels_match_the_op_by_op_versions() {
 #[test]
 fn fused_lora_projection_matches_the_op_by_op_version() {
     use super::grad_sink::GradSink;
+    use super::linear::Weight;
     use super::lora_linear::lora_linear;
     use candle_core::backprop::GradStore;
     let mut rng = Rng::new(11);
@@ -176,7 +177,8 @@ fn fused_lora_projection_matches_the_op_by_op_version() {
         };
         let low = (xd.matmul(&a.t().unwrap()).unwrap() * scale).unwrap().matmul(&b.t().unwrap()).unwrap();
         let reference = (x.as_tensor().matmul(&w.t().unwrap()).unwrap() + low).unwrap();
-        let fused = lora_linear(&x, &w, (&a, &b, scale), mask).unwrap().expect("the fused op applies");
+        let fused =
+            lora_linear(&x, &Weight::Dense(w.clone()), (&a, &b, scale), mask).unwrap().expect("the fused op applies");
         assert!(close(&fused, &reference) < 1e-12, "output, mask {}", mask.is_some());
         let loss = |y: &Tensor| y.mul(&probe).unwrap().sum_all().unwrap();
         let (gr, gf) = (loss(&reference).backward().unwrap(), loss(&fused).backward().unwrap());
@@ -190,7 +192,7 @@ fn fused_lora_projection_matches_the_op_by_op_version() {
         for _ in 0..2 {
             let y = {
                 let _on = sink.activate();
-                lora_linear(&x, &w, (&a, &b, scale), mask).unwrap().unwrap()
+                lora_linear(&x, &Weight::Dense(w.clone()), (&a, &b, scale), mask).unwrap().unwrap()
             };
             let g = loss(&y).backward().unwrap();
             assert!(g.get(&a).is_none() && g.get(&b).is_none(), "A and B went to the sink");
@@ -204,10 +206,16 @@ fn fused_lora_projection_matches_the_op_by_op_version() {
     }
     // An input that needs no gradient gets none; A and B still get theirs.
     let plain_x = x.as_tensor().detach();
-    let g = lora_linear(&plain_x, &w, (&a, &b, scale), None).unwrap().unwrap().mul(&probe).unwrap().sum_all().unwrap();
+    let g = lora_linear(&plain_x, &Weight::Dense(w.clone()), (&a, &b, scale), None)
+        .unwrap()
+        .unwrap()
+        .mul(&probe)
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let g = g.backward().unwrap();
     assert!(g.get(&plain_x).is_none() && g.get(&a).is_some() && g.get(&b).is_some());
     // A trainable base weight is not this op's case: the caller computes it op by op.
     let wv = Var::from_tensor(&w).unwrap();
-    assert!(lora_linear(&x, wv.as_tensor(), (&a, &b, scale), None).unwrap().is_none());
+    assert!(lora_linear(&x, &Weight::Dense(wv.as_tensor().clone()), (&a, &b, scale), None).unwrap().is_none());
 }

@@ -43,7 +43,7 @@ pub fn attach_lora(
         let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, inp), device)?.to_dtype(dtype)?)?;
         let b = Var::zeros((out, cfg.rank), dtype, device)?;
         let magnitude = if cfg.use_dora {
-            let w = proj.weight.to_dtype(compute_dtype(dtype))?;
+            let w = proj.weight.dense()?.to_dtype(compute_dtype(dtype))?;
             Some(Var::from_tensor(&w.sqr()?.sum(1)?.sqrt()?.to_dtype(dtype)?)?)
         } else {
             None

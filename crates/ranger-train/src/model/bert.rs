@@ -400,7 +400,7 @@ impl Encoder {
     pub fn new(config: EncoderConfig, weights: &HashMap<String, Tensor>) -> crate::Result<Self> {
         let get = |n: &str| weights.get(n).cloned().ok_or_else(|| TrainError::MissingTensor { tensor: n.into() });
         let proj = |m: &str| -> crate::Result<Proj> {
-            Ok(Proj { weight: get(&format!("{m}.weight"))?, bias: Some(get(&format!("{m}.bias"))?), lora: None })
+            Ok(Proj::dense(get(&format!("{m}.weight"))?, Some(get(&format!("{m}.bias"))?)))
         };
         let norm = |m: &str| -> crate::Result<Norm> {
             Ok(Norm { weight: get(&format!("{m}.weight"))?, bias: get(&format!("{m}.bias"))? })

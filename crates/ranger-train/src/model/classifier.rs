@@ -206,7 +206,7 @@ impl SequenceClassifier {
     pub fn new(config: BackboneConfig, num_labels: usize, weights: &HashMap<String, Tensor>) -> crate::Result<Self> {
         let get = |n: &str| weights.get(n).cloned().ok_or_else(|| TrainError::MissingTensor { tensor: n.into() });
         let proj = |m: &str| -> crate::Result<Proj> {
-            Ok(Proj { weight: get(&format!("{m}.weight"))?, bias: Some(get(&format!("{m}.bias"))?), lora: None })
+            Ok(Proj::dense(get(&format!("{m}.weight"))?, Some(get(&format!("{m}.bias"))?)))
         };
         let (backbone, head) = match &config {
             BackboneConfig::Encoder(c) => {
@@ -222,7 +222,7 @@ impl SequenceClassifier {
                 (Backbone::Encoder(Encoder::new(c.clone(), weights)?), head)
             }
             BackboneConfig::Decoder(c) => {
-                let score = Proj { weight: get("score.weight")?, bias: None, lora: None };
+                let score = Proj::dense(get("score.weight")?, None);
                 (Backbone::Decoder(LlamaModel::new_backbone(c.clone(), weights)?), Head::Score { score })
             }
         };
@@ -310,13 +310,13 @@ impl SequenceClassifier {
         let tensors: Vec<Tensor> = match &self.head {
             Head::Tanh { dense, out } | Head::Relu { dense, out } => {
                 vec![
-                    dense.weight.clone(),
+                    dense.weight.dense()?,
                     dense.bias.clone().expect("bias"),
-                    out.weight.clone(),
+                    out.weight.dense()?,
                     out.bias.clone().expect("bias"),
                 ]
             }
-            Head::Score { score } => vec![score.weight.clone()],
+            Head::Score { score } => vec![score.weight.dense()?],
         };
         out.extend(names.into_iter().map(|(n, _)| n).zip(tensors.into_iter().map(|t| t.detach())));
         Ok(out)

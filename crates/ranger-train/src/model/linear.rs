@@ -3,13 +3,14 @@
 use candle_core::{Module, Result, Tensor};
 
 use super::lora::LoraAdapter;
+use crate::kernels::linear::Weight;
 
-/// A linear projection `x W^T + b` (weights trainable [`candle_core::Var`]s or frozen tensors), with an
-/// optional LoRA adapter.
+/// A linear projection `x W^T + b` (weights trainable [`candle_core::Var`]s, frozen tensors, or
+/// frozen quantized blocks), with an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Proj {
     /// `[out, in]` weight.
-    pub weight: Tensor,
+    pub weight: Weight,
     /// Optional `[out]` bias.
     pub bias: Option<Tensor>,
     /// Optional low-rank adapter.
@@ -38,7 +39,7 @@ impl Proj {
     pub fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = match &self.lora {
             Some(l) => l.project(x, &self.weight)?,
-            None => crate::kernels::linear::linear(x, &self.weight)?,
+            None => self.weight.forward(x)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
@@ -46,9 +47,15 @@ impl Proj {
         Ok(y)
     }
 
-    /// Every tensor it computes with: weight, bias, and the adapter's matrices and magnitude.
+    /// A projection over a weight tensor, without an adapter.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight: Weight::Dense(weight), bias, lora: None }
+    }
+
+    /// Every tensor it computes with: weight (unless quantized), bias, and the adapter's
+    /// matrices and magnitude.
     pub fn tensors(&self) -> Vec<Tensor> {
-        let mut out = vec![self.weight.clone()];
+        let mut out: Vec<Tensor> = self.weight.as_dense().into_iter().cloned().collect();
         out.extend(self.bias.iter().cloned());
         if let Some(l) = &self.lora {
             out.extend([l.a.clone(), l.b.clone()]);
@@ -57,11 +64,12 @@ impl Proj {
         out
     }
 
-    /// The weight with the LoRA/DoRA adapter merged in (see [`LoraAdapter::merge`]).
+    /// The weight with the LoRA/DoRA adapter merged in (see [`LoraAdapter::merge`]); a
+    /// quantized weight is dequantized.
     pub fn merged_weight(&self) -> Result<Tensor> {
         match &self.lora {
-            None => Ok(self.weight.clone()),
-            Some(l) => l.merge(&self.weight),
+            None => self.weight.dense(),
+            Some(l) => l.merge(&self.weight.dense()?),
         }
     }
 }

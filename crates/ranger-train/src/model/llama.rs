@@ -16,8 +16,10 @@ use crate::kernels::attention::{repeat_kv, FusedAttention};
 use crate::kernels::checkpoint::{checkpoint, LayerFn};
 use crate::kernels::chunked_attention::chunked_attention;
 use crate::kernels::chunked_lm_loss::chunked_linear_cross_entropy;
+use crate::kernels::linear::Weight;
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
 use crate::kernels::norms::rms_norm;
+use crate::kernels::quantized::QuantizedWeight;
 use crate::kernels::rotary::apply_rotary_rows;
 use crate::kernels::Fused;
 use crate::kernels::{compute_dtype, embedding::embedding, fused_ok};
@@ -45,7 +47,10 @@ impl Layer {
             out.push((names::K_NORM.into(), k));
         }
         for (name, proj) in PROJECTIONS.iter().zip(self.projs.iter_mut()) {
-            out.push((format!("{name}.weight"), &mut proj.weight));
+            // A quantized weight is frozen: no slot to replace it.
+            if let Weight::Dense(w) = &mut proj.weight {
+                out.push((format!("{name}.weight"), w));
+            }
             if let Some(b) = &mut proj.bias {
                 out.push((format!("{name}.bias"), b));
             }
@@ -104,17 +109,32 @@ impl LlamaModel {
     /// Builds the model over weights by Hugging Face name: trainable when they are the tensors
     /// of [`Var`]s, frozen when they are plain tensors. The error names a missing tensor.
     pub fn new(config: LlamaConfig, weights: &HashMap<String, Tensor>) -> crate::Result<Self> {
-        Self::build(config, weights, true)
+        Self::build(config, weights, &HashMap::new(), true)
+    }
+
+    /// Like [`LlamaModel::new`], with the projection weights found in `quantized` kept frozen
+    /// in their block format (QLoRA's base); every other weight comes from `weights`.
+    pub fn with_quantized(
+        config: LlamaConfig,
+        weights: &HashMap<String, Tensor>,
+        quantized: &HashMap<String, QuantizedWeight>,
+    ) -> crate::Result<Self> {
+        Self::build(config, weights, quantized, true)
     }
 
     /// Like [`LlamaModel::new`] without the LM head (`lm_head.weight` is neither needed nor
     /// used): the backbone of a sequence classifier, which only calls
     /// [`LlamaModel::hidden_states`].
     pub fn new_backbone(config: LlamaConfig, weights: &HashMap<String, Tensor>) -> crate::Result<Self> {
-        Self::build(config, weights, false)
+        Self::build(config, weights, &HashMap::new(), false)
     }
 
-    fn build(config: LlamaConfig, weights: &HashMap<String, Tensor>, has_lm_head: bool) -> crate::Result<Self> {
+    fn build(
+        config: LlamaConfig,
+        weights: &HashMap<String, Tensor>,
+        quantized: &HashMap<String, QuantizedWeight>,
+        has_lm_head: bool,
+    ) -> crate::Result<Self> {
         let get =
             |n: &str| weights.get(n).cloned().ok_or_else(|| crate::TrainError::MissingTensor { tensor: n.into() });
         let opt = |n: &str| weights.get(n).cloned();
@@ -123,7 +143,12 @@ impl LlamaModel {
         for l in 0..config.num_hidden_layers {
             let p = layer_prefix(l);
             let projs = PROJECTIONS.map(|n| {
-                Ok(Proj { weight: get(&format!("{p}.{n}.weight"))?, bias: opt(&format!("{p}.{n}.bias")), lora: None })
+                let name = format!("{p}.{n}.weight");
+                let weight = match quantized.get(&name) {
+                    Some(q) => Weight::Quantized(q.clone()),
+                    None => Weight::Dense(get(&name)?),
+                };
+                Ok(Proj { weight, bias: opt(&format!("{p}.{n}.bias")), lora: None })
             });
             layers.push(Layer {
                 input_norm: get(&format!("{p}.{}", names::INPUT_NORM))?,
@@ -192,7 +217,7 @@ impl LlamaModel {
         // A copy shares the tensors; only its projections' weights are replaced.
         let mut merged = self.clone();
         for (_, proj) in merged.projections_mut() {
-            proj.weight = proj.merged_weight()?;
+            proj.weight = Weight::Dense(proj.merged_weight()?);
             proj.lora = None;
         }
         let mut by_name: HashMap<String, Tensor> =

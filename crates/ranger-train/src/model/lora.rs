@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::kernels::compute_dtype;
-use crate::kernels::linear::linear;
+use crate::kernels::linear::{linear, Weight};
 use crate::kernels::lora_linear::lora_linear;
 use crate::rng::Rng;
 
@@ -145,8 +145,10 @@ impl LoraAdapter {
         self.b.to_dtype(cdt)?.matmul(&self.a.to_dtype(cdt)?)? * self.scale
     }
 
-    /// DoRA's per-row factor `m / ||W + scale B A||` (`[out]`, gradient to `m` only).
-    fn dora_factor(&self, weight: &Tensor, magnitude: &Tensor) -> Result<Tensor> {
+    /// DoRA's per-row factor `m / ||W + scale B A||` (`[out]`, gradient to `m` only; a
+    /// quantized W is dequantized whole for it, one projection at a time).
+    fn dora_factor(&self, weight: &Weight, magnitude: &Tensor) -> Result<Tensor> {
+        let weight = weight.dense()?;
         let cdt = compute_dtype(weight.dtype());
         let norm = (weight.to_dtype(cdt)? + self.delta()?.detach())?.sqr()?.sum(1)?.sqrt()?.detach();
         magnitude.broadcast_div(&norm.to_dtype(magnitude.dtype())?)
@@ -156,7 +158,7 @@ impl LoraAdapter {
     /// (`[tokens, in]`) and the base weight. In training with dropout the adapter (and DoRA's
     /// rescaling of the base path) sees the dropped-out input, exactly as PEFT. Plain LoRA on
     /// the CPU is one op ([`lora_linear`]) that keeps no output-sized intermediate for backward.
-    pub fn project(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    pub fn project(&self, x: &Tensor, weight: &Weight) -> Result<Tensor> {
         let (rows, cols) = x.dims2()?;
         let mask = match &self.dropout {
             Some(d) => d.mask(rows, cols, x.dtype(), x.device())?,
@@ -167,11 +169,11 @@ impl LoraAdapter {
                 return Ok(y);
             }
         }
-        self.apply(x, weight, linear(x, weight)?, mask)
+        self.apply(x, weight, weight.forward(x)?, mask)
     }
 
     /// [`Self::project`] op by op, given `base = x W^T` and the dropout mask.
-    fn apply(&self, x: &Tensor, weight: &Tensor, base: Tensor, mask: Option<Tensor>) -> Result<Tensor> {
+    fn apply(&self, x: &Tensor, weight: &Weight, base: Tensor, mask: Option<Tensor>) -> Result<Tensor> {
         let dropped = mask.map(|m| x.mul(&m)).transpose()?;
         let xa = dropped.as_ref().unwrap_or(x);
         // Scale the rank-r intermediate, not the full-width output: one large tensor fewer
@@ -183,7 +185,7 @@ impl LoraAdapter {
             None => (base + low)?.broadcast_mul(&g),
             // PEFT: base + (g - 1) * (x_d W^T) + g * scale * x_d A^T B^T.
             Some(xd) => {
-                let base_d = linear(xd, weight)?;
+                let base_d = weight.forward(xd)?;
                 (base + base_d.broadcast_mul(&(&g - 1.0)?)?)? + low.broadcast_mul(&g)?
             }
         }
