@@ -6,9 +6,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{Result, TrainError};
+use crate::kernels::quantized::QuantizedWeight;
 use crate::model::classifier::complete_classifier_weights;
 use crate::model::{attach_lora, BackboneConfig, DropoutSeed, LlamaConfig, LlamaModel, LoraConfig, SequenceClassifier};
 use crate::peft;
@@ -80,13 +82,44 @@ impl<'a> ModelBuilder<'a> {
         weights: HashMap<String, Tensor>,
         origin: &str,
     ) -> Result<Built<LlamaModel>> {
-        let tensors = take_weights(config.weight_shapes(), weights, self.dtype, self.device, origin)?;
+        self.causal_lm_quantized(config, weights, HashMap::new(), origin)
+    }
+
+    /// [`ModelBuilder::causal_lm`] with some projection weights in a GGUF block format
+    /// (`quantized`, by Hugging Face name): they stay quantized on the device, frozen, and are
+    /// dequantized a chunk of rows at a time as the products need them (QLoRA). A full
+    /// fine-tune cannot train them: it is an error naming the first one.
+    pub fn causal_lm_quantized(
+        &self,
+        config: LlamaConfig,
+        weights: HashMap<String, Tensor>,
+        mut quantized: HashMap<String, QTensor>,
+        origin: &str,
+    ) -> Result<Built<LlamaModel>> {
+        let (shapes, quantized_shapes): (Vec<_>, Vec<_>) =
+            config.weight_shapes().into_iter().partition(|(n, _)| !quantized.contains_key(n));
+        let mut frozen_blocks = HashMap::new();
+        for (name, shape) in quantized_shapes {
+            let q = quantized.remove(&name).expect("partitioned on it");
+            let problem = if matches!(self.tuning, Tuning::Full) {
+                Some("is quantized: a full fine-tune needs the dequantized weights (dequantize on load)".to_string())
+            } else if q.shape().dims() != shape.as_slice() {
+                Some(format!("shape {:?} in the checkpoint, {:?} expected from the config", q.shape().dims(), shape))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(TrainError::Weights { origin: origin.to_string(), tensor: name, problem });
+            }
+            frozen_blocks.insert(name, QuantizedWeight::new(q, self.dtype, self.device)?);
+        }
+        let tensors = take_weights(shapes, weights, self.dtype, self.device, origin)?;
         if let Tuning::Full = self.tuning {
             let vars = to_vars(tensors)?;
             return Ok(Built { model: LlamaModel::from_vars(config, &vars)?, vars });
         }
         // Frozen base: plain tensors, so no gradient is ever computed or stored for them.
-        let mut model = LlamaModel::new(config, &tensors.into_iter().collect())?;
+        let mut model = LlamaModel::with_quantized(config, &tensors.into_iter().collect(), &frozen_blocks)?;
         let vars = match self.tuning {
             Tuning::Frozen | Tuning::Full => vec![],
             Tuning::WithAdapter(dir) => peft::load_peft_adapter(&mut model, dir, None)?,

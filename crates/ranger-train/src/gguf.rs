@@ -1,11 +1,13 @@
 //! Loading a Llama-architecture GGUF file (llama.cpp's format) as a trainable Hugging Face
-//! model: weights dequantized to f32 with Candle's GGUF reader, llama.cpp's Q/K row
-//! permutation undone, the tokenizer rebuilt from the GGUF metadata, the chat template kept.
+//! model: weights dequantized to f32 with Candle's GGUF reader (or, for QLoRA, the projections
+//! kept in their block format), llama.cpp's Q/K row permutation undone, the tokenizer rebuilt
+//! from the GGUF metadata, the chat template kept.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
@@ -52,6 +54,29 @@ pub fn permute_qk(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     w.reshape((heads, 2, rows / heads / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))
 }
 
+/// [`unpermute_qk`] on a quantized `[heads * d, cols]` weight: its rows (whole blocks each)
+/// moved as they are, so the values stay exactly the file's.
+pub fn unpermute_qk_quantized(q: &QTensor, heads: usize) -> candle_core::Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let format = q.dtype();
+    let row_bytes = cols / format.block_size() * format.type_size();
+    let half = rows / heads / 2;
+    let data = q.data()?;
+    // Backed by u32s: every block type's alignment (at most 4) holds for the bytes.
+    let mut buf = vec![0u32; (rows * row_bytes).div_ceil(4)];
+    // SAFETY: the u32 buffer holds at least rows * row_bytes bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), rows * row_bytes) };
+    for (new, dst) in bytes.chunks_mut(row_bytes.max(1)).enumerate() {
+        // New row (head h, rotary half j, i) is the file's row (h, i, j).
+        let (h, rest) = (new / (2 * half), new % (2 * half));
+        let (j, i) = (rest / half, rest % half);
+        let old = h * 2 * half + i * 2 + j;
+        dst.copy_from_slice(&data[old * row_bytes..(old + 1) * row_bytes]);
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Borrowed(&*bytes), &Device::Cpu, format)?;
+    QTensor::new(storage, (rows, cols))
+}
+
 /// The Hugging Face name of a llama.cpp tensor name (`blk.{i}.attn_q.weight`, …).
 fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
@@ -81,8 +106,15 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("{}.{hf}", names::layer_prefix(layer.parse().ok()?)))
 }
 
-/// Reads a GGUF file of a Llama-architecture model.
+/// Reads a GGUF file of a Llama-architecture model, every weight dequantized to f32.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    load_gguf_with(path, false)
+}
+
+/// Reads a GGUF file of a Llama-architecture model; with `keep_quantized` the attention and
+/// feed-forward projections stored in a block format stay in it
+/// ([`LoadedModel::quantized`]), the rest is dequantized to f32.
+pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
     let content = Content::read(&mut file).map_err(|e| TrainError::Format {
         path: path.to_path_buf(),
@@ -167,6 +199,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let source = path.display().to_string();
     let config = LlamaConfig::from_json(raw, &source)?;
     let mut weights = HashMap::new();
+    let mut quantized = HashMap::new();
     for name in content.tensor_infos.keys() {
         let Some(hf) = hf_name(name) else { continue };
         let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| TrainError::Weights {
@@ -174,6 +207,18 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
             tensor: name.clone(),
             problem: e.to_string(),
         })?;
+        let projection = PROJECTIONS.iter().any(|p| hf.ends_with(&format!(".{p}.weight")));
+        if keep_quantized && projection && q.dtype() != GgmlDType::F32 {
+            let q = if name.ends_with("attn_q.weight") {
+                unpermute_qk_quantized(&q, heads)?
+            } else if name.ends_with("attn_k.weight") {
+                unpermute_qk_quantized(&q, kv_heads)?
+            } else {
+                q
+            };
+            quantized.insert(hf, q);
+            continue;
+        }
         let mut t = q.dequantize(&Device::Cpu)?;
         if name.ends_with("attn_q.weight") {
             t = unpermute_qk(&t, heads)?;
@@ -187,6 +232,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     Ok(LoadedModel {
         config: crate::model::ModelConfig::Decoder(config),
         weights,
+        quantized,
         tokenizer,
         generation_config,
         origin: source,

@@ -3,10 +3,12 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use crate::error::Result;
+use crate::model::llama_names::PROJECTIONS;
 use crate::model::{LlamaConfig, ModelConfig};
 use crate::tokenizer::TextTokenizer;
 
@@ -16,12 +18,27 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// Weights by Hugging Face name.
     pub weights: HashMap<String, Tensor>,
+    /// Projection weights kept in a GGUF block format (QLoRA's base), by Hugging Face name; not
+    /// in `weights`. Empty unless the loader was asked to keep them
+    /// ([`crate::source::LoadOptions`]) or [`LoadedModel::quantize_projections`] made them.
+    pub quantized: HashMap<String, QTensor>,
     /// The tokenizer.
     pub tokenizer: TextTokenizer,
     /// `generation_config.json`, if the source had one.
     pub generation_config: Option<Value>,
     /// Human-readable origin, used in messages.
     pub origin: String,
+}
+
+/// The format llama.cpp falls back to for a row width that is not a whole number of
+/// 256-value k-quant super-blocks (`llama-quant.cpp`).
+fn fallback(format: GgmlDType) -> GgmlDType {
+    match format {
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q5K => GgmlDType::Q5_1,
+        GgmlDType::Q6K => GgmlDType::Q8_0,
+        _ => GgmlDType::Q8_0,
+    }
 }
 
 impl LoadedModel {
@@ -34,5 +51,42 @@ impl LoadedModel {
     /// ids of `config.json` when it had none.
     pub fn generation_config_or_default(&self) -> Value {
         self.generation_config.clone().unwrap_or_else(|| crate::output::default_generation_config(self.config.raw()))
+    }
+
+    /// Moves every quantized weight back into `weights`, dequantized to f32.
+    pub fn dequantize_all(&mut self) -> Result<()> {
+        for (name, q) in self.quantized.drain() {
+            self.weights.insert(name, q.dequantize(&Device::Cpu)?);
+        }
+        Ok(())
+    }
+
+    /// Quantizes the decoder's attention and feed-forward projections still in `weights` to
+    /// `format`, moving them to `quantized`. A row width that is not a whole number of blocks
+    /// falls back as llama.cpp does (q4_k to q5_0, q5_k to q5_1, q6_k to q8_0, else q8_0); a
+    /// width that fits none stays unquantized. Returns how many weights went to each format.
+    pub fn quantize_projections(&mut self, format: GgmlDType) -> Result<Vec<(GgmlDType, usize)>> {
+        self.decoder()?;
+        let names: Vec<String> = self
+            .weights
+            .keys()
+            .filter(|n| PROJECTIONS.iter().any(|p| n.ends_with(&format!(".{p}.weight"))))
+            .cloned()
+            .collect();
+        let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
+        for name in names {
+            let cols = self.weights[&name].dims().last().copied().unwrap_or(0);
+            let Some(fmt) = [format, fallback(format)].into_iter().find(|f| cols % f.block_size() == 0) else {
+                continue;
+            };
+            let w = self.weights.remove(&name).expect("listed above");
+            let q = QTensor::quantize(&w.to_dtype(candle_core::DType::F32)?, fmt)?;
+            self.quantized.insert(name, q);
+            match counts.iter_mut().find(|(f, _)| *f == fmt) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((fmt, 1)),
+            }
+        }
+        Ok(counts)
     }
 }

@@ -38,8 +38,9 @@ pub fn merge_adapter(base: LoadedModel, adapter: &Path, output: &Path, dtype: DT
     let config = base.decoder()?.clone();
     let gen = base.generation_config_or_default();
     let builder = ModelBuilder { dtype: DType::F32, device: &cpu, tuning: Tuning::WithAdapter(adapter) };
-    let LoadedModel { weights, tokenizer, origin, .. } = base;
-    let model = builder.causal_lm(config, weights, &origin)?.model;
+    let LoadedModel { weights, quantized, tokenizer, origin, .. } = base;
+    // A quantized base is dequantized projection by projection as the adapter merges into it.
+    let model = builder.causal_lm_quantized(config, weights, quantized, &origin)?.model;
     let weights = cast(model.merged_weights()?)?;
     save_hf_folder(output, &model.config.raw, &weights, &tokenizer, Some(&gen), DEFAULT_MAX_SHARD_BYTES)?;
     Ok(Merged::CausalLm)

@@ -45,11 +45,13 @@ pub struct Prediction {
 /// plus a PEFT `SEQ_CLS` LoRA adapter whose saved head and labels are used), frozen, in `dtype`
 /// on `device`.
 pub fn load_classifier(
-    loaded: LoadedModel,
+    mut loaded: LoadedModel,
     adapter: Option<&Path>,
     dtype: DType,
     device: &Device,
 ) -> Result<Classifier> {
+    // Classifiers compute over dense weights.
+    loaded.dequantize_all()?;
     let LoadedModel { config, weights, tokenizer, origin, .. } = loaded;
     let backbone: BackboneConfig = config.backbone();
     let labels_origin;

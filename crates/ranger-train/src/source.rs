@@ -32,7 +32,8 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
     let tokenizer = TextTokenizer::from_dir(dir)?;
     let gen = dir.join("generation_config.json");
     let generation_config = if gen.exists() { Some(read_json(&gen)?) } else { None };
-    Ok(LoadedModel { config, weights, tokenizer, generation_config, origin: dir.display().to_string() })
+    let origin = dir.display().to_string();
+    Ok(LoadedModel { config, weights, quantized: Default::default(), tokenizer, generation_config, origin })
 }
 
 /// Downloads (or finds in the cache) the files of a Hub repository and returns its folder, with
@@ -47,14 +48,28 @@ fn spec_err(spec: &str, problem: &str) -> TrainError {
     TrainError::ModelSpec { spec: spec.to_string(), problem: problem.to_string() }
 }
 
-/// Loads `spec`: a `.gguf` file, a local folder, or a Hub repository id.
+/// How a model is read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Keep a GGUF file's quantized attention and feed-forward projections in their block
+    /// format ([`LoadedModel::quantized`], for QLoRA) instead of dequantizing them.
+    pub keep_quantized: bool,
+}
+
+/// Loads `spec`: a `.gguf` file, a local folder, or a Hub repository id, every weight
+/// dequantized.
 pub fn load(spec: &str, hub: &HubOptions) -> Result<LoadedModel> {
+    load_with(spec, hub, LoadOptions::default())
+}
+
+/// [`load`] with [`LoadOptions`].
+pub fn load_with(spec: &str, hub: &HubOptions, options: LoadOptions) -> Result<LoadedModel> {
     let path = Path::new(spec);
     if path.extension().is_some_and(|e| e == "gguf") {
         if !path.exists() {
             return Err(spec_err(spec, "GGUF file not found"));
         }
-        return crate::gguf::load_gguf(path);
+        return crate::gguf::load_gguf_with(path, options.keep_quantized);
     }
     if path.is_dir() {
         return load_dir(path);

@@ -104,6 +104,45 @@ impl DTypeArg {
     }
 }
 
+/// A GGUF block format a safetensors base is quantized to on load (`--quantize`, QLoRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+pub enum QuantizeArg {
+    /// 4.5 bits per weight: 32-value blocks with an f16 scale.
+    #[value(name = "q4_0")]
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// 4.5 bits per weight: 256-value super-blocks with 6-bit sub-block scales and minimums.
+    #[value(name = "q4_k")]
+    #[serde(rename = "q4_k")]
+    Q4K,
+    /// 5.5 bits per weight (k-quant).
+    #[value(name = "q5_k")]
+    #[serde(rename = "q5_k")]
+    Q5K,
+    /// 6.6 bits per weight (k-quant).
+    #[value(name = "q6_k")]
+    #[serde(rename = "q6_k")]
+    Q6K,
+    /// 8.5 bits per weight: 32-value blocks with an f16 scale.
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl QuantizeArg {
+    /// As Candle's GGUF block format.
+    pub fn format(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q6K => GgmlDType::Q6K,
+            Self::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +165,6 @@ mod tests {
         check::<BestMetric>(&["loss", "accuracy", "f1"]);
         check::<EvalWeights>(&["slow", "fast"]);
         check::<DTypeArg>(&["f32", "bf16", "f16"]);
+        check::<QuantizeArg>(&["q4_0", "q4_k", "q5_k", "q6_k", "q8_0"]);
     }
 }

@@ -82,7 +82,9 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind, TaskKind};
+    use crate::config::{
+        BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, QuantizeArg, ScheduleKind, TaskKind,
+    };
 
     /// Every field with a value other than its default. Written without `..`, so that a new
     /// field must be added here and is then covered by the test below.
@@ -147,6 +149,8 @@ mod tests {
             lora_targets: vec!["q_proj".into()],
             modules_to_save: vec!["lm_head".into()],
             lora_adapter: Some("adapter".into()),
+            dequantize: true,
+            quantize: Some(QuantizeArg::Q8_0),
         }
     }
 

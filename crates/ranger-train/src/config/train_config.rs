@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use clap::{ArgAction, Args};
 use serde::{Deserialize, Serialize};
 
-use super::kinds::{BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, ScheduleKind, TaskKind};
+use super::kinds::{BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, QuantizeArg, ScheduleKind, TaskKind};
 
 // Sections of `ranger-tune train --help`.
 const DATA: &str = "Model and data";
@@ -233,6 +233,17 @@ pub struct TrainConfig {
     /// its rank, alpha, targets, DoRA and rsLoRA settings win; lora_dropout is the run's).
     #[arg(long, help_heading = LORA)]
     pub lora_adapter: Option<String>,
+    /// With --lora on a quantized GGUF file, dequantize the base to the run's dtype instead of
+    /// training over it in its block format (QLoRA, the default: the projections stay
+    /// quantized in memory and are dequantized a chunk of rows at a time).
+    #[arg(long, help_heading = LORA)]
+    pub dequantize: bool,
+    /// QLoRA from a safetensors base: quantize its attention and feed-forward projections to
+    /// this GGUF block format on load (a projection whose input width is not a whole number of
+    /// blocks falls back as llama.cpp does: q4_k to q5_0, q5_k to q5_1, q6_k to q8_0, and any
+    /// other to q8_0 or, failing that, stays unquantized). Needs --lora and --task causal-lm.
+    #[arg(long, value_enum, help_heading = LORA)]
+    pub quantize: Option<QuantizeArg>,
 }
 
 impl Default for TrainConfig {

@@ -196,6 +196,25 @@ impl LlamaModel {
         out
     }
 
+    /// The projections kept in a GGUF block format (QLoRA's base): per format, how many and
+    /// their bytes.
+    pub fn quantized_projections(&self) -> Vec<(candle_core::quantized::GgmlDType, usize, usize)> {
+        let mut out: Vec<(candle_core::quantized::GgmlDType, usize, usize)> = Vec::new();
+        for q in self.layers.iter().flat_map(|l| &l.projs).filter_map(|p| match &p.weight {
+            Weight::Quantized(q) => Some(q),
+            Weight::Dense(_) => None,
+        }) {
+            match out.iter_mut().find(|(f, _, _)| *f == q.format()) {
+                Some((_, n, bytes)) => {
+                    *n += 1;
+                    *bytes += q.size_in_bytes();
+                }
+                None => out.push((q.format(), 1, q.size_in_bytes())),
+            }
+        }
+        out
+    }
+
     /// Every weight slot by Hugging Face name (the tied LM head is `model.embed_tokens.weight`),
     /// to replace weights in place: PEFT's `modules_to_save` of an adapter.
     pub fn weights_mut(&mut self) -> Vec<(String, &mut Tensor)> {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor, Var};
 use serde_json::Value;
 
@@ -15,7 +16,7 @@ use crate::data::{load_file, split_validation, to_sequences, DataOptions, Loader
 use crate::error::{Result, TrainError};
 use crate::model::classifier::labels_from_config;
 use crate::model::{BackboneConfig, DropoutSeed, LlamaConfig, LoraConfig, ModelConfig};
-use crate::source::{self, HubOptions, LoadedModel};
+use crate::source::{self, HubOptions, LoadOptions, LoadedModel};
 use crate::task::Task;
 use crate::tokenizer::TextTokenizer;
 
@@ -73,12 +74,17 @@ impl Session {
 /// Prepares a run: loads the model, tokenizer and data.
 pub fn prepare(cfg: TrainConfig) -> Result<Session> {
     let device = parse_device(&cfg.device)?;
-    let loaded = source::load(&cfg.model, &HubOptions { revision: cfg.revision.clone() })?;
+    // QLoRA by default: a LoRA run keeps a GGUF file's quantized projections as they are.
+    let keep_quantized = cfg.lora && !cfg.dequantize && cfg.task == TaskKind::CausalLm;
+    let hub = HubOptions { revision: cfg.revision.clone() };
+    let loaded = source::load_with(&cfg.model, &hub, LoadOptions { keep_quantized })?;
     prepare_with_model(cfg, loaded, device)
 }
 
-/// Like [`prepare`] with the model already loaded.
-pub fn prepare_with_model(mut cfg: TrainConfig, loaded: LoadedModel, device: Device) -> Result<Session> {
+/// Like [`prepare`] with the model already loaded. Quantized projections in `loaded` stay
+/// quantized in a LoRA run of a causal LM (QLoRA) unless `dequantize` is set; any other run
+/// dequantizes them. `quantize` quantizes the dense projections first.
+pub fn prepare_with_model(mut cfg: TrainConfig, mut loaded: LoadedModel, device: Device) -> Result<Session> {
     if cfg.batch_size == 0 || cfg.grad_accumulation_steps == 0 || cfg.max_seq_length < 2 {
         let option = if cfg.batch_size == 0 {
             "batch_size"
@@ -120,10 +126,29 @@ pub fn prepare_with_model(mut cfg: TrainConfig, loaded: LoadedModel, device: Dev
     if cfg.task == TaskKind::CausalLm && cfg.metric_for_best != BestMetric::Loss {
         return Err(invalid("metric_for_best", "metric_for_best accuracy / f1 needs --task classify"));
     }
-    let LoadedModel { config, weights, tokenizer, generation_config, origin } = loaded;
+    let qlora = cfg.lora && cfg.task == TaskKind::CausalLm;
+    if let Some(q) = cfg.quantize {
+        if !qlora || cfg.dequantize {
+            return Err(invalid(
+                "quantize",
+                "quantize makes a QLoRA base: it needs --lora and --task causal-lm, and not --dequantize",
+            ));
+        }
+        loaded.quantize_projections(q.format())?;
+    }
+    if !qlora || cfg.dequantize {
+        loaded.dequantize_all()?;
+    }
+    let LoadedModel { config, weights, quantized, tokenizer, generation_config, origin } = loaded;
     let dropout_seed = DropoutSeed::default();
-    let inputs =
-        TaskInputs { weights, tokenizer: &tokenizer, device: &device, origin: &origin, dropout_seed: &dropout_seed };
+    let inputs = TaskInputs {
+        weights,
+        quantized,
+        tokenizer: &tokenizer,
+        device: &device,
+        origin: &origin,
+        dropout_seed: &dropout_seed,
+    };
     let (task, vars) = match cfg.task {
         TaskKind::CausalLm => prepare_causal_lm(&cfg, config.decoder(&origin)?.clone(), inputs)?,
         TaskKind::Classify => prepare_classifier(&mut cfg, &config, inputs)?,
@@ -168,6 +193,8 @@ fn lora_config(cfg: &TrainConfig) -> LoraConfig {
 /// model configuration.
 struct TaskInputs<'a> {
     weights: HashMap<String, Tensor>,
+    /// Projections kept in a GGUF block format (causal-LM LoRA runs only).
+    quantized: HashMap<String, QTensor>,
     tokenizer: &'a TextTokenizer,
     device: &'a Device,
     origin: &'a str,
@@ -175,9 +202,10 @@ struct TaskInputs<'a> {
 }
 
 fn prepare_causal_lm(cfg: &TrainConfig, config: LlamaConfig, inputs: TaskInputs) -> Result<(Task, Vec<(String, Var)>)> {
-    let TaskInputs { weights, tokenizer, device, origin, dropout_seed } = inputs;
+    let TaskInputs { weights, quantized, tokenizer, device, origin, dropout_seed } = inputs;
     let lora = lora_config(cfg);
-    let Built { mut model, vars } = builder(cfg, &lora, device, dropout_seed).causal_lm(config, weights, origin)?;
+    let Built { mut model, vars } =
+        builder(cfg, &lora, device, dropout_seed).causal_lm_quantized(config, weights, quantized, origin)?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
     let opts = DataOptions { max_seq_len: cfg.max_seq_length, pack: cfg.pack, mask_prompt: cfg.mask_prompt };
     let train_data = load_file(Path::new(&cfg.data), tokenizer, &opts)?;
@@ -204,7 +232,7 @@ fn prepare_classifier(
     config: &ModelConfig,
     inputs: TaskInputs,
 ) -> Result<(Task, Vec<(String, Var)>)> {
-    let TaskInputs { weights, tokenizer, device, origin, dropout_seed } = inputs;
+    let TaskInputs { weights, tokenizer, device, origin, dropout_seed, .. } = inputs;
     let backbone = config.backbone();
     if let BackboneConfig::Encoder(e) = &backbone {
         // Texts are truncated to what the position table allows (512 for BERT-base-like models).
