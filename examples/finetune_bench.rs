@@ -8,14 +8,18 @@
 //! configuration in its own process so each peak is its own, and prints tokens/s (mean over the
 //! steps after the first) and the peak resident memory. The first form (sequence 256 x batch
 //! 4) runs full fine-tuning with Ranger, with AdamW, and LoRA (r = 8, all projections) with
-//! Ranger. `--checkpointing` runs full and LoRA Ranger with and without
+//! Ranger, and QLoRA (the same over the GGUF file's Q4_1 blocks). `--checkpointing` runs full,
+//! LoRA and QLoRA Ranger with and without
 //! `--gradient-checkpointing`, alternately, at the shape given, and each once more at
 //! 16 tokens x 1: that run's peak is the memory that does not grow with the batch (weights,
 //! gradients, optimizer state), and each row's peak less it estimates its activation memory;
 //! and full Ranger with 8-bit state (`--optimizer-state-bits 8`) with and without it.
 //! `--llama-1b` does the same for a Llama-3.2-1B-shaped model with random weights (written once
-//! under the temp folder, 4.3 GB): LoRA + checkpointing and full with 8-bit state +
-//! checkpointing, each beside its 16 x 1 run.
+//! under the temp folder, 4.3 GB): LoRA + checkpointing, QLoRA (the base quantized to q4_k as
+//! it is read) + checkpointing, and full with 8-bit state + checkpointing, each beside its
+//! 16 x 1 run. `--llama-3b` runs QLoRA (q4_k) + checkpointing on a Llama-3.2-3B-shaped model
+//! (2.97 B parameters, random bf16 weights written once, 5.9 GB) beside its 16 x 1 run.
+//! `--only qlora,lora` keeps those configurations alone.
 
 use std::path::Path;
 
@@ -45,7 +49,8 @@ fn synthetic_text() -> String {
 
 /// One configuration, as the parent process passes it to a child.
 struct Run {
-    /// `ranger`, `adamw` or `lora` (Ranger).
+    /// `ranger`, `adamw`, `lora` (Ranger, over the f32 base) or `qlora` (over the GGUF file's
+    /// blocks; the 1B model's safetensors base quantized to q4_k on load).
     name: String,
     seq: usize,
     batch: usize,
@@ -64,27 +69,35 @@ impl Run {
 
 /// A Llama-3.2-1B-shaped configuration (hidden 2048, 16 layers, 32 heads over 8 key/value
 /// heads, MLP 8192, tied embeddings) over SmolLM2's tokenizer (vocabulary 49,152): 1.07 B
-/// parameters. Memory and speed do not depend on the weights' values.
-fn llama_1b_config(smollm2: &serde_json::Value) -> serde_json::Value {
+/// parameters; or Llama-3.2-3B-shaped (hidden 3072, 28 layers, 24 heads over 8, head 128):
+/// 2.97 B. Memory and speed do not depend on the weights' values.
+fn llama_config(smollm2: &serde_json::Value, model: &str) -> serde_json::Value {
     let mut c = smollm2.clone();
+    let dims = match model {
+        "llama-3b" => [3072, 8192, 28, 24, 8, 128],
+        _ => [2048, 8192, 16, 32, 8, 64],
+    };
     for (k, v) in [
-        ("hidden_size", 2048),
-        ("intermediate_size", 8192),
-        ("num_hidden_layers", 16),
-        ("num_attention_heads", 32),
-        ("num_key_value_heads", 8),
-        ("head_dim", 64),
-    ] {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+    ]
+    .into_iter()
+    .zip(dims)
+    {
         c[k] = serde_json::json!(v);
     }
     c["tie_word_embeddings"] = serde_json::json!(true);
     c
 }
 
-/// The folder of the random 1B model (written once: SmolLM2's tokenizer and configuration,
-/// reshaped, with random f32 weights).
-fn llama_1b_folder(gguf: &str, dir: &Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
-    let folder = dir.join("llama-1b");
+/// The folder of the random `llama-1b` (f32 weights) or `llama-3b` (bf16 weights, 5.9 GB) model,
+/// written once: SmolLM2's tokenizer and configuration, reshaped, with random weights.
+fn llama_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    let folder = dir.join(model);
     if folder.join("done").exists() {
         return Ok(folder);
     }
@@ -97,10 +110,10 @@ fn llama_1b_folder(gguf: &str, dir: &Path) -> Result<std::path::PathBuf, Box<dyn
         }
     }
     let smollm2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json"))?)?;
-    let config = llama_1b_config(&smollm2);
-    let cfg = ranger_train::model::LlamaConfig::from_json(config.clone(), "llama-1b")?;
-    let mut weights: Vec<_> =
-        ranger_train::model::random_weights(&cfg, 1, candle_core::DType::F32)?.into_iter().collect();
+    let config = llama_config(&smollm2, model);
+    let cfg = ranger_train::model::LlamaConfig::from_json(config.clone(), model)?;
+    let dtype = if model == "llama-3b" { candle_core::DType::BF16 } else { candle_core::DType::F32 };
+    let mut weights: Vec<_> = ranger_train::model::random_weights(&cfg, 1, dtype)?.into_iter().collect();
     weights.sort_by(|a, b| a.0.cmp(&b.0));
     ranger_train::weights::save_safetensors_dir(&folder, &weights, ranger_train::weights::DEFAULT_MAX_SHARD_BYTES)?;
     std::fs::write(folder.join("config.json"), serde_json::to_string_pretty(&config)?)?;
@@ -129,7 +142,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             model: args[i + 6].clone(),
         };
         let model = match run.model.as_str() {
-            "llama-1b" => llama_1b_folder(&gguf, &dir)?.display().to_string(),
+            "llama-1b" | "llama-3b" => llama_folder(&gguf, &dir, &run.model)?.display().to_string(),
             _ => gguf,
         };
         return child(&model, &dir, steps, &run);
@@ -137,24 +150,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shape = (flag("--seq").unwrap_or(256), flag("--batch").unwrap_or(4));
     let mut runs = Vec::new();
     if args.iter().any(|a| a == "--checkpointing") {
-        for name in ["ranger", "lora"] {
+        for name in ["ranger", "lora", "qlora"] {
             runs.push(Run::new(name, (16, 1), false, 32, "smollm2"));
         }
         for checkpointing in [false, true] {
-            for name in ["ranger", "lora"] {
+            for name in ["ranger", "lora", "qlora"] {
                 runs.push(Run::new(name, shape, checkpointing, 32, "smollm2"));
             }
             runs.push(Run::new("ranger", shape, checkpointing, 8, "smollm2"));
         }
     } else if args.iter().any(|a| a == "--llama-1b") {
-        runs.push(Run::new("lora", (16, 1), false, 32, "llama-1b"));
-        runs.push(Run::new("lora", shape, true, 32, "llama-1b"));
+        for name in ["lora", "qlora"] {
+            runs.push(Run::new(name, (16, 1), false, 32, "llama-1b"));
+            runs.push(Run::new(name, shape, true, 32, "llama-1b"));
+        }
         runs.push(Run::new("ranger", (16, 1), false, 8, "llama-1b"));
         runs.push(Run::new("ranger", shape, true, 8, "llama-1b"));
+    } else if args.iter().any(|a| a == "--llama-3b") {
+        runs.push(Run::new("qlora", (16, 1), false, 32, "llama-3b"));
+        runs.push(Run::new("qlora", shape, true, 32, "llama-3b"));
     } else {
-        for name in ["ranger", "adamw", "lora"] {
+        for name in ["ranger", "adamw", "lora", "qlora"] {
             runs.push(Run::new(name, shape, false, 32, "smollm2"));
         }
+    }
+    // `--only qlora,lora`: those configurations alone.
+    if let Some(only) = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)) {
+        let names: Vec<&str> = only.split(',').collect();
+        runs.retain(|r| names.contains(&r.name.as_str()));
     }
     for r in &runs {
         let status = std::process::Command::new(std::env::current_exe()?)
@@ -179,7 +202,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Trains one configuration and prints its figures.
 fn child(model: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn std::error::Error>> {
     let optimizer = if run.name == "adamw" { OptimizerKind::Adamw } else { OptimizerKind::Ranger };
-    let lora = run.name == "lora";
+    let lora = run.name == "lora" || run.name == "qlora";
+    let qlora = run.name == "qlora";
     let cfg = TrainConfig {
         model: model.to_string(),
         data: dir.join("data.txt").display().to_string(),
@@ -190,6 +214,8 @@ fn child(model: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn
         learning_rate: Some(1e-4),
         optimizer,
         lora,
+        dequantize: lora && !qlora,
+        quantize: (qlora && run.model != "smollm2").then_some(ranger_train::config::QuantizeArg::Q4K),
         gradient_checkpointing: run.checkpointing,
         optimizer_state_bits: run.state_bits,
         // Whole sequences of the length asked for (the paragraphs are about 280 tokens long).
@@ -216,10 +242,20 @@ fn child(model: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn
     eprintln!("tokens/s of each step: {tps:.1?}");
     println!(
         "ranger-tune ({optimizer:?}{}{}{}): {} f32, seq {} x batch {}, {steps} steps: {mean:.1} tokens/s (steps 2..{steps}), peak RSS {:.2} GiB",
-        if lora { ", LoRA r=8" } else { ", full" },
+        if qlora {
+            ", QLoRA r=8"
+        } else if lora {
+            ", LoRA r=8"
+        } else {
+            ", full"
+        },
         if run.state_bits == 8 { ", 8-bit state" } else { "" },
         if run.checkpointing { ", gradient checkpointing" } else { "" },
-        if run.model == "llama-1b" { "Llama-1B-shaped (random)" } else { "SmolLM2-135M" },
+        match run.model.as_str() {
+            "llama-1b" => "Llama-1B-shaped (random)",
+            "llama-3b" => "Llama-3B-shaped (random, bf16 on disk)",
+            _ => "SmolLM2-135M",
+        },
         run.seq,
         run.batch,
         peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64

@@ -131,6 +131,10 @@ class Study:
             seq = "128" if task == "chat" else "64"
             flags = ["--model", str(self.smollm2), "--batch-size", "2", "--max-seq-length", seq]
         flags += ["--data", str(d / f"{task}-train.jsonl"), "--validation-file", str(d / f"{task}-val.jsonl")]
+        # LoRA over the base dequantized to f32, as the study was measured (`--lora` on the GGUF
+        # file is QLoRA by default now: the same maths to float rounding).
+        if lora and task != "spam":
+            return flags + ["--lora", "--dequantize"]
         return flags + (["--lora"] if lora else [])
 
     def run(self, task, lora, steps, recipe, seed):

@@ -62,31 +62,36 @@ impl LoadedModel {
     }
 
     /// Quantizes the decoder's attention and feed-forward projections still in `weights` to
-    /// `format`, moving them to `quantized`. A row width that is not a whole number of blocks
-    /// falls back as llama.cpp does (q4_k to q5_0, q5_k to q5_1, q6_k to q8_0, else q8_0); a
-    /// width that fits none stays unquantized. Returns how many weights went to each format.
-    pub fn quantize_projections(&mut self, format: GgmlDType) -> Result<Vec<(GgmlDType, usize)>> {
+    /// `format` ([`quantize_projection`]), moving them to `quantized`.
+    pub fn quantize_projections(&mut self, format: GgmlDType) -> Result<()> {
         self.decoder()?;
-        let names: Vec<String> = self
-            .weights
-            .keys()
-            .filter(|n| PROJECTIONS.iter().any(|p| n.ends_with(&format!(".{p}.weight"))))
-            .cloned()
-            .collect();
-        let mut counts: Vec<(GgmlDType, usize)> = Vec::new();
+        let names: Vec<String> = self.weights.keys().filter(|n| is_projection(n)).cloned().collect();
         for name in names {
-            let cols = self.weights[&name].dims().last().copied().unwrap_or(0);
-            let Some(fmt) = [format, fallback(format)].into_iter().find(|f| cols % f.block_size() == 0) else {
-                continue;
-            };
-            let w = self.weights.remove(&name).expect("listed above");
-            let q = QTensor::quantize(&w.to_dtype(candle_core::DType::F32)?, fmt)?;
-            self.quantized.insert(name, q);
-            match counts.iter_mut().find(|(f, _)| *f == fmt) {
-                Some((_, c)) => *c += 1,
-                None => counts.push((fmt, 1)),
+            if let Some(q) = quantize_projection(&name, &self.weights[&name], format)? {
+                self.weights.remove(&name);
+                self.quantized.insert(name, q);
             }
         }
-        Ok(counts)
+        Ok(())
     }
+}
+
+/// Whether `name` is the weight of a decoder's attention or feed-forward projection.
+pub fn is_projection(name: &str) -> bool {
+    PROJECTIONS.iter().any(|p| name.strip_suffix(".weight").is_some_and(|n| n.ends_with(&format!(".{p}"))))
+}
+
+/// `w` quantized to `format` when `name` is a decoder projection's weight ([`is_projection`]);
+/// a row width that is not a whole number of blocks falls back as llama.cpp does (q4_k to
+/// q5_0, q5_k to q5_1, q6_k to q8_0, else q8_0), and a width that fits none is left alone
+/// (`None`), as is any other tensor.
+pub fn quantize_projection(name: &str, w: &Tensor, format: GgmlDType) -> Result<Option<QTensor>> {
+    if !is_projection(name) || w.rank() != 2 {
+        return Ok(None);
+    }
+    let cols = w.dims()[1];
+    let Some(fmt) = [format, fallback(format)].into_iter().find(|f| cols % f.block_size() == 0) else {
+        return Ok(None);
+    };
+    Ok(Some(QTensor::quantize(&w.to_dtype(candle_core::DType::F32)?, fmt)?))
 }

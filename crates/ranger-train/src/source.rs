@@ -26,14 +26,35 @@ pub fn read_json(path: &Path) -> Result<Value> {
 
 /// Loads a Hugging Face model folder: `config.json`, safetensors weights, tokenizer files.
 pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
+    load_dir_with(dir, LoadOptions::default())
+}
+
+/// [`load_dir`] with [`LoadOptions`]: with `quantize`, the projections are quantized as each
+/// is read, so the whole base never exists in its stored dtype.
+pub fn load_dir_with(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
     let config = ModelConfig::from_json(read_json(&cfg_path)?, &cfg_path.display().to_string())?;
-    let weights = crate::weights::load_safetensors_dir(dir)?;
+    let mut weights = std::collections::HashMap::new();
+    let mut quantized = std::collections::HashMap::new();
+    match options.quantize {
+        None => weights = crate::weights::load_safetensors_dir(dir)?,
+        Some(format) => crate::weights::stream_safetensors_dir(dir, |name, t| {
+            match crate::loaded::quantize_projection(&name, &t, format)? {
+                Some(q) => {
+                    quantized.insert(name, q);
+                }
+                None => {
+                    weights.insert(name, t);
+                }
+            }
+            Ok(())
+        })?,
+    }
     let tokenizer = TextTokenizer::from_dir(dir)?;
     let gen = dir.join("generation_config.json");
     let generation_config = if gen.exists() { Some(read_json(&gen)?) } else { None };
     let origin = dir.display().to_string();
-    Ok(LoadedModel { config, weights, quantized: Default::default(), tokenizer, generation_config, origin })
+    Ok(LoadedModel { config, weights, quantized, tokenizer, generation_config, origin })
 }
 
 /// Downloads (or finds in the cache) the files of a Hub repository and returns its folder, with
@@ -54,6 +75,9 @@ pub struct LoadOptions {
     /// Keep a GGUF file's quantized attention and feed-forward projections in their block
     /// format ([`LoadedModel::quantized`], for QLoRA) instead of dequantizing them.
     pub keep_quantized: bool,
+    /// Quantize a safetensors checkpoint's attention and feed-forward projections to this
+    /// block format as they are read ([`crate::loaded::quantize_projection`], for QLoRA).
+    pub quantize: Option<candle_core::quantized::GgmlDType>,
 }
 
 /// Loads `spec`: a `.gguf` file, a local folder, or a Hub repository id, every weight
@@ -72,7 +96,7 @@ pub fn load_with(spec: &str, hub: &HubOptions, options: LoadOptions) -> Result<L
         return crate::gguf::load_gguf_with(path, options.keep_quantized);
     }
     if path.is_dir() {
-        return load_dir(path);
+        return load_dir_with(path, options);
     }
     if path.exists() {
         return Err(spec_err(spec, "expected a model folder, a .gguf file or a Hub repository id"));
@@ -81,7 +105,7 @@ pub fn load_with(spec: &str, hub: &HubOptions, options: LoadOptions) -> Result<L
         return Err(spec_err(spec, "no such file or folder"));
     }
     let dir = fetch_from_hub(spec, hub)?;
-    let mut m = load_dir(&dir)?;
+    let mut m = load_dir_with(&dir, options)?;
     m.origin = spec.to_string();
     Ok(m)
 }

@@ -14,11 +14,11 @@ use crate::error::{Result, TrainError};
 /// `max_shard_size`): larger checkpoints are split into shards listed by an index.
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 
-/// Reads every tensor of the safetensors checkpoint in `dir` (`model.safetensors`, or the shards
-/// listed by `model.safetensors.index.json`) onto the CPU.
-pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Tensor>> {
+/// The safetensors files of the checkpoint in `dir`: `model.safetensors`, or the shards listed
+/// by `model.safetensors.index.json`.
+fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
-    let files: Vec<PathBuf> = if index.exists() {
+    if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(TrainError::io(&index))?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| TrainError::Config { origin: index.display().to_string(), message: e.to_string() })?;
@@ -29,27 +29,65 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Tensor>> {
         let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
         names.sort();
         names.dedup();
-        names.into_iter().map(|n| dir.join(n)).collect()
+        Ok(names.into_iter().map(|n| dir.join(n)).collect())
     } else if dir.join("model.safetensors").exists() {
-        vec![dir.join("model.safetensors")]
+        Ok(vec![dir.join("model.safetensors")])
     } else if dir.join("pytorch_model.bin").exists() {
-        return Err(TrainError::Format {
+        Err(TrainError::Format {
             path: dir.to_path_buf(),
             message: "only pytorch_model.bin found; convert it to safetensors first (transformers: save_pretrained(safe_serialization=True))".into(),
-        });
+        })
     } else {
-        return Err(TrainError::Format {
+        Err(TrainError::Format {
             path: dir.to_path_buf(),
             message: "no model.safetensors or model.safetensors.index.json".into(),
-        });
-    };
+        })
+    }
+}
+
+/// Reads every tensor of the safetensors checkpoint in `dir` (`model.safetensors`, or the shards
+/// listed by `model.safetensors.index.json`) onto the CPU.
+pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
-    for f in files {
+    for f in checkpoint_files(dir)? {
         let tensors = candle_core::safetensors::load(&f, &Device::Cpu)
             .map_err(|e| TrainError::Format { path: f.clone(), message: e.to_string() })?;
         out.extend(tensors);
     }
     Ok(out)
+}
+
+/// Reads the checkpoint in `dir` one tensor at a time (a plain file read each, no memory map,
+/// so a tensor's bytes are gone once `each` has dropped it), handing each to `each` with its
+/// name: what `each` converts as it goes (quantizing, for QLoRA) never exists whole in memory
+/// in its stored dtype.
+pub fn stream_safetensors_dir(dir: &Path, mut each: impl FnMut(String, Tensor) -> Result<()>) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    for f in checkpoint_files(dir)? {
+        let bad = |message: String| TrainError::Format { path: f.clone(), message };
+        let mut file = std::fs::File::open(&f).map_err(TrainError::io(&f))?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(TrainError::io(&f))?;
+        let header_len = usize::try_from(u64::from_le_bytes(len)).map_err(|_| bad("header too large".into()))?;
+        if header_len > 100_000_000 {
+            return Err(bad(format!("header of {header_len} bytes")));
+        }
+        let mut header = vec![0u8; header_len];
+        file.read_exact(&mut header).map_err(TrainError::io(&f))?;
+        let meta: safetensors::tensor::Metadata =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("invalid header: {e}")))?;
+        let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().collect();
+        infos.sort_by_key(|(_, info)| info.data_offsets.0);
+        for (name, info) in infos {
+            let (start, end) = info.data_offsets;
+            let dtype = candle_core::DType::try_from(info.dtype).map_err(|e| bad(format!("{name}: {e}")))?;
+            file.seek(SeekFrom::Start((8 + header_len + start) as u64)).map_err(TrainError::io(&f))?;
+            let mut bytes = vec![0u8; end - start];
+            file.read_exact(&mut bytes).map_err(|e| bad(format!("{name}: {e}")))?;
+            each(name, Tensor::from_raw_buffer(&bytes, dtype, &info.shape, &Device::Cpu)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Takes the tensors named by `shapes` out of `weights`, checked and converted to `dtype` on

@@ -77,7 +77,9 @@ pub fn prepare(cfg: TrainConfig) -> Result<Session> {
     // QLoRA by default: a LoRA run keeps a GGUF file's quantized projections as they are.
     let keep_quantized = cfg.lora && !cfg.dequantize && cfg.task == TaskKind::CausalLm;
     let hub = HubOptions { revision: cfg.revision.clone() };
-    let loaded = source::load_with(&cfg.model, &hub, LoadOptions { keep_quantized })?;
+    // --quantize quantizes the projections as they are read (checked in prepare_with_model).
+    let quantize = cfg.quantize.filter(|_| keep_quantized).map(|q| q.format());
+    let loaded = source::load_with(&cfg.model, &hub, LoadOptions { keep_quantized, quantize })?;
     prepare_with_model(cfg, loaded, device)
 }
 
