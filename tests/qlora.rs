@@ -17,7 +17,6 @@ use ranger_train::data::{collate, Sequence};
 use ranger_train::kernels::grad_sink::GradSink;
 use ranger_train::kernels::quantized::QuantizedWeight;
 use ranger_train::kernels::without_fused_kernels;
-use ranger_train::model::llama_names::PROJECTIONS;
 use ranger_train::model::lora::DropoutSeed;
 use ranger_train::model::{Batch, LlamaConfig, LlamaModel, LoraConfig};
 use ranger_train::rng::Rng;
@@ -33,17 +32,19 @@ fn config() -> LlamaConfig {
     LlamaConfig::from_json(c, "test").unwrap()
 }
 
-/// The base's weights (f32 on the CPU) with its projections quantized (Q4_1 in even layers'
-/// attention, Q8_0 elsewhere), and the same weights with the projections dequantized.
+/// The base's weights (f32 on the CPU) with its projections, embedding and LM head quantized
+/// (Q4_1 for the attention and the head, Q8_0 for the MLP and the embedding), and the same
+/// weights with those dequantized.
 fn bases(cfg: &LlamaConfig) -> (HashMap<String, Tensor>, HashMap<String, QTensor>, HashMap<String, Tensor>) {
     let mut weights = ranger_train::model::random_weights(cfg, 11, DType::F32).unwrap();
     let mut quantized = HashMap::new();
     let mut dense = weights.clone();
     for name in weights.keys().cloned().collect::<Vec<_>>() {
-        if !PROJECTIONS.iter().any(|p| name.ends_with(&format!("{p}.weight"))) {
+        if !ranger_train::loaded::is_quantizable(&name) {
             continue;
         }
-        let format = if name.contains("self_attn") { GgmlDType::Q4_1 } else { GgmlDType::Q8_0 };
+        let format =
+            if name.contains("self_attn") || name == "lm_head.weight" { GgmlDType::Q4_1 } else { GgmlDType::Q8_0 };
         let q = QTensor::quantize(&weights.remove(&name).unwrap(), format).unwrap();
         dense.insert(name.clone(), q.dequantize(&Device::Cpu).unwrap());
         quantized.insert(name, q);
@@ -78,7 +79,7 @@ fn models(
         (model, vars)
     };
     let q = LlamaModel::with_quantized(cfg.clone(), &cast(&rest), &blocks).unwrap();
-    assert_eq!(q.quantized_projections().iter().map(|(_, n, _)| n).sum::<usize>(), 14);
+    assert_eq!(q.quantized_weights().iter().map(|(_, n, _)| n).sum::<usize>(), 16, "14 projections, embedding, head");
     let d = LlamaModel::new(cfg, &cast(&dense)).unwrap();
     (with_adapters(q), with_adapters(d))
 }
@@ -198,16 +199,16 @@ fn run_config(dir: &std::path::Path, out: &str, steps: usize) -> TrainConfig {
 }
 
 /// `--quantize q4_k` on a safetensors base: widths that are not whole 256-value super-blocks
-/// fall back as llama.cpp does (q5_0 for the 64-wide inputs; the 80-wide input of down_proj
-/// fits no 32-value block and stays f32), the loss falls, and a resume is exact; without LoRA
-/// it is refused by name.
+/// fall back as llama.cpp does (q5_0 for the 64-wide projections, embedding and head; the
+/// 80-wide input of down_proj fits no 32-value block and stays f32), the loss falls, a resume
+/// is exact, a module trained whole is dequantized for it; without LoRA it is refused by name.
 #[test]
 fn quantize_on_load_trains_and_resumes_exactly() {
     let dir = setup("qlora-quantize");
     let mut t = common::quiet(run_config(&dir, "run", 6));
-    let quantized = t.session().task().causal_lm().unwrap().quantized_projections();
+    let quantized = t.session().task().causal_lm().unwrap().quantized_weights();
     assert_eq!(quantized.len(), 1, "{quantized:?}");
-    assert_eq!((quantized[0].0, quantized[0].1), (GgmlDType::Q5_0, 12));
+    assert_eq!((quantized[0].0, quantized[0].1), (GgmlDType::Q5_0, 14));
     let s = t.run().unwrap();
     let losses: Vec<f64> =
         common::read_jsonl(&dir.join("run/metrics.jsonl")).iter().filter_map(|m| m["loss"].as_f64()).collect();
@@ -222,6 +223,13 @@ fn quantize_on_load_trains_and_resumes_exactly() {
         };
         assert_eq!(bits(a), bits(b), "{n} differs after resume");
     }
+
+    let mut saving = run_config(&dir, "saved", 1);
+    saving.modules_to_save = vec!["embed_tokens".into()];
+    let mut t = common::quiet(saving);
+    assert_eq!(t.session().task().causal_lm().unwrap().quantized_weights()[0].1, 13, "the embedding is trained dense");
+    assert!(t.session().vars().iter().any(|(n, _)| n == "base_model.model.model.embed_tokens.weight"));
+    t.run().unwrap();
 
     let mut full = run_config(&dir, "full", 1);
     full.lora = false;

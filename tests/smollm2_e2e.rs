@@ -184,8 +184,8 @@ fn lora_end_to_end() {
 }
 
 /// QLoRA, the default for `--lora` on a quantized GGUF file: the same over the base kept in its
-/// Q4_1 blocks (every projection; the embedding and norms are dequantized), and a resume is
-/// exact.
+/// blocks (every projection and the tied embedding / LM head; the norms are dequantized), and a
+/// resume is exact.
 #[test]
 fn qlora_end_to_end() {
     adapter_end_to_end("qlora", false, 0.0, 2_442_240, Base::Quantized);
@@ -221,15 +221,15 @@ fn adapter_end_to_end(name: &str, dora: bool, dropout: f64, parameters: usize, b
     };
     let mut t = quiet(adapter_config("lora", 12));
     assert_eq!(t.trainable_parameters(), parameters, "r=8 on all 7 projections of 30 layers, as PEFT counts");
-    let quantized = t.session().task().causal_lm().unwrap().quantized_projections();
+    let quantized = t.session().task().causal_lm().unwrap().quantized_weights();
     match base {
         Base::Dequantized => assert!(quantized.is_empty()),
         Base::Quantized => {
             let formats: Vec<_> = quantized.iter().map(|(f, n, _)| (format!("{f:?}"), *n)).collect();
             assert_eq!(
                 formats.iter().map(|(_, n)| n).sum::<usize>(),
-                210,
-                "every projection stays quantized: {formats:?}"
+                211,
+                "every projection and the tied embedding stay quantized: {formats:?}"
             );
         }
     }

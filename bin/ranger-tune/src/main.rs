@@ -209,11 +209,11 @@ fn train(args: TrainArgs, matches: &ArgMatches) -> Result<ExitCode> {
         trainer.state().total_steps
     );
     if let Some(model) = trainer.session().task().causal_lm() {
-        let quantized = model.quantized_projections();
+        let quantized = model.quantized_weights();
         if !quantized.is_empty() {
             let parts: Vec<String> = quantized.iter().map(|(f, n, _)| format!("{n} {f:?}")).collect();
             let mib = quantized.iter().map(|(_, _, b)| b).sum::<usize>() as f64 / (1 << 20) as f64;
-            eprintln!("QLoRA: base projections kept quantized ({}; {mib:.1} MiB)", parts.join(", "));
+            eprintln!("QLoRA: base weights kept quantized ({}; {mib:.1} MiB)", parts.join(", "));
         }
     }
     let s = trainer.run()?;

@@ -111,9 +111,9 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     load_gguf_with(path, false)
 }
 
-/// Reads a GGUF file of a Llama-architecture model; with `keep_quantized` the attention and
-/// feed-forward projections stored in a block format stay in it
-/// ([`LoadedModel::quantized`]), the rest is dequantized to f32.
+/// Reads a GGUF file of a Llama-architecture model; with `keep_quantized` the projections, the
+/// embedding and the LM head stored in a block format stay in it ([`LoadedModel::quantized`]),
+/// the rest is dequantized to f32.
 pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
     let content = Content::read(&mut file).map_err(|e| TrainError::Format {
@@ -207,8 +207,7 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
             tensor: name.clone(),
             problem: e.to_string(),
         })?;
-        let projection = PROJECTIONS.iter().any(|p| hf.ends_with(&format!(".{p}.weight")));
-        if keep_quantized && projection && q.dtype() != GgmlDType::F32 {
+        if keep_quantized && crate::loaded::is_quantizable(&hf) && q.dtype() != GgmlDType::F32 {
             let q = if name.ends_with("attn_q.weight") {
                 unpermute_qk_quantized(&q, heads)?
             } else if name.ends_with("attn_k.weight") {

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::model::llama_names::PROJECTIONS;
+use crate::model::llama_names::{EMBED, LM_HEAD, PROJECTIONS};
 use crate::model::{LlamaConfig, ModelConfig};
 use crate::tokenizer::TextTokenizer;
 
@@ -18,9 +18,10 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// Weights by Hugging Face name.
     pub weights: HashMap<String, Tensor>,
-    /// Projection weights kept in a GGUF block format (QLoRA's base), by Hugging Face name; not
-    /// in `weights`. Empty unless the loader was asked to keep them
-    /// ([`crate::source::LoadOptions`]) or [`LoadedModel::quantize_projections`] made them.
+    /// Decoder weights kept in a GGUF block format (QLoRA's base: the projections, the
+    /// embedding and the LM head; [`is_quantizable`]), by Hugging Face name; not in `weights`.
+    /// Empty unless the loader was asked to keep them ([`crate::source::LoadOptions`]) or
+    /// [`LoadedModel::quantize_base`] made them.
     pub quantized: HashMap<String, QTensor>,
     /// The tokenizer.
     pub tokenizer: TextTokenizer,
@@ -61,13 +62,23 @@ impl LoadedModel {
         Ok(())
     }
 
-    /// Quantizes the decoder's attention and feed-forward projections still in `weights` to
-    /// `format` ([`quantize_projection`]), moving them to `quantized`.
-    pub fn quantize_projections(&mut self, format: GgmlDType) -> Result<()> {
-        self.decoder()?;
-        let names: Vec<String> = self.weights.keys().filter(|n| is_projection(n)).cloned().collect();
+    /// Moves the quantized weights `which` selects back into `weights`, dequantized to f32.
+    pub fn dequantize_where(&mut self, which: impl Fn(&str) -> bool) -> Result<()> {
+        let names: Vec<String> = self.quantized.keys().filter(|n| which(n)).cloned().collect();
         for name in names {
-            if let Some(q) = quantize_projection(&name, &self.weights[&name], format)? {
+            let q = self.quantized.remove(&name).expect("listed above");
+            self.weights.insert(name, q.dequantize(&Device::Cpu)?);
+        }
+        Ok(())
+    }
+
+    /// Quantizes the decoder's weights that QLoRA keeps quantized ([`is_quantizable`]) still in
+    /// `weights` to `format` ([`quantize_base_weight`]), moving them to `quantized`.
+    pub fn quantize_base(&mut self, format: GgmlDType) -> Result<()> {
+        self.decoder()?;
+        let names: Vec<String> = self.weights.keys().filter(|n| is_quantizable(n)).cloned().collect();
+        for name in names {
+            if let Some(q) = quantize_base_weight(&name, &self.weights[&name], format)? {
                 self.weights.remove(&name);
                 self.quantized.insert(name, q);
             }
@@ -76,17 +87,20 @@ impl LoadedModel {
     }
 }
 
-/// Whether `name` is the weight of a decoder's attention or feed-forward projection.
-pub fn is_projection(name: &str) -> bool {
-    PROJECTIONS.iter().any(|p| name.strip_suffix(".weight").is_some_and(|n| n.ends_with(&format!(".{p}"))))
+/// Whether QLoRA keeps the decoder weight `name` quantized: an attention or feed-forward
+/// projection, the embedding or the LM head (frozen matrices; not the norms).
+pub fn is_quantizable(name: &str) -> bool {
+    name == EMBED
+        || name == LM_HEAD
+        || PROJECTIONS.iter().any(|p| name.strip_suffix(".weight").is_some_and(|n| n.ends_with(&format!(".{p}"))))
 }
 
-/// `w` quantized to `format` when `name` is a decoder projection's weight ([`is_projection`]);
+/// `w` quantized to `format` when QLoRA keeps `name` quantized ([`is_quantizable`]);
 /// a row width that is not a whole number of blocks falls back as llama.cpp does (q4_k to
 /// q5_0, q5_k to q5_1, q6_k to q8_0, else q8_0), and a width that fits none is left alone
 /// (`None`), as is any other tensor.
-pub fn quantize_projection(name: &str, w: &Tensor, format: GgmlDType) -> Result<Option<QTensor>> {
-    if !is_projection(name) || w.rank() != 2 {
+pub fn quantize_base_weight(name: &str, w: &Tensor, format: GgmlDType) -> Result<Option<QTensor>> {
+    if !is_quantizable(name) || w.rank() != 2 {
         return Ok(None);
     }
     let cols = w.dims()[1];

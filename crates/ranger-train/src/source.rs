@@ -29,7 +29,7 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
     load_dir_with(dir, LoadOptions::default())
 }
 
-/// [`load_dir`] with [`LoadOptions`]: with `quantize`, the projections are quantized as each
+/// [`load_dir`] with [`LoadOptions`]: with `quantize`, the QLoRA base's weights are quantized as each
 /// is read, so the whole base never exists in its stored dtype.
 pub fn load_dir_with(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
@@ -39,7 +39,7 @@ pub fn load_dir_with(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
     match options.quantize {
         None => weights = crate::weights::load_safetensors_dir(dir)?,
         Some(format) => crate::weights::stream_safetensors_dir(dir, |name, t| {
-            match crate::loaded::quantize_projection(&name, &t, format)? {
+            match crate::loaded::quantize_base_weight(&name, &t, format)? {
                 Some(q) => {
                     quantized.insert(name, q);
                 }
@@ -72,11 +72,11 @@ fn spec_err(spec: &str, problem: &str) -> TrainError {
 /// How a model is read.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
-    /// Keep a GGUF file's quantized attention and feed-forward projections in their block
-    /// format ([`LoadedModel::quantized`], for QLoRA) instead of dequantizing them.
+    /// Keep a GGUF file's quantized projections, embedding and LM head in their block format
+    /// ([`LoadedModel::quantized`], for QLoRA) instead of dequantizing them.
     pub keep_quantized: bool,
-    /// Quantize a safetensors checkpoint's attention and feed-forward projections to this
-    /// block format as they are read ([`crate::loaded::quantize_projection`], for QLoRA).
+    /// Quantize a safetensors checkpoint's projections, embedding and LM head to this block
+    /// format as they are read ([`crate::loaded::quantize_base_weight`], for QLoRA).
     pub quantize: Option<candle_core::quantized::GgmlDType>,
 }
 

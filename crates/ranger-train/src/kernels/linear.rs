@@ -39,6 +39,22 @@ impl Weight {
         }
     }
 
+    /// The dtype it computes in.
+    pub fn dtype(&self) -> candle_core::DType {
+        match self {
+            Weight::Dense(t) => t.dtype(),
+            Weight::Quantized(q) => q.dtype(),
+        }
+    }
+
+    /// Its device.
+    pub fn device(&self) -> candle_core::Device {
+        match self {
+            Weight::Dense(t) => t.device().clone(),
+            Weight::Quantized(q) => q.device(),
+        }
+    }
+
     /// The tensor of a dense weight.
     pub fn as_dense(&self) -> Option<&Tensor> {
         match self {

@@ -46,8 +46,9 @@
 //! Shared pieces: `cpu_op` (the one Candle op impl per arity and its dtype dispatch), `float`
 //! (the element types), `dtype` (typed slices of a storage), `gemm`
 //! (matrix products), `exp` (vectorised `exp`), [`grad_sink`] (weight gradients accumulated
-//! in place), `path` (which path an op takes) and [`checkpoint`] (a layer recomputed in
-//! backward instead of keeping its activations, on any device).
+//! in place), `path` (which path an op takes), [`checkpoint`] (a layer recomputed in
+//! backward instead of keeping its activations, on any device) and [`quantized`] (frozen
+//! weights kept in GGUF blocks, dequantized a chunk of rows at a time: QLoRA's base).
 
 pub mod activations;
 pub mod attention;
@@ -70,6 +71,7 @@ pub mod norms;
 mod path;
 mod precomputed;
 pub mod quantized;
+pub mod quantized_lm_head;
 pub mod rotary;
 pub mod softmax;
 #[cfg(test)]

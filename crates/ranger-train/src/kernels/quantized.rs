@@ -78,6 +78,12 @@ impl QuantizedWeight {
         Self { dtype, ..self.clone() }
     }
 
+    /// The same with `elems` dequantized values per chunk (tests: many chunks on tiny weights).
+    #[cfg(test)]
+    pub(crate) fn with_chunk_elems(&self, elems: usize) -> Self {
+        Self { chunk_elems: elems, ..self.clone() }
+    }
+
     /// `(out, in)`.
     pub fn dims2(&self) -> (usize, usize) {
         (self.rows, self.cols)
@@ -114,6 +120,12 @@ impl QuantizedWeight {
         self.q.dequantize(&self.q.device())?.to_dtype(self.dtype)
     }
 
+    /// The rows `ids` (`[n]` u32) as an `[n, in]` tensor in its dtype: an embedding lookup
+    /// (Candle's, one row dequantized at a time; no gradient, the table being frozen).
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        self.q.embedding(ids)?.to_dtype(self.dtype)
+    }
+
     /// Rows `rows` dequantized into `out` (`[rows.len(), in]` f32), in parallel; CPU only.
     fn rows_f32(&self, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
         let format = self.q.dtype();
@@ -136,7 +148,7 @@ impl QuantizedWeight {
     }
 
     /// Runs `f` on each chunk of rows dequantized to `T` (`[chunk, in]`), in order.
-    fn for_each_chunk<T: Float>(&self, mut f: impl FnMut(Range<usize>, &[T])) -> Result<()> {
+    pub(crate) fn for_each_chunk<T: Float>(&self, mut f: impl FnMut(Range<usize>, &[T])) -> Result<()> {
         let mut buf = vec![0f32; self.chunk_elems.max(self.cols).min(self.rows * self.cols)];
         let mut conv: Vec<T> = Vec::new();
         for rows in self.chunks() {

@@ -19,7 +19,8 @@ use crate::kernels::chunked_lm_loss::chunked_linear_cross_entropy;
 use crate::kernels::linear::Weight;
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
 use crate::kernels::norms::rms_norm;
-use crate::kernels::quantized::QuantizedWeight;
+use crate::kernels::quantized::{quantized_linear, QuantizedWeight};
+use crate::kernels::quantized_lm_head::QuantizedLinearCrossEntropy;
 use crate::kernels::rotary::apply_rotary_rows;
 use crate::kernels::Fused;
 use crate::kernels::{compute_dtype, embedding::embedding, fused_ok};
@@ -85,10 +86,10 @@ pub struct KvCache {
 pub struct LlamaModel {
     /// The configuration.
     pub config: LlamaConfig,
-    embed: Tensor,
+    embed: Weight,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Option<Tensor>,
+    lm_head: Option<Weight>,
     /// False for a backbone built without its LM head (sequence classification).
     has_lm_head: bool,
     inv_freq: Tensor,
@@ -138,17 +139,23 @@ impl LlamaModel {
         let get =
             |n: &str| weights.get(n).cloned().ok_or_else(|| crate::TrainError::MissingTensor { tensor: n.into() });
         let opt = |n: &str| weights.get(n).cloned();
-        let embed = get(names::EMBED)?;
+        // The base's weights kept in GGUF blocks (QLoRA), else the tensors.
+        let weight = |n: &str| -> crate::Result<Weight> {
+            match quantized.get(n) {
+                Some(q) => Ok(Weight::Quantized(q.clone())),
+                None => Ok(Weight::Dense(get(n)?)),
+            }
+        };
+        let embed = weight(names::EMBED)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = layer_prefix(l);
             let projs = PROJECTIONS.map(|n| {
-                let name = format!("{p}.{n}.weight");
-                let weight = match quantized.get(&name) {
-                    Some(q) => Weight::Quantized(q.clone()),
-                    None => Weight::Dense(get(&name)?),
-                };
-                Ok(Proj { weight, bias: opt(&format!("{p}.{n}.bias")), lora: None })
+                Ok(Proj {
+                    weight: weight(&format!("{p}.{n}.weight"))?,
+                    bias: opt(&format!("{p}.{n}.bias")),
+                    lora: None,
+                })
             });
             layers.push(Layer {
                 input_norm: get(&format!("{p}.{}", names::INPUT_NORM))?,
@@ -159,8 +166,8 @@ impl LlamaModel {
             });
         }
         let norm = get(names::FINAL_NORM)?;
-        let lm_head = if config.tie_word_embeddings || !has_lm_head { None } else { Some(get(names::LM_HEAD)?) };
-        let device = embed.device().clone();
+        let lm_head = if config.tie_word_embeddings || !has_lm_head { None } else { Some(weight(names::LM_HEAD)?) };
+        let device = embed.device();
         let dtype = embed.dtype();
         let inv_freq = Tensor::new(config.inv_freq(), &device)?;
         Ok(Self {
@@ -196,11 +203,12 @@ impl LlamaModel {
         out
     }
 
-    /// The projections kept in a GGUF block format (QLoRA's base): per format, how many and
-    /// their bytes.
-    pub fn quantized_projections(&self) -> Vec<(candle_core::quantized::GgmlDType, usize, usize)> {
+    /// The weights kept in a GGUF block format (QLoRA's base: projections, embedding, LM
+    /// head): per format, how many and their bytes.
+    pub fn quantized_weights(&self) -> Vec<(candle_core::quantized::GgmlDType, usize, usize)> {
         let mut out: Vec<(candle_core::quantized::GgmlDType, usize, usize)> = Vec::new();
-        for q in self.layers.iter().flat_map(|l| &l.projs).filter_map(|p| match &p.weight {
+        let projs = self.layers.iter().flat_map(|l| &l.projs).map(|p| &p.weight);
+        for q in std::iter::once(&self.embed).chain(&self.lm_head).chain(projs).filter_map(|w| match w {
             Weight::Quantized(q) => Some(q),
             Weight::Dense(_) => None,
         }) {
@@ -218,9 +226,12 @@ impl LlamaModel {
     /// Every weight slot by Hugging Face name (the tied LM head is `model.embed_tokens.weight`),
     /// to replace weights in place: PEFT's `modules_to_save` of an adapter.
     pub fn weights_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let mut out: Vec<(String, &mut Tensor)> =
-            vec![(names::EMBED.into(), &mut self.embed), (names::FINAL_NORM.into(), &mut self.norm)];
-        if let Some(h) = &mut self.lm_head {
+        // A quantized embedding or head is frozen: no slot to replace it.
+        let mut out: Vec<(String, &mut Tensor)> = vec![(names::FINAL_NORM.into(), &mut self.norm)];
+        if let Weight::Dense(e) = &mut self.embed {
+            out.insert(0, (names::EMBED.into(), e));
+        }
+        if let Some(Weight::Dense(h)) = &mut self.lm_head {
             out.push((names::LM_HEAD.into(), h));
         }
         for (i, l) in self.layers.iter_mut().enumerate() {
@@ -235,6 +246,8 @@ impl LlamaModel {
     pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
         // A copy shares the tensors; only its projections' weights are replaced.
         let mut merged = self.clone();
+        merged.embed = Weight::Dense(merged.embed.dense()?);
+        merged.lm_head = merged.lm_head.map(|h| h.dense().map(Weight::Dense)).transpose()?;
         for (_, proj) in merged.projections_mut() {
             proj.weight = Weight::Dense(proj.merged_weight()?);
             proj.lora = None;
@@ -301,7 +314,11 @@ impl LlamaModel {
         }
         let (b, s) = input_ids.dims2()?;
         let x = self.run_hidden(input_ids, positions, mask, cache)?;
-        x.matmul(&self.lm_head.as_ref().unwrap_or(&self.embed).t()?)?.reshape((b, s, ()))
+        let logits = match self.lm_head.as_ref().unwrap_or(&self.embed) {
+            Weight::Dense(w) => x.matmul(&w.t()?)?,
+            Weight::Quantized(q) => quantized_linear(&x, q)?,
+        };
+        logits.reshape((b, s, ()))
     }
 
     /// Final hidden states `[b, s, hidden]` (after the last norm) for `input_ids: [b, s]` at
@@ -322,7 +339,10 @@ impl LlamaModel {
     ) -> Result<Tensor> {
         let (cos, sin) = self.rotary(positions)?;
         let (b, s) = input_ids.dims2()?;
-        let mut x = embedding(&self.embed, &input_ids.flatten_all()?)?;
+        let mut x = match &self.embed {
+            Weight::Dense(e) => embedding(e, &input_ids.flatten_all()?)?,
+            Weight::Quantized(q) => q.rows(&input_ids.flatten_all()?)?,
+        };
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
@@ -355,14 +375,14 @@ impl LlamaModel {
         if !self.has_lm_head {
             candle_core::bail!("this model was built without its LM head (a classifier backbone)");
         }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let x = self.run_hidden(&batch.input_ids, &batch.positions, &batch.mask, None)?;
         let (b, s) = batch.input_ids.dims2()?;
         if !fused_ok(&x) {
             // Devices and half precision: the head and loss in chunks of rows, targets built
-            // on the device.
+            // on the device (a quantized head dequantized whole for it, freed after).
             let targets = super::loss::shifted_targets(batch)?;
-            return chunked_linear_cross_entropy(&x.reshape((b * s, ()))?, head, &targets, training, None);
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed).dense()?;
+            return chunked_linear_cross_entropy(&x.reshape((b * s, ()))?, &head, &targets, training, None);
         }
         // Row i predicts token i + 1 where that token is a target.
         let ids = batch.input_ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
@@ -376,8 +396,13 @@ impl LlamaModel {
             }
         }
         let targets = Tensor::from_vec(targets, b * s, &Device::Cpu)?;
-        let op = Fused(LinearCrossEntropy::new(training, head.is_variable()));
-        x.apply_op3(&head.contiguous()?, &targets, op)
+        match self.lm_head.as_ref().unwrap_or(&self.embed) {
+            Weight::Dense(head) => {
+                let op = Fused(LinearCrossEntropy::new(training, head.is_variable()));
+                x.apply_op3(&head.contiguous()?, &targets, op)
+            }
+            Weight::Quantized(q) => x.apply_op2(&targets, Fused(QuantizedLinearCrossEntropy::new(q.clone(), training))),
+        }
     }
 
     /// Logits `[b, s, vocab]` for every position of a training batch.

@@ -15,6 +15,7 @@ use crate::config::{parse_device, BestMetric, TaskKind, TrainConfig};
 use crate::data::{load_file, split_validation, to_sequences, DataOptions, Loader};
 use crate::error::{Result, TrainError};
 use crate::model::classifier::labels_from_config;
+use crate::model::llama_names::{EMBED, LM_HEAD};
 use crate::model::{BackboneConfig, DropoutSeed, LlamaConfig, LoraConfig, ModelConfig};
 use crate::source::{self, HubOptions, LoadOptions, LoadedModel};
 use crate::task::Task;
@@ -136,10 +137,23 @@ pub fn prepare_with_model(mut cfg: TrainConfig, mut loaded: LoadedModel, device:
                 "quantize makes a QLoRA base: it needs --lora and --task causal-lm, and not --dequantize",
             ));
         }
-        loaded.quantize_projections(q.format())?;
+        loaded.quantize_base(q.format())?;
     }
     if !qlora || cfg.dequantize {
         loaded.dequantize_all()?;
+    }
+    if !loaded.quantized.is_empty() {
+        // Modules trained whole next to the adapters (the run's, or those of the adapter it
+        // goes on from) are trained dense; with tied embeddings `lm_head` is the embedding.
+        let modules = match &cfg.lora_adapter {
+            Some(dir) => crate::peft::read_adapter_config(Path::new(dir))?.modules_to_save,
+            None => cfg.modules_to_save.clone(),
+        };
+        let tied = loaded.decoder()?.tie_word_embeddings;
+        loaded.dequantize_where(|name| {
+            crate::peft::saves_module(&modules, name)
+                || (tied && name == EMBED && crate::peft::saves_module(&modules, LM_HEAD))
+        })?;
     }
     let LoadedModel { config, weights, quantized, tokenizer, generation_config, origin } = loaded;
     let dropout_seed = DropoutSeed::default();
