@@ -45,6 +45,7 @@ DECLARED = [
     ("crates/ranger-train/src/kernels/linear.rs", "DType::F64", "weight-gradient sink of the fused CPU linear"),
     ("crates/ranger-train/src/kernels/grad_sink.rs", "to_vec1", "add_tensor: CPU gradients only (taken under grad.device().is_cpu())"),
     ("crates/ranger-train/src/kernels/lm_head.rs", "to_scalar", "backward of the fused CPU LM-head loss (CPU only)"),
+    ("crates/ranger-train/src/kernels/quantized_lm_head.rs", "to_scalar", "backward of the quantized CPU LM-head loss (CPU only)"),
     ("crates/ranger-train/src/kernels/path.rs", "DType::F64", "the fused-path test: CPU tensors only"),
     ("crates/ranger-train/src/model/llama.rs", "to_device(&Device::Cpu)", "fused LM-head loss: taken only for CPU tensors"),
     ("crates/ranger-train/src/model/llama.rs", "to_host_f64", "mean_loss: evaluation helper, once per call"),

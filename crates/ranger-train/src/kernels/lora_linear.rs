@@ -14,8 +14,9 @@ use super::dtype::storage_slice;
 use super::float::Float;
 use super::gemm::{gemm_new, gemm_strided, matmul_detached};
 use super::grad_sink::GradSink;
-use super::linear::{weight_grad_into, Weight};
+use super::linear::weight_grad_into;
 use super::path::fused_ok;
+use super::weight::Weight;
 
 /// `x W^T + scale (x_d A^T) B^T` for `x: [n, in]`, a frozen `W: [out, in]` (a tensor, or
 /// quantized), `A: [r, in]`, `B: [out, r]` and `x_d = x * mask` (`mask: [n, in]`, LoRA

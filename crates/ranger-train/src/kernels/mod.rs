@@ -76,6 +76,7 @@ pub mod rotary;
 pub mod softmax;
 #[cfg(test)]
 mod tests;
+pub mod weight;
 
 pub use cpu_op::Fused;
 pub use dtype::compute_dtype;

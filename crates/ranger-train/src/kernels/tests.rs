@@ -158,8 +158,8 @@ fn fused_kernels_match_the_op_by_op_versions() {
 #[test]
 fn fused_lora_projection_matches_the_op_by_op_version() {
     use super::grad_sink::GradSink;
-    use super::linear::Weight;
     use super::lora_linear::lora_linear;
+    use super::weight::Weight;
     use candle_core::backprop::GradStore;
     let mut rng = Rng::new(11);
     let (n, inp, out, r, scale) = (7, 13, 9, 3, 0.7);
@@ -218,4 +218,39 @@ fn fused_lora_projection_matches_the_op_by_op_version() {
     // A trainable base weight is not this op's case: the caller computes it op by op.
     let wv = Var::from_tensor(&w).unwrap();
     assert!(lora_linear(&x, &Weight::Dense(wv.as_tensor().clone()), (&a, &b, scale), None).unwrap().is_none());
+}
+
+/// The fused LoRA projection over a quantized base equals the op-by-op LoRA projection over
+/// the dequantized base (with a dropout mask): output, input gradient, A's and B's.
+#[test]
+fn lora_over_a_quantized_base_is_lora_over_the_dequantized_one() {
+    use super::lora_linear::lora_linear;
+    use super::quantized::QuantizedWeight;
+    use super::weight::Weight;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::DType;
+    let values = |t: &Tensor| -> Vec<f64> { t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+    let max_diff =
+        |a: &Tensor, b: &Tensor| values(a).iter().zip(values(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let dev = Device::Cpu;
+    let (n, inp, out, r, scale) = (9, 64, 24, 4, 0.5);
+    let w = Tensor::randn(0f32, 0.5, (out, inp), &dev).unwrap();
+    let qw = QuantizedWeight::quantize(&w, GgmlDType::Q4_1).unwrap().with_chunk_elems(7 * inp);
+    let dense = qw.dequantize().unwrap();
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, inp), &dev).unwrap()).unwrap();
+    let a = Var::from_tensor(&Tensor::randn(0f32, 0.3, (r, inp), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, (out, r), &dev).unwrap()).unwrap();
+    let keep: Vec<f32> = (0..n * inp).map(|i| if i % 4 == 0 { 0.0 } else { 4.0 / 3.0 }).collect();
+    let mask = Tensor::from_vec(keep, (n, inp), &dev).unwrap();
+    let fused = lora_linear(&x, &Weight::Quantized(qw), (&a, &b, scale), Some(&mask)).unwrap().expect("applies");
+    let low = (x.mul(&mask).unwrap().matmul(&a.t().unwrap()).unwrap() * scale).unwrap().matmul(&b.t().unwrap());
+    let reference = (x.matmul(&dense.t().unwrap()).unwrap() + low.unwrap()).unwrap();
+    assert!(max_diff(&fused, &reference) < 1e-4, "output");
+    let (gf, gr) = (fused.sin().unwrap().sum_all().unwrap().backward().unwrap(), {
+        reference.sin().unwrap().sum_all().unwrap().backward().unwrap()
+    });
+    for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
+        let d = max_diff(gf.get(v).unwrap(), gr.get(v).unwrap());
+        assert!(d < 1e-4, "{name} gradient differs by {d}");
+    }
 }

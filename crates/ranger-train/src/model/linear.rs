@@ -3,7 +3,7 @@
 use candle_core::{Module, Result, Tensor};
 
 use super::lora::LoraAdapter;
-use crate::kernels::linear::Weight;
+use crate::kernels::weight::Weight;
 
 /// A linear projection `x W^T + b` (weights trainable [`candle_core::Var`]s, frozen tensors, or
 /// frozen quantized blocks), with an optional LoRA adapter.

@@ -16,12 +16,12 @@ use crate::kernels::attention::{repeat_kv, FusedAttention};
 use crate::kernels::checkpoint::{checkpoint, LayerFn};
 use crate::kernels::chunked_attention::chunked_attention;
 use crate::kernels::chunked_lm_loss::chunked_linear_cross_entropy;
-use crate::kernels::linear::Weight;
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
 use crate::kernels::norms::rms_norm;
 use crate::kernels::quantized::{quantized_linear, QuantizedWeight};
 use crate::kernels::quantized_lm_head::QuantizedLinearCrossEntropy;
 use crate::kernels::rotary::apply_rotary_rows;
+use crate::kernels::weight::Weight;
 use crate::kernels::Fused;
 use crate::kernels::{compute_dtype, embedding::embedding, fused_ok};
 

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::kernels::compute_dtype;
-use crate::kernels::linear::{linear, Weight};
+use crate::kernels::linear::linear;
 use crate::kernels::lora_linear::lora_linear;
+use crate::kernels::weight::Weight;
 use crate::rng::Rng;
 
 /// The seed of the training micro-batch being run, shared by every adapter of a model. LoRA
