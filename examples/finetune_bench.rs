@@ -19,6 +19,8 @@
 //! it is read) + checkpointing, and full with 8-bit state + checkpointing, each beside its
 //! 16 x 1 run. `--llama-3b` runs QLoRA (q4_k) + checkpointing on a Llama-3.2-3B-shaped model
 //! (2.97 B parameters, random bf16 weights written once, 5.9 GB) beside its 16 x 1 run.
+//! `--llama-8b` does the same on a Llama-3.1-8B-shaped model (7.8 B parameters, SmolLM2's
+//! vocabulary) written once as a Q4_K GGUF file of random weights (4.4 GB).
 //! `--only qlora,lora` keeps those configurations alone.
 
 use std::path::Path;
@@ -121,6 +123,67 @@ fn llama_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathBu
     Ok(folder)
 }
 
+/// A Llama-3.1-8B-shaped GGUF file (hidden 4096, 32 layers, 32 heads over 8 key/value heads,
+/// MLP 14336, untied head) over SmolLM2's tokenizer (vocabulary 49,152): 7.8 B parameters,
+/// random weights quantized to Q4_K (norms f32), 4.4 GB, written once. Each tensor is drawn and
+/// quantized in turn, so the f32 model never exists.
+fn llama_8b_gguf(gguf: &str, dir: &Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let path = dir.join("llama-8b.gguf");
+    if path.exists() {
+        return Ok(path);
+    }
+    let mut file = std::fs::File::open(gguf)?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let mut meta = content.metadata.clone();
+    for (k, v) in [
+        ("llama.embedding_length", 4096u32),
+        ("llama.feed_forward_length", 14336),
+        ("llama.block_count", 32),
+        ("llama.attention.head_count", 32),
+        ("llama.attention.head_count_kv", 8),
+        ("llama.rope.dimension_count", 128),
+    ] {
+        meta.insert(k.to_string(), Value::U32(v));
+    }
+    let (h, ff, kv, vocab) = (4096usize, 14336usize, 1024usize, 49152usize);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("token_embd.weight".into(), vec![vocab, h]),
+        ("output_norm.weight".into(), vec![h]),
+        ("output.weight".into(), vec![vocab, h]),
+    ];
+    for l in 0..32 {
+        for (n, shape) in [
+            ("attn_norm", vec![h]),
+            ("ffn_norm", vec![h]),
+            ("attn_q", vec![h, h]),
+            ("attn_k", vec![kv, h]),
+            ("attn_v", vec![kv, h]),
+            ("attn_output", vec![h, h]),
+            ("ffn_gate", vec![ff, h]),
+            ("ffn_up", vec![ff, h]),
+            ("ffn_down", vec![h, ff]),
+        ] {
+            shapes.push((format!("blk.{l}.{n}.weight"), shape));
+        }
+    }
+    let mut tensors = Vec::new();
+    for (i, (name, shape)) in shapes.into_iter().enumerate() {
+        let norm = shape.len() == 1;
+        let t = ranger_train::weights::random_tensors(vec![(name.clone(), shape)], i as u64, candle_core::DType::F32)?;
+        let t = t.into_values().next().ok_or("no tensor")?;
+        let t = if norm { (t.ones_like()? + 0.0)? } else { t };
+        tensors.push((name, QTensor::quantize(&t, if norm { GgmlDType::F32 } else { GgmlDType::Q4K })?));
+    }
+    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    let tmp = dir.join("llama-8b.gguf.tmp");
+    gguf_file::write(&mut std::io::BufWriter::new(std::fs::File::create(&tmp)?), &meta, &refs)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     ranger_train::alloc::tune_mimalloc(); // as ranger-tune does
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -143,6 +206,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let model = match run.model.as_str() {
             "llama-1b" | "llama-3b" => llama_folder(&gguf, &dir, &run.model)?.display().to_string(),
+            "llama-8b" => llama_8b_gguf(&gguf, &dir)?.display().to_string(),
             _ => gguf,
         };
         return child(&model, &dir, steps, &run);
@@ -166,6 +230,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         runs.push(Run::new("ranger", (16, 1), false, 8, "llama-1b"));
         runs.push(Run::new("ranger", shape, true, 8, "llama-1b"));
+    } else if args.iter().any(|a| a == "--llama-8b") {
+        runs.push(Run::new("qlora", (16, 1), false, 32, "llama-8b"));
+        runs.push(Run::new("qlora", shape, true, 32, "llama-8b"));
     } else if args.iter().any(|a| a == "--llama-3b") {
         runs.push(Run::new("qlora", (16, 1), false, 32, "llama-3b"));
         runs.push(Run::new("qlora", shape, true, 32, "llama-3b"));
@@ -254,6 +321,7 @@ fn child(model: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn
         match run.model.as_str() {
             "llama-1b" => "Llama-1B-shaped (random)",
             "llama-3b" => "Llama-3B-shaped (random, bf16 on disk)",
+            "llama-8b" => "Llama-8B-shaped (random, Q4_K GGUF)",
             _ => "SmolLM2-135M",
         },
         run.seq,

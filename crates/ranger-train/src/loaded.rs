@@ -104,7 +104,7 @@ pub fn quantize_base_weight(name: &str, w: &Tensor, format: GgmlDType) -> Result
         return Ok(None);
     }
     let cols = w.dims()[1];
-    let Some(fmt) = [format, fallback(format)].into_iter().find(|f| cols % f.block_size() == 0) else {
+    let Some(fmt) = [format, fallback(format)].into_iter().find(|f| cols.is_multiple_of(f.block_size())) else {
         return Ok(None);
     };
     Ok(Some(QTensor::quantize(&w.to_dtype(candle_core::DType::F32)?, fmt)?))

@@ -252,7 +252,7 @@ impl QuantizedWeight {
 /// Decodes whole blocks of `B` from `bytes` into `out`.
 fn decode_blocks<B: GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let size = std::mem::size_of::<B>();
-    if bytes.len() % size != 0 || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<B>()) {
+    if !bytes.len().is_multiple_of(size) || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<B>()) {
         candle_core::bail!("ranger-quantized-linear: misaligned {:?} blocks", B::DTYPE);
     }
     // SAFETY: the bytes are whole, aligned blocks of `B` (checked above), which hold plain
