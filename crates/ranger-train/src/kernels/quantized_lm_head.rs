@@ -70,17 +70,20 @@ fn linear_ce<T: Float>(x: &[T], w: &QuantizedWeight, t: &[u32], h: usize, grads:
     };
     w.for_each_chunk::<T>(|rows, wc| {
         product(&mut logits, rows.len(), wc);
-        logits.par_chunks(rows.len()).zip(state.par_iter_mut()).zip(t.par_iter()).for_each(|((l, st), &tg)| {
+        // In place: each row becomes exp(logit - running max) (the vectorised exp).
+        logits.par_chunks_mut(rows.len()).zip(state.par_iter_mut()).zip(t.par_iter()).for_each(|((l, st), &tg)| {
             if tg == IGNORE_TARGET {
                 return;
             }
-            let m = l.iter().fold(st.max, |m, &x| m.max(x));
-            let rescaled = if st.sum == T::zero() { T::zero() } else { st.sum * (st.max - m).exp() };
-            st.sum = l.iter().fold(rescaled, |s, &x| s + (x - m).exp());
-            st.max = m;
             if rows.contains(&(tg as usize)) {
                 st.target = l[tg as usize - rows.start];
             }
+            let m = l.iter().fold(st.max, |m, &x| m.max(x));
+            let rescaled = if st.sum == T::zero() { T::zero() } else { st.sum * (st.max - m).exp() };
+            l.iter_mut().for_each(|x| *x -= m);
+            T::exp_in_place(l);
+            st.sum = l.iter().fold(rescaled, |s, &x| s + x);
+            st.max = m;
         });
     })?;
     let total = state
