@@ -26,20 +26,6 @@ fn build(config: &Value, dtype: DType, seed: u64) -> (LlamaConfig, Vec<(String, 
     (cfg, vars, model)
 }
 
-/// Two rows: one with two packed examples (partly masked), one shorter and padded.
-fn test_batch(vocab: usize, dtype: DType) -> Batch {
-    let mut rng = Rng::new(3);
-    let mut ids = |n: usize| (0..n).map(|_| rng.below(vocab) as u32).collect::<Vec<_>>();
-    let a = Sequence {
-        ids: ids(9),
-        target: vec![false, false, true, true, true, false, false, true, true],
-        segment: vec![0, 0, 0, 0, 0, 1, 1, 1, 1],
-        position: vec![0, 1, 2, 3, 4, 0, 1, 2, 3],
-    };
-    let b = Sequence { ids: ids(6), target: vec![true; 6], segment: vec![0; 6], position: (0..6).collect() };
-    collate(&[&a, &b], 2, None, dtype, &Device::Cpu).unwrap()
-}
-
 fn loss(model: &LlamaModel, batch: &Batch) -> Tensor {
     causal_lm_loss_sum(&model.forward(batch).unwrap(), batch).unwrap()
 }
@@ -52,7 +38,7 @@ fn check_element(model: &LlamaModel, batch: &Batch, var: &Var, g: &[f64], i: usi
 fn gradient_check(config: Value) {
     let name = config["model_type"].as_str().unwrap().to_string();
     let (_, vars, model) = build(&config, DType::F64, 11);
-    let batch = test_batch(common::TINY_VOCAB, DType::F64);
+    let batch = common::test_batch(common::TINY_VOCAB, DType::F64);
     let grads = loss(&model, &batch).backward().unwrap();
     let mut rng = Rng::new(17);
     for (wname, var) in &vars {
@@ -217,7 +203,7 @@ fn lora_adapter_gradients() {
             v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap()).unwrap();
         }
     }
-    let batch = test_batch(common::TINY_VOCAB, DType::F64);
+    let batch = common::test_batch(common::TINY_VOCAB, DType::F64);
     let grads = loss(&model, &batch).backward().unwrap();
     for (name, var) in &vars {
         let g = common::gradient(&grads, var, name);
@@ -233,7 +219,7 @@ fn lora_adapter_gradients() {
 /// a [`GradSink`] (the trainer's path).
 #[test]
 fn fused_lm_head_loss_matches_the_logits_path() {
-    let batch = test_batch(common::TINY_VOCAB, DType::F64);
+    let batch = common::test_batch(common::TINY_VOCAB, DType::F64);
     let compare = |model: &LlamaModel, vars: &[(String, Var)], what: &str| {
         let a = loss(model, &batch);
         let b = model.loss_sum(&batch, true).unwrap();
@@ -309,7 +295,7 @@ fn fused_lm_head_loss_matches_the_logits_path() {
 #[test]
 fn op_by_op_path_matches_the_fused_kernels() {
     use ranger_train::kernels::without_fused_kernels;
-    let batch = test_batch(common::TINY_VOCAB, DType::F64);
+    let batch = common::test_batch(common::TINY_VOCAB, DType::F64);
     for arch in ["llama", "mistral", "qwen2", "qwen3"] {
         let (_, vars, model) = build(&common::tiny_config(arch), DType::F64, 11);
         let run = || {

@@ -13,7 +13,6 @@ use candle_core::backprop::GradStore;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor, Var};
 use ranger_train::config::QuantizeArg;
-use ranger_train::data::{collate, Sequence};
 use ranger_train::kernels::grad_sink::GradSink;
 use ranger_train::kernels::quantized::QuantizedWeight;
 use ranger_train::kernels::without_fused_kernels;
@@ -84,20 +83,6 @@ fn models(
     (with_adapters(q), with_adapters(d))
 }
 
-/// Two training rows: two packed examples (partly masked), and a shorter padded one.
-fn batch(dtype: DType) -> Batch {
-    let mut rng = Rng::new(3);
-    let mut ids = |n: usize| (0..n).map(|_| rng.below(common::TINY_VOCAB) as u32).collect::<Vec<_>>();
-    let a = Sequence {
-        ids: ids(9),
-        target: vec![false, false, true, true, true, false, false, true, true],
-        segment: vec![0, 0, 0, 0, 0, 1, 1, 1, 1],
-        position: vec![0, 1, 2, 3, 4, 0, 1, 2, 3],
-    };
-    let b = Sequence { ids: ids(6), target: vec![true; 6], segment: vec![0; 6], position: (0..6).collect() };
-    collate(&[&a, &b], 2, None, dtype, &Device::Cpu).unwrap()
-}
-
 /// The adapters' gradients of one training micro-batch as the trainer computes them (forward
 /// under an active sink with the dropout seed set), as f64 values by name.
 fn gradients(model: &LlamaModel, vars: &[(String, Var)], seed: &DropoutSeed, batch: &Batch) -> Vec<(String, Vec<f64>)> {
@@ -127,7 +112,7 @@ fn qlora_gradients_equal_those_over_the_dequantized_base() {
         for (dora, dropout) in [(false, 0.0), (false, 0.2), (true, 0.2)] {
             let seed = DropoutSeed::default();
             let ((mut q, qvars), (mut d, dvars)) = models(dtype, dora, dropout, &seed);
-            let batch = batch(dtype);
+            let batch = common::test_batch(common::TINY_VOCAB, dtype);
             for checkpointing in [false, true] {
                 q.set_gradient_checkpointing(checkpointing);
                 d.set_gradient_checkpointing(checkpointing);
@@ -154,7 +139,7 @@ fn qlora_gradients_equal_those_over_the_dequantized_base() {
 fn qlora_adapter_gradients_pass_a_finite_difference_check() {
     let seed = DropoutSeed::default();
     let ((model, vars), _) = models(DType::F64, false, 0.0, &seed);
-    let batch = batch(DType::F64);
+    let batch = common::test_batch(common::TINY_VOCAB, DType::F64);
     let loss = || model.loss_sum(&batch, false).unwrap();
     let grads = model.loss_sum(&batch, true).unwrap().backward().unwrap();
     let mut rng = Rng::new(17);

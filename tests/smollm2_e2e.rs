@@ -153,13 +153,7 @@ fn fine_tune_end_to_end() {
     cfg.resume = Some(dir.join("resumed").display().to_string());
     let mut resumed = quiet(cfg);
     resumed.run().unwrap();
-    for ((n, a), (_, b)) in straight.session().vars().iter().zip(resumed.session().vars()) {
-        let (a, b) = (
-            a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} differs after resume");
-    }
+    common::assert_same_vars(&straight, &resumed, "after resume");
 
     // 4. A corrupted line names the file and the line.
     let bad = dir.join("corrupt.jsonl");
@@ -255,22 +249,11 @@ fn adapter_end_to_end(name: &str, dora: bool, dropout: f64, parameters: usize, b
     assert!(d < 1e-3, "merged logits differ by {d}");
     if base == Base::Quantized {
         // Resume is exact over the quantized base: 2 steps straight == 1 step, checkpoint, 1 step.
-        let mut straight = quiet(adapter_config("straight", 2));
-        straight.run().unwrap();
-        let mut first = quiet(adapter_config("resumed", 2));
-        assert_eq!(common::interrupted_run(&mut first).stopped, "interrupted");
-        drop(first);
-        let mut cfg = adapter_config("resumed", 2);
-        cfg.resume = Some(dir.join("resumed").display().to_string());
-        let mut resumed = quiet(cfg);
+        let (straight, _, mut resumed) = common::straight_and_resumed(&adapter_config("x", 2), &dir, 1, |s| {
+            assert_eq!(s.stopped, "interrupted");
+        });
         resumed.run().unwrap();
-        for ((n, a), (_, b)) in straight.session().vars().iter().zip(resumed.session().vars()) {
-            let (a, b) = (
-                a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            );
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} differs after resume");
-        }
+        common::assert_same_vars(&straight, &resumed, "after resume");
         // Resuming over the dequantized base is refused: the run would not be the same.
         let mut cfg = adapter_config("resumed", 3);
         cfg.resume = Some(dir.join("resumed").display().to_string());

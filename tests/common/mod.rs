@@ -190,3 +190,31 @@ pub fn merged(model: &LlamaModel) -> LlamaModel {
     let weights: HashMap<_, _> = model.merged_weights().unwrap().into_iter().collect();
     LlamaModel::new(model.config.clone(), &weights).unwrap()
 }
+
+/// Two rows for a tiny model of vocabulary `vocab`: one with two packed examples (partly
+/// masked), one shorter and padded.
+pub fn test_batch(vocab: usize, dtype: DType) -> ranger_train::model::Batch {
+    use ranger_train::data::{collate, Sequence};
+    let mut rng = ranger_train::rng::Rng::new(3);
+    let mut ids = |n: usize| (0..n).map(|_| rng.below(vocab) as u32).collect::<Vec<_>>();
+    let a = Sequence {
+        ids: ids(9),
+        target: vec![false, false, true, true, true, false, false, true, true],
+        segment: vec![0, 0, 0, 0, 0, 1, 1, 1, 1],
+        position: vec![0, 1, 2, 3, 4, 0, 1, 2, 3],
+    };
+    let b = Sequence { ids: ids(6), target: vec![true; 6], segment: vec![0; 6], position: (0..6).collect() };
+    collate(&[&a, &b], 2, None, dtype, &Device::Cpu).unwrap()
+}
+
+/// Asserts that two trainers' variables (f32) are the same bit for bit, naming the first that
+/// differs.
+pub fn assert_same_vars(a: &Trainer, b: &Trainer, what: &str) {
+    for ((n, x), (_, y)) in a.session().vars().iter().zip(b.session().vars()) {
+        let (x, y) = (
+            x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            y.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{n} differs {what}");
+    }
+}
