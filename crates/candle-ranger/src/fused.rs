@@ -255,6 +255,9 @@ impl<S: Real> Kernel<S> {
         }
     }
 
+    // Inlined into its callers, so a caller compiled for AVX2 (the packed-state step) runs the
+    // arithmetic in AVX2 too.
+    #[inline(always)]
     pub(crate) fn chunk<P: Elem<S>, G: Elem<S>>(
         &self,
         p: &mut [P],
@@ -287,6 +290,7 @@ impl<S: Real> Kernel<S> {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn span<P: Elem<S>, G: Elem<S>>(
         &self,
         p: &mut [P],

@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::fused::{adopt_outside_changes, round_into, Elem, FusedStep, HostBuf, HostState, Kernel, StateElem, CHUNK};
-use crate::state_codec::{decode16, decoded, encode16, encode_blocks, Code, Q8Buf, BLOCK};
+use crate::state_codec::{decode16_into, decoded_into, encode16, encode_blocks, Code, Q8Buf, BLOCK};
 
 /// Separate the stochastic rounding streams of the three buffers (far apart, so that no two
 /// elements' indices meet).
@@ -21,8 +21,8 @@ const SEED_U: u64 = 0x1656_67b1_9e37_79f9;
 
 /// One parallel chunk of a packed buffer.
 trait Packed: Send {
-    /// Its values as f32.
-    fn decode(&self) -> Vec<f32>;
+    /// Its values as f32, into `out` (cleared first; its capacity is reused).
+    fn decode_into(&self, out: &mut Vec<f32>);
     /// Stores `values`, rounded stochastically from stream `seed` (`first`: the index of the
     /// chunk's first element in the whole buffer).
     fn encode(&mut self, values: &[f32], seed: u64, first: u64);
@@ -38,8 +38,8 @@ struct Q8Chunk<'a> {
 }
 
 impl Packed for Q8Chunk<'_> {
-    fn decode(&self) -> Vec<f32> {
-        decoded(self.code, self.bytes, self.scales)
+    fn decode_into(&self, out: &mut Vec<f32>) {
+        decoded_into(self.code, self.bytes, self.scales, out)
     }
 
     fn encode(&mut self, values: &[f32], seed: u64, first: u64) {
@@ -56,8 +56,8 @@ impl Packed for Q8Chunk<'_> {
 struct B16Chunk<'a>(&'a mut [u16]);
 
 impl Packed for B16Chunk<'_> {
-    fn decode(&self) -> Vec<f32> {
-        decode16(self.0)
+    fn decode_into(&self, out: &mut Vec<f32>) {
+        decode16_into(self.0, out)
     }
 
     fn encode(&mut self, values: &[f32], seed: u64, first: u64) {
@@ -187,17 +187,30 @@ impl FusedStep<'_> {
             .zip(v.into_par_iter())
             .zip(deltas.into_par_iter())
             .enumerate()
-            .for_each(|(ci, ((((p, g), m), v), delta))| {
+            // Scratch is made once per rayon task and reused by its chunks: a fresh 128 KiB
+            // buffer per chunk is an mmap and a page-fault storm on glibc.
+            .for_each_init(Scratch::default, |scratch, (ci, ((((p, g), m), v), delta))| {
                 let part = Part { first: (ci * chunk) as u64, m, v, delta };
                 #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU has AVX2 (the same code, compiled for it; no FMA, so the
                     // arithmetic rounds as the baseline build's).
-                    return unsafe { step_part_avx2(&k, p, g, part, row_len, sync, seed) };
+                    return unsafe { step_part_avx2(&k, p, g, part, scratch, row_len, sync, seed) };
                 }
-                step_part(&k, p, g, part, row_len, sync, seed)
+                step_part(&k, p, g, part, scratch, row_len, sync, seed)
             });
     }
+}
+
+/// f32 working copies of one chunk's state.
+#[derive(Default)]
+struct Scratch {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    /// The Lookahead delta, then (at a sync) the slow weights.
+    u: Vec<f32>,
+    /// The weights before the step (between syncs).
+    before: Vec<f32>,
 }
 
 /// One parallel chunk's packed state and the index of its first element.
@@ -210,50 +223,56 @@ struct Part<C> {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn step_part_avx2<P: Elem<f32>, G: Elem<f32>, C: Packed>(
     k: &Kernel<f32>,
     p: &mut [P],
     g: &[G],
     part: Part<C>,
+    scratch: &mut Scratch,
     row_len: Option<usize>,
     sync: bool,
     seed: u64,
 ) {
-    step_part(k, p, g, part, row_len, sync, seed)
+    step_part(k, p, g, part, scratch, row_len, sync, seed)
 }
 
 /// Decode, the f32 kernel, encode (see the module documentation).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn step_part<P: Elem<f32>, G: Elem<f32>, C: Packed>(
     k: &Kernel<f32>,
     p: &mut [P],
     g: &[G],
     part: Part<C>,
+    scratch: &mut Scratch,
     row_len: Option<usize>,
     sync: bool,
     seed: u64,
 ) {
     let Part { first, mut m, mut v, delta } = part;
-    let (mut mf, mut vf) = (m.decode(), v.decode());
+    let Scratch { m: mf, v: vf, u, before } = scratch;
+    m.decode_into(mf);
+    v.decode_into(vf);
     match delta {
-        None => k.chunk(p, g, &mut mf, &mut vf, None, row_len),
+        None => k.chunk(p, g, mf, vf, None, row_len),
         Some(mut d) => {
-            let mut u = d.decode();
-            let before: Vec<f32> = p.iter().map(|x| x.load()).collect();
+            d.decode_into(u);
             if sync {
                 // slow = fast - u; the kernel syncs, and fast == slow after it.
-                let mut slow: Vec<f32> = before.iter().zip(&u).map(|(f, u)| f - u).collect();
-                k.chunk(p, g, &mut mf, &mut vf, Some(&mut slow), row_len);
+                u.iter_mut().zip(p.iter()).for_each(|(u, f)| *u = f.load() - *u);
+                k.chunk(p, g, mf, vf, Some(u), row_len);
                 d.clear();
             } else {
-                k.chunk(p, g, &mut mf, &mut vf, None, row_len);
-                for ((u, b), p) in u.iter_mut().zip(&before).zip(p.iter()) {
-                    *u += p.load() - b;
-                }
-                d.encode(&u, seed ^ SEED_U, first);
+                before.clear();
+                before.extend(p.iter().map(|x| x.load()));
+                k.chunk(p, g, mf, vf, None, row_len);
+                // u += fast_after - fast_before (the difference first: u is small, fast is not).
+                u.iter_mut().zip(before.iter()).zip(p.iter()).for_each(|((u, b), f)| *u += f.load() - b);
+                d.encode(u, seed ^ SEED_U, first);
             }
         }
     }
-    m.encode(&mf, seed ^ SEED_M, first);
-    v.encode(&vf, seed ^ SEED_V, first);
+    m.encode(mf, seed ^ SEED_M, first);
+    v.encode(vf, seed ^ SEED_V, first);
 }

@@ -45,7 +45,16 @@ impl Code {
 /// bf16 bits to f32 (exact).
 #[inline(always)]
 pub(crate) fn decode16(bits: &[u16]) -> Vec<f32> {
-    bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect()
+    let mut out = Vec::with_capacity(bits.len());
+    decode16_into(bits, &mut out);
+    out
+}
+
+/// bf16 bits to f32 into `out` (cleared first; its capacity is reused).
+#[inline(always)]
+pub(crate) fn decode16_into(bits: &[u16], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(bits.iter().map(|&b| f32::from_bits((b as u32) << 16)));
 }
 
 /// f32 to bf16 bits, rounded stochastically (random bits below the kept 16, then truncation:
@@ -157,17 +166,22 @@ impl Q8Buf {
 }
 
 /// Decodes `bytes` (whole blocks from a block boundary, the last may be short) with their
-/// `scales` into a new vector (no zero-fill first).
+/// `scales` into a new vector.
 pub(crate) fn decoded(code: Code, bytes: &[u8], scales: &[f32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(bytes.len());
+    decoded_into(code, bytes, scales, &mut out);
+    out
+}
+
+/// [`decoded`] into `out` (cleared first; its capacity is reused).
+pub(crate) fn decoded_into(code: Code, bytes: &[u8], scales: &[f32], out: &mut Vec<f32>) {
+    out.clear();
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
-        unsafe { decode_avx2(code, bytes, scales, &mut out) };
-        return out;
+        return unsafe { decode_avx2(code, bytes, scales, out) };
     }
-    decode_into(code, bytes, scales, &mut out);
-    out
+    decode_into(code, bytes, scales, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -210,7 +224,9 @@ fn encode_into(code: Code, values: &[f32], bytes: &mut [u8], scales: &mut [f32],
     let seed = (seed ^ (seed >> 32)) as u32;
     let blocks = values.chunks(BLOCK).zip(bytes.chunks_mut(BLOCK)).zip(scales.iter_mut());
     for (bi, ((v, b), s)) in blocks.enumerate() {
-        let scale = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        // The largest magnitude, as the largest magnitude bits (the order of non-negative
+        // floats' bits is theirs): an integer max vectorizes, a float max fold does not.
+        let scale = f32::from_bits(v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff)));
         *s = scale;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         let base = (first + (bi * BLOCK) as u64) as u32;
