@@ -75,7 +75,7 @@ impl Elem<f32> for f16 {
 
 /// Host-side optimizer state of one variable: f64 for f64 parameters, f32 otherwise, or packed
 /// ([`crate::StatePrecision`]: bf16 bits or 8-bit; f32 and half-precision parameters).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum HostBuf {
     F32(Vec<f32>),
     F64(Vec<f64>),
@@ -128,7 +128,7 @@ impl HostBuf {
 }
 
 /// The fused state of one variable, borrowed by [`FusedStep`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct HostState {
     pub m: HostBuf,
     pub v: HostBuf,
@@ -195,7 +195,7 @@ impl FusedStep<'_> {
         let chunk = if row_len.is_some() { row * (CHUNK / row).max(1) } else { CHUNK };
         let k = Kernel::<S>::new(self);
         if n <= chunk {
-            k.chunk(p, g, m, v, slow, row_len);
+            k.chunk(p, g, m, v, Extra::slow(slow), row_len);
             return;
         }
         let mut slow_chunks: Vec<Option<&mut [S]>> = match slow {
@@ -207,7 +207,35 @@ impl FusedStep<'_> {
             .zip(m.par_chunks_mut(chunk))
             .zip(v.par_chunks_mut(chunk))
             .zip(slow_chunks.par_iter_mut())
-            .for_each(|((((p, g), m), v), s)| k.chunk(p, g, m, v, s.take(), row_len));
+            .for_each(|((((p, g), m), v), s)| k.chunk(p, g, m, v, Extra::slow(s.take()), row_len));
+    }
+}
+
+/// What a chunk's step does besides the update of m, v and the weights.
+pub(crate) enum Extra<'a, S> {
+    /// Nothing.
+    None,
+    /// The Lookahead slow weights: on a sync step, interpolated towards the fast weights,
+    /// which then take their value; untouched otherwise.
+    Slow(&'a mut [S]),
+    /// The packed state's Lookahead delta `fast - slow`: each weight's change is added to it.
+    Delta(&'a mut [S]),
+}
+
+impl<'a, S> Extra<'a, S> {
+    /// [`Extra::Slow`] when there are slow weights.
+    pub(crate) fn slow(s: Option<&'a mut [S]>) -> Self {
+        s.map_or(Extra::None, Extra::Slow)
+    }
+
+    /// The same for the values `start..end`.
+    #[inline(always)]
+    fn range(&mut self, start: usize, end: usize) -> Extra<'_, S> {
+        match self {
+            Extra::None => Extra::None,
+            Extra::Slow(s) => Extra::Slow(&mut s[start..end]),
+            Extra::Delta(u) => Extra::Delta(&mut u[start..end]),
+        }
     }
 }
 
@@ -264,17 +292,17 @@ impl<S: Real> Kernel<S> {
         g: &[G],
         m: &mut [S],
         v: &mut [S],
-        mut slow: Option<&mut [S]>,
+        mut extra: Extra<'_, S>,
         row_len: Option<usize>,
     ) {
         match row_len {
-            None => self.span(p, g, m, v, slow, S::from_f64(0.0)),
+            None => self.span(p, g, m, v, extra, S::from_f64(0.0)),
             Some(row) => {
                 let mut start = 0;
                 while start < p.len() {
                     let end = start + row;
                     let mean = row_sum(&g[start..end]) / row as f64;
-                    let s = slow.as_deref_mut().map(|s| &mut s[start..end]);
+                    let s = extra.range(start, end);
                     self.span(
                         &mut p[start..end],
                         &g[start..end],
@@ -297,17 +325,19 @@ impl<S: Real> Kernel<S> {
         g: &[G],
         m: &mut [S],
         v: &mut [S],
-        slow: Option<&mut [S]>,
+        extra: Extra<'_, S>,
         mean: S,
     ) {
-        let slow = if self.sync { slow } else { None };
-        match (self.mode, slow) {
-            (RECTIFIED, None) => self.lanes::<P, G, RECTIFIED>(p, g, m, v, mean),
-            (MOMENTUM, None) => self.lanes::<P, G, MOMENTUM>(p, g, m, v, mean),
-            (_, None) => self.lanes::<P, G, NO_MOVE>(p, g, m, v, mean),
-            (RECTIFIED, Some(s)) => self.lanes_sync::<P, G, RECTIFIED>(p, g, m, v, s, mean),
-            (MOMENTUM, Some(s)) => self.lanes_sync::<P, G, MOMENTUM>(p, g, m, v, s, mean),
-            (_, Some(s)) => self.lanes_sync::<P, G, NO_MOVE>(p, g, m, v, s, mean),
+        match (self.mode, extra) {
+            (RECTIFIED, Extra::Slow(s)) if self.sync => self.lanes_sync::<P, G, RECTIFIED>(p, g, m, v, s, mean),
+            (MOMENTUM, Extra::Slow(s)) if self.sync => self.lanes_sync::<P, G, MOMENTUM>(p, g, m, v, s, mean),
+            (_, Extra::Slow(s)) if self.sync => self.lanes_sync::<P, G, NO_MOVE>(p, g, m, v, s, mean),
+            (RECTIFIED, Extra::Delta(u)) => self.lanes_delta::<P, G, RECTIFIED>(p, g, m, v, u, mean),
+            (MOMENTUM, Extra::Delta(u)) => self.lanes_delta::<P, G, MOMENTUM>(p, g, m, v, u, mean),
+            (_, Extra::Delta(u)) => self.lanes_delta::<P, G, NO_MOVE>(p, g, m, v, u, mean),
+            (RECTIFIED, _) => self.lanes::<P, G, RECTIFIED>(p, g, m, v, mean),
+            (MOMENTUM, _) => self.lanes::<P, G, MOMENTUM>(p, g, m, v, mean),
+            (_, _) => self.lanes::<P, G, NO_MOVE>(p, g, m, v, mean),
         }
     }
 
@@ -333,6 +363,25 @@ impl<S: Real> Kernel<S> {
     fn lanes<P: Elem<S>, G: Elem<S>, const MODE: u8>(&self, p: &mut [P], g: &[G], m: &mut [S], v: &mut [S], mean: S) {
         for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
             *p = P::store(self.element::<MODE>(p.load(), g.load(), m, v, mean));
+        }
+    }
+
+    /// [`Kernel::lanes`], adding each weight's change (as stored) to `u`, in the same pass.
+    #[inline(always)]
+    fn lanes_delta<P: Elem<S>, G: Elem<S>, const MODE: u8>(
+        &self,
+        p: &mut [P],
+        g: &[G],
+        m: &mut [S],
+        v: &mut [S],
+        u: &mut [S],
+        mean: S,
+    ) {
+        for ((((p, g), m), v), u) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()).zip(u.iter_mut()) {
+            let before = p.load();
+            *p = P::store(self.element::<MODE>(before, g.load(), m, v, mean));
+            // The difference first: u is small, the weight is not.
+            *u += p.load() - before;
         }
     }
 

@@ -10,13 +10,16 @@
 
 use rayon::prelude::*;
 
-use crate::fused::{adopt_outside_changes, round_into, Elem, FusedStep, HostBuf, HostState, Kernel, StateElem, CHUNK};
-use crate::state_codec::{decode16_into, decoded_into, encode16, encode_blocks, Code, Q8Buf, BLOCK};
+use crate::fused::{
+    adopt_outside_changes, round_into, Elem, Extra, FusedStep, HostBuf, HostState, Kernel, StateElem, CHUNK,
+};
+use crate::state_codec::{
+    decode16_into, decode_into, encode16, encode_into, encode_moments16, encode_moments_q8, Code, Q8Buf, BLOCK,
+};
 
-/// Separate the stochastic rounding streams of the three buffers (far apart, so that no two
-/// elements' indices meet).
+/// Separate the stochastic rounding streams of the moments (which share one) and the delta
+/// (far apart, so that no two elements' indices meet).
 const SEED_M: u64 = 0x9e37_79b9_7f4a_7c15;
-const SEED_V: u64 = 0xc2b2_ae3d_27d4_eb4f;
 const SEED_U: u64 = 0x1656_67b1_9e37_79f9;
 
 /// One parallel chunk of a packed buffer.
@@ -26,6 +29,8 @@ trait Packed: Send {
     /// Stores `values`, rounded stochastically from stream `seed` (`first`: the index of the
     /// chunk's first element in the whole buffer).
     fn encode(&mut self, values: &[f32], seed: u64, first: u64);
+    /// Stores the moments `m` into `self` and `v` into `v_buf` in one pass, one hash per element.
+    fn encode_moments(&mut self, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64);
     /// Sets every value to 0.
     fn clear(&mut self);
 }
@@ -38,12 +43,20 @@ struct Q8Chunk<'a> {
 }
 
 impl Packed for Q8Chunk<'_> {
+    #[inline(always)]
     fn decode_into(&self, out: &mut Vec<f32>) {
-        decoded_into(self.code, self.bytes, self.scales, out)
+        out.clear();
+        decode_into(self.code, self.bytes, self.scales, out)
     }
 
+    #[inline(always)]
     fn encode(&mut self, values: &[f32], seed: u64, first: u64) {
-        encode_blocks(self.code, values, self.bytes, self.scales, seed, first)
+        encode_into(self.code, values, self.bytes, self.scales, seed, first)
+    }
+
+    #[inline(always)]
+    fn encode_moments(&mut self, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64) {
+        encode_moments_q8(m, self.bytes, self.scales, v, v_buf.bytes, v_buf.scales, seed, first)
     }
 
     fn clear(&mut self) {
@@ -56,12 +69,19 @@ impl Packed for Q8Chunk<'_> {
 struct B16Chunk<'a>(&'a mut [u16]);
 
 impl Packed for B16Chunk<'_> {
+    #[inline(always)]
     fn decode_into(&self, out: &mut Vec<f32>) {
         decode16_into(self.0, out)
     }
 
+    #[inline(always)]
     fn encode(&mut self, values: &[f32], seed: u64, first: u64) {
         encode16(values, self.0, seed, first)
+    }
+
+    #[inline(always)]
+    fn encode_moments(&mut self, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64) {
+        encode_moments16(m, self.0, v, v_buf.0, seed, first)
     }
 
     fn clear(&mut self) {
@@ -181,6 +201,7 @@ impl FusedStep<'_> {
             Some(d) => d.into_iter().map(Some).collect(),
             None => (0..m.len()).map(|_| None).collect(),
         };
+        let isa = Isa::detected();
         p.par_chunks_mut(chunk)
             .zip(g.par_chunks(chunk))
             .zip(m.into_par_iter())
@@ -191,14 +212,55 @@ impl FusedStep<'_> {
             // buffer per chunk is an mmap and a page-fault storm on glibc.
             .for_each_init(Scratch::default, |scratch, (ci, ((((p, g), m), v), delta))| {
                 let part = Part { first: (ci * chunk) as u64, m, v, delta };
+                // The same code compiled for wider vectors; no FMA, so the arithmetic rounds as
+                // the baseline build's (`every_instruction_set_gives_the_same_step` checks).
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2 (the same code, compiled for it; no FMA, so the
-                    // arithmetic rounds as the baseline build's).
-                    return unsafe { step_part_avx2(&k, p, g, part, scratch, row_len, sync, seed) };
+                match isa {
+                    // SAFETY: `Isa::detected` found these AVX-512 extensions on this CPU.
+                    Isa::Avx512 => return unsafe { step_part_avx512(&k, p, g, part, scratch, row_len, sync, seed) },
+                    // SAFETY: `Isa::detected` found AVX2 on this CPU.
+                    Isa::Avx2 => return unsafe { step_part_avx2(&k, p, g, part, scratch, row_len, sync, seed) },
+                    Isa::Baseline => {}
                 }
                 step_part(&k, p, g, part, scratch, row_len, sync, seed)
             });
+    }
+}
+
+/// The instruction set the chunk step is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Baseline,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the instruction set to use instead of the best one found.
+    static FORCE_ISA: std::cell::Cell<Option<Isa>> = const { std::cell::Cell::new(None) };
+}
+
+impl Isa {
+    /// The widest this CPU runs.
+    fn detected() -> Isa {
+        #[cfg(test)]
+        if let Some(isa) = FORCE_ISA.with(|f| f.get()) {
+            return isa;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                return Isa::Avx512;
+            }
+            if has!("avx2") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Baseline
     }
 }
 
@@ -209,8 +271,6 @@ struct Scratch {
     v: Vec<f32>,
     /// The Lookahead delta, then (at a sync) the slow weights.
     u: Vec<f32>,
-    /// The weights before the step (between syncs).
-    before: Vec<f32>,
 }
 
 /// One parallel chunk's packed state and the index of its first element.
@@ -219,6 +279,22 @@ struct Part<C> {
     m: C,
     v: C,
     delta: Option<C>,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn step_part_avx512<P: Elem<f32>, G: Elem<f32>, C: Packed>(
+    k: &Kernel<f32>,
+    p: &mut [P],
+    g: &[G],
+    part: Part<C>,
+    scratch: &mut Scratch,
+    row_len: Option<usize>,
+    sync: bool,
+    seed: u64,
+) {
+    step_part(k, p, g, part, scratch, row_len, sync, seed)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -251,28 +327,89 @@ fn step_part<P: Elem<f32>, G: Elem<f32>, C: Packed>(
     seed: u64,
 ) {
     let Part { first, mut m, mut v, delta } = part;
-    let Scratch { m: mf, v: vf, u, before } = scratch;
+    let Scratch { m: mf, v: vf, u } = scratch;
     m.decode_into(mf);
     v.decode_into(vf);
     match delta {
-        None => k.chunk(p, g, mf, vf, None, row_len),
+        None => k.chunk(p, g, mf, vf, Extra::None, row_len),
         Some(mut d) => {
             d.decode_into(u);
             if sync {
                 // slow = fast - u; the kernel syncs, and fast == slow after it.
                 u.iter_mut().zip(p.iter()).for_each(|(u, f)| *u = f.load() - *u);
-                k.chunk(p, g, mf, vf, Some(u), row_len);
+                k.chunk(p, g, mf, vf, Extra::Slow(u), row_len);
                 d.clear();
             } else {
-                before.clear();
-                before.extend(p.iter().map(|x| x.load()));
-                k.chunk(p, g, mf, vf, None, row_len);
-                // u += fast_after - fast_before (the difference first: u is small, fast is not).
-                u.iter_mut().zip(before.iter()).zip(p.iter()).for_each(|((u, b), f)| *u += f.load() - b);
+                // u += fast_after - fast_before, in the kernel's pass.
+                k.chunk(p, g, mf, vf, Extra::Delta(u), row_len);
                 d.encode(u, seed ^ SEED_U, first);
             }
         }
     }
-    m.encode(mf, seed ^ SEED_M, first);
-    v.encode(vf, seed ^ SEED_V, first);
+    m.encode_moments(mf, &mut v, vf, seed ^ SEED_M, first);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::ParamsRanger;
+    use crate::scalars::StepScalars;
+    use std::cell::RefCell;
+
+    /// Six steps (the sixth a Lookahead sync) of a 3 x 1000 variable, centralized, with the
+    /// given instruction set: the weights and the state's bytes.
+    fn six_steps(isa: Isa, q8: bool) -> (Vec<f32>, HostState) {
+        FORCE_ISA.with(|f| f.set(Some(isa)));
+        let n = 3000;
+        let mut p: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-2).collect();
+        let zeros = |code| if q8 { HostBuf::Q8(Q8Buf::zeros(code, n)) } else { HostBuf::B16(vec![0; n]) };
+        let mut st = HostState {
+            m: zeros(Code::Signed),
+            v: zeros(Code::Positive),
+            slow: Some(zeros(Code::Signed)),
+            master: None,
+        };
+        let params = ParamsRanger::default();
+        for t in 1..=6u64 {
+            let g: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.7 + t as f32).sin()) * 1e-2).collect();
+            let scalars = StepScalars::new(&params, 1e-2, 0.0, t);
+            let step = FusedStep {
+                scalars,
+                row_len: Some(1000),
+                eps: scalars.eps,
+                beta1: params.beta1,
+                beta2: params.beta2,
+                seed: crate::state_codec::stream_seed(0, t),
+                state: RefCell::new(&mut st),
+            };
+            let mut state = step.state.borrow_mut();
+            step.apply_packed(&mut p, &g, &mut state).unwrap();
+        }
+        FORCE_ISA.with(|f| f.set(None));
+        (p, st)
+    }
+
+    #[test]
+    fn every_instruction_set_gives_the_same_step() {
+        let mut isas = vec![Isa::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") {
+                isas.push(Isa::Avx2);
+            }
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+                isas.push(Isa::Avx512);
+            }
+        }
+        for q8 in [true, false] {
+            let (p0, st0) = six_steps(Isa::Baseline, q8);
+            assert!(p0.iter().all(|x| x.is_finite()));
+            for &isa in &isas[1..] {
+                let (p, st) = six_steps(isa, q8);
+                assert_eq!(p, p0, "{isa:?} weights (8-bit: {q8})");
+                assert!(st == st0, "{isa:?} state (8-bit: {q8})");
+            }
+        }
+    }
 }

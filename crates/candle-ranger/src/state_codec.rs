@@ -190,8 +190,9 @@ unsafe fn decode_avx2(code: Code, bytes: &[u8], scales: &[f32], out: &mut Vec<f3
     decode_into(code, bytes, scales, out)
 }
 
+/// [`decoded_into`] for a caller that chooses the instruction set (inlined into it).
 #[inline(always)]
-fn decode_into(code: Code, bytes: &[u8], scales: &[f32], out: &mut Vec<f32>) {
+pub(crate) fn decode_into(code: Code, bytes: &[u8], scales: &[f32], out: &mut Vec<f32>) {
     for (b, &s) in bytes.chunks(BLOCK).zip(scales) {
         match code {
             Code::Signed => out.extend(b.iter().map(|&b| decode(Code::Signed, b, s))),
@@ -201,34 +202,17 @@ fn decode_into(code: Code, bytes: &[u8], scales: &[f32], out: &mut Vec<f32>) {
 }
 
 /// Encodes `values` (whole blocks from a block boundary) into `bytes` and `scales`, rounding
-/// stochastically with bits from `seed` and each value's index `first + i`. The same code is
-/// compiled for AVX2 too (integer multiplies in vector registers), chosen at run time.
-pub(crate) fn encode_blocks(code: Code, values: &[f32], bytes: &mut [u8], scales: &mut [f32], seed: u64, first: u64) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { encode_avx2(code, values, bytes, scales, seed, first) };
-    }
-    encode_into(code, values, bytes, scales, seed, first)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn encode_avx2(code: Code, values: &[f32], bytes: &mut [u8], scales: &mut [f32], seed: u64, first: u64) {
-    encode_into(code, values, bytes, scales, seed, first)
-}
-
+/// stochastically with bits from `seed` and each value's index `first + i`. Inlined into the
+/// caller, which chooses the instruction set (AVX2 or AVX-512 do the integer multiplies in
+/// vector registers).
 #[inline(always)]
-fn encode_into(code: Code, values: &[f32], bytes: &mut [u8], scales: &mut [f32], seed: u64, first: u64) {
+pub(crate) fn encode_into(code: Code, values: &[f32], bytes: &mut [u8], scales: &mut [f32], seed: u64, first: u64) {
     // Indices wrap at 2^32: streams of tensors above 4G elements repeat, harmlessly.
     let seed = (seed ^ (seed >> 32)) as u32;
     let blocks = values.chunks(BLOCK).zip(bytes.chunks_mut(BLOCK)).zip(scales.iter_mut());
     for (bi, ((v, b), s)) in blocks.enumerate() {
-        // The largest magnitude, as the largest magnitude bits (the order of non-negative
-        // floats' bits is theirs): an integer max vectorizes, a float max fold does not.
-        let scale = f32::from_bits(v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff)));
+        let (scale, inv) = block_scale(v);
         *s = scale;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         let base = (first + (bi * BLOCK) as u64) as u32;
         match code {
             Code::Signed => {
@@ -243,13 +227,68 @@ fn encode_into(code: Code, values: &[f32], bytes: &mut [u8], scales: &mut [f32],
     }
 }
 
+/// One block's scale (its largest magnitude) and the scale's inverse (0 for an all-zero block).
+#[inline(always)]
+fn block_scale(v: &[f32]) -> (f32, f32) {
+    // The largest magnitude bits (the order of non-negative floats' bits is theirs): an integer
+    // max vectorizes, a float max fold does not.
+    let scale = f32::from_bits(v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff)));
+    (scale, if scale > 0.0 { 1.0 / scale } else { 0.0 })
+}
+
+/// The two moments of an 8-bit state, encoded together: m ([`Code::Signed`]) and v
+/// ([`Code::Positive`]) from the same whole blocks, with one 32-bit hash per element whose low
+/// and high halves round m and v (16 random bits each: a bias of at most 2^-16 of a code step).
+/// Inlined into the caller, which chooses the instruction set.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_moments_q8(
+    m: &[f32],
+    m_bytes: &mut [u8],
+    m_scales: &mut [f32],
+    v: &[f32],
+    v_bytes: &mut [u8],
+    v_scales: &mut [f32],
+    seed: u64,
+    first: u64,
+) {
+    let seed = (seed ^ (seed >> 32)) as u32;
+    let blocks = m.chunks(BLOCK).zip(m_bytes.chunks_mut(BLOCK)).zip(m_scales.iter_mut());
+    let blocks = blocks.zip(v.chunks(BLOCK).zip(v_bytes.chunks_mut(BLOCK)).zip(v_scales.iter_mut()));
+    for (bi, (((m, mb), ms), ((v, vb), vs))) in blocks.enumerate() {
+        let (sm, im) = block_scale(m);
+        let (sv, iv) = block_scale(v);
+        (*ms, *vs) = (sm, sv);
+        let base = (first + (bi * BLOCK) as u64) as u32;
+        for (i, ((mb, vb), (&x, &y))) in mb.iter_mut().zip(vb.iter_mut()).zip(m.iter().zip(v)).enumerate() {
+            let r = hash32(seed, base.wrapping_add(i as u32));
+            *mb = encode(Code::Signed, x, im, (r & 0xFFFF) << 4);
+            *vb = encode(Code::Positive, y, iv, (r >> 16) << 4);
+        }
+    }
+}
+
+/// The two moments of a bf16 state, encoded together, with one hash per element as in
+/// [`encode_moments_q8`] (16 random bits each, as [`encode16`] uses).
+#[inline(always)]
+pub(crate) fn encode_moments16(m: &[f32], m_bits: &mut [u16], v: &[f32], v_bits: &mut [u16], seed: u64, first: u64) {
+    let seed = (seed ^ (seed >> 32)) as u32;
+    let first = first as u32;
+    let pairs = m_bits.iter_mut().zip(v_bits.iter_mut()).zip(m.iter().zip(v));
+    for (i, ((mb, vb), (&x, &y))) in pairs.enumerate() {
+        let r = hash32(seed, first.wrapping_add(i as u32));
+        *mb = (x.to_bits().wrapping_add(r & 0xFFFF) >> 16) as u16;
+        *vb = (y.to_bits().wrapping_add(r >> 16) >> 16) as u16;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn roundtrip(code: Code, values: &[f32], seed: u64) -> Vec<f32> {
         let mut q = Q8Buf::zeros(code, values.len());
-        encode_blocks(code, values, &mut q.bytes, &mut q.scales, seed, 0);
+        encode_into(code, values, &mut q.bytes, &mut q.scales, seed, 0);
         q.to_f32()
     }
 
@@ -285,6 +324,32 @@ mod tests {
                     / (n - n.div_ceil(BLOCK)) as f64;
             assert!((mean - x as f64).abs() < 2e-3, "{code:?}: mean {mean} for {x}");
         }
+    }
+
+    #[test]
+    fn moments_encoded_together_round_without_bias() {
+        // m and v take the low and high halves of one hash: each half alone must be unbiased.
+        let n = 20_000;
+        let (x, y) = (0.3f32, 0.7f32);
+        let (mut m, mut v) = (vec![x; n], vec![y; n]);
+        for i in (0..n).step_by(BLOCK) {
+            (m[i], v[i]) = (1.0, 1.0); // each block's scale
+        }
+        let mean = |back: &[f32]| {
+            let kept: Vec<f64> =
+                back.iter().enumerate().filter(|(i, _)| i % BLOCK != 0).map(|(_, &z)| z as f64).collect();
+            kept.iter().sum::<f64>() / kept.len() as f64
+        };
+        let (mut qm, mut qv) = (Q8Buf::zeros(Code::Signed, n), Q8Buf::zeros(Code::Positive, n));
+        encode_moments_q8(&m, &mut qm.bytes, &mut qm.scales, &v, &mut qv.bytes, &mut qv.scales, 9, 0);
+        assert!((mean(&qm.to_f32()) - x as f64).abs() < 2e-3, "8-bit m: {}", mean(&qm.to_f32()));
+        assert!((mean(&qv.to_f32()) - y as f64).abs() < 4e-3, "8-bit v: {}", mean(&qv.to_f32()));
+        let (x, y) = (1.0f32 + 1.0 / 1024.0, 1.0f32 + 3.0 / 1024.0);
+        let (mut bm, mut bv) = (vec![0u16; n], vec![0u16; n]);
+        encode_moments16(&vec![x; n], &mut bm, &vec![y; n], &mut bv, 9, 0);
+        let avg = |b: &[u16]| decode16(b).iter().map(|&z| z as f64).sum::<f64>() / n as f64;
+        assert!((avg(&bm) - x as f64).abs() < 2e-4, "bf16 m: {}", avg(&bm));
+        assert!((avg(&bv) - y as f64).abs() < 2e-4, "bf16 v: {}", avg(&bv));
     }
 
     #[test]
