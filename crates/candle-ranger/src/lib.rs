@@ -109,8 +109,10 @@ mod lookahead;
 mod lookahead_core;
 #[cfg(feature = "metal")]
 mod metal_step;
+mod packed_tensor;
 mod params;
 mod portable;
+mod portable_packed;
 mod radam;
 mod ranger;
 pub mod scalars;

@@ -88,12 +88,13 @@ pub enum StatePrecision {
     #[default]
     F32,
     /// bf16, rounded stochastically (6 bytes per parameter with Lookahead); the slow weights
-    /// are kept as their difference from the fast ones. Fused CPU path only (f32, bf16 and f16
-    /// variables).
+    /// are kept as their difference from the fast ones. f32, bf16 and f16 variables: the fused
+    /// CPU step, or tensor ops on the variable's device (CUDA, Metal, `UpdatePath::Portable`).
     Bf16,
     /// One byte per value in blocks of 256 with an f32 scale, rounded stochastically (about
     /// 3.05 bytes per parameter with Lookahead); the slow weights are kept as their difference
-    /// from the fast ones. Fused CPU path only (f32, bf16 and f16 variables).
+    /// from the fast ones. f32, bf16 and f16 variables: the fused CPU step, or tensor ops on
+    /// the variable's device (CUDA, Metal, `UpdatePath::Portable`).
     Int8,
 }
 

@@ -108,7 +108,7 @@ fn hash32(seed: u32, i: u32) -> u32 {
 /// The byte of `x` (with `inv_scale = 1 / scale`, `x` finite), rounded stochastically by the
 /// random bits `r`. Written without branches, so a block's loop vectorizes.
 #[inline(always)]
-fn encode(code: Code, x: f32, inv_scale: f32, r: u32) -> u8 {
+pub(crate) fn encode(code: Code, x: f32, inv_scale: f32, r: u32) -> u8 {
     let y = (x * inv_scale).abs();
     // Random bits below the 3 kept mantissa bits, then truncation: rounds up with probability
     // equal to the dropped fraction (a carry moves into the exponent as it should).
@@ -132,7 +132,7 @@ fn encode(code: Code, x: f32, inv_scale: f32, r: u32) -> u8 {
 
 /// The value of byte `b` in a block of scale `scale` (without branches).
 #[inline(always)]
-fn decode(code: Code, b: u8, scale: f32) -> f32 {
+pub(crate) fn decode(code: Code, b: u8, scale: f32) -> f32 {
     let b = b as u32;
     let (sign, field) = match code {
         Code::Signed => ((b & 0x80) << 24, b & 0x7F),

@@ -1,7 +1,8 @@
 //! Packed optimizer state (`StatePrecision::Int8` and `Bf16`): it trains like the f32 state,
 //! takes about 3 (8-bit) or 6 (bf16) bytes per parameter, resumes bit for bit through a state
-//! file, keeps the slow weights right through Lookahead syncs, and is refused where it is not
-//! implemented.
+//! file, keeps the slow weights right through Lookahead syncs, and is refused for f64
+//! variables; on the fused CPU step and on the portable (tensor-op) path that CUDA and Metal
+//! use, whose state files are interchangeable.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -17,6 +18,13 @@ fn tensor(shape: &[usize], offset: usize, scale: f64) -> Tensor {
 
 fn params(precision: StatePrecision) -> ParamsRanger {
     ParamsRanger { lr: 1e-2, beta2: 0.99, lookahead_k: 5, state_precision: precision, ..Default::default() }
+}
+
+/// The two update paths: the fused CPU step (`Auto` on the CPU) and tensor ops.
+const PATHS: [UpdatePath; 2] = [UpdatePath::Auto, UpdatePath::Portable];
+
+fn params_on(precision: StatePrecision, path: UpdatePath) -> ParamsRanger {
+    ParamsRanger { update_path: path, ..params(precision) }
 }
 
 /// A least-squares problem `|X W - Y|^2` over a [48, 300] weight (rows not a multiple of the
@@ -57,9 +65,9 @@ fn scalar(t: &Tensor) -> f32 {
 #[test]
 fn packed_state_trains_like_f32_state() {
     let problem = Problem::new();
-    let run = |precision| {
+    let run = |precision, path| {
         let vars = problem.vars();
-        let mut opt = Ranger::new_named(vars.clone(), params(precision)).unwrap();
+        let mut opt = Ranger::new_named(vars.clone(), params_on(precision, path)).unwrap();
         let mut losses = Vec::new();
         for _ in 0..300 {
             losses.push(scalar(&problem.loss(&vars)));
@@ -68,18 +76,24 @@ fn packed_state_trains_like_f32_state() {
         losses.push(scalar(&problem.loss(&vars)));
         (losses, vars[0].1.as_tensor().clone())
     };
-    let (f32_losses, f32_w) = run(StatePrecision::F32);
+    let (f32_losses, f32_w) = run(StatePrecision::F32, UpdatePath::Auto);
     assert!(f32_losses[300] < 0.5 * f32_losses[0], "the problem trains: {} -> {}", f32_losses[0], f32_losses[300]);
     // (precision, loss tolerance at each step, weight tolerance as a share of the largest move):
     // 8-bit measured 6.5 % of the move.
-    for (precision, loss_tol, weight_tol) in [(StatePrecision::Int8, 0.03, 0.1), (StatePrecision::Bf16, 0.01, 0.03)] {
-        let (losses, w) = run(precision);
-        for (step, (a, b)) in f32_losses.iter().zip(&losses).enumerate() {
-            assert!((a - b).abs() <= loss_tol * a, "{precision:?}, step {step}: loss {b}, {a} with f32 state");
+    for path in PATHS {
+        for (precision, loss_tol, weight_tol) in [(StatePrecision::Int8, 0.03, 0.1), (StatePrecision::Bf16, 0.01, 0.03)]
+        {
+            let (losses, w) = run(precision, path);
+            for (step, (a, b)) in f32_losses.iter().zip(&losses).enumerate() {
+                assert!(
+                    (a - b).abs() <= loss_tol * a,
+                    "{precision:?} {path:?}, step {step}: loss {b}, {a} with f32 state"
+                );
+            }
+            let diff = scalar(&(&f32_w - &w).unwrap().abs().unwrap().max_all().unwrap());
+            let moved = scalar(&(&f32_w - tensor(&[48, 300], 3, 0.1)).unwrap().abs().unwrap().max_all().unwrap());
+            assert!(diff < weight_tol * moved, "{precision:?} {path:?}: weights differ by {diff}, moved by {moved}");
         }
-        let diff = scalar(&(&f32_w - &w).unwrap().abs().unwrap().max_all().unwrap());
-        let moved = scalar(&(&f32_w - tensor(&[48, 300], 3, 0.1)).unwrap().abs().unwrap().max_all().unwrap());
-        assert!(diff < weight_tol * moved, "{precision:?}: weights differ by {diff}, moved by {moved}");
     }
 }
 
@@ -96,22 +110,24 @@ fn packed_state_takes_3_or_6_bytes_per_parameter() {
         ),
         (StatePrecision::Bf16, 6.0, &["w.exp_avg", "w.exp_avg_sq", "w.slow_delta"][..]),
     ] {
-        let vars = problem.vars();
-        let mut opt = Ranger::new_named(vars.clone(), params(precision)).unwrap();
-        opt.step_with_report(&problem.grads(&vars)).unwrap();
-        let state = opt.state_tensors().unwrap();
-        let bytes: usize = state
-            .tensors
-            .iter()
-            .filter(|(n, _)| !n.ends_with(".step"))
-            .map(|(_, t)| t.dims().iter().product::<usize>() * t.dtype().size_in_bytes())
-            .sum();
-        let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-        let per_param = bytes as f64 / params as f64;
-        assert!(per_param <= most, "{precision:?}: {per_param} bytes per parameter");
-        let saved: Vec<&str> = state.tensors.iter().map(|(n, _)| n.as_str()).collect();
-        for n in names {
-            assert!(saved.contains(n), "{precision:?}: {n} missing from {saved:?}");
+        for path in PATHS {
+            let vars = problem.vars();
+            let mut opt = Ranger::new_named(vars.clone(), params_on(precision, path)).unwrap();
+            opt.step_with_report(&problem.grads(&vars)).unwrap();
+            let state = opt.state_tensors().unwrap();
+            let bytes: usize = state
+                .tensors
+                .iter()
+                .filter(|(n, _)| !n.ends_with(".step"))
+                .map(|(_, t)| t.dims().iter().product::<usize>() * t.dtype().size_in_bytes())
+                .sum();
+            let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+            let per_param = bytes as f64 / params as f64;
+            assert!(per_param <= most, "{precision:?}: {per_param} bytes per parameter");
+            let saved: Vec<&str> = state.tensors.iter().map(|(n, _)| n.as_str()).collect();
+            for n in names {
+                assert!(saved.contains(n), "{precision:?} {path:?}: {n} missing from {saved:?}");
+            }
         }
     }
 }
@@ -121,13 +137,16 @@ fn packed_state_takes_3_or_6_bytes_per_parameter() {
 #[test]
 fn packed_state_resumes_bit_exactly_through_a_file() {
     for precision in [StatePrecision::Int8, StatePrecision::Bf16] {
-        resume_through_a_file(precision);
+        for path in PATHS {
+            resume_through_a_file(precision, path);
+        }
     }
 }
 
-fn resume_through_a_file(precision: StatePrecision) {
+fn resume_through_a_file(precision: StatePrecision, path: UpdatePath) {
     let problem = Problem::new();
-    let dir = std::env::temp_dir().join(format!("packed-state-{precision:?}-{}", std::process::id()));
+    let params = |precision| params_on(precision, path);
+    let dir = std::env::temp_dir().join(format!("packed-state-{precision:?}-{path:?}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bits = |vars: &[(String, Var)]| -> Vec<Vec<u32>> {
         vars.iter()
@@ -179,14 +198,16 @@ fn resume_through_a_file(precision: StatePrecision) {
 #[test]
 fn packed_slow_weights_match_the_fast_ones_after_a_sync() {
     for precision in [StatePrecision::Int8, StatePrecision::Bf16] {
-        slow_equals_fast_after_a_sync(precision);
+        for path in PATHS {
+            slow_equals_fast_after_a_sync(precision, path);
+        }
     }
 }
 
-fn slow_equals_fast_after_a_sync(precision: StatePrecision) {
+fn slow_equals_fast_after_a_sync(precision: StatePrecision, path: UpdatePath) {
     let problem = Problem::new();
     let vars = problem.vars();
-    let mut opt = Ranger::new_named(vars.clone(), params(precision)).unwrap();
+    let mut opt = Ranger::new_named(vars.clone(), params_on(precision, path)).unwrap();
     let max_diff = |opt: &Ranger| {
         opt.slow_weights()
             .unwrap()
@@ -207,27 +228,71 @@ fn slow_equals_fast_after_a_sync(precision: StatePrecision) {
     assert_eq!(max_diff(&opt), 0.0);
 }
 
-/// Where 8-bit state is not implemented the optimizer says so when it is built.
+/// f64 variables are refused packed state when the optimizer is built, on either path.
 #[test]
-fn packed_state_is_refused_where_it_is_not_implemented() {
-    let f64_var = Var::from_tensor(&tensor(&[4, 4], 0, 1.0).to_dtype(DType::F64).unwrap()).unwrap();
-    let err = Ranger::new_named(vec![("x".into(), f64_var)], params(StatePrecision::Int8)).unwrap_err().to_string();
-    assert!(err.contains("8-bit optimizer state") && err.contains("F64"), "{err}");
-    let var = Var::from_tensor(&tensor(&[4, 4], 0, 1.0)).unwrap();
-    let portable = ParamsRanger { update_path: UpdatePath::Portable, ..params(StatePrecision::Int8) };
-    let err = Ranger::new_named(vec![("x".into(), var.clone())], portable).unwrap_err().to_string();
-    assert!(err.contains("portable update path"), "{err}");
-    let bf16 = ParamsRanger { update_path: UpdatePath::Portable, ..params(StatePrecision::Bf16) };
-    let err = Ranger::new_named(vec![("x".into(), var)], bf16).unwrap_err().to_string();
-    assert!(err.contains("bf16 optimizer state"), "{err}");
+fn packed_state_is_refused_for_f64_variables() {
+    for path in PATHS {
+        let f64_var = Var::from_tensor(&tensor(&[4, 4], 0, 1.0).to_dtype(DType::F64).unwrap()).unwrap();
+        let err = Ranger::new_named(vec![("x".into(), f64_var.clone())], params_on(StatePrecision::Int8, path))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("8-bit optimizer state") && err.contains("F64"), "{err}");
+        let err = Ranger::new_named(vec![("x".into(), f64_var)], params_on(StatePrecision::Bf16, path))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bf16 optimizer state") && err.contains("F64"), "{err}");
+    }
+}
+
+/// A state file written on one path loads on the other: the same entries, the same values
+/// (the moments and slow weights decode alike), and training goes on from there.
+#[test]
+fn packed_state_files_move_between_the_fused_and_portable_paths() {
+    let problem = Problem::new();
+    let dir = std::env::temp_dir().join(format!("packed-state-cross-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for precision in [StatePrecision::Int8, StatePrecision::Bf16] {
+        for (from, to) in [(UpdatePath::Auto, UpdatePath::Portable), (UpdatePath::Portable, UpdatePath::Auto)] {
+            let vars = problem.vars();
+            let mut a = Ranger::new_named(vars.clone(), params_on(precision, from)).unwrap();
+            for _ in 0..7 {
+                a.step_with_report(&problem.grads(&vars)).unwrap();
+            }
+            let file = dir.join(format!("{precision:?}-{from:?}.safetensors"));
+            a.save_state(&file).unwrap();
+            let mut b = Ranger::new_named(vars.clone(), params_on(precision, to)).unwrap();
+            b.load_state(&file).unwrap();
+            assert_eq!(b.is_fused("w"), Some(to == UpdatePath::Auto));
+            let slow = |o: &Ranger| {
+                o.slow_weights()
+                    .unwrap()
+                    .into_iter()
+                    .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(slow(&a), slow(&b), "{precision:?} {from:?} -> {to:?}: slow weights");
+            // The moments: both optimizers take the same next step up to rounding.
+            let wa = problem.vars();
+            for ((_, x), (_, y)) in wa.iter().zip(&vars) {
+                x.set(y.as_tensor()).unwrap();
+            }
+            let mut a2 = Ranger::new_named(wa.clone(), params_on(precision, from)).unwrap();
+            a2.load_state(&file).unwrap();
+            a2.step_with_report(&problem.grads(&wa)).unwrap();
+            b.step_with_report(&problem.grads(&vars)).unwrap();
+            let d = scalar(&(wa[0].1.as_tensor() - vars[0].1.as_tensor()).unwrap().abs().unwrap().max_all().unwrap());
+            assert!(d < 1e-4, "{precision:?} {from:?} -> {to:?}: the next steps differ by {d}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// bf16 variables train over an f32 master copy with 8-bit moments, as with f32 moments.
 #[test]
 fn packed_state_with_a_bf16_variable_and_its_master_copy() {
-    let run = |precision| {
+    let run = |precision, path| {
         let w = Var::from_tensor(&tensor(&[16, 300], 5, 1.0).to_dtype(DType::BF16).unwrap()).unwrap();
-        let mut opt = Ranger::new_named(vec![("w".into(), w.clone())], params(precision)).unwrap();
+        let mut opt = Ranger::new_named(vec![("w".into(), w.clone())], params_on(precision, path)).unwrap();
         let loss = || w.as_tensor().to_dtype(DType::F32).unwrap().sqr().unwrap().sum_all().unwrap();
         let start = scalar(&loss());
         for _ in 0..40 {
@@ -237,10 +302,15 @@ fn packed_state_with_a_bf16_variable_and_its_master_copy() {
         assert!(names.contains(&"w.master".to_string()), "{names:?}");
         (start, scalar(&loss()))
     };
-    let (start, f32_end) = run(StatePrecision::F32);
+    let (start, f32_end) = run(StatePrecision::F32, UpdatePath::Auto);
     assert!(f32_end < 0.9 * start, "the problem trains: {start} -> {f32_end}");
     for precision in [StatePrecision::Int8, StatePrecision::Bf16] {
-        let (_, end) = run(precision);
-        assert!((end - f32_end).abs() < 0.03 * (start - f32_end), "{precision:?} {end}, f32 {f32_end} (from {start})");
+        for path in PATHS {
+            let (_, end) = run(precision, path);
+            assert!(
+                (end - f32_end).abs() < 0.03 * (start - f32_end),
+                "{precision:?} {path:?} {end}, f32 {f32_end} (from {start})"
+            );
+        }
     }
 }

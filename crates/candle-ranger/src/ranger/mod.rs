@@ -266,6 +266,11 @@ impl Ranger {
                 SlotState::Device(st) => {
                     portable::step(&slot.var, grad, st, &sc, centralize, p.beta1, p.beta2, sc.eps)?
                 }
+                SlotState::Packed(st) => {
+                    // Per variable and step, as on the host (the streams differ: see `packed_tensor`).
+                    let seed = crate::state_codec::stream_seed(*i as u64, slot.step + 1);
+                    crate::portable_packed::step(&slot.var, grad, st, &sc, centralize, p.beta1, p.beta2, sc.eps, seed)?
+                }
             }
             slot.step += 1;
         }

@@ -5,8 +5,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::error::{Error, Result};
 use crate::fused::{HostBuf, HostState};
 use crate::lookahead_core::{initial_slow, sync_var};
+use crate::packed_tensor::PackedTensor;
 use crate::params::{ParamsRanger, StatePrecision, UpdatePath};
 use crate::portable::DeviceState;
+use crate::portable_packed::PackedState;
 use crate::state::state_dtype;
 use crate::state_codec::{Code, Q8Buf};
 
@@ -17,6 +19,8 @@ pub(super) enum SlotState {
     Host(HostState),
     /// Tensors on the variable's device, updated with tensor ops.
     Device(DeviceState),
+    /// Packed (8-bit or bf16) tensors on the variable's device, updated with tensor ops.
+    Packed(PackedState),
 }
 
 impl SlotState {
@@ -45,26 +49,28 @@ impl SlotState {
         // Slow weights are taken at the variable's first step (see `Slot::ensure_slow`), so
         // weights loaded after the optimizer was built are the ones Lookahead starts from.
         if params.state_precision != StatePrecision::F32 {
-            let supported =
-                fused && var.device().is_cpu() && matches!(var.dtype(), DType::F32 | DType::BF16 | DType::F16);
-            if !supported {
+            if !matches!(var.dtype(), DType::F32 | DType::BF16 | DType::F16) {
                 return Err(Error::InvalidConfig(format!(
-                    "{} optimizer state is implemented in the fused CPU step for f32/bf16/f16 variables; got a {:?} variable on {:?}{}",
-                    match params.state_precision {
-                        StatePrecision::Bf16 => "bf16",
-                        _ => "8-bit",
-                    },
-                    var.dtype(),
-                    var.device().location(),
-                    if fused { "" } else { " with the portable update path" }
+                    "{} optimizer state is for f32/bf16/f16 variables; got a {:?} one",
+                    if params.state_precision == StatePrecision::Bf16 { "bf16" } else { "8-bit" },
+                    var.dtype()
                 )));
             }
             let n = var.elem_count();
-            let (m, v) = match params.state_precision {
-                StatePrecision::Bf16 => (HostBuf::B16(vec![0; n]), HostBuf::B16(vec![0; n])),
-                _ => (HostBuf::Q8(Q8Buf::zeros(Code::Signed, n)), HostBuf::Q8(Q8Buf::zeros(Code::Positive, n))),
-            };
-            return Ok(SlotState::Host(HostState { m, v, slow: None, master: None }));
+            let bf16 = params.state_precision == StatePrecision::Bf16;
+            if fused && var.device().is_cpu() {
+                let (m, v) = if bf16 {
+                    (HostBuf::B16(vec![0; n]), HostBuf::B16(vec![0; n]))
+                } else {
+                    (HostBuf::Q8(Q8Buf::zeros(Code::Signed, n)), HostBuf::Q8(Q8Buf::zeros(Code::Positive, n)))
+                };
+                return Ok(SlotState::Host(HostState { m, v, slow: None, master: None }));
+            }
+            // Elsewhere (CUDA, Metal, the portable path): packed tensors and tensor ops; the
+            // fused GPU kernels keep f32 state only.
+            let zeros = |code| PackedTensor::zeros((!bf16).then_some(code), var.shape(), var.device());
+            let (m, v) = (zeros(Code::Signed)?, zeros(Code::Positive)?);
+            return Ok(SlotState::Packed(PackedState { m, v, delta: None, master: None }));
         }
         if fused && var.device().is_cpu() {
             let n = var.elem_count();
@@ -100,16 +106,26 @@ impl Slot {
             SlotState::Host(HostState { slow: Some(buf), .. }) => buf.to_tensor(self.var.shape())?,
             // A copy: the fused GPU kernels update the slow weights in place.
             SlotState::Device(DeviceState { slow: Some(s), .. }) => s.copy()?,
+            SlotState::Packed(st @ PackedState { delta: Some(d), .. }) => {
+                (st.fast(&self.var)? - d.decode(self.var.shape())?)?
+            }
             SlotState::Host(_) => initial_slow(&self.var)?.to_device(&Device::Cpu)?,
-            SlotState::Device(_) => initial_slow(&self.var)?,
+            SlotState::Device(_) | SlotState::Packed(_) => initial_slow(&self.var)?,
         })
     }
 
     /// Takes the slow weights (a deep copy of the weights, never zeros) if not yet taken.
     pub(super) fn ensure_slow(&mut self) -> Result<()> {
-        let missing = match &self.state {
+        let missing = match &mut self.state {
             SlotState::Host(st) => st.slow.is_none(),
             SlotState::Device(st) => st.slow.is_none(),
+            SlotState::Packed(st) => {
+                if st.delta.is_none() {
+                    // Slow == fast now: a zero difference.
+                    st.delta = Some(st.m.zeros_like()?);
+                }
+                return Ok(());
+            }
         };
         if let SlotState::Host(st @ HostState { slow: None, .. }) = &mut self.state {
             if let Some(zeros) = st.m.packed_zeros_like() {
@@ -123,6 +139,7 @@ impl Slot {
             match &mut self.state {
                 SlotState::Host(st) => st.slow = Some(HostBuf::from_tensor(&copy)?),
                 SlotState::Device(st) => st.slow = Some(copy),
+                SlotState::Packed(_) => {}
             }
         }
         Ok(())
@@ -143,6 +160,9 @@ impl Slot {
             SlotState::Device(st) if st.master.is_none() => {
                 st.master = Some(self.var.as_tensor().detach().to_dtype(DType::F32)?.copy()?)
             }
+            SlotState::Packed(st) if st.master.is_none() => {
+                st.master = Some(self.var.as_tensor().detach().to_dtype(DType::F32)?.copy()?)
+            }
             _ => {}
         }
         Ok(())
@@ -154,6 +174,7 @@ impl Slot {
         Ok(match &self.state {
             SlotState::Host(HostState { master: Some(buf), .. }) => buf.to_tensor(self.var.shape())?,
             SlotState::Device(DeviceState { master: Some(t), .. }) => t.clone(),
+            SlotState::Packed(PackedState { master: Some(t), .. }) => t.clone(),
             _ => self.var.as_tensor().detach().to_dtype(state_dtype(self.var.dtype()))?,
         })
     }
@@ -174,6 +195,16 @@ impl Slot {
                 return Ok(());
             }
         }
+        if let SlotState::Packed(PackedState { delta: Some(_), .. }) = &self.state {
+            let new = sync_var(&self.var, &fast, &self.current_slow()?, alpha)?;
+            if let SlotState::Packed(PackedState { delta: Some(delta), master, .. }) = &mut self.state {
+                *delta = delta.zeros_like()?;
+                if let Some(m) = master {
+                    *m = new;
+                }
+            }
+            return Ok(());
+        }
         match &mut self.state {
             SlotState::Host(HostState { slow: Some(buf), master, .. }) => {
                 let new = sync_var(&self.var, &fast, &buf.to_tensor(self.var.shape())?, alpha)?;
@@ -188,7 +219,7 @@ impl Slot {
                     *m = s.copy()?;
                 }
             }
-            SlotState::Host(_) | SlotState::Device(_) => {}
+            SlotState::Host(_) | SlotState::Device(_) | SlotState::Packed(_) => {}
         }
         Ok(())
     }

@@ -9,7 +9,9 @@ use super::slot::SlotState;
 use super::Ranger;
 use crate::error::{Error, Result};
 use crate::fused::{HostBuf, HostState};
+use crate::packed_tensor::PackedTensor;
 use crate::portable::DeviceState;
+use crate::portable_packed::PackedState;
 use crate::state::{state_dtype, OptimizerState};
 use crate::state_codec::{Code, Q8Buf, BLOCK};
 use crate::state_file::StateView;
@@ -20,6 +22,29 @@ enum Loaded {
     Tensors(Tensor, Tensor, Option<Tensor>, Option<Tensor>, u64),
     /// 8-bit host state, already built, and the step count.
     Host(HostState, u64),
+}
+
+/// Packed host buffers (as read from a state file) as tensors on `device`.
+fn to_device_packed(state: HostState, shape: &Shape, device: &Device) -> Result<PackedState> {
+    let convert = |buf: HostBuf| -> Result<PackedTensor> {
+        Ok(match buf {
+            HostBuf::Q8(q) => {
+                let (n, nb) = (q.len(), q.scales.len());
+                PackedTensor::Q8 {
+                    code: q.code,
+                    bytes: Tensor::from_vec(q.bytes, n, device)?,
+                    scales: Tensor::from_vec(q.scales, nb, device)?,
+                }
+            }
+            HostBuf::B16(bits) => {
+                let values: Vec<half::bf16> = bits.into_iter().map(half::bf16::from_bits).collect();
+                PackedTensor::B16(Tensor::from_vec(values, shape, device)?)
+            }
+            other => return Err(Error::InvalidConfig(format!("packed state expected, got {:?} values", other.len()))),
+        })
+    };
+    let master = state.master.map(|m| m.to_tensor(shape)?.to_device(device)).transpose()?;
+    Ok(PackedState { m: convert(state.m)?, v: convert(state.v)?, delta: state.slow.map(convert).transpose()?, master })
 }
 
 impl Ranger {
@@ -88,6 +113,31 @@ impl Ranger {
                         push(&mut tensors, format!("{name}.master"), master, shape)?;
                     }
                 }
+                SlotState::Packed(st) => {
+                    // The same entries as packed host state, so a state file moves between paths.
+                    let mut push_packed = |name: String, buf: &PackedTensor| -> Result<()> {
+                        match buf {
+                            PackedTensor::Q8 { bytes, scales, .. } => {
+                                tensors.push((format!("{name}.q8"), StateView::Tensor(bytes.to_device(&cpu)?)));
+                                tensors.push((format!("{name}.q8_scales"), StateView::Tensor(scales.to_device(&cpu)?)));
+                            }
+                            PackedTensor::B16(t) => tensors.push((name, StateView::Tensor(t.to_device(&cpu)?))),
+                        }
+                        Ok(())
+                    };
+                    push_packed(format!("{name}.exp_avg"), &st.m)?;
+                    push_packed(format!("{name}.exp_avg_sq"), &st.v)?;
+                    if lookahead {
+                        // Before the first step: a zero difference.
+                        match &st.delta {
+                            Some(d) => push_packed(format!("{name}.slow_delta"), d)?,
+                            None => push_packed(format!("{name}.slow_delta"), &st.m.zeros_like()?)?,
+                        }
+                    }
+                    if let Some(master) = &st.master {
+                        tensors.push((format!("{name}.master"), StateView::Tensor(master.to_device(&cpu)?)));
+                    }
+                }
                 SlotState::Device(st) => {
                     tensors.push((format!("{name}.exp_avg"), StateView::Tensor(st.m.to_device(&cpu)?)));
                     tensors.push((format!("{name}.exp_avg_sq"), StateView::Tensor(st.v.to_device(&cpu)?)));
@@ -151,10 +201,14 @@ impl Ranger {
         for slot in &self.slots {
             let sdt = state_dtype(slot.var.dtype());
             let shape = slot.var.shape();
-            if let SlotState::Host(HostState { m: packed, .. }) = &slot.state {
-                if packed.is_packed() {
+            let packed_kind = match &slot.state {
+                SlotState::Host(HostState { m, .. }) if m.is_packed() => Some(matches!(m, HostBuf::B16(_))),
+                SlotState::Packed(st) => Some(matches!(st.m, PackedTensor::B16(_))),
+                _ => None,
+            };
+            if let Some(bf16) = packed_kind {
+                {
                     let n = slot.var.elem_count();
-                    let bf16 = matches!(packed, HostBuf::B16(_));
                     // 8-bit: each buffer's bytes and scales; bf16: a bf16 tensor.
                     let mut read = |name: String, code: Code| -> Result<HostBuf> {
                         if bf16 {
@@ -206,6 +260,11 @@ impl Ranger {
         let mut states = Vec::with_capacity(loaded.len());
         for (slot, loaded) in self.slots.iter().zip(loaded) {
             let (m, v, slow, master, step) = match loaded {
+                Loaded::Host(state, step) if matches!(slot.state, SlotState::Packed(_)) => {
+                    states
+                        .push((SlotState::Packed(to_device_packed(state, slot.var.shape(), slot.var.device())?), step));
+                    continue;
+                }
                 Loaded::Host(state, step) => {
                     states.push((SlotState::Host(state), step));
                     continue;
@@ -219,6 +278,7 @@ impl Ranger {
                     slow: slow.as_ref().map(HostBuf::from_tensor).transpose()?,
                     master: master.as_ref().map(HostBuf::from_tensor).transpose()?,
                 }),
+                SlotState::Packed(_) => unreachable!("packed state is read as packed"),
                 SlotState::Device(ref old) => {
                     let dev = slot.var.device();
                     // Fresh copies: the fused CUDA kernel updates the state in place.
