@@ -108,7 +108,7 @@ pub struct TrainConfig {
     pub master_weights: bool,
     /// Bits per value of the optimizer state (moments, and Ranger's slow weights): 32; 16 (bf16,
     /// 6 bytes per parameter instead of 12 for Ranger); or 8 (blockwise 8-bit, about 3). Both
-    /// round stochastically; CPU only.
+    /// round stochastically; the fused step on a CPU, tensor ops on CUDA and Metal.
     #[arg(long, default_value_t = 32, value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["8", "16", "32"]), |s: String| s.parse::<u8>().expect("a listed value")), help_heading = OPTIMIZER)]
     pub optimizer_state_bits: u8,
     /// Clip the global gradient norm to this; 0 disables.
