@@ -171,7 +171,7 @@ fn lm_loss_and_grads(cfg: &LlamaConfig, vars: &[(String, Var)], seqs: &[Sequence
 #[test]
 fn decoders_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
     let dev = common::test_device();
-    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3"] {
         let cfg = LlamaConfig::from_json(common::tiny_config(arch), "test").unwrap();
         let seqs = lm_sequences(common::TINY_VOCAB);
 

@@ -3,12 +3,16 @@
 torch/peft). Usage:
 
     python tools/check_peft_load.py BASE_HF_DIR ADAPTER_DIR [--prompt TEXT] [--expect-text TEXT]
+                                    [--merged MERGED_HF_DIR] [--atol A]
 
 Loads the base model with transformers, applies the adapter with
 `peft.PeftModel.from_pretrained`, checks every tensor of adapter_model.safetensors landed in the
 model unchanged (so PEFT's names and shapes match), that the adapter changes the logits, and
 prints the greedy continuation of the prompt (compare with
-`ranger-tune generate --model BASE --adapter ADAPTER --temperature 0`). Exits non-zero on failure.
+`ranger-tune generate --model BASE --adapter ADAPTER --temperature 0`). With --merged (a folder
+written by `ranger-tune merge` from the same base and adapter) it also loads that folder with
+transformers and checks its logits equal PEFT's base + adapter within --atol (default 1e-3).
+Exits non-zero on failure.
 """
 import argparse
 import os
@@ -29,6 +33,8 @@ def main():
     ap.add_argument("--prompt", default="Question: What does Zoe like?\nAnswer: Zoe")
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--expect-text", default=None)
+    ap.add_argument("--merged", default=None)
+    ap.add_argument("--atol", type=float, default=1e-3)
     a = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(a.base)
     base = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32)
@@ -67,6 +73,14 @@ def main():
     print(f"{'ok' if diff > 0 else 'FAIL'}   adapter changes the logits (max |diff| {diff:.4f})")
     failures += diff == 0
     print(f"greedy: {a.prompt!r} -> {text!r}")
+    if a.merged is not None:
+        merged = AutoModelForCausalLM.from_pretrained(a.merged, dtype=torch.float32)
+        with torch.no_grad():
+            merged_logits = merged(ids).logits
+        d = (merged_logits - logits).abs().max().item()
+        ok = d <= a.atol
+        print(f"{'ok' if ok else 'FAIL'}   merged folder's logits vs PEFT base + adapter: max |diff| {d:.2e} (atol {a.atol})")
+        failures += not ok
     if a.expect_text is not None:
         same = text == a.expect_text
         print(f"{'ok' if same else 'FAIL'}   greedy text {'matches' if same else 'differs from'} the expected {a.expect_text!r}")

@@ -28,7 +28,7 @@ pub enum TrainError {
         message: String,
     },
     /// A `model_type` we cannot train.
-    #[error("{origin}: unsupported architecture {model_type:?} (supported: llama, mistral, qwen2, qwen3; for classification also bert, roberta, xlm-roberta, camembert, distilbert)")]
+    #[error("{origin}: unsupported architecture {model_type:?} (supported: llama, mistral, qwen2, qwen3, smollm3; for classification also bert, roberta, xlm-roberta, camembert, distilbert)")]
     UnsupportedArchitecture {
         /// Where the configuration came from.
         origin: String,

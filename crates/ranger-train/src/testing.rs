@@ -68,7 +68,7 @@ pub fn tiny_tokenizer_json() -> Value {
 /// Size of the tiny vocabulary.
 pub const TINY_VOCAB: usize = 3 + WORDS.len();
 
-/// A tiny config.json for `model_type` (llama, mistral, qwen2, qwen3).
+/// A tiny config.json for `model_type` (llama, mistral, qwen2, qwen3, smollm3).
 pub fn tiny_config(model_type: &str) -> Value {
     let mut c = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": model_type, "hidden_size": 32, "intermediate_size": 48,
@@ -81,6 +81,11 @@ pub fn tiny_config(model_type: &str) -> Value {
         c["head_dim"] = json!(12);
     }
     if model_type == "qwen2" {
+        c["tie_word_embeddings"] = json!(true);
+    }
+    if model_type == "smollm3" {
+        // The second layer without rotary embeddings (NoPE), tied embeddings as released.
+        c["no_rope_layers"] = json!([1, 0]);
         c["tie_word_embeddings"] = json!(true);
     }
     c

@@ -20,7 +20,7 @@ use crate::kernels::cross_entropy::cross_entropy_rows;
 pub enum BackboneConfig {
     /// BERT, RoBERTa or DistilBERT.
     Encoder(EncoderConfig),
-    /// Llama, Mistral, Qwen2 or Qwen3 (pooled at the last non-padding token).
+    /// Llama, Mistral, Qwen2, Qwen3 or SmolLM3 (pooled at the last non-padding token).
     Decoder(LlamaConfig),
 }
 
@@ -43,6 +43,7 @@ impl BackboneConfig {
                     super::Architecture::Mistral => "Mistral",
                     super::Architecture::Qwen2 => "Qwen2",
                     super::Architecture::Qwen3 => "Qwen3",
+                    super::Architecture::SmolLM3 => "SmolLM3",
                 };
                 format!("{name}ForSequenceClassification")
             }

@@ -1,4 +1,4 @@
-//! `config.json` of the Llama-family decoders (Llama, Mistral, Qwen2, Qwen3).
+//! `config.json` of the Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM3).
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -17,6 +17,9 @@ pub enum Architecture {
     Qwen2,
     /// `Qwen3ForCausalLM`: RMSNorm on queries and keys per head.
     Qwen3,
+    /// `SmolLM3ForCausalLM`: the Llama stack with rotary embeddings off on some layers
+    /// (`no_rope_layers`).
+    SmolLM3,
 }
 
 impl Architecture {
@@ -27,6 +30,7 @@ impl Architecture {
             "mistral" => Some(Self::Mistral),
             "qwen2" => Some(Self::Qwen2),
             "qwen3" => Some(Self::Qwen3),
+            "smollm3" => Some(Self::SmolLM3),
             _ => None,
         }
     }
@@ -38,6 +42,7 @@ impl Architecture {
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::SmolLM3 => "smollm3",
         }
     }
 }
@@ -83,6 +88,10 @@ struct Raw {
     rope_scaling: Option<Value>,
     /// transformers >= 5 writes `rope_theta` and the scaling here.
     rope_parameters: Option<Value>,
+    /// SmolLM3: 1 where a layer applies rotary embeddings, 0 where it does not.
+    no_rope_layers: Option<Vec<u8>>,
+    /// SmolLM3: without `no_rope_layers`, every this many layers one has no rotary embeddings.
+    no_rope_layer_interval: Option<usize>,
 }
 
 /// The configuration of a Llama-family model, with the original `config.json` kept so the
@@ -123,6 +132,8 @@ pub struct LlamaConfig {
     pub qk_norm: bool,
     /// Sliding attention window (Mistral), if any.
     pub sliding_window: Option<usize>,
+    /// Per layer, whether it applies rotary embeddings (all do except SmolLM3's NoPE layers).
+    pub rope_layers: Vec<bool>,
     /// The `config.json` as read.
     pub raw: Value,
 }
@@ -183,10 +194,30 @@ impl LlamaConfig {
         };
         let sliding_window = match arch {
             Architecture::Mistral => r.sliding_window,
-            Architecture::Qwen2 | Architecture::Qwen3 if r.use_sliding_window == Some(true) => {
-                return Err(bad("use_sliding_window=true is not supported for qwen models".into()))
+            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::SmolLM3 if r.use_sliding_window == Some(true) => {
+                return Err(bad(format!(
+                    "use_sliding_window=true is not supported for {mt} models (per-layer sliding windows)"
+                )))
             }
             _ => None,
+        };
+        let rope_layers = match (arch, &r.no_rope_layers) {
+            (Architecture::SmolLM3, Some(flags)) => {
+                if flags.len() != r.num_hidden_layers {
+                    return Err(bad(format!(
+                        "no_rope_layers has {} entries for {} layers",
+                        flags.len(),
+                        r.num_hidden_layers
+                    )));
+                }
+                flags.iter().map(|&f| f != 0).collect()
+            }
+            // transformers' default: a NoPE layer every `no_rope_layer_interval` (4) layers.
+            (Architecture::SmolLM3, None) => {
+                let every = r.no_rope_layer_interval.unwrap_or(4).max(1);
+                (0..r.num_hidden_layers).map(|l| (l + 1) % every != 0).collect()
+            }
+            _ => vec![true; r.num_hidden_layers],
         };
         let attention_bias = r.attention_bias.unwrap_or(false);
         Ok(Self {
@@ -207,6 +238,7 @@ impl LlamaConfig {
             o_bias: attention_bias && arch != Architecture::Qwen2,
             qk_norm: arch == Architecture::Qwen3,
             sliding_window,
+            rope_layers,
             raw,
         })
     }

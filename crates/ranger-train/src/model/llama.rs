@@ -1,4 +1,4 @@
-//! A trainable Llama-family decoder (Llama, Mistral, Qwen2, Qwen3): differentiable tensor ops,
+//! A trainable Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM3): differentiable tensor ops,
 //! with the fused CPU kernels for attention and the LM head + loss where they apply.
 
 use std::collections::HashMap;
@@ -33,6 +33,8 @@ struct Layer {
     post_norm: Tensor,
     /// In [`PROJECTIONS`] order (index with [`Q`], [`K`], …).
     projs: [Proj; 7],
+    /// Whether queries and keys are rotated (false on SmolLM3's NoPE layers).
+    rope: bool,
 }
 
 impl Layer {
@@ -81,7 +83,7 @@ pub struct KvCache {
     pub len: usize,
 }
 
-/// A Llama / Mistral / Qwen2 / Qwen3 causal LM.
+/// A Llama / Mistral / Qwen2 / Qwen3 / SmolLM3 causal LM.
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     /// The configuration.
@@ -163,6 +165,7 @@ impl LlamaModel {
                 k_norm: opt(&format!("{p}.{}", names::K_NORM)),
                 post_norm: get(&format!("{p}.{}", names::POST_NORM))?,
                 projs: projs.into_iter().collect::<crate::Result<Vec<_>>>()?.try_into().expect("7 projections"),
+                rope: config.rope_layers.get(l).copied().unwrap_or(true),
             });
         }
         let norm = get(names::FINAL_NORM)?;
@@ -456,8 +459,10 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
         q = per_head(&q, qn, hq)?;
         k = per_head(&k, kn, hk)?;
     }
-    q = apply_rotary_rows(&q, cos, sin)?;
-    k = apply_rotary_rows(&k, cos, sin)?;
+    if layer.rope {
+        q = apply_rotary_rows(&q, cos, sin)?;
+        k = apply_rotary_rows(&k, cos, sin)?;
+    }
     if let Some(slot) = cache {
         // Cached keys and values are kept as [b, past, heads * head_dim].
         let (k3, v3) = (k.reshape((b, s, ()))?, v.reshape((b, s, ()))?);

@@ -1,4 +1,4 @@
-//! Trainable models: the Llama family (Llama 2/3, SmolLM, Mistral, Qwen2/2.5, Qwen3) as causal
+//! Trainable models: the Llama family (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2/2.5, Qwen3, SmolLM3) as causal
 //! LMs or classifiers, and BERT-family encoders (BERT, MiniLM, RoBERTa, DistilBERT) as
 //! classifiers. Each idea has its own file; this one only declares and re-exports them.
 

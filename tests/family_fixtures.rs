@@ -1,0 +1,118 @@
+//! The newer decoder families against transformers itself: tiny random models that transformers
+//! saved, a PEFT LoRA adapter on all seven projections, and a sequence classifier of each family
+//! (tests/fixtures/families/<family>, written by tools/make_family_fixtures.py) load into
+//! ranger-tune and give the logits and class probabilities transformers + PEFT computed, to
+//! 1e-4; merging the adapter gives the same logits.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use ranger_train::model::{causal_mask, BackboneConfig, ClassifierBatch, LlamaConfig, LlamaModel, SequenceClassifier};
+use serde_json::Value;
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families").join(family)
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn weights(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn base_model(family: &str) -> LlamaModel {
+    let dir = fixture(family).join("base");
+    let config = LlamaConfig::from_json(read_json(&dir.join("config.json")), family).unwrap();
+    LlamaModel::new(config, &weights(&dir)).unwrap()
+}
+
+fn input_ids(reference: &Value) -> Tensor {
+    let ids: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone()).unwrap();
+    Tensor::new(ids, &Device::Cpu).unwrap()
+}
+
+fn logits(model: &LlamaModel, reference: &Value) -> Vec<f32> {
+    model.forward_ids(&input_ids(reference)).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn assert_close(ours: &[f32], theirs: &Value, what: &str) -> f32 {
+    let theirs: Vec<f32> = serde_json::from_value(theirs.clone()).unwrap();
+    assert_eq!(ours.len(), theirs.len(), "{what}");
+    let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    eprintln!("{what}: max |difference| from transformers {worst:.2e}");
+    assert!(worst < 1e-4, "{what}: differs from transformers by {worst}");
+    worst
+}
+
+/// The base model, the adapter, the merged adapter and the classifier of `family`.
+fn check_family(family: &str) {
+    let reference = read_json(&fixture(family).join("reference.json"));
+    let base = base_model(family);
+    let plain = logits(&base, &reference);
+    assert_close(&plain, &reference["base"], &format!("{family} base logits"));
+
+    let mut model = base_model(family);
+    ranger_train::peft::load_peft_adapter(&mut model, &fixture(family).join("lora"), None).unwrap();
+    let ours = logits(&model, &reference);
+    assert!(ours.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-3), "{family}: the adapter changed nothing");
+    assert_close(&ours, &reference["lora"], &format!("{family} + PEFT LoRA logits"));
+    let merged: HashMap<String, Tensor> = model.merged_weights().unwrap().into_iter().collect();
+    let merged = LlamaModel::new(model.config.clone(), &merged).unwrap();
+    assert_close(&logits(&merged, &reference), &reference["lora"], &format!("{family} merged LoRA logits"));
+
+    // The sequence classifier: last-token pooling (no padding here) and the `score` head.
+    let dir = fixture(family).join("classifier");
+    let config = LlamaConfig::from_json(read_json(&dir.join("config.json")), family).unwrap();
+    let classifier = SequenceClassifier::new(BackboneConfig::Decoder(config), 3, &weights(&dir)).unwrap();
+    let ids = input_ids(&reference);
+    let (b, s) = ids.dims2().unwrap();
+    let positions = Tensor::arange(0u32, s as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((b, 1)).unwrap();
+    let mask = causal_mask(&vec![vec![1u32; s]; b], None, DType::F32, &Device::Cpu).unwrap();
+    let last: Vec<u32> = (0..b).map(|r| (r * s + s - 1) as u32).collect();
+    let batch = ClassifierBatch {
+        input_ids: ids,
+        token_type_ids: None,
+        positions,
+        mask,
+        last_index: Tensor::new(last, &Device::Cpu).unwrap(),
+        labels: Tensor::zeros(b, DType::U32, &Device::Cpu).unwrap(),
+        n_examples: b,
+        n_tokens: b * s,
+    };
+    let logits = classifier.forward(&batch).unwrap();
+    let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap();
+    assert_close(
+        &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        &reference["classifier_logits"],
+        &format!("{family} classifier logits"),
+    );
+    assert_close(
+        &probs.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        &reference["classifier_probs"],
+        &format!("{family} classifier probabilities"),
+    );
+}
+
+/// SmolLM3: the Llama stack with rotary embeddings off on the layers `no_rope_layers` names
+/// (here the second of four), tied embeddings.
+#[test]
+fn smollm3_matches_transformers() {
+    check_family("smollm3");
+}
+
+/// The NoPE layer matters: with rotary embeddings on every layer the logits move away from
+/// transformers', so the test above cannot pass by accident.
+#[test]
+fn smollm3_nope_layer_is_honoured() {
+    let reference = read_json(&fixture("smollm3").join("reference.json"));
+    let mut raw = read_json(&fixture("smollm3").join("base/config.json"));
+    raw["no_rope_layers"] = serde_json::json!([1, 1, 1, 1]);
+    let config = LlamaConfig::from_json(raw, "smollm3, rope everywhere").unwrap();
+    let model = LlamaModel::new(config, &weights(&fixture("smollm3").join("base"))).unwrap();
+    let theirs: Vec<f32> = serde_json::from_value(reference["base"].clone()).unwrap();
+    let worst = logits(&model, &reference).iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst > 1e-2, "rotary on the NoPE layer changed the logits by only {worst}");
+}

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Writes tests/fixtures/families/<family>: a tiny random model of each newer decoder family saved
+by transformers itself, a PEFT LoRA adapter on all seven projections (values moved off their
+init so each one matters), a sequence classifier of the same family, and the logits (and class
+probabilities) transformers + PEFT compute, so that tests/family_fixtures.rs checks ranger-tune
+loads each to the same numbers. Not run in CI (CI has no torch); rerun by hand after changing it:
+
+    python tools/make_family_fixtures.py tests/fixtures/families
+
+Families: smollm3 (4 layers, the second without rotary embeddings: `no_rope_layers`).
+"""
+import json
+import os
+import sys
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+IDS = [[3, 7, 1, 12, 5, 9, 30, 2], [11, 4, 4, 8, 21, 0, 17, 6]]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def smollm3():
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM, SmolLM3ForSequenceClassification
+
+    cfg = dict(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=64, no_rope_layers=[1, 0, 1, 1],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return SmolLM3Config(**cfg), SmolLM3ForCausalLM, SmolLM3ForSequenceClassification
+
+
+FAMILIES = {"smollm3": smollm3}
+
+
+def moved(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # larger than the default init, so every path shows in the logits
+    return model
+
+
+def write(out, family):
+    cfg, causal, classifier = FAMILIES[family]()
+    d = os.path.join(out, family)
+    torch.manual_seed(0)
+    base = moved(causal(cfg))
+    base.eval()
+    base.save_pretrained(os.path.join(d, "base"))
+    ids = torch.tensor(IDS)
+    ref = {"input_ids": IDS}
+    with torch.no_grad():
+        ref["base"] = base(ids).logits.flatten().tolist()
+    torch.manual_seed(1)
+    lora = get_peft_model(causal.from_pretrained(os.path.join(d, "base")),
+                          LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=ALL))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    lora.eval()
+    lora.save_pretrained(os.path.join(d, "lora"))
+    os.remove(os.path.join(d, "lora", "README.md"))  # PEFT's model card template
+    with torch.no_grad():
+        ref["lora"] = lora(ids).logits.flatten().tolist()
+    # A sequence classifier: the same backbone, a `score` head, the last non-pad token pooled.
+    cls_cfg = cfg.__class__(**{**cfg.to_dict(), "num_labels": 3})
+    torch.manual_seed(2)
+    cls = moved(classifier(cls_cfg))
+    cls.eval()
+    cls.save_pretrained(os.path.join(d, "classifier"))
+    with torch.no_grad():
+        logits = cls(ids).logits
+    ref["classifier_logits"] = logits.flatten().tolist()
+    ref["classifier_probs"] = torch.softmax(logits, -1).flatten().tolist()
+    ref["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                       "peft": __import__("peft").__version__}
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump(ref, f)
+    print(f"wrote {d}")
+
+
+def main():
+    out = sys.argv[1]
+    for family in sys.argv[2:] or FAMILIES:
+        write(out, family)
+
+
+if __name__ == "__main__":
+    main()
