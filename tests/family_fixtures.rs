@@ -116,3 +116,36 @@ fn smollm3_nope_layer_is_honoured() {
     let worst = logits(&model, &reference).iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(worst > 1e-2, "rotary on the NoPE layer changed the logits by only {worst}");
 }
+
+/// Gemma 3 (`gemma3_text`): `(1 + w)` norms around attention and the MLP, q/k norms, scaled
+/// embeddings, GeGLU, `query_pre_attn_scalar`, sliding and global layers with their own rotary
+/// bases (linear scaling on the global ones), tied embeddings.
+#[test]
+fn gemma3_matches_transformers() {
+    check_family("gemma3");
+}
+
+/// The sliding window and the local rotary base matter: widening the window to the whole
+/// sequence, or giving the sliding layers the global base, moves the logits away from
+/// transformers'.
+#[test]
+fn gemma3_sliding_layers_are_honoured() {
+    let reference = read_json(&fixture("gemma3").join("reference.json"));
+    let theirs: Vec<f32> = serde_json::from_value(reference["base"].clone()).unwrap();
+    for (what, key, value) in [
+        ("a window of 64", "sliding_window", serde_json::json!(64)),
+        (
+            "the global base on every layer",
+            "rope_parameters",
+            serde_json::json!({"full_attention": {"factor": 2.0, "rope_theta": 1000000.0, "rope_type": "linear"},
+                               "sliding_attention": {"rope_theta": 1000000.0, "rope_type": "default"}}),
+        ),
+    ] {
+        let mut raw = read_json(&fixture("gemma3").join("base/config.json"));
+        raw[key] = value;
+        let config = LlamaConfig::from_json(raw, what).unwrap();
+        let model = LlamaModel::new(config, &weights(&fixture("gemma3").join("base"))).unwrap();
+        let worst = logits(&model, &reference).iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst > 1e-3, "{what}: the logits moved by only {worst}");
+    }
+}

@@ -77,6 +77,11 @@ fn qwen2_bias_gradients() {
 }
 
 #[test]
+fn gemma3_gradients() {
+    gradient_check(common::tiny_config("gemma3_text"));
+}
+
+#[test]
 fn smollm3_nope_layer_gradients() {
     gradient_check(common::tiny_config("smollm3"));
 }
@@ -301,7 +306,7 @@ fn fused_lm_head_loss_matches_the_logits_path() {
 fn op_by_op_path_matches_the_fused_kernels() {
     use ranger_train::kernels::without_fused_kernels;
     let batch = common::test_batch(common::TINY_VOCAB, DType::F64);
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text"] {
         let (_, vars, model) = build(&common::tiny_config(arch), DType::F64, 11);
         let run = || {
             let l = model.loss_sum(&batch, true).unwrap();

@@ -7,7 +7,9 @@ loads each to the same numbers. Not run in CI (CI has no torch); rerun by hand a
 
     python tools/make_family_fixtures.py tests/fixtures/families
 
-Families: smollm3 (4 layers, the second without rotary embeddings: `no_rope_layers`).
+Families: smollm3 (4 layers, the second without rotary embeddings: `no_rope_layers`); gemma3
+(`gemma3_text`: 4 layers alternating a 3-token sliding window and global attention, linear rope
+scaling on the global layers, query_pre_attn_scalar 24 for a head_dim of 16).
 """
 import json
 import os
@@ -31,7 +33,22 @@ def smollm3():
     return SmolLM3Config(**cfg), SmolLM3ForCausalLM, SmolLM3ForSequenceClassification
 
 
-FAMILIES = {"smollm3": smollm3}
+def gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextForSequenceClassification
+
+    cfg = dict(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=64,
+        query_pre_attn_scalar=24, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    )
+    return Gemma3TextConfig(**cfg), Gemma3ForCausalLM, Gemma3TextForSequenceClassification
+
+
+FAMILIES = {"smollm3": smollm3, "gemma3": gemma3}
 
 
 def moved(model):
@@ -65,7 +82,7 @@ def write(out, family):
     with torch.no_grad():
         ref["lora"] = lora(ids).logits.flatten().tolist()
     # A sequence classifier: the same backbone, a `score` head, the last non-pad token pooled.
-    cls_cfg = cfg.__class__(**{**cfg.to_dict(), "num_labels": 3})
+    cls_cfg = cfg.__class__(**{**cfg.to_dict(), "id2label": {i: f"LABEL_{i}" for i in range(3)}})
     torch.manual_seed(2)
     cls = moved(classifier(cls_cfg))
     cls.eval()

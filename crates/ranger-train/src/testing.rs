@@ -68,7 +68,7 @@ pub fn tiny_tokenizer_json() -> Value {
 /// Size of the tiny vocabulary.
 pub const TINY_VOCAB: usize = 3 + WORDS.len();
 
-/// A tiny config.json for `model_type` (llama, mistral, qwen2, qwen3, smollm3).
+/// A tiny config.json for `model_type` (llama, mistral, qwen2, qwen3, smollm3, gemma3_text).
 pub fn tiny_config(model_type: &str) -> Value {
     let mut c = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": model_type, "hidden_size": 32, "intermediate_size": 48,
@@ -82,6 +82,20 @@ pub fn tiny_config(model_type: &str) -> Value {
     }
     if model_type == "qwen2" {
         c["tie_word_embeddings"] = json!(true);
+    }
+    if model_type == "gemma3_text" {
+        // A 4-token sliding window on the first layer, global attention on the second (with
+        // linear rope scaling), and an attention scale that is not head_dim's.
+        c["architectures"] = json!(["Gemma3ForCausalLM"]);
+        c["head_dim"] = json!(12);
+        c["query_pre_attn_scalar"] = json!(20);
+        c["sliding_window"] = json!(4);
+        c["layer_types"] = json!(["sliding_attention", "full_attention"]);
+        c["rope_parameters"] = json!({"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}});
+        c["hidden_activation"] = json!("gelu_pytorch_tanh");
+        c["tie_word_embeddings"] = json!(true);
+        c.as_object_mut().expect("an object").remove("rope_theta");
     }
     if model_type == "smollm3" {
         // The second layer without rotary embeddings (NoPE), tied embeddings as released.

@@ -1,10 +1,11 @@
-//! Activations: exact GELU and SwiGLU, fused on the CPU with one-pass backward kernels, and
-//! SiLU (Candle's op).
+//! Activations: exact GELU, SwiGLU and GeGLU (tanh GELU), fused on the CPU with one-pass backward
+//! kernels, and SiLU (Candle's op).
 
 use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_op::{Fused, FusedOp1, FusedOp2, FusedOp3, Input, Out};
+use super::dtype::compute_dtype;
 use super::float::Float;
 use super::path::fused_ok;
 
@@ -157,5 +158,104 @@ impl FusedOp3 for SwiGluGrad {
         let mut dims = vec![2];
         dims.extend_from_slice(gate.dims());
         Ok((swiglu_bwd(gate.floats()?, up.floats()?, g.floats()?), Shape::from(dims)))
+    }
+}
+
+/// GeGLU `gelu_tanh(gate) * up` (Gemma's MLP gate, `gelu_pytorch_tanh`): the fused CPU kernel
+/// on CPU (keeping no intermediate for backprop), [`geglu_ops`] elsewhere.
+pub fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused_ok(gate) && gate.dtype() == up.dtype() && gate.shape() == up.shape() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, Fused(GeGlu));
+    }
+    geglu_ops(gate, up)
+}
+
+/// [`geglu`] from tensor ops: `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))` from elementary
+/// ops, whose backward passes are exact (Candle's own `gelu` backward uses constants rounded to
+/// six digits), computed in f32 for half precision and rounded once, as PyTorch's GELU does.
+pub fn geglu_ops(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let dt = gate.dtype();
+    let x = gate.to_dtype(compute_dtype(dt))?;
+    let inner = ((&x + (x.sqr()? * &x)?.affine(GELU_C, 0.0)?)? * GELU_K)?;
+    let gelu = (&x * 0.5)?.mul(&(inner.tanh()? + 1.0)?)?.to_dtype(dt)?;
+    gelu * up
+}
+
+/// GeGLU with the tanh GELU, `0.5 x (1 + tanh(y)) * up` with `y = √(2/π) (x + 0.044715 x³)`,
+/// computed as `x σ(2y) * up` (the same function; σ through the vectorised `exp`, and no
+/// `inf / inf` for large |y|).
+pub struct GeGlu;
+
+/// `√(2/π)` and the cubic coefficient of the tanh GELU.
+const GELU_K: f64 = 0.797_884_560_802_865_4;
+const GELU_C: f64 = 0.044_715;
+
+// gate: [n], up: [n] -> out: [n]
+fn geglu_fwd<T: Float>(g: &[T], u: &[T]) -> Vec<T> {
+    let (k2, c) = (T::from_f64(-2.0 * GELU_K), T::from_f64(GELU_C));
+    let mut out: Vec<T> = g.iter().map(|&x| k2 * (x + c * x * x * x)).collect();
+    out.par_chunks_mut(SWIGLU_CHUNK).zip(g.par_chunks(SWIGLU_CHUNK).zip(u.par_chunks(SWIGLU_CHUNK))).for_each(
+        |(o, (g, u))| {
+            // o = exp(-2y), then x σ(2y) u = x / (1 + exp(-2y)) * u.
+            T::exp_in_place(o);
+            for ((o, &x), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = x / (T::one() + *o) * u;
+            }
+        },
+    );
+    out
+}
+
+// gate: [n], up: [n], g: [n] -> [d_gate: n | d_up: n]
+fn geglu_bwd<T: Float>(gate: &[T], up: &[T], g: &[T]) -> Vec<T> {
+    let n = gate.len();
+    let (k2, c, c3) = (T::from_f64(-2.0 * GELU_K), T::from_f64(GELU_C), T::from_f64(3.0 * GELU_C));
+    let two_k = T::from_f64(2.0 * GELU_K);
+    let mut out = vec![T::zero(); 2 * n];
+    let (d_gate, d_up) = out.split_at_mut(n);
+    let inputs = gate.par_chunks(SWIGLU_CHUNK).zip(up.par_chunks(SWIGLU_CHUNK)).zip(g.par_chunks(SWIGLU_CHUNK));
+    d_gate.par_chunks_mut(SWIGLU_CHUNK).zip(d_up.par_chunks_mut(SWIGLU_CHUNK)).zip(inputs).for_each(
+        |((dg, du), ((x, u), g))| {
+            // dg holds exp(-2y) first.
+            dg.iter_mut().zip(x).for_each(|(d, &x)| *d = k2 * (x + c * x * x * x));
+            T::exp_in_place(dg);
+            for ((((dg, du), &x), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(x).zip(u).zip(g) {
+                // d/dx [x σ(2y)] = σ + x σ (1 - σ) 2 y', y' = √(2/π) (1 + 3c x²).
+                let sig = T::one() / (T::one() + *dg);
+                let dy2 = two_k * (T::one() + c3 * x * x);
+                *dg = g * u * (sig + x * sig * (T::one() - sig) * dy2);
+                *du = g * x * sig;
+            }
+        },
+    );
+    out
+}
+
+impl FusedOp2 for GeGlu {
+    const NAME: &'static str = "ranger-geglu";
+
+    fn cpu<T: Float>(&self, gate: Input<'_>, up: Input<'_>) -> Out<T> {
+        if gate.shape() != up.shape() {
+            candle_core::bail!("ranger-geglu: gate {:?} and up {:?} differ", gate.dims(), up.dims());
+        }
+        Ok((geglu_fwd(gate.floats()?, up.floats()?), gate.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate.apply_op3_no_bwd(up, &g.contiguous()?, &Fused(GeGluGrad))?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// The gradients of [`GeGlu`], stacked: `g * up * gelu_tanh'(gate)` then `g * gelu_tanh(gate)`.
+struct GeGluGrad;
+
+impl FusedOp3 for GeGluGrad {
+    const NAME: &'static str = "ranger-geglu-grad";
+
+    fn cpu<T: Float>(&self, gate: Input<'_>, up: Input<'_>, g: Input<'_>) -> Out<T> {
+        let mut dims = vec![2];
+        dims.extend_from_slice(gate.dims());
+        Ok((geglu_bwd(gate.floats()?, up.floats()?, g.floats()?), Shape::from(dims)))
     }
 }

@@ -18,6 +18,21 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     rms_norm_ops(x, weight, eps)
 }
 
+/// Gemma's RMSNorm, `x / sqrt(mean(x²) + eps) * (1 + weight)`, with the weight stored as its
+/// offset from 1. As transformers' `Gemma3RMSNorm`: normalised and scaled in f32, then cast back
+/// (so in bf16 the `1 + w` is not rounded to bf16 first). The fused kernel on CPU in f32/f64.
+pub fn rms_norm_offset(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_ok(x) && weight.dtype() == x.dtype() {
+        return rms_norm(x, &(weight + 1.0)?, eps);
+    }
+    let dt = x.dtype();
+    let cdt = compute_dtype(dt);
+    let xf = x.to_dtype(cdt)?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(&(weight.to_dtype(cdt)? + 1.0)?)?.to_dtype(dt)
+}
+
 /// [`rms_norm`] from tensor ops.
 pub fn rms_norm_ops(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dt = x.dtype();

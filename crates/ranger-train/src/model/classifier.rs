@@ -44,6 +44,7 @@ impl BackboneConfig {
                     super::Architecture::Qwen2 => "Qwen2",
                     super::Architecture::Qwen3 => "Qwen3",
                     super::Architecture::SmolLM3 => "SmolLM3",
+                    super::Architecture::Gemma3 => "Gemma3Text",
                 };
                 format!("{name}ForSequenceClassification")
             }
@@ -164,7 +165,7 @@ enum Head {
 #[derive(Debug, Clone)]
 enum Backbone {
     Encoder(Encoder),
-    Decoder(LlamaModel),
+    Decoder(Box<LlamaModel>),
 }
 
 /// One batch of labelled (or unlabelled) texts.
@@ -224,7 +225,7 @@ impl SequenceClassifier {
             }
             BackboneConfig::Decoder(c) => {
                 let score = Proj::dense(get("score.weight")?, None);
-                (Backbone::Decoder(LlamaModel::new_backbone(c.clone(), weights)?), Head::Score { score })
+                (Backbone::Decoder(Box::new(LlamaModel::new_backbone(c.clone(), weights)?)), Head::Score { score })
             }
         };
         Ok(Self { config, num_labels, backbone, head })

@@ -20,6 +20,10 @@ pub enum Architecture {
     /// `SmolLM3ForCausalLM`: the Llama stack with rotary embeddings off on some layers
     /// (`no_rope_layers`).
     SmolLM3,
+    /// `Gemma3ForCausalLM` (`gemma3_text`): `(1 + w)` RMSNorms before and after attention and
+    /// the MLP, q/k norms, embeddings scaled by √hidden, GeGLU (tanh GELU),
+    /// `query_pre_attn_scalar`, sliding-window layers with their own rotary base.
+    Gemma3,
 }
 
 impl Architecture {
@@ -31,6 +35,7 @@ impl Architecture {
             "qwen2" => Some(Self::Qwen2),
             "qwen3" => Some(Self::Qwen3),
             "smollm3" => Some(Self::SmolLM3),
+            "gemma3_text" => Some(Self::Gemma3),
             _ => None,
         }
     }
@@ -43,6 +48,7 @@ impl Architecture {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::SmolLM3 => "smollm3",
+            Self::Gemma3 => "gemma3_text",
         }
     }
 }
@@ -92,6 +98,27 @@ struct Raw {
     no_rope_layers: Option<Vec<u8>>,
     /// SmolLM3: without `no_rope_layers`, every this many layers one has no rotary embeddings.
     no_rope_layer_interval: Option<usize>,
+    /// Gemma: the attention scale is `query_pre_attn_scalar^-0.5`.
+    query_pre_attn_scalar: Option<f64>,
+    hidden_activation: Option<String>,
+    hidden_act: Option<String>,
+    /// Gemma 3: `sliding_attention` / `full_attention` per layer.
+    layer_types: Option<Vec<String>>,
+    /// Gemma 3 before `layer_types`: every this many layers one is global.
+    sliding_window_pattern: Option<usize>,
+    /// Gemma 3 before `rope_parameters`: the sliding layers' rotary base.
+    rope_local_base_freq: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (SwiGLU): Llama, Mistral, Qwen, SmolLM3.
+    Silu,
+    /// The tanh approximation of GELU (GeGLU, `gelu_pytorch_tanh`): Gemma.
+    GeluTanh,
 }
 
 /// The configuration of a Llama-family model, with the original `config.json` kept so the
@@ -134,6 +161,25 @@ pub struct LlamaConfig {
     pub sliding_window: Option<usize>,
     /// Per layer, whether it applies rotary embeddings (all do except SmolLM3's NoPE layers).
     pub rope_layers: Vec<bool>,
+    /// Gemma: RMSNorms scale by `1 + w` (their weights are stored as offsets from 1).
+    pub norm_offset: bool,
+    /// Gemma 2/3: norms after attention and after the MLP as well (`post_attention_layernorm`
+    /// then normalizes the attention output; `pre_feedforward_layernorm` and
+    /// `post_feedforward_layernorm` wrap the MLP).
+    pub sandwich_norms: bool,
+    /// Gemma: the embeddings are multiplied by this (√hidden).
+    pub embed_scale: Option<f64>,
+    /// The MLP's gate activation.
+    pub activation: Activation,
+    /// The attention scores' scale (`head_dim^-0.5`, or Gemma's `query_pre_attn_scalar^-0.5`).
+    pub attn_scale: f64,
+    /// Gemma 3: the window of the layers marked in [`LlamaConfig::sliding_layers`] (the mask of a
+    /// batch is the full causal one; those layers narrow it).
+    pub local_window: Option<usize>,
+    /// Gemma 3: per layer, whether it attends within [`LlamaConfig::local_window`].
+    pub sliding_layers: Vec<bool>,
+    /// Gemma 3: the sliding layers' rotary base (unscaled).
+    pub local_rope_theta: Option<f64>,
     /// The `config.json` as read.
     pub raw: Value,
 }
@@ -175,7 +221,14 @@ impl LlamaConfig {
         let head_dim = r.head_dim.unwrap_or(r.hidden_size / r.num_attention_heads);
         // transformers >= 5 keeps `rope_theta` and the scaling in `rope_parameters`
         // (`rope_type: default` when unscaled); older configs have them at the top level.
-        let params = r.rope_parameters.as_ref().filter(|v| v.is_object());
+        // Gemma 3 (transformers >= 5): one set per layer type; the global one is `full_attention`.
+        let per_type = r.rope_parameters.as_ref().filter(|v| v.get("full_attention").is_some());
+        let local_params = per_type.and_then(|v| v.get("sliding_attention"));
+        let params = match per_type {
+            Some(v) if arch == Architecture::Gemma3 => v.get("full_attention"),
+            _ => r.rope_parameters.as_ref(),
+        }
+        .filter(|v| v.is_object());
         let rope_theta = match (r.rope_theta, params) {
             (Some(t), _) => t,
             (None, Some(p)) => p["rope_theta"]
@@ -220,6 +273,53 @@ impl LlamaConfig {
             _ => vec![true; r.num_hidden_layers],
         };
         let attention_bias = r.attention_bias.unwrap_or(false);
+        let gemma = arch == Architecture::Gemma3;
+        for (name, v) in [
+            ("final_logit_softcapping", r.final_logit_softcapping),
+            ("attn_logit_softcapping", r.attn_logit_softcapping),
+        ] {
+            if v.is_some() {
+                return Err(bad(format!("{name} is not supported yet (Gemma 2's soft-capping)")));
+            }
+        }
+        let act = r.hidden_activation.as_deref().or(r.hidden_act.as_deref()).unwrap_or(if gemma {
+            "gelu_pytorch_tanh"
+        } else {
+            "silu"
+        });
+        let activation = match act {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Activation::GeluTanh,
+            other => {
+                return Err(bad(format!("hidden activation {other:?} is not supported (silu, gelu_pytorch_tanh)")))
+            }
+        };
+        let (local_window, sliding_layers, local_rope_theta) = if gemma {
+            let types: Vec<bool> = match (&r.layer_types, r.sliding_window_pattern) {
+                (Some(t), _) if t.len() == r.num_hidden_layers => t.iter().map(|t| t == "sliding_attention").collect(),
+                (Some(t), _) => {
+                    return Err(bad(format!("layer_types has {} entries for {} layers", t.len(), r.num_hidden_layers)))
+                }
+                (None, pattern) => {
+                    let every = pattern.unwrap_or(6).max(1);
+                    (0..r.num_hidden_layers).map(|l| (l + 1) % every != 0).collect()
+                }
+            };
+            let local_theta = match (local_params, r.rope_local_base_freq) {
+                (Some(p), _) => {
+                    if p["rope_type"].as_str().is_some_and(|t| t != "default") {
+                        return Err(bad(format!("sliding-layer rope scaling is not supported: {p}")));
+                    }
+                    p["rope_theta"].as_f64().unwrap_or(10_000.0)
+                }
+                (None, Some(t)) => t,
+                (None, None) => 10_000.0,
+            };
+            let window = r.sliding_window.ok_or_else(|| bad("sliding_window missing".into()))?;
+            (Some(window), types, Some(local_theta))
+        } else {
+            (None, vec![false; r.num_hidden_layers], None)
+        };
         Ok(Self {
             arch,
             hidden_size: r.hidden_size,
@@ -236,9 +336,17 @@ impl LlamaConfig {
             tie_word_embeddings: r.tie_word_embeddings.unwrap_or(false),
             qkv_bias: arch == Architecture::Qwen2 || attention_bias,
             o_bias: attention_bias && arch != Architecture::Qwen2,
-            qk_norm: arch == Architecture::Qwen3,
+            qk_norm: arch == Architecture::Qwen3 || gemma,
             sliding_window,
             rope_layers,
+            norm_offset: gemma,
+            sandwich_norms: gemma,
+            embed_scale: gemma.then(|| (r.hidden_size as f64).sqrt()),
+            activation,
+            attn_scale: r.query_pre_attn_scalar.filter(|_| gemma).unwrap_or(head_dim as f64).powf(-0.5),
+            local_window,
+            sliding_layers,
+            local_rope_theta,
             raw,
         })
     }
@@ -272,6 +380,10 @@ impl LlamaConfig {
                 push(names::K_NORM, vec![hd]);
             }
             push(names::POST_NORM, vec![h]);
+            if self.sandwich_norms {
+                push(names::PRE_FF_NORM, vec![h]);
+                push(names::POST_FF_NORM, vec![h]);
+            }
             for j in [GATE, UP, DOWN] {
                 let (n, s) = weight(j);
                 push(&n, s);
@@ -288,6 +400,13 @@ impl LlamaConfig {
     /// classifier.
     pub fn backbone_weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
         self.weight_shapes().into_iter().filter(|(n, _)| n != names::LM_HEAD).collect()
+    }
+
+    /// The sliding layers' rotary inverse frequencies (Gemma 3), unscaled.
+    pub fn local_inv_freq(&self) -> Option<Vec<f32>> {
+        let theta = self.local_rope_theta?;
+        let d = self.head_dim;
+        Some((0..d / 2).map(|i| (1.0 / theta.powf((2 * i) as f64 / d as f64)) as f32).collect())
     }
 
     /// The rotary inverse frequencies (`head_dim / 2` values), scaling applied.

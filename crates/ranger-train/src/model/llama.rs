@@ -7,17 +7,17 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 use super::batch::{causal_mask, Batch};
-use super::config::LlamaConfig;
+use super::config::{Activation, LlamaConfig};
 use super::linear::Proj;
 use super::llama_names::{self as names, layer_prefix, DOWN, GATE, K, O, PROJECTIONS, Q, UP, V};
 use super::lora::{DropoutSeed, LoraConfig};
-use crate::kernels::activations::swiglu;
+use crate::kernels::activations::{geglu, swiglu};
 use crate::kernels::attention::{repeat_kv, FusedAttention};
 use crate::kernels::checkpoint::{checkpoint, LayerFn};
 use crate::kernels::chunked_attention::chunked_attention;
 use crate::kernels::chunked_lm_loss::chunked_linear_cross_entropy;
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
-use crate::kernels::norms::rms_norm;
+use crate::kernels::norms::{rms_norm, rms_norm_offset};
 use crate::kernels::quantized::{quantized_linear, QuantizedWeight};
 use crate::kernels::quantized_lm_head::QuantizedLinearCrossEntropy;
 use crate::kernels::rotary::apply_rotary_rows;
@@ -31,10 +31,15 @@ struct Layer {
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     post_norm: Tensor,
+    /// Gemma's norms before and after the MLP (`sandwich_norms`).
+    pre_ff_norm: Option<Tensor>,
+    post_ff_norm: Option<Tensor>,
     /// In [`PROJECTIONS`] order (index with [`Q`], [`K`], …).
     projs: [Proj; 7],
     /// Whether queries and keys are rotated (false on SmolLM3's NoPE layers).
     rope: bool,
+    /// Gemma 3: attends within the local window, with the local rotary tables.
+    sliding: bool,
 }
 
 impl Layer {
@@ -48,6 +53,12 @@ impl Layer {
         }
         if let Some(k) = &mut self.k_norm {
             out.push((names::K_NORM.into(), k));
+        }
+        if let Some(n) = &mut self.pre_ff_norm {
+            out.push((names::PRE_FF_NORM.into(), n));
+        }
+        if let Some(n) = &mut self.post_ff_norm {
+            out.push((names::POST_FF_NORM.into(), n));
         }
         for (name, proj) in PROJECTIONS.iter().zip(self.projs.iter_mut()) {
             // A quantized weight is frozen: no slot to replace it.
@@ -64,7 +75,7 @@ impl Layer {
     /// Every tensor the layer computes with (weights, biases, norms, adapters).
     fn tensors(&self) -> Vec<Tensor> {
         let mut out = vec![self.input_norm.clone(), self.post_norm.clone()];
-        out.extend(self.q_norm.iter().chain(&self.k_norm).cloned());
+        out.extend(self.q_norm.iter().chain(&self.k_norm).chain(&self.pre_ff_norm).chain(&self.post_ff_norm).cloned());
         out.extend(self.projs.iter().flat_map(Proj::tensors));
         out
     }
@@ -95,6 +106,8 @@ pub struct LlamaModel {
     /// False for a backbone built without its LM head (sequence classification).
     has_lm_head: bool,
     inv_freq: Tensor,
+    /// Gemma 3's sliding layers' rotary frequencies.
+    local_inv_freq: Option<Tensor>,
     dtype: DType,
     device: Device,
     /// Recompute each layer in the backward pass instead of keeping its activations.
@@ -164,8 +177,19 @@ impl LlamaModel {
                 q_norm: opt(&format!("{p}.{}", names::Q_NORM)),
                 k_norm: opt(&format!("{p}.{}", names::K_NORM)),
                 post_norm: get(&format!("{p}.{}", names::POST_NORM))?,
+                pre_ff_norm: if config.sandwich_norms {
+                    Some(get(&format!("{p}.{}", names::PRE_FF_NORM))?)
+                } else {
+                    None
+                },
+                post_ff_norm: if config.sandwich_norms {
+                    Some(get(&format!("{p}.{}", names::POST_FF_NORM))?)
+                } else {
+                    None
+                },
                 projs: projs.into_iter().collect::<crate::Result<Vec<_>>>()?.try_into().expect("7 projections"),
                 rope: config.rope_layers.get(l).copied().unwrap_or(true),
+                sliding: config.sliding_layers.get(l).copied().unwrap_or(false),
             });
         }
         let norm = get(names::FINAL_NORM)?;
@@ -173,6 +197,7 @@ impl LlamaModel {
         let device = embed.device();
         let dtype = embed.dtype();
         let inv_freq = Tensor::new(config.inv_freq(), &device)?;
+        let local_inv_freq = config.local_inv_freq().map(|f| Tensor::new(f, &device)).transpose()?;
         Ok(Self {
             config,
             embed,
@@ -181,6 +206,7 @@ impl LlamaModel {
             lm_head,
             has_lm_head,
             inv_freq,
+            local_inv_freq,
             dtype,
             device,
             gradient_checkpointing: false,
@@ -298,11 +324,31 @@ impl LlamaModel {
 
     /// `cos`, `sin` of shape `[b * s, head_dim]` (one row per token) for `positions: [b, s]`,
     /// in the model dtype.
-    fn rotary(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn rotary(&self, positions: &Tensor, inv_freq: &Tensor) -> Result<(Tensor, Tensor)> {
         let pos = positions.flatten_all()?.to_dtype(DType::F32)?.unsqueeze(1)?;
-        let freqs = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        let freqs = pos.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
+    }
+
+    /// Gemma 3's sliding layers: their rotary tables and `mask` narrowed to the local window
+    /// (a query at absolute index `past + i` sees keys `j` with `past + i - j < window`, where
+    /// `past` is the number of cached keys before this call's queries).
+    fn local(&self, positions: &Tensor, mask: &Tensor) -> Result<Option<Local>> {
+        let (Some(inv_freq), Some(window)) = (&self.local_inv_freq, self.config.local_window) else {
+            return Ok(None);
+        };
+        let (cos, sin) = self.rotary(positions, inv_freq)?;
+        let (s, t) = (mask.dim(2)?, mask.dim(3)?);
+        let past = (t - s) as f64;
+        let i = Tensor::arange(0f32, s as f32, mask.device())?.reshape((s, 1))?;
+        let j = Tensor::arange(0f32, t as f32, mask.device())?.reshape((1, t))?;
+        // past + i - j < window  <=>  i + past - window < j
+        let inside = j.broadcast_gt(&(i + (past - window as f64))?)?;
+        let zeros = Tensor::zeros((s, t), mask.dtype(), mask.device())?;
+        let blocked = Tensor::full(-1e9f32, (s, t), mask.device())?.to_dtype(mask.dtype())?;
+        let window_mask = inside.where_cond(&zeros, &blocked)?.reshape((1, 1, s, t))?;
+        Ok(Some(Local { cos, sin, mask: mask.broadcast_minimum(&window_mask)?.contiguous()? }))
     }
 
     fn run(
@@ -340,16 +386,21 @@ impl LlamaModel {
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (cos, sin) = self.rotary(positions)?;
+        let (cos, sin) = self.rotary(positions, &self.inv_freq)?;
+        let local = self.local(positions, mask)?;
         let (b, s) = input_ids.dims2()?;
         let mut x = match &self.embed {
             Weight::Dense(e) => embedding(e, &input_ids.flatten_all()?)?,
             Weight::Quantized(q) => q.rows(&input_ids.flatten_all()?)?,
         };
+        if let Some(scale) = self.config.embed_scale {
+            // As transformers: the scale rounded to the model dtype, then a product.
+            x = (x * scale)?;
+        }
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.layers.len(), None);
         }
-        let rows = Rows { b, s, cos: &cos, sin: &sin, mask };
+        let rows = Rows { b, s, cos: &cos, sin: &sin, mask, local: local.as_ref() };
         for (i, layer) in self.layers.iter().enumerate() {
             x = match cache.as_deref_mut() {
                 Some(c) => layer_forward(&self.config, layer, &x, rows, Some(&mut c.layers[i]))?,
@@ -366,7 +417,7 @@ impl LlamaModel {
         if let Some(c) = cache {
             c.len += s;
         }
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        norm(&self.config, &x, &self.norm)
     }
 
     /// The summed next-token loss of a batch, as [`super::loss::causal_lm_loss_sum`] computes it from
@@ -443,9 +494,22 @@ impl LlamaModel {
     }
 }
 
+/// The model's RMSNorm of `x` with weight `w` (Gemma's scales by `1 + w`).
+fn norm(c: &LlamaConfig, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if c.norm_offset {
+        rms_norm_offset(x, w, c.rms_norm_eps)
+    } else {
+        rms_norm(x, w, c.rms_norm_eps)
+    }
+}
+
 /// Self-attention of one layer over token rows `x: [b * s, hidden]`.
 fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: Option<&mut KvSlot>) -> Result<Tensor> {
-    let Rows { b, s, cos, sin, mask } = rows;
+    let Rows { b, s, cos, sin, mask, local } = rows;
+    let (cos, sin, mask) = match local.filter(|_| layer.sliding) {
+        Some(l) => (&l.cos, &l.sin, &l.mask),
+        None => (cos, sin, mask),
+    };
     let hd = c.head_dim;
     let (hq, hk) = (c.num_attention_heads, c.num_key_value_heads);
     // Token rows [b * s, heads * head_dim]: the projections' own layout.
@@ -454,7 +518,7 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
     let mut v = layer.projs[V].forward_rows(x)?;
     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
         let per_head = |t: &Tensor, w: &Tensor, heads: usize| {
-            rms_norm(&t.reshape((b * s, heads, hd))?, w, c.rms_norm_eps)?.reshape((b * s, heads * hd))
+            norm(c, &t.reshape((b * s, heads, hd))?, w)?.reshape((b * s, heads * hd))
         };
         q = per_head(&q, qn, hq)?;
         k = per_head(&k, kn, hk)?;
@@ -477,7 +541,7 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
     if fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
         // One op that reads grouped heads in place, keeps only the log-sum-exp for
         // backprop and writes token rows for o_proj: no reshape or transpose in the graph.
-        let op = Fused(FusedAttention::new(mask.clone(), 1.0 / (hd as f64).sqrt(), hd));
+        let op = Fused(FusedAttention::new(mask.clone(), c.attn_scale, hd));
         return layer.projs[O].forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
     }
     let t = k.dim(0)? / b;
@@ -489,7 +553,7 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
     let k = repeat_kv(&k, n_rep)?.contiguous()?;
     let v = repeat_kv(&v, n_rep)?.contiguous()?;
     // Scaling q (s x d) rather than the scores (s x s) keeps one fewer large tensor.
-    let q = (q * (1.0 / (hd as f64).sqrt()))?.contiguous()?;
+    let q = (q * c.attn_scale)?.contiguous()?;
     // Query chunks: the scores are never [b, h, s, s] whole, in forward or backward.
     let out = chunked_attention(&q, &k, &v, mask, None)?.transpose(1, 2)?.reshape((b * s, hq * hd))?;
     layer.projs[O].forward_rows(&out)
@@ -504,6 +568,16 @@ struct Rows<'a> {
     cos: &'a Tensor,
     sin: &'a Tensor,
     mask: &'a Tensor,
+    /// Gemma 3's sliding layers' tables and mask.
+    local: Option<&'a Local>,
+}
+
+/// The rotary tables and mask of Gemma 3's sliding layers.
+#[derive(Clone)]
+struct Local {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
 }
 
 /// A layer's cached keys and values during generation.
@@ -517,12 +591,28 @@ fn layer_forward(
     rows: Rows<'_>,
     cache: Option<&mut KvSlot>,
 ) -> Result<Tensor> {
-    let h = rms_norm(x, &layer.input_norm, c.rms_norm_eps)?;
-    let x = (x + attention(c, layer, &h, rows, cache)?)?;
-    let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-    let mlp = layer.projs[DOWN]
-        .forward_rows(&swiglu(&layer.projs[GATE].forward_rows(&h)?, &layer.projs[UP].forward_rows(&h)?)?)?;
-    x + mlp
+    let norm = |x: &Tensor, w: &Tensor| norm(c, x, w);
+    let mlp = |h: &Tensor| {
+        let (gate, up) = (layer.projs[GATE].forward_rows(h)?, layer.projs[UP].forward_rows(h)?);
+        let act = match c.activation {
+            Activation::Silu => swiglu(&gate, &up)?,
+            Activation::GeluTanh => geglu(&gate, &up)?,
+        };
+        layer.projs[DOWN].forward_rows(&act)
+    };
+    let h = norm(x, &layer.input_norm)?;
+    let attn = attention(c, layer, &h, rows, cache)?;
+    match (&layer.pre_ff_norm, &layer.post_ff_norm) {
+        // Gemma: each block's output is normalized before the residual add.
+        (Some(pre), Some(post)) => {
+            let x = (x + norm(&attn, &layer.post_norm)?)?;
+            x.clone() + norm(&mlp(&norm(&x, pre)?)?, post)?
+        }
+        _ => {
+            let x = (x + attn)?;
+            x.clone() + mlp(&norm(&x, &layer.post_norm)?)?
+        }
+    }
 }
 
 /// [`layer_forward`] of layer `index` in training, as a function of its input that owns what it
@@ -536,8 +626,9 @@ fn training_layer(c: &LlamaConfig, index: usize, layer: &Layer, rows: Rows<'_>) 
     });
     let (c, layer, b, s) = (c.clone(), layer.clone(), rows.b, rows.s);
     let (cos, sin, mask) = (rows.cos.clone(), rows.sin.clone(), rows.mask.clone());
+    let local = rows.local.cloned();
     Arc::new(move |x: &Tensor| {
-        let rows = Rows { b, s, cos: &cos, sin: &sin, mask: &mask };
+        let rows = Rows { b, s, cos: &cos, sin: &sin, mask: &mask, local: local.as_ref() };
         match &dropout {
             Some((d, seed)) => d.replay(*seed, index as u64, x.device(), || layer_forward(&c, &layer, x, rows, None)),
             None => layer_forward(&c, &layer, x, rows, None),

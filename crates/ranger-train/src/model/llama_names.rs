@@ -10,8 +10,12 @@ pub const LM_HEAD: &str = "lm_head.weight";
 
 /// A decoder layer's norm before attention (names below are under [`layer_prefix`]).
 pub const INPUT_NORM: &str = "input_layernorm.weight";
-/// A decoder layer's norm before the feed-forward block.
+/// A decoder layer's norm before the feed-forward block (Gemma: of the attention output).
 pub const POST_NORM: &str = "post_attention_layernorm.weight";
+/// Gemma's norm before the feed-forward block.
+pub const PRE_FF_NORM: &str = "pre_feedforward_layernorm.weight";
+/// Gemma's norm of the feed-forward output.
+pub const POST_FF_NORM: &str = "post_feedforward_layernorm.weight";
 /// Qwen3's per-head RMSNorm of the queries.
 pub const Q_NORM: &str = "self_attn.q_norm.weight";
 /// Qwen3's per-head RMSNorm of the keys.

@@ -22,7 +22,17 @@ pub fn into_tensors(
     take_weights(config.weight_shapes(), weights, dtype, device, origin)
 }
 
-/// Random weights for a configuration, as [`random_tensors`] makes them.
+/// Random weights for a configuration, as [`random_tensors`] makes them; Gemma's norm weights
+/// (stored as offsets from 1) are shifted to lie around 0 as its checkpoints' do, so every norm
+/// scales by about 1.
 pub fn random_weights(config: &LlamaConfig, seed: u64, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    random_tensors(config.weight_shapes(), seed, dtype)
+    let mut weights = random_tensors(config.weight_shapes(), seed, dtype)?;
+    if config.norm_offset {
+        for (name, t) in weights.iter_mut() {
+            if name.ends_with("norm.weight") {
+                *t = (&*t - 1.0)?;
+            }
+        }
+    }
+    Ok(weights)
 }

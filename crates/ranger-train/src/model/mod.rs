@@ -20,7 +20,7 @@ pub use attach::attach_lora;
 pub use batch::{causal_mask, Batch};
 pub use bert::{Encoder, EncoderConfig, EncoderFamily};
 pub use classifier::{BackboneConfig, ClassifierBatch, SequenceClassifier};
-pub use config::{Architecture, LlamaConfig, RopeScaling};
+pub use config::{Activation, Architecture, LlamaConfig, RopeScaling};
 pub use linear::Proj;
 pub use llama::{mean_loss, KvCache, LlamaModel};
 pub use llama_weights::{into_tensors, random_weights};
