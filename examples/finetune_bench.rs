@@ -21,6 +21,10 @@
 //! (2.97 B parameters, random bf16 weights written once, 5.9 GB) beside its 16 x 1 run.
 //! `--llama-8b` does the same on a Llama-3.1-8B-shaped model (7.8 B parameters, SmolLM2's
 //! vocabulary) written once as a Q4_K GGUF file of random weights (4.4 GB).
+//! `--gemma3-270m` trains a Gemma-3-270M-shaped model (`gemma3_text`: hidden 640, 18 layers, 4
+//! heads over 1 key/value head of 256, MLP 2048, a 262,144-token tied vocabulary, sliding
+//! windows of 512 on five layers in six; random weights over SmolLM2's tokenizer, written once)
+//! fully and with LoRA, beside SmolLM2 fully, alternately, at the shape given.
 //! `--only qlora,lora` keeps those configurations alone.
 
 use std::path::Path;
@@ -59,7 +63,7 @@ struct Run {
     checkpointing: bool,
     /// `--optimizer-state-bits`.
     state_bits: u8,
-    /// `smollm2`, or `llama-1b` (random weights).
+    /// `smollm2`, or `llama-1b`, `llama-3b`, `llama-8b`, `gemma3-270m` (random weights).
     model: String,
 }
 
@@ -116,6 +120,50 @@ fn llama_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathBu
     let cfg = ranger_train::model::LlamaConfig::from_json(config.clone(), model)?;
     let dtype = if model == "llama-3b" { candle_core::DType::BF16 } else { candle_core::DType::F32 };
     let mut weights: Vec<_> = ranger_train::model::random_weights(&cfg, 1, dtype)?.into_iter().collect();
+    weights.sort_by(|a, b| a.0.cmp(&b.0));
+    ranger_train::weights::save_safetensors_dir(&folder, &weights, ranger_train::weights::DEFAULT_MAX_SHARD_BYTES)?;
+    std::fs::write(folder.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(folder.join("done"), "")?;
+    Ok(folder)
+}
+
+/// A Gemma-3-270M-shaped `gemma3_text` configuration (see the module documentation): 268 M
+/// parameters, 168 M of them in the tied embedding.
+fn gemma3_config(smollm2: &serde_json::Value) -> serde_json::Value {
+    let layer_types: Vec<&str> =
+        (0..18).map(|l| if (l + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" }).collect();
+    serde_json::json!({
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 640,
+        "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+        "head_dim": 256, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "vocab_size": 262144,
+        "max_position_embeddings": 32768, "sliding_window": 512, "layer_types": layer_types,
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": true,
+        "bos_token_id": smollm2["bos_token_id"], "eos_token_id": smollm2["eos_token_id"],
+        "pad_token_id": smollm2["pad_token_id"],
+    })
+}
+
+/// The folder of the random `gemma3-270m` model (f32), written once over SmolLM2's tokenizer.
+fn gemma3_folder(gguf: &str, dir: &Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    let folder = dir.join("gemma3-270m");
+    if folder.join("done").exists() {
+        return Ok(folder);
+    }
+    let _ = std::fs::remove_dir_all(&folder);
+    ranger_train::convert::gguf_to_hf(Path::new(gguf), &folder, candle_core::DType::F32)?;
+    for entry in std::fs::read_dir(&folder)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") || path.ends_with("model.safetensors.index.json") {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let smollm2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json"))?)?;
+    let config = gemma3_config(&smollm2);
+    let cfg = ranger_train::model::LlamaConfig::from_json(config.clone(), "gemma3-270m")?;
+    let mut weights: Vec<_> =
+        ranger_train::model::random_weights(&cfg, 1, candle_core::DType::F32)?.into_iter().collect();
     weights.sort_by(|a, b| a.0.cmp(&b.0));
     ranger_train::weights::save_safetensors_dir(&folder, &weights, ranger_train::weights::DEFAULT_MAX_SHARD_BYTES)?;
     std::fs::write(folder.join("config.json"), serde_json::to_string_pretty(&config)?)?;
@@ -207,6 +255,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let model = match run.model.as_str() {
             "llama-1b" | "llama-3b" => llama_folder(&gguf, &dir, &run.model)?.display().to_string(),
             "llama-8b" => llama_8b_gguf(&gguf, &dir)?.display().to_string(),
+            "gemma3-270m" => gemma3_folder(&gguf, &dir)?.display().to_string(),
             _ => gguf,
         };
         return child(&model, &dir, steps, &run);
@@ -233,6 +282,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else if args.iter().any(|a| a == "--llama-8b") {
         runs.push(Run::new("qlora", (16, 1), false, 32, "llama-8b"));
         runs.push(Run::new("qlora", shape, true, 32, "llama-8b"));
+    } else if args.iter().any(|a| a == "--gemma3-270m") {
+        for _ in 0..2 {
+            runs.push(Run::new("ranger", shape, false, 32, "gemma3-270m"));
+            runs.push(Run::new("ranger", shape, false, 32, "smollm2"));
+            runs.push(Run::new("lora", shape, false, 32, "gemma3-270m"));
+        }
     } else if args.iter().any(|a| a == "--llama-3b") {
         runs.push(Run::new("qlora", (16, 1), false, 32, "llama-3b"));
         runs.push(Run::new("qlora", shape, true, 32, "llama-3b"));
@@ -322,6 +377,7 @@ fn child(model: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn
             "llama-1b" => "Llama-1B-shaped (random)",
             "llama-3b" => "Llama-3B-shaped (random, bf16 on disk)",
             "llama-8b" => "Llama-8B-shaped (random, Q4_K GGUF)",
+            "gemma3-270m" => "Gemma-3-270M-shaped (random)",
             _ => "SmolLM2-135M",
         },
         run.seq,
