@@ -149,3 +149,25 @@ fn gemma3_sliding_layers_are_honoured() {
         assert!(worst > 1e-3, "{what}: the logits moved by only {worst}");
     }
 }
+
+/// Gemma 2: Gemma 3's layout without q/k norms and with one rotary base, plus attention-logit
+/// and final-logit soft-capping (at 2 and 3 in the fixture, so both bend the values).
+#[test]
+fn gemma2_matches_transformers() {
+    check_family("gemma2");
+}
+
+/// Without either soft-cap, the logits move away from transformers': both caps are applied.
+#[test]
+fn gemma2_softcaps_are_honoured() {
+    let reference = read_json(&fixture("gemma2").join("reference.json"));
+    let theirs: Vec<f32> = serde_json::from_value(reference["base"].clone()).unwrap();
+    for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        let mut raw = read_json(&fixture("gemma2").join("base/config.json"));
+        raw[key] = serde_json::json!(null);
+        let config = LlamaConfig::from_json(raw, key).unwrap();
+        let model = LlamaModel::new(config, &weights(&fixture("gemma2").join("base"))).unwrap();
+        let worst = logits(&model, &reference).iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst > 1e-2, "without {key}: the logits moved by only {worst}");
+    }
+}

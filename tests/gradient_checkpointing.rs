@@ -184,7 +184,7 @@ fn check_decoder(arch: &str, dtype: DType, lora: Option<(bool, f64)>) {
 
 #[test]
 fn decoders_get_the_same_gradients_with_checkpointing() {
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2"] {
         check_decoder(arch, DType::F32, None);
     }
     check_decoder("llama", DType::F64, None);

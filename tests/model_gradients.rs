@@ -77,6 +77,11 @@ fn qwen2_bias_gradients() {
 }
 
 #[test]
+fn gemma2_softcap_gradients() {
+    gradient_check(common::tiny_config("gemma2"));
+}
+
+#[test]
 fn gemma3_gradients() {
     gradient_check(common::tiny_config("gemma3_text"));
 }
@@ -306,7 +311,7 @@ fn fused_lm_head_loss_matches_the_logits_path() {
 fn op_by_op_path_matches_the_fused_kernels() {
     use ranger_train::kernels::without_fused_kernels;
     let batch = common::test_batch(common::TINY_VOCAB, DType::F64);
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2"] {
         let (_, vars, model) = build(&common::tiny_config(arch), DType::F64, 11);
         let run = || {
             let l = model.loss_sum(&batch, true).unwrap();

@@ -9,7 +9,9 @@ loads each to the same numbers. Not run in CI (CI has no torch); rerun by hand a
 
 Families: smollm3 (4 layers, the second without rotary embeddings: `no_rope_layers`); gemma3
 (`gemma3_text`: 4 layers alternating a 3-token sliding window and global attention, linear rope
-scaling on the global layers, query_pre_attn_scalar 24 for a head_dim of 16).
+scaling on the global layers, query_pre_attn_scalar 24 for a head_dim of 16); gemma2 (the
+same shape, attention-logit and final-logit soft-capping at 2 and 3, small enough to bend the
+tiny model's scores and logits).
 """
 import json
 import os
@@ -48,7 +50,19 @@ def gemma3():
     return Gemma3TextConfig(**cfg), Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 
 
-FAMILIES = {"smollm3": smollm3, "gemma3": gemma3}
+def gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification
+
+    cfg = dict(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=64,
+        query_pre_attn_scalar=24, sliding_window=3, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+        pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    )
+    return Gemma2Config(**cfg), Gemma2ForCausalLM, Gemma2ForSequenceClassification
+
+
+FAMILIES = {"smollm3": smollm3, "gemma3": gemma3, "gemma2": gemma2}
 
 
 def moved(model):

@@ -68,7 +68,7 @@ pub fn tiny_tokenizer_json() -> Value {
 /// Size of the tiny vocabulary.
 pub const TINY_VOCAB: usize = 3 + WORDS.len();
 
-/// A tiny config.json for `model_type` (llama, mistral, qwen2, qwen3, smollm3, gemma3_text).
+/// A tiny config.json for `model_type` (llama, mistral, qwen2, qwen3, smollm3, gemma3_text, gemma2).
 pub fn tiny_config(model_type: &str) -> Value {
     let mut c = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": model_type, "hidden_size": 32, "intermediate_size": 48,
@@ -96,6 +96,17 @@ pub fn tiny_config(model_type: &str) -> Value {
         c["hidden_activation"] = json!("gelu_pytorch_tanh");
         c["tie_word_embeddings"] = json!(true);
         c.as_object_mut().expect("an object").remove("rope_theta");
+    }
+    if model_type == "gemma2" {
+        // Sliding first layer (4 tokens), global second; soft-caps small enough to bend.
+        c["architectures"] = json!(["Gemma2ForCausalLM"]);
+        c["head_dim"] = json!(12);
+        c["query_pre_attn_scalar"] = json!(20);
+        c["sliding_window"] = json!(4);
+        c["attn_logit_softcapping"] = json!(2.0);
+        c["final_logit_softcapping"] = json!(3.0);
+        c["hidden_activation"] = json!("gelu_pytorch_tanh");
+        c["tie_word_embeddings"] = json!(true);
     }
     if model_type == "smollm3" {
         // The second layer without rotary embeddings (NoPE), tied embeddings as released.

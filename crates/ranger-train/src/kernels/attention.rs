@@ -31,6 +31,7 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 pub struct FusedAttention {
     mask: Tensor,
     scale: f64,
+    softcap: Option<f64>,
     head_dim: usize,
     saved_lse: std::sync::Mutex<Option<Tensor>>,
 }
@@ -39,7 +40,14 @@ impl FusedAttention {
     /// An attention op with heads of `head_dim` under `mask` (CPU, the dtype of q), scores
     /// scaled by `scale`.
     pub fn new(mask: Tensor, scale: f64, head_dim: usize) -> Self {
-        Self { mask, scale, head_dim, saved_lse: std::sync::Mutex::new(None) }
+        Self { mask, scale, softcap: None, head_dim, saved_lse: std::sync::Mutex::new(None) }
+    }
+
+    /// Gemma 2's attention-logit soft-capping: the scaled scores `s` become
+    /// `cap * tanh(s / cap)` before the mask.
+    pub fn with_softcap(mut self, cap: Option<f64>) -> Self {
+        self.softcap = cap;
+        self
     }
 }
 
@@ -53,6 +61,8 @@ struct Dims {
     sk: usize,
     d: usize,
     mask_batch: bool,
+    /// Soft-capping of the scaled scores, if any.
+    softcap: Option<f64>,
 }
 
 impl Dims {
@@ -82,7 +92,7 @@ impl Dims {
         if k_rows != b * sk || hk == 0 || hq % hk != 0 || (mask_b != b && mask_b != 1) {
             return Err(bad());
         }
-        Ok(Self { b, hq, hk, sq, sk, d, mask_batch: mask_b == b && b > 1 })
+        Ok(Self { b, hq, hk, sq, sk, d, mask_batch: mask_b == b && b > 1, softcap: None })
     }
 
     fn mask<'a, T>(&self, mask: &'a [T], bi: usize) -> &'a [T] {
@@ -151,6 +161,11 @@ fn probabilities<T: Float>(
             false,
         )
     };
+    if let Some(cap) = dm.softcap {
+        // s -> cap tanh(s / cap); backward reads the tanh back as s / cap.
+        let (cap, inv) = (T::from_f64(cap), T::from_f64(1.0 / cap));
+        p.iter_mut().for_each(|x| *x = cap * (*x * inv).tanh());
+    }
     let mask_rows = mask.chunks(dm.sk).map(|m| &m[..kw]);
     match lse {
         LseMode::Compute(out) => {
@@ -266,6 +281,8 @@ fn backward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T]
     (0..b * hk).into_par_iter().for_each_init(
         || (vec![T::zero(); QUERY_BLOCK * sk], vec![T::zero(); QUERY_BLOCK * sk]),
         |(p, dp), bg| {
+            // With soft-capping, the capped scores' tanh, for the chain rule through the cap.
+            let mut t = if dm.softcap.is_some() { vec![T::zero(); QUERY_BLOCK * sk] } else { Vec::new() };
             let (bi, g) = (bg / hk, bg % hk);
             let mask = dm.mask(mask, bi);
             let mi = if dm.mask_batch { bi } else { 0 };
@@ -281,6 +298,27 @@ fn backward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T]
                     let goh = &go[(bi * sq + r0) * hq * d + h * d..];
                     let (p, dp) = (&mut p[..rows * kw], &mut dp[..rows * kw]);
                     probabilities(p, (rows, kw), qh, kh, &mask[r0 * sk + c0..], &dm, scale, LseMode::Use(lh));
+                    if let Some(cap) = dm.softcap {
+                        // tanh(s / cap) = ln(p) + lse - mask, over cap: recomputed from the
+                        // scores instead, which stays exact where p underflows.
+                        let t = &mut t[..rows * kw];
+                        // SAFETY: as in `probabilities`: t is [rows, kw], q rows hq * d apart,
+                        // k rows hk * d apart, read transposed.
+                        unsafe {
+                            gemm_strided(
+                                (rows, kw, d),
+                                t.as_mut_ptr(),
+                                kw,
+                                false,
+                                (qh.as_ptr(), hq * d, 1),
+                                (kh.as_ptr(), 1, hk * d),
+                                scale,
+                                false,
+                            )
+                        };
+                        let inv = T::from_f64(1.0 / cap);
+                        t.iter_mut().for_each(|x| *x = (*x * inv).tanh());
+                    }
                     // SAFETY (all four products): offsets inside the [dq | dk | dv] buffer,
                     // written only by this task (see above); rows of q, dq and the output
                     // gradient are hq * d apart, rows of k, v, dk, dv hk * d apart.
@@ -305,6 +343,12 @@ fn backward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T]
                             let dot = pr.iter().zip(dr.iter()).fold(T::zero(), |s, (&a, &b)| s + a * b);
                             for (&a, x) in pr.iter().zip(dr.iter_mut()) {
                                 *x = a * (*x - dot);
+                            }
+                        }
+                        // Through the cap: d(cap tanh(s / cap)) / ds = 1 - tanh².
+                        if dm.softcap.is_some() {
+                            for (x, &t) in dp.iter_mut().zip(t.iter()) {
+                                *x *= T::one() - t * t;
                             }
                         }
                         // dq = scale ds k
@@ -345,7 +389,10 @@ impl FusedOp3 for FusedAttention {
     const NAME: &'static str = "ranger-fused-attention";
 
     fn cpu<T: Float>(&self, q: Input<'_>, k: Input<'_>, v: Input<'_>) -> Out<T> {
-        let dm = Dims::of(q.layout(), k.layout(), v.layout(), self.mask.dims(), self.head_dim)?;
+        let dm = Dims {
+            softcap: self.softcap,
+            ..Dims::of(q.layout(), k.layout(), v.layout(), self.mask.dims(), self.head_dim)?
+        };
         let mask = self.mask.contiguous()?;
         let (ms, ml) = mask.storage_and_layout();
         let mask = storage_slice(Self::NAME, &ms, ml)?;
@@ -359,7 +406,13 @@ impl FusedOp3 for FusedAttention {
         let Some(lse) = self.saved_lse.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             candle_core::bail!("fused attention: backward before forward");
         };
-        let op = FusedAttentionGrad { mask: self.mask.clone(), lse, scale: self.scale, head_dim: self.head_dim };
+        let op = FusedAttentionGrad {
+            mask: self.mask.clone(),
+            lse,
+            scale: self.scale,
+            softcap: self.softcap,
+            head_dim: self.head_dim,
+        };
         let all = q.apply_op3_no_bwd(k, v, &Fused(GradInputs { op, grad: grad.contiguous()? }))?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         Ok((
@@ -375,6 +428,7 @@ struct FusedAttentionGrad {
     mask: Tensor,
     lse: Tensor,
     scale: f64,
+    softcap: Option<f64>,
     head_dim: usize,
 }
 
@@ -389,7 +443,10 @@ impl FusedOp3 for GradInputs {
 
     fn cpu<T: Float>(&self, q: Input<'_>, k: Input<'_>, v: Input<'_>) -> Out<T> {
         const OP: &str = GradInputs::NAME;
-        let dm = Dims::of(q.layout(), k.layout(), v.layout(), self.op.mask.dims(), self.op.head_dim)?;
+        let dm = Dims {
+            softcap: self.op.softcap,
+            ..Dims::of(q.layout(), k.layout(), v.layout(), self.op.mask.dims(), self.op.head_dim)?
+        };
         let mask = self.op.mask.contiguous()?;
         let (ms, ml) = mask.storage_and_layout();
         let (ls, ll) = self.op.lse.storage_and_layout();
@@ -407,13 +464,17 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// The op-by-op attention (heads first): repeated k/v heads, scores, softmax.
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64, cap: Option<f64>) -> Tensor {
         let heads_first = |t: &Tensor| t.transpose(1, 2).unwrap().contiguous().unwrap();
         let (q, k, v) = (heads_first(q), heads_first(k), heads_first(v));
         let rep = q.dim(1).unwrap() / k.dim(1).unwrap();
         let k = repeat_kv(&k, rep).unwrap();
         let v = repeat_kv(&v, rep).unwrap();
-        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap().broadcast_add(mask).unwrap();
+        let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        if let Some(cap) = cap {
+            scores = ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap();
+        }
+        let scores = scores.broadcast_add(mask).unwrap();
         let probs = super::super::softmax::softmax_last_dim_ops(&scores).unwrap();
         let (b, h, s, d) = q.dims4().unwrap();
         probs.matmul(&v).unwrap().transpose(1, 2).unwrap().reshape((b, s, h * d)).unwrap()
@@ -423,7 +484,7 @@ mod tests {
     #[test]
     fn causal_blocks_skip_the_keys_they_cannot_see() {
         let m: Vec<f32> = (0..70 * 70).map(|i| if i % 70 > i / 70 { -1e9 } else { 0.0 }).collect();
-        let dm = Dims { b: 1, hq: 1, hk: 1, sq: 70, sk: 70, d: 4, mask_batch: false };
+        let dm = Dims { b: 1, hq: 1, hk: 1, sq: 70, sk: 70, d: 4, mask_batch: false, softcap: None };
         assert_eq!(key_ranges(&m, &dm), vec![(0, 32), (0, 64), (0, 70)]);
     }
 
@@ -462,7 +523,10 @@ mod tests {
             (1, 40, 40, 1, unseeing, 1e-6),
         ];
         let mut rng = crate::rng::Rng::new(11);
-        for (b, sq, sk, mask_b, m, tol) in cases {
+        // Each case plain, and with Gemma 2's soft-capping at 1.5 (scores of order 2 here, so
+        // the cap bends them).
+        let cases: Vec<_> = cases.into_iter().flat_map(|c| [(c.clone(), None), (c, Some(1.5))]).collect();
+        for ((b, sq, sk, mask_b, m, tol), cap) in cases {
             let q = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (b, sq, 6, 4))).unwrap();
             let k = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (b, sk, 2, 4))).unwrap();
             let v = Var::from_tensor(&randn(&mut rng, 0f64, 1.0, (b, sk, 2, 4))).unwrap();
@@ -470,11 +534,11 @@ mod tests {
             let w = randn(&mut rng, 0f64, 1.0, (b, sq, 24));
             let rows = |t: &Var| t.as_tensor().flatten(0, 1).unwrap().flatten(1, 2).unwrap();
             let fused = rows(&q)
-                .apply_op3(&rows(&k), &rows(&v), Fused(FusedAttention::new(mask.clone(), 0.5, 4)))
+                .apply_op3(&rows(&k), &rows(&v), Fused(FusedAttention::new(mask.clone(), 0.5, 4).with_softcap(cap)))
                 .unwrap()
                 .reshape((b, sq, 24))
                 .unwrap();
-            let plain = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 0.5);
+            let plain = reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 0.5, cap);
             let diff =
                 |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(diff(&fused, &plain) < tol);
@@ -482,7 +546,7 @@ mod tests {
             let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
                 let d = diff(gf.get(var).unwrap(), gp.get(var).unwrap());
-                assert!(d < tol, "{name}: {d} (b {b}, sq {sq}, sk {sk})");
+                assert!(d < tol, "{name}: {d} (b {b}, sq {sq}, sk {sk}, cap {cap:?})");
             }
         }
     }

@@ -25,11 +25,25 @@ pub fn chunked_attention(
     mask: &Tensor,
     chunk_rows: Option<usize>,
 ) -> Result<Tensor> {
+    chunked_attention_capped(q, k, v, mask, chunk_rows, None)
+}
+
+/// [`chunked_attention`] with Gemma 2's soft-capping: the scores `s` become
+/// `cap * tanh(s / cap)` before the mask.
+pub fn chunked_attention_capped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    chunk_rows: Option<usize>,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (b, h, sq, _) = q.dims4()?;
     let sk = k.dim(2)?;
     let rows = chunk_rows.unwrap_or((CHUNK_ELEMS / (b * h * sk).max(1)).max(1));
     let op = ChunkedAttention {
         mask: mask.clone(),
+        softcap,
         rows,
         out: std::sync::Mutex::new(None),
         lse: std::sync::Mutex::new(None),
@@ -43,6 +57,8 @@ pub fn chunked_attention(
 
 struct ChunkedAttention {
     mask: Tensor,
+    /// Soft-capping of the scores, if any.
+    softcap: Option<f64>,
     rows: usize,
     /// The output, handed over (and dropped here) by the op's forward; backward gets it back
     /// as the op's result.
@@ -52,11 +68,18 @@ struct ChunkedAttention {
 }
 
 impl ChunkedAttention {
-    /// Scores of the query rows `[start, start + c)`: `[b, h, c, sk]` in the compute dtype.
-    fn scores(&self, q: &Tensor, k: &Tensor, start: usize, c: usize) -> Result<Tensor> {
+    /// Scores of the query rows `[start, start + c)`: `[b, h, c, sk]` in the compute dtype,
+    /// capped and masked; and, with a cap, `tanh(s / cap)` for backward.
+    fn scores(&self, q: &Tensor, k: &Tensor, start: usize, c: usize) -> Result<(Tensor, Option<Tensor>)> {
         let qc = q.narrow(2, start, c)?;
-        let s = qc.matmul(&k.t()?)?.to_dtype(compute_dtype(q.dtype()))?;
-        s.broadcast_add(&self.mask.narrow(2, start, c)?.to_dtype(s.dtype())?)
+        let mut s = qc.matmul(&k.t()?)?.to_dtype(compute_dtype(q.dtype()))?;
+        let mut t = None;
+        if let Some(cap) = self.softcap {
+            let th = (s / cap)?.tanh()?;
+            s = (&th * cap)?;
+            t = Some(th);
+        }
+        Ok((s.broadcast_add(&self.mask.narrow(2, start, c)?.to_dtype(s.dtype())?)?, t))
     }
 
     // q: [b, h, sq, d], k, v: [b, h, sk, d] -> out: [b, h, sq, d], lse: [b, h, sq, 1]
@@ -65,7 +88,7 @@ impl ChunkedAttention {
         let mut start = 0;
         while start < sq {
             let c = self.rows.min(sq - start);
-            let s = self.scores(q, k, start, c)?;
+            let (s, _) = self.scores(q, k, start, c)?;
             let max = s.max_keepdim(D::Minus1)?;
             let e = s.broadcast_sub(&max)?.exp()?;
             let sum = e.sum_keepdim(D::Minus1)?;
@@ -117,11 +140,16 @@ impl CustomOp3 for ChunkedAttention {
         let mut start = 0;
         while start < sq {
             let c = self.rows.min(sq - start);
-            let p = self.scores(&q, &k, start, c)?.broadcast_sub(&lse.narrow(2, start, c)?)?.exp()?; // [b, h, c, sk]
+            let (s, t) = self.scores(&q, &k, start, c)?;
+            let p = s.broadcast_sub(&lse.narrow(2, start, c)?)?.exp()?; // [b, h, c, sk]
             let gc = g.narrow(2, start, c)?;
             dv = (dv + p.transpose(2, 3)?.matmul(&gc.to_dtype(ct)?)?)?;
             let dp = gc.matmul(&v.t()?)?.to_dtype(ct)?;
-            let ds = (p * dp.broadcast_sub(&delta.narrow(2, start, c)?)?)?;
+            let mut ds = (p * dp.broadcast_sub(&delta.narrow(2, start, c)?)?)?;
+            if let Some(t) = t {
+                // Through the cap: 1 - tanh².
+                ds = (ds * t.sqr()?.affine(-1.0, 1.0)?)?;
+            }
             dqs.push(ds.to_dtype(q.dtype())?.matmul(&k)?);
             dk = (dk + ds.transpose(2, 3)?.matmul(&q.narrow(2, start, c)?.to_dtype(ct)?)?)?;
             start += c;
@@ -162,30 +190,37 @@ mod tests {
             };
             let (q, k, v) = (var(0.31), var(0.77), var(1.13));
             let mask = Tensor::from_vec(mask.clone(), (b, 1, s, s), &dev).unwrap().to_dtype(dt).unwrap();
-            let eager = masked_softmax(&q.matmul(&k.t().unwrap()).unwrap(), &mask).unwrap().matmul(&v).unwrap();
-            let weights =
-                Tensor::from_vec(data(b * h * s * d, 0.05), (b, h, s, d), &dev).unwrap().to_dtype(dt).unwrap();
-            let ge = (&eager * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
-            let close = |a: &Tensor, b: &Tensor, what: &str| {
-                let d = (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
-                assert!(d < tol, "{dt:?} {what}: {d}");
-            };
-            for chunk in [None, Some(1), Some(3), Some(7)] {
-                let out = chunked_attention(&q, &k, &v, &mask, chunk).unwrap();
-                close(&out, &eager, "output");
-                let gc = (&out * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-                for (x, what) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
-                    close(gc.get(x).unwrap(), ge.get(x).unwrap(), what);
+            // Plain, and with Gemma 2's soft-capping at 0.7 (scores of order 1 here).
+            for cap in [None, Some(0.7)] {
+                let mut scores = q.matmul(&k.t().unwrap()).unwrap();
+                if let Some(cap) = cap {
+                    scores = ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap();
+                }
+                let eager = masked_softmax(&scores, &mask).unwrap().matmul(&v).unwrap();
+                let weights =
+                    Tensor::from_vec(data(b * h * s * d, 0.05), (b, h, s, d), &dev).unwrap().to_dtype(dt).unwrap();
+                let ge = (&eager * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+                let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+                let close = |a: &Tensor, b: &Tensor, what: &str| {
+                    let d = (a - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
+                    assert!(d < tol, "{dt:?} {what}: {d}");
+                };
+                for chunk in [None, Some(1), Some(3), Some(7)] {
+                    let out = chunked_attention_capped(&q, &k, &v, &mask, chunk, cap).unwrap();
+                    close(&out, &eager, "output");
+                    let gc = (&out * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+                    for (x, what) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
+                        close(gc.get(x).unwrap(), ge.get(x).unwrap(), what);
+                    }
                 }
             }
         }

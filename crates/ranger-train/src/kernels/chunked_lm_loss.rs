@@ -26,6 +26,19 @@ pub fn chunked_linear_cross_entropy(
     training: bool,
     chunk_rows: Option<usize>,
 ) -> Result<Tensor> {
+    chunked_linear_cross_entropy_capped(x, w, targets, training, chunk_rows, None)
+}
+
+/// [`chunked_linear_cross_entropy`] with Gemma 2's final-logit soft-capping: the logits `z`
+/// become `cap * tanh(z / cap)`.
+pub fn chunked_linear_cross_entropy_capped(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    training: bool,
+    chunk_rows: Option<usize>,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (n, h) = x.dims2()?;
     let (vocab, h2) = w.dims2()?;
     if h != h2 || targets.dims() != [n] {
@@ -48,7 +61,13 @@ pub fn chunked_linear_cross_entropy(
         let xc = xd.narrow(0, start, c)?;
         let tc = targets.narrow(0, start, c)?.unsqueeze(1)?; // [c, 1]
                                                              // [c, V] logits; the one-hot row of an ignored target is all zero.
-        let logits = xc.matmul(&wt)?.to_dtype(cdt)?;
+        let mut logits = xc.matmul(&wt)?.to_dtype(cdt)?;
+        let mut tanh = None;
+        if let Some(cap) = softcap {
+            let t = (logits / cap)?.tanh()?;
+            logits = (&t * cap)?;
+            tanh = Some(t);
+        }
         let onehot = ids.broadcast_eq(&tc)?.to_dtype(cdt)?;
         let valid = tc.ne(IGNORE_TARGET)?.to_dtype(cdt)?; // [c, 1]
         let max = logits.max_keepdim(D::Minus1)?;
@@ -60,7 +79,11 @@ pub fn chunked_linear_cross_entropy(
         if training {
             // d loss / d logits = (softmax - onehot) on rows with a target.
             let p = logits.broadcast_sub(&lse)?.exp()?;
-            let d = (p - onehot)?.broadcast_mul(&valid)?;
+            let mut d = (p - onehot)?.broadcast_mul(&valid)?;
+            if let Some(t) = &tanh {
+                // Through the cap: 1 - tanh².
+                d = (d * t.sqr()?.affine(-1.0, 1.0)?)?;
+            }
             let dw = d.to_dtype(w.dtype())?;
             gx_parts.push(dw.matmul(&wd)?);
             if let Some(acc) = gw.as_mut() {
@@ -134,26 +157,34 @@ mod tests {
             let valid = Tensor::new(valid.as_slice(), &dev).unwrap().to_dtype(dt).unwrap();
             let clamped: Vec<u32> = t.iter().map(|&t| t.min(v as u32 - 1)).collect();
             let clamped = Tensor::new(clamped.as_slice(), &dev).unwrap();
-            let logits = x.matmul(&w.t().unwrap()).unwrap();
-            let reference = (cross_entropy_rows_ops(&logits, &clamped).unwrap() * &valid).unwrap().sum_all().unwrap();
-            let gr = reference.backward().unwrap();
-            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
-            let close = |a: &Tensor, b: &Tensor, what: &str| {
-                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap();
-                let d = d.to_scalar::<f64>().unwrap();
-                assert!(d < tol, "{dt:?} {what}: {d}");
-            };
-            for chunk in [None, Some(1), Some(3), Some(7)] {
-                let loss = chunked_linear_cross_entropy(&x, &w, &targets, true, chunk).unwrap();
-                close(&loss, &reference, "loss");
-                let g = (&loss * 2.0).unwrap().backward().unwrap();
-                close(g.get(&x).unwrap(), &(gr.get(&x).unwrap() * 2.0).unwrap(), "dx");
-                close(g.get(&w).unwrap(), &(gr.get(&w).unwrap() * 2.0).unwrap(), "dw");
-                let frozen = chunked_linear_cross_entropy(&x, &w.as_tensor().detach(), &targets, true, chunk);
-                let g = frozen.unwrap().backward().unwrap();
-                close(g.get(&x).unwrap(), gr.get(&x).unwrap(), "dx (frozen head)");
-                let eval = chunked_linear_cross_entropy(&x, &w, &targets, false, chunk).unwrap();
-                close(&eval, &reference, "evaluation loss");
+            // Plain, and with Gemma 2's final-logit soft-capping at 0.8 (logits of order 2 here).
+            for cap in [None, Some(0.8)] {
+                let mut logits = x.matmul(&w.t().unwrap()).unwrap();
+                if let Some(cap) = cap {
+                    logits = ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap();
+                }
+                let reference =
+                    (cross_entropy_rows_ops(&logits, &clamped).unwrap() * &valid).unwrap().sum_all().unwrap();
+                let gr = reference.backward().unwrap();
+                let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+                let close = |a: &Tensor, b: &Tensor, what: &str| {
+                    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap();
+                    let d = d.to_scalar::<f64>().unwrap();
+                    assert!(d < tol, "{dt:?} {what}: {d}");
+                };
+                for chunk in [None, Some(1), Some(3), Some(7)] {
+                    let loss = chunked_linear_cross_entropy_capped(&x, &w, &targets, true, chunk, cap).unwrap();
+                    close(&loss, &reference, "loss");
+                    let g = (&loss * 2.0).unwrap().backward().unwrap();
+                    close(g.get(&x).unwrap(), &(gr.get(&x).unwrap() * 2.0).unwrap(), "dx");
+                    close(g.get(&w).unwrap(), &(gr.get(&w).unwrap() * 2.0).unwrap(), "dw");
+                    let frozen =
+                        chunked_linear_cross_entropy_capped(&x, &w.as_tensor().detach(), &targets, true, chunk, cap);
+                    let g = frozen.unwrap().backward().unwrap();
+                    close(g.get(&x).unwrap(), gr.get(&x).unwrap(), "dx (frozen head)");
+                    let eval = chunked_linear_cross_entropy_capped(&x, &w, &targets, false, chunk, cap).unwrap();
+                    close(&eval, &reference, "evaluation loss");
+                }
             }
         }
     }

@@ -23,6 +23,7 @@ pub(crate) trait Float: WithDType {
     fn sqrt(self) -> Self;
     /// Candle's `erf` for this type.
     fn erf(self) -> Self;
+    fn tanh(self) -> Self;
     /// `n` rounded to this type.
     fn from_usize(n: usize) -> Self;
     /// `exp` of every element, in place (vectorised for f32).
@@ -53,6 +54,10 @@ macro_rules! float {
             #[inline]
             fn erf(self) -> Self {
                 $erf(self)
+            }
+            #[inline]
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
             }
             #[inline]
             fn from_usize(n: usize) -> Self {

@@ -25,6 +25,7 @@ pub const IGNORE_TARGET: u32 = u32::MAX;
 pub struct LinearCrossEntropy {
     grads: bool,
     weight_grad: bool,
+    softcap: Option<f64>,
     chunk_rows: Option<usize>,
     sink: Option<GradSink>,
     saved: std::sync::Mutex<Option<(Tensor, Option<Buffer>)>>,
@@ -37,7 +38,13 @@ impl LinearCrossEntropy {
     pub fn new(grads: bool, weight_grad: bool) -> Self {
         let weight_grad = grads && weight_grad;
         let sink = if weight_grad { GradSink::current() } else { None };
-        Self { grads, weight_grad, chunk_rows: None, sink, saved: std::sync::Mutex::new(None) }
+        Self { grads, weight_grad, softcap: None, chunk_rows: None, sink, saved: std::sync::Mutex::new(None) }
+    }
+
+    /// Gemma 2's final-logit soft-capping: the logits `z` become `cap * tanh(z / cap)`.
+    pub fn with_softcap(mut self, cap: Option<f64>) -> Self {
+        self.softcap = cap;
+        self
     }
 
     /// Rows of logits computed at a time (default: about 32M floats' worth).
@@ -67,10 +74,13 @@ fn linear_ce<T: Float>(
     rows: usize,
     grads: bool,
     weight_grad: bool,
+    softcap: Option<f64>,
 ) -> (T, Vec<T>, Vec<T>) {
     let n = t.len();
     let rows = rows.clamp(1, n.max(1));
     let mut logits = vec![T::zero(); rows * v];
+    // With soft-capping in training: each logit's tanh(z / cap), for the chain rule.
+    let mut tanh = if softcap.is_some() && grads { vec![T::zero(); rows * v] } else { vec![] };
     let mut grad_x = if grads { vec![T::zero(); n * h] } else { vec![] };
     let mut grad_w = if weight_grad { vec![T::zero(); v * h] } else { vec![] };
     let mut total = T::zero();
@@ -86,6 +96,20 @@ fn linear_ce<T: Float>(
         unsafe {
             gemm_strided((c, v, h), l.as_mut_ptr(), v, false, (xs.as_ptr(), h, 1), (w.as_ptr(), 1, h), T::one(), true)
         };
+        if let Some(cap) = softcap {
+            // z -> cap tanh(z / cap), keeping the tanh in training.
+            let (cap, inv) = (T::from_f64(cap), T::from_f64(1.0 / cap));
+            if grads {
+                l.par_chunks_mut(v).zip(tanh[..c * v].par_chunks_mut(v)).for_each(|(r, th)| {
+                    r.iter_mut().zip(th.iter_mut()).for_each(|(x, t)| {
+                        *t = (*x * inv).tanh();
+                        *x = cap * *t;
+                    })
+                });
+            } else {
+                l.par_chunks_mut(v).for_each(|r| r.iter_mut().for_each(|x| *x = cap * (*x * inv).tanh()));
+            }
+        }
         // Per row: the NLL, then (in training) the row becomes softmax - onehot, its gradient.
         let nll: Vec<T> = l
             .par_chunks_mut(v)
@@ -113,6 +137,12 @@ fn linear_ce<T: Float>(
             })
             .collect();
         total = nll.into_iter().fold(total, |a, b| a + b);
+        if grads && softcap.is_some() {
+            // Through the cap: d(cap tanh(z / cap)) / dz = 1 - tanh².
+            l.par_chunks_mut(v)
+                .zip(tanh[..c * v].par_chunks(v))
+                .for_each(|(r, th)| r.iter_mut().zip(th).for_each(|(x, &t)| *x *= T::one() - t * t));
+        }
         if grads {
             let gx = &mut grad_x[start * h..(start + c) * h];
             // SAFETY: gx is [c, h]; l is [c, v]; w is [v, h].
@@ -164,7 +194,8 @@ impl FusedOp3 for LinearCrossEntropy {
         }
         let t = t.ids("target", v, Some(IGNORE_TARGET))?;
         let rows = self.chunk_rows.unwrap_or_else(|| chunk_rows(v));
-        let (loss, gx, gw) = linear_ce(x.floats()?, w.floats()?, t, h, v, rows, self.grads, self.weight_grad);
+        let (loss, gx, gw) =
+            linear_ce(x.floats()?, w.floats()?, t, h, v, rows, self.grads, self.weight_grad, self.softcap);
         let saved = if self.grads {
             let gx = Tensor::from_vec(gx, (n, h), &candle_core::Device::Cpu)?;
             Some((gx, self.weight_grad.then(|| Buffer::new(gw)).transpose()?))

@@ -106,19 +106,26 @@ fn fused_kernels_match_the_op_by_op_versions() {
     let targets = [3u32, ignore, 36, ignore, ignore, ignore, 7, ignore, 12, 0];
     let keep = Tensor::new(&targets.map(|t| if t == ignore { 0f64 } else { 1.0 }), &dev).unwrap();
     let plain = Tensor::new(&targets.map(|t| if t == ignore { 0 } else { t }), &dev).unwrap();
-    let reference = cross_entropy_rows_ops(&hidden.matmul(&head.t().unwrap()).unwrap(), &plain)
-        .unwrap()
-        .mul(&keep)
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    for rows in [3, 4, 100] {
-        let op = LinearCrossEntropy::new(true, true).with_chunk_rows(rows);
-        let fused = hidden.apply_op3(head.as_tensor(), &Tensor::new(&targets, &dev).unwrap(), Fused(op)).unwrap();
-        assert!(close(&fused, &reference) < 1e-12, "chunk {rows}");
-        let (gf, gr) = ((&fused * 3.0).unwrap().backward().unwrap(), (&reference * 3.0).unwrap().backward().unwrap());
-        for v in [&hidden, &head] {
-            assert!(close(gf.get(v).unwrap(), gr.get(v).unwrap()) < 1e-12, "chunk {rows}");
+    // Plain, and with Gemma 2's final-logit soft-capping at 1.5 (logits of order 3 here).
+    for cap in [None, Some(1.5)] {
+        let mut logits = hidden.matmul(&head.t().unwrap()).unwrap();
+        if let Some(cap) = cap {
+            logits = ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap();
+        }
+        let reference = cross_entropy_rows_ops(&logits, &plain).unwrap().mul(&keep).unwrap().sum_all().unwrap();
+        for rows in [3, 4, 100] {
+            let op = LinearCrossEntropy::new(true, true).with_chunk_rows(rows).with_softcap(cap);
+            let fused = hidden.apply_op3(head.as_tensor(), &Tensor::new(&targets, &dev).unwrap(), Fused(op)).unwrap();
+            assert!(close(&fused, &reference) < 1e-12, "chunk {rows}, cap {cap:?}");
+            let (gf, gr) =
+                ((&fused * 3.0).unwrap().backward().unwrap(), (&reference * 3.0).unwrap().backward().unwrap());
+            for v in [&hidden, &head] {
+                assert!(close(gf.get(v).unwrap(), gr.get(v).unwrap()) < 1e-12, "chunk {rows}, cap {cap:?}");
+            }
+            // Evaluation (no gradients) gives the same loss.
+            let op = LinearCrossEntropy::new(false, false).with_chunk_rows(rows).with_softcap(cap);
+            let eval = hidden.apply_op3(head.as_tensor(), &Tensor::new(&targets, &dev).unwrap(), Fused(op)).unwrap();
+            assert!(close(&eval, &reference) < 1e-12, "evaluation, chunk {rows}, cap {cap:?}");
         }
     }
     // A trainable linear layer: both gradients, and none of them tracked (they keep no

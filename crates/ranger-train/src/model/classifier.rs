@@ -45,6 +45,7 @@ impl BackboneConfig {
                     super::Architecture::Qwen3 => "Qwen3",
                     super::Architecture::SmolLM3 => "SmolLM3",
                     super::Architecture::Gemma3 => "Gemma3Text",
+                    super::Architecture::Gemma2 => "Gemma2",
                 };
                 format!("{name}ForSequenceClassification")
             }

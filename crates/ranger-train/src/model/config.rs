@@ -24,6 +24,9 @@ pub enum Architecture {
     /// the MLP, q/k norms, embeddings scaled by √hidden, GeGLU (tanh GELU),
     /// `query_pre_attn_scalar`, sliding-window layers with their own rotary base.
     Gemma3,
+    /// `Gemma2ForCausalLM`: Gemma 3's layout without q/k norms, one rotary base, and
+    /// attention-logit and final-logit soft-capping.
+    Gemma2,
 }
 
 impl Architecture {
@@ -36,6 +39,7 @@ impl Architecture {
             "qwen3" => Some(Self::Qwen3),
             "smollm3" => Some(Self::SmolLM3),
             "gemma3_text" => Some(Self::Gemma3),
+            "gemma2" => Some(Self::Gemma2),
             _ => None,
         }
     }
@@ -49,6 +53,7 @@ impl Architecture {
             Self::Qwen3 => "qwen3",
             Self::SmolLM3 => "smollm3",
             Self::Gemma3 => "gemma3_text",
+            Self::Gemma2 => "gemma2",
         }
     }
 }
@@ -180,6 +185,10 @@ pub struct LlamaConfig {
     pub sliding_layers: Vec<bool>,
     /// Gemma 3: the sliding layers' rotary base (unscaled).
     pub local_rope_theta: Option<f64>,
+    /// Gemma 2: the attention scores `s` become `cap * tanh(s / cap)` before the mask.
+    pub attn_softcap: Option<f64>,
+    /// Gemma 2: the logits `z` become `cap * tanh(z / cap)`.
+    pub final_softcap: Option<f64>,
     /// The `config.json` as read.
     pub raw: Value,
 }
@@ -273,13 +282,15 @@ impl LlamaConfig {
             _ => vec![true; r.num_hidden_layers],
         };
         let attention_bias = r.attention_bias.unwrap_or(false);
-        let gemma = arch == Architecture::Gemma3;
-        for (name, v) in [
-            ("final_logit_softcapping", r.final_logit_softcapping),
-            ("attn_logit_softcapping", r.attn_logit_softcapping),
-        ] {
-            if v.is_some() {
-                return Err(bad(format!("{name} is not supported yet (Gemma 2's soft-capping)")));
+        let gemma = matches!(arch, Architecture::Gemma3 | Architecture::Gemma2);
+        if arch != Architecture::Gemma2 {
+            for (name, v) in [
+                ("final_logit_softcapping", r.final_logit_softcapping),
+                ("attn_logit_softcapping", r.attn_logit_softcapping),
+            ] {
+                if v.is_some() {
+                    return Err(bad(format!("{name} is supported for gemma2 only")));
+                }
             }
         }
         let act = r.hidden_activation.as_deref().or(r.hidden_act.as_deref()).unwrap_or(if gemma {
@@ -300,8 +311,9 @@ impl LlamaConfig {
                 (Some(t), _) => {
                     return Err(bad(format!("layer_types has {} entries for {} layers", t.len(), r.num_hidden_layers)))
                 }
+                // Gemma 2 alternates from a sliding first layer; Gemma 3 has one global in six.
                 (None, pattern) => {
-                    let every = pattern.unwrap_or(6).max(1);
+                    let every = pattern.unwrap_or(if arch == Architecture::Gemma2 { 2 } else { 6 }).max(1);
                     (0..r.num_hidden_layers).map(|l| (l + 1) % every != 0).collect()
                 }
             };
@@ -316,7 +328,8 @@ impl LlamaConfig {
                 (None, None) => 10_000.0,
             };
             let window = r.sliding_window.ok_or_else(|| bad("sliding_window missing".into()))?;
-            (Some(window), types, Some(local_theta))
+            // Gemma 2's sliding layers share the global rotary base.
+            (Some(window), types, (arch == Architecture::Gemma3).then_some(local_theta))
         } else {
             (None, vec![false; r.num_hidden_layers], None)
         };
@@ -336,7 +349,7 @@ impl LlamaConfig {
             tie_word_embeddings: r.tie_word_embeddings.unwrap_or(false),
             qkv_bias: arch == Architecture::Qwen2 || attention_bias,
             o_bias: attention_bias && arch != Architecture::Qwen2,
-            qk_norm: arch == Architecture::Qwen3 || gemma,
+            qk_norm: matches!(arch, Architecture::Qwen3 | Architecture::Gemma3),
             sliding_window,
             rope_layers,
             norm_offset: gemma,
@@ -347,6 +360,8 @@ impl LlamaConfig {
             local_window,
             sliding_layers,
             local_rope_theta,
+            attn_softcap: r.attn_logit_softcapping.filter(|_| arch == Architecture::Gemma2),
+            final_softcap: r.final_logit_softcapping.filter(|_| arch == Architecture::Gemma2),
             raw,
         })
     }

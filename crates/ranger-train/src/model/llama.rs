@@ -14,8 +14,8 @@ use super::lora::{DropoutSeed, LoraConfig};
 use crate::kernels::activations::{geglu, swiglu};
 use crate::kernels::attention::{repeat_kv, FusedAttention};
 use crate::kernels::checkpoint::{checkpoint, LayerFn};
-use crate::kernels::chunked_attention::chunked_attention;
-use crate::kernels::chunked_lm_loss::chunked_linear_cross_entropy;
+use crate::kernels::chunked_attention::chunked_attention_capped;
+use crate::kernels::chunked_lm_loss::chunked_linear_cross_entropy_capped;
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
 use crate::kernels::norms::{rms_norm, rms_norm_offset};
 use crate::kernels::quantized::{quantized_linear, QuantizedWeight};
@@ -335,10 +335,11 @@ impl LlamaModel {
     /// (a query at absolute index `past + i` sees keys `j` with `past + i - j < window`, where
     /// `past` is the number of cached keys before this call's queries).
     fn local(&self, positions: &Tensor, mask: &Tensor) -> Result<Option<Local>> {
-        let (Some(inv_freq), Some(window)) = (&self.local_inv_freq, self.config.local_window) else {
+        let Some(window) = self.config.local_window else {
             return Ok(None);
         };
-        let (cos, sin) = self.rotary(positions, inv_freq)?;
+        // Gemma 2's sliding layers share the global rotary tables.
+        let (cos, sin) = self.rotary(positions, self.local_inv_freq.as_ref().unwrap_or(&self.inv_freq))?;
         let (s, t) = (mask.dim(2)?, mask.dim(3)?);
         let past = (t - s) as f64;
         let i = Tensor::arange(0f32, s as f32, mask.device())?.reshape((s, 1))?;
@@ -363,10 +364,13 @@ impl LlamaModel {
         }
         let (b, s) = input_ids.dims2()?;
         let x = self.run_hidden(input_ids, positions, mask, cache)?;
-        let logits = match self.lm_head.as_ref().unwrap_or(&self.embed) {
+        let mut logits = match self.lm_head.as_ref().unwrap_or(&self.embed) {
             Weight::Dense(w) => x.matmul(&w.t()?)?,
             Weight::Quantized(q) => quantized_linear(&x, q)?,
         };
+        if let Some(cap) = self.config.final_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
         logits.reshape((b, s, ()))
     }
 
@@ -436,7 +440,8 @@ impl LlamaModel {
             // on the device (a quantized head dequantized whole for it, freed after).
             let targets = super::loss::shifted_targets(batch)?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed).dense()?;
-            return chunked_linear_cross_entropy(&x.reshape((b * s, ()))?, &head, &targets, training, None);
+            let x = x.reshape((b * s, ()))?;
+            return chunked_linear_cross_entropy_capped(&x, &head, &targets, training, None, self.config.final_softcap);
         }
         // Row i predicts token i + 1 where that token is a target.
         let ids = batch.input_ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
@@ -450,10 +455,16 @@ impl LlamaModel {
             }
         }
         let targets = Tensor::from_vec(targets, b * s, &Device::Cpu)?;
+        let cap = self.config.final_softcap;
         match self.lm_head.as_ref().unwrap_or(&self.embed) {
             Weight::Dense(head) => {
-                let op = Fused(LinearCrossEntropy::new(training, head.is_variable()));
+                let op = Fused(LinearCrossEntropy::new(training, head.is_variable()).with_softcap(cap));
                 x.apply_op3(&head.contiguous()?, &targets, op)
+            }
+            // The quantized head has no soft-capping: Gemma 2's is dequantized for the loss.
+            head @ Weight::Quantized(_) if cap.is_some() => {
+                let op = Fused(LinearCrossEntropy::new(training, false).with_softcap(cap));
+                x.apply_op3(&head.dense()?, &targets, op)
             }
             Weight::Quantized(q) => x.apply_op2(&targets, Fused(QuantizedLinearCrossEntropy::new(q.clone(), training))),
         }
@@ -541,7 +552,7 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
     if fused_ok(&q) && mask.dtype() == q.dtype() && mask.device().is_cpu() {
         // One op that reads grouped heads in place, keeps only the log-sum-exp for
         // backprop and writes token rows for o_proj: no reshape or transpose in the graph.
-        let op = Fused(FusedAttention::new(mask.clone(), c.attn_scale, hd));
+        let op = Fused(FusedAttention::new(mask.clone(), c.attn_scale, hd).with_softcap(c.attn_softcap));
         return layer.projs[O].forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
     }
     let t = k.dim(0)? / b;
@@ -555,7 +566,8 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
     // Scaling q (s x d) rather than the scores (s x s) keeps one fewer large tensor.
     let q = (q * c.attn_scale)?.contiguous()?;
     // Query chunks: the scores are never [b, h, s, s] whole, in forward or backward.
-    let out = chunked_attention(&q, &k, &v, mask, None)?.transpose(1, 2)?.reshape((b * s, hq * hd))?;
+    let out =
+        chunked_attention_capped(&q, &k, &v, mask, None, c.attn_softcap)?.transpose(1, 2)?.reshape((b * s, hq * hd))?;
     layer.projs[O].forward_rows(&out)
 }
 
