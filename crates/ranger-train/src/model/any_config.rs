@@ -5,6 +5,8 @@ use super::classifier::BackboneConfig;
 use super::config::LlamaConfig;
 
 /// The configuration of any supported model, told apart by `model_type`.
+// A configuration is built once per model: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum ModelConfig {
     /// A Llama-family decoder.

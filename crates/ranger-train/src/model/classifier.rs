@@ -16,6 +16,8 @@ use crate::kernels::compute_dtype;
 use crate::kernels::cross_entropy::cross_entropy_rows;
 
 /// The configuration of the model under the head.
+// A configuration is built once per model: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum BackboneConfig {
     /// BERT, RoBERTa or DistilBERT.
