@@ -166,9 +166,12 @@ enum Head {
 }
 
 #[derive(Debug, Clone)]
+// One per classifier; which variant is larger depends on the build's features (CUDA adds to
+// the encoder), so neither is boxed.
+#[allow(clippy::large_enum_variant)]
 enum Backbone {
     Encoder(Encoder),
-    Decoder(Box<LlamaModel>),
+    Decoder(LlamaModel),
 }
 
 /// One batch of labelled (or unlabelled) texts.
@@ -228,7 +231,7 @@ impl SequenceClassifier {
             }
             BackboneConfig::Decoder(c) => {
                 let score = Proj::dense(get("score.weight")?, None);
-                (Backbone::Decoder(Box::new(LlamaModel::new_backbone(c.clone(), weights)?)), Head::Score { score })
+                (Backbone::Decoder(LlamaModel::new_backbone(c.clone(), weights)?), Head::Score { score })
             }
         };
         Ok(Self { config, num_labels, backbone, head })
