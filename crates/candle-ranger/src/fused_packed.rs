@@ -222,6 +222,8 @@ impl FusedStep<'_> {
                     Isa::Avx2 => return unsafe { step_part_avx2(&k, p, g, part, scratch, row_len, sync, seed) },
                     Isa::Baseline => {}
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = isa;
                 step_part(&k, p, g, part, scratch, row_len, sync, seed)
             });
     }
@@ -391,6 +393,7 @@ mod tests {
 
     #[test]
     fn every_instruction_set_gives_the_same_step() {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut, clippy::useless_vec))]
         let mut isas = vec![Isa::Baseline];
         #[cfg(target_arch = "x86_64")]
         {
