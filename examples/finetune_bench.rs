@@ -24,7 +24,8 @@
 //! `--gemma3-270m` trains a Gemma-3-270M-shaped model (`gemma3_text`: hidden 640, 18 layers, 4
 //! heads over 1 key/value head of 256, MLP 2048, a 262,144-token tied vocabulary, sliding
 //! windows of 512 on five layers in six; random weights over SmolLM2's tokenizer, written once)
-//! fully and with LoRA, beside SmolLM2 fully, alternately, at the shape given.
+//! fully, with LoRA and with QLoRA (q4_k on load), beside SmolLM2 fully, alternately, at the
+//! shape given.
 //! `--only qlora,lora` keeps those configurations alone.
 
 use std::path::Path;
@@ -287,6 +288,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             runs.push(Run::new("ranger", shape, false, 32, "gemma3-270m"));
             runs.push(Run::new("ranger", shape, false, 32, "smollm2"));
             runs.push(Run::new("lora", shape, false, 32, "gemma3-270m"));
+            runs.push(Run::new("qlora", shape, false, 32, "gemma3-270m"));
         }
     } else if args.iter().any(|a| a == "--llama-3b") {
         runs.push(Run::new("qlora", (16, 1), false, 32, "llama-3b"));
