@@ -22,13 +22,20 @@ use ranger_train::rng::Rng;
 use ranger_train::TrainConfig;
 use serde_json::json;
 
-/// A tiny Llama whose projections' input widths (64 and 96) are whole Q4_1 / Q8_0 blocks.
-fn config() -> LlamaConfig {
-    let mut c = common::tiny_config("llama");
+/// A tiny model of `arch` (an untied Llama; Gemma 3 and Gemma 2, tied, the latter with its
+/// final-logit soft-capping, which takes the quantized head through its dense path) whose
+/// projections' input widths (64 and 96) are whole Q4_1 / Q8_0 blocks.
+fn config_of(arch: &str) -> LlamaConfig {
+    let mut c = common::tiny_config(arch);
     c["hidden_size"] = json!(64);
     c["intermediate_size"] = json!(96);
     c["head_dim"] = json!(16);
     LlamaConfig::from_json(c, "test").unwrap()
+}
+
+/// The tiny Llama of [`config_of`].
+fn config() -> LlamaConfig {
+    config_of("llama")
 }
 
 /// The base's weights (f32 on the CPU) with its projections, embedding and LM head quantized
@@ -55,12 +62,13 @@ fn bases(cfg: &LlamaConfig) -> (HashMap<String, Tensor>, HashMap<String, QTensor
 /// the same LoRA (or DoRA) adapters, B made non-zero; the adapters' variables of each.
 #[allow(clippy::type_complexity)]
 fn models(
+    arch: &str,
     dtype: DType,
     dora: bool,
     dropout: f64,
     seed: &DropoutSeed,
 ) -> ((LlamaModel, Vec<(String, Var)>), (LlamaModel, Vec<(String, Var)>)) {
-    let cfg = config();
+    let cfg = config_of(arch);
     let (rest, quantized, dense) = bases(&cfg);
     let cast = |m: &HashMap<String, Tensor>| -> HashMap<String, Tensor> {
         m.iter().map(|(n, t)| (n.clone(), t.to_dtype(dtype).unwrap())).collect()
@@ -78,7 +86,12 @@ fn models(
         (model, vars)
     };
     let q = LlamaModel::with_quantized(cfg.clone(), &cast(&rest), &blocks).unwrap();
-    assert_eq!(q.quantized_weights().iter().map(|(_, n, _)| n).sum::<usize>(), 16, "14 projections, embedding, head");
+    let expected = 15 + usize::from(!cfg.tie_word_embeddings);
+    assert_eq!(
+        q.quantized_weights().iter().map(|(_, n, _)| n).sum::<usize>(),
+        expected,
+        "14 projections, embedding, head"
+    );
     let d = LlamaModel::new(cfg, &cast(&dense)).unwrap();
     (with_adapters(q), with_adapters(d))
 }
@@ -105,26 +118,31 @@ fn gradients(model: &LlamaModel, vars: &[(String, Var)], seed: &DropoutSeed, bat
 
 /// Over quantized projections every adapter gradient equals the one over the dequantized base
 /// to float rounding (relative to each tensor's largest): f32 and f64, LoRA and DoRA with
-/// dropout, fused kernels and the op-by-op path, with and without activation checkpointing.
+/// dropout, fused kernels and the op-by-op path, with and without activation checkpointing;
+/// for Llama, Gemma 3 and Gemma 2.
 #[test]
 fn qlora_gradients_equal_those_over_the_dequantized_base() {
-    for (dtype, tolerance) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
-        for (dora, dropout) in [(false, 0.0), (false, 0.2), (true, 0.2)] {
-            let seed = DropoutSeed::default();
-            let ((mut q, qvars), (mut d, dvars)) = models(dtype, dora, dropout, &seed);
-            let batch = common::test_batch(common::TINY_VOCAB, dtype);
-            for checkpointing in [false, true] {
-                q.set_gradient_checkpointing(checkpointing);
-                d.set_gradient_checkpointing(checkpointing);
-                for fused in [true, false] {
-                    let what = format!("{dtype:?} dora {dora} dropout {dropout} ckpt {checkpointing} fused {fused}");
-                    let run = || (gradients(&q, &qvars, &seed, &batch), gradients(&d, &dvars, &seed, &batch));
-                    let (gq, gd) = if fused { run() } else { without_fused_kernels(run) };
-                    for ((name, a), (_, b)) in gq.iter().zip(&gd) {
-                        let top = b.iter().fold(0f64, |m, x| m.max(x.abs()));
-                        assert!(top > 0.0, "{what}: {name} has an all-zero gradient");
-                        let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
-                        assert!(diff <= tolerance * top, "{what}: {name} differs by {diff} (largest {top})");
+    for arch in ["llama", "gemma3_text", "gemma2"] {
+        for (dtype, tolerance) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
+            for (dora, dropout) in [(false, 0.0), (false, 0.2), (true, 0.2)] {
+                let seed = DropoutSeed::default();
+                let ((mut q, qvars), (mut d, dvars)) = models(arch, dtype, dora, dropout, &seed);
+                let batch = common::test_batch(common::TINY_VOCAB, dtype);
+                for checkpointing in [false, true] {
+                    q.set_gradient_checkpointing(checkpointing);
+                    d.set_gradient_checkpointing(checkpointing);
+                    for fused in [true, false] {
+                        let what = format!(
+                            "{arch} {dtype:?} dora {dora} dropout {dropout} ckpt {checkpointing} fused {fused}"
+                        );
+                        let run = || (gradients(&q, &qvars, &seed, &batch), gradients(&d, &dvars, &seed, &batch));
+                        let (gq, gd) = if fused { run() } else { without_fused_kernels(run) };
+                        for ((name, a), (_, b)) in gq.iter().zip(&gd) {
+                            let top = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+                            assert!(top > 0.0, "{what}: {name} has an all-zero gradient");
+                            let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                            assert!(diff <= tolerance * top, "{what}: {name} differs by {diff} (largest {top})");
+                        }
                     }
                 }
             }
@@ -138,7 +156,7 @@ fn qlora_gradients_equal_those_over_the_dequantized_base() {
 #[test]
 fn qlora_adapter_gradients_pass_a_finite_difference_check() {
     let seed = DropoutSeed::default();
-    let ((model, vars), _) = models(DType::F64, false, 0.0, &seed);
+    let ((model, vars), _) = models("llama", DType::F64, false, 0.0, &seed);
     let batch = common::test_batch(common::TINY_VOCAB, DType::F64);
     let loss = || model.loss_sum(&batch, false).unwrap();
     let grads = model.loss_sum(&batch, true).unwrap().backward().unwrap();
