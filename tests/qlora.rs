@@ -33,11 +33,6 @@ fn config_of(arch: &str) -> LlamaConfig {
     LlamaConfig::from_json(c, "test").unwrap()
 }
 
-/// The tiny Llama of [`config_of`].
-fn config() -> LlamaConfig {
-    config_of("llama")
-}
-
 /// The base's weights (f32 on the CPU) with its projections, embedding and LM head quantized
 /// (Q4_1 for the attention and the head, Q8_0 for the MLP and the embedding), and the same
 /// weights with those dequantized.
