@@ -101,9 +101,10 @@ fn llama_config(smollm2: &serde_json::Value, model: &str) -> serde_json::Value {
     c
 }
 
-/// The folder of the random `llama-1b` (f32 weights) or `llama-3b` (bf16 weights, 5.9 GB) model,
-/// written once: SmolLM2's tokenizer and configuration, reshaped, with random weights.
-fn llama_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+/// The folder of the random `llama-1b` (f32 weights), `llama-3b` (bf16 weights, 5.9 GB) or
+/// `gemma3-270m` (f32) model, written once: SmolLM2's tokenizer and configuration, reshaped (or
+/// replaced by Gemma 3's), with random weights.
+fn random_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
     let folder = dir.join(model);
     if folder.join("done").exists() {
         return Ok(folder);
@@ -117,7 +118,7 @@ fn llama_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathBu
         }
     }
     let smollm2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json"))?)?;
-    let config = llama_config(&smollm2, model);
+    let config = if model == "gemma3-270m" { gemma3_config(&smollm2) } else { llama_config(&smollm2, model) };
     let cfg = ranger_train::model::LlamaConfig::from_json(config.clone(), model)?;
     let dtype = if model == "llama-3b" { candle_core::DType::BF16 } else { candle_core::DType::F32 };
     let mut weights: Vec<_> = ranger_train::model::random_weights(&cfg, 1, dtype)?.into_iter().collect();
@@ -144,32 +145,6 @@ fn gemma3_config(smollm2: &serde_json::Value) -> serde_json::Value {
         "bos_token_id": smollm2["bos_token_id"], "eos_token_id": smollm2["eos_token_id"],
         "pad_token_id": smollm2["pad_token_id"],
     })
-}
-
-/// The folder of the random `gemma3-270m` model (f32), written once over SmolLM2's tokenizer.
-fn gemma3_folder(gguf: &str, dir: &Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
-    let folder = dir.join("gemma3-270m");
-    if folder.join("done").exists() {
-        return Ok(folder);
-    }
-    let _ = std::fs::remove_dir_all(&folder);
-    ranger_train::convert::gguf_to_hf(Path::new(gguf), &folder, candle_core::DType::F32)?;
-    for entry in std::fs::read_dir(&folder)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "safetensors") || path.ends_with("model.safetensors.index.json") {
-            std::fs::remove_file(path)?;
-        }
-    }
-    let smollm2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json"))?)?;
-    let config = gemma3_config(&smollm2);
-    let cfg = ranger_train::model::LlamaConfig::from_json(config.clone(), "gemma3-270m")?;
-    let mut weights: Vec<_> =
-        ranger_train::model::random_weights(&cfg, 1, candle_core::DType::F32)?.into_iter().collect();
-    weights.sort_by(|a, b| a.0.cmp(&b.0));
-    ranger_train::weights::save_safetensors_dir(&folder, &weights, ranger_train::weights::DEFAULT_MAX_SHARD_BYTES)?;
-    std::fs::write(folder.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-    std::fs::write(folder.join("done"), "")?;
-    Ok(folder)
 }
 
 /// A Llama-3.1-8B-shaped GGUF file (hidden 4096, 32 layers, 32 heads over 8 key/value heads,
@@ -254,9 +229,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             model: args[i + 6].clone(),
         };
         let model = match run.model.as_str() {
-            "llama-1b" | "llama-3b" => llama_folder(&gguf, &dir, &run.model)?.display().to_string(),
+            "llama-1b" | "llama-3b" | "gemma3-270m" => random_folder(&gguf, &dir, &run.model)?.display().to_string(),
             "llama-8b" => llama_8b_gguf(&gguf, &dir)?.display().to_string(),
-            "gemma3-270m" => gemma3_folder(&gguf, &dir)?.display().to_string(),
             _ => gguf,
         };
         return child(&model, &dir, steps, &run);

@@ -27,13 +27,11 @@ pub(crate) struct PackedState {
     pub master: Option<Tensor>,
 }
 
-impl PackedState {
-    /// The weights the update works on: the master copy, or the variable in f32.
-    pub(crate) fn fast(&self, var: &Var) -> candle_core::Result<Tensor> {
-        match &self.master {
-            Some(m) => Ok(m.clone()),
-            None => var.as_tensor().detach().to_dtype(DType::F32),
-        }
+/// The weights the update works on: the master copy, or the variable in f32.
+fn fast_weights(master: Option<&Tensor>, var: &Var) -> candle_core::Result<Tensor> {
+    match master {
+        Some(m) => Ok(m.clone()),
+        None => var.as_tensor().detach().to_dtype(DType::F32),
     }
 }
 
@@ -53,7 +51,7 @@ pub(crate) fn step(
 ) -> candle_core::Result<()> {
     let shape = var.shape();
     // A copy: the step overwrites the variable's storage in place (`Var::set`).
-    let before = st.fast(var)?.copy()?;
+    let before = fast_weights(st.master.as_ref(), var)?.copy()?;
     let u = st.delta.as_ref().map(|d| d.decode(shape)).transpose()?;
     let sync = sc.sync_alpha.is_some();
     let mut plain = DeviceState {
@@ -72,10 +70,7 @@ pub(crate) fn step(
         (Some(d), _) if sync => Some(d.zeros_like()?),
         (Some(d), Some(u)) => {
             // u += fast_after - fast_before (the difference first: u is small, fast is not).
-            let after = match &plain.master {
-                Some(m) => m.clone(),
-                None => var.as_tensor().detach().to_dtype(DType::F32)?,
-            };
+            let after = fast_weights(plain.master.as_ref(), var)?;
             Some(d.encode_like(&(u + (after - &before)?)?, Code::Signed, seed ^ STREAM_U)?)
         }
         _ => None,

@@ -56,6 +56,11 @@ impl Problem {
     }
 }
 
+/// Every variable's slow weights, as values.
+fn slow_values(o: &Ranger) -> Vec<Vec<f32>> {
+    o.slow_weights().unwrap().into_iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+}
+
 fn scalar(t: &Tensor) -> f32 {
     t.to_scalar::<f32>().unwrap()
 }
@@ -176,14 +181,7 @@ fn resume_through_a_file(precision: StatePrecision, path: UpdatePath) {
         resumed.step_with_report(&problem.grads(&resumed_vars)).unwrap();
     }
     assert_eq!(bits(&straight_vars), bits(&resumed_vars));
-    let slow = |o: &Ranger| {
-        o.slow_weights()
-            .unwrap()
-            .into_iter()
-            .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(slow(&straight), slow(&resumed));
+    assert_eq!(slow_values(&straight), slow_values(&resumed));
     // A state saved with f32 moments does not load into 8-bit state, and says which tensor.
     let mut f32_opt = Ranger::new_named(problem.vars(), params(StatePrecision::F32)).unwrap();
     f32_opt.step_with_report(&problem.grads(&problem.vars())).unwrap();
@@ -263,14 +261,7 @@ fn packed_state_files_move_between_the_fused_and_portable_paths() {
             let mut b = Ranger::new_named(vars.clone(), params_on(precision, to)).unwrap();
             b.load_state(&file).unwrap();
             assert_eq!(b.is_fused("w"), Some(to == UpdatePath::Auto));
-            let slow = |o: &Ranger| {
-                o.slow_weights()
-                    .unwrap()
-                    .into_iter()
-                    .map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(slow(&a), slow(&b), "{precision:?} {from:?} -> {to:?}: slow weights");
+            assert_eq!(slow_values(&a), slow_values(&b), "{precision:?} {from:?} -> {to:?}: slow weights");
             // The moments: both optimizers take the same next step up to rounding.
             let wa = problem.vars();
             for ((_, x), (_, y)) in wa.iter().zip(&vars) {

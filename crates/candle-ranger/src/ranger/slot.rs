@@ -106,8 +106,8 @@ impl Slot {
             SlotState::Host(HostState { slow: Some(buf), .. }) => buf.to_tensor(self.var.shape())?,
             // A copy: the fused GPU kernels update the slow weights in place.
             SlotState::Device(DeviceState { slow: Some(s), .. }) => s.copy()?,
-            SlotState::Packed(st @ PackedState { delta: Some(d), .. }) => {
-                (st.fast(&self.var)? - d.decode(self.var.shape())?)?
+            SlotState::Packed(PackedState { delta: Some(d), .. }) => {
+                (self.fast_weights()? - d.decode(self.var.shape())?)?
             }
             SlotState::Host(_) => initial_slow(&self.var)?.to_device(&Device::Cpu)?,
             SlotState::Device(_) | SlotState::Packed(_) => initial_slow(&self.var)?,

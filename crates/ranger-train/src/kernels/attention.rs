@@ -135,7 +135,9 @@ fn key_ranges<T: Float>(mask: &[T], dm: &Dims) -> Vec<(usize, usize)> {
 /// The probabilities of `rows` queries of one head over the keys `[c0, c0 + kw)`, in place in
 /// `p: [rows, kw]`, from the queries `q` (rows `hq * d` apart), the keys `k` (from key c0, rows
 /// `hk * d` apart) and the mask rows `mask` (from key c0, rows `sk` apart): fills `lse` (one
-/// per query) in the forward pass, reuses the saved one in the backward pass.
+/// per query) in the forward pass, reuses the saved one in the backward pass. With
+/// soft-capping, `tanh` (when given, `[rows, kw]`) receives the capped scores' tanh for the
+/// backward pass.
 #[allow(clippy::too_many_arguments)]
 fn probabilities<T: Float>(
     p: &mut [T],
@@ -146,6 +148,7 @@ fn probabilities<T: Float>(
     dm: &Dims,
     scale: T,
     lse: LseMode<'_, T>,
+    tanh: Option<&mut [T]>,
 ) {
     // SAFETY: p is [rows, kw]; q is [rows, d] with row stride hq * d; k is [kw, d] with row
     // stride hk * d, read transposed.
@@ -162,9 +165,15 @@ fn probabilities<T: Float>(
         )
     };
     if let Some(cap) = dm.softcap {
-        // s -> cap tanh(s / cap); backward reads the tanh back as s / cap.
+        // s -> cap tanh(s / cap), keeping the tanh when the backward pass asks for it.
         let (cap, inv) = (T::from_f64(cap), T::from_f64(1.0 / cap));
-        p.iter_mut().for_each(|x| *x = cap * (*x * inv).tanh());
+        match tanh {
+            Some(t) => p.iter_mut().zip(t.iter_mut()).for_each(|(x, t)| {
+                *t = (*x * inv).tanh();
+                *x = cap * *t;
+            }),
+            None => p.iter_mut().for_each(|x| *x = cap * (*x * inv).tanh()),
+        }
     }
     let mask_rows = mask.chunks(dm.sk).map(|m| &m[..kw]);
     match lse {
@@ -234,6 +243,7 @@ fn forward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], dm: Dims, scale: f64
                     &dm,
                     scale,
                     LseMode::Compute(&mut lse[r0..r0 + rows]),
+                    None,
                 );
                 let dst = out_ptr;
                 // SAFETY: rows r0.. of batch bi, columns h * d .. (h + 1) * d: disjoint per
@@ -281,7 +291,6 @@ fn backward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T]
     (0..b * hk).into_par_iter().for_each_init(
         || (vec![T::zero(); QUERY_BLOCK * sk], vec![T::zero(); QUERY_BLOCK * sk]),
         |(p, dp), bg| {
-            // With soft-capping, the capped scores' tanh, for the chain rule through the cap.
             let mut t = if dm.softcap.is_some() { vec![T::zero(); QUERY_BLOCK * sk] } else { Vec::new() };
             let (bi, g) = (bg / hk, bg % hk);
             let mask = dm.mask(mask, bi);
@@ -297,28 +306,10 @@ fn backward<T: Float>(q: &[T], k: &[T], v: &[T], mask: &[T], lse: &[T], go: &[T]
                     let lh = &lse[(bi * hq + h) * sq + r0..][..rows];
                     let goh = &go[(bi * sq + r0) * hq * d + h * d..];
                     let (p, dp) = (&mut p[..rows * kw], &mut dp[..rows * kw]);
-                    probabilities(p, (rows, kw), qh, kh, &mask[r0 * sk + c0..], &dm, scale, LseMode::Use(lh));
-                    if let Some(cap) = dm.softcap {
-                        // tanh(s / cap) = ln(p) + lse - mask, over cap: recomputed from the
-                        // scores instead, which stays exact where p underflows.
-                        let t = &mut t[..rows * kw];
-                        // SAFETY: as in `probabilities`: t is [rows, kw], q rows hq * d apart,
-                        // k rows hk * d apart, read transposed.
-                        unsafe {
-                            gemm_strided(
-                                (rows, kw, d),
-                                t.as_mut_ptr(),
-                                kw,
-                                false,
-                                (qh.as_ptr(), hq * d, 1),
-                                (kh.as_ptr(), 1, hk * d),
-                                scale,
-                                false,
-                            )
-                        };
-                        let inv = T::from_f64(1.0 / cap);
-                        t.iter_mut().for_each(|x| *x = (*x * inv).tanh());
-                    }
+                    // With soft-capping, the capped scores' tanh, for the chain rule through the cap.
+                    let tanh = if dm.softcap.is_some() { Some(&mut t[..rows * kw]) } else { None };
+                    let mask = &mask[r0 * sk + c0..];
+                    probabilities(p, (rows, kw), qh, kh, mask, &dm, scale, LseMode::Use(lh), tanh);
                     // SAFETY (all four products): offsets inside the [dq | dk | dv] buffer,
                     // written only by this task (see above); rows of q, dq and the output
                     // gradient are hq * d apart, rows of k, v, dk, dv hk * d apart.

@@ -419,15 +419,12 @@ impl LlamaConfig {
 
     /// The sliding layers' rotary inverse frequencies (Gemma 3), unscaled.
     pub fn local_inv_freq(&self) -> Option<Vec<f32>> {
-        let theta = self.local_rope_theta?;
-        let d = self.head_dim;
-        Some((0..d / 2).map(|i| (1.0 / theta.powf((2 * i) as f64 / d as f64)) as f32).collect())
+        Some(unscaled_inv_freq(self.local_rope_theta?, self.head_dim).into_iter().map(|f| f as f32).collect())
     }
 
     /// The rotary inverse frequencies (`head_dim / 2` values), scaling applied.
     pub fn inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        let base = unscaled_inv_freq(self.rope_theta, self.head_dim);
         let scaled: Vec<f64> = match &self.rope_scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
@@ -457,6 +454,11 @@ impl LlamaConfig {
         };
         scaled.into_iter().map(|f| f as f32).collect()
     }
+}
+
+/// The rotary inverse frequencies of base `theta` over `head_dim`, `theta^(-2i / head_dim)`.
+fn unscaled_inv_freq(theta: f64, head_dim: usize) -> Vec<f64> {
+    (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect()
 }
 
 fn parse_rope_scaling(v: &Value) -> std::result::Result<RopeScaling, String> {

@@ -331,15 +331,18 @@ impl LlamaModel {
         Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
     }
 
-    /// Gemma 3's sliding layers: their rotary tables and `mask` narrowed to the local window
+    /// Gemma's sliding layers: their rotary tables and `mask` narrowed to the local window
     /// (a query at absolute index `past + i` sees keys `j` with `past + i - j < window`, where
     /// `past` is the number of cached keys before this call's queries).
-    fn local(&self, positions: &Tensor, mask: &Tensor) -> Result<Option<Local>> {
+    /// `global`: the global layers' rotary tables, which Gemma 2's sliding layers share.
+    fn local(&self, positions: &Tensor, mask: &Tensor, global: (&Tensor, &Tensor)) -> Result<Option<Local>> {
         let Some(window) = self.config.local_window else {
             return Ok(None);
         };
-        // Gemma 2's sliding layers share the global rotary tables.
-        let (cos, sin) = self.rotary(positions, self.local_inv_freq.as_ref().unwrap_or(&self.inv_freq))?;
+        let (cos, sin) = match &self.local_inv_freq {
+            Some(inv_freq) => self.rotary(positions, inv_freq)?,
+            None => (global.0.clone(), global.1.clone()),
+        };
         let (s, t) = (mask.dim(2)?, mask.dim(3)?);
         let past = (t - s) as f64;
         let i = Tensor::arange(0f32, s as f32, mask.device())?.reshape((s, 1))?;
@@ -391,7 +394,7 @@ impl LlamaModel {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rotary(positions, &self.inv_freq)?;
-        let local = self.local(positions, mask)?;
+        let local = self.local(positions, mask, (&cos, &sin))?;
         let (b, s) = input_ids.dims2()?;
         let mut x = match &self.embed {
             Weight::Dense(e) => embedding(e, &input_ids.flatten_all()?)?,
