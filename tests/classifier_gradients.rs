@@ -31,7 +31,7 @@ fn build(config: &Value, dtype: DType, seed: u64) -> (Vec<(String, Var)>, Sequen
 
 fn batch(model: &SequenceClassifier, ex: &[LabeledText]) -> ClassifierBatch {
     let refs: Vec<&LabeledText> = ex.iter().collect();
-    collate(&refs, 0, model.is_decoder(), model.mask_dtype(), &Device::Cpu).unwrap()
+    collate(&refs, 0, model.mask_kind(), model.mask_dtype(), &Device::Cpu).unwrap()
 }
 
 fn loss(model: &SequenceClassifier, b: &ClassifierBatch) -> Tensor {
@@ -131,7 +131,7 @@ fn bert_encoder_matches_candle_transformers() {
     let ours = ranger_train::model::Encoder::new(enc_cfg.clone(), &weights).unwrap();
     let ex = common::labeled_examples(TINY_ENCODER_VOCAB);
     let refs: Vec<&LabeledText> = ex.iter().collect();
-    let b = collate(&refs, 0, false, DType::F32, &Device::Cpu).unwrap();
+    let b = collate(&refs, 0, ranger_train::model::MaskKind::Padding, DType::F32, &Device::Cpu).unwrap();
     let h_ours = ours.forward(&b.input_ids, b.token_type_ids.as_ref(), &b.mask).unwrap();
     let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
     let c: candle_transformers::models::bert::Config = serde_json::from_value(config).unwrap();

@@ -215,7 +215,7 @@ fn cls_loss_and_grads(
     let model = SequenceClassifier::new(backbone.clone(), LABELS, &map).unwrap();
     let refs: Vec<&LabeledText> = ex.iter().collect();
     let dev = vars[0].1.device();
-    let b = ranger_train::classify::collate(&refs, 0, model.is_decoder(), model.mask_dtype(), dev).unwrap();
+    let b = ranger_train::classify::collate(&refs, 0, model.mask_kind(), model.mask_dtype(), dev).unwrap();
     let loss = model.loss_sum(&model.forward(&b).unwrap(), &b.labels).unwrap();
     let grads = loss.backward().unwrap();
     (loss.detach(), grads)

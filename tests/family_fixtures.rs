@@ -1,5 +1,5 @@
 //! The newer decoder families against transformers itself: tiny random models that transformers
-//! saved, a PEFT LoRA adapter on all seven projections, and a sequence classifier of each family
+//! saved, a PEFT LoRA adapter on every projection, and a sequence classifier of each family
 //! (tests/fixtures/families/<family>, written by tools/make_family_fixtures.py) load into
 //! ranger-tune and give the logits and class probabilities transformers + PEFT computed, to
 //! 1e-4; merging the adapter gives the same logits.
@@ -53,6 +53,11 @@ fn check_family(family: &str) {
     let base = base_model(family);
     let plain = logits(&base, &reference);
     assert_close(&plain, &reference["base"], &format!("{family} base logits"));
+    if !reference["base_short"].is_null() {
+        let short = base.forward_ids(&input_ids(&reference).narrow(1, 0, 4).unwrap()).unwrap();
+        let short: Vec<f32> = short.flatten_all().unwrap().to_vec1().unwrap();
+        assert_close(&short, &reference["base_short"], &format!("{family} base logits, first 4 tokens"));
+    }
 
     let mut model = base_model(family);
     ranger_train::peft::load_peft_adapter(&mut model, &fixture(family).join("lora"), None).unwrap();
@@ -66,11 +71,12 @@ fn check_family(family: &str) {
     // The sequence classifier: last-token pooling (no padding here) and the `score` head.
     let dir = fixture(family).join("classifier");
     let config = LlamaConfig::from_json(read_json(&dir.join("config.json")), family).unwrap();
+    let window = config.sliding_window;
     let classifier = SequenceClassifier::new(BackboneConfig::Decoder(config), 3, &weights(&dir)).unwrap();
     let ids = input_ids(&reference);
     let (b, s) = ids.dims2().unwrap();
     let positions = Tensor::arange(0u32, s as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((b, 1)).unwrap();
-    let mask = causal_mask(&vec![vec![1u32; s]; b], None, DType::F32, &Device::Cpu).unwrap();
+    let mask = causal_mask(&vec![vec![1u32; s]; b], window, DType::F32, &Device::Cpu).unwrap();
     let last: Vec<u32> = (0..b).map(|r| (r * s + s - 1) as u32).collect();
     let batch = ClassifierBatch {
         input_ids: ids,
@@ -169,5 +175,43 @@ fn gemma2_softcaps_are_honoured() {
         let model = LlamaModel::new(config, &weights(&fixture("gemma2").join("base"))).unwrap();
         let worst = logits(&model, &reference).iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst > 1e-2, "without {key}: the logits moved by only {worst}");
+    }
+}
+
+/// Phi-3: fused `qkv_proj` and `gate_up_proj` (the adapter targets the fused names, as PEFT
+/// does), LongRoPE whose pretraining context (6) the 8-token inputs pass, so they take the long
+/// factors while their first 4 tokens take the short ones, a 5-token sliding window, untied.
+#[test]
+fn phi3_matches_transformers() {
+    check_family("phi3");
+}
+
+/// Phi-4-mini's shape: Phi-3 with 3/4 of each head rotated (partial rotary embeddings) and tied
+/// embeddings.
+#[test]
+fn phi4mini_matches_transformers() {
+    check_family("phi4mini");
+}
+
+/// LongRoPE's long factors, its attention factor and the sliding window matter: a pretraining
+/// context long enough for the inputs (short factors and, with the ratio of the lengths 1, no
+/// attention factor) or a window of 64 move the logits away from transformers'.
+#[test]
+fn phi3_long_rope_and_window_are_honoured() {
+    let reference = read_json(&fixture("phi3").join("reference.json"));
+    let theirs: Vec<f32> = serde_json::from_value(reference["base"].clone()).unwrap();
+    for (what, key, value) in [
+        ("a pretraining context of 64", "original_max_position_embeddings", serde_json::json!(64)),
+        ("a window of 64", "sliding_window", serde_json::json!(64)),
+    ] {
+        let mut raw = read_json(&fixture("phi3").join("base/config.json"));
+        raw[key] = value.clone();
+        if key == "original_max_position_embeddings" {
+            raw["rope_parameters"][key] = value;
+        }
+        let config = LlamaConfig::from_json(raw, what).unwrap();
+        let model = LlamaModel::new(config, &weights(&fixture("phi3").join("base"))).unwrap();
+        let worst = logits(&model, &reference).iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst > 1e-3, "{what}: the logits moved by only {worst}");
     }
 }

@@ -223,7 +223,7 @@ fn classifiers_get_the_same_gradients_with_checkpointing() {
         let examples = common::labeled_examples(vocab);
         let refs: Vec<&LabeledText> = examples.iter().collect();
         let batches = [&refs[..], &refs[1..]]
-            .map(|rows| collate(rows, 0, model.is_decoder(), model.mask_dtype(), &Device::Cpu).unwrap());
+            .map(|rows| collate(rows, 0, model.mask_kind(), model.mask_dtype(), &Device::Cpu).unwrap());
         for fused in [true, false] {
             let mut run = |on: bool| {
                 model.set_gradient_checkpointing(on);

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/families/<family>: a tiny random model of each newer decoder family saved
-by transformers itself, a PEFT LoRA adapter on all seven projections (values moved off their
+by transformers itself, a PEFT LoRA adapter on every projection (values moved off their
 init so each one matters), a sequence classifier of the same family, and the logits (and class
 probabilities) transformers + PEFT compute, so that tests/family_fixtures.rs checks ranger-tune
 loads each to the same numbers. Not run in CI (CI has no torch); rerun by hand after changing it:
@@ -11,7 +11,10 @@ Families: smollm3 (4 layers, the second without rotary embeddings: `no_rope_laye
 (`gemma3_text`: 4 layers alternating a 3-token sliding window and global attention, linear rope
 scaling on the global layers, query_pre_attn_scalar 24 for a head_dim of 16); gemma2 (the
 same shape, attention-logit and final-logit soft-capping at 2 and 3, small enough to bend the
-tiny model's scores and logits).
+tiny model's scores and logits); phi3 (fused qkv_proj and gate_up_proj, LongRoPE with a
+pretraining context of 6 tokens so the 8-token inputs take the long factors and their first 4
+tokens, also checked, the short ones, a 5-token sliding window, untied); phi4mini (Phi-4-mini's
+shape: the same with 3/4 of each head rotated and tied embeddings).
 """
 import json
 import os
@@ -22,6 +25,7 @@ from peft import LoraConfig, get_peft_model
 
 IDS = [[3, 7, 1, 12, 5, 9, 30, 2], [11, 4, 4, 8, 21, 0, 17, 6]]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 def smollm3():
@@ -62,7 +66,27 @@ def gemma2():
     return Gemma2Config(**cfg), Gemma2ForCausalLM, Gemma2ForSequenceClassification
 
 
-FAMILIES = {"smollm3": smollm3, "gemma3": gemma3, "gemma2": gemma2}
+def phi3(partial=1.0, tied=False, factors=8):
+    from transformers import Phi3Config, Phi3ForCausalLM, Phi3ForSequenceClassification
+
+    short = [1.0, 1.2, 1.5, 2.0, 1.1, 1.3, 1.7, 1.05][:factors]
+    long = [2.0, 3.0, 4.0, 6.0, 2.5, 8.0, 5.0, 7.0][:factors]
+    cfg = dict(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, rms_norm_eps=1e-5, max_position_embeddings=64, original_max_position_embeddings=6,
+        partial_rotary_factor=partial, sliding_window=5, tie_word_embeddings=tied,
+        rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return Phi3Config(**cfg), Phi3ForCausalLM, Phi3ForSequenceClassification
+
+
+def phi4mini():
+    return phi3(partial=0.75, tied=True, factors=6)
+
+
+FAMILIES = {"smollm3": smollm3, "gemma3": gemma3, "gemma2": gemma2, "phi3": phi3, "phi4mini": phi4mini}
+TARGETS = {"phi3": FUSED, "phi4mini": FUSED}
 
 
 def moved(model):
@@ -83,9 +107,11 @@ def write(out, family):
     ref = {"input_ids": IDS}
     with torch.no_grad():
         ref["base"] = base(ids).logits.flatten().tolist()
+        # The first four tokens alone (for phi3: within LongRoPE's short range).
+        ref["base_short"] = base(ids[:, :4]).logits.flatten().tolist()
     torch.manual_seed(1)
     lora = get_peft_model(causal.from_pretrained(os.path.join(d, "base")),
-                          LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=ALL))
+                          LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS.get(family, ALL)))
     with torch.no_grad():
         for n, p in lora.named_parameters():
             if p.requires_grad:

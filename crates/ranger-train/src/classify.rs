@@ -200,12 +200,12 @@ pub fn encode_records(
     Ok(out)
 }
 
-/// Collates examples into a right-padded [`ClassifierBatch`]: a padding mask for encoders
-/// (`decoder == false`), a causal one for decoders.
+/// Collates examples into a right-padded [`ClassifierBatch`] with the attention mask `kind`
+/// ([`crate::model::SequenceClassifier::mask_kind`]).
 pub fn collate(
     examples: &[&LabeledText],
     pad_id: u32,
-    decoder: bool,
+    kind: crate::model::MaskKind,
     mask_dtype: DType,
     device: &Device,
 ) -> Result<ClassifierBatch> {
@@ -229,12 +229,13 @@ pub fn collate(
         labels.push(e.label);
     }
     let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
-    let mask = if decoder {
-        let segs: Vec<Vec<u32>> =
-            lengths.iter().map(|&l| (0..s).map(|i| if i < l { 0 } else { u32::MAX }).collect()).collect();
-        causal_mask(&segs, None, mask_dtype, device)?
-    } else {
-        padding_mask(&lengths, s, mask_dtype, device)?
+    let mask = match kind {
+        crate::model::MaskKind::Causal { window } => {
+            let segs: Vec<Vec<u32>> =
+                lengths.iter().map(|&l| (0..s).map(|i| if i < l { 0 } else { u32::MAX }).collect()).collect();
+            causal_mask(&segs, window, mask_dtype, device)?
+        }
+        crate::model::MaskKind::Padding => padding_mask(&lengths, s, mask_dtype, device)?,
     };
     Ok(ClassifierBatch {
         input_ids: Tensor::from_vec(ids, (b, s), device)?,

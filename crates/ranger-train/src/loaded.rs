@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::model::llama_names::{EMBED, LM_HEAD, PROJECTIONS};
+use crate::model::llama_names::{all_projections, EMBED, LM_HEAD};
 use crate::model::{LlamaConfig, ModelConfig};
 use crate::tokenizer::TextTokenizer;
 
@@ -92,7 +92,7 @@ impl LoadedModel {
 pub fn is_quantizable(name: &str) -> bool {
     name == EMBED
         || name == LM_HEAD
-        || PROJECTIONS.iter().any(|p| name.strip_suffix(".weight").is_some_and(|n| n.ends_with(&format!(".{p}"))))
+        || all_projections().any(|p| name.strip_suffix(".weight").is_some_and(|n| n.ends_with(&format!(".{p}"))))
 }
 
 /// `w` quantized to `format` when QLoRA keeps `name` quantized ([`is_quantizable`]);

@@ -100,7 +100,7 @@ impl Classifier {
         let (pad, mdt) = (self.tokenizer.pad_id, self.model.mask_dtype());
         for chunk in examples.chunks(batch_size.max(1)) {
             let refs: Vec<_> = chunk.iter().collect();
-            let batch = collate(&refs, pad, self.model.is_decoder(), mdt, self.model.device())?;
+            let batch = collate(&refs, pad, self.model.mask_kind(), mdt, self.model.device())?;
             let (ids, probs) = argmax_and_probs(&self.model.forward(&batch)?)?;
             for (id, p) in ids.into_iter().zip(probs) {
                 out.push(Prediction {

@@ -157,7 +157,7 @@ impl Task {
                 TaskBatch::Lm(collate(&train.batch(index), pad_id, model.config.sliding_window, mdt, model.device())?)
             }
             Self::Classify { model, train, .. } => {
-                TaskBatch::Cls(classify::collate(&train.batch(index), pad_id, model.is_decoder(), mdt, model.device())?)
+                TaskBatch::Cls(classify::collate(&train.batch(index), pad_id, model.mask_kind(), mdt, model.device())?)
             }
         })
     }
@@ -194,7 +194,7 @@ impl Task {
                 let (mut sum, mut preds, mut gold) = (0f64, Vec::new(), Vec::new());
                 for chunk in val.chunks(batch_size).take(limit) {
                     let refs: Vec<&LabeledText> = chunk.iter().collect();
-                    let batch = classify::collate(&refs, pad_id, model.is_decoder(), mdt, model.device())?;
+                    let batch = classify::collate(&refs, pad_id, model.mask_kind(), mdt, model.device())?;
                     let logits = model.forward(&batch)?;
                     sum += scalar(model.loss_sum(&logits, &batch.labels)?)?;
                     preds.extend(argmax_and_probs(&logits)?.0);

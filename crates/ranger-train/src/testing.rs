@@ -68,7 +68,8 @@ pub fn tiny_tokenizer_json() -> Value {
 /// Size of the tiny vocabulary.
 pub const TINY_VOCAB: usize = 3 + WORDS.len();
 
-/// A tiny config.json for `model_type` (llama, mistral, qwen2, qwen3, smollm3, gemma3_text, gemma2).
+/// A tiny config.json for `model_type` (llama, mistral, qwen2, qwen3, smollm3, gemma3_text, gemma2,
+/// phi3).
 pub fn tiny_config(model_type: &str) -> Value {
     let mut c = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": model_type, "hidden_size": 32, "intermediate_size": 48,
@@ -107,6 +108,16 @@ pub fn tiny_config(model_type: &str) -> Value {
         c["final_logit_softcapping"] = json!(3.0);
         c["hidden_activation"] = json!("gelu_pytorch_tanh");
         c["tie_word_embeddings"] = json!(true);
+    }
+    if model_type == "phi3" {
+        // Fused projections; half of each 8-wide head rotated (Phi-4-mini rotates 3/4);
+        // LongRoPE with a pretraining context of 8 tokens, so longer batches take the long
+        // factors; a 6-token sliding window.
+        c["architectures"] = json!(["Phi3ForCausalLM"]);
+        c["partial_rotary_factor"] = json!(0.5);
+        c["original_max_position_embeddings"] = json!(8);
+        c["rope_scaling"] = json!({"type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 5.0]});
+        c["sliding_window"] = json!(6);
     }
     if model_type == "smollm3" {
         // The second layer without rotary embeddings (NoPE), tied embeddings as released.

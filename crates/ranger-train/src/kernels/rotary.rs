@@ -13,21 +13,30 @@ use super::path::fused_ok;
 /// `cos`/`sin: [b, 1, seq, head_dim]` (per-sequence positions, so packed examples restart at 0).
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && cos.dtype() == x.dtype() && cos.dims().get(1) == Some(&1) {
-        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Fused(Rotary { rows: false }));
+        let head_dim = x.dim(D::Minus1)?;
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Fused(Rotary { rows: false, head_dim }));
     }
     apply_rotary_ops(x, cos, sin)
 }
 
 /// [`apply_rotary`] for token rows `x: [n, heads * head_dim]` (the projections' own layout),
-/// with `cos`/`sin: [n, head_dim]` (each row's position).
-pub fn apply_rotary_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// with `cos`/`sin: [n, rotary_dim]` (each row's position): the first `rotary_dim` values of
+/// each head are rotated and the rest pass unchanged (Phi's partial rotary embeddings when
+/// `rotary_dim < head_dim`).
+pub fn apply_rotary_rows(x: &Tensor, cos: &Tensor, sin: &Tensor, head_dim: usize) -> Result<Tensor> {
     if fused_ok(x) && cos.dtype() == x.dtype() {
-        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Fused(Rotary { rows: true }));
+        let op = Fused(Rotary { rows: true, head_dim });
+        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op);
     }
     let (n, cols) = x.dims2()?;
     let d = cos.dim(1)?;
-    let heads = x.reshape((n, cols / d, d))?;
-    apply_rotary_ops(&heads, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)?.reshape((n, cols))
+    let heads = x.reshape((n, cols / head_dim, head_dim))?;
+    let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+    if d == head_dim {
+        return apply_rotary_ops(&heads, &cos, &sin)?.reshape((n, cols));
+    }
+    let rotated = apply_rotary_ops(&heads.narrow(2, 0, d)?, &cos, &sin)?;
+    Tensor::cat(&[&rotated, &heads.narrow(2, d, head_dim - d)?], 2)?.reshape((n, cols))
 }
 
 /// [`apply_rotary`] from tensor ops.
@@ -41,28 +50,39 @@ pub fn apply_rotary_ops(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 
 /// Rotary embedding `x * cos + rotate_half(x) * sin` (f32/f64), keeping only its output for
 /// backprop: `x: [b, h, s, d]` with `cos`, `sin: [b, 1, s, d]`, or with `rows` token rows
-/// `x: [n, h * d]` (the projections' layout, no transpose needed) with `cos`, `sin: [n, d]`.
+/// `x: [n, h * head_dim]` (the projections' layout, no transpose needed) with `cos`,
+/// `sin: [n, d]`, `d <= head_dim` (the rest of each head passes unchanged).
 pub struct Rotary {
-    /// Whether `x` is token rows `[n, heads * head_dim]` with `cos`/`sin: [n, head_dim]`, rather
+    /// Whether `x` is token rows `[n, heads * head_dim]` with `cos`/`sin: [n, d]`, rather
     /// than `[b, heads, s, head_dim]` with `cos`/`sin: [b, 1, s, head_dim]`.
     pub rows: bool,
+    /// The width of a head (the rotated `d` of it is the width of `cos`).
+    pub head_dim: usize,
 }
 
 /// The gradient of [`Rotary`] (the transposed rotation), one pass over the output gradient.
 struct RotaryGrad {
     rows: bool,
+    head_dim: usize,
 }
 
 /// The forward pass or, with `transpose`, the backward pass (of the output gradient in `x`).
-// x: [b, h, s, d] (or [n, h * d]), cos, sin: [b, 1, s, d] (or [n, d]) -> out: as x
-fn rotary<T: Float>(rows: bool, transpose: bool, x: Input<'_>, cos: Input<'_>, sin: Input<'_>) -> Out<T> {
+// x: [b, h, s, hd] (or [n, h * hd]), cos, sin: [b, 1, s, hd] (or [n, d], d <= hd) -> out: as x
+fn rotary<T: Float>(
+    rows: bool,
+    head_dim: usize,
+    transpose: bool,
+    x: Input<'_>,
+    cos: Input<'_>,
+    sin: Input<'_>,
+) -> Out<T> {
     let (h, s, d, cs) = if rows {
         let (n, cols) = x.shape().dims2()?;
         let d = cos.dims().last().copied().unwrap_or(0);
-        if d == 0 || cols % d != 0 {
+        if d == 0 || d > head_dim || d % 2 != 0 || cols % head_dim != 0 {
             candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", cos.shape(), x.shape());
         }
-        (cols / d, n, d, vec![n, d])
+        (cols / head_dim, n, d, vec![n, d])
     } else {
         let (b, h, s, d) = x.shape().dims4()?;
         (h, s, d, vec![b, 1, s, d])
@@ -70,26 +90,28 @@ fn rotary<T: Float>(rows: bool, transpose: bool, x: Input<'_>, cos: Input<'_>, s
     if cos.dims() != cs || sin.dims() != cs {
         candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", cos.shape(), x.shape());
     }
-    let out = rotary_rows(x.floats()?, cos.floats()?, sin.floats()?, h, s, d, rows, transpose);
+    let hd = if rows { head_dim } else { d };
+    let out = rotary_rows(x.floats()?, cos.floats()?, sin.floats()?, Dims { h, s, d, hd }, rows, transpose);
     Ok((out, x.shape().clone()))
+}
+
+/// The shape [`rotary_rows`] works on: `h` heads of width `hd`, the first `d` of which rotate,
+/// over sequences of `s` positions.
+#[derive(Clone, Copy)]
+struct Dims {
+    h: usize,
+    s: usize,
+    d: usize,
+    hd: usize,
 }
 
 /// `x * cos + rotate_half(x) * sin` per head row or, with `transpose` (the backward pass),
 /// `x * cos + rotate_half^T(x * sin)`, where `rotate_half^T(u) = [u2, -u1]`.
-#[allow(clippy::too_many_arguments)]
-fn rotary_rows<T: Float>(
-    x: &[T],
-    cos: &[T],
-    sin: &[T],
-    h: usize,
-    s: usize,
-    d: usize,
-    rows: bool,
-    transpose: bool,
-) -> Vec<T> {
+fn rotary_rows<T: Float>(x: &[T], cos: &[T], sin: &[T], dims: Dims, rows: bool, transpose: bool) -> Vec<T> {
+    let Dims { h, s, d, hd } = dims;
     let half = d / 2;
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(r, (o, row))| {
+    out.par_chunks_mut(hd).zip(x.par_chunks(hd)).enumerate().for_each(|(r, (o, row))| {
         // Head-row r's position (b * s + i).
         let pos = if rows { r / h } else { r / (h * s) * s + r % s };
         let (c, sn) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
@@ -102,6 +124,8 @@ fn rotary_rows<T: Float>(
             };
             o[j] = row[j] * c[j] + rot;
         }
+        // Partial rotary embeddings: the rest of the head passes through.
+        o[d..].copy_from_slice(&row[d..]);
     });
     out
 }
@@ -110,12 +134,12 @@ impl FusedOp3 for Rotary {
     const NAME: &'static str = "ranger-rotary";
 
     fn cpu<T: Float>(&self, x: Input<'_>, cos: Input<'_>, sin: Input<'_>) -> Out<T> {
-        rotary(self.rows, false, x, cos, sin)
+        rotary(self.rows, self.head_dim, false, x, cos, sin)
     }
 
     // g: as x -> dx: as x (cos and sin get none)
     fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Grads3> {
-        let grad = Fused(RotaryGrad { rows: self.rows });
+        let grad = Fused(RotaryGrad { rows: self.rows, head_dim: self.head_dim });
         Ok((Some(g.contiguous()?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &grad)?), None, None))
     }
 }
@@ -124,6 +148,6 @@ impl FusedOp3 for RotaryGrad {
     const NAME: &'static str = "ranger-rotary-grad";
 
     fn cpu<T: Float>(&self, g: Input<'_>, cos: Input<'_>, sin: Input<'_>) -> Out<T> {
-        rotary(self.rows, true, g, cos, sin)
+        rotary(self.rows, self.head_dim, true, g, cos, sin)
     }
 }

@@ -64,7 +64,7 @@ fn fused_kernels_match_the_op_by_op_versions() {
         let g = y.backward().unwrap();
         (y, g.get(&x4v).unwrap().clone(), g.get(&wv).cloned(), g.get(&bv).cloned())
     };
-    let pairs4: [Pair; 6] = [
+    let pairs4: [Pair; 7] = [
         (&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap(), &|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
         (&|x| layer_norm(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap(), &|x| {
             layer_norm_ops(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()
@@ -75,9 +75,23 @@ fn fused_kernels_match_the_op_by_op_versions() {
             &|x| {
                 let rows = x.transpose(1, 2).unwrap().reshape((10, 24)).unwrap();
                 let (c, s) = (cos.reshape((10, 8)).unwrap(), sin.reshape((10, 8)).unwrap());
-                apply_rotary_rows(&rows, &c, &s).unwrap().reshape((2, 5, 3, 8)).unwrap().transpose(1, 2).unwrap()
+                apply_rotary_rows(&rows, &c, &s, 8).unwrap().reshape((2, 5, 3, 8)).unwrap().transpose(1, 2).unwrap()
             },
             &|x| apply_rotary_ops(x, &cos, &sin).unwrap(),
+        ),
+        (
+            // Partial (Phi): the first 4 of each head's 8 values rotate, the rest pass.
+            &|x| {
+                let rows = x.transpose(1, 2).unwrap().reshape((10, 24)).unwrap();
+                let c = cos.reshape((10, 8)).unwrap().narrow(1, 0, 4).unwrap();
+                let s = sin.reshape((10, 8)).unwrap().narrow(1, 0, 4).unwrap();
+                apply_rotary_rows(&rows, &c, &s, 8).unwrap().reshape((2, 5, 3, 8)).unwrap().transpose(1, 2).unwrap()
+            },
+            &|x| {
+                let (c, s) = (cos.narrow(3, 0, 4).unwrap(), sin.narrow(3, 0, 4).unwrap());
+                let rotated = apply_rotary_ops(&x.narrow(3, 0, 4).unwrap(), &c, &s).unwrap();
+                Tensor::cat(&[&rotated, &x.narrow(3, 4, 4).unwrap()], 3).unwrap()
+            },
         ),
         (&|x| swiglu(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap(), &|x| {
             swiglu_ops(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap()

@@ -15,6 +15,18 @@ use crate::error::TrainError;
 use crate::kernels::compute_dtype;
 use crate::kernels::cross_entropy::cross_entropy_rows;
 
+/// The attention mask of a classifier's batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskKind {
+    /// Every real token sees every other (encoders).
+    Padding,
+    /// Each token sees itself and the tokens before it, within `window` if set (decoders).
+    Causal {
+        /// The sliding attention window (Mistral, Phi-3), if any.
+        window: Option<usize>,
+    },
+}
+
 /// The configuration of the model under the head.
 // A configuration is built once per model: boxing the larger variant would buy nothing.
 #[allow(clippy::large_enum_variant)]
@@ -48,6 +60,7 @@ impl BackboneConfig {
                     super::Architecture::SmolLM3 => "SmolLM3",
                     super::Architecture::Gemma3 => "Gemma3Text",
                     super::Architecture::Gemma2 => "Gemma2",
+                    super::Architecture::Phi3 => "Phi3",
                 };
                 format!("{name}ForSequenceClassification")
             }
@@ -115,7 +128,7 @@ impl BackboneConfig {
                 &["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
             }
             Self::Encoder(_) => &["query", "key", "value", "output.dense", "intermediate.dense"],
-            Self::Decoder(_) => return super::llama_names::projection_targets(),
+            Self::Decoder(c) => return super::llama_names::projection_targets(c.projections()),
         };
         t.iter().map(|s| s.to_string()).collect()
     }
@@ -270,6 +283,15 @@ impl SequenceClassifier {
     /// Whether the backbone is a decoder (causal mask, last-token pooling).
     pub fn is_decoder(&self) -> bool {
         matches!(self.backbone, Backbone::Decoder(_))
+    }
+
+    /// The attention mask its batches need: padding only for an encoder, causal (within the
+    /// decoder's sliding window, if it has one) for a decoder.
+    pub fn mask_kind(&self) -> MaskKind {
+        match &self.backbone {
+            Backbone::Encoder(_) => MaskKind::Padding,
+            Backbone::Decoder(d) => MaskKind::Causal { window: d.config.sliding_window },
+        }
     }
 
     /// Every backbone projection LoRA can adapt, with its module path.

@@ -1,9 +1,13 @@
-//! `config.json` of the Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM3).
+//! `config.json` of the Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Gemma 2
+//! and 3, Phi-3).
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::llama_names::{self as names, DOWN, GATE, K, O, PROJECTIONS, Q, UP, V};
+use super::llama_names::{
+    self as names, DOWN, FUSED_DOWN, FUSED_GATE_UP, FUSED_O, FUSED_PROJECTIONS, FUSED_QKV, GATE, K, O, PROJECTIONS, Q,
+    UP, V,
+};
 use crate::error::{Result, TrainError};
 
 /// The supported `model_type`s.
@@ -27,6 +31,9 @@ pub enum Architecture {
     /// `Gemma2ForCausalLM`: Gemma 3's layout without q/k norms, one rotary base, and
     /// attention-logit and final-logit soft-capping.
     Gemma2,
+    /// `Phi3ForCausalLM` (Phi-3, Phi-3.5, Phi-4-mini): fused `qkv_proj` and `gate_up_proj`,
+    /// LongRoPE, partial rotary embeddings, a sliding window where configured.
+    Phi3,
 }
 
 impl Architecture {
@@ -40,6 +47,7 @@ impl Architecture {
             "smollm3" => Some(Self::SmolLM3),
             "gemma3_text" => Some(Self::Gemma3),
             "gemma2" => Some(Self::Gemma2),
+            "phi3" => Some(Self::Phi3),
             _ => None,
         }
     }
@@ -54,6 +62,7 @@ impl Architecture {
             Self::SmolLM3 => "smollm3",
             Self::Gemma3 => "gemma3_text",
             Self::Gemma2 => "gemma2",
+            Self::Phi3 => "phi3",
         }
     }
 }
@@ -76,6 +85,19 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         /// Context length the model was pretrained with.
         original_max_position_embeddings: f64,
+    },
+    /// Phi-3's LongRoPE: per-frequency divisors, `short_factor` while a forward pass's
+    /// positions stay within the pretraining context and `long_factor` past it, and cos/sin
+    /// scaled by `attention_factor`.
+    LongRope {
+        /// Divisors of the inverse frequencies within the pretraining context.
+        short_factor: Vec<f64>,
+        /// Divisors past it.
+        long_factor: Vec<f64>,
+        /// The pretraining context length.
+        original_max_position_embeddings: usize,
+        /// The factor on cos and sin (`sqrt(1 + ln(factor) / ln(original))` unless configured).
+        attention_factor: f64,
     },
 }
 
@@ -115,6 +137,10 @@ struct Raw {
     rope_local_base_freq: Option<f64>,
     final_logit_softcapping: Option<f64>,
     attn_logit_softcapping: Option<f64>,
+    /// Phi-3 (Phi-4-mini 0.75): the share of each head that is rotated.
+    partial_rotary_factor: Option<f64>,
+    /// Phi-3: the pretraining context of LongRoPE.
+    original_max_position_embeddings: Option<usize>,
 }
 
 /// The MLP's gate activation.
@@ -189,6 +215,12 @@ pub struct LlamaConfig {
     pub attn_softcap: Option<f64>,
     /// Gemma 2: the logits `z` become `cap * tanh(z / cap)`.
     pub final_softcap: Option<f64>,
+    /// Phi-3: one `qkv_proj` and one `gate_up_proj` ([`FUSED_PROJECTIONS`]) instead of
+    /// [`PROJECTIONS`].
+    pub fused_projections: bool,
+    /// The leading part of each head that is rotated (`head_dim` unless Phi's
+    /// `partial_rotary_factor` is below 1); even.
+    pub rotary_dim: usize,
     /// The `config.json` as read.
     pub raw: Value,
 }
@@ -249,13 +281,33 @@ impl LlamaConfig {
             None | Some(Value::Null) => params.filter(|p| p["rope_type"].as_str().is_some_and(|t| t != "default")),
             Some(v) => Some(v),
         };
+        let partial = r
+            .partial_rotary_factor
+            .or_else(|| params.and_then(|p| p["partial_rotary_factor"].as_f64()))
+            .filter(|_| arch == Architecture::Phi3)
+            .unwrap_or(1.0);
+        if !(partial > 0.0 && partial <= 1.0) {
+            return Err(bad(format!("partial_rotary_factor {partial} is not in (0, 1]")));
+        }
+        // As transformers: `int(head_dim * partial_rotary_factor)`.
+        let rotary_dim = (head_dim as f64 * partial) as usize;
+        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+            return Err(bad(format!("the rotated part of a head ({rotary_dim} of {head_dim}) must be even and > 0")));
+        }
         let rope_scaling = match scaling {
             None => None,
             Some(v) if v["rope_type"] == "default" || v["type"] == "default" => None,
-            Some(v) => Some(parse_rope_scaling(v).map_err(bad)?),
+            Some(v) => {
+                let context = LongRopeContext {
+                    original: r.original_max_position_embeddings,
+                    max: r.max_position_embeddings,
+                    pairs: rotary_dim / 2,
+                };
+                Some(parse_rope_scaling(v, arch, &context).map_err(bad)?)
+            }
         };
         let sliding_window = match arch {
-            Architecture::Mistral => r.sliding_window,
+            Architecture::Mistral | Architecture::Phi3 => r.sliding_window,
             Architecture::Qwen2 | Architecture::Qwen3 | Architecture::SmolLM3 if r.use_sliding_window == Some(true) => {
                 return Err(bad(format!(
                     "use_sliding_window=true is not supported for {mt} models (per-layer sliding windows)"
@@ -362,17 +414,42 @@ impl LlamaConfig {
             local_rope_theta,
             attn_softcap: r.attn_logit_softcapping.filter(|_| arch == Architecture::Gemma2),
             final_softcap: r.final_logit_softcapping.filter(|_| arch == Architecture::Gemma2),
+            fused_projections: arch == Architecture::Phi3,
+            rotary_dim,
             raw,
         })
+    }
+
+    /// The module paths of a layer's projections under [`names::layer_prefix`]:
+    /// [`FUSED_PROJECTIONS`] (Phi-3) or [`PROJECTIONS`].
+    pub fn projections(&self) -> &'static [&'static str] {
+        if self.fused_projections {
+            &FUSED_PROJECTIONS
+        } else {
+            &PROJECTIONS
+        }
     }
 
     /// Every weight the model has, with its Hugging Face name and shape, in a stable order.
     pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
+        let mut out = vec![(names::EMBED.to_string(), vec![self.vocab_size, h])];
+        if self.fused_projections {
+            // `[out, in]` of each projection, in `FUSED_PROJECTIONS` order; no biases.
+            let shape = [[q + 2 * kv, h], [h, q], [2 * i, h], [h, i]];
+            for l in 0..self.num_hidden_layers {
+                let p = names::layer_prefix(l);
+                let weight = |j: usize| (format!("{p}.{}.weight", FUSED_PROJECTIONS[j]), shape[j].to_vec());
+                out.push((format!("{p}.{}", names::INPUT_NORM), vec![h]));
+                out.extend([weight(FUSED_QKV), weight(FUSED_O)]);
+                out.push((format!("{p}.{}", names::POST_NORM), vec![h]));
+                out.extend([weight(FUSED_GATE_UP), weight(FUSED_DOWN)]);
+            }
+            return self.with_head(out);
+        }
         // `[out, in]` of each projection, in `PROJECTIONS` order.
         let proj_shape = [[q, h], [kv, h], [kv, h], [h, q], [i, h], [i, h], [h, i]];
-        let mut out = vec![(names::EMBED.to_string(), vec![self.vocab_size, h])];
         for l in 0..self.num_hidden_layers {
             let p = names::layer_prefix(l);
             let mut push = |n: &str, s: Vec<usize>| out.push((format!("{p}.{n}"), s));
@@ -404,9 +481,14 @@ impl LlamaConfig {
                 push(&n, s);
             }
         }
-        out.push((names::FINAL_NORM.to_string(), vec![h]));
+        self.with_head(out)
+    }
+
+    /// `layers` followed by the final norm and, untied, the LM head.
+    fn with_head(&self, mut out: Vec<(String, Vec<usize>)>) -> Vec<(String, Vec<usize>)> {
+        out.push((names::FINAL_NORM.to_string(), vec![self.hidden_size]));
         if !self.tie_word_embeddings {
-            out.push((names::LM_HEAD.to_string(), vec![self.vocab_size, h]));
+            out.push((names::LM_HEAD.to_string(), vec![self.vocab_size, self.hidden_size]));
         }
         out
     }
@@ -419,14 +501,36 @@ impl LlamaConfig {
 
     /// The sliding layers' rotary inverse frequencies (Gemma 3), unscaled.
     pub fn local_inv_freq(&self) -> Option<Vec<f32>> {
-        Some(unscaled_inv_freq(self.local_rope_theta?, self.head_dim).into_iter().map(|f| f as f32).collect())
+        Some(unscaled_inv_freq(self.local_rope_theta?, self.rotary_dim).into_iter().map(|f| f as f32).collect())
     }
 
-    /// The rotary inverse frequencies (`head_dim / 2` values), scaling applied.
+    /// LongRoPE's inverse frequencies past the pretraining context (`long_factor`), with that
+    /// context length: a forward pass whose last position is at or past it uses these.
+    pub fn long_inv_freq(&self) -> Option<(Vec<f32>, usize)> {
+        let Some(RopeScaling::LongRope { long_factor, original_max_position_embeddings, .. }) = &self.rope_scaling
+        else {
+            return None;
+        };
+        Some((long_rope_inv_freq(self.rope_theta, self.rotary_dim, long_factor), *original_max_position_embeddings))
+    }
+
+    /// The factor on the rotary cos and sin tables (LongRoPE's attention factor; else 1).
+    pub fn rotary_scale(&self) -> f64 {
+        match &self.rope_scaling {
+            Some(RopeScaling::LongRope { attention_factor, .. }) => *attention_factor,
+            _ => 1.0,
+        }
+    }
+
+    /// The rotary inverse frequencies (`rotary_dim / 2` values), scaling applied (LongRoPE:
+    /// the short factors).
     pub fn inv_freq(&self) -> Vec<f32> {
-        let base = unscaled_inv_freq(self.rope_theta, self.head_dim);
+        let base = unscaled_inv_freq(self.rope_theta, self.rotary_dim);
         let scaled: Vec<f64> = match &self.rope_scaling {
             None => base,
+            Some(RopeScaling::LongRope { short_factor, .. }) => {
+                return long_rope_inv_freq(self.rope_theta, self.rotary_dim, short_factor)
+            }
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
             Some(RopeScaling::Llama3 {
                 factor,
@@ -461,10 +565,63 @@ fn unscaled_inv_freq(theta: f64, head_dim: usize) -> Vec<f64> {
     (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect()
 }
 
-fn parse_rope_scaling(v: &Value) -> std::result::Result<RopeScaling, String> {
+/// LongRoPE's inverse frequencies as transformers computes them, in f32:
+/// `1 / (factor_i * theta^(2i/d))`.
+fn long_rope_inv_freq(theta: f64, rotary_dim: usize, factors: &[f64]) -> Vec<f32> {
+    let d = rotary_dim as f32;
+    factors.iter().enumerate().map(|(i, f)| 1.0 / (*f as f32 * (theta as f32).powf((2 * i) as f32 / d))).collect()
+}
+
+/// What LongRoPE reads outside `rope_scaling`: the top-level context lengths and how many
+/// frequencies there are.
+struct LongRopeContext {
+    original: Option<usize>,
+    max: Option<usize>,
+    pairs: usize,
+}
+
+fn parse_rope_scaling(v: &Value, arch: Architecture, ctx: &LongRopeContext) -> std::result::Result<RopeScaling, String> {
     let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("");
     let num = |k: &str| v.get(k).and_then(Value::as_f64).ok_or_else(|| format!("rope_scaling.{k} missing"));
+    // Phi-3 reads its older "su" and "yarn" names as LongRoPE.
+    let kind = if arch == Architecture::Phi3 && matches!(kind, "su" | "yarn") { "longrope" } else { kind };
     match kind {
+        "longrope" => {
+            let factors = |k: &str| -> std::result::Result<Vec<f64>, String> {
+                let list: Vec<f64> = v
+                    .get(k)
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| format!("rope_scaling.{k} missing"))?
+                    .iter()
+                    .map(|x| x.as_f64().ok_or_else(|| format!("rope_scaling.{k} holds a non-number")))
+                    .collect::<std::result::Result<_, _>>()?;
+                if list.len() != ctx.pairs {
+                    return Err(format!("rope_scaling.{k} has {} entries for {} rotary frequencies", list.len(), ctx.pairs));
+                }
+                Ok(list)
+            };
+            // Phi-3 keeps the pretraining length at the top level, and it takes priority.
+            let original = ctx
+                .original
+                .or_else(|| v.get("original_max_position_embeddings").and_then(Value::as_u64).map(|n| n as usize))
+                .or(ctx.max)
+                .ok_or("original_max_position_embeddings missing")?;
+            let factor = match v.get("factor").and_then(Value::as_f64) {
+                Some(f) => f,
+                None => ctx.max.unwrap_or(original) as f64 / original as f64,
+            };
+            let attention_factor = match v.get("attention_factor").and_then(Value::as_f64) {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+            };
+            Ok(RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            })
+        }
         "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
         "llama3" => Ok(RopeScaling::Llama3 {
             factor: num("factor")?,
@@ -472,7 +629,7 @@ fn parse_rope_scaling(v: &Value) -> std::result::Result<RopeScaling, String> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
-        other => Err(format!("rope_scaling type {other:?} is not supported (supported: linear, llama3)")),
+        other => Err(format!("rope_scaling type {other:?} is not supported (supported: linear, llama3, longrope)")),
     }
 }
 

@@ -1,4 +1,5 @@
-//! A trainable Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM3): differentiable tensor ops,
+//! A trainable Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Gemma 2 and 3, Phi-3):
+//! differentiable tensor ops,
 //! with the fused CPU kernels for attention and the LM head + loss where they apply.
 
 use std::collections::HashMap;
@@ -9,7 +10,9 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use super::batch::{causal_mask, Batch};
 use super::config::{Activation, LlamaConfig};
 use super::linear::Proj;
-use super::llama_names::{self as names, layer_prefix, DOWN, GATE, K, O, PROJECTIONS, Q, UP, V};
+use super::llama_names::{
+    self as names, layer_prefix, DOWN, FUSED_DOWN, FUSED_GATE_UP, FUSED_O, FUSED_QKV, GATE, K, O, Q, UP, V,
+};
 use super::lora::{DropoutSeed, LoraConfig};
 use crate::kernels::activations::{geglu, swiglu};
 use crate::kernels::attention::{repeat_kv, FusedAttention};
@@ -34,8 +37,11 @@ struct Layer {
     /// Gemma's norms before and after the MLP (`sandwich_norms`).
     pre_ff_norm: Option<Tensor>,
     post_ff_norm: Option<Tensor>,
-    /// In [`PROJECTIONS`] order (index with [`Q`], [`K`], …).
-    projs: [Proj; 7],
+    /// In [`LlamaConfig::projections`] order: indexed with [`Q`], [`K`], … or, when `fused`
+    /// (Phi-3), with [`FUSED_QKV`], [`FUSED_O`], ….
+    projs: Vec<Proj>,
+    /// Phi-3's layout: one query/key/value projection and one gate/up projection.
+    fused: bool,
     /// Whether queries and keys are rotated (false on SmolLM3's NoPE layers).
     rope: bool,
     /// Gemma 3: attends within the local window, with the local rotary tables.
@@ -43,9 +49,51 @@ struct Layer {
 }
 
 impl Layer {
+    /// The module paths of its projections, in `projs` order.
+    fn proj_names(&self) -> &'static [&'static str] {
+        if self.fused {
+            &names::FUSED_PROJECTIONS
+        } else {
+            &names::PROJECTIONS
+        }
+    }
+
+    /// The attention output projection.
+    fn o_proj(&self) -> &Proj {
+        &self.projs[if self.fused { FUSED_O } else { O }]
+    }
+
+    /// The feed-forward down projection.
+    fn down_proj(&self) -> &Proj {
+        &self.projs[if self.fused { FUSED_DOWN } else { DOWN }]
+    }
+
+    /// Queries, keys and values of token rows `x: [n, hidden]`, as `[n, heads * head_dim]`
+    /// each (Phi-3: column ranges of one fused product).
+    fn qkv(&self, c: &LlamaConfig, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        if !self.fused {
+            return Ok((self.projs[Q].forward_rows(x)?, self.projs[K].forward_rows(x)?, self.projs[V].forward_rows(x)?));
+        }
+        let qkv = self.projs[FUSED_QKV].forward_rows(x)?;
+        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        Ok((qkv.narrow(1, 0, q)?, qkv.narrow(1, q, kv)?, qkv.narrow(1, q + kv, kv)?))
+    }
+
+    /// The gate and up projections of token rows `h` (Phi-3: the two halves of one product,
+    /// gate first).
+    fn gate_up(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        if !self.fused {
+            return Ok((self.projs[GATE].forward_rows(h)?, self.projs[UP].forward_rows(h)?));
+        }
+        let both = self.projs[FUSED_GATE_UP].forward_rows(h)?;
+        let i = both.dim(1)? / 2;
+        Ok((both.narrow(1, 0, i)?, both.narrow(1, i, i)?))
+    }
+
     /// Every weight slot by name under the layer's prefix (see [`names`]), projections'
-    /// weights and biases in [`PROJECTIONS`] order.
+    /// weights and biases in `projs` order.
     fn weights_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let proj_names = self.proj_names();
         let mut out: Vec<(String, &mut Tensor)> =
             vec![(names::INPUT_NORM.into(), &mut self.input_norm), (names::POST_NORM.into(), &mut self.post_norm)];
         if let Some(q) = &mut self.q_norm {
@@ -60,7 +108,7 @@ impl Layer {
         if let Some(n) = &mut self.post_ff_norm {
             out.push((names::POST_FF_NORM.into(), n));
         }
-        for (name, proj) in PROJECTIONS.iter().zip(self.projs.iter_mut()) {
+        for (name, proj) in proj_names.iter().zip(self.projs.iter_mut()) {
             // A quantized weight is frozen: no slot to replace it.
             if let Weight::Dense(w) = &mut proj.weight {
                 out.push((format!("{name}.weight"), w));
@@ -94,7 +142,7 @@ pub struct KvCache {
     pub len: usize,
 }
 
-/// A Llama / Mistral / Qwen2 / Qwen3 / SmolLM3 causal LM.
+/// A Llama / Mistral / Qwen2 / Qwen3 / SmolLM3 / Gemma 2 and 3 / Phi-3 causal LM.
 #[derive(Debug, Clone)]
 pub struct LlamaModel {
     /// The configuration.
@@ -106,6 +154,9 @@ pub struct LlamaModel {
     /// False for a backbone built without its LM head (sequence classification).
     has_lm_head: bool,
     inv_freq: Tensor,
+    /// LongRoPE's frequencies for a forward pass reaching past the pretraining context
+    /// (that length alongside).
+    long_inv_freq: Option<(Tensor, usize)>,
     /// Gemma 3's sliding layers' rotary frequencies.
     local_inv_freq: Option<Tensor>,
     dtype: DType,
@@ -165,7 +216,7 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = layer_prefix(l);
-            let projs = PROJECTIONS.map(|n| {
+            let projs = config.projections().iter().map(|n| {
                 Ok(Proj {
                     weight: weight(&format!("{p}.{n}.weight"))?,
                     bias: opt(&format!("{p}.{n}.bias")),
@@ -187,7 +238,8 @@ impl LlamaModel {
                 } else {
                     None
                 },
-                projs: projs.into_iter().collect::<crate::Result<Vec<_>>>()?.try_into().expect("7 projections"),
+                projs: projs.collect::<crate::Result<Vec<_>>>()?,
+                fused: config.fused_projections,
                 rope: config.rope_layers.get(l).copied().unwrap_or(true),
                 sliding: config.sliding_layers.get(l).copied().unwrap_or(false),
             });
@@ -197,6 +249,7 @@ impl LlamaModel {
         let device = embed.device();
         let dtype = embed.dtype();
         let inv_freq = Tensor::new(config.inv_freq(), &device)?;
+        let long_inv_freq = config.long_inv_freq().map(|(f, n)| Ok::<_, candle_core::Error>((Tensor::new(f, &device)?, n))).transpose()?;
         let local_inv_freq = config.local_inv_freq().map(|f| Tensor::new(f, &device)).transpose()?;
         Ok(Self {
             config,
@@ -206,6 +259,7 @@ impl LlamaModel {
             lm_head,
             has_lm_head,
             inv_freq,
+            long_inv_freq,
             local_inv_freq,
             dtype,
             device,
@@ -222,12 +276,13 @@ impl LlamaModel {
     }
 
     /// Every projection with its module path (`model.layers.{i}.self_attn.q_proj`, …), in
-    /// layer order: q, k, v, o, gate, up, down.
+    /// layer order: q, k, v, o, gate, up, down (Phi-3: qkv, o, gate_up, down).
     pub fn projections_mut(&mut self) -> Vec<(String, &mut Proj)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = layer_prefix(i);
-            out.extend(PROJECTIONS.iter().zip(layer.projs.iter_mut()).map(|(n, proj)| (format!("{p}.{n}"), proj)));
+            let proj_names = layer.proj_names();
+            out.extend(proj_names.iter().zip(layer.projs.iter_mut()).map(|(n, proj)| (format!("{p}.{n}"), proj)));
         }
         out
     }
@@ -322,13 +377,33 @@ impl LlamaModel {
         &self.device
     }
 
-    /// `cos`, `sin` of shape `[b * s, head_dim]` (one row per token) for `positions: [b, s]`,
+    /// `cos`, `sin` of shape `[b * s, rotary_dim]` (one row per token) for `positions: [b, s]`,
     /// in the model dtype.
     fn rotary(&self, positions: &Tensor, inv_freq: &Tensor) -> Result<(Tensor, Tensor)> {
         let pos = positions.flatten_all()?.to_dtype(DType::F32)?.unsqueeze(1)?;
         let freqs = pos.broadcast_mul(&inv_freq.unsqueeze(0)?)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        Ok((emb.cos()?.to_dtype(self.dtype)?, emb.sin()?.to_dtype(self.dtype)?))
+        let (mut cos, mut sin) = (emb.cos()?, emb.sin()?);
+        let scale = self.config.rotary_scale();
+        if scale != 1.0 {
+            // LongRoPE, as transformers: the f32 tables times the attention factor.
+            (cos, sin) = ((cos * scale)?, (sin * scale)?);
+        }
+        Ok((cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?))
+    }
+
+    /// The global layers' rotary frequencies for a forward pass at `positions`: LongRoPE's
+    /// long ones once the last position reaches the pretraining context (as transformers
+    /// decides per forward pass), else the configured ones.
+    fn global_inv_freq(&self, positions: &Tensor) -> Result<&Tensor> {
+        match &self.long_inv_freq {
+            Some((long, original)) => {
+                let last = positions.max_keepdim(1)?.max_keepdim(0)?.flatten_all()?.to_dtype(DType::U32)?;
+                let last = last.to_device(&Device::Cpu)?.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize;
+                Ok(if last + 1 > *original { long } else { &self.inv_freq })
+            }
+            None => Ok(&self.inv_freq),
+        }
     }
 
     /// Gemma's sliding layers: their rotary tables and `mask` narrowed to the local window
@@ -393,7 +468,7 @@ impl LlamaModel {
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (cos, sin) = self.rotary(positions, &self.inv_freq)?;
+        let (cos, sin) = self.rotary(positions, self.global_inv_freq(positions)?)?;
         let local = self.local(positions, mask, (&cos, &sin))?;
         let (b, s) = input_ids.dims2()?;
         let mut x = match &self.embed {
@@ -527,9 +602,7 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
     let hd = c.head_dim;
     let (hq, hk) = (c.num_attention_heads, c.num_key_value_heads);
     // Token rows [b * s, heads * head_dim]: the projections' own layout.
-    let mut q = layer.projs[Q].forward_rows(x)?;
-    let mut k = layer.projs[K].forward_rows(x)?;
-    let mut v = layer.projs[V].forward_rows(x)?;
+    let (mut q, mut k, mut v) = layer.qkv(c, x)?;
     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
         let per_head = |t: &Tensor, w: &Tensor, heads: usize| {
             norm(c, &t.reshape((b * s, heads, hd))?, w)?.reshape((b * s, heads * hd))
@@ -538,8 +611,8 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
         k = per_head(&k, kn, hk)?;
     }
     if layer.rope {
-        q = apply_rotary_rows(&q, cos, sin)?;
-        k = apply_rotary_rows(&k, cos, sin)?;
+        q = apply_rotary_rows(&q, cos, sin, hd)?;
+        k = apply_rotary_rows(&k, cos, sin, hd)?;
     }
     if let Some(slot) = cache {
         // Cached keys and values are kept as [b, past, heads * head_dim].
@@ -556,7 +629,7 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
         // One op that reads grouped heads in place, keeps only the log-sum-exp for
         // backprop and writes token rows for o_proj: no reshape or transpose in the graph.
         let op = Fused(FusedAttention::new(mask.clone(), c.attn_scale, hd).with_softcap(c.attn_softcap));
-        return layer.projs[O].forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
+        return layer.o_proj().forward_rows(&q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
     }
     let t = k.dim(0)? / b;
     let heads_first = |x: &Tensor, n: usize, len: usize| x.reshape((b, len, n, hd))?.transpose(1, 2);
@@ -571,7 +644,7 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
     // Query chunks: the scores are never [b, h, s, s] whole, in forward or backward.
     let out =
         chunked_attention_capped(&q, &k, &v, mask, None, c.attn_softcap)?.transpose(1, 2)?.reshape((b * s, hq * hd))?;
-    layer.projs[O].forward_rows(&out)
+    layer.o_proj().forward_rows(&out)
 }
 
 /// What every layer of one forward pass shares: the batch shape, the rotary tables (one row
@@ -608,12 +681,12 @@ fn layer_forward(
 ) -> Result<Tensor> {
     let norm = |x: &Tensor, w: &Tensor| norm(c, x, w);
     let mlp = |h: &Tensor| {
-        let (gate, up) = (layer.projs[GATE].forward_rows(h)?, layer.projs[UP].forward_rows(h)?);
+        let (gate, up) = layer.gate_up(h)?;
         let act = match c.activation {
             Activation::Silu => swiglu(&gate, &up)?,
             Activation::GeluTanh => geglu(&gate, &up)?,
         };
-        layer.projs[DOWN].forward_rows(&act)
+        layer.down_proj().forward_rows(&act)
     };
     let h = norm(x, &layer.input_norm)?;
     let attn = attention(c, layer, &h, rows, cache)?;

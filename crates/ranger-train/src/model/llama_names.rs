@@ -48,12 +48,30 @@ pub const PROJECTIONS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// Index of Phi-3's fused query/key/value projection in [`FUSED_PROJECTIONS`].
+pub const FUSED_QKV: usize = 0;
+/// Index of the attention output projection in [`FUSED_PROJECTIONS`].
+pub const FUSED_O: usize = 1;
+/// Index of Phi-3's fused gate/up projection (gate rows first) in [`FUSED_PROJECTIONS`].
+pub const FUSED_GATE_UP: usize = 2;
+/// Index of the feed-forward down projection in [`FUSED_PROJECTIONS`].
+pub const FUSED_DOWN: usize = 3;
+
+/// Phi-3's projections, queries, keys and values in one matrix and gate and up in another
+/// (PEFT targets them by these names too), in the order of the `FUSED_*` indices.
+pub const FUSED_PROJECTIONS: [&str; 4] = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"];
+
+/// Every projection name of either layout: what QLoRA may keep quantized.
+pub fn all_projections() -> impl Iterator<Item = &'static str> {
+    PROJECTIONS.iter().chain(FUSED_PROJECTIONS.iter().filter(|p| !PROJECTIONS.contains(p))).copied()
+}
+
 /// `model.layers.{i}`: the module path of decoder layer `i`.
 pub fn layer_prefix(i: usize) -> String {
     format!("model.layers.{i}")
 }
 
-/// The short names PEFT targets the projections by (`q_proj`, …, `down_proj`).
-pub fn projection_targets() -> Vec<String> {
-    PROJECTIONS.iter().map(|p| p.rsplit('.').next().unwrap_or(p).to_string()).collect()
+/// The short names PEFT targets the projections `paths` by (`q_proj`, …, `down_proj`).
+pub fn projection_targets(paths: &[&str]) -> Vec<String> {
+    paths.iter().map(|p| p.rsplit('.').next().unwrap_or(p).to_string()).collect()
 }

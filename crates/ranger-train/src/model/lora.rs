@@ -231,7 +231,7 @@ impl Default for LoraConfig {
         Self {
             rank: 8,
             alpha: 16.0,
-            targets: super::llama_names::projection_targets(),
+            targets: super::llama_names::projection_targets(&super::llama_names::PROJECTIONS),
             dropout: 0.0,
             use_dora: false,
             use_rslora: false,

@@ -19,7 +19,7 @@ pub use any_config::ModelConfig;
 pub use attach::attach_lora;
 pub use batch::{causal_mask, Batch};
 pub use bert::{Encoder, EncoderConfig, EncoderFamily};
-pub use classifier::{BackboneConfig, ClassifierBatch, SequenceClassifier};
+pub use classifier::{BackboneConfig, ClassifierBatch, MaskKind, SequenceClassifier};
 pub use config::{Activation, Architecture, LlamaConfig, RopeScaling};
 pub use linear::Proj;
 pub use llama::{mean_loss, KvCache, LlamaModel};
