@@ -26,6 +26,10 @@
 //! windows of 512 on five layers in six; random weights over SmolLM2's tokenizer, written once)
 //! fully, with LoRA and with QLoRA (q4_k on load), beside SmolLM2 fully, alternately, at the
 //! shape given.
+//! `--phi3-135m` trains SmolLM2-135M's shape in Phi-3's layout (`phi3`: fused `qkv_proj` and
+//! `gate_up_proj`, 3/4 of each head rotated as in Phi-4-mini; random weights, written once)
+//! fully and with LoRA, each beside SmolLM2 itself, alternately: the same parameters, so the
+//! rows show what the fused layout costs.
 //! `--only qlora,lora` keeps those configurations alone.
 
 use std::path::Path;
@@ -64,7 +68,8 @@ struct Run {
     checkpointing: bool,
     /// `--optimizer-state-bits`.
     state_bits: u8,
-    /// `smollm2`, or `llama-1b`, `llama-3b`, `llama-8b`, `gemma3-270m` (random weights).
+    /// `smollm2`, or `llama-1b`, `llama-3b`, `llama-8b`, `gemma3-270m`, `phi3-135m` (random
+    /// weights).
     model: String,
 }
 
@@ -101,9 +106,9 @@ fn llama_config(smollm2: &serde_json::Value, model: &str) -> serde_json::Value {
     c
 }
 
-/// The folder of the random `llama-1b` (f32 weights), `llama-3b` (bf16 weights, 5.9 GB) or
-/// `gemma3-270m` (f32) model, written once: SmolLM2's tokenizer and configuration, reshaped (or
-/// replaced by Gemma 3's), with random weights.
+/// The folder of the random `llama-1b` (f32 weights), `llama-3b` (bf16 weights, 5.9 GB),
+/// `gemma3-270m` or `phi3-135m` (f32) model, written once: SmolLM2's tokenizer and
+/// configuration, reshaped (or replaced by Gemma 3's, or relabelled Phi-3), with random weights.
 fn random_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
     let folder = dir.join(model);
     if folder.join("done").exists() {
@@ -118,7 +123,11 @@ fn random_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathB
         }
     }
     let smollm2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json"))?)?;
-    let config = if model == "gemma3-270m" { gemma3_config(&smollm2) } else { llama_config(&smollm2, model) };
+    let config = match model {
+        "gemma3-270m" => gemma3_config(&smollm2),
+        "phi3-135m" => phi3_config(&smollm2),
+        _ => llama_config(&smollm2, model),
+    };
     let cfg = ranger_train::model::LlamaConfig::from_json(config.clone(), model)?;
     let dtype = if model == "llama-3b" { candle_core::DType::BF16 } else { candle_core::DType::F32 };
     let mut weights: Vec<_> = ranger_train::model::random_weights(&cfg, 1, dtype)?.into_iter().collect();
@@ -127,6 +136,15 @@ fn random_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathB
     std::fs::write(folder.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     std::fs::write(folder.join("done"), "")?;
     Ok(folder)
+}
+
+/// SmolLM2-135M's configuration in Phi-3's layout (see the module documentation).
+fn phi3_config(smollm2: &serde_json::Value) -> serde_json::Value {
+    let mut c = smollm2.clone();
+    c["architectures"] = serde_json::json!(["Phi3ForCausalLM"]);
+    c["model_type"] = serde_json::json!("phi3");
+    c["partial_rotary_factor"] = serde_json::json!(0.75);
+    c
 }
 
 /// A Gemma-3-270M-shaped `gemma3_text` configuration (see the module documentation): 268 M
@@ -229,7 +247,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             model: args[i + 6].clone(),
         };
         let model = match run.model.as_str() {
-            "llama-1b" | "llama-3b" | "gemma3-270m" => random_folder(&gguf, &dir, &run.model)?.display().to_string(),
+            "llama-1b" | "llama-3b" | "gemma3-270m" | "phi3-135m" => {
+                random_folder(&gguf, &dir, &run.model)?.display().to_string()
+            }
             "llama-8b" => llama_8b_gguf(&gguf, &dir)?.display().to_string(),
             _ => gguf,
         };
@@ -263,6 +283,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             runs.push(Run::new("ranger", shape, false, 32, "smollm2"));
             runs.push(Run::new("lora", shape, false, 32, "gemma3-270m"));
             runs.push(Run::new("qlora", shape, false, 32, "gemma3-270m"));
+        }
+    } else if args.iter().any(|a| a == "--phi3-135m") {
+        for _ in 0..2 {
+            for name in ["ranger", "lora"] {
+                runs.push(Run::new(name, shape, false, 32, "phi3-135m"));
+                runs.push(Run::new(name, shape, false, 32, "smollm2"));
+            }
         }
     } else if args.iter().any(|a| a == "--llama-3b") {
         runs.push(Run::new("qlora", (16, 1), false, 32, "llama-3b"));
@@ -354,6 +381,7 @@ fn child(model: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn
             "llama-3b" => "Llama-3B-shaped (random, bf16 on disk)",
             "llama-8b" => "Llama-8B-shaped (random, Q4_K GGUF)",
             "gemma3-270m" => "Gemma-3-270M-shaped (random)",
+            "phi3-135m" => "SmolLM2-135M-shaped Phi-3 (random)",
             _ => "SmolLM2-135M",
         },
         run.seq,

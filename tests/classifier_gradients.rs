@@ -86,6 +86,13 @@ fn llama_classifier_gradients() {
     gradient_check(common::tiny_config("llama"), common::TINY_VOCAB);
 }
 
+/// Phi-3's classifier: fused projections, partial rotary, LongRoPE, and a causal mask within its
+/// sliding window.
+#[test]
+fn phi3_classifier_gradients() {
+    gradient_check(common::tiny_config("phi3"), common::TINY_VOCAB);
+}
+
 #[test]
 fn qwen2_classifier_gradients() {
     gradient_check(common::tiny_config("qwen2"), common::TINY_VOCAB);
@@ -100,8 +107,16 @@ fn padding_does_not_change_logits() {
         tiny_encoder_config("roberta"),
         tiny_encoder_config("distilbert"),
         common::tiny_config("llama"),
+        // LongRoPE picks its factors from the batch's longest position (as transformers does),
+        // so a padded row can change factors: here the context holds every batch.
+        {
+            let mut c = common::tiny_config("phi3");
+            c["original_max_position_embeddings"] = serde_json::json!(64);
+            c
+        },
     ] {
-        let vocab = if config["model_type"] == "llama" { common::TINY_VOCAB } else { TINY_ENCODER_VOCAB };
+        let decoder = config["model_type"] == "llama" || config["model_type"] == "phi3";
+        let vocab = if decoder { common::TINY_VOCAB } else { TINY_ENCODER_VOCAB };
         let (_, model) = build(&config, DType::F64, 5);
         let ex = common::labeled_examples(vocab);
         let together = model.forward(&batch(&model, &ex)).unwrap();

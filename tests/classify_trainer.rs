@@ -201,7 +201,14 @@ fn lora_classifier_adapter_in_peft_format_round_trips() {
     let plain = ranger_train::model::SequenceClassifier::new(clf.model.config.clone(), 2, &merged).unwrap();
     let ex = ranger_train::classify::encode_records(&records, &clf.tokenizer, &clf.labels, 16, &probe).unwrap();
     let refs: Vec<_> = ex.iter().collect();
-    let b = ranger_train::classify::collate(&refs, clf.tokenizer.pad_id, ranger_train::model::MaskKind::Padding, DType::F32, &Device::Cpu).unwrap();
+    let b = ranger_train::classify::collate(
+        &refs,
+        clf.tokenizer.pad_id,
+        ranger_train::model::MaskKind::Padding,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let d = common::max_abs_diff(&plain.forward(&b).unwrap(), &clf.model.forward(&b).unwrap());
     assert!(d < 1e-5, "merged classifier differs by {d}");
     let trained = t.with_slow_weights(|s| s.task().classifier().unwrap().forward(&b).unwrap()).unwrap();

@@ -147,12 +147,13 @@ fn decoder_on(
     let cfg = LlamaConfig::from_json(common::tiny_config(arch), "test").unwrap();
     let weights = ranger_train::model::random_weights(&cfg, 11, DType::F64).unwrap();
     let tensors = ranger_train::model::into_tensors(&cfg, weights, dtype, device, "test").unwrap();
+    let targets = cfg.lora_targets();
     let Some((dora, p)) = lora else {
         let vars = ranger_train::weights::to_vars(tensors).unwrap();
         return (vars.clone(), LlamaModel::from_vars(cfg, &vars).unwrap());
     };
     let mut model = LlamaModel::new(cfg, &tensors.into_iter().collect()).unwrap();
-    let lora = LoraConfig { rank: 3, alpha: 6.0, dropout: p, use_dora: dora, ..Default::default() };
+    let lora = LoraConfig { rank: 3, alpha: 6.0, dropout: p, use_dora: dora, targets, ..Default::default() };
     let vars = model.add_lora(&lora, 9, dropout).unwrap();
     let mut rng = Rng::new(5);
     for (_, v) in vars.iter().filter(|(n, _)| n.ends_with("lora_B.weight")) {
@@ -184,7 +185,7 @@ fn check_decoder(arch: &str, dtype: DType, lora: Option<(bool, f64)>) {
 
 #[test]
 fn decoders_get_the_same_gradients_with_checkpointing() {
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2", "phi3"] {
         check_decoder(arch, DType::F32, None);
     }
     check_decoder("llama", DType::F64, None);
@@ -197,6 +198,7 @@ fn lora_dora_and_dropout_get_the_same_gradients_with_checkpointing() {
     check_decoder("qwen2", DType::F32, Some((false, 0.0)));
     check_decoder("llama", DType::F32, Some((false, 0.3)));
     check_decoder("qwen3", DType::F32, Some((true, 0.3)));
+    check_decoder("phi3", DType::F32, Some((true, 0.3)));
 }
 
 fn classifier(config: &serde_json::Value, dtype: DType) -> (Vec<(String, Var)>, SequenceClassifier) {

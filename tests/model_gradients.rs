@@ -86,6 +86,21 @@ fn gemma3_gradients() {
     gradient_check(common::tiny_config("gemma3_text"));
 }
 
+/// Phi-3: fused projections, partial rotary embeddings, LongRoPE; the test batch reaches past
+/// the tiny config's pretraining context (4 tokens), so the long factors are used.
+#[test]
+fn phi3_long_rope_gradients() {
+    gradient_check(common::tiny_config("phi3"));
+}
+
+/// Phi-3 within its pretraining context: the short factors.
+#[test]
+fn phi3_short_rope_gradients() {
+    let mut c = common::tiny_config("phi3");
+    c["original_max_position_embeddings"] = json!(16);
+    gradient_check(c);
+}
+
 #[test]
 fn smollm3_nope_layer_gradients() {
     gradient_check(common::tiny_config("smollm3"));
@@ -311,7 +326,7 @@ fn fused_lm_head_loss_matches_the_logits_path() {
 fn op_by_op_path_matches_the_fused_kernels() {
     use ranger_train::kernels::without_fused_kernels;
     let batch = common::test_batch(common::TINY_VOCAB, DType::F64);
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2", "phi3"] {
         let (_, vars, model) = build(&common::tiny_config(arch), DType::F64, 11);
         let run = || {
             let l = model.loss_sum(&batch, true).unwrap();

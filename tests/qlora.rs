@@ -30,6 +30,11 @@ fn config_of(arch: &str) -> LlamaConfig {
     c["hidden_size"] = json!(64);
     c["intermediate_size"] = json!(96);
     c["head_dim"] = json!(16);
+    if arch == "phi3" {
+        // Half of a 16-wide head rotates: four LongRoPE factors.
+        c["rope_scaling"] =
+            json!({"type": "longrope", "short_factor": [1.0, 1.5, 1.2, 2.0], "long_factor": [2.0, 5.0, 3.0, 4.0]});
+    }
     LlamaConfig::from_json(c, "test").unwrap()
 }
 
@@ -70,7 +75,8 @@ fn models(
     };
     let blocks: HashMap<String, QuantizedWeight> =
         quantized.into_iter().map(|(n, q)| (n, QuantizedWeight::new(q, dtype, &Device::Cpu).unwrap())).collect();
-    let lora = LoraConfig { rank: 3, alpha: 6.0, dropout, use_dora: dora, ..Default::default() };
+    let targets = cfg.lora_targets();
+    let lora = LoraConfig { rank: 3, alpha: 6.0, dropout, use_dora: dora, targets, ..Default::default() };
     let with_adapters = |mut model: LlamaModel| {
         let vars = model.add_lora(&lora, 9, seed).unwrap();
         let mut rng = Rng::new(5);
@@ -81,11 +87,11 @@ fn models(
         (model, vars)
     };
     let q = LlamaModel::with_quantized(cfg.clone(), &cast(&rest), &blocks).unwrap();
-    let expected = 15 + usize::from(!cfg.tie_word_embeddings);
+    let expected = cfg.num_hidden_layers * cfg.projections().len() + 1 + usize::from(!cfg.tie_word_embeddings);
     assert_eq!(
         q.quantized_weights().iter().map(|(_, n, _)| n).sum::<usize>(),
         expected,
-        "14 projections, embedding, head"
+        "projections, embedding, head"
     );
     let d = LlamaModel::new(cfg, &cast(&dense)).unwrap();
     (with_adapters(q), with_adapters(d))
@@ -114,10 +120,10 @@ fn gradients(model: &LlamaModel, vars: &[(String, Var)], seed: &DropoutSeed, bat
 /// Over quantized projections every adapter gradient equals the one over the dequantized base
 /// to float rounding (relative to each tensor's largest): f32 and f64, LoRA and DoRA with
 /// dropout, fused kernels and the op-by-op path, with and without activation checkpointing;
-/// for Llama, Gemma 3 and Gemma 2.
+/// for Llama, Gemma 3, Gemma 2 and Phi-3 (fused projections).
 #[test]
 fn qlora_gradients_equal_those_over_the_dequantized_base() {
-    for arch in ["llama", "gemma3_text", "gemma2"] {
+    for arch in ["llama", "gemma3_text", "gemma2", "phi3"] {
         for (dtype, tolerance) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
             for (dora, dropout) in [(false, 0.0), (false, 0.2), (true, 0.2)] {
                 let seed = DropoutSeed::default();

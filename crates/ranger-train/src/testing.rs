@@ -111,11 +111,11 @@ pub fn tiny_config(model_type: &str) -> Value {
     }
     if model_type == "phi3" {
         // Fused projections; half of each 8-wide head rotated (Phi-4-mini rotates 3/4);
-        // LongRoPE with a pretraining context of 8 tokens, so longer batches take the long
-        // factors; a 6-token sliding window.
+        // LongRoPE with a pretraining context of 4 tokens, so batches reaching position 4 take
+        // the long factors; a 6-token sliding window.
         c["architectures"] = json!(["Phi3ForCausalLM"]);
         c["partial_rotary_factor"] = json!(0.5);
-        c["original_max_position_embeddings"] = json!(8);
+        c["original_max_position_embeddings"] = json!(4);
         c["rope_scaling"] = json!({"type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 5.0]});
         c["sliding_window"] = json!(6);
     }

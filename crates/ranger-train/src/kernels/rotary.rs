@@ -14,7 +14,11 @@ use super::path::fused_ok;
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_ok(x) && cos.dtype() == x.dtype() && cos.dims().get(1) == Some(&1) {
         let head_dim = x.dim(D::Minus1)?;
-        return x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Fused(Rotary { rows: false, head_dim }));
+        return x.contiguous()?.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            Fused(Rotary { rows: false, head_dim }),
+        );
     }
     apply_rotary_ops(x, cos, sin)
 }
@@ -79,7 +83,7 @@ fn rotary<T: Float>(
     let (h, s, d, cs) = if rows {
         let (n, cols) = x.shape().dims2()?;
         let d = cos.dims().last().copied().unwrap_or(0);
-        if d == 0 || d > head_dim || d % 2 != 0 || cols % head_dim != 0 {
+        if d == 0 || d > head_dim || !d.is_multiple_of(2) || !cols.is_multiple_of(head_dim) {
             candle_core::bail!("ranger-rotary: cos/sin shape {:?} for x {:?}", cos.shape(), x.shape());
         }
         (cols / head_dim, n, d, vec![n, d])

@@ -128,7 +128,7 @@ impl BackboneConfig {
                 &["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]
             }
             Self::Encoder(_) => &["query", "key", "value", "output.dense", "intermediate.dense"],
-            Self::Decoder(c) => return super::llama_names::projection_targets(c.projections()),
+            Self::Decoder(c) => return c.lora_targets(),
         };
         t.iter().map(|s| s.to_string()).collect()
     }

@@ -291,7 +291,7 @@ impl LlamaConfig {
         }
         // As transformers: `int(head_dim * partial_rotary_factor)`.
         let rotary_dim = (head_dim as f64 * partial) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(bad(format!("the rotated part of a head ({rotary_dim} of {head_dim}) must be even and > 0")));
         }
         let rope_scaling = match scaling {
@@ -428,6 +428,12 @@ impl LlamaConfig {
         } else {
             &PROJECTIONS
         }
+    }
+
+    /// The names PEFT targets every projection by (`q_proj`, …; Phi-3: `qkv_proj`, `o_proj`,
+    /// `gate_up_proj`, `down_proj`): the default LoRA targets.
+    pub fn lora_targets(&self) -> Vec<String> {
+        names::projection_targets(self.projections())
     }
 
     /// Every weight the model has, with its Hugging Face name and shape, in a stable order.
@@ -580,7 +586,11 @@ struct LongRopeContext {
     pairs: usize,
 }
 
-fn parse_rope_scaling(v: &Value, arch: Architecture, ctx: &LongRopeContext) -> std::result::Result<RopeScaling, String> {
+fn parse_rope_scaling(
+    v: &Value,
+    arch: Architecture,
+    ctx: &LongRopeContext,
+) -> std::result::Result<RopeScaling, String> {
     let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("");
     let num = |k: &str| v.get(k).and_then(Value::as_f64).ok_or_else(|| format!("rope_scaling.{k} missing"));
     // Phi-3 reads its older "su" and "yarn" names as LongRoPE.
@@ -596,7 +606,11 @@ fn parse_rope_scaling(v: &Value, arch: Architecture, ctx: &LongRopeContext) -> s
                     .map(|x| x.as_f64().ok_or_else(|| format!("rope_scaling.{k} holds a non-number")))
                     .collect::<std::result::Result<_, _>>()?;
                 if list.len() != ctx.pairs {
-                    return Err(format!("rope_scaling.{k} has {} entries for {} rotary frequencies", list.len(), ctx.pairs));
+                    return Err(format!(
+                        "rope_scaling.{k} has {} entries for {} rotary frequencies",
+                        list.len(),
+                        ctx.pairs
+                    ));
                 }
                 Ok(list)
             };

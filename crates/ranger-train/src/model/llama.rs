@@ -72,7 +72,11 @@ impl Layer {
     /// each (Phi-3: column ranges of one fused product).
     fn qkv(&self, c: &LlamaConfig, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         if !self.fused {
-            return Ok((self.projs[Q].forward_rows(x)?, self.projs[K].forward_rows(x)?, self.projs[V].forward_rows(x)?));
+            return Ok((
+                self.projs[Q].forward_rows(x)?,
+                self.projs[K].forward_rows(x)?,
+                self.projs[V].forward_rows(x)?,
+            ));
         }
         let qkv = self.projs[FUSED_QKV].forward_rows(x)?;
         let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
@@ -249,7 +253,10 @@ impl LlamaModel {
         let device = embed.device();
         let dtype = embed.dtype();
         let inv_freq = Tensor::new(config.inv_freq(), &device)?;
-        let long_inv_freq = config.long_inv_freq().map(|(f, n)| Ok::<_, candle_core::Error>((Tensor::new(f, &device)?, n))).transpose()?;
+        let long_inv_freq = config
+            .long_inv_freq()
+            .map(|(f, n)| Ok::<_, candle_core::Error>((Tensor::new(f, &device)?, n)))
+            .transpose()?;
         let local_inv_freq = config.local_inv_freq().map(|f| Tensor::new(f, &device)).transpose()?;
         Ok(Self {
             config,

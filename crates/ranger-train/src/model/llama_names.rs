@@ -59,7 +59,8 @@ pub const FUSED_DOWN: usize = 3;
 
 /// Phi-3's projections, queries, keys and values in one matrix and gate and up in another
 /// (PEFT targets them by these names too), in the order of the `FUSED_*` indices.
-pub const FUSED_PROJECTIONS: [&str; 4] = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"];
+pub const FUSED_PROJECTIONS: [&str; 4] =
+    ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"];
 
 /// Every projection name of either layout: what QLoRA may keep quantized.
 pub fn all_projections() -> impl Iterator<Item = &'static str> {
