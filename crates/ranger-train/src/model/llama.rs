@@ -399,18 +399,19 @@ impl LlamaModel {
         Ok((cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?))
     }
 
-    /// The global layers' rotary frequencies for a forward pass at `positions`: LongRoPE's
-    /// long ones once the last position reaches the pretraining context (as transformers
-    /// decides per forward pass), else the configured ones.
-    fn global_inv_freq(&self, positions: &Tensor) -> Result<&Tensor> {
-        match &self.long_inv_freq {
-            Some((long, original)) => {
-                let last = positions.max_keepdim(1)?.max_keepdim(0)?.flatten_all()?.to_dtype(DType::U32)?;
-                let last = last.to_device(&Device::Cpu)?.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize;
-                Ok(if last + 1 > *original { long } else { &self.inv_freq })
-            }
-            None => Ok(&self.inv_freq),
-        }
+    /// The global layers' `cos`, `sin` for a forward pass at `positions`: with LongRoPE, the long
+    /// factors' once the last position reaches the pretraining context (as transformers decides
+    /// per forward pass), chosen on the device without reading the positions back.
+    fn global_rotary(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let short = self.rotary(positions, &self.inv_freq)?;
+        let Some((long_freq, original)) = &self.long_inv_freq else {
+            return Ok(short);
+        };
+        let long = self.rotary(positions, long_freq)?;
+        let last = positions.to_dtype(DType::F32)?.flatten_all()?.max_keepdim(0)?;
+        // last + 1 > original  <=>  last >= original
+        let is_long = last.ge(*original as f64)?.reshape((1, 1))?.broadcast_as(short.0.shape())?;
+        Ok((is_long.where_cond(&long.0, &short.0)?, is_long.where_cond(&long.1, &short.1)?))
     }
 
     /// Gemma's sliding layers: their rotary tables and `mask` narrowed to the local window
@@ -475,7 +476,7 @@ impl LlamaModel {
         mask: &Tensor,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (cos, sin) = self.rotary(positions, self.global_inv_freq(positions)?)?;
+        let (cos, sin) = self.global_rotary(positions)?;
         let local = self.local(positions, mask, (&cos, &sin))?;
         let (b, s) = input_ids.dims2()?;
         let mut x = match &self.embed {
