@@ -19,8 +19,11 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The folder's weights as the model holds them (GPT-2's Conv1D weights transposed).
 fn weights(dir: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap()
+    let config = read_json(&dir.join("config.json"));
+    let stored = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    stored.into_iter().map(|(n, t)| ranger_train::model::hf_layout::from_disk(&config, n, t).unwrap()).collect()
 }
 
 fn base_model(family: &str) -> LlamaModel {
@@ -213,5 +216,31 @@ fn phi3_long_rope_and_window_are_honoured() {
         let model = LlamaModel::new(config, &weights(&fixture("phi3").join("base"))).unwrap();
         let worst = logits(&model, &reference).iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst > 1e-3, "{what}: the logits moved by only {worst}");
+    }
+}
+
+/// GPT-2: learned positions, LayerNorms with biases, fused `c_attn`, the plain tanh-GELU MLP, the
+/// `Conv1D` weights stored transposed (read through `hf_layout`), tied head; the adapter on
+/// `c_attn`, `c_proj` and `c_fc` with PEFT's `fan_in_fan_out`.
+#[test]
+fn gpt2_matches_transformers() {
+    check_family("gpt2");
+}
+
+/// GPT-2 written back: the merged model saved as a folder stores the `Conv1D` weights as
+/// transformers does (`[in, out]`), so the fixture's own files and ours agree tensor by tensor.
+#[test]
+fn gpt2_folder_round_trips_in_transformers_layout() {
+    let dir = fixture("gpt2").join("base");
+    let raw = read_json(&dir.join("config.json"));
+    let model = base_model("gpt2");
+    let ours = ranger_train::model::hf_layout::to_disk(&raw, &model.merged_weights().unwrap()).unwrap();
+    let stored = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(ours.len(), stored.len());
+    for (name, t) in ours {
+        let s = &stored[&name];
+        assert_eq!(t.dims(), s.dims(), "{name}");
+        let d = (t - s).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{name}");
     }
 }

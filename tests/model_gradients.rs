@@ -86,6 +86,13 @@ fn gemma3_gradients() {
     gradient_check(common::tiny_config("gemma3_text"));
 }
 
+/// GPT-2: learned positions, LayerNorm with biases, fused `c_attn`, plain tanh-GELU MLP, biases
+/// on every projection, tied head.
+#[test]
+fn gpt2_gradients() {
+    gradient_check(common::tiny_config("gpt2"));
+}
+
 /// Phi-3: fused projections, partial rotary embeddings, LongRoPE; the test batch reaches past
 /// the tiny config's pretraining context (4 tokens), so the long factors are used.
 #[test]
@@ -326,7 +333,7 @@ fn fused_lm_head_loss_matches_the_logits_path() {
 fn op_by_op_path_matches_the_fused_kernels() {
     use ranger_train::kernels::without_fused_kernels;
     let batch = common::test_batch(common::TINY_VOCAB, DType::F64);
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2", "phi3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2", "phi3", "gpt2"] {
         let (_, vars, model) = build(&common::tiny_config(arch), DType::F64, 11);
         let run = || {
             let l = model.loss_sum(&batch, true).unwrap();

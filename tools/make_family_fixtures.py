@@ -14,7 +14,9 @@ same shape, attention-logit and final-logit soft-capping at 2 and 3, small enoug
 tiny model's scores and logits); phi3 (fused qkv_proj and gate_up_proj, LongRoPE with a
 pretraining context of 6 tokens so the 8-token inputs take the long factors and their first 4
 tokens, also checked, the short ones, a 5-token sliding window, untied); phi4mini (Phi-4-mini's
-shape: the same with 3/4 of each head rotated and tied embeddings).
+shape: the same with 3/4 of each head rotated and tied embeddings); gpt2 (`GPT2LMHeadModel`:
+learned positions, LayerNorm, Conv1D weights stored transposed, the adapter on c_attn, c_proj and
+c_fc with PEFT's fan_in_fan_out).
 """
 import json
 import os
@@ -85,8 +87,16 @@ def phi4mini():
     return phi3(partial=0.75, tied=True, factors=6)
 
 
-FAMILIES = {"smollm3": smollm3, "gemma3": gemma3, "gemma2": gemma2, "phi3": phi3, "phi4mini": phi4mini}
-TARGETS = {"phi3": FUSED, "phi4mini": FUSED}
+def gpt2():
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    cfg = dict(vocab_size=40, n_embd=32, n_layer=4, n_head=4, n_positions=64, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2)
+    return GPT2Config(**cfg), GPT2LMHeadModel, GPT2ForSequenceClassification
+
+
+FAMILIES = {"smollm3": smollm3, "gemma3": gemma3, "gemma2": gemma2, "phi3": phi3, "phi4mini": phi4mini, "gpt2": gpt2}
+TARGETS = {"phi3": FUSED, "phi4mini": FUSED, "gpt2": ["c_attn", "c_proj", "c_fc"]}
 
 
 def moved(model):

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::model::llama_names::{all_projections, EMBED, LM_HEAD};
+use crate::model::llama_names::{all_projections, Names, EMBED, LM_HEAD};
 use crate::model::{LlamaConfig, ModelConfig};
 use crate::tokenizer::TextTokenizer;
 
@@ -91,6 +91,7 @@ impl LoadedModel {
 /// projection, the embedding or the LM head (frozen matrices; not the norms).
 pub fn is_quantizable(name: &str) -> bool {
     name == EMBED
+        || name == Names::GPT2.embed
         || name == LM_HEAD
         || all_projections().any(|p| name.strip_suffix(".weight").is_some_and(|n| n.ends_with(&format!(".{p}"))))
 }

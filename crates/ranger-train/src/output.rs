@@ -48,7 +48,7 @@ pub fn save_hf_folder(
         o.insert("torch_dtype".into(), json!(torch_dtype(dtype)));
     }
     write_json(&dir.join("config.json"), &cfg)?;
-    save_safetensors_dir(dir, weights, max_shard_bytes)?;
+    save_safetensors_dir(dir, &crate::model::hf_layout::to_disk(config, weights)?, max_shard_bytes)?;
     save_tokenizer(dir, tokenizer)?;
     match generation_config {
         Some(gen) => write_json(&dir.join("generation_config.json"), gen),
@@ -89,13 +89,16 @@ pub fn write_json(path: &Path, v: &Value) -> Result<()> {
 /// `base_model.model.<name>` for the whole `modules_to_save`, such as a classifier head), which
 /// `peft.PeftModel.from_pretrained(base_model, dir)` loads; plus the tokenizer files.
 /// `task_type` is PEFT's (`CAUSAL_LM`, `SEQ_CLS`); `tie` sets PEFT's `ensure_weight_tying` (saved
-/// embeddings of a tied-embedding model, written as both `embed_tokens` and `lm_head`).
+/// embeddings of a tied-embedding model, written as both `embed_tokens` and `lm_head`);
+/// `fan_in_fan_out` is PEFT's flag for GPT-2's `Conv1D` targets.
+#[allow(clippy::too_many_arguments)]
 pub fn save_peft_adapter(
     dir: &Path,
     cfg: &crate::TrainConfig,
     task_type: &str,
     modules_to_save: &[String],
     tie: bool,
+    fan_in_fan_out: bool,
     weights: &[(String, Tensor)],
     tokenizer: &TextTokenizer,
 ) -> Result<()> {
@@ -111,6 +114,7 @@ pub fn save_peft_adapter(
         write_json(&dir.join("adapter_config.json"), &c)?;
     } else {
         let mut c = adapter_config(cfg, task_type, modules_to_save);
+        c["fan_in_fan_out"] = json!(fan_in_fan_out);
         if tie {
             // Only when needed: PEFT versions older than the key may not accept it.
             c["ensure_weight_tying"] = json!(true);

@@ -21,6 +21,9 @@ pub struct AdapterConfig {
     pub modules_to_save: Vec<String>,
     /// PEFT's `ensure_weight_tying`: saved modules of tied embeddings stay tied.
     pub ensure_weight_tying: bool,
+    /// PEFT's `fan_in_fan_out`: the targets are `Conv1D` layers (GPT-2). The adapter matrices
+    /// have the same shapes either way; only merging transposes.
+    pub fan_in_fan_out: bool,
 }
 
 /// Whether PEFT's `modules_to_save` entries select the weight named `tensor`: its module path
@@ -35,18 +38,24 @@ pub fn saves_module(modules: &[String], tensor: &str) -> bool {
 /// shared embedding matrix. An entry that selects nothing is an error naming it.
 pub fn train_modules(model: &mut LlamaModel, modules: &[String]) -> Result<Vec<(String, Var)>> {
     let tied = model.config.tie_word_embeddings;
+    let embed = model.config.names.embed;
     let mut vars = Vec::new();
     let mut used = vec![false; modules.len()];
+    let raw = model.config.raw.clone();
     for (name, slot) in model.weights_mut() {
         let mut selected = false;
         for (i, t) in modules.iter().enumerate() {
             let t = std::slice::from_ref(t);
-            if saves_module(t, &name)
-                || (tied && name == "model.embed_tokens.weight" && saves_module(t, "lm_head.weight"))
-            {
+            if saves_module(t, &name) || (tied && name == embed && saves_module(t, "lm_head.weight")) {
                 used[i] = true;
                 selected = true;
             }
+        }
+        if selected && crate::model::hf_layout::stored_transposed(&raw, &name) {
+            return Err(TrainError::Config {
+                origin: "modules_to_save".into(),
+                message: format!("{name} is a GPT-2 Conv1D projection: train it with LoRA (--lora-targets) instead"),
+            });
         }
         if selected {
             let v = Var::from_tensor(slot)?;
@@ -63,12 +72,13 @@ pub fn train_modules(model: &mut LlamaModel, modules: &[String]) -> Result<Vec<(
 /// Whether the trainable `vars` include the embedding matrix of a model with tied embeddings,
 /// which PEFT then saves as both `embed_tokens` and `lm_head` with `ensure_weight_tying`.
 pub fn trains_tied_embeddings(model: &LlamaModel, vars: &[(String, Var)]) -> bool {
-    model.config.tie_word_embeddings && vars.iter().any(|(n, _)| n == "base_model.model.model.embed_tokens.weight")
+    let name = format!("base_model.model.{}", model.config.names.embed);
+    model.config.tie_word_embeddings && vars.iter().any(|(n, _)| *n == name)
 }
 
 /// Reads and checks `adapter_config.json`: LoRA, with or without DoRA and rsLoRA, is accepted;
-/// rank or alpha patterns, trained biases and transposed (`fan_in_fan_out`) weights are refused
-/// by name.
+/// rank or alpha patterns and trained biases are refused by name (`fan_in_fan_out`, GPT-2's,
+/// is checked against the model by the loaders).
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     let cp = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cp).map_err(TrainError::io(&cp))?;
@@ -78,7 +88,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     if c["peft_type"] != "LORA" {
         return Err(bad(format!("peft_type {} is not LORA", c["peft_type"])));
     }
-    for flag in ["fan_in_fan_out", "use_qalora", "use_bdlora"] {
+    for flag in ["use_qalora", "use_bdlora"] {
         if c[flag] == true {
             return Err(bad(format!("{flag} adapters are not supported")));
         }
@@ -116,6 +126,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         task_type: c["task_type"].as_str().unwrap_or("CAUSAL_LM").to_string(),
         modules_to_save: strings(&c["modules_to_save"]),
         ensure_weight_tying: c["ensure_weight_tying"] == true,
+        fan_in_fan_out: c["fan_in_fan_out"] == true,
     })
 }
 
@@ -138,6 +149,15 @@ pub fn load_lora(
     training: Option<(f64, &DropoutSeed)>,
 ) -> Result<Vec<(String, Var)>> {
     let mut cfg = read_adapter_config(dir)?;
+    // PEFT sets it for GPT-2's Conv1D layers (the only ones with a `c_attn`), whatever the file
+    // says; on nn.Linear layers it would transpose the merged update.
+    let conv1d = projs.first().is_some_and(|(n, _)| n.starts_with(crate::model::llama_names::Names::GPT2.layers));
+    if cfg.fan_in_fan_out && !conv1d {
+        return Err(TrainError::Config {
+            origin: dir.join("adapter_config.json").display().to_string(),
+            message: "fan_in_fan_out adapters are for GPT-2's Conv1D layers, not this model's".into(),
+        });
+    }
     let off = DropoutSeed::default();
     let seed = match training {
         Some((p, seed)) => {
@@ -207,17 +227,17 @@ pub fn load_saved_modules(dir: &Path) -> Result<Vec<(String, Tensor)>> {
 /// with tied embeddings a saved `embed_tokens` / `lm_head` is accepted only when PEFT keeps them
 /// tied (`ensure_weight_tying`, or both saved and equal); otherwise PEFT would run the input
 /// embeddings and the head apart, which a tied model cannot represent, and it is refused.
-fn causal_lm_saved_modules(dir: &Path, cfg: &AdapterConfig, tied: bool) -> Result<Vec<(String, Tensor)>> {
+fn causal_lm_saved_modules(dir: &Path, cfg: &AdapterConfig, tied: Option<&str>) -> Result<Vec<(String, Tensor)>> {
     if cfg.modules_to_save.is_empty() {
         return Ok(vec![]);
     }
     let mut saved = load_saved_modules(dir)?;
-    if tied {
+    if let Some(embed_name) = tied {
         let take = |saved: &mut Vec<(String, Tensor)>, n: &str| {
             saved.iter().position(|(m, _)| m == n).map(|i| saved.remove(i).1)
         };
         let head = take(&mut saved, "lm_head.weight");
-        let embed = take(&mut saved, "model.embed_tokens.weight");
+        let embed = take(&mut saved, embed_name);
         let equal = |a: &Tensor, b: &Tensor| -> Result<bool> {
             Ok(a.shape() == b.shape()
                 && a.to_dtype(DType::F32)?
@@ -239,7 +259,7 @@ fn causal_lm_saved_modules(dir: &Path, cfg: &AdapterConfig, tied: bool) -> Resul
             }
         };
         if let Some(t) = shared {
-            saved.push(("model.embed_tokens.weight".into(), t));
+            saved.push((embed_name.into(), t));
         }
     }
     Ok(saved)
@@ -258,7 +278,8 @@ pub fn load_peft_adapter(
     let wp = dir.join("adapter_model.safetensors");
     let (dtype, device) = (model.dtype(), model.device().clone());
     let mut vars = Vec::new();
-    let saved = causal_lm_saved_modules(dir, &cfg, model.config.tie_word_embeddings)?;
+    let tied = model.config.tie_word_embeddings.then_some(model.config.names.embed);
+    let saved = causal_lm_saved_modules(dir, &cfg, tied)?;
     let mut slots = model.weights_mut();
     for (name, t) in saved {
         let Some((_, slot)) = slots.iter_mut().find(|(n, _)| *n == name) else {

@@ -36,9 +36,16 @@ pub fn load_dir_with(dir: &Path, options: LoadOptions) -> Result<LoadedModel> {
     let config = ModelConfig::from_json(read_json(&cfg_path)?, &cfg_path.display().to_string())?;
     let mut weights = std::collections::HashMap::new();
     let mut quantized = std::collections::HashMap::new();
+    let raw = config.raw().clone();
     match options.quantize {
-        None => weights = crate::weights::load_safetensors_dir(dir)?,
+        None => {
+            for (name, t) in crate::weights::load_safetensors_dir(dir)? {
+                let (name, t) = crate::model::hf_layout::from_disk(&raw, name, t)?;
+                weights.insert(name, t);
+            }
+        }
         Some(format) => crate::weights::stream_safetensors_dir(dir, |name, t| {
+            let (name, t) = crate::model::hf_layout::from_disk(&raw, name, t)?;
             match crate::loaded::quantize_base_weight(&name, &t, format)? {
                 Some(q) => {
                     quantized.insert(name, q);

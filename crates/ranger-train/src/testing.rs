@@ -69,8 +69,17 @@ pub fn tiny_tokenizer_json() -> Value {
 pub const TINY_VOCAB: usize = 3 + WORDS.len();
 
 /// A tiny config.json for `model_type` (llama, mistral, qwen2, qwen3, smollm3, gemma3_text, gemma2,
-/// phi3).
+/// phi3, gpt2).
 pub fn tiny_config(model_type: &str) -> Value {
+    if model_type == "gpt2" {
+        // GPT-2 names its fields its own way; an MLP width that is not 4x the model's.
+        return json!({
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4,
+            "n_inner": 48, "n_positions": 128, "vocab_size": TINY_VOCAB, "layer_norm_epsilon": 1e-5,
+            "activation_function": "gelu_new", "bos_token_id": null, "eos_token_id": 1, "tie_word_embeddings": true,
+            "torch_dtype": "float32",
+        });
+    }
     let mut c = json!({
         "architectures": ["LlamaForCausalLM"], "model_type": model_type, "hidden_size": 32, "intermediate_size": 48,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,

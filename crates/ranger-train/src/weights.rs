@@ -125,15 +125,16 @@ pub fn to_vars(tensors: Vec<(String, Tensor)>) -> Result<Vec<(String, Var)>> {
 }
 
 /// Random tensors for `shapes` (tests and tiny experiments): normal(0, 0.1) matrices, norm
-/// weights (named `…norm.weight` / `…LayerNorm.weight`) around 1, small biases. Deterministic
-/// for a seed.
+/// weights (named `…norm.weight` / `…LayerNorm.weight`, GPT-2's `ln_*.weight`) around 1, small
+/// biases. Deterministic for a seed.
 pub fn random_tensors(shapes: Vec<(String, Vec<usize>)>, seed: u64, dtype: DType) -> Result<HashMap<String, Tensor>> {
     let mut rng = crate::rng::Rng::new(seed);
     let mut out = HashMap::new();
     for (name, shape) in shapes {
         let n: usize = shape.iter().product();
         let lower = name.to_lowercase();
-        let data: Vec<f32> = if lower.ends_with("norm.weight") || lower.ends_with("layer_norm.weight") {
+        let gpt2_norm = ["ln_1.weight", "ln_2.weight", "ln_f.weight"].iter().any(|s| lower.ends_with(s));
+        let data: Vec<f32> = if lower.ends_with("norm.weight") || gpt2_norm {
             (0..n).map(|_| 1.0 + 0.1 * rng.normal() as f32).collect()
         } else if name.ends_with(".bias") {
             (0..n).map(|_| 0.05 * rng.normal() as f32).collect()

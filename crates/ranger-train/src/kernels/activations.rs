@@ -1,5 +1,5 @@
-//! Activations: exact GELU, SwiGLU and GeGLU (tanh GELU), fused on the CPU with one-pass backward
-//! kernels, and SiLU (Candle's op).
+//! Activations: exact GELU, tanh GELU, SwiGLU and GeGLU (tanh GELU), fused on the CPU with
+//! one-pass backward kernels, and SiLU (Candle's op).
 
 use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -158,6 +158,82 @@ impl FusedOp3 for SwiGluGrad {
         let mut dims = vec![2];
         dims.extend_from_slice(gate.dims());
         Ok((swiglu_bwd(gate.floats()?, up.floats()?, g.floats()?), Shape::from(dims)))
+    }
+}
+
+/// The tanh GELU (`gelu_new`: GPT-2's MLP), fused on the CPU (keeping only its input for
+/// backprop), from exact elementary ops elsewhere ([`gelu_tanh_ops`]).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        x.contiguous()?.apply_op1(Fused(GeluTanh))
+    } else {
+        gelu_tanh_ops(x)
+    }
+}
+
+/// [`gelu_tanh`] from tensor ops, as [`geglu_ops`] computes its gate (f32 for half precision).
+pub fn gelu_tanh_ops(x: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x = x.to_dtype(compute_dtype(dt))?;
+    let inner = ((&x + (x.sqr()? * &x)?.affine(GELU_C, 0.0)?)? * GELU_K)?;
+    (&x * 0.5)?.mul(&(inner.tanh()? + 1.0)?)?.to_dtype(dt)
+}
+
+/// The tanh GELU `x σ(2y)`, `y = √(2/π) (x + 0.044715 x³)` (f32/f64); backward
+/// `g (σ + x σ (1 - σ) 2y')` in one pass from the input.
+pub struct GeluTanh;
+
+impl FusedOp1 for GeluTanh {
+    const NAME: &'static str = "ranger-gelu-tanh";
+
+    fn cpu<T: Float>(&self, x: Input<'_>) -> Out<T> {
+        Ok((gelu_tanh_fwd(x.floats()?), x.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &Fused(GeluTanhGrad))?))
+    }
+}
+
+// x: [n] -> out: [n]
+fn gelu_tanh_fwd<T: Float>(x: &[T]) -> Vec<T> {
+    let (k2, c) = (T::from_f64(-2.0 * GELU_K), T::from_f64(GELU_C));
+    let mut out: Vec<T> = x.iter().map(|&x| k2 * (x + c * x * x * x)).collect();
+    out.par_chunks_mut(SWIGLU_CHUNK).zip(x.par_chunks(SWIGLU_CHUNK)).for_each(|(o, x)| {
+        // o = exp(-2y), then x σ(2y) = x / (1 + exp(-2y)).
+        T::exp_in_place(o);
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = x / (T::one() + *o);
+        }
+    });
+    out
+}
+
+// x: [n], g: [n] -> dx: [n]
+fn gelu_tanh_bwd<T: Float>(x: &[T], g: &[T]) -> Vec<T> {
+    let (k2, c, c3) = (T::from_f64(-2.0 * GELU_K), T::from_f64(GELU_C), T::from_f64(3.0 * GELU_C));
+    let two_k = T::from_f64(2.0 * GELU_K);
+    let mut out: Vec<T> = x.iter().map(|&x| k2 * (x + c * x * x * x)).collect();
+    out.par_chunks_mut(SWIGLU_CHUNK).zip(x.par_chunks(SWIGLU_CHUNK).zip(g.par_chunks(SWIGLU_CHUNK))).for_each(
+        |(d, (x, g))| {
+            T::exp_in_place(d);
+            for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                let sig = T::one() / (T::one() + *d);
+                *d = g * (sig + x * sig * (T::one() - sig) * two_k * (T::one() + c3 * x * x));
+            }
+        },
+    );
+    out
+}
+
+/// The gradient of [`GeluTanh`].
+struct GeluTanhGrad;
+
+impl FusedOp2 for GeluTanhGrad {
+    const NAME: &'static str = "ranger-gelu-tanh-grad";
+
+    fn cpu<T: Float>(&self, x: Input<'_>, g: Input<'_>) -> Out<T> {
+        Ok((gelu_tanh_bwd(x.floats()?, g.floats()?), x.shape().clone()))
     }
 }
 

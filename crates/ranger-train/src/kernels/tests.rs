@@ -1,6 +1,6 @@
 //! Each fused CPU kernel against its op-by-op (portable) version: values and gradients.
 
-use super::activations::{geglu, geglu_ops, gelu_erf, swiglu, swiglu_ops};
+use super::activations::{geglu, geglu_ops, gelu_erf, gelu_tanh, gelu_tanh_ops, swiglu, swiglu_ops};
 use super::cpu_op::Fused;
 use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_ops};
 use super::linear::{linear, FrozenLinear};
@@ -64,7 +64,7 @@ fn fused_kernels_match_the_op_by_op_versions() {
         let g = y.backward().unwrap();
         (y, g.get(&x4v).unwrap().clone(), g.get(&wv).cloned(), g.get(&bv).cloned())
     };
-    let pairs4: [Pair; 7] = [
+    let pairs4: [Pair; 8] = [
         (&|x| rms_norm(x, wv.as_tensor(), 1e-5).unwrap(), &|x| rms_norm_ops(x, wv.as_tensor(), 1e-5).unwrap()),
         (&|x| layer_norm(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap(), &|x| {
             layer_norm_ops(x, wv.as_tensor(), bv.as_tensor(), 1e-5).unwrap()
@@ -96,6 +96,7 @@ fn fused_kernels_match_the_op_by_op_versions() {
         (&|x| swiglu(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap(), &|x| {
             swiglu_ops(x, &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap()
         }),
+        (&|x| gelu_tanh(&(x * 2.0).unwrap()).unwrap(), &|x| gelu_tanh_ops(&(x * 2.0).unwrap()).unwrap()),
         // The inputs reach |x| ~ 4 (both tails of the tanh GELU).
         (&|x| geglu(&(x * 2.0).unwrap(), &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap(), &|x| {
             geglu_ops(&(x * 2.0).unwrap(), &x.broadcast_mul(wv.as_tensor()).unwrap()).unwrap()

@@ -61,6 +61,7 @@ impl BackboneConfig {
                     super::Architecture::Gemma3 => "Gemma3Text",
                     super::Architecture::Gemma2 => "Gemma2",
                     super::Architecture::Phi3 => "Phi3",
+                    super::Architecture::Gpt2 => "GPT2",
                 };
                 format!("{name}ForSequenceClassification")
             }

@@ -1,12 +1,12 @@
 //! `config.json` of the Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Gemma 2
-//! and 3, Phi-3).
+//! and 3, Phi-3, GPT-2).
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::llama_names::{
-    self as names, DOWN, FUSED_DOWN, FUSED_GATE_UP, FUSED_O, FUSED_PROJECTIONS, FUSED_QKV, GATE, K, O, PROJECTIONS, Q,
-    UP, V,
+    self as names, bias_of, Names, DOWN, FUSED_DOWN, FUSED_GATE_UP, FUSED_O, FUSED_PROJECTIONS, FUSED_QKV, GATE,
+    GPT2_PROJECTIONS, K, O, PROJECTIONS, Q, UP, V,
 };
 use crate::error::{Result, TrainError};
 
@@ -34,6 +34,9 @@ pub enum Architecture {
     /// `Phi3ForCausalLM` (Phi-3, Phi-3.5, Phi-4-mini): fused `qkv_proj` and `gate_up_proj`,
     /// LongRoPE, partial rotary embeddings, a sliding window where configured.
     Phi3,
+    /// `GPT2LMHeadModel`: learned positions, LayerNorm with biases, fused `c_attn`, a plain
+    /// (ungated) MLP with the tanh GELU, `Conv1D` weights stored transposed, tied head.
+    Gpt2,
 }
 
 impl Architecture {
@@ -48,6 +51,7 @@ impl Architecture {
             "gemma3_text" => Some(Self::Gemma3),
             "gemma2" => Some(Self::Gemma2),
             "phi3" => Some(Self::Phi3),
+            "gpt2" => Some(Self::Gpt2),
             _ => None,
         }
     }
@@ -63,6 +67,7 @@ impl Architecture {
             Self::Gemma3 => "gemma3_text",
             Self::Gemma2 => "gemma2",
             Self::Phi3 => "phi3",
+            Self::Gpt2 => "gpt2",
         }
     }
 }
@@ -99,6 +104,23 @@ pub enum RopeScaling {
         /// The factor on cos and sin (`sqrt(1 + ln(factor) / ln(original))` unless configured).
         attention_factor: f64,
     },
+}
+
+/// GPT-2's `config.json` fields.
+#[derive(Deserialize)]
+struct RawGpt2 {
+    n_embd: usize,
+    n_layer: usize,
+    n_head: usize,
+    n_inner: Option<usize>,
+    n_positions: Option<usize>,
+    vocab_size: usize,
+    layer_norm_epsilon: Option<f64>,
+    activation_function: Option<String>,
+    scale_attn_weights: Option<bool>,
+    scale_attn_by_inverse_layer_idx: Option<bool>,
+    add_cross_attention: Option<bool>,
+    tie_word_embeddings: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -170,9 +192,9 @@ pub struct LlamaConfig {
     pub num_key_value_heads: usize,
     /// Per-head width.
     pub head_dim: usize,
-    /// RMSNorm epsilon.
+    /// The norms' epsilon (RMSNorm; GPT-2's LayerNorm).
     pub rms_norm_eps: f64,
-    /// Rotary base.
+    /// Rotary base (unused by GPT-2, which has learned positions).
     pub rope_theta: f64,
     /// Rotary scaling, if any.
     pub rope_scaling: Option<RopeScaling>,
@@ -221,6 +243,14 @@ pub struct LlamaConfig {
     /// The leading part of each head that is rotated (`head_dim` unless Phi's
     /// `partial_rotary_factor` is below 1); even.
     pub rotary_dim: usize,
+    /// The tensors' naming scheme ([`Names::LLAMA`], or [`Names::GPT2`]).
+    pub names: Names,
+    /// GPT-2: LayerNorms with biases instead of RMSNorms, a learned position embedding, no
+    /// rotary embeddings, biases on every projection.
+    pub gpt2_layout: bool,
+    /// Whether the MLP is gated (`act(gate) * up`; every family but GPT-2, whose MLP is
+    /// `act(c_fc x)`).
+    pub gated_mlp: bool,
     /// The `config.json` as read.
     pub raw: Value,
 }
@@ -229,6 +259,9 @@ impl LlamaConfig {
     /// Parses a `config.json` value; `source` names the file in errors.
     pub fn from_json(raw: Value, source: &str) -> Result<Self> {
         let bad = |m: String| TrainError::Config { origin: source.to_string(), message: m };
+        if raw.get("model_type").and_then(Value::as_str) == Some("gpt2") {
+            return Self::from_gpt2_json(raw, source);
+        }
         let r: Raw = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
         let mt = r.model_type.clone().unwrap_or_default();
         let arch = Architecture::from_model_type(&mt).ok_or_else(|| TrainError::UnsupportedArchitecture {
@@ -416,17 +449,86 @@ impl LlamaConfig {
             final_softcap: r.final_logit_softcapping.filter(|_| arch == Architecture::Gemma2),
             fused_projections: arch == Architecture::Phi3,
             rotary_dim,
+            names: Names::LLAMA,
+            gpt2_layout: false,
+            gated_mlp: true,
             raw,
         })
     }
 
-    /// The module paths of a layer's projections under [`names::layer_prefix`]:
-    /// [`FUSED_PROJECTIONS`] (Phi-3) or [`PROJECTIONS`].
+    /// GPT-2's `config.json` (`n_embd`, `n_layer`, …).
+    fn from_gpt2_json(raw: Value, source: &str) -> Result<Self> {
+        let bad = |m: String| TrainError::Config { origin: source.to_string(), message: m };
+        let r: RawGpt2 = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
+        for (name, v) in
+            [("n_embd", r.n_embd), ("n_layer", r.n_layer), ("n_head", r.n_head), ("vocab_size", r.vocab_size)]
+        {
+            if v == 0 {
+                return Err(bad(format!("{name} must be > 0")));
+            }
+        }
+        if !r.n_embd.is_multiple_of(r.n_head) || !(r.n_embd / r.n_head).is_multiple_of(2) {
+            return Err(bad(format!("n_embd {} must be an even multiple of n_head {}", r.n_embd, r.n_head)));
+        }
+        for (name, on) in [
+            ("scale_attn_by_inverse_layer_idx", r.scale_attn_by_inverse_layer_idx),
+            ("add_cross_attention", r.add_cross_attention),
+        ] {
+            if on == Some(true) {
+                return Err(bad(format!("{name}: true is not supported")));
+            }
+        }
+        match r.activation_function.as_deref().unwrap_or("gelu_new") {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => {}
+            other => return Err(bad(format!("activation_function {other:?} is not supported (gelu_new)"))),
+        }
+        let head_dim = r.n_embd / r.n_head;
+        let scale = if r.scale_attn_weights.unwrap_or(true) { (head_dim as f64).powf(-0.5) } else { 1.0 };
+        Ok(Self {
+            arch: Architecture::Gpt2,
+            hidden_size: r.n_embd,
+            intermediate_size: r.n_inner.unwrap_or(4 * r.n_embd),
+            num_hidden_layers: r.n_layer,
+            num_attention_heads: r.n_head,
+            num_key_value_heads: r.n_head,
+            head_dim,
+            rms_norm_eps: r.layer_norm_epsilon.unwrap_or(1e-5),
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            vocab_size: r.vocab_size,
+            max_position_embeddings: r.n_positions.unwrap_or(1024),
+            tie_word_embeddings: r.tie_word_embeddings.unwrap_or(true),
+            qkv_bias: true,
+            o_bias: true,
+            qk_norm: false,
+            sliding_window: None,
+            rope_layers: vec![false; r.n_layer],
+            norm_offset: false,
+            sandwich_norms: false,
+            embed_scale: None,
+            activation: Activation::GeluTanh,
+            attn_scale: scale,
+            local_window: None,
+            sliding_layers: vec![false; r.n_layer],
+            local_rope_theta: None,
+            attn_softcap: None,
+            final_softcap: None,
+            fused_projections: true,
+            rotary_dim: head_dim,
+            names: Names::GPT2,
+            gpt2_layout: true,
+            gated_mlp: false,
+            raw,
+        })
+    }
+
+    /// The module paths of a layer's projections under [`Names::layer`]:
+    /// [`FUSED_PROJECTIONS`] (Phi-3), [`GPT2_PROJECTIONS`] or [`PROJECTIONS`].
     pub fn projections(&self) -> &'static [&'static str] {
-        if self.fused_projections {
-            &FUSED_PROJECTIONS
-        } else {
-            &PROJECTIONS
+        match (self.gpt2_layout, self.fused_projections) {
+            (true, _) => &GPT2_PROJECTIONS,
+            (false, true) => &FUSED_PROJECTIONS,
+            (false, false) => &PROJECTIONS,
         }
     }
 
@@ -440,17 +542,33 @@ impl LlamaConfig {
     pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
-        let mut out = vec![(names::EMBED.to_string(), vec![self.vocab_size, h])];
+        let n = self.names;
+        let mut out = vec![(n.embed.to_string(), vec![self.vocab_size, h])];
+        if let Some(pos) = n.positions {
+            out.push((pos.to_string(), vec![self.max_position_embeddings, h]));
+        }
         if self.fused_projections {
-            // `[out, in]` of each projection, in `FUSED_PROJECTIONS` order; no biases.
-            let shape = [[q + 2 * kv, h], [h, q], [2 * i, h], [h, i]];
+            // `[out, in]` of each projection, in `FUSED_*` order (GPT-2: stored transposed on
+            // disk, see `hf_layout`); GPT-2 has biases on all of them and on its LayerNorms.
+            let up = if self.gated_mlp { 2 * i } else { i };
+            let shape = [[q + 2 * kv, h], [h, q], [up, h], [h, i]];
+            let biases = self.gpt2_layout;
             for l in 0..self.num_hidden_layers {
-                let p = names::layer_prefix(l);
-                let weight = |j: usize| (format!("{p}.{}.weight", FUSED_PROJECTIONS[j]), shape[j].to_vec());
-                out.push((format!("{p}.{}", names::INPUT_NORM), vec![h]));
-                out.extend([weight(FUSED_QKV), weight(FUSED_O)]);
-                out.push((format!("{p}.{}", names::POST_NORM), vec![h]));
-                out.extend([weight(FUSED_GATE_UP), weight(FUSED_DOWN)]);
+                let p = n.layer(l);
+                let mut push = |name: String, s: Vec<usize>| {
+                    if biases {
+                        out.push((format!("{p}.{}", bias_of(&name)), vec![s[0]]));
+                    }
+                    out.push((format!("{p}.{name}"), s));
+                };
+                push(n.input_norm.to_string(), vec![h]);
+                for j in [FUSED_QKV, FUSED_O] {
+                    push(format!("{}.weight", self.projections()[j]), shape[j].to_vec());
+                }
+                push(n.post_norm.to_string(), vec![h]);
+                for j in [FUSED_GATE_UP, FUSED_DOWN] {
+                    push(format!("{}.weight", self.projections()[j]), shape[j].to_vec());
+                }
             }
             return self.with_head(out);
         }
@@ -492,7 +610,10 @@ impl LlamaConfig {
 
     /// `layers` followed by the final norm and, untied, the LM head.
     fn with_head(&self, mut out: Vec<(String, Vec<usize>)>) -> Vec<(String, Vec<usize>)> {
-        out.push((names::FINAL_NORM.to_string(), vec![self.hidden_size]));
+        out.push((self.names.final_norm.to_string(), vec![self.hidden_size]));
+        if self.gpt2_layout {
+            out.push((bias_of(self.names.final_norm), vec![self.hidden_size]));
+        }
         if !self.tie_word_embeddings {
             out.push((names::LM_HEAD.to_string(), vec![self.vocab_size, self.hidden_size]));
         }

@@ -1,4 +1,5 @@
-//! A trainable Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Gemma 2 and 3, Phi-3):
+//! A trainable Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Gemma 2 and 3, Phi-3,
+//! and GPT-2 through its layout flags):
 //! differentiable tensor ops,
 //! with the fused CPU kernels for attention and the LM head + loss where they apply.
 
@@ -11,16 +12,16 @@ use super::batch::{causal_mask, Batch};
 use super::config::{Activation, LlamaConfig};
 use super::linear::Proj;
 use super::llama_names::{
-    self as names, layer_prefix, DOWN, FUSED_DOWN, FUSED_GATE_UP, FUSED_O, FUSED_QKV, GATE, K, O, Q, UP, V,
+    self as names, bias_of, DOWN, FUSED_DOWN, FUSED_GATE_UP, FUSED_O, FUSED_QKV, GATE, K, O, Q, UP, V,
 };
 use super::lora::{DropoutSeed, LoraConfig};
-use crate::kernels::activations::{geglu, swiglu};
+use crate::kernels::activations::{geglu, gelu_tanh, swiglu};
 use crate::kernels::attention::{repeat_kv, FusedAttention};
 use crate::kernels::checkpoint::{checkpoint, LayerFn};
 use crate::kernels::chunked_attention::chunked_attention_capped;
 use crate::kernels::chunked_lm_loss::chunked_linear_cross_entropy_capped;
 use crate::kernels::lm_head::{LinearCrossEntropy, IGNORE_TARGET};
-use crate::kernels::norms::{rms_norm, rms_norm_offset};
+use crate::kernels::norms::{layer_norm, rms_norm, rms_norm_offset};
 use crate::kernels::quantized::{quantized_linear, QuantizedWeight};
 use crate::kernels::quantized_lm_head::QuantizedLinearCrossEntropy;
 use crate::kernels::rotary::apply_rotary_rows;
@@ -31,6 +32,9 @@ use crate::kernels::{compute_dtype, embedding::embedding, fused_ok};
 #[derive(Debug, Clone)]
 struct Layer {
     input_norm: Tensor,
+    /// GPT-2's LayerNorm biases (of `input_norm` and `post_norm`).
+    input_norm_bias: Option<Tensor>,
+    post_norm_bias: Option<Tensor>,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     post_norm: Tensor,
@@ -40,8 +44,13 @@ struct Layer {
     /// In [`LlamaConfig::projections`] order: indexed with [`Q`], [`K`], … or, when `fused`
     /// (Phi-3), with [`FUSED_QKV`], [`FUSED_O`], ….
     projs: Vec<Proj>,
-    /// Phi-3's layout: one query/key/value projection and one gate/up projection.
+    /// Phi-3's and GPT-2's layout: one query/key/value projection and one gate/up (GPT-2: up)
+    /// projection.
     fused: bool,
+    /// The projections' module paths, in `projs` order.
+    proj_names: &'static [&'static str],
+    /// Whether the MLP is gated (GPT-2's is not: `act(up)`).
+    gated: bool,
     /// Whether queries and keys are rotated (false on SmolLM3's NoPE layers).
     rope: bool,
     /// Gemma 3: attends within the local window, with the local rotary tables.
@@ -49,15 +58,6 @@ struct Layer {
 }
 
 impl Layer {
-    /// The module paths of its projections, in `projs` order.
-    fn proj_names(&self) -> &'static [&'static str] {
-        if self.fused {
-            &names::FUSED_PROJECTIONS
-        } else {
-            &names::PROJECTIONS
-        }
-    }
-
     /// The attention output projection.
     fn o_proj(&self) -> &Proj {
         &self.projs[if self.fused { FUSED_O } else { O }]
@@ -83,6 +83,19 @@ impl Layer {
         Ok((qkv.narrow(1, 0, q)?, qkv.narrow(1, q, kv)?, qkv.narrow(1, q + kv, kv)?))
     }
 
+    /// The MLP's activation of token rows `h` (before the down projection).
+    fn mlp_act(&self, c: &LlamaConfig, h: &Tensor) -> Result<Tensor> {
+        if !self.gated {
+            // GPT-2: `gelu_new(c_fc h)`.
+            return gelu_tanh(&self.projs[FUSED_GATE_UP].forward_rows(h)?);
+        }
+        let (gate, up) = self.gate_up(h)?;
+        match c.activation {
+            Activation::Silu => swiglu(&gate, &up),
+            Activation::GeluTanh => geglu(&gate, &up),
+        }
+    }
+
     /// The gate and up projections of token rows `h` (Phi-3: the two halves of one product,
     /// gate first).
     fn gate_up(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -96,10 +109,16 @@ impl Layer {
 
     /// Every weight slot by name under the layer's prefix (see [`names`]), projections'
     /// weights and biases in `projs` order.
-    fn weights_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let proj_names = self.proj_names();
+    fn weights_mut(&mut self, n: &names::Names) -> Vec<(String, &mut Tensor)> {
+        let proj_names = self.proj_names;
         let mut out: Vec<(String, &mut Tensor)> =
-            vec![(names::INPUT_NORM.into(), &mut self.input_norm), (names::POST_NORM.into(), &mut self.post_norm)];
+            vec![(n.input_norm.into(), &mut self.input_norm), (n.post_norm.into(), &mut self.post_norm)];
+        if let Some(b) = &mut self.input_norm_bias {
+            out.push((bias_of(n.input_norm), b));
+        }
+        if let Some(b) = &mut self.post_norm_bias {
+            out.push((bias_of(n.post_norm), b));
+        }
         if let Some(q) = &mut self.q_norm {
             out.push((names::Q_NORM.into(), q));
         }
@@ -127,6 +146,7 @@ impl Layer {
     /// Every tensor the layer computes with (weights, biases, norms, adapters).
     fn tensors(&self) -> Vec<Tensor> {
         let mut out = vec![self.input_norm.clone(), self.post_norm.clone()];
+        out.extend(self.input_norm_bias.iter().chain(&self.post_norm_bias).cloned());
         out.extend(self.q_norm.iter().chain(&self.k_norm).chain(&self.pre_ff_norm).chain(&self.post_ff_norm).cloned());
         out.extend(self.projs.iter().flat_map(Proj::tensors));
         out
@@ -152,8 +172,12 @@ pub struct LlamaModel {
     /// The configuration.
     pub config: LlamaConfig,
     embed: Weight,
+    /// GPT-2's learned position embedding.
+    positions: Option<Tensor>,
     layers: Vec<Layer>,
     norm: Tensor,
+    /// GPT-2's final LayerNorm bias.
+    norm_bias: Option<Tensor>,
     lm_head: Option<Weight>,
     /// False for a backbone built without its LM head (sequence classification).
     has_lm_head: bool,
@@ -216,10 +240,19 @@ impl LlamaModel {
                 None => Ok(Weight::Dense(get(n)?)),
             }
         };
-        let embed = weight(names::EMBED)?;
+        let n = config.names;
+        let embed = weight(n.embed)?;
+        let positions = n.positions.map(get).transpose()?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
-            let p = layer_prefix(l);
+            let p = n.layer(l);
+            let norm_bias = |w: &str| {
+                if config.gpt2_layout {
+                    Some(get(&format!("{p}.{}", bias_of(w)))).transpose()
+                } else {
+                    Ok(None)
+                }
+            };
             let projs = config.projections().iter().map(|n| {
                 Ok(Proj {
                     weight: weight(&format!("{p}.{n}.weight"))?,
@@ -228,10 +261,12 @@ impl LlamaModel {
                 })
             });
             layers.push(Layer {
-                input_norm: get(&format!("{p}.{}", names::INPUT_NORM))?,
+                input_norm: get(&format!("{p}.{}", n.input_norm))?,
+                input_norm_bias: norm_bias(n.input_norm)?,
+                post_norm_bias: norm_bias(n.post_norm)?,
                 q_norm: opt(&format!("{p}.{}", names::Q_NORM)),
                 k_norm: opt(&format!("{p}.{}", names::K_NORM)),
-                post_norm: get(&format!("{p}.{}", names::POST_NORM))?,
+                post_norm: get(&format!("{p}.{}", n.post_norm))?,
                 pre_ff_norm: if config.sandwich_norms {
                     Some(get(&format!("{p}.{}", names::PRE_FF_NORM))?)
                 } else {
@@ -244,11 +279,14 @@ impl LlamaModel {
                 },
                 projs: projs.collect::<crate::Result<Vec<_>>>()?,
                 fused: config.fused_projections,
+                proj_names: config.projections(),
+                gated: config.gated_mlp,
                 rope: config.rope_layers.get(l).copied().unwrap_or(true),
                 sliding: config.sliding_layers.get(l).copied().unwrap_or(false),
             });
         }
-        let norm = get(names::FINAL_NORM)?;
+        let norm = get(n.final_norm)?;
+        let norm_bias = if config.gpt2_layout { Some(get(&bias_of(n.final_norm))?) } else { None };
         let lm_head = if config.tie_word_embeddings || !has_lm_head { None } else { Some(weight(names::LM_HEAD)?) };
         let device = embed.device();
         let dtype = embed.dtype();
@@ -261,8 +299,10 @@ impl LlamaModel {
         Ok(Self {
             config,
             embed,
+            positions,
             layers,
             norm,
+            norm_bias,
             lm_head,
             has_lm_head,
             inv_freq,
@@ -286,10 +326,10 @@ impl LlamaModel {
     /// layer order: q, k, v, o, gate, up, down (Phi-3: qkv, o, gate_up, down).
     pub fn projections_mut(&mut self) -> Vec<(String, &mut Proj)> {
         let mut out = Vec::new();
+        let names = self.config.names;
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = layer_prefix(i);
-            let proj_names = layer.proj_names();
-            out.extend(proj_names.iter().zip(layer.projs.iter_mut()).map(|(n, proj)| (format!("{p}.{n}"), proj)));
+            let p = names.layer(i);
+            out.extend(layer.proj_names.iter().zip(layer.projs.iter_mut()).map(|(n, proj)| (format!("{p}.{n}"), proj)));
         }
         out
     }
@@ -318,16 +358,23 @@ impl LlamaModel {
     /// to replace weights in place: PEFT's `modules_to_save` of an adapter.
     pub fn weights_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         // A quantized embedding or head is frozen: no slot to replace it.
-        let mut out: Vec<(String, &mut Tensor)> = vec![(names::FINAL_NORM.into(), &mut self.norm)];
+        let n = self.config.names;
+        let mut out: Vec<(String, &mut Tensor)> = vec![(n.final_norm.into(), &mut self.norm)];
+        if let Some(b) = &mut self.norm_bias {
+            out.push((bias_of(n.final_norm), b));
+        }
+        if let (Some(name), Some(t)) = (n.positions, &mut self.positions) {
+            out.insert(0, (name.into(), t));
+        }
         if let Weight::Dense(e) = &mut self.embed {
-            out.insert(0, (names::EMBED.into(), e));
+            out.insert(0, (n.embed.into(), e));
         }
         if let Some(Weight::Dense(h)) = &mut self.lm_head {
             out.push((names::LM_HEAD.into(), h));
         }
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = layer_prefix(i);
-            out.extend(l.weights_mut().into_iter().map(|(n, t)| (format!("{p}.{n}"), t)));
+            let p = n.layer(i);
+            out.extend(l.weights_mut(&n).into_iter().map(|(n, t)| (format!("{p}.{n}"), t)));
         }
         out
     }
@@ -483,6 +530,10 @@ impl LlamaModel {
             Weight::Dense(e) => embedding(e, &input_ids.flatten_all()?)?,
             Weight::Quantized(q) => q.rows(&input_ids.flatten_all()?)?,
         };
+        if let Some(table) = &self.positions {
+            // GPT-2: learned positions (each packed example's restart at 0).
+            x = (x + embedding(table, &positions.flatten_all()?)?)?;
+        }
         if let Some(scale) = self.config.embed_scale {
             // As transformers: the scale rounded to the model dtype, then a product.
             x = (x * scale)?;
@@ -507,7 +558,7 @@ impl LlamaModel {
         if let Some(c) = cache {
             c.len += s;
         }
-        norm(&self.config, &x, &self.norm)
+        norm(&self.config, &x, &self.norm, self.norm_bias.as_ref())
     }
 
     /// The summed next-token loss of a batch, as [`super::loss::causal_lm_loss_sum`] computes it from
@@ -591,9 +642,12 @@ impl LlamaModel {
     }
 }
 
-/// The model's RMSNorm of `x` with weight `w` (Gemma's scales by `1 + w`).
-fn norm(c: &LlamaConfig, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if c.norm_offset {
+/// The model's RMSNorm of `x` with weight `w` (Gemma's scales by `1 + w`), or GPT-2's
+/// LayerNorm with bias `b`.
+fn norm(c: &LlamaConfig, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if let Some(b) = b {
+        layer_norm(x, w, b, c.rms_norm_eps)
+    } else if c.norm_offset {
         rms_norm_offset(x, w, c.rms_norm_eps)
     } else {
         rms_norm(x, w, c.rms_norm_eps)
@@ -613,7 +667,7 @@ fn attention(c: &LlamaConfig, layer: &Layer, x: &Tensor, rows: Rows<'_>, cache: 
     let (mut q, mut k, mut v) = layer.qkv(c, x)?;
     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
         let per_head = |t: &Tensor, w: &Tensor, heads: usize| {
-            norm(c, &t.reshape((b * s, heads, hd))?, w)?.reshape((b * s, heads * hd))
+            norm(c, &t.reshape((b * s, heads, hd))?, w, None)?.reshape((b * s, heads * hd))
         };
         q = per_head(&q, qn, hq)?;
         k = per_head(&k, kn, hk)?;
@@ -687,16 +741,9 @@ fn layer_forward(
     rows: Rows<'_>,
     cache: Option<&mut KvSlot>,
 ) -> Result<Tensor> {
-    let norm = |x: &Tensor, w: &Tensor| norm(c, x, w);
-    let mlp = |h: &Tensor| {
-        let (gate, up) = layer.gate_up(h)?;
-        let act = match c.activation {
-            Activation::Silu => swiglu(&gate, &up)?,
-            Activation::GeluTanh => geglu(&gate, &up)?,
-        };
-        layer.down_proj().forward_rows(&act)
-    };
-    let h = norm(x, &layer.input_norm)?;
+    let norm = |x: &Tensor, w: &Tensor| norm(c, x, w, None);
+    let mlp = |h: &Tensor| layer.down_proj().forward_rows(&layer.mlp_act(c, h)?);
+    let h = super::llama::norm(c, x, &layer.input_norm, layer.input_norm_bias.as_ref())?;
     let attn = attention(c, layer, &h, rows, cache)?;
     match (&layer.pre_ff_norm, &layer.post_ff_norm) {
         // Gemma: each block's output is normalized before the residual add.
@@ -706,7 +753,7 @@ fn layer_forward(
         }
         _ => {
             let x = (x + attn)?;
-            x.clone() + mlp(&norm(&x, &layer.post_norm)?)?
+            x.clone() + mlp(&super::llama::norm(c, &x, &layer.post_norm, layer.post_norm_bias.as_ref())?)?
         }
     }
 }

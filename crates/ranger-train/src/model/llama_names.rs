@@ -1,5 +1,56 @@
 //! The Hugging Face names of a Llama-family checkpoint's tensors, written once: loading,
-//! the expected shapes, saving, LoRA targeting and GGUF import all take them from here.
+//! the expected shapes, saving, LoRA targeting and GGUF import all take them from here. GPT-2
+//! names its tensors its own way ([`Names::GPT2`]).
+
+/// The names of the tensors every decoder has, per naming scheme (the constants below are
+/// Llama's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Names {
+    /// The token embedding (also the LM head when tied).
+    pub embed: &'static str,
+    /// The learned position embedding (GPT-2), if any.
+    pub positions: Option<&'static str>,
+    /// The final norm's weight (its bias, for a LayerNorm, is the same name ending in `.bias`).
+    pub final_norm: &'static str,
+    /// The module path of the layer list (`model.layers`).
+    pub layers: &'static str,
+    /// A layer's norm before attention, under its prefix.
+    pub input_norm: &'static str,
+    /// A layer's norm before the feed-forward block (Gemma: of the attention output).
+    pub post_norm: &'static str,
+}
+
+impl Names {
+    /// Llama's names (every family but GPT-2).
+    pub const LLAMA: Names = Names {
+        embed: EMBED,
+        positions: None,
+        final_norm: FINAL_NORM,
+        layers: "model.layers",
+        input_norm: INPUT_NORM,
+        post_norm: POST_NORM,
+    };
+
+    /// GPT-2's names (`transformer.h.{i}.ln_1`, …), as transformers saves them.
+    pub const GPT2: Names = Names {
+        embed: "transformer.wte.weight",
+        positions: Some("transformer.wpe.weight"),
+        final_norm: "transformer.ln_f.weight",
+        layers: "transformer.h",
+        input_norm: "ln_1.weight",
+        post_norm: "ln_2.weight",
+    };
+
+    /// `{layers}.{i}`: the module path of layer `i`.
+    pub fn layer(&self, i: usize) -> String {
+        format!("{}.{i}", self.layers)
+    }
+}
+
+/// The bias beside a LayerNorm weight named `weight_name` (`….weight` → `….bias`).
+pub fn bias_of(weight_name: &str) -> String {
+    format!("{}.bias", weight_name.strip_suffix(".weight").unwrap_or(weight_name))
+}
 
 /// The token embedding (also the LM head when the embeddings are tied).
 pub const EMBED: &str = "model.embed_tokens.weight";
@@ -62,9 +113,17 @@ pub const FUSED_DOWN: usize = 3;
 pub const FUSED_PROJECTIONS: [&str; 4] =
     ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"];
 
-/// Every projection name of either layout: what QLoRA may keep quantized.
+/// GPT-2's projections, in the order of the `FUSED_*` indices (`mlp.c_fc` is the feed-forward
+/// up projection: GPT-2's MLP has no gate). Their weights are stored transposed (`Conv1D`).
+pub const GPT2_PROJECTIONS: [&str; 4] = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+
+/// Every projection name of every layout: what QLoRA may keep quantized.
 pub fn all_projections() -> impl Iterator<Item = &'static str> {
-    PROJECTIONS.iter().chain(FUSED_PROJECTIONS.iter().filter(|p| !PROJECTIONS.contains(p))).copied()
+    PROJECTIONS
+        .iter()
+        .chain(FUSED_PROJECTIONS.iter().filter(|p| !PROJECTIONS.contains(p)))
+        .chain(GPT2_PROJECTIONS.iter())
+        .copied()
 }
 
 /// `model.layers.{i}`: the module path of decoder layer `i`.
@@ -72,7 +131,15 @@ pub fn layer_prefix(i: usize) -> String {
     format!("model.layers.{i}")
 }
 
-/// The short names PEFT targets the projections `paths` by (`q_proj`, …, `down_proj`).
+/// The short names PEFT targets the projections `paths` by (`q_proj`, …, `down_proj`), each
+/// once (GPT-2's `attn.c_proj` and `mlp.c_proj` are both `c_proj`).
 pub fn projection_targets(paths: &[&str]) -> Vec<String> {
-    paths.iter().map(|p| p.rsplit('.').next().unwrap_or(p).to_string()).collect()
+    let mut out: Vec<String> = Vec::new();
+    for p in paths {
+        let short = p.rsplit('.').next().unwrap_or(p).to_string();
+        if !out.contains(&short) {
+            out.push(short);
+        }
+    }
+    out
 }

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod bert;
 pub mod classifier;
 pub mod config;
+pub mod hf_layout;
 pub mod linear;
 pub mod llama;
 pub mod llama_names;

@@ -23,19 +23,28 @@ impl Trainer {
                 let tie = crate::peft::trains_tied_embeddings(model, &self.session.vars);
                 if tie {
                     // PEFT with ensure_weight_tying saves the shared matrix under both names.
-                    let embed = weights
-                        .iter()
-                        .find(|(n, _)| n == "base_model.model.model.embed_tokens.weight")
-                        .map(|(_, t)| t.clone());
+                    let name = format!("base_model.model.{}", model.config.names.embed);
+                    let embed = weights.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone());
                     weights.extend(embed.map(|t| ("base_model.model.lm_head.weight".to_string(), t)));
                 }
-                crate::output::save_peft_adapter(dir, cfg, "CAUSAL_LM", &cfg.modules_to_save, tie, &weights, tok)
+                let conv1d = model.config.gpt2_layout;
+                crate::output::save_peft_adapter(
+                    dir,
+                    cfg,
+                    "CAUSAL_LM",
+                    &cfg.modules_to_save,
+                    tie,
+                    conv1d,
+                    &weights,
+                    tok,
+                )
             }
             Task::Classify { model, labels, .. } if cfg.lora => {
                 let mut modules = model.config.head_modules();
                 modules
                     .extend(cfg.modules_to_save.iter().filter(|m| !modules.contains(m)).cloned().collect::<Vec<_>>());
-                crate::output::save_peft_adapter(dir, cfg, "SEQ_CLS", &modules, false, &weights, tok)?;
+                let conv1d = matches!(&model.config, crate::model::BackboneConfig::Decoder(c) if c.gpt2_layout);
+                crate::output::save_peft_adapter(dir, cfg, "SEQ_CLS", &modules, false, conv1d, &weights, tok)?;
                 // PEFT adapters carry no config.json: the labels go next to the adapter.
                 let json = model.config.classifier_json(labels, tok.pad_id, model.dtype());
                 write_json(&dir.join(crate::predict::ADAPTER_CLASSIFIER_CONFIG), &json)

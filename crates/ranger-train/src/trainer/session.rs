@@ -15,7 +15,7 @@ use crate::config::{parse_device, BestMetric, TaskKind, TrainConfig};
 use crate::data::{load_file, split_validation, to_sequences, DataOptions, Loader};
 use crate::error::{Result, TrainError};
 use crate::model::classifier::labels_from_config;
-use crate::model::llama_names::{EMBED, LM_HEAD};
+use crate::model::llama_names::LM_HEAD;
 use crate::model::{BackboneConfig, DropoutSeed, LlamaConfig, LoraConfig, ModelConfig};
 use crate::source::{self, HubOptions, LoadOptions, LoadedModel};
 use crate::task::Task;
@@ -149,10 +149,11 @@ pub fn prepare_with_model(mut cfg: TrainConfig, mut loaded: LoadedModel, device:
             Some(dir) => crate::peft::read_adapter_config(Path::new(dir))?.modules_to_save,
             None => cfg.modules_to_save.clone(),
         };
-        let tied = loaded.decoder()?.tie_word_embeddings;
+        let decoder = loaded.decoder()?;
+        let (tied, embed) = (decoder.tie_word_embeddings, decoder.names.embed);
         loaded.dequantize_where(|name| {
             crate::peft::saves_module(&modules, name)
-                || (tied && name == EMBED && crate::peft::saves_module(&modules, LM_HEAD))
+                || (tied && name == embed && crate::peft::saves_module(&modules, LM_HEAD))
         })?;
     }
     let LoadedModel { config, weights, quantized, tokenizer, generation_config, origin } = loaded;
