@@ -30,6 +30,9 @@
 //! `gate_up_proj`, 3/4 of each head rotated as in Phi-4-mini; random weights, written once)
 //! fully and with LoRA, each beside SmolLM2 itself, alternately: the same parameters, so the
 //! rows show what the fused layout costs.
+//! `--gpt2-124m` does the same for a GPT-2-small-shaped model (`gpt2`: 768 wide, 12 layers of 12
+//! heads, MLP 3072, 1,024 learned positions, SmolLM2's 49,152-token tokenizer, tied; 124 M
+//! parameters, random weights).
 //! `--only qlora,lora` keeps those configurations alone.
 
 use std::path::Path;
@@ -68,8 +71,8 @@ struct Run {
     checkpointing: bool,
     /// `--optimizer-state-bits`.
     state_bits: u8,
-    /// `smollm2`, or `llama-1b`, `llama-3b`, `llama-8b`, `gemma3-270m`, `phi3-135m` (random
-    /// weights).
+    /// `smollm2`, or `llama-1b`, `llama-3b`, `llama-8b`, `gemma3-270m`, `phi3-135m`, `gpt2-124m`
+    /// (random weights).
     model: String,
 }
 
@@ -107,7 +110,7 @@ fn llama_config(smollm2: &serde_json::Value, model: &str) -> serde_json::Value {
 }
 
 /// The folder of the random `llama-1b` (f32 weights), `llama-3b` (bf16 weights, 5.9 GB),
-/// `gemma3-270m` or `phi3-135m` (f32) model, written once: SmolLM2's tokenizer and
+/// `gemma3-270m`, `phi3-135m` or `gpt2-124m` (f32) model, written once: SmolLM2's tokenizer and
 /// configuration, reshaped (or replaced by Gemma 3's, or relabelled Phi-3), with random weights.
 fn random_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
     let folder = dir.join(model);
@@ -126,16 +129,30 @@ fn random_folder(gguf: &str, dir: &Path, model: &str) -> Result<std::path::PathB
     let config = match model {
         "gemma3-270m" => gemma3_config(&smollm2),
         "phi3-135m" => phi3_config(&smollm2),
+        "gpt2-124m" => gpt2_config(&smollm2),
         _ => llama_config(&smollm2, model),
     };
     let cfg = ranger_train::model::LlamaConfig::from_json(config.clone(), model)?;
     let dtype = if model == "llama-3b" { candle_core::DType::BF16 } else { candle_core::DType::F32 };
     let mut weights: Vec<_> = ranger_train::model::random_weights(&cfg, 1, dtype)?.into_iter().collect();
     weights.sort_by(|a, b| a.0.cmp(&b.0));
+    // GPT-2 stores its Conv1D weights transposed.
+    let weights = ranger_train::model::hf_layout::to_disk(&config, &weights)?;
     ranger_train::weights::save_safetensors_dir(&folder, &weights, ranger_train::weights::DEFAULT_MAX_SHARD_BYTES)?;
     std::fs::write(folder.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     std::fs::write(folder.join("done"), "")?;
     Ok(folder)
+}
+
+/// A GPT-2-small-shaped configuration over SmolLM2's tokenizer (see the module documentation).
+fn gpt2_config(smollm2: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12,
+        "n_inner": null, "n_positions": 1024, "vocab_size": 49152, "layer_norm_epsilon": 1e-5,
+        "activation_function": "gelu_new", "tie_word_embeddings": true,
+        "bos_token_id": smollm2["bos_token_id"], "eos_token_id": smollm2["eos_token_id"],
+        "pad_token_id": smollm2["pad_token_id"],
+    })
 }
 
 /// SmolLM2-135M's configuration in Phi-3's layout (see the module documentation).
@@ -247,7 +264,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             model: args[i + 6].clone(),
         };
         let model = match run.model.as_str() {
-            "llama-1b" | "llama-3b" | "gemma3-270m" | "phi3-135m" => {
+            "llama-1b" | "llama-3b" | "gemma3-270m" | "phi3-135m" | "gpt2-124m" => {
                 random_folder(&gguf, &dir, &run.model)?.display().to_string()
             }
             "llama-8b" => llama_8b_gguf(&gguf, &dir)?.display().to_string(),
@@ -284,10 +301,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             runs.push(Run::new("lora", shape, false, 32, "gemma3-270m"));
             runs.push(Run::new("qlora", shape, false, 32, "gemma3-270m"));
         }
-    } else if args.iter().any(|a| a == "--phi3-135m") {
+    } else if let Some(model) =
+        ["phi3-135m", "gpt2-124m"].into_iter().find(|m| args.iter().any(|a| *a == format!("--{m}")))
+    {
         for _ in 0..2 {
             for name in ["ranger", "lora"] {
-                runs.push(Run::new(name, shape, false, 32, "phi3-135m"));
+                runs.push(Run::new(name, shape, false, 32, model));
                 runs.push(Run::new(name, shape, false, 32, "smollm2"));
             }
         }
@@ -382,6 +401,7 @@ fn child(model: &str, dir: &Path, steps: usize, run: &Run) -> Result<(), Box<dyn
             "llama-8b" => "Llama-8B-shaped (random, Q4_K GGUF)",
             "gemma3-270m" => "Gemma-3-270M-shaped (random)",
             "phi3-135m" => "SmolLM2-135M-shaped Phi-3 (random)",
+            "gpt2-124m" => "GPT-2-124M-shaped (random)",
             _ => "SmolLM2-135M",
         },
         run.seq,

@@ -86,6 +86,12 @@ fn llama_classifier_gradients() {
     gradient_check(common::tiny_config("llama"), common::TINY_VOCAB);
 }
 
+/// GPT-2's classifier (`GPT2ForSequenceClassification`): learned positions, LayerNorms.
+#[test]
+fn gpt2_classifier_gradients() {
+    gradient_check(common::tiny_config("gpt2"), common::TINY_VOCAB);
+}
+
 /// Phi-3's classifier: fused projections, partial rotary, LongRoPE, and a causal mask within its
 /// sliding window.
 #[test]

@@ -171,7 +171,7 @@ fn lm_loss_and_grads(cfg: &LlamaConfig, vars: &[(String, Var)], seqs: &[Sequence
 #[test]
 fn decoders_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
     let dev = common::test_device();
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2", "phi3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2", "phi3", "gpt2"] {
         let mut config = common::tiny_config(arch);
         if arch == "gemma3_text" || arch == "gemma2" {
             // With the tiny config's 4-token window, bf16 against f32 differs by up to 0.14 of
@@ -230,6 +230,7 @@ fn classifiers_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
         (common::tiny_config("llama"), common::TINY_VOCAB),
         (common::tiny_config("qwen2"), common::TINY_VOCAB),
         (common::tiny_config("phi3"), common::TINY_VOCAB),
+        (common::tiny_config("gpt2"), common::TINY_VOCAB),
     ];
     let dev = common::test_device();
     for (config, vocab) in configs {

@@ -185,7 +185,7 @@ fn check_decoder(arch: &str, dtype: DType, lora: Option<(bool, f64)>) {
 
 #[test]
 fn decoders_get_the_same_gradients_with_checkpointing() {
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2", "phi3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "gemma2", "phi3", "gpt2"] {
         check_decoder(arch, DType::F32, None);
     }
     check_decoder("llama", DType::F64, None);
@@ -199,6 +199,7 @@ fn lora_dora_and_dropout_get_the_same_gradients_with_checkpointing() {
     check_decoder("llama", DType::F32, Some((false, 0.3)));
     check_decoder("qwen3", DType::F32, Some((true, 0.3)));
     check_decoder("phi3", DType::F32, Some((true, 0.3)));
+    check_decoder("gpt2", DType::F32, Some((false, 0.3)));
 }
 
 fn classifier(config: &serde_json::Value, dtype: DType) -> (Vec<(String, Var)>, SequenceClassifier) {

@@ -30,6 +30,11 @@ fn config_of(arch: &str) -> LlamaConfig {
     c["hidden_size"] = json!(64);
     c["intermediate_size"] = json!(96);
     c["head_dim"] = json!(16);
+    if arch == "gpt2" {
+        // GPT-2's own field names: 64 wide, 4 heads of 16, MLP 96.
+        c["n_embd"] = json!(64);
+        c["n_inner"] = json!(96);
+    }
     if arch == "phi3" {
         // Half of a 16-wide head rotates: four LongRoPE factors.
         c["rope_scaling"] =
@@ -120,10 +125,10 @@ fn gradients(model: &LlamaModel, vars: &[(String, Var)], seed: &DropoutSeed, bat
 /// Over quantized projections every adapter gradient equals the one over the dequantized base
 /// to float rounding (relative to each tensor's largest): f32 and f64, LoRA and DoRA with
 /// dropout, fused kernels and the op-by-op path, with and without activation checkpointing;
-/// for Llama, Gemma 3, Gemma 2 and Phi-3 (fused projections).
+/// for Llama, Gemma 3, Gemma 2, Phi-3 (fused projections) and GPT-2.
 #[test]
 fn qlora_gradients_equal_those_over_the_dequantized_base() {
-    for arch in ["llama", "gemma3_text", "gemma2", "phi3"] {
+    for arch in ["llama", "gemma3_text", "gemma2", "phi3", "gpt2"] {
         for (dtype, tolerance) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
             for (dora, dropout) in [(false, 0.0), (false, 0.2), (true, 0.2)] {
                 let seed = DropoutSeed::default();

@@ -143,6 +143,7 @@ pub fn write_tiny_model(dir: &Path, config: &Value, seed: u64) -> crate::Result<
     let weights = crate::model::random_weights(&cfg, seed, DType::F32)?;
     let mut list: Vec<(String, Tensor)> = weights.into_iter().collect();
     list.sort_by(|a, b| a.0.cmp(&b.0));
+    let list = crate::model::hf_layout::to_disk(config, &list)?;
     crate::weights::save_safetensors_dir(dir, &list, usize::MAX)?;
     crate::output::write_json(&dir.join("config.json"), config)?;
     crate::output::write_json(&dir.join("tokenizer.json"), &tiny_tokenizer_json())?;
@@ -215,6 +216,7 @@ pub fn write_tiny_encoder(dir: &Path, config: &Value, seed: u64) -> crate::Resul
     let mut list: Vec<(String, Tensor)> =
         weights.into_iter().map(|(n, t)| (n.strip_prefix(&prefix).unwrap_or(&n).to_string(), t)).collect();
     list.sort_by(|a, b| a.0.cmp(&b.0));
+    let list = crate::model::hf_layout::to_disk(config, &list)?;
     crate::weights::save_safetensors_dir(dir, &list, usize::MAX)?;
     crate::output::write_json(&dir.join("config.json"), config)?;
     crate::output::write_json(&dir.join("tokenizer.json"), &tiny_encoder_tokenizer_json())?;
