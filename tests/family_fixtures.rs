@@ -244,3 +244,74 @@ fn gpt2_folder_round_trips_in_transformers_layout() {
         assert_eq!(d, 0.0, "{name}");
     }
 }
+
+/// ModernBERT (`ModernBertForSequenceClassification`), `cls` and `mean` pooling, on a batch
+/// whose second row is padded after 5 tokens: the classifier collates it as training does
+/// (padding mask, local layers narrowed to 2 tokens either side) and gives transformers'
+/// logits and probabilities.
+#[test]
+fn modernbert_classifier_matches_transformers() {
+    use ranger_train::classify::{collate, LabeledText};
+    let reference = read_json(&fixture("modernbert").join("reference.json"));
+    let ids: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone()).unwrap();
+    let lengths: Vec<usize> = serde_json::from_value(reference["lengths"].clone()).unwrap();
+    let texts: Vec<LabeledText> = ids
+        .iter()
+        .zip(&lengths)
+        .map(|(row, &len)| LabeledText { ids: row[..len].to_vec(), type_ids: vec![0; len], label: 0 })
+        .collect();
+    for pooling in ["cls", "mean"] {
+        let dir = fixture("modernbert").join(pooling);
+        let config = LlamaConfig::from_json(read_json(&dir.join("config.json")), pooling).unwrap();
+        let classifier = SequenceClassifier::new(BackboneConfig::Decoder(config), 3, &weights(&dir)).unwrap();
+        let refs: Vec<&LabeledText> = texts.iter().collect();
+        let batch = collate(&refs, 0, classifier.mask_kind(), DType::F32, &Device::Cpu).unwrap();
+        let logits = classifier.forward(&batch).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&logits).unwrap();
+        let what = format!("modernbert ({pooling} pooling)");
+        assert_close(
+            &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &reference[format!("{pooling}_logits")],
+            &format!("{what} classifier logits"),
+        );
+        assert_close(
+            &probs.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &reference[format!("{pooling}_probs")],
+            &format!("{what} classifier probabilities"),
+        );
+    }
+}
+
+/// ModernBERT's local window and its local rotary base matter: a window spanning the sequence,
+/// or the global base on the local layers, moves the logits away from transformers'.
+#[test]
+fn modernbert_local_layers_are_honoured() {
+    use ranger_train::classify::{collate, LabeledText};
+    let reference = read_json(&fixture("modernbert").join("reference.json"));
+    let ids: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone()).unwrap();
+    let text = LabeledText { ids: ids[0].clone(), type_ids: vec![0; 8], label: 0 };
+    // Mean pooling: every position counts, not only the first one's few neighbours.
+    let theirs: Vec<f32> = serde_json::from_value(reference["mean_logits"].clone()).unwrap();
+    let dir = fixture("modernbert").join("mean");
+    // Over 2 positions either side the two bases' angles differ by at most 0.1 rad, so the
+    // local base moves these logits far less than the window (still 1,000x the 1e-7 match).
+    for (what, key, value, least) in [
+        ("a window of 64", "local_attention", serde_json::json!(64), 1e-3),
+        (
+            "the global base everywhere",
+            "rope_parameters",
+            serde_json::json!({"full_attention": {"rope_theta": 160000.0, "rope_type": "default"},
+                               "sliding_attention": {"rope_theta": 160000.0, "rope_type": "default"}}),
+            1e-4,
+        ),
+    ] {
+        let mut raw = read_json(&dir.join("config.json"));
+        raw[key] = value;
+        let config = LlamaConfig::from_json(raw, what).unwrap();
+        let classifier = SequenceClassifier::new(BackboneConfig::Decoder(config), 3, &weights(&dir)).unwrap();
+        let batch = collate(&[&text], 0, classifier.mask_kind(), DType::F32, &Device::Cpu).unwrap();
+        let ours: Vec<f32> = classifier.forward(&batch).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let worst = ours.iter().zip(&theirs[..3]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst > least, "{what}: the logits moved by only {worst}");
+    }
+}

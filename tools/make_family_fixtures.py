@@ -16,7 +16,10 @@ pretraining context of 6 tokens so the 8-token inputs take the long factors and 
 tokens, also checked, the short ones, a 5-token sliding window, untied); phi4mini (Phi-4-mini's
 shape: the same with 3/4 of each head rotated and tied embeddings); gpt2 (`GPT2LMHeadModel`:
 learned positions, LayerNorm, Conv1D weights stored transposed, the adapter on c_attn, c_proj and
-c_fc with PEFT's fan_in_fan_out).
+c_fc with PEFT's fan_in_fan_out); modernbert (`ModernBertForSequenceClassification` only, as
+ModernBERT is an encoder: 4 layers alternating global attention and a local window of 4 (2 either
+side), rotary bases 160000 / 10000, `cls` and `mean` pooling, on a right-padded batch with its
+attention mask).
 """
 import json
 import os
@@ -148,10 +151,44 @@ def write(out, family):
     print(f"wrote {d}")
 
 
+def write_modernbert(out):
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    d = os.path.join(out, "modernbert")
+    ids = torch.tensor(IDS)
+    # The second row has 5 real tokens, then padding (id 0).
+    ids[1, 5:] = 0
+    attention = torch.ones_like(ids)
+    attention[1, 5:] = 0
+    ref = {"input_ids": ids.tolist(), "lengths": [8, 5]}
+    for pooling in ["cls", "mean"]:
+        cfg = ModernBertConfig(
+            vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+            local_attention=4, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            cls_token_id=1, sep_token_id=2, classifier_pooling=pooling,
+            id2label={i: f"LABEL_{i}" for i in range(3)},
+        )
+        torch.manual_seed(3)
+        cls = moved(ModernBertForSequenceClassification(cfg))
+        cls.eval()
+        cls.save_pretrained(os.path.join(d, pooling))
+        with torch.no_grad():
+            logits = cls(input_ids=ids, attention_mask=attention).logits
+        ref[f"{pooling}_logits"] = logits.flatten().tolist()
+        ref[f"{pooling}_probs"] = torch.softmax(logits, -1).flatten().tolist()
+    ref["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump(ref, f)
+    print(f"wrote {d}")
+
+
 def main():
     out = sys.argv[1]
-    for family in sys.argv[2:] or FAMILIES:
-        write(out, family)
+    for family in sys.argv[2:] or [*FAMILIES, "modernbert"]:
+        if family == "modernbert":
+            write_modernbert(out)
+        else:
+            write(out, family)
 
 
 if __name__ == "__main__":

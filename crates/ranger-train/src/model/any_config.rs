@@ -30,6 +30,10 @@ impl ModelConfig {
     /// trained as classifiers).
     pub fn decoder(&self, origin: &str) -> crate::Result<&LlamaConfig> {
         match self {
+            Self::Decoder(c) if c.bidirectional => Err(crate::TrainError::Config {
+                origin: origin.to_string(),
+                message: "a ModernBERT encoder has no language-model head here; train it with --task classify".into(),
+            }),
             Self::Decoder(c) => Ok(c),
             Self::Encoder(c) => Err(crate::TrainError::Config {
                 origin: origin.to_string(),

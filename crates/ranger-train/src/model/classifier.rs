@@ -1,6 +1,7 @@
-//! Sequence classification: a BERT-family encoder or a Llama-family decoder with the
-//! classification head of the matching `transformers` `*ForSequenceClassification` class, under
-//! the same tensor names, so checkpoints move between ranger-tune and transformers unchanged.
+//! Sequence classification: a BERT-family encoder, a Llama-family decoder, or ModernBERT (built
+//! on the decoder's layers, bidirectional) with the classification head of the matching
+//! `transformers` `*ForSequenceClassification` class, under the same tensor names, so
+//! checkpoints move between ranger-tune and transformers unchanged.
 
 use std::collections::HashMap;
 
@@ -12,8 +13,10 @@ use super::linear::Proj;
 use super::llama::LlamaModel;
 use super::LlamaConfig;
 use crate::error::TrainError;
+use crate::kernels::activations::gelu_erf;
 use crate::kernels::compute_dtype;
 use crate::kernels::cross_entropy::cross_entropy_rows;
+use crate::kernels::norms::layer_norm;
 
 /// The attention mask of a classifier's batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +65,7 @@ impl BackboneConfig {
                     super::Architecture::Gemma2 => "Gemma2",
                     super::Architecture::Phi3 => "Phi3",
                     super::Architecture::Gpt2 => "GPT2",
+                    super::Architecture::ModernBert => "ModernBert",
                 };
                 format!("{name}ForSequenceClassification")
             }
@@ -96,6 +100,20 @@ impl BackboneConfig {
                 }
                 EncoderFamily::DistilBert => [pair("pre_classifier", h), pair("classifier", num_labels)].concat(),
             },
+            // ModernBERT: `classifier(norm(gelu(head.dense(pooled))))`.
+            Self::Decoder(c) if c.bidirectional => {
+                let flag = |k: &str| c.raw.get(k).and_then(Value::as_bool).unwrap_or(false);
+                let mut out = vec![("head.dense.weight".to_string(), vec![h, h])];
+                if flag("classifier_bias") {
+                    out.push(("head.dense.bias".into(), vec![h]));
+                }
+                out.push(("head.norm.weight".into(), vec![h]));
+                if c.norm_bias {
+                    out.push(("head.norm.bias".into(), vec![h]));
+                }
+                out.extend(pair("classifier", num_labels));
+                out
+            }
             Self::Decoder(_) => vec![("score.weight".into(), vec![num_labels, h])],
         }
     }
@@ -118,6 +136,7 @@ impl BackboneConfig {
                 EncoderFamily::Roberta => vec!["classifier".into()],
                 EncoderFamily::DistilBert => vec!["pre_classifier".into(), "classifier".into()],
             },
+            Self::Decoder(c) if c.bidirectional => vec!["head".into(), "classifier".into()],
             Self::Decoder(_) => vec!["score".into()],
         }
     }
@@ -177,6 +196,9 @@ enum Head {
     Relu { dense: Proj, out: Proj },
     /// `score(h[last non-padding token])`, no bias: the decoders.
     Score { score: Proj },
+    /// `classifier(LayerNorm(gelu(dense(pooled))))` over the first token or the mean of the
+    /// tokens (`classifier_pooling`): ModernBERT.
+    ModernBert { dense: Proj, norm: Tensor, norm_bias: Option<Tensor>, out: Proj, mean: bool, eps: f64 },
 }
 
 #[derive(Debug, Clone)]
@@ -243,6 +265,34 @@ impl SequenceClassifier {
                 };
                 (Backbone::Encoder(Encoder::new(c.clone(), weights)?), head)
             }
+            BackboneConfig::Decoder(c) if c.bidirectional => {
+                let mean = match c.raw.get("classifier_pooling").and_then(Value::as_str).unwrap_or("cls") {
+                    "cls" => false,
+                    "mean" => true,
+                    other => {
+                        return Err(TrainError::Config {
+                            origin: "config.json".into(),
+                            message: format!("classifier_pooling {other:?} is not supported (cls, mean)"),
+                        })
+                    }
+                };
+                let activation = c.raw.get("classifier_activation").and_then(Value::as_str).unwrap_or("gelu");
+                if activation != "gelu" {
+                    return Err(TrainError::Config {
+                        origin: "config.json".into(),
+                        message: format!("classifier_activation {activation:?} is not supported (gelu)"),
+                    });
+                }
+                let head = Head::ModernBert {
+                    dense: Proj::dense(get("head.dense.weight")?, weights.get("head.dense.bias").cloned()),
+                    norm: get("head.norm.weight")?,
+                    norm_bias: weights.get("head.norm.bias").cloned(),
+                    out: proj("classifier")?,
+                    mean,
+                    eps: c.rms_norm_eps,
+                };
+                (Backbone::Decoder(LlamaModel::new_backbone(c.clone(), weights)?), head)
+            }
             BackboneConfig::Decoder(c) => {
                 let score = Proj::dense(get("score.weight")?, None);
                 (Backbone::Decoder(LlamaModel::new_backbone(c.clone(), weights)?), Head::Score { score })
@@ -291,6 +341,7 @@ impl SequenceClassifier {
     pub fn mask_kind(&self) -> MaskKind {
         match &self.backbone {
             Backbone::Encoder(_) => MaskKind::Padding,
+            Backbone::Decoder(d) if d.config.bidirectional => MaskKind::Padding,
             Backbone::Decoder(d) => MaskKind::Causal { window: d.config.sliding_window },
         }
     }
@@ -315,13 +366,26 @@ impl SequenceClassifier {
             Backbone::Decoder(d) => {
                 let h = d.hidden_states(&batch.input_ids, &batch.positions, &batch.mask)?;
                 let (b, s, w) = h.dims3()?;
-                h.reshape((b * s, w))?.index_select(&batch.last_index, 0)?
+                match &self.head {
+                    Head::ModernBert { mean: true, .. } => mean_pool(&h, &batch.last_index)?,
+                    // The first token ([CLS]) of each row.
+                    Head::ModernBert { mean: false, .. } => h.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?,
+                    _ => h.reshape((b * s, w))?.index_select(&batch.last_index, 0)?,
+                }
             }
         };
         match &self.head {
             Head::Tanh { dense, out } => out.forward(&dense.forward(&pooled)?.tanh()?),
             Head::Relu { dense, out } => out.forward(&dense.forward(&pooled)?.relu()?),
             Head::Score { score } => score.forward(&pooled),
+            Head::ModernBert { dense, norm, norm_bias, out, eps, .. } => {
+                let h = gelu_erf(&dense.forward(&pooled)?)?;
+                let h = match norm_bias {
+                    Some(b) => layer_norm(&h, norm, b, *eps)?,
+                    None => layer_norm(&h, norm, &norm.zeros_like()?, *eps)?,
+                };
+                out.forward(&h)
+            }
         }
     }
 
@@ -348,10 +412,32 @@ impl SequenceClassifier {
                 ]
             }
             Head::Score { score } => vec![score.weight.dense()?],
+            // In `head_shapes` order: dense (bias), norm (bias), classifier.
+            Head::ModernBert { dense, norm, norm_bias, out, .. } => {
+                let mut v = vec![dense.weight.dense()?];
+                v.extend(dense.bias.clone());
+                v.push(norm.clone());
+                v.extend(norm_bias.clone());
+                v.extend([out.weight.dense()?, out.bias.clone().expect("bias")]);
+                v
+            }
         };
         out.extend(names.into_iter().map(|(n, _)| n).zip(tensors.into_iter().map(|t| t.detach())));
         Ok(out)
     }
+}
+
+/// The mean of each row's hidden states `h: [b, s, w]` over its real tokens (the first
+/// `last_index[r] - r * s + 1`), as ModernBERT's `mean` pooling: `[b, w]`.
+fn mean_pool(h: &Tensor, last_index: &Tensor) -> Result<Tensor> {
+    let (b, s, _) = h.dims3()?;
+    let dev = h.device();
+    let starts = (Tensor::arange(0u32, b as u32, dev)?.to_dtype(DType::F32)? * s as f64)?;
+    let lens = ((last_index.to_dtype(DType::F32)? - starts)? + 1.0)?.reshape((b, 1))?;
+    let j = Tensor::arange(0u32, s as u32, dev)?.to_dtype(DType::F32)?.reshape((1, s))?;
+    let real = j.broadcast_lt(&lens)?.to_dtype(DType::F32)?;
+    let weights = real.broadcast_div(&lens)?.to_dtype(h.dtype())?.unsqueeze(2)?;
+    h.broadcast_mul(&weights)?.sum(1)
 }
 
 /// The classifier's weights by Hugging Face name from a checkpoint that may be a bare encoder
@@ -417,6 +503,9 @@ pub fn init_head(config: &BackboneConfig, num_labels: usize, seed: u64) -> Vec<(
             let n: usize = shape.iter().product();
             let data: Vec<f32> = if name.ends_with(".bias") {
                 vec![0.0; n]
+            } else if name.ends_with("norm.weight") {
+                // ModernBERT's head LayerNorm starts as the identity.
+                vec![1.0; n]
             } else {
                 (0..n).map(|_| (rng.normal() * std) as f32).collect()
             };

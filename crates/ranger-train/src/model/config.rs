@@ -1,12 +1,12 @@
 //! `config.json` of the Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Gemma 2
-//! and 3, Phi-3, GPT-2).
+//! and 3, Phi-3, GPT-2) and of ModernBERT, the encoder built from the same pieces.
 
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::llama_names::{
     self as names, bias_of, Names, DOWN, FUSED_DOWN, FUSED_GATE_UP, FUSED_O, FUSED_PROJECTIONS, FUSED_QKV, GATE,
-    GPT2_PROJECTIONS, K, O, PROJECTIONS, Q, UP, V,
+    GPT2_PROJECTIONS, K, MODERNBERT_PROJECTIONS, O, PROJECTIONS, Q, UP, V,
 };
 use crate::error::{Result, TrainError};
 
@@ -37,6 +37,11 @@ pub enum Architecture {
     /// `GPT2LMHeadModel`: learned positions, LayerNorm with biases, fused `c_attn`, a plain
     /// (ungated) MLP with the tanh GELU, `Conv1D` weights stored transposed, tied head.
     Gpt2,
+    /// `ModernBertForSequenceClassification`: a bidirectional encoder of pre-norm layers
+    /// (LayerNorms without biases, the first layer without its attention norm), fused `Wqkv`,
+    /// rotary embeddings with a global and a local base, alternating global and local
+    /// (`|i - j| <= local_attention / 2`) attention, GeGLU with the exact GELU.
+    ModernBert,
 }
 
 impl Architecture {
@@ -52,6 +57,7 @@ impl Architecture {
             "gemma2" => Some(Self::Gemma2),
             "phi3" => Some(Self::Phi3),
             "gpt2" => Some(Self::Gpt2),
+            "modernbert" => Some(Self::ModernBert),
             _ => None,
         }
     }
@@ -68,6 +74,7 @@ impl Architecture {
             Self::Gemma2 => "gemma2",
             Self::Phi3 => "phi3",
             Self::Gpt2 => "gpt2",
+            Self::ModernBert => "modernbert",
         }
     }
 }
@@ -104,6 +111,28 @@ pub enum RopeScaling {
         /// The factor on cos and sin (`sqrt(1 + ln(factor) / ln(original))` unless configured).
         attention_factor: f64,
     },
+}
+
+/// ModernBERT's `config.json` fields.
+#[derive(Deserialize)]
+struct RawModernBert {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    vocab_size: usize,
+    norm_eps: Option<f64>,
+    norm_bias: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_activation: Option<String>,
+    max_position_embeddings: Option<usize>,
+    local_attention: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    global_attn_every_n_layers: Option<usize>,
+    rope_parameters: Option<Value>,
+    global_rope_theta: Option<f64>,
+    local_rope_theta: Option<f64>,
 }
 
 /// GPT-2's `config.json` fields.
@@ -172,6 +201,8 @@ pub enum Activation {
     Silu,
     /// The tanh approximation of GELU (GeGLU, `gelu_pytorch_tanh`): Gemma.
     GeluTanh,
+    /// The exact GELU (GeGLU with `gelu`): ModernBERT.
+    GeluErf,
 }
 
 /// The configuration of a Llama-family model, with the original `config.json` kept so the
@@ -245,9 +276,20 @@ pub struct LlamaConfig {
     pub rotary_dim: usize,
     /// The tensors' naming scheme ([`Names::LLAMA`], or [`Names::GPT2`]).
     pub names: Names,
-    /// GPT-2: LayerNorms with biases instead of RMSNorms, a learned position embedding, no
-    /// rotary embeddings, biases on every projection.
+    /// GPT-2: [`GPT2_PROJECTIONS`], stored transposed (`Conv1D`).
     pub gpt2_layout: bool,
+    /// LayerNorms instead of RMSNorms (GPT-2, ModernBERT).
+    pub layer_norm: bool,
+    /// Whether the LayerNorms have biases (GPT-2; ModernBERT's `norm_bias`).
+    pub norm_bias: bool,
+    /// Whether the fused layouts' projections have biases (GPT-2; ModernBERT's
+    /// `attention_bias` / `mlp_bias`).
+    pub proj_bias: bool,
+    /// ModernBERT: every token attends both ways (the mask is the padding mask; the local
+    /// layers see `|i - j| <= local_window`), and there is no LM head.
+    pub bidirectional: bool,
+    /// Whether the first layer has its attention norm (ModernBERT's is the identity).
+    pub first_input_norm: bool,
     /// Whether the MLP is gated (`act(gate) * up`; every family but GPT-2, whose MLP is
     /// `act(c_fc x)`).
     pub gated_mlp: bool,
@@ -259,8 +301,10 @@ impl LlamaConfig {
     /// Parses a `config.json` value; `source` names the file in errors.
     pub fn from_json(raw: Value, source: &str) -> Result<Self> {
         let bad = |m: String| TrainError::Config { origin: source.to_string(), message: m };
-        if raw.get("model_type").and_then(Value::as_str) == Some("gpt2") {
-            return Self::from_gpt2_json(raw, source);
+        match raw.get("model_type").and_then(Value::as_str) {
+            Some("gpt2") => return Self::from_gpt2_json(raw, source),
+            Some("modernbert") => return Self::from_modernbert_json(raw, source),
+            _ => {}
         }
         let r: Raw = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
         let mt = r.model_type.clone().unwrap_or_default();
@@ -451,6 +495,11 @@ impl LlamaConfig {
             rotary_dim,
             names: Names::LLAMA,
             gpt2_layout: false,
+            layer_norm: false,
+            norm_bias: false,
+            proj_bias: false,
+            bidirectional: false,
+            first_input_norm: true,
             gated_mlp: true,
             raw,
         })
@@ -517,7 +566,99 @@ impl LlamaConfig {
             rotary_dim: head_dim,
             names: Names::GPT2,
             gpt2_layout: true,
+            layer_norm: true,
+            norm_bias: true,
+            proj_bias: true,
+            bidirectional: false,
+            first_input_norm: true,
             gated_mlp: false,
+            raw,
+        })
+    }
+
+    /// ModernBERT's `config.json` (transformers 5's `layer_types` / `rope_parameters`, or the
+    /// older `global_attn_every_n_layers` / `global_rope_theta` / `local_rope_theta`).
+    fn from_modernbert_json(raw: Value, source: &str) -> Result<Self> {
+        let bad = |m: String| TrainError::Config { origin: source.to_string(), message: m };
+        let r: RawModernBert = serde_json::from_value(raw.clone()).map_err(|e| bad(e.to_string()))?;
+        if r.hidden_size == 0 || r.num_attention_heads == 0 || !r.hidden_size.is_multiple_of(r.num_attention_heads) {
+            return Err(bad("hidden_size must be a multiple of num_attention_heads".into()));
+        }
+        let head_dim = r.hidden_size / r.num_attention_heads;
+        if !head_dim.is_multiple_of(2) || r.num_hidden_layers == 0 || r.vocab_size == 0 {
+            return Err(bad("head_dim must be even; num_hidden_layers and vocab_size > 0".into()));
+        }
+        let sliding: Vec<bool> = match &r.layer_types {
+            Some(t) if t.len() == r.num_hidden_layers => t.iter().map(|t| t == "sliding_attention").collect(),
+            Some(t) => {
+                return Err(bad(format!("layer_types has {} entries for {} layers", t.len(), r.num_hidden_layers)))
+            }
+            None => {
+                let every = r.global_attn_every_n_layers.unwrap_or(3).max(1);
+                (0..r.num_hidden_layers).map(|l| l % every != 0).collect()
+            }
+        };
+        let theta = |kind: &str, old: Option<f64>, default: f64| -> std::result::Result<f64, String> {
+            match r.rope_parameters.as_ref().and_then(|p| p.get(kind)) {
+                Some(p) => {
+                    if p["rope_type"].as_str().is_some_and(|t| t != "default") {
+                        return Err(format!("rope scaling is not supported for ModernBERT: {p}"));
+                    }
+                    Ok(p["rope_theta"].as_f64().or(old).unwrap_or(default))
+                }
+                None => Ok(old.unwrap_or(default)),
+            }
+        };
+        let global_theta = theta("full_attention", r.global_rope_theta, 160_000.0).map_err(bad)?;
+        let local_theta = theta("sliding_attention", r.local_rope_theta, 10_000.0).map_err(bad)?;
+        let activation = match r.hidden_activation.as_deref().unwrap_or("gelu") {
+            "gelu" => Activation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
+            other => return Err(bad(format!("hidden_activation {other:?} is not supported (gelu)"))),
+        };
+        if r.attention_bias.unwrap_or(false) != r.mlp_bias.unwrap_or(false) {
+            return Err(bad("attention_bias and mlp_bias must agree".into()));
+        }
+        Ok(Self {
+            arch: Architecture::ModernBert,
+            hidden_size: r.hidden_size,
+            intermediate_size: r.intermediate_size,
+            num_hidden_layers: r.num_hidden_layers,
+            num_attention_heads: r.num_attention_heads,
+            num_key_value_heads: r.num_attention_heads,
+            head_dim,
+            rms_norm_eps: r.norm_eps.unwrap_or(1e-5),
+            rope_theta: global_theta,
+            rope_scaling: None,
+            vocab_size: r.vocab_size,
+            max_position_embeddings: r.max_position_embeddings.unwrap_or(8192),
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: false,
+            sliding_window: None,
+            rope_layers: vec![true; r.num_hidden_layers],
+            norm_offset: false,
+            sandwich_norms: false,
+            embed_scale: None,
+            activation,
+            attn_scale: (head_dim as f64).powf(-0.5),
+            // transformers: a token sees keys within `local_attention // 2` either side.
+            local_window: Some(r.local_attention.unwrap_or(128) / 2),
+            sliding_layers: sliding,
+            local_rope_theta: Some(local_theta),
+            attn_softcap: None,
+            final_softcap: None,
+            fused_projections: true,
+            rotary_dim: head_dim,
+            names: Names::MODERNBERT,
+            gpt2_layout: false,
+            layer_norm: true,
+            norm_bias: r.norm_bias.unwrap_or(false),
+            proj_bias: r.attention_bias.unwrap_or(false),
+            bidirectional: true,
+            first_input_norm: false,
+            gated_mlp: true,
             raw,
         })
     }
@@ -526,6 +667,7 @@ impl LlamaConfig {
     /// [`FUSED_PROJECTIONS`] (Phi-3), [`GPT2_PROJECTIONS`] or [`PROJECTIONS`].
     pub fn projections(&self) -> &'static [&'static str] {
         match (self.gpt2_layout, self.fused_projections) {
+            _ if self.arch == Architecture::ModernBert => &MODERNBERT_PROJECTIONS,
             (true, _) => &GPT2_PROJECTIONS,
             (false, true) => &FUSED_PROJECTIONS,
             (false, false) => &PROJECTIONS,
@@ -547,27 +689,34 @@ impl LlamaConfig {
         if let Some(pos) = n.positions {
             out.push((pos.to_string(), vec![self.max_position_embeddings, h]));
         }
+        if let Some(norm) = n.embed_norm {
+            out.push((norm.to_string(), vec![h]));
+            if self.norm_bias {
+                out.push((bias_of(norm), vec![h]));
+            }
+        }
         if self.fused_projections {
             // `[out, in]` of each projection, in `FUSED_*` order (GPT-2: stored transposed on
             // disk, see `hf_layout`); GPT-2 has biases on all of them and on its LayerNorms.
             let up = if self.gated_mlp { 2 * i } else { i };
             let shape = [[q + 2 * kv, h], [h, q], [up, h], [h, i]];
-            let biases = self.gpt2_layout;
             for l in 0..self.num_hidden_layers {
                 let p = n.layer(l);
-                let mut push = |name: String, s: Vec<usize>| {
-                    if biases {
+                let mut push = |name: String, s: Vec<usize>, bias: bool| {
+                    if bias {
                         out.push((format!("{p}.{}", bias_of(&name)), vec![s[0]]));
                     }
                     out.push((format!("{p}.{name}"), s));
                 };
-                push(n.input_norm.to_string(), vec![h]);
-                for j in [FUSED_QKV, FUSED_O] {
-                    push(format!("{}.weight", self.projections()[j]), shape[j].to_vec());
+                if l > 0 || self.first_input_norm {
+                    push(n.input_norm.to_string(), vec![h], self.norm_bias);
                 }
-                push(n.post_norm.to_string(), vec![h]);
+                for j in [FUSED_QKV, FUSED_O] {
+                    push(format!("{}.weight", self.projections()[j]), shape[j].to_vec(), self.proj_bias);
+                }
+                push(n.post_norm.to_string(), vec![h], self.norm_bias);
                 for j in [FUSED_GATE_UP, FUSED_DOWN] {
-                    push(format!("{}.weight", self.projections()[j]), shape[j].to_vec());
+                    push(format!("{}.weight", self.projections()[j]), shape[j].to_vec(), self.proj_bias);
                 }
             }
             return self.with_head(out);
@@ -611,10 +760,10 @@ impl LlamaConfig {
     /// `layers` followed by the final norm and, untied, the LM head.
     fn with_head(&self, mut out: Vec<(String, Vec<usize>)>) -> Vec<(String, Vec<usize>)> {
         out.push((self.names.final_norm.to_string(), vec![self.hidden_size]));
-        if self.gpt2_layout {
+        if self.norm_bias {
             out.push((bias_of(self.names.final_norm), vec![self.hidden_size]));
         }
-        if !self.tie_word_embeddings {
+        if !self.tie_word_embeddings && !self.bidirectional {
             out.push((names::LM_HEAD.to_string(), vec![self.vocab_size, self.hidden_size]));
         }
         out

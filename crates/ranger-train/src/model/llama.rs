@@ -15,7 +15,7 @@ use super::llama_names::{
     self as names, bias_of, DOWN, FUSED_DOWN, FUSED_GATE_UP, FUSED_O, FUSED_QKV, GATE, K, O, Q, UP, V,
 };
 use super::lora::{DropoutSeed, LoraConfig};
-use crate::kernels::activations::{geglu, gelu_tanh, swiglu};
+use crate::kernels::activations::{geglu, gelu_erf, gelu_tanh, swiglu};
 use crate::kernels::attention::{repeat_kv, FusedAttention};
 use crate::kernels::checkpoint::{checkpoint, LayerFn};
 use crate::kernels::chunked_attention::chunked_attention_capped;
@@ -31,8 +31,9 @@ use crate::kernels::{compute_dtype, embedding::embedding, fused_ok};
 
 #[derive(Debug, Clone)]
 struct Layer {
-    input_norm: Tensor,
-    /// GPT-2's LayerNorm biases (of `input_norm` and `post_norm`).
+    /// The norm before attention (none on ModernBERT's first layer).
+    input_norm: Option<Tensor>,
+    /// LayerNorm biases (of `input_norm` and `post_norm`), where the model has them.
     input_norm_bias: Option<Tensor>,
     post_norm_bias: Option<Tensor>,
     q_norm: Option<Tensor>,
@@ -93,6 +94,7 @@ impl Layer {
         match c.activation {
             Activation::Silu => swiglu(&gate, &up),
             Activation::GeluTanh => geglu(&gate, &up),
+            Activation::GeluErf => gelu_erf(&gate)? * up,
         }
     }
 
@@ -111,8 +113,10 @@ impl Layer {
     /// weights and biases in `projs` order.
     fn weights_mut(&mut self, n: &names::Names) -> Vec<(String, &mut Tensor)> {
         let proj_names = self.proj_names;
-        let mut out: Vec<(String, &mut Tensor)> =
-            vec![(n.input_norm.into(), &mut self.input_norm), (n.post_norm.into(), &mut self.post_norm)];
+        let mut out: Vec<(String, &mut Tensor)> = vec![(n.post_norm.into(), &mut self.post_norm)];
+        if let Some(w) = &mut self.input_norm {
+            out.insert(0, (n.input_norm.into(), w));
+        }
         if let Some(b) = &mut self.input_norm_bias {
             out.push((bias_of(n.input_norm), b));
         }
@@ -145,7 +149,8 @@ impl Layer {
 
     /// Every tensor the layer computes with (weights, biases, norms, adapters).
     fn tensors(&self) -> Vec<Tensor> {
-        let mut out = vec![self.input_norm.clone(), self.post_norm.clone()];
+        let mut out = vec![self.post_norm.clone()];
+        out.extend(self.input_norm.iter().cloned());
         out.extend(self.input_norm_bias.iter().chain(&self.post_norm_bias).cloned());
         out.extend(self.q_norm.iter().chain(&self.k_norm).chain(&self.pre_ff_norm).chain(&self.post_ff_norm).cloned());
         out.extend(self.projs.iter().flat_map(Proj::tensors));
@@ -176,8 +181,10 @@ pub struct LlamaModel {
     positions: Option<Tensor>,
     layers: Vec<Layer>,
     norm: Tensor,
-    /// GPT-2's final LayerNorm bias.
+    /// The final LayerNorm's bias, where the model has one.
     norm_bias: Option<Tensor>,
+    /// ModernBERT's norm of the embeddings (weight, and bias where the model has one).
+    embed_norm: Option<(Tensor, Option<Tensor>)>,
     lm_head: Option<Weight>,
     /// False for a backbone built without its LM head (sequence classification).
     has_lm_head: bool,
@@ -247,7 +254,7 @@ impl LlamaModel {
         for l in 0..config.num_hidden_layers {
             let p = n.layer(l);
             let norm_bias = |w: &str| {
-                if config.gpt2_layout {
+                if config.norm_bias {
                     Some(get(&format!("{p}.{}", bias_of(w)))).transpose()
                 } else {
                     Ok(None)
@@ -261,8 +268,12 @@ impl LlamaModel {
                 })
             });
             layers.push(Layer {
-                input_norm: get(&format!("{p}.{}", n.input_norm))?,
-                input_norm_bias: norm_bias(n.input_norm)?,
+                input_norm: if l > 0 || config.first_input_norm {
+                    Some(get(&format!("{p}.{}", n.input_norm))?)
+                } else {
+                    None
+                },
+                input_norm_bias: if l > 0 || config.first_input_norm { norm_bias(n.input_norm)? } else { None },
                 post_norm_bias: norm_bias(n.post_norm)?,
                 q_norm: opt(&format!("{p}.{}", names::Q_NORM)),
                 k_norm: opt(&format!("{p}.{}", names::K_NORM)),
@@ -286,7 +297,11 @@ impl LlamaModel {
             });
         }
         let norm = get(n.final_norm)?;
-        let norm_bias = if config.gpt2_layout { Some(get(&bias_of(n.final_norm))?) } else { None };
+        let norm_bias = if config.norm_bias { Some(get(&bias_of(n.final_norm))?) } else { None };
+        let embed_norm = match n.embed_norm {
+            Some(w) => Some((get(w)?, if config.norm_bias { Some(get(&bias_of(w))?) } else { None })),
+            None => None,
+        };
         let lm_head = if config.tie_word_embeddings || !has_lm_head { None } else { Some(weight(names::LM_HEAD)?) };
         let device = embed.device();
         let dtype = embed.dtype();
@@ -303,6 +318,7 @@ impl LlamaModel {
             layers,
             norm,
             norm_bias,
+            embed_norm,
             lm_head,
             has_lm_head,
             inv_freq,
@@ -362,6 +378,12 @@ impl LlamaModel {
         let mut out: Vec<(String, &mut Tensor)> = vec![(n.final_norm.into(), &mut self.norm)];
         if let Some(b) = &mut self.norm_bias {
             out.push((bias_of(n.final_norm), b));
+        }
+        if let (Some(name), Some((w, b))) = (n.embed_norm, &mut self.embed_norm) {
+            out.push((name.into(), w));
+            if let Some(b) = b {
+                out.push((bias_of(name), b));
+            }
         }
         if let (Some(name), Some(t)) = (n.positions, &mut self.positions) {
             out.insert(0, (name.into(), t));
@@ -477,8 +499,13 @@ impl LlamaModel {
         let past = (t - s) as f64;
         let i = Tensor::arange(0f32, s as f32, mask.device())?.reshape((s, 1))?;
         let j = Tensor::arange(0f32, t as f32, mask.device())?.reshape((1, t))?;
-        // past + i - j < window  <=>  i + past - window < j
-        let inside = j.broadcast_gt(&(i + (past - window as f64))?)?;
+        let inside = if self.config.bidirectional {
+            // ModernBERT: |i - j| <= window, both ways.
+            i.broadcast_sub(&j)?.abs()?.le(window as f64)?
+        } else {
+            // past + i - j < window  <=>  i + past - window < j
+            j.broadcast_gt(&(i + (past - window as f64))?)?
+        };
         let zeros = Tensor::zeros((s, t), mask.dtype(), mask.device())?;
         let blocked = Tensor::full(-1e9f32, (s, t), mask.device())?.to_dtype(mask.dtype())?;
         let window_mask = inside.where_cond(&zeros, &blocked)?.reshape((1, 1, s, t))?;
@@ -533,6 +560,9 @@ impl LlamaModel {
         if let Some(table) = &self.positions {
             // GPT-2: learned positions (each packed example's restart at 0).
             x = (x + embedding(table, &positions.flatten_all()?)?)?;
+        }
+        if let Some((w, b)) = &self.embed_norm {
+            x = norm(&self.config, &x, w, b.as_ref())?;
         }
         if let Some(scale) = self.config.embed_scale {
             // As transformers: the scale rounded to the model dtype, then a product.
@@ -642,11 +672,14 @@ impl LlamaModel {
     }
 }
 
-/// The model's RMSNorm of `x` with weight `w` (Gemma's scales by `1 + w`), or GPT-2's
-/// LayerNorm with bias `b`.
+/// The model's RMSNorm of `x` with weight `w` (Gemma's scales by `1 + w`), or its LayerNorm
+/// (GPT-2, ModernBERT) with bias `b` (none: ModernBERT's `norm_bias: false`).
 fn norm(c: &LlamaConfig, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(b) = b {
-        layer_norm(x, w, b, c.rms_norm_eps)
+    if c.layer_norm {
+        match b {
+            Some(b) => layer_norm(x, w, b, c.rms_norm_eps),
+            None => layer_norm(x, w, &w.zeros_like()?, c.rms_norm_eps),
+        }
     } else if c.norm_offset {
         rms_norm_offset(x, w, c.rms_norm_eps)
     } else {
@@ -743,7 +776,10 @@ fn layer_forward(
 ) -> Result<Tensor> {
     let norm = |x: &Tensor, w: &Tensor| norm(c, x, w, None);
     let mlp = |h: &Tensor| layer.down_proj().forward_rows(&layer.mlp_act(c, h)?);
-    let h = super::llama::norm(c, x, &layer.input_norm, layer.input_norm_bias.as_ref())?;
+    let h = match &layer.input_norm {
+        Some(w) => super::llama::norm(c, x, w, layer.input_norm_bias.as_ref())?,
+        None => x.clone(),
+    };
     let attn = attention(c, layer, &h, rows, cache)?;
     match (&layer.pre_ff_norm, &layer.post_ff_norm) {
         // Gemma: each block's output is normalized before the residual add.

@@ -18,6 +18,8 @@ pub struct Names {
     pub input_norm: &'static str,
     /// A layer's norm before the feed-forward block (Gemma: of the attention output).
     pub post_norm: &'static str,
+    /// ModernBERT's norm of the embeddings, if any.
+    pub embed_norm: Option<&'static str>,
 }
 
 impl Names {
@@ -29,6 +31,7 @@ impl Names {
         layers: "model.layers",
         input_norm: INPUT_NORM,
         post_norm: POST_NORM,
+        embed_norm: None,
     };
 
     /// GPT-2's names (`transformer.h.{i}.ln_1`, …), as transformers saves them.
@@ -39,6 +42,19 @@ impl Names {
         layers: "transformer.h",
         input_norm: "ln_1.weight",
         post_norm: "ln_2.weight",
+        embed_norm: None,
+    };
+
+    /// ModernBERT's names (`model.layers.{i}.attn_norm`, …; the first layer has no
+    /// `attn_norm`).
+    pub const MODERNBERT: Names = Names {
+        embed: "model.embeddings.tok_embeddings.weight",
+        positions: None,
+        final_norm: "model.final_norm.weight",
+        layers: "model.layers",
+        input_norm: "attn_norm.weight",
+        post_norm: "mlp_norm.weight",
+        embed_norm: Some("model.embeddings.norm.weight"),
     };
 
     /// `{layers}.{i}`: the module path of layer `i`.
@@ -117,12 +133,17 @@ pub const FUSED_PROJECTIONS: [&str; 4] =
 /// up projection: GPT-2's MLP has no gate). Their weights are stored transposed (`Conv1D`).
 pub const GPT2_PROJECTIONS: [&str; 4] = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
 
+/// ModernBERT's projections, in the order of the `FUSED_*` indices (`mlp.Wi` is the gated
+/// input and gate, the activated half first).
+pub const MODERNBERT_PROJECTIONS: [&str; 4] = ["attn.Wqkv", "attn.Wo", "mlp.Wi", "mlp.Wo"];
+
 /// Every projection name of every layout: what QLoRA may keep quantized.
 pub fn all_projections() -> impl Iterator<Item = &'static str> {
     PROJECTIONS
         .iter()
         .chain(FUSED_PROJECTIONS.iter().filter(|p| !PROJECTIONS.contains(p)))
         .chain(GPT2_PROJECTIONS.iter())
+        .chain(MODERNBERT_PROJECTIONS.iter())
         .copied()
 }
 
