@@ -86,6 +86,16 @@ fn llama_classifier_gradients() {
     gradient_check(common::tiny_config("llama"), common::TINY_VOCAB);
 }
 
+/// ModernBERT's classifier: bidirectional with a local layer, LayerNorms without biases, GeGLU
+/// with the exact GELU, its dense/GELU/LayerNorm head over mean pooling and over the first token.
+#[test]
+fn modernbert_classifier_gradients() {
+    let mut config = common::tiny_config("modernbert");
+    gradient_check(config.clone(), common::TINY_VOCAB);
+    config["classifier_pooling"] = serde_json::json!("cls");
+    gradient_check(config, common::TINY_VOCAB);
+}
+
 /// GPT-2's classifier (`GPT2ForSequenceClassification`): learned positions, LayerNorms.
 #[test]
 fn gpt2_classifier_gradients() {
@@ -113,6 +123,7 @@ fn padding_does_not_change_logits() {
         tiny_encoder_config("roberta"),
         tiny_encoder_config("distilbert"),
         common::tiny_config("llama"),
+        common::tiny_config("modernbert"),
         // LongRoPE picks its factors from the batch's longest position (as transformers does),
         // so a padded row can change factors: here the context holds every batch.
         {
@@ -121,7 +132,7 @@ fn padding_does_not_change_logits() {
             c
         },
     ] {
-        let decoder = config["model_type"] == "llama" || config["model_type"] == "phi3";
+        let decoder = ["llama", "phi3", "modernbert"].iter().any(|t| config["model_type"] == *t);
         let vocab = if decoder { common::TINY_VOCAB } else { TINY_ENCODER_VOCAB };
         let (_, model) = build(&config, DType::F64, 5);
         let ex = common::labeled_examples(vocab);

@@ -231,6 +231,7 @@ fn classifiers_op_by_op_in_f32_and_bf16_match_the_fused_kernels() {
         (common::tiny_config("qwen2"), common::TINY_VOCAB),
         (common::tiny_config("phi3"), common::TINY_VOCAB),
         (common::tiny_config("gpt2"), common::TINY_VOCAB),
+        (common::tiny_config("modernbert"), common::TINY_VOCAB),
     ];
     let dev = common::test_device();
     for (config, vocab) in configs {

@@ -220,6 +220,7 @@ fn classifiers_get_the_same_gradients_with_checkpointing() {
         ("bert", tiny_encoder_config("bert"), TINY_ENCODER_VOCAB),
         ("distilbert", tiny_encoder_config("distilbert"), TINY_ENCODER_VOCAB),
         ("llama", common::tiny_config("llama"), common::TINY_VOCAB),
+        ("modernbert", common::tiny_config("modernbert"), common::TINY_VOCAB),
     ];
     for (name, config, vocab) in configs {
         let (vars, mut model) = classifier(&config, DType::F32);

@@ -69,8 +69,17 @@ pub fn tiny_tokenizer_json() -> Value {
 pub const TINY_VOCAB: usize = 3 + WORDS.len();
 
 /// A tiny config.json for `model_type` (llama, mistral, qwen2, qwen3, smollm3, gemma3_text, gemma2,
-/// phi3, gpt2).
+/// phi3, gpt2, modernbert).
 pub fn tiny_config(model_type: &str) -> Value {
+    if model_type == "modernbert" {
+        // Global, local (2 tokens either side), global; mean pooling over the real tokens.
+        return json!({
+            "architectures": ["ModernBertForSequenceClassification"], "model_type": "modernbert", "hidden_size": 32,
+            "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": TINY_VOCAB,
+            "local_attention": 4, "global_attn_every_n_layers": 2, "norm_eps": 1e-5, "classifier_pooling": "mean",
+            "pad_token_id": 2, "torch_dtype": "float32",
+        });
+    }
     if model_type == "gpt2" {
         // GPT-2 names its fields its own way; an MLP width that is not 4x the model's.
         return json!({
