@@ -1,7 +1,8 @@
-//! Loading a Llama-architecture GGUF file (llama.cpp's format) as a trainable Hugging Face
-//! model: weights dequantized to f32 with Candle's GGUF reader (or, for QLoRA, the projections
-//! kept in their block format), llama.cpp's Q/K row permutation undone, the tokenizer rebuilt
-//! from the GGUF metadata, the chat template kept.
+//! Loading a GGUF file (llama.cpp's format) of a Llama, GPT-2 or Phi-3 model as a trainable
+//! Hugging Face model: weights dequantized to f32 with Candle's GGUF reader (or, for QLoRA, the
+//! projections kept in their block format), llama.cpp's Q/K row permutation undone (Llama), the
+//! configuration rebuilt from the metadata (Phi-3's LongRoPE factors from its `rope_factors_*`
+//! tensors), the byte-level BPE tokenizer rebuilt from the metadata, the chat template kept.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,7 +15,10 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Result, TrainError};
 use crate::loaded::LoadedModel;
-use crate::model::llama_names::{self as names, DOWN, GATE, K, O, PROJECTIONS, Q, UP, V};
+use crate::model::llama_names::{
+    self as names, Names, DOWN, FUSED_DOWN, FUSED_GATE_UP, FUSED_O, FUSED_PROJECTIONS, FUSED_QKV, GATE,
+    GPT2_PROJECTIONS, K, O, PROJECTIONS, Q, UP, V,
+};
 use crate::model::LlamaConfig;
 use crate::tokenizer::TextTokenizer;
 
@@ -77,8 +81,65 @@ pub fn unpermute_qk_quantized(q: &QTensor, heads: usize) -> candle_core::Result<
     QTensor::new(storage, (rows, cols))
 }
 
-/// The Hugging Face name of a llama.cpp tensor name (`blk.{i}.attn_q.weight`, …).
-fn hf_name(gguf: &str) -> Option<String> {
+/// The GGUF architectures read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GgufArch {
+    Llama,
+    Gpt2,
+    Phi3,
+}
+
+/// The Hugging Face name of a llama.cpp tensor name of `arch`.
+fn hf_name(arch: GgufArch, gguf: &str) -> Option<String> {
+    match arch {
+        GgufArch::Llama => llama_hf_name(gguf),
+        GgufArch::Gpt2 | GgufArch::Phi3 => fused_hf_name(arch, gguf),
+    }
+}
+
+/// GPT-2's and Phi-3's tensor names: one fused QKV (`attn_qkv`) and one up (`ffn_up`: GPT-2's
+/// `c_fc`, Phi-3's fused gate and up) projection per layer; GPT-2's norms and projections have
+/// biases, its positions a table.
+fn fused_hf_name(arch: GgufArch, gguf: &str) -> Option<String> {
+    let n = if arch == GgufArch::Gpt2 { Names::GPT2 } else { Names::LLAMA };
+    let projs: &[&str] = if arch == GgufArch::Gpt2 { &GPT2_PROJECTIONS } else { &FUSED_PROJECTIONS };
+    let (stem, suffix) = gguf.rsplit_once('.')?;
+    if !matches!(suffix, "weight" | "bias") {
+        return None;
+    }
+    let with = |weight_name: &str| -> String {
+        if suffix == "weight" {
+            weight_name.to_string()
+        } else {
+            names::bias_of(weight_name)
+        }
+    };
+    let fixed = match stem {
+        "token_embd" => Some(with(n.embed)),
+        "position_embd" => n.positions.map(with),
+        "output_norm" => Some(with(n.final_norm)),
+        "output" => Some(with(names::LM_HEAD)),
+        _ => None,
+    };
+    if fixed.is_some() {
+        return fixed;
+    }
+    let (layer, name) = stem.strip_prefix("blk.")?.split_once('.')?;
+    let proj = |j: usize| with(&format!("{}.weight", projs[j]));
+    let hf = match name {
+        "attn_norm" => with(n.input_norm),
+        "attn_qkv" => proj(FUSED_QKV),
+        "attn_output" => proj(FUSED_O),
+        "ffn_norm" => with(n.post_norm),
+        "ffn_up" => proj(FUSED_GATE_UP),
+        "ffn_down" => proj(FUSED_DOWN),
+        _ => return None,
+    };
+    Some(format!("{}.{hf}", n.layer(layer.parse().ok()?)))
+}
+
+/// The Hugging Face name of a llama.cpp Llama tensor name (`blk.{i}.attn_q.weight`, …).
+fn llama_hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some(names::EMBED),
         "output_norm.weight" => Some(names::FINAL_NORM),
@@ -106,14 +167,14 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("{}.{hf}", names::layer_prefix(layer.parse().ok()?)))
 }
 
-/// Reads a GGUF file of a Llama-architecture model, every weight dequantized to f32.
+/// Reads a GGUF file of a Llama, GPT-2 or Phi-3 model, every weight dequantized to f32.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     load_gguf_with(path, false)
 }
 
-/// Reads a GGUF file of a Llama-architecture model; with `keep_quantized` the projections, the
-/// embedding and the LM head stored in a block format stay in it ([`LoadedModel::quantized`]),
-/// the rest is dequantized to f32.
+/// Reads a GGUF file of a Llama, GPT-2 or Phi-3 model; with `keep_quantized` the projections,
+/// the embedding and the LM head stored in a block format stay in it
+/// ([`LoadedModel::quantized`]), the rest is dequantized to f32.
 pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
     let content = Content::read(&mut file).map_err(|e| TrainError::Format {
@@ -121,16 +182,21 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
         message: format!("not a readable GGUF file: {e}"),
     })?;
     let arch = meta(&content, "general.architecture", path)?.to_string()?.clone();
-    if arch != "llama" {
-        return Err(TrainError::UnsupportedArchitecture {
-            origin: path.display().to_string(),
-            model_type: format!("gguf:{arch}"),
-        });
-    }
+    let kind = match arch.as_str() {
+        "llama" => GgufArch::Llama,
+        "gpt2" => GgufArch::Gpt2,
+        "phi3" => GgufArch::Phi3,
+        _ => {
+            return Err(TrainError::UnsupportedArchitecture {
+                origin: path.display().to_string(),
+                model_type: format!("gguf:{arch}"),
+            })
+        }
+    };
     let num = |k: &str| -> Result<f64> {
-        as_f64(meta(&content, &format!("llama.{k}"), path)?).ok_or_else(|| TrainError::Config {
+        as_f64(meta(&content, &format!("{arch}.{k}"), path)?).ok_or_else(|| TrainError::Config {
             origin: path.display().to_string(),
-            message: format!("llama.{k} is not a number"),
+            message: format!("{arch}.{k} is not a number"),
         })
     };
     let tokens: Vec<String> = meta(&content, "tokenizer.ggml.tokens", path)?
@@ -147,7 +213,7 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
     }
     // Llama 3.1-style rope scaling is stored as metadata and a `rope_freqs` tensor in GGUF;
     // refuse rather than train with the wrong rotary frequencies.
-    if content.metadata.keys().any(|k| k.starts_with("llama.rope.scaling"))
+    if kind == GgufArch::Llama && content.metadata.keys().any(|k| k.starts_with("llama.rope.scaling"))
         || content.tensor_infos.contains_key("rope_freqs.weight")
     {
         return Err(TrainError::Config {
@@ -170,7 +236,12 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
         token_id("tokenizer.ggml.eos_token_id"),
         token_id("tokenizer.ggml.padding_token_id"),
     );
-    let raw = json!({
+    let source = path.display().to_string();
+    let ids = (bos, eos, pad);
+    let raw = match kind {
+        GgufArch::Gpt2 => gpt2_config(&num, tokens.len(), tied, ids)?,
+        GgufArch::Phi3 => phi3_config(&content, &mut file, &num, tokens.len(), tied, ids, &source)?,
+        GgufArch::Llama => json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
@@ -195,22 +266,23 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
         "eos_token_id": eos,
         "pad_token_id": pad,
         "torch_dtype": "float32",
-    });
-    let source = path.display().to_string();
+        }),
+    };
     let config = LlamaConfig::from_json(raw, &source)?;
     let mut weights = HashMap::new();
     let mut quantized = HashMap::new();
     for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name) else { continue };
+        let Some(hf) = hf_name(kind, name) else { continue };
         let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| TrainError::Weights {
             origin: source.clone(),
             tensor: name.clone(),
             problem: e.to_string(),
         })?;
+        let llama = kind == GgufArch::Llama;
         if keep_quantized && crate::loaded::is_quantizable(&hf) && q.dtype() != GgmlDType::F32 {
-            let q = if name.ends_with("attn_q.weight") {
+            let q = if llama && name.ends_with("attn_q.weight") {
                 unpermute_qk_quantized(&q, heads)?
-            } else if name.ends_with("attn_k.weight") {
+            } else if llama && name.ends_with("attn_k.weight") {
                 unpermute_qk_quantized(&q, kv_heads)?
             } else {
                 q
@@ -219,14 +291,14 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
             continue;
         }
         let mut t = q.dequantize(&Device::Cpu)?;
-        if name.ends_with("attn_q.weight") {
+        if llama && name.ends_with("attn_q.weight") {
             t = unpermute_qk(&t, heads)?;
-        } else if name.ends_with("attn_k.weight") {
+        } else if llama && name.ends_with("attn_k.weight") {
             t = unpermute_qk(&t, kv_heads)?;
         }
         weights.insert(hf, t);
     }
-    let tokenizer = build_tokenizer(&content, &tokens, path)?;
+    let tokenizer = build_tokenizer(&content, &tokens, path, &arch)?;
     let generation_config = Some(json!({ "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad }));
     Ok(LoadedModel {
         config: crate::model::ModelConfig::Decoder(config),
@@ -238,9 +310,104 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
     })
 }
 
+/// The special-token ids of a GGUF file: BOS, EOS, padding.
+type SpecialIds = (Option<u32>, Option<u32>, Option<u32>);
+
+/// GPT-2's `config.json` from the `gpt2.*` metadata (`num` reads one).
+fn gpt2_config(
+    num: &dyn Fn(&str) -> Result<f64>,
+    vocab: usize,
+    tied: bool,
+    (bos, eos, pad): SpecialIds,
+) -> Result<Value> {
+    Ok(json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": num("embedding_length")? as usize,
+        "n_layer": num("block_count")? as usize,
+        "n_head": num("attention.head_count")? as usize,
+        "n_inner": num("feed_forward_length")? as usize,
+        "n_positions": num("context_length").unwrap_or(1024.0) as usize,
+        "n_ctx": num("context_length").unwrap_or(1024.0) as usize,
+        "vocab_size": vocab,
+        "layer_norm_epsilon": num("attention.layer_norm_epsilon")?,
+        "activation_function": "gelu_new",
+        "tie_word_embeddings": tied,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": "float32",
+    }))
+}
+
+/// Phi-3's `config.json` from the `phi3.*` metadata and, for LongRoPE, the
+/// `rope_factors_long/short` tensors; `rope.dimension_count` gives the rotated share of a head
+/// and a `sliding_window` of 0 (Phi-4) none.
+fn phi3_config(
+    content: &Content,
+    file: &mut std::fs::File,
+    num: &dyn Fn(&str) -> Result<f64>,
+    vocab: usize,
+    tied: bool,
+    (bos, eos, pad): SpecialIds,
+    source: &str,
+) -> Result<Value> {
+    let hidden = num("embedding_length")? as usize;
+    let heads = num("attention.head_count")? as usize;
+    let head_dim = hidden / heads;
+    let rope_dims = num("rope.dimension_count").map(|d| d as usize).unwrap_or(head_dim);
+    let context = num("context_length")? as usize;
+    let original = num("rope.scaling.original_context_length").map(|n| n as usize).unwrap_or(context);
+    let mut factors = |name: &str| -> Result<Option<Vec<f32>>> {
+        if !content.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        let q = content.tensor(file, name, &Device::Cpu).map_err(|e| TrainError::Weights {
+            origin: source.to_string(),
+            tensor: name.to_string(),
+            problem: e.to_string(),
+        })?;
+        Ok(Some(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?))
+    };
+    let rope_scaling = match (factors("rope_factors_short.weight")?, factors("rope_factors_long.weight")?) {
+        (Some(short), Some(long)) => {
+            let mut s = json!({"type": "longrope", "short_factor": short, "long_factor": long});
+            if let Ok(a) = num("rope.scaling.attn_factor") {
+                s["attention_factor"] = json!(a);
+            }
+            s
+        }
+        _ => Value::Null,
+    };
+    let window = num("attention.sliding_window").map(|w| w as usize).ok().filter(|&w| w > 0);
+    Ok(json!({
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "hidden_size": hidden,
+        "intermediate_size": num("feed_forward_length")? as usize,
+        "num_hidden_layers": num("block_count")? as usize,
+        "num_attention_heads": heads,
+        "num_key_value_heads": num("attention.head_count_kv").unwrap_or(heads as f64) as usize,
+        "rms_norm_eps": num("attention.layer_norm_rms_epsilon")?,
+        "rope_theta": num("rope.freq_base").unwrap_or(10_000.0),
+        "partial_rotary_factor": rope_dims as f64 / head_dim as f64,
+        "max_position_embeddings": context,
+        "original_max_position_embeddings": original,
+        "rope_scaling": rope_scaling,
+        "sliding_window": window,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": "float32",
+    }))
+}
+
 /// Rebuilds a Hugging Face `tokenizer.json` (byte-level BPE, the `gpt2` GGUF tokenizer model)
 /// and a `tokenizer_config.json` from the GGUF metadata.
-fn build_tokenizer(c: &Content, tokens: &[String], path: &Path) -> Result<TextTokenizer> {
+fn build_tokenizer(c: &Content, tokens: &[String], path: &Path, arch: &str) -> Result<TextTokenizer> {
     let model = meta(c, "tokenizer.ggml.model", path)?.to_string()?.clone();
     if model != "gpt2" {
         return Err(TrainError::Tokenizer(format!(
@@ -311,7 +478,7 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path) -> Result<TextTo
     cfg.insert("tokenizer_class".into(), json!("GPT2Tokenizer"));
     cfg.insert(
         "model_max_length".into(),
-        json!(c.metadata.get("llama.context_length").and_then(as_f64).unwrap_or(2048.0) as usize),
+        json!(c.metadata.get(&format!("{arch}.context_length")).and_then(as_f64).unwrap_or(2048.0) as usize),
     );
     cfg.insert("clean_up_tokenization_spaces".into(), json!(false));
     cfg.insert("add_prefix_space".into(), json!(false));

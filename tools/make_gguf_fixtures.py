@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Writes tests/fixtures/gguf/<family>.gguf with llama.cpp's own converter (convert_hf_to_gguf.py)
+from a tiny random model that transformers saved, with a tiny byte-level BPE tokenizer, plus
+<family>.json: the logits transformers computes on a few ids and the ids its tokenizer gives a
+sample text, so that tests/gguf_families.rs checks ranger-tune reads each file to the same
+numbers. Not run in CI (CI has no torch); rerun by hand after changing it:
+
+    LLAMA_CPP=/path/to/llama.cpp python tools/make_gguf_fixtures.py tests/fixtures/gguf
+
+LLAMA_CPP is a llama.cpp checkout (or the `vendor/llama.cpp` folder of the llama-cpp-python
+sdist on PyPI: `pip download --no-deps --no-binary :all: llama-cpp-python`). Families: gpt2
+(`GPT2LMHeadModel`: the converter transposes the Conv1D weights); phi4mini (`Phi3ForCausalLM`
+with Phi-4-mini's byte-level BPE tokenizer, 3/4 of each head rotated, LongRoPE factors stored as
+`rope_factors_long/short` tensors, tied embeddings). The tokenizer is unknown to the converter's
+pre-tokenizer table, so its check is told "gpt-2" (plain byte-level splitting, which this
+tokenizer uses).
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+TEXT = ("The lighthouse keeper of Glimmerholm counts the ships that pass in the night, "
+        "and writes their names in a book of salt. ") * 20
+SAMPLE = "The keeper writes the ships' names, 3 of them, in salt."
+IDS = [[3, 7, 1, 12, 5, 9, 30, 2], [11, 4, 4, 8, 21, 0, 17, 6]]
+
+
+def tokenizer(dir):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    from transformers import PreTrainedTokenizerFast
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(dir)
+    cfg = json.load(open(os.path.join(dir, "tokenizer_config.json")))
+    cfg["tokenizer_class"] = "GPT2Tokenizer"  # what Phi-4-mini's says; the converter reads it
+    json.dump(cfg, open(os.path.join(dir, "tokenizer_config.json"), "w"))
+    return fast, tok.get_vocab_size()
+
+
+def gpt2(vocab):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_ctx=64,
+                                      bos_token_id=0, eos_token_id=0))
+
+
+def phi4mini(vocab):
+    from transformers import Phi3Config, Phi3ForCausalLM
+    return Phi3ForCausalLM(Phi3Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, original_max_position_embeddings=6,
+        partial_rotary_factor=0.75, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 1.1, 1.3],
+                      "long_factor": [2.0, 3.0, 4.0, 6.0, 2.5, 8.0]}))
+
+
+FAMILIES = {"gpt2": gpt2, "phi4mini": phi4mini}
+
+CONVERT = """
+import sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r} + "/gguf-py")
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+sys.argv = ["convert_hf_to_gguf.py", {src!r}, "--outfile", {out!r}, "--outtype", "f32"]
+import runpy
+runpy.run_path({root!r} + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def write(out, family, root):
+    with tempfile.TemporaryDirectory() as src:
+        fast, vocab = tokenizer(src)
+        torch.manual_seed(0)
+        model = FAMILIES[family](vocab)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+        model.eval()
+        model.save_pretrained(src)
+        gguf = os.path.join(out, f"{family}.gguf")
+        subprocess.run([sys.executable, "-c", CONVERT.format(root=root, src=src, out=gguf)], check=True)
+        with torch.no_grad():
+            logits = model(torch.tensor(IDS)).logits
+        ref = {"input_ids": IDS, "logits": logits.flatten().tolist(), "sample": SAMPLE,
+               "sample_ids": fast(SAMPLE, add_special_tokens=False)["input_ids"],
+               "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
+        json.dump(ref, open(os.path.join(out, f"{family}.json"), "w"))
+        print(f"wrote {gguf}")
+
+
+def main():
+    root = os.environ["LLAMA_CPP"]
+    out = sys.argv[1]
+    for family in sys.argv[2:] or FAMILIES:
+        write(out, family, root)
+
+
+if __name__ == "__main__":
+    main()
