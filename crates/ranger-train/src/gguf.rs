@@ -405,6 +405,29 @@ fn phi3_config(
     }))
 }
 
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN35_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The pre-tokenizer split of a `tokenizer.ggml.pre` value, as transformers' GGUF tokenizer
+/// conversion has them (transformers 5.25, `gguf_tokenizer_mapping.py`): a vocabulary whose
+/// merges were learned on these pieces (Llama 3's digits in groups of up to three, Qwen's one
+/// by one) must be split the same way; any other value keeps the plain byte-level split.
+fn pre_split(pre: &str) -> Option<&'static str> {
+    Some(match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
+        | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_SPLIT,
+        "tekken" => TEKKEN_SPLIT,
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2_SPLIT,
+        "qwen35" => QWEN35_SPLIT,
+        "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => GPT4O_SPLIT,
+        _ => return None,
+    })
+}
+
 /// Rebuilds a Hugging Face `tokenizer.json` (byte-level BPE, the `gpt2` GGUF tokenizer model)
 /// and a `tokenizer_config.json` from the GGUF metadata.
 fn build_tokenizer(c: &Content, tokens: &[String], path: &Path, arch: &str) -> Result<TextTokenizer> {
@@ -435,9 +458,9 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path, arch: &str) -> R
         .filter(|(_, &t)| t == 3 || t == 4)
         .map(|(i, &t)| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": t == 4, "special": t == 3}))
         .collect();
-    // As transformers' own GGUF conversion does: plain byte-level pre-tokenization (the
-    // `tokenizer.ggml.pre` regex variants split the same way on the supported vocabularies), and
-    // a BOS token added by the post-processor only when `tokenizer.ggml.add_bos_token` says so.
+    // As transformers' own GGUF conversion does: the byte-level split, or the one
+    // `tokenizer.ggml.pre` names ([`pre_split`]), and a BOS token added by the post-processor
+    // only when `tokenizer.ggml.add_bos_token` says so.
     let add_bos = matches!(c.metadata.get("tokenizer.ggml.add_bos_token"), Some(GValue::Bool(true)));
     let bos = c
         .metadata
@@ -456,7 +479,14 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path, arch: &str) -> R
         }
         _ => json!({"type": "TemplateProcessing", "single": [a], "pair": [a, b], "special_tokens": {}}),
     };
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let byte_level = match pre_split(&pre) {
+        Some(split) => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        ]}),
+        None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+    };
     let tj = json!({
         "version": "1.0",
         "truncation": null,
@@ -496,4 +526,36 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path, arch: &str) -> R
         cfg.insert("chat_template".into(), json!(t));
     }
     Ok(TextTokenizer::new(inner, Value::Object(cfg), chat_template))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::VersionedMagic;
+
+    /// A byte-level vocabulary whose merges join "12345" whole, under `tokenizer.ggml.pre`.
+    fn digits(pre: &str) -> TextTokenizer {
+        let tokens: Vec<String> = ["1", "2", "3", "4", "5", "12", "123", "45", "12345"].map(String::from).to_vec();
+        let strings = |v: &[&str]| GValue::Array(v.iter().map(|s| GValue::String(s.to_string())).collect());
+        let metadata = HashMap::from([
+            ("tokenizer.ggml.model".to_string(), GValue::String("gpt2".into())),
+            ("tokenizer.ggml.pre".to_string(), GValue::String(pre.into())),
+            ("tokenizer.ggml.tokens".to_string(), GValue::Array(tokens.iter().cloned().map(GValue::String).collect())),
+            ("tokenizer.ggml.merges".to_string(), strings(&["1 2", "12 3", "4 5", "123 45"])),
+        ]);
+        let c =
+            Content { magic: VersionedMagic::GgufV3, metadata, tensor_infos: HashMap::new(), tensor_data_offset: 0 };
+        build_tokenizer(&c, &tokens, Path::new("test.gguf"), "llama").unwrap()
+    }
+
+    /// Llama 3's pre-tokenizer splits digits in groups of up to three before the merges apply,
+    /// GPT-2's keeps the run whole: "12345" is "123" + "45" under `llama-bpe`, one token under
+    /// `gpt-2`, as transformers' GGUF tokenizers give.
+    #[test]
+    fn the_pre_tokenizer_follows_tokenizer_ggml_pre() {
+        assert_eq!(digits("llama-bpe").encode("12345", false).unwrap().0, vec![6, 7]);
+        assert_eq!(digits("gpt-2").encode("12345", false).unwrap().0, vec![8]);
+        // Qwen: one digit at a time.
+        assert_eq!(digits("qwen2").encode("12345", false).unwrap().0, vec![0, 1, 2, 3, 4]);
+    }
 }
