@@ -2,7 +2,8 @@
 //! by tools/make_gguf_fixtures.py) from tiny models transformers saved: ranger-tune reads each
 //! (GPT-2's Conv1D weights as the converter transposed them; Phi-3's LongRoPE factors from their
 //! tensors, its partial rotation from `rope.dimension_count`) and gives transformers' logits to
-//! 1e-4, and the tokenizer rebuilt from the metadata gives the ids transformers' tokenizer gave.
+//! 1e-4, and the tokenizer rebuilt from the metadata gives the ids transformers' tokenizer gave
+//! (for the SentencePiece files, the ids transformers' own GGUF tokenizer gives four texts).
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +29,13 @@ fn check(family: &str) {
     let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     eprintln!("{family} GGUF logits: max |difference| from transformers {worst:.2e}");
     assert!(worst < 1e-4, "{family}: logits differ from transformers' by {worst}");
+    if let Some(texts) = reference["texts"].as_array() {
+        let want: Vec<Vec<u32>> = serde_json::from_value(reference["transformers_gguf_ids"].clone()).unwrap();
+        for (text, want) in texts.iter().zip(want) {
+            let (got, _) = loaded.tokenizer.encode(text.as_str().unwrap(), false).unwrap();
+            assert_eq!(got, want, "{family}: {text}");
+        }
+    }
     let sample = reference["sample"].as_str().unwrap();
     let (got, _) = loaded.tokenizer.encode(sample, false).unwrap();
     let want: Vec<u32> = serde_json::from_value(reference["sample_ids"].clone()).unwrap();
@@ -45,4 +53,25 @@ fn gpt2_gguf_matches_transformers() {
 #[test]
 fn phi4mini_gguf_matches_transformers() {
     check("phi4mini");
+}
+
+/// Gemma 3 with a SentencePiece tokenizer: the norms stored as `1 + w`, the layer pattern and
+/// local rotary base llama.cpp assumes, q/k norms, tied embeddings; Gemma's tokenizer rebuild.
+#[test]
+fn gemma3_gguf_matches_transformers() {
+    check("gemma3");
+}
+
+/// Phi-3-mini's shape with its SentencePiece tokenizer (Phi-3's rebuild), LongRoPE, a sliding
+/// window, untied head.
+#[test]
+fn phi3_sentencepiece_gguf_matches_transformers() {
+    check("phi3");
+}
+
+/// Gemma 2: alternating sliding and global layers, attention-logit and final-logit soft-caps
+/// from the metadata, norms stored as `1 + w`.
+#[test]
+fn gemma2_gguf_matches_transformers() {
+    check("gemma2");
 }

@@ -13,7 +13,12 @@ sdist on PyPI: `pip download --no-deps --no-binary :all: llama-cpp-python`). Fam
 with Phi-4-mini's byte-level BPE tokenizer, 3/4 of each head rotated, LongRoPE factors stored as
 `rope_factors_long/short` tensors, tied embeddings). The tokenizer is unknown to the converter's
 pre-tokenizer table, so its check is told "gpt-2" (plain byte-level splitting, which this
-tokenizer uses).
+tokenizer uses). With SentencePiece tokenizers (an 800-piece BPE model with byte fallback, trained
+here on the example data with the `sentencepiece` package): gemma3 (`Gemma3ForCausalLM`, 6
+layers, the 5-sliding-1-global pattern and local base llama.cpp assumes; the converter stores the
+norms as `1 + w`); gemma2 (4 layers, alternating, both soft-caps); phi3 (`Phi3ForCausalLM` with Phi-3-mini's SentencePiece tokenizer, LongRoPE,
+a sliding window). Their `.json` also holds the ids sentencepiece itself and transformers' own
+GGUF tokenizer give a few texts.
 """
 import json
 import os
@@ -62,7 +67,56 @@ def phi4mini(vocab):
                       "long_factor": [2.0, 3.0, 4.0, 6.0, 2.5, 8.0]}))
 
 
-FAMILIES = {"gpt2": gpt2, "phi4mini": phi4mini}
+def gemma3(vocab):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, rms_norm_eps=1e-6, max_position_embeddings=64,
+        sliding_window=3, pad_token_id=0, eos_token_id=1, bos_token_id=2))
+
+
+def gemma2(vocab):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    return Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, rms_norm_eps=1e-6, max_position_embeddings=64,
+        sliding_window=3, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2))
+
+
+def phi3(vocab):
+    from transformers import Phi3Config, Phi3ForCausalLM
+    return Phi3ForCausalLM(Phi3Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=6, sliding_window=5,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 1.1, 1.3, 1.7, 1.05],
+                      "long_factor": [2.0, 3.0, 4.0, 6.0, 2.5, 8.0, 5.0, 7.0]}))
+
+
+FAMILIES = {"gpt2": gpt2, "phi4mini": phi4mini, "gemma3": gemma3, "gemma2": gemma2, "phi3": phi3}
+SENTENCEPIECE = {"gemma3", "gemma2", "phi3"}
+TEXTS = ["The keeper writes 12 names, in salt.", "  two leading spaces and a tab\there", "Ünïcödé → 🦙 ok",
+         "<start_of_turn>user\nhi<end_of_turn>"]
+
+
+def sentencepiece_model(dir, dummy_prefix):
+    """An 800-piece SentencePiece BPE model (byte fallback) trained on the example data; Gemma's
+    adds no dummy prefix, Llama's and Phi-3's do."""
+    import sentencepiece as spm
+    here = os.path.dirname(os.path.abspath(__file__))
+    lines = []
+    for line in open(os.path.join(here, "..", "examples", "data", "glimmerholm.jsonl")):
+        lines += [m["content"] for m in json.loads(line).get("messages", [])]
+    corpus = os.path.join(dir, "corpus.txt")
+    open(corpus, "w").write("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=corpus, model_prefix=os.path.join(dir, "tokenizer"), vocab_size=800, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], add_dummy_prefix=dummy_prefix, minloglevel=2)
+    os.remove(corpus)
+    os.remove(os.path.join(dir, "tokenizer.vocab"))
+    return spm.SentencePieceProcessor(model_file=os.path.join(dir, "tokenizer.model"))
 
 CONVERT = """
 import sys
@@ -78,7 +132,13 @@ runpy.run_path({root!r} + "/convert_hf_to_gguf.py", run_name="__main__")
 
 def write(out, family, root):
     with tempfile.TemporaryDirectory() as src:
-        fast, vocab = tokenizer(src)
+        if family in SENTENCEPIECE:
+            sp = sentencepiece_model(src, dummy_prefix=not family.startswith("gemma"))
+            vocab = sp.vocab_size()
+            cls = "GemmaTokenizer" if family.startswith("gemma") else "LlamaTokenizer"
+            json.dump({"tokenizer_class": cls, "add_bos_token": True}, open(os.path.join(src, "tokenizer_config.json"), "w"))
+        else:
+            fast, vocab = tokenizer(src)
         torch.manual_seed(0)
         model = FAMILIES[family](vocab)
         with torch.no_grad():
@@ -90,9 +150,18 @@ def write(out, family, root):
         subprocess.run([sys.executable, "-c", CONVERT.format(root=root, src=src, out=gguf)], check=True)
         with torch.no_grad():
             logits = model(torch.tensor(IDS)).logits
-        ref = {"input_ids": IDS, "logits": logits.flatten().tolist(), "sample": SAMPLE,
-               "sample_ids": fast(SAMPLE, add_special_tokens=False)["input_ids"],
+        ref = {"input_ids": IDS, "logits": logits.flatten().tolist(),
                "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
+        if family in SENTENCEPIECE:
+            from transformers import AutoTokenizer
+            gguf_tok = AutoTokenizer.from_pretrained(out, gguf_file=f"{family}.gguf")
+            ref["texts"] = TEXTS
+            ref["sentencepiece_ids"] = [sp.encode(t) for t in TEXTS]
+            ref["transformers_gguf_ids"] = [gguf_tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+            ref["sample"], ref["sample_ids"] = TEXTS[0], ref["transformers_gguf_ids"][0]
+        else:
+            ref["sample"] = SAMPLE
+            ref["sample_ids"] = fast(SAMPLE, add_special_tokens=False)["input_ids"]
         json.dump(ref, open(os.path.join(out, f"{family}.json"), "w"))
         print(f"wrote {gguf}")
 

@@ -87,6 +87,8 @@ enum GgufArch {
     Llama,
     Gpt2,
     Phi3,
+    Gemma2,
+    Gemma3,
 }
 
 /// The Hugging Face name of a llama.cpp tensor name of `arch`.
@@ -94,7 +96,26 @@ fn hf_name(arch: GgufArch, gguf: &str) -> Option<String> {
     match arch {
         GgufArch::Llama => llama_hf_name(gguf),
         GgufArch::Gpt2 | GgufArch::Phi3 => fused_hf_name(arch, gguf),
+        GgufArch::Gemma2 | GgufArch::Gemma3 => gemma_hf_name(gguf),
     }
+}
+
+/// Gemma's tensor names: Llama's, plus the norms around attention and the MLP and Gemma 3's
+/// q/k norms (llama.cpp's `ffn_norm` is Gemma's norm before the MLP).
+fn gemma_hf_name(gguf: &str) -> Option<String> {
+    let rest = gguf.strip_prefix("blk.");
+    let Some((layer, name)) = rest.and_then(|r| r.split_once('.')) else {
+        return llama_hf_name(gguf);
+    };
+    let hf = match name {
+        "attn_q_norm.weight" => names::Q_NORM,
+        "attn_k_norm.weight" => names::K_NORM,
+        "post_attention_norm.weight" => names::POST_NORM,
+        "ffn_norm.weight" => names::PRE_FF_NORM,
+        "post_ffw_norm.weight" => names::POST_FF_NORM,
+        _ => return llama_hf_name(gguf),
+    };
+    Some(format!("{}.{hf}", names::layer_prefix(layer.parse().ok()?)))
 }
 
 /// GPT-2's and Phi-3's tensor names: one fused QKV (`attn_qkv`) and one up (`ffn_up`: GPT-2's
@@ -186,6 +207,8 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
         "llama" => GgufArch::Llama,
         "gpt2" => GgufArch::Gpt2,
         "phi3" => GgufArch::Phi3,
+        "gemma2" => GgufArch::Gemma2,
+        "gemma3" => GgufArch::Gemma3,
         _ => {
             return Err(TrainError::UnsupportedArchitecture {
                 origin: path.display().to_string(),
@@ -241,6 +264,7 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
     let raw = match kind {
         GgufArch::Gpt2 => gpt2_config(&num, tokens.len(), tied, ids)?,
         GgufArch::Phi3 => phi3_config(&content, &mut file, &num, tokens.len(), tied, ids, &source)?,
+        GgufArch::Gemma2 | GgufArch::Gemma3 => gemma_config(kind, &content, &num, tokens.len(), tied, ids, &source)?,
         GgufArch::Llama => json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -291,6 +315,10 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
             continue;
         }
         let mut t = q.dequantize(&Device::Cpu)?;
+        if matches!(kind, GgufArch::Gemma2 | GgufArch::Gemma3) && name.ends_with("norm.weight") {
+            // llama.cpp stores Gemma's norms as the scale `1 + w`; transformers keeps `w`.
+            t = (t - 1.0)?;
+        }
         if llama && name.ends_with("attn_q.weight") {
             t = unpermute_qk(&t, heads)?;
         } else if llama && name.ends_with("attn_k.weight") {
@@ -338,6 +366,74 @@ fn gpt2_config(
         "pad_token_id": pad,
         "torch_dtype": "float32",
     }))
+}
+
+/// Gemma 2's or 3's `config.json` from the `gemma2.*` / `gemma3.*` metadata, with what llama.cpp
+/// assumes rather than stores: the layer pattern (Gemma 3: five sliding layers then a global
+/// one; Gemma 2: alternating, sliding first), the local rotary base (Gemma 3's
+/// `rope.freq_base_swa`, else 10,000), and `query_pre_attn_scalar` (the head width, except for
+/// the 27B models: hidden / heads, told apart by their layer count as llama.cpp does).
+fn gemma_config(
+    kind: GgufArch,
+    content: &Content,
+    num: &dyn Fn(&str) -> Result<f64>,
+    vocab: usize,
+    tied: bool,
+    (bos, eos, pad): SpecialIds,
+    source: &str,
+) -> Result<Value> {
+    let bad = |m: String| TrainError::Config { origin: source.to_string(), message: m };
+    let hidden = num("embedding_length")? as usize;
+    let heads = num("attention.head_count")? as usize;
+    let layers = num("block_count")? as usize;
+    let head_dim = num("attention.key_length").map(|d| d as usize).unwrap_or(hidden / heads);
+    let gemma3 = kind == GgufArch::Gemma3;
+    let big = layers == if gemma3 { 62 } else { 46 };
+    let scalar = if big { hidden / heads } else { head_dim };
+    let theta = num("rope.freq_base").unwrap_or(if gemma3 { 1_000_000.0 } else { 10_000.0 });
+    let arch = if gemma3 { "gemma3" } else { "gemma2" };
+    let scaling = content.metadata.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.to_string().ok()).cloned();
+    let global = match scaling.as_deref() {
+        None | Some("none") => json!({"rope_type": "default", "rope_theta": theta}),
+        Some("linear") if gemma3 => {
+            json!({"rope_type": "linear", "rope_theta": theta, "factor": num("rope.scaling.factor")?})
+        }
+        Some(other) => return Err(bad(format!("GGUF rope scaling {other:?} is not supported for {arch}"))),
+    };
+    let mut c = json!({
+        "architectures": [if gemma3 { "Gemma3ForCausalLM" } else { "Gemma2ForCausalLM" }],
+        "model_type": if gemma3 { "gemma3_text" } else { "gemma2" },
+        "hidden_size": hidden,
+        "intermediate_size": num("feed_forward_length")? as usize,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": num("attention.head_count_kv").unwrap_or(heads as f64) as usize,
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": scalar,
+        "rms_norm_eps": num("attention.layer_norm_rms_epsilon")?,
+        "max_position_embeddings": num("context_length")? as usize,
+        "sliding_window": num("attention.sliding_window")? as usize,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "torch_dtype": "float32",
+    });
+    if gemma3 {
+        let local = num("rope.freq_base_swa").unwrap_or(10_000.0);
+        c["layer_types"] = json!((0..layers)
+            .map(|l| if (l + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" })
+            .collect::<Vec<_>>());
+        c["rope_parameters"] =
+            json!({"full_attention": global, "sliding_attention": {"rope_type": "default", "rope_theta": local}});
+    } else {
+        c["rope_theta"] = json!(theta);
+        c["attn_logit_softcapping"] = json!(num("attn_logit_softcapping").ok());
+        c["final_logit_softcapping"] = json!(num("final_logit_softcapping").ok());
+    }
+    Ok(c)
 }
 
 /// Phi-3's `config.json` from the `phi3.*` metadata and, for LongRoPE, the
@@ -428,27 +524,128 @@ fn pre_split(pre: &str) -> Option<&'static str> {
     })
 }
 
+/// The normalizer, pre-tokenizer, decoder and BPE model of a SentencePiece (`llama`) GGUF
+/// tokenizer, as transformers 5.25 rebuilds them (`gguf_tokenizer_mapping.py`): Llama's
+/// (`LlamaTokenizer`: a `Metaspace` pre-tokenizer that adds "▁" before the first word), Gemma's
+/// (`GemmaTokenizer`: spaces replaced by "▁", nothing added; merges ordered by the tokens'
+/// places in the file, as Gemma's scores do not follow its merges) or Phi-3's (Llama's with the
+/// "▁" added and the spaces replaced by a normalizer); byte fallback; merges recovered from the
+/// vocabulary ([`sentencepiece_merges`]), since the files list none.
+fn sentencepiece_parts(
+    arch: &str,
+    tokens: &[String],
+    scores: &[f64],
+    vocab: serde_json::Map<String, Value>,
+) -> (Value, Value, Value, Value) {
+    let gemma = arch.starts_with("gemma");
+    // Priority of each token as a merge result: its score, or for Gemma its place (earlier first).
+    let priority: Vec<f64> = if gemma { (0..tokens.len()).map(|i| -(i as f64)).collect() } else { scores.to_vec() };
+    let merges = sentencepiece_merges(tokens, &priority);
+    let space = "\u{2581}";
+    let replace = json!({"type": "Replace", "pattern": {"String": space}, "content": " "});
+    let mut decoder = vec![replace, json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+    let (normalizer, pre_tokenizer) = match arch {
+        _ if gemma => (
+            json!({"type": "Replace", "pattern": {"String": " "}, "content": space}),
+            json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}),
+        ),
+        "phi3" => (
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": space},
+                {"type": "Replace", "pattern": {"String": " "}, "content": space},
+            ]}),
+            Value::Null,
+        ),
+        _ => {
+            (Value::Null, json!({"type": "Metaspace", "replacement": space, "prepend_scheme": "first", "split": false}))
+        }
+    };
+    if !gemma {
+        decoder.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let model = json!({
+        "type": "BPE", "dropout": null, "unk_token": if gemma { json!("<unk>") } else { Value::Null },
+        "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+        "ignore_merges": false, "vocab": vocab, "merges": merges,
+    });
+    (normalizer, pre_tokenizer, json!({"type": "Sequence", "decoders": decoder}), model)
+}
+
+/// The BPE merges a SentencePiece vocabulary implies, as transformers' `generate_merges` makes
+/// them: every split of every token into two tokens of the vocabulary, ordered by the merged
+/// token's `priority` (highest first), then the longer left and right pieces first, ties in
+/// vocabulary order.
+fn sentencepiece_merges(tokens: &[String], priority: &[f64]) -> Vec<[String; 2]> {
+    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    // Python dict order: a repeated token keeps its first place and its last value.
+    let mut first: Vec<usize> = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        match seen.get(t.as_str()) {
+            Some(&slot) => first[slot] = i,
+            None => {
+                seen.insert(t, first.len());
+                first.push(i);
+            }
+        }
+    }
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for &i in &first {
+        let merged = tokens[i].as_str();
+        let mut local: Vec<(&str, &str, f64)> = merged
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| merged.split_at(at))
+            .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
+            .map(|(l, r)| (l, r, priority[i]))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (index[l], index[r]));
+        merges.extend(local);
+    }
+    // A stable sort, highest key first, as Python's `sorted(..., reverse=True)`.
+    let key = |m: &(&str, &str, f64)| (m.2, m.0.chars().count(), m.1.chars().count());
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.partial_cmp(&ka.0).unwrap_or(std::cmp::Ordering::Equal).then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2))
+    });
+    merges.into_iter().map(|(l, r, _)| [l.to_string(), r.to_string()]).collect()
+}
+
 /// Rebuilds a Hugging Face `tokenizer.json` (byte-level BPE, the `gpt2` GGUF tokenizer model)
 /// and a `tokenizer_config.json` from the GGUF metadata.
 fn build_tokenizer(c: &Content, tokens: &[String], path: &Path, arch: &str) -> Result<TextTokenizer> {
     let model = meta(c, "tokenizer.ggml.model", path)?.to_string()?.clone();
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(TrainError::Tokenizer(format!(
-            "{}: GGUF tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\")",
+            "{}: GGUF tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\", SentencePiece \"llama\")",
             path.display()
         )));
     }
-    let merges: Vec<String> = meta(c, "tokenizer.ggml.merges", path)?
-        .to_vec()?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<candle_core::Result<_>>()?;
     let types: Vec<i64> = c
         .metadata
         .get("tokenizer.ggml.token_type")
         .and_then(|v| v.to_vec().ok())
         .map(|v| v.iter().map(|x| as_f64(x).unwrap_or(1.0) as i64).collect())
         .unwrap_or_default();
+    let sentencepiece = model == "llama";
+    // Gemma's files spell tokens of several spaces with real spaces; its vocabulary has "▁▁".
+    let respelled: Vec<String>;
+    let tokens = if sentencepiece && arch.starts_with("gemma") {
+        respelled =
+            tokens
+                .iter()
+                .map(|t| {
+                    if t.contains(' ') && t.trim().is_empty() {
+                        "\u{2581}".repeat(t.chars().count())
+                    } else {
+                        t.clone()
+                    }
+                })
+                .collect();
+        &respelled[..]
+    } else {
+        tokens
+    };
     let vocab: serde_json::Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     // Control (3) and user-defined (4) tokens are added tokens, matched before BPE.
     let added: Vec<Value> = types
@@ -456,7 +653,7 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path, arch: &str) -> R
         .enumerate()
         .take(tokens.len())
         .filter(|(_, &t)| t == 3 || t == 4)
-        .map(|(i, &t)| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": t == 4, "special": t == 3}))
+        .map(|(i, &t)| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": t == 4 && !sentencepiece, "special": t == 3}))
         .collect();
     // As transformers' own GGUF conversion does: the byte-level split, or the one
     // `tokenizer.ggml.pre` names ([`pre_split`]), and a BOS token added by the post-processor
@@ -487,25 +684,45 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path, arch: &str) -> R
         ]}),
         None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
     };
-    let tj = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": byte_level,
-        "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "", "end_of_word_suffix": "",
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
-    });
+    let tj = if sentencepiece {
+        let scores: Vec<f64> = match c.metadata.get("tokenizer.ggml.scores") {
+            Some(v) => v.to_vec()?.iter().map(|x| as_f64(x).unwrap_or(0.0)).collect(),
+            None => vec![0.0; tokens.len()],
+        };
+        let (normalizer, pre_tokenizer, decoder, model) = sentencepiece_parts(arch, tokens, &scores, vocab);
+        json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": post_processor,
+            "decoder": decoder, "model": model,
+        })
+    } else {
+        let merges: Vec<String> = meta(c, "tokenizer.ggml.merges", path)?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<candle_core::Result<_>>()?;
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": byte_level,
+            "post_processor": post_processor,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "", "end_of_word_suffix": "",
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+        })
+    };
     let inner = Tokenizer::from_bytes(serde_json::to_vec(&tj).expect("json")).map_err(|e| {
         TrainError::Tokenizer(format!("{}: cannot build the tokenizer from GGUF metadata: {e}", path.display()))
     })?;
     let tok_text = |k: &str| c.metadata.get(k).and_then(as_f64).and_then(|i| tokens.get(i as usize)).cloned();
     let chat_template = c.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
     let mut cfg = serde_json::Map::new();
-    cfg.insert("tokenizer_class".into(), json!("GPT2Tokenizer"));
+    // SentencePiece: the tokenizer.json as built, which a named class might rebuild its own way.
+    let class = if sentencepiece { "PreTrainedTokenizerFast" } else { "GPT2Tokenizer" };
+    cfg.insert("tokenizer_class".into(), json!(class));
     cfg.insert(
         "model_max_length".into(),
         json!(c.metadata.get(&format!("{arch}.context_length")).and_then(as_f64).unwrap_or(2048.0) as usize),
