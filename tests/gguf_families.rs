@@ -75,3 +75,10 @@ fn phi3_sentencepiece_gguf_matches_transformers() {
 fn gemma2_gguf_matches_transformers() {
     check("gemma2");
 }
+
+/// Llama with a Llama-2-style SentencePiece tokenizer (`Metaspace`, "▁" before the first word);
+/// the converter's Q/K permutation undone.
+#[test]
+fn llama_sentencepiece_gguf_matches_transformers() {
+    check("llama");
+}

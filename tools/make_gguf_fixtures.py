@@ -17,7 +17,8 @@ tokenizer uses). With SentencePiece tokenizers (an 800-piece BPE model with byte
 here on the example data with the `sentencepiece` package): gemma3 (`Gemma3ForCausalLM`, 6
 layers, the 5-sliding-1-global pattern and local base llama.cpp assumes; the converter stores the
 norms as `1 + w`); gemma2 (4 layers, alternating, both soft-caps); phi3 (`Phi3ForCausalLM` with Phi-3-mini's SentencePiece tokenizer, LongRoPE,
-a sliding window). Their `.json` also holds the ids sentencepiece itself and transformers' own
+a sliding window); llama (`LlamaForCausalLM` with a Llama-2-style SentencePiece tokenizer; the
+converter permutes Q and K). Their `.json` also holds the ids sentencepiece itself and transformers' own
 GGUF tokenizer give a few texts.
 """
 import json
@@ -75,6 +76,13 @@ def gemma3(vocab):
         sliding_window=3, pad_token_id=0, eos_token_id=1, bos_token_id=2))
 
 
+def llama(vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=2, eos_token_id=1, pad_token_id=0))
+
+
 def gemma2(vocab):
     from transformers import Gemma2Config, Gemma2ForCausalLM
     return Gemma2ForCausalLM(Gemma2Config(
@@ -94,8 +102,8 @@ def phi3(vocab):
                       "long_factor": [2.0, 3.0, 4.0, 6.0, 2.5, 8.0, 5.0, 7.0]}))
 
 
-FAMILIES = {"gpt2": gpt2, "phi4mini": phi4mini, "gemma3": gemma3, "gemma2": gemma2, "phi3": phi3}
-SENTENCEPIECE = {"gemma3", "gemma2", "phi3"}
+FAMILIES = {"gpt2": gpt2, "phi4mini": phi4mini, "gemma3": gemma3, "gemma2": gemma2, "phi3": phi3, "llama": llama}
+SENTENCEPIECE = {"gemma3", "gemma2", "phi3", "llama"}
 TEXTS = ["The keeper writes 12 names, in salt.", "  two leading spaces and a tab\there", "Ünïcödé → 🦙 ok",
          "<start_of_turn>user\nhi<end_of_turn>"]
 
