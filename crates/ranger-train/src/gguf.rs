@@ -188,7 +188,25 @@ fn llama_hf_name(gguf: &str) -> Option<String> {
     Some(format!("{}.{hf}", names::layer_prefix(layer.parse().ok()?)))
 }
 
-/// Reads a GGUF file of a Llama, GPT-2 or Phi-3 model, every weight dequantized to f32.
+/// The tokenizer of a GGUF file alone, rebuilt from its metadata (a file with weights, or one
+/// of llama.cpp's vocabulary-only `ggml-vocab-*.gguf` files).
+pub fn load_gguf_tokenizer(path: &Path) -> Result<TextTokenizer> {
+    let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
+    let content = Content::read(&mut file).map_err(|e| TrainError::Format {
+        path: path.to_path_buf(),
+        message: format!("not a readable GGUF file: {e}"),
+    })?;
+    let arch = meta(&content, "general.architecture", path)?.to_string()?.clone();
+    let tokens: Vec<String> = meta(&content, "tokenizer.ggml.tokens", path)?
+        .to_vec()?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<candle_core::Result<_>>()?;
+    build_tokenizer(&content, &tokens, path, &arch)
+}
+
+/// Reads a GGUF file of a Llama, Gemma 2 / 3, GPT-2 or Phi-3 model, every weight dequantized to
+/// f32.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     load_gguf_with(path, false)
 }
@@ -525,12 +543,14 @@ fn pre_split(pre: &str) -> Option<&'static str> {
 }
 
 /// The normalizer, pre-tokenizer, decoder and BPE model of a SentencePiece (`llama`) GGUF
-/// tokenizer, as transformers 5.25 rebuilds them (`gguf_tokenizer_mapping.py`): Llama's
-/// (`LlamaTokenizer`: a `Metaspace` pre-tokenizer that adds "▁" before the first word), Gemma's
-/// (`GemmaTokenizer`: spaces replaced by "▁", nothing added; merges ordered by the tokens'
-/// places in the file, as Gemma's scores do not follow its merges) or Phi-3's (Llama's with the
-/// "▁" added and the spaces replaced by a normalizer); byte fallback; merges recovered from the
-/// vocabulary ([`sentencepiece_merges`]), since the files list none.
+/// tokenizer: Gemma's as transformers 5.25 rebuilds it (`GemmaTokenizer`: spaces replaced by
+/// "▁", nothing added; merges ordered by the tokens' places in the file, as Gemma's scores do
+/// not follow its merges), and every other one as the original Llama 2 and Phi-3 tokenizers
+/// work ("▁" prepended and spaces replaced by a normalizer, no pre-tokenizer: their `legacy`
+/// form). transformers rebuilds Llama's with a `Metaspace` pre-tokenizer instead, which gives
+/// other ids than the original Llama 2 tokenizer for 15 of llama.cpp's 46 test texts (ours: none,
+/// `tests/gguf_vocab.rs`). Byte fallback; merges recovered from the vocabulary
+/// ([`sentencepiece_merges`]), since the files list none.
 fn sentencepiece_parts(
     arch: &str,
     tokens: &[String],
@@ -544,21 +564,17 @@ fn sentencepiece_parts(
     let space = "\u{2581}";
     let replace = json!({"type": "Replace", "pattern": {"String": space}, "content": " "});
     let mut decoder = vec![replace, json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
-    let (normalizer, pre_tokenizer) = match arch {
-        _ if gemma => (
+    let (normalizer, pre_tokenizer) = if gemma {
+        (
             json!({"type": "Replace", "pattern": {"String": " "}, "content": space}),
             json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}),
-        ),
-        "phi3" => (
-            json!({"type": "Sequence", "normalizers": [
-                {"type": "Prepend", "prepend": space},
-                {"type": "Replace", "pattern": {"String": " "}, "content": space},
-            ]}),
-            Value::Null,
-        ),
-        _ => {
-            (Value::Null, json!({"type": "Metaspace", "replacement": space, "prepend_scheme": "first", "split": false}))
-        }
+        )
+    } else {
+        let prepend_and_replace = json!({"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": space},
+            {"type": "Replace", "pattern": {"String": " "}, "content": space},
+        ]});
+        (prepend_and_replace, Value::Null)
     };
     if !gemma {
         decoder.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
@@ -677,6 +693,8 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path, arch: &str) -> R
         _ => json!({"type": "TemplateProcessing", "single": [a], "pair": [a, b], "special_tokens": {}}),
     };
     let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    // Llama 3's tokenizer takes a piece that is itself in the vocabulary whole, before any merge.
+    let ignore_merges = matches!(pre.as_str(), "llama3" | "llama-v3" | "llama-bpe");
     let byte_level = match pre_split(&pre) {
         Some(split) => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": false},
@@ -711,7 +729,7 @@ fn build_tokenizer(c: &Content, tokens: &[String], path: &Path, arch: &str) -> R
             "post_processor": post_processor,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
             "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "", "end_of_word_suffix": "",
-                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}
         })
     };
     let inner = Tokenizer::from_bytes(serde_json::to_vec(&tj).expect("json")).map_err(|e| {
