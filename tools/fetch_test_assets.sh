@@ -11,7 +11,8 @@
 #            -> $CACHE/spam-assassin/ (the tarball's leading "package/" is stripped)
 #   vocab    llama.cpp's vocabulary-only GGUF test files (real tokenizers: Llama 2 SPM, Phi-3,
 #            GPT-2, Llama 3, Qwen2, Qwen3.5) with their test texts and the original tokenizers'
-#            ids, from the PyPI sdist llama-cpp-python==0.3.36 (its vendored llama.cpp/models)
+#            ids, and three models' real chat templates (Gemma 2, Phi-3.5, SmolLM3), from the
+#            PyPI sdist llama-cpp-python==0.3.36 (its vendored llama.cpp/models)
 #            -> $CACHE/llama-cpp-vocab/ (the sdist is fetched from the package index's simple
 #            API, $PIP_INDEX_URL or pypi.org, since `pip download` would build it)
 #   all      everything above.
@@ -50,6 +51,7 @@ VOCAB_SDIST="llama_cpp_python-0.3.36.tar.gz"
 VOCAB_SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 VOCAB_DIR="llama-cpp-vocab"
 VOCAB_NAMES="llama-spm phi-3 gpt-2 llama-bpe qwen2 qwen35"
+VOCAB_TEMPLATES="google-gemma-2-2b-it microsoft-Phi-3.5-mini-instruct HuggingFaceTB-SmolLM3-3B"
 
 PY="python3"
 
@@ -248,17 +250,19 @@ EOF
 
 fetch_vocab() {
   local out="$CACHE/$VOCAB_DIR" stamp="$CACHE/$VOCAB_DIR/.verified-sha256"
-  if [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$VOCAB_SDIST_SHA256" ]]; then
+  if [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$VOCAB_SDIST_SHA256" ]] \
+      && [[ -f "$out/HuggingFaceTB-SmolLM3-3B.jinja" ]]; then
     log "cached llama.cpp vocabularies ok: $out"
   else
     fetch_verified "$VOCAB_SDIST" "$VOCAB_SDIST_SHA256" index_download
-    log "extracting the ggml-vocab files of: $VOCAB_NAMES"
+    log "extracting the ggml-vocab files of: $VOCAB_NAMES; templates: $VOCAB_TEMPLATES"
     rm -rf "$out" "$out.tmp"
     # shellcheck disable=SC2086
-    "$PY" - "$DL/$VOCAB_SDIST" "$out.tmp" $VOCAB_NAMES <<'EOF'
+    "$PY" - "$DL/$VOCAB_SDIST" "$out.tmp" "$VOCAB_TEMPLATES" $VOCAB_NAMES <<'EOF'
 import os, shutil, sys, tarfile
-archive, dst, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+archive, dst, templates, names = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4:]
 wanted = {f"ggml-vocab-{n}.gguf{ext}" for n in names for ext in ("", ".inp", ".out")}
+wanted |= {f"{t}.jinja" for t in templates}
 os.makedirs(dst)
 with tarfile.open(archive, "r:gz") as t:
     for m in t:

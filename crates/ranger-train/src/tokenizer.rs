@@ -122,6 +122,10 @@ impl TextTokenizer {
             .compiled
             .get_or_init(|| {
                 let mut env = minijinja::Environment::new();
+                // As transformers compiles chat templates: a block tag's line break and the
+                // indentation before it are not output (multi-line templates: SmolLM3, Qwen).
+                env.set_trim_blocks(true);
+                env.set_lstrip_blocks(true);
                 minijinja_contrib::add_to_environment(&mut env);
                 env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
                 env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
