@@ -56,6 +56,7 @@ DECLARED = [
     ("crates/ranger-train/src/peft.rs", "to_scalar", "adapter import/export check, outside the step"),
     ("crates/ranger-train/src/testing.rs", "", "test helpers (random f64 models)"),
     ("crates/ranger-train/src/weights.rs", "", "weight files: load and save"),
+    ("crates/ranger-train/src/gguf.rs", "to_vec1", "GGUF import: Phi-3's LongRoPE factors, read once on load (CPU)"),
 ]
 
 
