@@ -1,5 +1,5 @@
 //! A trainable Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Gemma 2 and 3, Phi-3,
-//! and GPT-2 through its layout flags):
+//! and, through the configuration's layout flags, GPT-2 and the bidirectional ModernBERT encoder):
 //! differentiable tensor ops,
 //! with the fused CPU kernels for attention and the LM head + loss where they apply.
 
@@ -45,8 +45,8 @@ struct Layer {
     /// In [`LlamaConfig::projections`] order: indexed with [`Q`], [`K`], … or, when `fused`
     /// (Phi-3), with [`FUSED_QKV`], [`FUSED_O`], ….
     projs: Vec<Proj>,
-    /// Phi-3's and GPT-2's layout: one query/key/value projection and one gate/up (GPT-2: up)
-    /// projection.
+    /// Phi-3's, GPT-2's and ModernBERT's layout: one query/key/value projection and one
+    /// gate/up (GPT-2: up) projection.
     fused: bool,
     /// The projections' module paths, in `projs` order.
     proj_names: &'static [&'static str],
@@ -774,22 +774,24 @@ fn layer_forward(
     rows: Rows<'_>,
     cache: Option<&mut KvSlot>,
 ) -> Result<Tensor> {
-    let norm = |x: &Tensor, w: &Tensor| norm(c, x, w, None);
+    // Gemma's norms have no biases; GPT-2's and ModernBERT's LayerNorms may.
+    let gemma_norm = |x: &Tensor, w: &Tensor| norm(c, x, w, None);
     let mlp = |h: &Tensor| layer.down_proj().forward_rows(&layer.mlp_act(c, h)?);
     let h = match &layer.input_norm {
-        Some(w) => super::llama::norm(c, x, w, layer.input_norm_bias.as_ref())?,
+        Some(w) => norm(c, x, w, layer.input_norm_bias.as_ref())?,
+        // ModernBERT's first layer: no norm before attention.
         None => x.clone(),
     };
     let attn = attention(c, layer, &h, rows, cache)?;
     match (&layer.pre_ff_norm, &layer.post_ff_norm) {
         // Gemma: each block's output is normalized before the residual add.
         (Some(pre), Some(post)) => {
-            let x = (x + norm(&attn, &layer.post_norm)?)?;
-            x.clone() + norm(&mlp(&norm(&x, pre)?)?, post)?
+            let x = (x + gemma_norm(&attn, &layer.post_norm)?)?;
+            x.clone() + gemma_norm(&mlp(&gemma_norm(&x, pre)?)?, post)?
         }
         _ => {
             let x = (x + attn)?;
-            x.clone() + mlp(&super::llama::norm(c, &x, &layer.post_norm, layer.post_norm_bias.as_ref())?)?
+            x.clone() + mlp(&norm(c, &x, &layer.post_norm, layer.post_norm_bias.as_ref())?)?
         }
     }
 }
