@@ -730,3 +730,32 @@ fn metrics_stream_as_steps_end_and_a_resume_keeps_one_history() {
     assert_eq!(lines.len(), 13, "{lines:#?}");
     assert_eq!(lines, reproducible_lines(&dir.join("straight/metrics.jsonl")), "one history, the straight run's");
 }
+
+/// GPT-2's learned positions end at its table (here 8 of them): sequences are cut to it, so
+/// `--max-seq-length` beyond it trains instead of failing on a position past the table, and
+/// generating past it is an error naming the limit.
+#[test]
+fn learned_positions_cut_sequences_to_the_table() {
+    let dir = common::temp_dir("gpt2-positions");
+    let mut config = common::tiny_config("gpt2");
+    config["n_positions"] = serde_json::json!(8);
+    common::write_tiny_model(&dir.join("model"), &config, 1);
+    let long = "the sky is red . the grass is green . the sky is blue . the grass is red .";
+    write(&dir.join("train.jsonl"), &format!("{{\"text\": \"{long}\"}}\n").repeat(6));
+    let mut cfg = config_without_validation(&dir, 2);
+    cfg.max_seq_length = 32;
+    let mut t = quiet(cfg);
+    t.run().unwrap();
+    let model = ranger_train::model::LlamaModel::new(
+        ranger_train::model::LlamaConfig::from_json(config, "gpt2").unwrap(),
+        &t.model_weights().unwrap().into_iter().collect(),
+    )
+    .unwrap();
+    let ids = candle_core::Tensor::new(&[[3u32; 9]], &candle_core::Device::Cpu).unwrap();
+    let err = model.forward_ids(&ids).unwrap_err().to_string();
+    assert!(err.contains("learned positions for 8 tokens"), "{err}");
+}
+
+fn config_without_validation(dir: &Path, steps: usize) -> TrainConfig {
+    TrainConfig { validation_file: None, ..config(dir, steps) }
+}

@@ -642,9 +642,21 @@ impl LlamaModel {
         self.run(&batch.input_ids, &batch.positions, &batch.mask, None)
     }
 
+    /// An error naming the limit when positions `0..end` pass a learned position table (GPT-2).
+    fn check_positions(&self, end: usize) -> Result<()> {
+        match &self.positions {
+            Some(table) if end > table.dim(0)? => candle_core::bail!(
+                "this model has learned positions for {} tokens; the sequence reaches {end}",
+                table.dim(0)?
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// Logits for every position of `ids: [b, s]` with plain causal attention (no padding).
     pub fn forward_ids(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
+        self.check_positions(s)?;
         let positions = Tensor::arange(0u32, s as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
         let mask =
             causal_mask(&vec![vec![1u32; s]; b], self.config.sliding_window, compute_dtype(self.dtype), &self.device)?;
@@ -655,6 +667,7 @@ impl LlamaModel {
     pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let past = cache.len;
+        self.check_positions(past + s)?;
         let positions = Tensor::arange(past as u32, (past + s) as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
         // New tokens see every cached token and the new ones up to themselves.
         let total = past + s;

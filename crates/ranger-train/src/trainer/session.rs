@@ -220,11 +220,16 @@ struct TaskInputs<'a> {
 
 fn prepare_causal_lm(cfg: &TrainConfig, config: LlamaConfig, inputs: TaskInputs) -> Result<(Task, Vec<(String, Var)>)> {
     let TaskInputs { weights, quantized, tokenizer, device, origin, dropout_seed } = inputs;
+    // Learned positions (GPT-2) end at the table: sequences are cut to it.
+    let max_seq_len = match config.names.positions {
+        Some(_) => cfg.max_seq_length.min(config.max_position_embeddings),
+        None => cfg.max_seq_length,
+    };
     let lora = lora_config(cfg);
     let Built { mut model, vars } =
         builder(cfg, &lora, device, dropout_seed).causal_lm_quantized(config, weights, quantized, origin)?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing);
-    let opts = DataOptions { max_seq_len: cfg.max_seq_length, pack: cfg.pack, mask_prompt: cfg.mask_prompt };
+    let opts = DataOptions { max_seq_len, pack: cfg.pack, mask_prompt: cfg.mask_prompt };
     let train_data = load_file(Path::new(&cfg.data), tokenizer, &opts)?;
     let (train_examples, val_examples) = match &cfg.validation_file {
         Some(v) => {
@@ -251,9 +256,13 @@ fn prepare_classifier(
 ) -> Result<(Task, Vec<(String, Var)>)> {
     let TaskInputs { weights, tokenizer, device, origin, dropout_seed, .. } = inputs;
     let backbone = config.backbone();
-    if let BackboneConfig::Encoder(e) = &backbone {
+    match &backbone {
         // Texts are truncated to what the position table allows (512 for BERT-base-like models).
-        cfg.max_seq_length = cfg.max_seq_length.min(e.max_tokens());
+        BackboneConfig::Encoder(e) => cfg.max_seq_length = cfg.max_seq_length.min(e.max_tokens()),
+        BackboneConfig::Decoder(d) if d.names.positions.is_some() => {
+            cfg.max_seq_length = cfg.max_seq_length.min(d.max_position_embeddings)
+        }
+        BackboneConfig::Decoder(_) => {}
     }
     let cols = Columns {
         text: cfg.text_column.clone(),
