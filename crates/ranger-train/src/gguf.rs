@@ -1,8 +1,9 @@
-//! Loading a GGUF file (llama.cpp's format) of a Llama, GPT-2 or Phi-3 model as a trainable
-//! Hugging Face model: weights dequantized to f32 with Candle's GGUF reader (or, for QLoRA, the
-//! projections kept in their block format), llama.cpp's Q/K row permutation undone (Llama), the
-//! configuration rebuilt from the metadata (Phi-3's LongRoPE factors from its `rope_factors_*`
-//! tensors), the byte-level BPE tokenizer rebuilt from the metadata, the chat template kept.
+//! Loading a GGUF file (llama.cpp's format) of a Llama, Gemma 2 / 3, GPT-2 or Phi-3 model as a
+//! trainable Hugging Face model: weights dequantized to f32 with Candle's GGUF reader (or, for
+//! QLoRA, the projections kept in their block format), llama.cpp's changes undone (Llama's Q/K
+//! row permutation, Gemma's `1 + w` norms), the configuration rebuilt from the metadata (Phi-3's
+//! LongRoPE factors from its `rope_factors_*` tensors), the byte-level BPE or SentencePiece
+//! tokenizer rebuilt from the metadata, the chat template kept.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -188,21 +189,32 @@ fn llama_hf_name(gguf: &str) -> Option<String> {
     Some(format!("{}.{hf}", names::layer_prefix(layer.parse().ok()?)))
 }
 
-/// The tokenizer of a GGUF file alone, rebuilt from its metadata (a file with weights, or one
-/// of llama.cpp's vocabulary-only `ggml-vocab-*.gguf` files).
-pub fn load_gguf_tokenizer(path: &Path) -> Result<TextTokenizer> {
+/// A GGUF file opened and its header read: the file (for the tensors), the header and its
+/// `general.architecture`.
+fn read_header(path: &Path) -> Result<(std::fs::File, Content, String)> {
     let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
     let content = Content::read(&mut file).map_err(|e| TrainError::Format {
         path: path.to_path_buf(),
         message: format!("not a readable GGUF file: {e}"),
     })?;
     let arch = meta(&content, "general.architecture", path)?.to_string()?.clone();
-    let tokens: Vec<String> = meta(&content, "tokenizer.ggml.tokens", path)?
+    Ok((file, content, arch))
+}
+
+/// The vocabulary of a GGUF header (`tokenizer.ggml.tokens`), in id order.
+fn token_list(content: &Content, path: &Path) -> Result<Vec<String>> {
+    Ok(meta(content, "tokenizer.ggml.tokens", path)?
         .to_vec()?
         .iter()
         .map(|v| v.to_string().cloned())
-        .collect::<candle_core::Result<_>>()?;
-    build_tokenizer(&content, &tokens, path, &arch)
+        .collect::<candle_core::Result<_>>()?)
+}
+
+/// The tokenizer of a GGUF file alone, rebuilt from its metadata (a file with weights, or one
+/// of llama.cpp's vocabulary-only `ggml-vocab-*.gguf` files).
+pub fn load_gguf_tokenizer(path: &Path) -> Result<TextTokenizer> {
+    let (_, content, arch) = read_header(path)?;
+    build_tokenizer(&content, &token_list(&content, path)?, path, &arch)
 }
 
 /// Reads a GGUF file of a Llama, Gemma 2 / 3, GPT-2 or Phi-3 model, every weight dequantized to
@@ -211,16 +223,11 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     load_gguf_with(path, false)
 }
 
-/// Reads a GGUF file of a Llama, GPT-2 or Phi-3 model; with `keep_quantized` the projections,
-/// the embedding and the LM head stored in a block format stay in it
+/// Reads a GGUF file of a Llama, Gemma 2 / 3, GPT-2 or Phi-3 model; with `keep_quantized` the
+/// projections, the embedding and the LM head stored in a block format stay in it
 /// ([`LoadedModel::quantized`]), the rest is dequantized to f32.
 pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
-    let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
-    let content = Content::read(&mut file).map_err(|e| TrainError::Format {
-        path: path.to_path_buf(),
-        message: format!("not a readable GGUF file: {e}"),
-    })?;
-    let arch = meta(&content, "general.architecture", path)?.to_string()?.clone();
+    let (mut file, content, arch) = read_header(path)?;
     let kind = match arch.as_str() {
         "llama" => GgufArch::Llama,
         "gpt2" => GgufArch::Gpt2,
@@ -240,11 +247,7 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> 
             message: format!("{arch}.{k} is not a number"),
         })
     };
-    let tokens: Vec<String> = meta(&content, "tokenizer.ggml.tokens", path)?
-        .to_vec()?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<candle_core::Result<_>>()?;
+    let tokens = token_list(&content, path)?;
     let heads = num("attention.head_count")? as usize;
     if heads == 0 {
         return Err(TrainError::Config {

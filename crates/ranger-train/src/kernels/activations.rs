@@ -171,7 +171,8 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// [`gelu_tanh`] from tensor ops, as [`geglu_ops`] computes its gate (f32 for half precision).
+/// [`gelu_tanh`] from tensor ops: `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`, computed in f32
+/// for half precision and rounded once (the gate of [`geglu_ops`]).
 pub fn gelu_tanh_ops(x: &Tensor) -> Result<Tensor> {
     let dt = x.dtype();
     let x = x.to_dtype(compute_dtype(dt))?;
@@ -250,11 +251,7 @@ pub fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// ops, whose backward passes are exact (Candle's own `gelu` backward uses constants rounded to
 /// six digits), computed in f32 for half precision and rounded once, as PyTorch's GELU does.
 pub fn geglu_ops(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let dt = gate.dtype();
-    let x = gate.to_dtype(compute_dtype(dt))?;
-    let inner = ((&x + (x.sqr()? * &x)?.affine(GELU_C, 0.0)?)? * GELU_K)?;
-    let gelu = (&x * 0.5)?.mul(&(inner.tanh()? + 1.0)?)?.to_dtype(dt)?;
-    gelu * up
+    gelu_tanh_ops(gate)? * up
 }
 
 /// GeGLU with the tanh GELU, `0.5 x (1 + tanh(y)) * up` with `y = √(2/π) (x + 0.044715 x³)`,
