@@ -107,9 +107,23 @@ pub fn gradient(grads: &GradStore, var: &Var, what: &str) -> Vec<f64> {
     grads.get(var).unwrap_or_else(|| panic!("{what} has no gradient")).flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
 
-/// The largest absolute difference between two f32 tensors of one shape.
+/// The largest absolute difference between two tensors of one shape (on any devices, in f32).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+    (cpu(a) - cpu(b)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Asserts that `reloaded` (a saved model run on the CPU) gives the outputs of `trained` (the
+/// trainer's model, on the test device): bit for bit when that is the CPU, and within 1e-4 of
+/// the outputs' scale elsewhere, whose kernels round differently.
+pub fn assert_same_outputs(reloaded: &Tensor, trained: &Tensor, what: &str) {
+    let diff = max_abs_diff(reloaded, trained);
+    if test_device_spec() == "cpu" {
+        assert_eq!(diff, 0.0, "{what}");
+    } else {
+        let scale = max_abs_diff(trained, &trained.zeros_like().unwrap()).max(1.0);
+        assert!(diff <= 1e-4 * scale, "{what}: differs by {diff} on {}", test_device_spec());
+    }
 }
 
 /// A trainer for `cfg` that prints nothing.

@@ -4,6 +4,13 @@
 //!
 //!     cargo bench -p candle-ranger --bench optimizer_step            # 1M, 25M, 100M
 //!     cargo bench -p candle-ranger --bench optimizer_step -- 25      # only ~25M
+//!     cargo bench -p candle-ranger --features cuda --bench optimizer_step -- 100 1000 --device cuda
+//!
+//! On a GPU (`--device cuda` or `metal`, with the matching feature) the variables, gradients and
+//! state live on the device, each timing ends with a device synchronisation, the fused row is
+//! the GPU kernel (`UpdatePath::Fused`), 8-bit and bf16 state take the tensor-op path (the GPU
+//! kernels keep f32 state), and the bandwidth row is a device copy of the same bytes
+//! (`Tensor::copy`: read + write). `1000` selects a ~1B-parameter set.
 //!
 //! Each figure is the mean over 12 timed steps (after 6 untimed ones, so the rectified phase is
 //! measured), which include two Lookahead syncs (k = 6).
@@ -24,7 +31,8 @@ fn transformer_shapes(target: usize) -> Vec<Vec<usize>> {
     let (hidden, layers, vocab) = match target {
         t if t <= 2_000_000 => (128, 4, 4_000),
         t if t <= 40_000_000 => (512, 6, 8_000),
-        _ => (1024, 7, 16_000),
+        t if t <= 200_000_000 => (1024, 7, 16_000),
+        _ => (2048, 18, 32_000),
     };
     let mut shapes = vec![vec![vocab, hidden]];
     for _ in 0..layers {
@@ -60,30 +68,47 @@ fn uniform(n: usize, std: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn make_vars(shapes: &[Vec<usize>]) -> (Vec<Var>, GradStore) {
+fn make_vars(shapes: &[Vec<usize>], dev: &Device) -> (Vec<Var>, GradStore) {
     let mut grads = GradStore::default();
     let vars: Vec<Var> = shapes
         .iter()
         .enumerate()
         .map(|(i, s)| {
             let n = s.iter().product();
-            let values = Tensor::from_vec(uniform(n, 0.02, 2 * i as u64 + 1), s.as_slice(), &Device::Cpu).unwrap();
+            let values = Tensor::from_vec(uniform(n, 0.02, 2 * i as u64 + 1), s.as_slice(), dev).unwrap();
             let v = Var::from_tensor(&values).unwrap();
-            grads.insert(&v, Tensor::from_vec(uniform(n, 1e-3, 2 * i as u64 + 2), s.as_slice(), &Device::Cpu).unwrap());
+            grads.insert(&v, Tensor::from_vec(uniform(n, 1e-3, 2 * i as u64 + 2), s.as_slice(), dev).unwrap());
             v
         })
         .collect();
     (vars, grads)
 }
 
-fn time_steps<O: Optimizer>(opt: &mut O, grads: &GradStore) -> f64 {
+fn time_steps<O: Optimizer>(opt: &mut O, grads: &GradStore, dev: &Device) -> f64 {
     for _ in 0..WARMUP {
         opt.step(grads).unwrap();
     }
+    dev.synchronize().unwrap();
     let t = Instant::now();
     for _ in 0..TIMED {
         opt.step(grads).unwrap();
     }
+    dev.synchronize().unwrap();
+    t.elapsed().as_secs_f64() / TIMED as f64
+}
+
+/// The GPU's bandwidth row: copies of a tensor of `bytes / 2` bytes (each copy reads and writes
+/// it), so the same bytes move as in the fused update.
+fn device_copy_seconds(bytes: usize, dev: &Device) -> f64 {
+    let a = Tensor::zeros(bytes / 8, candle_core::DType::F32, dev).unwrap();
+    let mut keep = a.copy().unwrap();
+    dev.synchronize().unwrap();
+    let t = Instant::now();
+    for _ in 0..TIMED {
+        keep = a.copy().unwrap();
+    }
+    dev.synchronize().unwrap();
+    std::hint::black_box(&keep);
     t.elapsed().as_secs_f64() / TIMED as f64
 }
 
@@ -109,9 +134,17 @@ fn triad_seconds(bytes: usize) -> f64 {
 }
 
 fn main() {
+    let device_arg = std::env::args().skip_while(|a| a != "--device").nth(1).unwrap_or_else(|| "cpu".into());
+    let dev = match device_arg.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0).expect("--device cuda needs the cuda feature and a GPU"),
+        "metal" => Device::new_metal(0).expect("--device metal needs the metal feature and a Mac"),
+        other => panic!("--device {other}: expected cpu, cuda or metal"),
+    };
     let sizes: Vec<usize> = {
         let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-        // (numbers select sizes in millions; `--only <text>` keeps the rows whose label has it)
+        // (numbers select sizes in millions; `--only <text>` keeps the rows whose label has it;
+        // `--device cpu|cuda|metal`)
         if args.is_empty() {
             vec![1, 25, 100]
         } else {
@@ -121,7 +154,7 @@ fn main() {
     let only = std::env::args().skip_while(|a| a != "--only").nth(1).unwrap_or_default();
     let wanted = |label: &str| label.contains(only.as_str());
     println!(
-        "threads: {}; allocator: system (set MALLOC_MMAP_THRESHOLD_ to change glibc's)",
+        "device: {device_arg}; threads: {}; allocator: system (set MALLOC_MMAP_THRESHOLD_ to change glibc's)",
         rayon::current_num_threads()
     );
     println!("{:>10} {:<34} {:>11} {:>13} {:>10} {:>10}", "params", "what", "ms/step", "params/s", "GB/s", "vs bound");
@@ -131,7 +164,7 @@ fn main() {
         // Bytes the fused update must move per step: p, g, m, v read + p, m, v written (28 B),
         // plus slow read + written on one step in six (8 B / 6).
         let bytes = 28 * n + 8 * n / 6;
-        let bound = triad_seconds(bytes);
+        let bound = if dev.is_cpu() { triad_seconds(bytes) } else { device_copy_seconds(bytes, &dev) };
         let row = |what: &str, secs: f64| {
             println!(
                 "{:>10} {:<34} {:>11.2} {:>13.3e} {:>10.1} {:>9.2}x",
@@ -143,9 +176,13 @@ fn main() {
                 secs / bound
             );
         };
-        row("bandwidth bound (triad, same bytes)", bound);
+        row(if dev.is_cpu() { "bandwidth bound (triad, same bytes)" } else { "bandwidth bound (device copy)" }, bound);
         for (label, path, state_precision) in [
-            ("Ranger fused (CPU kernel)", UpdatePath::Fused, StatePrecision::F32),
+            (
+                if dev.is_cpu() { "Ranger fused (CPU kernel)" } else { "Ranger fused (GPU kernel)" },
+                UpdatePath::Fused,
+                StatePrecision::F32,
+            ),
             ("Ranger fused, 8-bit state", UpdatePath::Fused, StatePrecision::Int8),
             ("Ranger fused, bf16 state", UpdatePath::Fused, StatePrecision::Bf16),
             ("Ranger portable (tensor ops)", UpdatePath::Portable, StatePrecision::F32),
@@ -153,16 +190,22 @@ fn main() {
             if !wanted(label) {
                 continue;
             }
-            let (vars, grads) = make_vars(&shapes);
+            // The GPU kernels keep f32 state: packed state takes the tensor-op path there.
+            let (path, label) = match (dev.is_cpu(), state_precision) {
+                (false, StatePrecision::Int8) => (UpdatePath::Auto, "Ranger tensor ops, 8-bit state"),
+                (false, StatePrecision::Bf16) => (UpdatePath::Auto, "Ranger tensor ops, bf16 state"),
+                _ => (path, label),
+            };
+            let (vars, grads) = make_vars(&shapes, &dev);
             let params = ParamsRanger { update_path: path, state_precision, ..Default::default() };
             let mut opt = Ranger::new(vars, params).unwrap();
-            row(label, time_steps(&mut opt, &grads));
+            row(label, time_steps(&mut opt, &grads, &dev));
         }
         if !wanted("candle_nn::AdamW") {
             continue;
         }
-        let (vars, grads) = make_vars(&shapes);
+        let (vars, grads) = make_vars(&shapes, &dev);
         let mut adamw = AdamW::new(vars, ParamsAdamW::default()).unwrap();
-        row("candle_nn::AdamW", time_steps(&mut adamw, &grads));
+        row("candle_nn::AdamW", time_steps(&mut adamw, &grads, &dev));
     }
 }

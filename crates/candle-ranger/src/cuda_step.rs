@@ -1,7 +1,7 @@
 //! The launch of the fused step on CUDA (src/cuda/ranger_step.cu, compiled to PTX by build.rs):
-//! one block per row; see [`crate::gpu_step`]. Opt-in (`UpdatePath::Fused`): compiled in CI but
-//! not yet run on a GPU by this project, so `Auto` keeps the tensor-op path on CUDA
-//! (`RANGER_TEST_DEVICE=cuda cargo test -p candle-ranger --features cuda` checks it).
+//! one block per row; see [`crate::gpu_step`]. What `Auto` runs for f32/bf16/f16 CUDA
+//! variables; `RANGER_TEST_DEVICE=cuda cargo test -p candle-ranger --features cuda --test
+//! ranger_reference` checks it against PyTorch on a GPU (tools/gpu_checks.sh).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};

@@ -70,14 +70,16 @@ pub enum NonFiniteGrads {
 /// How the update is executed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UpdatePath {
-    /// The fused in-place kernel for CPU variables, tensor ops elsewhere.
+    /// The fused in-place kernel for CPU variables and for f32/bf16/f16 CUDA variables (in a
+    /// build with the `cuda` feature), tensor ops elsewhere (Metal, whose kernel has not run on
+    /// a Mac yet, and f64 CUDA variables).
     #[default]
     Auto,
-    /// The fused in-place kernel: on the CPU, and on CUDA in a build with the `cuda` feature
-    /// (opt-in there: compiled in CI, not yet run on a GPU by this project, so `Auto` does not
-    /// choose it); building the optimizer fails for other variables.
+    /// The fused in-place kernel: on the CPU, on CUDA, and on Metal (opt-in there: compiled but
+    /// not yet run on a Mac by this project) in a build with that feature; building the
+    /// optimizer fails for other variables.
     Fused,
-    /// Candle tensor ops on every device (what CUDA and Metal variables use).
+    /// Candle tensor ops on every device.
     Portable,
 }
 

@@ -38,6 +38,7 @@ impl TrainOptimizer {
             16 => StatePrecision::Bf16,
             _ => StatePrecision::F32,
         };
+        let update_path = cfg.optimizer_kernel.update_path();
         Ok(match cfg.optimizer {
             OptimizerKind::Ranger => TrainOptimizer::Ranger(Ranger::with_groups(
                 groups,
@@ -52,6 +53,7 @@ impl TrainOptimizer {
                     centralization: if cfg.centralize { Centralization::Rank2Plus } else { Centralization::Off },
                     master_weights: cfg.master_weights,
                     state_precision,
+                    update_path,
                     ..Default::default()
                 },
             )?),
@@ -66,13 +68,14 @@ impl TrainOptimizer {
                     decoupled_weight_decay: true,
                     master_weights: cfg.master_weights,
                     state_precision,
+                    update_path,
                     ..Default::default()
                 },
             )?),
             OptimizerKind::Adamw => TrainOptimizer::AdamW(AdamW::with_options(
                 groups,
                 ParamsAdamW { lr, beta1, beta2, eps, weight_decay: cfg.weight_decay },
-                AdamWOptions { master_weights: cfg.master_weights, state_precision, ..Default::default() },
+                AdamWOptions { master_weights: cfg.master_weights, state_precision, update_path, ..Default::default() },
             )?),
         })
     }

@@ -249,7 +249,7 @@ impl Ranger {
                         FusedStep { scalars: sc, row_len, eps: sc.eps, beta1: p.beta1, beta2: p.beta2, seed, state };
                     slot.var.as_tensor().inplace_op2(&grad, &op)?;
                 }
-                // The fused CUDA / Metal kernel (opt-in): slots are only marked `fused` there.
+                // The fused CUDA kernel (`Auto` or `Fused`) or Metal kernel (`Fused` only).
                 #[cfg(any(feature = "cuda", feature = "metal"))]
                 SlotState::Device(st) if st.fused => {
                     let (grad, row_len) = fused_input()?;

@@ -28,10 +28,14 @@ impl SlotState {
     /// device (tensor ops) as `params.update_path` says.
     pub(super) fn new(var: &Var, params: &ParamsRanger) -> Result<Self> {
         let sdt = state_dtype(var.dtype());
+        let gpu_dtype = matches!(var.dtype(), DType::F32 | DType::BF16 | DType::F16);
         let fused = match params.update_path {
-            UpdatePath::Auto => var.device().is_cpu(),
+            // The CUDA kernel is checked against PyTorch on a GPU (`ranger_reference`); the
+            // Metal one has not run on a Mac yet, so Metal keeps tensor ops.
+            UpdatePath::Auto => {
+                var.device().is_cpu() || (cfg!(feature = "cuda") && var.device().is_cuda() && gpu_dtype)
+            }
             UpdatePath::Fused => {
-                let gpu_dtype = matches!(var.dtype(), DType::F32 | DType::BF16 | DType::F16);
                 let has_kernel = var.device().is_cpu()
                     || (cfg!(feature = "cuda") && var.device().is_cuda() && gpu_dtype)
                     || (cfg!(feature = "metal") && var.device().is_metal() && gpu_dtype);

@@ -80,6 +80,31 @@ pub enum EvalWeights {
     Fast,
 }
 
+/// Which implementation runs the optimizer step (`--optimizer-kernel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKernel {
+    /// The fused kernel on the CPU and on CUDA, tensor ops on Metal.
+    #[default]
+    Auto,
+    /// The fused kernel: on the CPU, on CUDA, and on Metal (not yet run on a Mac); one kernel
+    /// per tensor, f32 state only on a GPU.
+    Fused,
+    /// Candle tensor ops, on every device.
+    TensorOps,
+}
+
+impl OptimizerKernel {
+    /// As candle-ranger's update path.
+    pub fn update_path(self) -> candle_ranger::UpdatePath {
+        match self {
+            Self::Auto => candle_ranger::UpdatePath::Auto,
+            Self::Fused => candle_ranger::UpdatePath::Fused,
+            Self::TensorOps => candle_ranger::UpdatePath::Portable,
+        }
+    }
+}
+
 /// Training dtype of the parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -164,6 +189,7 @@ mod tests {
         check::<TaskKind>(&["causal-lm", "classify"]);
         check::<BestMetric>(&["loss", "accuracy", "f1"]);
         check::<EvalWeights>(&["slow", "fast"]);
+        check::<OptimizerKernel>(&["auto", "fused", "tensor-ops"]);
         check::<DTypeArg>(&["f32", "bf16", "f16"]);
         check::<QuantizeArg>(&["q4_0", "q4_k", "q5_k", "q6_k", "q8_0"]);
     }

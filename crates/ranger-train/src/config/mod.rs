@@ -12,7 +12,9 @@ mod train_config;
 
 pub use device::parse_device;
 pub use error::ConfigError;
-pub use kinds::{BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, QuantizeArg, ScheduleKind, TaskKind};
+pub use kinds::{
+    BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKernel, OptimizerKind, QuantizeArg, ScheduleKind, TaskKind,
+};
 pub use resume::{ResumeMismatch, MAY_CHANGE_ON_RESUME};
 pub use run_defaults::{
     default_beta1, default_beta2, default_eps, default_learning_rate, short_run_boost, MAX_AUTO_BETA2,

@@ -9,8 +9,9 @@ use serde_json::{Map, Value};
 use super::TrainConfig;
 
 /// Options that may differ between a checkpoint and the run resuming from it: where things go,
-/// how often the run reports, evaluates and saves, the device, and activation checkpointing
-/// (it trades memory for time; the gradients are the same bit for bit). Each is a field name.
+/// how often the run reports, evaluates and saves, the device and the optimizer kernel (the same
+/// update, computed elsewhere or otherwise), and activation checkpointing (it trades memory for
+/// time; the gradients are the same bit for bit). Each is a field name.
 pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
     "revision",
     "output",
@@ -21,6 +22,7 @@ pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
     "early_stopping_patience",
     "log_every",
     "device",
+    "optimizer_kernel",
     "on_nan",
     "eval_weights",
     "max_shard_size",
@@ -83,7 +85,8 @@ impl TrainConfig {
 mod tests {
     use super::*;
     use crate::config::{
-        BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, QuantizeArg, ScheduleKind, TaskKind,
+        BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKernel, OptimizerKind, QuantizeArg, ScheduleKind,
+        TaskKind,
     };
 
     /// Every field with a value other than its default. Written without `..`, so that a new
@@ -123,6 +126,7 @@ mod tests {
             grad_accumulation_steps: 3,
             gradient_checkpointing: true,
             optimizer_state_bits: 8,
+            optimizer_kernel: OptimizerKernel::TensorOps,
             epochs: 2,
             max_steps: Some(10),
             seed: 7,

@@ -7,7 +7,9 @@ use std::sync::OnceLock;
 use clap::{ArgAction, Args};
 use serde::{Deserialize, Serialize};
 
-use super::kinds::{BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKind, QuantizeArg, ScheduleKind, TaskKind};
+use super::kinds::{
+    BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKernel, OptimizerKind, QuantizeArg, ScheduleKind, TaskKind,
+};
 
 // Sections of `ranger-tune train --help`.
 const DATA: &str = "Model and data";
@@ -111,6 +113,12 @@ pub struct TrainConfig {
     /// round stochastically; the fused step on a CPU, tensor ops on CUDA and Metal.
     #[arg(long, default_value_t = 32, value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["8", "16", "32"]), |s: String| s.parse::<u8>().expect("a listed value")), help_heading = OPTIMIZER)]
     pub optimizer_state_bits: u8,
+    /// The optimizer step's implementation: `auto` (the fused kernel on the CPU and on CUDA,
+    /// tensor ops on Metal), `fused` (on Metal too, where it has not been run on a Mac yet) or
+    /// `tensor-ops`. The same update either way; may change on resume. On a GPU, 8- and 16-bit
+    /// state always takes tensor ops.
+    #[arg(long, value_enum, default_value_t, help_heading = OPTIMIZER)]
+    pub optimizer_kernel: OptimizerKernel,
     /// Clip the global gradient norm to this; 0 disables.
     #[arg(long, default_value_t = 1.0, help_heading = OPTIMIZER)]
     pub max_grad_norm: f64,
