@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, on a machine without a GPU, the CUDA binaries that tools/gpu_checks.sh runs on one: the
 # device-capable test binaries, ranger-tune and the optimizer-step bench, into .devbin/ (and, packed,
-# .devbin.tar.xz; both git-ignored through .git/info/exclude), stripped, with the SmolLM2 tokenizer
+# .devbin.tar.xz; both git-ignored, as is its target-cuda/), stripped, with the SmolLM2 tokenizer
 # for the random benchmark models.
 #
 # nvcc comes from PyPI wheels pinned to the GPU machine's CUDA (13.0 by default: its driver must
