@@ -9,8 +9,8 @@
 #          AdamW, a device copy of the same bytes), and on the machine's CPU cores;
 #   train  ranger-tune beside PyTorch + transformers (tools/bench_pytorch.py) on random models of
 #          SmolLM2-135M's and Llama-3.2-1B's shapes: tokens/s and peak GPU memory (nvidia-smi);
-#   profile  Nsight Compute's time per kernel over a stretch of a SmolLM2-shaped training step
-#          (after train, which writes the model), summed by kernel name.
+#   profile  Nsight Compute's time per kernel over a stretch of a SmolLM2-shaped training step,
+#          summed by kernel name.
 # Usage: bash tools/gpu_checks.sh [tests] [bench] [train] [profile]    (default: all four)
 # DEADLINE=N (seconds) skips the training runs and the profile that would start too late to end
 # by then.
@@ -75,8 +75,11 @@ with_memory() {
     return $rc
 }
 
-if [[ " $PARTS " == *" train "* ]]; then
-    M=/tmp/gpu-models
+# Random models of SmolLM2-135M's and Llama-3.2-1B's shapes (written by transformers, with
+# SmolLM2's tokenizer) and the synthetic text, under /tmp/gpu-models, once.
+M=/tmp/gpu-models
+write_models() {
+    [ -f "$M/data.txt" ] && return 0
     mkdir -p "$M"
     python3 - "$M" "$BIN/smollm2-tokenizer" <<'EOF' >>"$OUT/train.log" 2>&1
 import shutil, sys, torch
@@ -100,6 +103,10 @@ for name, s in shapes.items():
     print(name, sum(p.numel() for p in model.parameters()), "parameters")
 EOF
     python3 -c 'import sys; sys.path.insert(0, "tools"); from bench_pytorch import synthetic_text; print(synthetic_text())' >"$M/data.txt"
+}
+
+if [[ " $PARTS " == *" train "* ]]; then
+    write_models
     tps() { python3 -c 'import json,sys; r=[json.loads(l).get("tokens_per_sec") for l in open(sys.argv[1])]; r=[x for x in r if x]; print(f"{sum(r[1:])/max(1,len(r)-1):.0f}")' "$1"; }
     for model in smollm2-135m llama-1b; do
         # (the 1B model: LoRA in bf16 only, 8 steps: a full run's final checkpoint is ~20 GB)
@@ -133,7 +140,8 @@ EOF
     done
 fi
 
-if [[ " $PARTS " == *" profile "* ]] && [ -d /tmp/gpu-models/smollm2-135m ] && time_for 60; then
+if [[ " $PARTS " == *" profile "* ]] && time_for 90; then
+    write_models
     # Kernels 4,000 to 10,000 of a full bf16 run: past loading and the first step's setup.
     rm -rf /tmp/rt-out
     NCU="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n1)"
