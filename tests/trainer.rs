@@ -187,14 +187,13 @@ fn optimizer_kernels_agree_and_may_change_on_resume() {
     let dir = setup("optimizer-kernel");
     let n = 4;
     let cfg = config(&dir, 2 * n);
-    let mut fused = quiet(TrainConfig { output: dir.join("fused").display().to_string(), ..cfg.clone() });
-    fused.run().unwrap();
+    // The fused run straight through, and the same run interrupted after n steps.
+    let (fused, stopped_at, _) = common::straight_and_resumed(&cfg, &dir, n, |_| {});
+    assert_eq!(stopped_at, n);
     let ops_cfg = TrainConfig { optimizer_kernel: OptimizerKernel::TensorOps, ..cfg.clone() };
     let mut ops = quiet(TrainConfig { output: dir.join("ops").display().to_string(), ..ops_cfg.clone() });
     ops.run().unwrap();
-    // Interrupted after n steps with the fused kernel, resumed with tensor ops.
-    let (_, stopped_at, _) = common::straight_and_resumed(&cfg, &dir, n, |_| {});
-    assert_eq!(stopped_at, n);
+    // The interrupted fused run, resumed with tensor ops.
     let mut mixed = quiet(TrainConfig { resume: Some(dir.join("resumed").display().to_string()), ..ops_cfg.clone() });
     assert_eq!(mixed.state().step, n);
     assert_eq!(mixed.run().unwrap().steps, 2 * n);
