@@ -14,7 +14,9 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use ranger_train::build::{ModelBuilder, Tuning};
 use ranger_train::config::{parse_device, DTypeArg};
 use ranger_train::convert::gguf_to_hf;
+use ranger_train::data::DataOptions;
 use ranger_train::generate::{generate, stop_ids, GenerateOptions};
+use ranger_train::held_out::file_loss;
 use ranger_train::merge::{merge_adapter, Merged};
 use ranger_train::source::{self, HubOptions, LoadedModel};
 use ranger_train::trainer::OutputLock;
@@ -46,6 +48,13 @@ enum Command {
     Predict(PredictArgs),
     /// Sample text from a base or fine-tuned model.
     Generate(GenerateArgs),
+    /// Score a causal LM (optionally with a LoRA adapter) on a data file: mean loss per target
+    /// token and perplexity, reading the file as `train` reads its data.
+    ///
+    /// The same number `train` reports as its eval loss for the same file and options; use it to
+    /// compare models, or to check what a fine-tune did to text it never trained on. Classifiers
+    /// are scored by `predict --label-column`.
+    Eval(EvalArgs),
     /// Write a GGUF (Llama architecture) model out as a Hugging Face folder.
     Convert(ConvertArgs),
     /// Merge a PEFT LoRA adapter (causal LM or classifier) into its base model and write a full
@@ -123,6 +132,36 @@ struct GenerateArgs {
     /// auto | cpu | cuda | cuda:N | metal.
     #[arg(long, default_value = "auto")]
     device: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// A PEFT LoRA adapter folder to apply to the model (e.g. a ranger-tune output's adapter/).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The data: .jsonl records (text, prompt/completion or chat messages) or plain text.
+    #[arg(long)]
+    data: PathBuf,
+    /// Longest sequence in tokens; longer examples are truncated (as in training).
+    #[arg(long, default_value_t = 512)]
+    max_seq_length: usize,
+    /// Score prompts and every chat turn too, not only completions and assistant turns.
+    #[arg(long = "no-mask-prompt", action = clap::ArgAction::SetFalse)]
+    mask_prompt: bool,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// auto | cpu | cuda | cuda:N | metal.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Weight dtype for the forward pass.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeArg,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -301,6 +340,40 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let loaded = a.model.load()?;
+    let config = loaded
+        .decoder()
+        .with_context(|| "eval scores causal LMs; score a classifier with `predict --label-column`")?
+        .clone();
+    let tuning = a.adapter.as_deref().map_or(Tuning::Frozen, Tuning::WithAdapter);
+    let builder = ModelBuilder { dtype: a.dtype.dtype(), device: &device, tuning };
+    let LoadedModel { weights, tokenizer, origin, .. } = loaded;
+    let model = builder.causal_lm(config, weights, &origin)?.model;
+    let opts = DataOptions { max_seq_len: a.max_seq_length, pack: false, mask_prompt: a.mask_prompt };
+    let r = file_loss(&model, &tokenizer, &a.data, &opts, a.batch_size)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let what = match &a.adapter {
+        Some(d) => format!("{} + adapter {}", a.model.model, d.display()),
+        None => a.model.model.clone(),
+    };
+    println!("{what} on {}", a.data.display());
+    println!("  loss        {:.4} (mean per target token)", r.loss);
+    println!("  perplexity  {:.3}", r.perplexity);
+    println!("  scored      {} target tokens in {} examples", r.target_tokens, r.examples);
+    if r.truncated + r.dropped > 0 {
+        println!(
+            "  note        {} examples cut to --max-seq-length {}, {} dropped (nothing left to score)",
+            r.truncated, a.max_seq_length, r.dropped
+        );
+    }
+    Ok(())
+}
+
 fn merge(a: MergeArgs) -> Result<()> {
     let base = a.model.load()?;
     let what = match merge_adapter(base, &a.adapter, &a.output, a.dtype.dtype())? {
@@ -324,6 +397,7 @@ fn main() -> Result<ExitCode> {
         // The train options' sources (flag or default) decide what wins over the TOML file.
         Command::Train(a) => return train(*a, matches.subcommand_matches("train").expect("the train subcommand")),
         Command::Generate(a) => run_generate(a),
+        Command::Eval(a) => run_eval(a),
         Command::Convert(a) => convert(a),
         Command::Merge(a) => merge(a),
         Command::Predict(a) => predict(a),

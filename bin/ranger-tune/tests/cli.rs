@@ -116,6 +116,58 @@ fn help_documents_every_flag() {
     assert!(run(&["convert", "--help"]).status.success());
     assert!(run(&["merge", "--help"]).status.success());
     assert!(run(&["predict", "--help"]).status.success());
+    let t = text(&run_ok(&["eval", "--help"]));
+    for flag in ["--model", "--adapter", "--data", "--max-seq-length", "--no-mask-prompt", "--batch-size", "--json"] {
+        assert!(t.contains(flag), "eval --help lacks {flag}");
+    }
+}
+
+/// `eval --json` on `model` (with `extra` flags): the reported loss.
+fn eval_loss(model: &Path, data: &Path, extra: &[&str]) -> serde_json::Value {
+    let args = [&["eval", "--model", p(model), "--data", p(data), "--device", "cpu", "--json"][..], extra].concat();
+    serde_json::from_slice(&run_ok(&args).stdout).unwrap()
+}
+
+#[test]
+fn eval_scores_a_saved_model_or_adapter_as_the_run_did() {
+    let d = workdir("eval");
+    let data = d.join("train.jsonl");
+    let base = eval_loss(&d.join("model"), &data, &[]);
+    // 8 examples of " the sky is <colour> ." after the prompt: 5 target tokens each at most.
+    assert_eq!(base["examples"], 8);
+    assert!(base["target_tokens"].as_u64().unwrap() >= 8, "{base}");
+    let ppl = base["perplexity"].as_f64().unwrap();
+    assert!((ppl - base["loss"].as_f64().unwrap().exp()).abs() < 1e-9 * ppl);
+    for (name, extra) in [("full", &[][..]), ("lora", &["--lora", "--learning-rate", "0.01"][..])] {
+        let out = d.join(name);
+        let mut c = train_into(&d, &out);
+        c.args(["--validation-file", p(&data), "--max-steps", "6", "--batch-size", "2", "--device", "cpu", "--json"]);
+        let o = c.args(extra).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let run_loss = summary["eval_loss"].as_f64().unwrap();
+        // The saved model (or base + adapter), scored afresh, gives the run's last evaluation.
+        let scored = match name {
+            "full" => eval_loss(&out.join("model"), &data, &["--batch-size", "2"]),
+            _ => eval_loss(&d.join("model"), &data, &["--adapter", p(&out.join("adapter")), "--batch-size", "2"]),
+        };
+        let loss = scored["loss"].as_f64().unwrap();
+        assert!((loss - run_loss).abs() <= 1e-6 * run_loss, "{name}: eval {loss} against the run's {run_loss}");
+        assert!(loss < base["loss"].as_f64().unwrap(), "{name}: training did not lower the loss");
+        if name == "full" {
+            // Another batch size pads differently: the same loss to rounding.
+            let other = eval_loss(&out.join("model"), &data, &["--batch-size", "3"])["loss"].as_f64().unwrap();
+            assert!((other - loss).abs() <= 1e-5 * loss, "batch 3: {other} against {loss}");
+        }
+    }
+    // Scoring the prompts too covers more tokens.
+    let all = eval_loss(&d.join("model"), &data, &["--no-mask-prompt"]);
+    assert!(all["target_tokens"].as_u64() > base["target_tokens"].as_u64(), "{all} {base}");
+    // A missing file is named.
+    let o = run(&["eval", "--model", p(&d.join("model")), "--data", p(&d.join("nope.jsonl")), "--device", "cpu"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("nope.jsonl"), "{}", text(&o));
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]

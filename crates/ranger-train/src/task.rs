@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::classify::{self, argmax_and_probs, ClassMetrics, LabeledText};
 use crate::data::{collate, Loader, Sequence};
 use crate::error::Result;
+use crate::held_out::mean_token_loss;
 use crate::kernels::compute_dtype;
 use crate::model::classifier::ClassifierBatch;
 use crate::model::{Batch, LlamaModel, SequenceClassifier};
@@ -181,14 +182,8 @@ impl Task {
         let scalar = |t: Tensor| -> Result<f64> { Ok(candle_ranger::to_host_f64(&t)?) };
         match self {
             Self::CausalLm { model, val, .. } => {
-                let (mut sum, mut n) = (0f64, 0usize);
-                for chunk in val.chunks(batch_size).take(limit) {
-                    let refs: Vec<&Sequence> = chunk.iter().collect();
-                    let batch = collate(&refs, pad_id, model.config.sliding_window, mdt, model.device())?;
-                    sum += scalar(model.loss_sum(&batch, false)?)?;
-                    n += batch.n_targets;
-                }
-                Ok(Some(Evaluation { loss: sum / n.max(1) as f64, classes: None }))
+                let loss = mean_token_loss(model, val, batch_size, limit, pad_id)?;
+                Ok(Some(Evaluation { loss, classes: None }))
             }
             Self::Classify { model, val, labels, .. } => {
                 let (mut sum, mut preds, mut gold) = (0f64, Vec::new(), Vec::new());
