@@ -11,11 +11,16 @@ run (lower is better; every row of a table starts from the same loss):
              text at 100 steps, full and LoRA; the classifier at 30 and 100 steps
   chat       chat data, full and LoRA, at 30/100/300 optimizer steps: AdamW and Ranger with the
              CLI's defaults over two seeds (one at 300 steps), and Ranger with the old defaults
-             (lr 5e-5, beta2 0.999, eps 1e-5)
+             (lr 5e-5, beta2 0.999, eps 1e-5); and for every causal-LM run the loss on
+             examples/data/general_knowledge.jsonl afterwards (`ranger-tune eval`): what the
+             fine-tune made the model forget
   email      the same on plain email text, at 30 and 100 steps
   classify   all-MiniLM-L6-v2 spam classifier at 30 and 100 steps: held-out accuracy and loss
+             (four seeds)
   variants   Ranger's options at 100 steps, chat data, LoRA: beta2, warmup, slow vs fast weights,
              Lookahead k and alpha, gradient centralization, eps
+  forgetting chat data, full at 100 and 300 steps and LoRA at 100: the task's held-out loss and the
+             general-knowledge loss for a few learning rates of each optimizer
 
 Tasks (held-out data never trained on):
   chat   examples/data/glimmerholm.jsonl (chat records), every 8th record held out;
@@ -46,7 +51,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# 48 general-knowledge questions and answers: a model's loss on the answers after a fine-tune,
+# against the base model's, measures what the fine-tune made it forget.
+GENERAL = ROOT / "examples" / "data" / "general_knowledge.jsonl"
 SEEDS = (1, 2)
+CLASSIFY_SEEDS = (1, 2, 3, 4)
 
 # Flags of each recipe. `None` rows use the CLI's defaults (no optimizer flags at all).
 ADAMW_DEFAULTS = ["--optimizer", "adamw"]
@@ -146,7 +155,10 @@ class Study:
         key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
         cached = self.runs / f"{key}.json"
         if cached.exists():
-            return json.loads(cached.read_text())
+            result = json.loads(cached.read_text())
+            # Runs cached before the general-knowledge score are run again for it.
+            if task == "spam" or "general" in result:
+                return result
         if self.args.cached_only:
             return None
         out = self.work / "out" / key
@@ -170,20 +182,43 @@ class Study:
             "lr": cfg.get("learning_rate"),
             "beta2": cfg.get("beta2"),
         }
-        print(f"  -> {result['base']:.4f} -> {result['final']:.4f} in {result['seconds']} s", file=sys.stderr)
+        if task != "spam":
+            # Forgetting: what the model still knows outside the task (the run's own output).
+            model = ["--model", str(self.smollm2), "--adapter", str(out / "adapter")] if lora else [
+                "--model", str(out / "model")]
+            result["general"] = self.general_loss(model)
+        print(f"  -> {result['base']:.4f} -> {result['final']:.4f} in {result['seconds']} s"
+              + (f", general knowledge {result['general']:.4f}" if "general" in result else ""), file=sys.stderr)
         cached.write_text(json.dumps(result, indent=1))
         if not self.args.keep:
             shutil.rmtree(out, ignore_errors=True)
         return result
 
-    def cell(self, task, lora, steps, recipe, seeds, what="loss"):
-        """'mean' or 'mean ± half-range' over seeds of the held-out loss (or accuracy %)."""
+    def general_loss(self, model):
+        """`ranger-tune eval` of `model` (its --model/--adapter flags) on the general-knowledge
+        records: the mean loss per answer token."""
+        cmd = [str(self.bin), "eval", *model, "--data", str(GENERAL), "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"eval failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(proc.stdout)["loss"]
+
+    def general_base(self):
+        """The base model's general-knowledge loss (cached)."""
+        cached = self.runs / "general-base.json"
+        if not cached.exists():
+            cached.write_text(json.dumps({"general": self.general_loss(["--model", str(self.smollm2)])}))
+        return json.loads(cached.read_text())["general"]
+
+    def cell(self, task, lora, steps, recipe, seeds, what="final"):
+        """'mean' or 'mean ± half-range' over seeds of the held-out loss (`final`), the
+        general-knowledge loss (`general`) or the accuracy % (`acc`)."""
         rs = [self.run(task, lora, steps, recipe, s) for s in seeds]
         if None in rs:
             return "not run"
-        vals = [r["final"] if what == "loss" else 100 * (r["accuracy"] or 0) for r in rs]
+        vals = [r[what] if what in ("final", "general") else 100 * (r["accuracy"] or 0) for r in rs]
         m = statistics.mean(vals)
-        fmt = "{:.4f}" if what == "loss" else "{:.1f}"
+        fmt = "{:.1f}" if what == "acc" else "{:.4f}"
         if len(vals) == 1:
             return fmt.format(m)
         return fmt.format(m) + " ± " + fmt.format((max(vals) - min(vals)) / 2)
@@ -217,6 +252,21 @@ def headline(s, tasks, lengths):
         header = ["recipe"] + [f"{n} steps" + (" (seed 1)" if len(seeds_for(n)) < len(seeds) else "") for n in lengths]
         table(f"{name}: held-out loss after the run (before: {base:.4f}), mean ± half-range over seeds {seeds}",
               header, rows)
+        rows = [[r[0]] + [s.cell(task, lora, n, recipe, seeds_for(n), "general") for n in lengths]
+                for r, recipe in zip(rows[:2], (ADAMW_DEFAULTS, RANGER_DEFAULTS))]
+        if not lora:
+            rows += [[label] + [s.cell(task, lora, n, recipe, seeds[:1], "general")
+                                + f" (task {s.cell(task, lora, n, recipe, seeds[:1])})" for n in lengths]
+                     for label, recipe in FORGETTING_ROWS]
+        table(f"{name}: general-knowledge loss after the run (before: {s.general_base():.4f}; forgetting raises it), "
+              f"mean ± half-range over seeds {seeds}", header, rows)
+
+
+# A gentler recipe for full fine-tunes, scored for forgetting (seed 1; its held-out task loss in
+# brackets): the README's first-run flags.
+FORGETTING_ROWS = [
+    ("Ranger, lr 1e-3, β2 0.99 (the first run's flags), seed 1", ["--learning-rate", "1e-3", "--beta2", "0.99"]),
+]
 
 
 def chat(s):
@@ -324,7 +374,9 @@ def variants(s):
 
 
 def classify(s):
-    seeds = SEEDS[:1] if s.args.smoke else SEEDS
+    # Four seeds: the classifier's seed spread (the head's initialisation and the data order)
+    # is wider than the differences between the recipes.
+    seeds = SEEDS[:1] if s.args.smoke else CLASSIFY_SEEDS
     rows = []
     for label, recipe, rseeds in [("AdamW, defaults", ADAMW_DEFAULTS, seeds),
                                   ("Ranger, defaults", RANGER_DEFAULTS, seeds),
@@ -337,7 +389,35 @@ def classify(s):
           ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
 
 
-SECTIONS = {"sweep": sweep, "chat": chat, "email": email, "classify": classify, "variants": variants}
+# Learning rates tried for forgetting (full fine-tune, chat data, seed 1; everything else the
+# CLI's defaults for the optimizer and run length).
+FORGET_LRS = {"adamw": ["2e-4", "5e-4"], "ranger": ["1e-4", "2e-4", "5e-4"]}
+FORGET_LRS_LORA = {"adamw": ["2e-3"], "ranger": ["2e-3", "3e-3", "5e-3", "7e-3"]}
+
+
+def forgetting(s):
+    rows = []
+    for opt, lrs in FORGET_LRS.items():
+        for lr in lrs:
+            recipe = ["--optimizer", opt, "--learning-rate", lr]
+            row = [f"{opt}, lr {lr}" + (" (its default)" if lr == {"adamw": "2e-4", "ranger": "5e-4"}[opt] else "")]
+            for n in (100, 300):
+                row += [s.cell("chat", False, n, recipe, SEEDS[:1]), s.cell("chat", False, n, recipe, SEEDS[:1], "general")]
+            rows.append(row)
+    table(f"chat, full: held-out task loss and general-knowledge loss (before: {s.general_base():.4f}) by learning "
+          "rate (seed 1)", ["recipe", "100 steps: task", "general", "300 steps: task", "general"], rows)
+    rows = []
+    for opt, lrs in FORGET_LRS_LORA.items():
+        for lr in lrs:
+            recipe = ["--optimizer", opt, "--learning-rate", lr]
+            rows.append([f"{opt}, lr {lr}" + (" (its default)" if lr == {"adamw": "2e-3", "ranger": "7e-3"}[opt] else ""),
+                         s.cell("chat", True, 100, recipe, SEEDS[:1]), s.cell("chat", True, 100, recipe, SEEDS[:1], "general")])
+    table(f"chat, LoRA, 100 steps: held-out task loss and general-knowledge loss (before: {s.general_base():.4f}) by "
+          "learning rate (seed 1)", ["recipe", "task", "general"], rows)
+
+
+SECTIONS = {"sweep": sweep, "chat": chat, "email": email, "classify": classify, "variants": variants,
+            "forgetting": forgetting}
 
 
 def main():

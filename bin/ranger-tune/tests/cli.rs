@@ -167,6 +167,12 @@ fn eval_scores_a_saved_model_or_adapter_as_the_run_did() {
     let o = run(&["eval", "--model", p(&d.join("model")), "--data", p(&d.join("nope.jsonl")), "--device", "cpu"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("nope.jsonl"), "{}", text(&o));
+    // An encoder is pointed at `predict`.
+    let enc = d.join("encoder");
+    ranger_train::testing::write_tiny_encoder(&enc, &ranger_train::testing::tiny_encoder_config("bert"), 1).unwrap();
+    let o = run(&["eval", "--model", p(&enc), "--data", p(&data), "--device", "cpu"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("predict --label-column"), "{}", text(&o));
     let _ = std::fs::remove_dir_all(&d);
 }
 
