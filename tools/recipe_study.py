@@ -390,34 +390,32 @@ def classify(s):
           ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
 
 
-# Learning rates tried for forgetting (full fine-tune, chat data, seed 1; everything else the
-# CLI's defaults for the optimizer and run length).
+# Learning rates tried for forgetting (chat data, seed 1; everything else the CLI's defaults for
+# the optimizer and run length), and each optimizer's default rate, for full and LoRA runs.
 FORGET_LRS = {"adamw": ["2e-4", "5e-4"], "ranger": ["1e-4", "2e-4", "5e-4"]}
 FORGET_LRS_LORA = {"adamw": ["2e-3"], "ranger": ["2e-3", "3e-3", "5e-3", "7e-3"]}
+DEFAULT_LR = {False: {"adamw": "2e-4", "ranger": "5e-4"}, True: {"adamw": "2e-3", "ranger": "7e-3"}}
+
+
+def forget_recipes(lora):
+    """(label, flags) of each rate tried; a default rate runs as the headline's row does (the same
+    run, cached once)."""
+    for opt, lrs in (FORGET_LRS_LORA if lora else FORGET_LRS).items():
+        for lr in lrs:
+            if lr == DEFAULT_LR[lora][opt]:
+                yield f"{opt}, lr {lr} (its default)", {"adamw": ADAMW_DEFAULTS, "ranger": RANGER_DEFAULTS}[opt]
+            else:
+                yield f"{opt}, lr {lr}", ["--optimizer", opt, "--learning-rate", lr]
 
 
 def forgetting(s):
-    rows = []
-    for opt, lrs in FORGET_LRS.items():
-        for lr in lrs:
-            default = lr == {"adamw": "2e-4", "ranger": "5e-4"}[opt]
-            # A default rate runs as the headline's row does (the same run, cached once).
-            recipe = ({"adamw": ADAMW_DEFAULTS, "ranger": RANGER_DEFAULTS}[opt] if default
-                      else ["--optimizer", opt, "--learning-rate", lr])
-            row = [f"{opt}, lr {lr}" + (" (its default)" if default else "")]
-            for n in (100, 300):
-                row += [s.cell("chat", False, n, recipe, SEEDS[:1]), s.cell("chat", False, n, recipe, SEEDS[:1], "general")]
-            rows.append(row)
+    def scores(lora, n, recipe):
+        return [s.cell("chat", lora, n, recipe, SEEDS[:1]), s.cell("chat", lora, n, recipe, SEEDS[:1], "general")]
+
+    rows = [[label] + scores(False, 100, recipe) + scores(False, 300, recipe) for label, recipe in forget_recipes(False)]
     table(f"chat, full: held-out task loss and general-knowledge loss (before: {s.general_base():.4f}) by learning "
           "rate (seed 1)", ["recipe", "100 steps: task", "general", "300 steps: task", "general"], rows)
-    rows = []
-    for opt, lrs in FORGET_LRS_LORA.items():
-        for lr in lrs:
-            default = lr == {"adamw": "2e-3", "ranger": "7e-3"}[opt]
-            recipe = ({"adamw": ADAMW_DEFAULTS, "ranger": RANGER_DEFAULTS}[opt] if default
-                      else ["--optimizer", opt, "--learning-rate", lr])
-            rows.append([f"{opt}, lr {lr}" + (" (its default)" if default else ""),
-                         s.cell("chat", True, 100, recipe, SEEDS[:1]), s.cell("chat", True, 100, recipe, SEEDS[:1], "general")])
+    rows = [[label] + scores(True, 100, recipe) for label, recipe in forget_recipes(True)]
     table(f"chat, LoRA, 100 steps: held-out task loss and general-knowledge loss (before: {s.general_base():.4f}) by "
           "learning rate (seed 1)", ["recipe", "task", "general"], rows)
 

@@ -315,15 +315,26 @@ fn train(args: TrainArgs, matches: &ArgMatches) -> Result<ExitCode> {
     Ok(code)
 }
 
+/// The causal LM of `loaded` (with the PEFT adapter in `adapter`, if any), frozen, in `dtype` on
+/// `device`, and its tokenizer: what generate and eval run.
+fn frozen_causal_lm(
+    loaded: LoadedModel,
+    adapter: Option<&std::path::Path>,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<(ranger_train::model::LlamaModel, ranger_train::tokenizer::TextTokenizer)> {
+    let config = loaded.decoder()?.clone();
+    let tuning = adapter.map_or(Tuning::Frozen, Tuning::WithAdapter);
+    let builder = ModelBuilder { dtype, device, tuning };
+    let LoadedModel { weights, tokenizer, origin, .. } = loaded;
+    Ok((builder.causal_lm(config, weights, &origin)?.model, tokenizer))
+}
+
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let loaded = a.model.load()?;
-    let config = loaded.decoder()?.clone();
     let stop = stop_ids(&loaded.tokenizer, loaded.generation_config.as_ref());
-    let tuning = a.adapter.as_deref().map_or(Tuning::Frozen, Tuning::WithAdapter);
-    let builder = ModelBuilder { dtype: candle_core::DType::F32, device: &device, tuning };
-    let LoadedModel { weights, tokenizer, origin, .. } = loaded;
-    let model = builder.causal_lm(config, weights, &origin)?.model;
+    let (model, tokenizer) = frozen_causal_lm(loaded, a.adapter.as_deref(), candle_core::DType::F32, &device)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -343,14 +354,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 fn run_eval(a: EvalArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
     let loaded = a.model.load()?;
-    let config = loaded
-        .decoder()
-        .with_context(|| "eval scores causal LMs; score a classifier with `predict --label-column`")?
-        .clone();
-    let tuning = a.adapter.as_deref().map_or(Tuning::Frozen, Tuning::WithAdapter);
-    let builder = ModelBuilder { dtype: a.dtype.dtype(), device: &device, tuning };
-    let LoadedModel { weights, tokenizer, origin, .. } = loaded;
-    let model = builder.causal_lm(config, weights, &origin)?.model;
+    loaded.decoder().with_context(|| "eval scores causal LMs; score a classifier with `predict --label-column`")?;
+    let (model, tokenizer) = frozen_causal_lm(loaded, a.adapter.as_deref(), a.dtype.dtype(), &device)?;
     let opts = DataOptions { max_seq_len: a.max_seq_length, pack: false, mask_prompt: a.mask_prompt };
     let r = file_loss(&model, &tokenizer, &a.data, &opts, a.batch_size)?;
     if a.json {
