@@ -10,11 +10,11 @@ run (lower is better; every row of a table starts from the same loss):
   sweep      learning-rate sweeps for AdamW and Ranger: chat data at 100 and 30 steps and email
              text at 100 steps, full and LoRA; the classifier at 30 and 100 steps
   chat       chat data, full and LoRA, at 30/100/300 optimizer steps: AdamW and Ranger with the
-             CLI's defaults over two seeds (one at 300 steps), and Ranger with the old defaults
-             (lr 5e-5, beta2 0.999, eps 1e-5); and for every causal-LM run the loss on
-             examples/data/general_knowledge.jsonl afterwards (`ranger-tune eval`): what the
-             fine-tune made the model forget
-  email      the same on plain email text, at 30 and 100 steps
+             CLI's defaults over two seeds, Ranger with the old defaults (lr 5e-5, beta2 0.999,
+             eps 1e-5) and, at 300 steps, at its rate before the long-run rule; and for every
+             causal-LM run the loss on examples/data/general_knowledge.jsonl afterwards
+             (`ranger-tune eval`): what the fine-tune made the model forget
+  email      the same on plain email text (one seed at 300 steps)
   classify   all-MiniLM-L6-v2 spam classifier at 30 and 100 steps: held-out accuracy and loss
              (four seeds)
   variants   Ranger's options at 100 steps, chat data, LoRA: beta2, warmup, slow vs fast weights,
@@ -29,9 +29,13 @@ Tasks (held-out data never trained on):
          batch 2 x 64 tokens
   spam   the classifier: 2,000 train / 400 held-out emails, batch 16 x 64 tokens
 
-Every run is cached under --work (keyed by its command line, and for rows that use the CLI's
-defaults also by the binary's sha256), so a rerun only runs what changed. The whole study is
-about 3.5 hours on a 2-core CPU (chat 50 min, classify 15, forgetting 25); pick sections to run less.
+Every run is cached under --work, keyed by its command line with the optimizer settings it runs
+with (given, or the CLI's defaults for the run, which `cli_defaults` mirrors and every new run
+checks against what the trainer recorded), so a rerun only runs what changed: a run whose settings
+are the same, by flag or by default, is the same run. The cache does not know the build: a result
+records the sha256 of the binary that made it (`bin`); delete --work/runs to measure every run on
+one build. The whole study is
+about 4.5 hours on a 2-core CPU (chat 80 min, email 45, classify 15, forgetting 30); pick sections to run less.
 
     cargo build --release -p ranger-tune
     python3 tools/recipe_study.py                       # every section
@@ -42,6 +46,7 @@ about 3.5 hours on a 2-core CPU (chat 50 min, classify 15, forgetting 25); pick 
 import argparse
 import hashlib
 import json
+import math
 import random
 import shutil
 import statistics
@@ -119,6 +124,50 @@ def make_data(work):
     return d
 
 
+def round_half_up(x, scale):
+    """`x` rounded to a multiple of 1/scale as Rust's f64::round does (half away from zero)."""
+    return math.floor(x * scale + 0.5) / scale
+
+
+def cli_defaults(opt, task, lora, steps):
+    """The learning rate, β1, β2 and ε that `ranger-tune train` chooses when they are unset
+    (ranger_train::config::run_defaults, mirrored here for the cache key; a new run's recorded
+    values are checked against it)."""
+    causal = task != "spam"
+    if opt == "adamw":
+        return {"lr": 2e-3 if lora and causal else 2e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+    if opt != "ranger":
+        sys.exit(f"cli_defaults mirrors the defaults of ranger and adamw only, not {opt}")
+    ratio = 100 / max(steps, 1)
+    if ratio >= 1:
+        factor = min(ratio, 4.0)
+    else:
+        factor = max(math.sqrt(ratio), 0.25) if causal else 1.0
+    lr = (1e-3 if not causal else 7e-3 if lora else 5e-4) * factor
+    lr = round_half_up(lr, 10.0 ** (2 - math.floor(math.log10(lr))))
+    beta2 = round_half_up(min(max(1 - 2 / max(0.25 * steps, 1), 0.9), 0.999), 1e4)
+    return {"lr": lr, "beta1": 0.95, "beta2": beta2, "eps": 1e-8}
+
+
+SETTING_FLAGS = {"--learning-rate": "lr", "--beta1": "beta1", "--beta2": "beta2", "--eps": "eps"}
+
+
+def cache_key(flags, task, lora, steps):
+    """(key text, settings): the flags without the optimizer and its settings, then the settings the
+    run uses: those given, the CLI's defaults for the rest."""
+    rest, given, opt = [], {}, "ranger"
+    it = iter(flags)
+    for f in it:
+        if f == "--optimizer":
+            opt = next(it)
+        elif f in SETTING_FLAGS:
+            given[SETTING_FLAGS[f]] = float(next(it))
+        else:
+            rest.append(f)
+    settings = {**cli_defaults(opt, task, lora, steps), **given}
+    return " ".join(rest) + f" optimizer={opt} " + " ".join(f"{k}={v:.6g}" for k, v in settings.items()), settings
+
+
 class Study:
     def __init__(self, args):
         self.args = args
@@ -147,11 +196,10 @@ class Study:
         return flags + (["--lora"] if lora else [])
 
     def run(self, task, lora, steps, recipe, seed):
-        """One training run; returns {base, final, accuracy, seconds, lr, beta2} (cached)."""
+        """One training run; returns {base, final, accuracy, seconds, lr, beta2, ...} (cached)."""
         steps = 2 if self.args.smoke else steps
         flags = self.task_flags(task, lora) + recipe + ["--max-steps", str(steps), "--seed", str(seed)]
-        uses_defaults = not all(f in recipe for f in ("--learning-rate", "--beta2"))
-        key_text = " ".join(flags) + (f" bin={self.bin_sha}" if uses_defaults else "")
+        key_text, settings = cache_key(flags, task, lora, steps)
         key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
         cached = self.runs / f"{key}.json"
         if cached.exists():
@@ -173,14 +221,21 @@ class Study:
         evals = [e for e in evals if "eval_loss" in e]
         state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
         cfg = state.get("config", {})
+        ran = {"lr": cfg.get("learning_rate"), "beta1": cfg.get("beta1"), "beta2": cfg.get("beta2"), "eps": cfg.get("eps")}
+        if any(ran[k] is None or not math.isclose(ran[k], v, rel_tol=1e-9) for k, v in settings.items()):
+            sys.exit(f"the run's recorded settings {ran} are not {settings}, the CLI's defaults as this script "
+                     "mirrors them (cli_defaults): update the mirror")
         result = {
             "command": "ranger-tune train " + " ".join(flags),
             "base": evals[0]["eval_loss"],
             "final": evals[-1]["eval_loss"],
             "accuracy": evals[-1].get("eval_accuracy"),
             "seconds": round(time.time() - started, 1),
-            "lr": cfg.get("learning_rate"),
-            "beta2": cfg.get("beta2"),
+            "lr": ran["lr"],
+            "beta1": ran["beta1"],
+            "beta2": ran["beta2"],
+            "eps": ran["eps"],
+            "bin": self.bin_sha,
         }
         if task != "spam":
             # Forgetting: what the model still knows outside the task (the run's own output).
@@ -218,7 +273,8 @@ class Study:
             return "not run"
         vals = [r[what] if what in ("final", "general") else 100 * (r["accuracy"] or 0) for r in rs]
         m = statistics.mean(vals)
-        fmt = "{:.1f}" if what == "acc" else "{:.4f}"
+        # Losses below 0.001 (a memorised task) get a fifth decimal, so their spread shows.
+        fmt = "{:.1f}" if what == "acc" else "{:.5f}" if abs(m) < 1e-3 else "{:.4f}"
         if len(vals) == 1:
             return fmt.format(m)
         return fmt.format(m) + " ± " + fmt.format((max(vals) - min(vals)) / 2)
@@ -233,28 +289,38 @@ def table(title, header, rows):
     sys.stdout.flush()
 
 
-def headline(s, tasks, lengths):
-    """Held-out loss at each run length: AdamW and Ranger with the CLI's defaults (two
-    seeds; one for 300-step runs), Ranger with the old defaults (one seed, the shorter runs)."""
+def headline(s, tasks, lengths, long_seeds):
+    """Held-out loss at each run length: AdamW and Ranger with the CLI's defaults (two seeds;
+    `long_seeds` for 300-step runs), Ranger with the old defaults (one seed, the shorter runs),
+    and at 300 steps Ranger at the learning rate its defaults had before the long-run rule."""
     seeds = SEEDS[:1] if s.args.smoke else SEEDS
+    long_seeds = seeds[:1] if s.args.smoke else long_seeds
 
     def seeds_for(n):
-        return seeds[:1] if n >= 300 else seeds
+        return long_seeds if n >= 300 else seeds
 
     for task, lora, name in tasks:
+        before_rule = ["--learning-rate", PRE_RULE_LR[lora]]
         rows = [
             ["AdamW, defaults"] + [s.cell(task, lora, n, ADAMW_DEFAULTS, seeds_for(n)) for n in lengths],
             ["Ranger, defaults"] + [s.cell(task, lora, n, RANGER_DEFAULTS, seeds_for(n)) for n in lengths],
             ["Ranger, old defaults (lr 5e-5, β2 0.999, eps 1e-5), seed 1"]
             + [s.cell(task, lora, n, RANGER_OLD, seeds[:1]) if n < 300 else "—" for n in lengths],
+            [f"Ranger, lr {PRE_RULE_LR[lora]} (the default before the long-run rule)"]
+            + [s.cell(task, lora, n, before_rule, seeds_for(n)) if n >= 300 else "(the defaults)" for n in lengths],
         ]
         base = (s.run(task, lora, lengths[0], RANGER_DEFAULTS, seeds[0]) or {"base": float("nan")})["base"]
-        header = ["recipe"] + [f"{n} steps" + (" (seed 1)" if len(seeds_for(n)) < len(seeds) else "") for n in lengths]
+        header = ["recipe"] + [f"{n} steps" + (f" (seed {', '.join(map(str, seeds_for(n)))})"
+                                               if seeds_for(n) != seeds else "") for n in lengths]
         table(f"{name}: held-out loss after the run (before: {base:.4f}), mean ± half-range over seeds {seeds}",
               header, rows)
-        rows = [[r[0]] + [s.cell(task, lora, n, recipe, seeds_for(n), "general") for n in lengths]
-                for r, recipe in zip(rows[:2], (ADAMW_DEFAULTS, RANGER_DEFAULTS))]
-        if not lora:
+        if task == "spam":
+            continue
+        recipes = (ADAMW_DEFAULTS, RANGER_DEFAULTS, None, before_rule)
+        rows = [[r[0]] + [s.cell(task, lora, n, recipe, seeds_for(n), "general") if recipe == RANGER_DEFAULTS
+                          or recipe == ADAMW_DEFAULTS or n >= 300 else "(the defaults)" for n in lengths]
+                for r, recipe in zip(rows, recipes) if recipe is not None]
+        if not lora and task == "chat":
             rows += [[label] + [s.cell(task, lora, n, recipe, seeds[:1], "general")
                                 + f" (task {s.cell(task, lora, n, recipe, seeds[:1])})" for n in lengths]
                      for label, recipe in FORGETTING_ROWS]
@@ -268,13 +334,17 @@ FORGETTING_ROWS = [
     ("Ranger, lr 1e-3, β2 0.99 (the first run's flags), seed 1", ["--learning-rate", "1e-3", "--beta2", "0.99"]),
 ]
 
+# Ranger's default learning rate for runs of 100 steps and more before the long-run rule
+# (ranger_train::config::run_length_factor) lowered it for longer causal-LM runs: full, LoRA.
+PRE_RULE_LR = {False: "5e-4", True: "7e-3"}
+
 
 def chat(s):
-    headline(s, [("chat", False, "chat, full"), ("chat", True, "chat, LoRA")], (30, 100, 300))
+    headline(s, [("chat", False, "chat, full"), ("chat", True, "chat, LoRA")], (30, 100, 300), SEEDS)
 
 
 def email(s):
-    headline(s, [("email", False, "email text, full"), ("email", True, "email text, LoRA")], (30, 100))
+    headline(s, [("email", False, "email text, full"), ("email", True, "email text, LoRA")], (30, 100, 300), SEEDS[:1])
 
 
 # Learning rates swept, full and LoRA.
@@ -392,30 +462,29 @@ def classify(s):
 
 # Learning rates tried for forgetting (chat data, seed 1; everything else the CLI's defaults for
 # the optimizer and run length), and each optimizer's default rate, for full and LoRA runs.
-FORGET_LRS = {"adamw": ["2e-4", "5e-4"], "ranger": ["1e-4", "2e-4", "5e-4"]}
+FORGET_LRS = {"adamw": ["2e-4", "5e-4"], "ranger": ["1e-4", "2e-4", "2.89e-4", "5e-4"]}
 FORGET_LRS_LORA = {"adamw": ["2e-3"], "ranger": ["2e-3", "3e-3", "5e-3", "7e-3"]}
-DEFAULT_LR = {False: {"adamw": "2e-4", "ranger": "5e-4"}, True: {"adamw": "2e-3", "ranger": "7e-3"}}
 
 
-def forget_recipes(lora):
-    """(label, flags) of each rate tried; a default rate runs as the headline's row does (the same
-    run, cached once)."""
+def forget_recipes(lora, lengths):
+    """(label, flags) of each rate tried, the label naming the run lengths at which it is the
+    CLI's default (the same run as the headline's row: a run's cache key holds its settings)."""
     for opt, lrs in (FORGET_LRS_LORA if lora else FORGET_LRS).items():
         for lr in lrs:
-            if lr == DEFAULT_LR[lora][opt]:
-                yield f"{opt}, lr {lr} (its default)", {"adamw": ADAMW_DEFAULTS, "ranger": RANGER_DEFAULTS}[opt]
-            else:
-                yield f"{opt}, lr {lr}", ["--optimizer", opt, "--learning-rate", lr]
+            default_at = [n for n in lengths if math.isclose(cli_defaults(opt, "chat", lora, n)["lr"], float(lr))]
+            note = f" (its default at {' and '.join(map(str, default_at))} steps)" if default_at else ""
+            yield f"{opt}, lr {lr}{note}", ["--optimizer", opt, "--learning-rate", lr]
 
 
 def forgetting(s):
     def scores(lora, n, recipe):
         return [s.cell("chat", lora, n, recipe, SEEDS[:1]), s.cell("chat", lora, n, recipe, SEEDS[:1], "general")]
 
-    rows = [[label] + scores(False, 100, recipe) + scores(False, 300, recipe) for label, recipe in forget_recipes(False)]
+    rows = [[label] + scores(False, 100, recipe) + scores(False, 300, recipe)
+            for label, recipe in forget_recipes(False, (100, 300))]
     table(f"chat, full: held-out task loss and general-knowledge loss (before: {s.general_base():.4f}) by learning "
           "rate (seed 1)", ["recipe", "100 steps: task", "general", "300 steps: task", "general"], rows)
-    rows = [[label] + scores(True, 100, recipe) for label, recipe in forget_recipes(True)]
+    rows = [[label] + scores(True, 100, recipe) for label, recipe in forget_recipes(True, (100,))]
     table(f"chat, LoRA, 100 steps: held-out task loss and general-knowledge loss (before: {s.general_base():.4f}) by "
           "learning rate (seed 1)", ["recipe", "task", "general"], rows)
 
