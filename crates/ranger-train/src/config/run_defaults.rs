@@ -53,9 +53,10 @@ pub fn run_length_factor(optimizer: OptimizerKind, task: TaskKind, total_steps: 
 /// The peak learning rate when none is given, for a run of `total_steps` optimizer steps:
 /// each optimizer's best in the recipe study's sweeps (SmolLM2-135M on chat and email data,
 /// full and LoRA; the all-MiniLM-L6-v2 spam classifier). Ranger's: 5e-4 full, 7e-3 LoRA, 1e-3
-/// classifiers for 100-step runs, times [`run_length_factor`] for shorter and longer ones. AdamW's does not
-/// depend on the run (2e-4, 2e-3, 2e-4). RAdam was not swept: it gets half of Ranger's, the step
-/// Ranger's Lookahead (α = 0.5) takes from its fast weights. Rounded to 3 significant digits.
+/// classifiers for 100-step runs, times [`run_length_factor`] for shorter and longer ones.
+/// AdamW's does not depend on the run (2e-4, 2e-3, 2e-4). RAdam was not swept: it gets half of
+/// Ranger's, the step Ranger's Lookahead (α = 0.5) takes from its fast weights. Rounded to 3
+/// significant digits.
 pub fn default_learning_rate(optimizer: OptimizerKind, task: TaskKind, lora: bool, total_steps: usize) -> f64 {
     let ranger = match (task, lora) {
         (TaskKind::CausalLm, false) => 5e-4,
