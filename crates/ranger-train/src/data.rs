@@ -106,26 +106,36 @@ pub fn encode_record(record: &Value, tok: &TextTokenizer, mask_prompt: bool) -> 
             return Ok(Example { ids, target: vec![true; n] });
         }
         // Byte spans of the assistant turns: what rendering turn i adds to the prompt that
-        // precedes it (the template must render conversations as prefixes of each other).
+        // precedes it, as far as the whole conversation renders the same. A template may close
+        // the last turn differently (Phi-3.5 ends a conversation with its eos token): that ending
+        // is the turn's only where the turn is the last. The tokens trained on lie wholly
+        // inside a span (one that runs past it, such as the next turn's `<|user|>` whose `<|`
+        // the two renderings share, is the prompt's).
         let mut spans = Vec::new();
         for (i, msg) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
             let before = tok.apply_chat_template(&messages[..i], true).map_err(|e| e.to_string())?;
             let upto = tok.apply_chat_template(&messages[..=i], false).map_err(|e| e.to_string())?;
-            if !full.starts_with(&before) || !full.starts_with(&upto) || upto.len() < before.len() {
+            let end = common_prefix_len(&full, &upto);
+            if !full.starts_with(&before) || end < before.len() {
                 return Err(format!(
                     "the chat template does not render turn {i} ({}) as a prefix of the conversation, so assistant tokens cannot be located; use --no-mask-prompt",
                     msg.role
                 ));
             }
-            spans.push((before.len(), upto.len()));
+            spans.push((before.len(), end));
         }
         let target = offsets
             .iter()
-            .map(|&(start, end)| end > start && spans.iter().any(|&(a, b)| start >= a && start < b))
+            .map(|&(start, end)| end > start && spans.iter().any(|&(a, b)| start >= a && end <= b))
             .collect();
         return Ok(Example { ids, target });
     }
     Err("expected `text`, `prompt` + `completion`, or `messages`".into())
+}
+
+/// Length in bytes of the longest common prefix of `a` and `b` (whole characters).
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.char_indices().zip(b.chars()).find(|((_, x), y)| x != y).map_or(a.len().min(b.len()), |((i, _), _)| i)
 }
 
 fn finish(examples: Vec<Example>, max_seq_len: usize) -> LoadedData {
