@@ -77,23 +77,6 @@ fn gguf_matches_transformers() {
     assert!((loss - fx["loss"].as_f64().unwrap()).abs() < 1e-3, "loss {loss} vs {}", fx["loss"]);
 }
 
-const NAMES: [&str; 24] = [
-    "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj", "Olivia",
-    "Peggy", "Rupert", "Sybil", "Trent", "Victor", "Walter", "Yvonne", "Zoe", "Quinn", "Uma", "Xavier",
-];
-
-/// Prompt/completion pairs of a made-up, learnable pattern; the last 6 are held out.
-fn write_data(dir: &Path) {
-    let colors = ["red", "blue", "green", "yellow", "purple", "orange"];
-    let animals = ["cats", "dogs", "birds", "fish"];
-    let line = |i: usize, n: &str| {
-        serde_json::json!({"prompt": format!("Question: What does {n} like?\nAnswer:"), "completion": format!(" {n} likes {} {}.", colors[i * 7 % 6], animals[i * 5 % 4])}).to_string()
-    };
-    let all: Vec<String> = NAMES.iter().enumerate().map(|(i, n)| line(i, n)).collect();
-    std::fs::write(dir.join("train.jsonl"), all[..18].join("\n") + "\n").unwrap();
-    std::fs::write(dir.join("val.jsonl"), all[18..].join("\n") + "\n").unwrap();
-}
-
 fn config(dir: &Path, out: &str, steps: usize) -> TrainConfig {
     TrainConfig {
         model: common::smollm2_gguf().display().to_string(),
@@ -113,7 +96,7 @@ fn config(dir: &Path, out: &str, steps: usize) -> TrainConfig {
 #[test]
 fn fine_tune_end_to_end() {
     let dir = common::temp_dir("smollm2-e2e");
-    write_data(&dir);
+    common::write_pattern_data(&dir);
 
     // 1. A real fine-tune: held-out loss and training loss fall.
     let mut t = quiet(config(&dir, "run", 10));
@@ -210,7 +193,7 @@ enum Base {
 
 fn adapter_end_to_end(name: &str, dora: bool, dropout: f64, parameters: usize, base: Base) {
     let dir = common::temp_dir(&format!("smollm2-{name}"));
-    write_data(&dir);
+    common::write_pattern_data(&dir);
     let adapter_config = |out: &str, steps: usize| {
         let mut cfg = config(&dir, out, steps);
         cfg.lora = true;

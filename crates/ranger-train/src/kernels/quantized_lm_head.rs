@@ -13,7 +13,7 @@ use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_op::{FusedOp2, Input, Out};
-use super::float::Float;
+use super::float::{wide_sum, Float};
 use super::gemm::gemm_strided;
 use super::lm_head::IGNORE_TARGET;
 use super::quantized::QuantizedWeight;
@@ -82,7 +82,7 @@ fn linear_ce<T: Float>(x: &[T], w: &QuantizedWeight, t: &[u32], h: usize, grads:
             let rescaled = if st.sum == T::zero() { T::zero() } else { st.sum * (st.max - m).exp() };
             l.iter_mut().for_each(|x| *x -= m);
             T::exp_in_place(l);
-            st.sum = l.iter().fold(rescaled, |s, &x| s + x);
+            st.sum = rescaled + wide_sum(l);
             st.max = m;
         });
     })?;

@@ -280,3 +280,48 @@ fn lora_over_a_quantized_base_is_lora_over_the_dequantized_one() {
         assert!(d < 1e-4, "{name} gradient differs by {d}");
     }
 }
+
+/// The fused LM head + loss in f32 over a real vocabulary's length (Gemma 3's 262,144) with a
+/// peaked distribution, as a trained model's is: one logit at 0 and the rest near -20, whose
+/// exponentials (~1e-9 each) vanish one by one against a running f32 sum of 1 but add up to
+/// ~9e-4 of the loss. Dense and quantized heads, training and evaluation, against the loss
+/// computed in f64.
+#[test]
+fn the_lm_head_loss_keeps_a_long_vocabulary_s_small_terms() {
+    use super::quantized::QuantizedWeight;
+    use super::quantized_lm_head::QuantizedLinearCrossEntropy;
+    use candle_core::quantized::GgmlDType;
+    let (v, h) = (262_144, 32);
+    let mut rng = Rng::new(5);
+    // x = e_0, so row i's logit is w[i, 0]: the target's (0) is 0, the others -20 + N(0, 1).
+    let mut w = vec![0f32; v * h];
+    for i in 1..v {
+        w[i * h] = -20.0 + rng.normal() as f32;
+    }
+    let mut x = vec![0f32; h];
+    x[0] = 1.0;
+    let dev = Device::Cpu;
+    let x = Tensor::from_vec(x, (1, h), &dev).unwrap();
+    let t = Tensor::new(&[0u32], &dev).unwrap();
+    let loss_of = |w: &[f32]| {
+        let lse = (0..v).map(|i| (w[i * h] as f64).exp()).sum::<f64>().ln();
+        lse - w[0] as f64
+    };
+    let dense = Tensor::from_vec(w.clone(), (v, h), &dev).unwrap();
+    let want = loss_of(&w);
+    assert!(want > 8e-4, "the small terms carry {want} of the loss");
+    for grads in [false, true] {
+        let got = x.apply_op3(&dense, &t, Fused(LinearCrossEntropy::new(grads, grads))).unwrap();
+        let got = got.to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want).abs() < 1e-6 * want.max(1.0), "dense head, grads {grads}: {got} vs {want}");
+    }
+    // Q8_0 blocks of 32: each row's one value is kept to its block's scale.
+    let q = QuantizedWeight::quantize(&dense, GgmlDType::Q8_0).unwrap().with_dtype(candle_core::DType::F32);
+    let deq: Vec<f32> = q.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let want = loss_of(&deq);
+    for grads in [false, true] {
+        let got = x.apply_op2(&t, Fused(QuantizedLinearCrossEntropy::new(q.clone(), grads))).unwrap();
+        let got = got.to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want).abs() < 1e-6 * want.max(1.0), "quantized head, grads {grads}: {got} vs {want}");
+    }
+}
