@@ -72,6 +72,14 @@ fn chat_templates_render_as_transformers_renders_them() {
             assert_eq!(ex.ids[..ex.ids.len() - 1], want[..], "{name}: a text record's ids");
             assert_eq!(ex.ids.last().copied(), tok.eos_id, "{name}: a text record ends with eos");
         }
+        // A chat reply stops at the token that closes the template's assistant turn.
+        let turn_end = ranger_train::generate::turn_end_id(&tok).map(|id| tok.inner.id_to_token(id).unwrap());
+        let want = match name {
+            "gemma2" | "gemma3" => Some("<end_of_turn>"),
+            "phi3" => Some("<|end|>"),
+            _ => None, // SmolLM3's `<|im_end|>` is not a token of the Phi-3 tokenizer it is rendered with
+        };
+        assert_eq!(turn_end.as_deref(), want, "{name}: the end of an assistant turn");
         eprintln!("{name}: {} renderings as transformers', {with_ids} with its ids, {masks} masks", cases.len());
     }
 }

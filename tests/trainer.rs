@@ -277,6 +277,32 @@ fn resume_refuses_other_data_or_options() {
     assert!(err.contains("different options"), "{err}");
 }
 
+/// `--chat-template`: a model without a template (as a base model's GGUF file) refuses `messages`
+/// data and names the option; given a template file it trains, and the saved model carries the
+/// template; a missing file is named.
+#[test]
+fn a_chat_template_file_renders_messages_for_a_model_without_one() {
+    let dir = setup("chat-template");
+    let tc = dir.join("model/tokenizer_config.json");
+    let mut config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    let template = config_json.as_object_mut().unwrap().remove("chat_template").unwrap();
+    write(&tc, &config_json.to_string());
+    let err = prepare(config(&dir, 2)).err().expect("messages data needs a template").to_string();
+    assert!(err.contains("train.jsonl:3") && err.contains("--chat-template"), "{err}");
+
+    let file = dir.join("chat.jinja");
+    let mut cfg = config(&dir, 2);
+    cfg.chat_template = Some(file.display().to_string());
+    let err = prepare(cfg.clone()).err().expect("a missing template file").to_string();
+    assert!(err.contains("chat.jinja"), "{err}");
+    write(&file, template.as_str().unwrap());
+    let s = quiet(cfg).run().unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.output.unwrap().join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["chat_template"], template, "the saved model carries the template it trained with");
+}
+
 /// A checkpoint whose tensor bytes were damaged on disk (one flipped byte past the header, which
 /// safetensors itself does not notice) is refused, naming the file and the checkpoint before it;
 /// that one resumes, and so does one without checksums (written before they were recorded).

@@ -96,11 +96,19 @@ struct ModelArg {
     /// Hub revision (branch, tag or commit) when --model is a Hub id.
     #[arg(long)]
     revision: Option<String>,
+    /// A Jinja chat template file to use instead of the model's own (for a model without one,
+    /// such as a base model's GGUF file); a folder this command writes carries it.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
 }
 
 impl ModelArg {
     fn load(&self) -> Result<LoadedModel> {
-        Ok(source::load(&self.model, &HubOptions { revision: self.revision.clone() })?)
+        let mut loaded = source::load(&self.model, &HubOptions { revision: self.revision.clone() })?;
+        if let Some(path) = &self.chat_template {
+            loaded.tokenizer = loaded.tokenizer.with_chat_template_file(path)?;
+        }
+        Ok(loaded)
     }
 }
 

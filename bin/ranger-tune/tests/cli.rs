@@ -93,6 +93,7 @@ fn help_documents_every_flag() {
         "--eval-weights",
         "--pack",
         "--no-mask-prompt",
+        "--chat-template",
         "--config",
         "--lora",
         "--lora-rank",
@@ -112,7 +113,12 @@ fn help_documents_every_flag() {
     ] {
         assert!(t.contains(flag), "train --help lacks {flag}");
     }
-    assert!(run(&["generate", "--help"]).status.success());
+    for command in ["generate", "eval", "merge"] {
+        assert!(
+            text(&run_ok(&[command, "--help"])).contains("--chat-template"),
+            "{command} --help lacks --chat-template"
+        );
+    }
     assert!(run(&["convert", "--help"]).status.success());
     assert!(run(&["merge", "--help"]).status.success());
     assert!(run(&["predict", "--help"]).status.success());
@@ -120,6 +126,24 @@ fn help_documents_every_flag() {
     for flag in ["--model", "--adapter", "--data", "--max-seq-length", "--no-mask-prompt", "--batch-size", "--json"] {
         assert!(t.contains(flag), "eval --help lacks {flag}");
     }
+}
+
+/// `generate --chat` on a model without a chat template is refused naming `--chat-template`;
+/// with a template file it answers.
+#[test]
+fn generate_chat_takes_a_template_file_for_a_model_without_one() {
+    let d = workdir("chat-template");
+    let tc = d.join("model/tokenizer_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    let template = config.as_object_mut().unwrap().remove("chat_template").unwrap();
+    std::fs::write(&tc, config.to_string()).unwrap();
+    let model = d.join("model");
+    let args = ["generate", "--model", p(&model), "--chat", "--prompt", "sky", "--max-tokens", "3"];
+    let o = run(&[&args[..], &["--device", "cpu"]].concat());
+    assert!(!o.status.success() && text(&o).contains("--chat-template"), "{}", text(&o));
+    let file = d.join("chat.jinja");
+    std::fs::write(&file, template.as_str().unwrap()).unwrap();
+    run_ok(&[&args[..], &["--device", "cpu", "--chat-template", p(&file)]].concat());
 }
 
 /// `eval --json` on `model` (with `extra` flags): the reported loss.

@@ -42,8 +42,25 @@ pub fn stop_ids(tok: &TextTokenizer, generation_config: Option<&Value>) -> Vec<u
     ids
 }
 
+/// The special token that closes an assistant turn in the chat template (Gemma's
+/// `<end_of_turn>`, ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`): the first token after the
+/// reply when a one-exchange conversation is rendered, if that token is a special one. A chat
+/// reply stops there even where the model's EOS is another token (a base model's GGUF file
+/// given a template with `--chat-template`).
+pub fn turn_end_id(tok: &TextTokenizer) -> Option<u32> {
+    const REPLY: &str = "Glimmerholm";
+    let messages = [
+        Message { role: "user".into(), content: "Where?".into() },
+        Message { role: "assistant".into(), content: REPLY.into() },
+    ];
+    let text = tok.apply_chat_template(&messages, false).ok()?;
+    let after = &text[text.rfind(REPLY)? + REPLY.len()..];
+    let first = *tok.encode(after, false).ok()?.0.first()?;
+    tok.inner.get_added_tokens_decoder().get(&first).filter(|t| t.special).map(|_| first)
+}
+
 /// Generates a continuation of `prompt`; returns the new text only. `on_token` sees each piece
-/// of text as it is produced.
+/// of text as it is produced. A chat reply (`opts.chat`) also stops at [`turn_end_id`].
 pub fn generate(
     model: &LlamaModel,
     tok: &TextTokenizer,
@@ -60,6 +77,10 @@ pub fn generate(
     let (ids, _) = tok.encode(&text, !opts.chat)?;
     if ids.is_empty() {
         return Err(crate::TrainError::EmptyPrompt);
+    }
+    let mut stop = stop.to_vec();
+    if opts.chat {
+        stop.extend(turn_end_id(tok));
     }
     let sampling = if opts.temperature <= 0.0 {
         Sampling::ArgMax

@@ -102,6 +102,20 @@ impl TextTokenizer {
         }
     }
 
+    /// This tokenizer with `template` as its chat template instead of its own.
+    pub fn with_chat_template(self, template: String) -> Self {
+        Self::new(self.inner, self.config, Some(template))
+    }
+
+    /// This tokenizer with the chat template read from the file `path` (`--chat-template`).
+    pub fn with_chat_template_file(self, path: &Path) -> Result<Self> {
+        let template = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+        if template.trim().is_empty() {
+            return Err(TrainError::Template(format!("{}: the chat template file is empty", path.display())));
+        }
+        Ok(self.with_chat_template(template))
+    }
+
     /// Token ids and byte offsets of `text`.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Offsets)> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| TrainError::Tokenizer(e.to_string()))?;
@@ -116,7 +130,7 @@ impl TextTokenizer {
     /// Renders `messages` with the chat template.
     pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
-            TrainError::Template("this tokenizer has no chat_template, so `messages` data cannot be rendered".into())
+            TrainError::Template("this tokenizer has no chat_template, so `messages` data cannot be rendered (give one with --chat-template FILE)".into())
         })?;
         let env = self
             .compiled

@@ -102,6 +102,7 @@ mod tests {
             max_seq_length: 64,
             pack: true,
             mask_prompt: false,
+            chat_template: Some("chat.jinja".into()),
             text_column: "sentence".into(),
             text_pair_column: Some("hypothesis".into()),
             label_column: "y".into(),

@@ -57,6 +57,11 @@ pub struct TrainConfig {
     /// the other turns.
     #[arg(long = "no-mask-prompt", action = ArgAction::SetFalse, help_heading = DATA)]
     pub mask_prompt: bool,
+    /// A Jinja chat template file that renders `messages` data instead of the model's own (for
+    /// a model without one, such as a base model's GGUF file). The output's tokenizer files
+    /// carry it, so the trained model chats with it.
+    #[arg(long, value_name = "FILE", help_heading = DATA)]
+    pub chat_template: Option<String>,
 
     /// The column (CSV header or JSON key) holding the text.
     #[arg(long, default_value = "text", help_heading = CLASSIFY)]

@@ -157,6 +157,10 @@ pub fn prepare_with_model(mut cfg: TrainConfig, mut loaded: LoadedModel, device:
         })?;
     }
     let LoadedModel { config, weights, quantized, tokenizer, generation_config, origin } = loaded;
+    let tokenizer = match &cfg.chat_template {
+        Some(path) => tokenizer.with_chat_template_file(Path::new(path))?,
+        None => tokenizer,
+    };
     let dropout_seed = DropoutSeed::default();
     let inputs = TaskInputs {
         weights,
