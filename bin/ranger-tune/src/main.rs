@@ -6,7 +6,7 @@
 mod resume_command;
 mod stop;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -97,12 +97,30 @@ struct ModelArg {
     #[arg(long)]
     revision: Option<String>,
     /// A Jinja chat template file to use instead of the model's own (for a model without one,
-    /// such as a base model's GGUF file); a folder this command writes carries it.
+    /// such as a base model's GGUF file); a folder this command writes carries it. Without it,
+    /// such a model takes the template of the --adapter folder, if that has one.
     #[arg(long, value_name = "FILE")]
     chat_template: Option<PathBuf>,
 }
 
 impl ModelArg {
+    /// The model, with `--chat-template`'s template if given, else, for a model without one,
+    /// the template of `adapter`'s folder (a run trained with `--chat-template` saves it there).
+    fn load_with_adapter(&self, adapter: Option<&Path>) -> Result<LoadedModel> {
+        let mut loaded = self.load()?;
+        if let (None, Some(dir)) = (&loaded.tokenizer.chat_template, adapter) {
+            let path = dir.join("tokenizer_config.json");
+            if path.exists() {
+                let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+                    .with_context(|| format!("{}: not valid JSON", path.display()))?;
+                if let Some(template) = config.get("chat_template").and_then(|t| t.as_str()) {
+                    loaded.tokenizer = loaded.tokenizer.with_chat_template(template.to_string());
+                }
+            }
+        }
+        Ok(loaded)
+    }
+
     fn load(&self) -> Result<LoadedModel> {
         let mut loaded = source::load(&self.model, &HubOptions { revision: self.revision.clone() })?;
         if let Some(path) = &self.chat_template {
@@ -340,7 +358,7 @@ fn frozen_causal_lm(
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let loaded = a.model.load()?;
+    let loaded = a.model.load_with_adapter(a.adapter.as_deref())?;
     let stop = stop_ids(&loaded.tokenizer, loaded.generation_config.as_ref());
     let (model, tokenizer) = frozen_causal_lm(loaded, a.adapter.as_deref(), candle_core::DType::F32, &device)?;
     let opts = GenerateOptions {
@@ -361,7 +379,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 
 fn run_eval(a: EvalArgs) -> Result<()> {
     let device = parse_device(&a.device)?;
-    let loaded = a.model.load()?;
+    let loaded = a.model.load_with_adapter(a.adapter.as_deref())?;
     loaded.decoder().with_context(|| "eval scores causal LMs; score a classifier with `predict --label-column`")?;
     let (model, tokenizer) = frozen_causal_lm(loaded, a.adapter.as_deref(), a.dtype.dtype(), &device)?;
     let opts = DataOptions { max_seq_len: a.max_seq_length, pack: false, mask_prompt: a.mask_prompt };
@@ -388,7 +406,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
-    let base = a.model.load()?;
+    let base = a.model.load_with_adapter(Some(&a.adapter))?;
     let what = match merge_adapter(base, &a.adapter, &a.output, a.dtype.dtype())? {
         Merged::Classifier => "classifier",
         Merged::CausalLm => "base",

@@ -144,6 +144,18 @@ fn generate_chat_takes_a_template_file_for_a_model_without_one() {
     let file = d.join("chat.jinja");
     std::fs::write(&file, template.as_str().unwrap()).unwrap();
     run_ok(&[&args[..], &["--device", "cpu", "--chat-template", p(&file)]].concat());
+    // A LoRA run trained with the template saves it with the adapter, where `generate` and
+    // `merge` find it for the model that lacks one.
+    let out = d.join("lora");
+    let o = train_into(&d, &out).args(["--lora", "--max-steps", "1", "--chat-template", p(&file)]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let adapter = out.join("adapter");
+    run_ok(&[&args[..], &["--device", "cpu", "--adapter", p(&adapter)]].concat());
+    let merged = d.join("merged");
+    run_ok(&["merge", "--model", p(&model), "--adapter", p(&adapter), "--output", p(&merged)]);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["chat_template"], template, "the merged folder carries the adapter's template");
 }
 
 /// `eval --json` on `model` (with `extra` flags): the reported loss.
