@@ -283,10 +283,7 @@ fn resume_refuses_other_data_or_options() {
 #[test]
 fn a_chat_template_file_renders_messages_for_a_model_without_one() {
     let dir = setup("chat-template");
-    let tc = dir.join("model/tokenizer_config.json");
-    let mut config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
-    let template = config_json.as_object_mut().unwrap().remove("chat_template").unwrap();
-    write(&tc, &config_json.to_string());
+    let template = ranger_train::testing::take_chat_template(&dir.join("model"));
     let err = prepare(config(&dir, 2)).err().expect("messages data needs a template").to_string();
     assert!(err.contains("train.jsonl:3") && err.contains("--chat-template"), "{err}");
 

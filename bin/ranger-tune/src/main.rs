@@ -109,13 +109,8 @@ impl ModelArg {
     fn load_with_adapter(&self, adapter: Option<&Path>) -> Result<LoadedModel> {
         let mut loaded = self.load()?;
         if let (None, Some(dir)) = (&loaded.tokenizer.chat_template, adapter) {
-            let path = dir.join("tokenizer_config.json");
-            if path.exists() {
-                let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
-                    .with_context(|| format!("{}: not valid JSON", path.display()))?;
-                if let Some(template) = config.get("chat_template").and_then(|t| t.as_str()) {
-                    loaded.tokenizer = loaded.tokenizer.with_chat_template(template.to_string());
-                }
+            if let Some(template) = ranger_train::tokenizer::read_chat_template(dir)? {
+                loaded.tokenizer = loaded.tokenizer.with_chat_template(template);
             }
         }
         Ok(loaded)

@@ -133,10 +133,7 @@ fn help_documents_every_flag() {
 #[test]
 fn generate_chat_takes_a_template_file_for_a_model_without_one() {
     let d = workdir("chat-template");
-    let tc = d.join("model/tokenizer_config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
-    let template = config.as_object_mut().unwrap().remove("chat_template").unwrap();
-    std::fs::write(&tc, config.to_string()).unwrap();
+    let template = ranger_train::testing::take_chat_template(&d.join("model"));
     let model = d.join("model");
     let args = ["generate", "--model", p(&model), "--chat", "--prompt", "sky", "--max-tokens", "3"];
     let o = run(&[&args[..], &["--device", "cpu"]].concat());

@@ -264,6 +264,17 @@ impl Drop for TempDir {
     }
 }
 
+/// Removes the chat template from the `tokenizer_config.json` of the model folder `dir` (as a
+/// base model without one has it) and returns it (panics if there is none: this is for tests).
+pub fn take_chat_template(dir: &Path) -> Value {
+    let path = dir.join("tokenizer_config.json");
+    let read = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut config: Value = serde_json::from_str(&read).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let template = config.as_object_mut().and_then(|c| c.remove("chat_template")).expect("a chat template");
+    std::fs::write(&path, config.to_string()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    template
+}
+
 /// An empty folder `ranger-test-<name>-<pid>` in the system's temporary folder, removed when
 /// dropped (panics if it cannot be made: this is for tests).
 pub fn temp_dir(name: &str) -> TempDir {

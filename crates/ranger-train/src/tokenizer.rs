@@ -54,29 +54,45 @@ fn token_text(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// The chat template of the folder `dir` whose `tokenizer_config.json` is `config`: its
+/// `chat_template` (a string, or the entry named `default` of a list), else the file
+/// `chat_template.jinja` (where newer checkpoints keep it).
+fn template_in(config: &Value, dir: &Path) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    Ok(match config.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template").and_then(Value::as_str).map(String::from)),
+        _ if jinja.exists() => Some(std::fs::read_to_string(&jinja).map_err(TrainError::io(&jinja))?),
+        _ => None,
+    })
+}
+
+/// The `tokenizer_config.json` of the folder `dir` (an empty object when it has none).
+fn read_config(dir: &Path) -> Result<Value> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.exists() {
+        return Ok(Value::Object(Default::default()));
+    }
+    let text = std::fs::read_to_string(&path).map_err(TrainError::io(&path))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Tokenizer(format!("{}: {e}", path.display())))
+}
+
+/// The chat template a tokenizer folder holds (see [`TextTokenizer::from_dir`]), without loading
+/// its tokenizer; `None` when it has none.
+pub fn read_chat_template(dir: &Path) -> Result<Option<String>> {
+    template_in(&read_config(dir)?, dir)
+}
+
 impl TextTokenizer {
     /// Loads `tokenizer.json` and (if present) `tokenizer_config.json` from `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         let inner = Tokenizer::from_file(&tj).map_err(|e| TrainError::Tokenizer(format!("{}: {e}", tj.display())))?;
-        let cfg_path = dir.join("tokenizer_config.json");
-        let config: Value = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(TrainError::io(&cfg_path))?;
-            serde_json::from_str(&text).map_err(|e| TrainError::Tokenizer(format!("{}: {e}", cfg_path.display())))?
-        } else {
-            Value::Object(Default::default())
-        };
-        // Newer checkpoints keep the template in chat_template.jinja.
-        let jinja = dir.join("chat_template.jinja");
-        let chat_template = match config.get("chat_template") {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .and_then(|t| t.get("template").and_then(Value::as_str).map(String::from)),
-            _ if jinja.exists() => Some(std::fs::read_to_string(&jinja).map_err(TrainError::io(&jinja))?),
-            _ => None,
-        };
+        let config = read_config(dir)?;
+        let chat_template = template_in(&config, dir)?;
         Ok(Self::new(inner, config, chat_template))
     }
 
