@@ -1,23 +1,40 @@
-//! What ranger-tune writes for each decoder family has the layout transformers and PEFT wrote
-//! for it (tests/fixtures/families, by tools/make_family_fixtures.py): a full fine-tune's model
-//! folder holds exactly the tensors (names, shapes, dtypes) of the folder transformers saved for
-//! the family, with its `model_type` and architecture, and a LoRA run's adapter exactly the
-//! tensors of the adapter PEFT saved with the same rank and targets (GPT-2: `fan_in_fan_out`).
-//! So `from_pretrained` finds every key it expects and no other. That the values then give the
-//! same logits in transformers and PEFT is checked by hand (README: `tools/check_eval_loss.py`,
-//! `tools/check_peft_load.py`; CI has no torch).
+//! What ranger-tune writes for each new family is what transformers and PEFT load.
+//!
+//! - **Layout (asserted here):** a full fine-tune's model folder holds exactly the tensors (names,
+//!   shapes, dtypes) of the folder transformers saved for the family (tests/fixtures/families, by
+//!   tools/make_family_fixtures.py), with its `model_type` and architecture; a LoRA run's adapter
+//!   exactly the tensors of the adapter PEFT saved with the same rank and targets (GPT-2:
+//!   `fan_in_fan_out`). So `from_pretrained` finds every key it expects and no other.
+//! - **Values (checked by transformers itself):** every family is also trained as a causal LM
+//!   (full, LoRA, and the LoRA merged) and as a sequence classifier (full, LoRA, merged; ModernBERT
+//!   as a classifier only), two steps each, and each result's logits on fixed ids are computed
+//!   here as `generate`, `eval` and `predict` load the folders. With `RANGER_INTEROP_DIR` set, the
+//!   folders and those logits (`interop.json`) are kept under it, one folder per family, and
+//!   `tools/check_family_interop.py` (run by `.ci/run`) loads each with transformers'
+//!   `AutoModelFor…` and PEFT and compares.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
+use ranger_train::build::{ModelBuilder, Tuning};
+use ranger_train::classify::{collate, LabeledText};
+use ranger_train::config::TaskKind;
+use ranger_train::merge::merge_adapter;
+use ranger_train::predict::load_classifier;
+use ranger_train::source::{load, HubOptions};
+use ranger_train::testing::{tiny_encoder_config, write_tiny_encoder};
 use ranger_train::TrainConfig;
 use serde_json::{json, Value};
 
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families").join(family)
 }
 
 /// Name -> (shape, dtype) of every tensor of a safetensors file.
@@ -26,44 +43,216 @@ fn layout(path: &Path) -> BTreeMap<String, (Vec<usize>, String)> {
     tensors.into_iter().map(|(n, t)| (n, (t.dims().to_vec(), format!("{:?}", t.dtype())))).collect()
 }
 
+/// Fixed ids over the tiny vocabularies (both tokenizers' words start at id 4 or below), the
+/// same length in every row, so no padding is involved.
+const IDS: [[u32; 8]; 2] = [[5, 9, 12, 7, 20, 6, 14, 8], [30, 4, 11, 11, 25, 17, 9, 33]];
+
+fn ids_tensor() -> Tensor {
+    Tensor::new(&IDS, &Device::Cpu).unwrap()
+}
+
+fn flat(t: &Tensor) -> (Vec<usize>, Vec<f32>) {
+    (t.dims().to_vec(), t.flatten_all().unwrap().to_vec1().unwrap())
+}
+
+/// Our logits for [`IDS`] from the causal LM in `model` (with the PEFT adapter in `adapter`),
+/// built as `generate` and `eval` build it.
+fn causal_logits(model: &Path, adapter: Option<&Path>) -> (Vec<usize>, Vec<f32>) {
+    let loaded = load(model.to_str().unwrap(), &HubOptions::default()).unwrap();
+    let config = loaded.decoder().unwrap().clone();
+    let builder = ModelBuilder {
+        dtype: DType::F32,
+        device: &Device::Cpu,
+        tuning: adapter.map_or(Tuning::Frozen, Tuning::WithAdapter),
+    };
+    let built = builder.causal_lm(config, loaded.weights, &loaded.origin).unwrap();
+    flat(&built.model.forward_ids(&ids_tensor()).unwrap())
+}
+
+/// Our class logits for [`IDS`] from the classifier in `model` (or base + adapter), loaded as
+/// `predict` loads it.
+fn classifier_logits(model: &Path, adapter: Option<&Path>) -> (Vec<usize>, Vec<f32>) {
+    let loaded = load(model.to_str().unwrap(), &HubOptions::default()).unwrap();
+    let clf = load_classifier(loaded, adapter, DType::F32, &Device::Cpu).unwrap();
+    let texts: Vec<LabeledText> =
+        IDS.iter().map(|row| LabeledText { ids: row.to_vec(), type_ids: vec![0; row.len()], label: 0 }).collect();
+    let refs: Vec<&LabeledText> = texts.iter().collect();
+    let batch = collate(&refs, clf.tokenizer.pad_id, clf.model.mask_kind(), DType::F32, &Device::Cpu).unwrap();
+    flat(&clf.model.forward(&batch).unwrap())
+}
+
+/// One result for tools/check_family_interop.py: folders relative to the family's folder.
+fn case(
+    what: &str,
+    task: &str,
+    model: &str,
+    adapter: Option<&str>,
+    base: Option<&str>,
+    out: (Vec<usize>, Vec<f32>),
+) -> Value {
+    json!({"what": what, "task": task, "model": model, "adapter": adapter, "base": base,
+           "input_ids": IDS, "shape": out.0, "logits": out.1})
+}
+
+/// A folder holding the fixture folder `src`'s config.json and model.safetensors, with a
+/// tiny word-level tokenizer (encoder-style for ModernBERT).
+fn model_folder(src: &Path, dst: &Path, encoder: bool) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let vocab = read_json(&dst.join("config.json"))["vocab_size"].as_u64().unwrap() as usize;
+    let (tokenizer, tokenizer_config, needed) = if encoder {
+        (
+            ranger_train::testing::tiny_encoder_tokenizer_json(),
+            json!({"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}),
+            ranger_train::testing::TINY_ENCODER_VOCAB,
+        )
+    } else {
+        (common::tiny_tokenizer_json(), json!({"eos_token": "<eos>", "pad_token": "<pad>"}), common::TINY_VOCAB)
+    };
+    assert!(needed <= vocab, "{}: vocabulary {vocab} < {needed}", src.display());
+    std::fs::write(dst.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::write(dst.join("tokenizer_config.json"), tokenizer_config.to_string()).unwrap();
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), to).unwrap();
+        }
+    }
+}
+
+/// Keeps `dir` (a family's folders and `interop.json`) under `RANGER_INTEROP_DIR`, if set.
+fn export(dir: &Path, family: &str, cases: Vec<Value>) {
+    std::fs::write(
+        dir.join("interop.json"),
+        serde_json::to_string(&json!({"family": family, "cases": cases})).unwrap(),
+    )
+    .unwrap();
+    if let Some(root) = std::env::var_os("RANGER_INTEROP_DIR") {
+        let to = Path::new(&root).join(family);
+        let _ = std::fs::remove_dir_all(&to);
+        copy_dir(dir, &to);
+        eprintln!("{family}: kept for tools/check_family_interop.py in {}", to.display());
+    }
+}
+
+/// Two training steps of `cfg`'s model on `data`, full or LoRA: the output folder.
+fn train(cfg: &TrainConfig, out: &Path, lora: bool) -> PathBuf {
+    let cfg = TrainConfig { output: out.display().to_string(), lora, ..cfg.clone() };
+    common::quiet(cfg).run().unwrap().output.unwrap()
+}
+
+/// Three-label classification records over the tiny vocabulary.
+fn classify_data(path: &Path) {
+    let lines: Vec<String> = common::WORDS
+        .chunks(4)
+        .enumerate()
+        .map(|(i, w)| json!({"text": w.join(" "), "label": format!("LABEL_{}", i % 3)}).to_string())
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+/// The classifier runs of a family from `base` (full, LoRA, merged), with our logits.
+fn classifier_cases(dir: &Path, base: &str) -> (Vec<Value>, PathBuf) {
+    classify_data(&dir.join("classify.jsonl"));
+    let cfg = TrainConfig {
+        task: TaskKind::Classify,
+        model: dir.join(base).display().to_string(),
+        data: dir.join("classify.jsonl").display().to_string(),
+        max_seq_length: 16,
+        batch_size: 4,
+        max_steps: Some(12),
+        learning_rate: Some(2e-2),
+        lora_rank: 4,
+        ..Default::default()
+    };
+    let full = train(&cfg, &dir.join("cls_full"), false);
+    let adapter = train(&cfg, &dir.join("cls_lora"), true);
+    merge_adapter(
+        load(dir.join(base).to_str().unwrap(), &HubOptions::default()).unwrap(),
+        &adapter,
+        &dir.join("cls_merged"),
+        DType::F32,
+    )
+    .unwrap();
+    let rel = |p: &Path| p.strip_prefix(dir).unwrap().display().to_string();
+    let lora_out = classifier_logits(&dir.join(base), Some(&adapter));
+    let merged_out = classifier_logits(&dir.join("cls_merged"), None);
+    assert_close(&merged_out.1, &lora_out.1, "merged classifier against base + adapter");
+    let cases = vec![
+        case("classifier, full fine-tune", "classify", &rel(&full), None, None, classifier_logits(&full, None)),
+        case("classifier, LoRA (PEFT)", "classify", base, Some(&rel(&adapter)), Some(base), lora_out),
+        case("classifier, LoRA merged", "classify", "cls_merged", None, None, merged_out),
+    ];
+    (cases, full)
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "{what}: {worst}");
+}
+
+/// The causal-LM runs of the model in `dir/base` on `dir/data.jsonl` (full, LoRA with
+/// `lora_targets` at rank 4 (empty: the default targets), merged), with our logits; and the
+/// full run's model folder and the adapter's folder.
+fn causal_cases(dir: &Path, lora_targets: Vec<String>) -> (Vec<Value>, PathBuf, PathBuf) {
+    let cfg = TrainConfig {
+        model: dir.join("base").display().to_string(),
+        data: dir.join("data.jsonl").display().to_string(),
+        max_seq_length: 16,
+        batch_size: 2,
+        max_steps: Some(12),
+        lora_rank: 4,
+        lora_targets,
+        ..Default::default()
+    };
+    let full = train(&cfg, &dir.join("full"), false);
+    let adapter = train(&cfg, &dir.join("lora"), true);
+    let base = load(dir.join("base").to_str().unwrap(), &HubOptions::default()).unwrap();
+    merge_adapter(base, &adapter, &dir.join("merged"), DType::F32).unwrap();
+    let rel = |p: &Path| p.strip_prefix(dir).unwrap().display().to_string();
+    let base_out = causal_logits(&dir.join("base"), None);
+    let lora_out = causal_logits(&dir.join("base"), Some(&adapter));
+    // Training moved the adapter off zero (PEFT's B starts at 0), so the check sees its values.
+    let moved = lora_out.1.iter().zip(&base_out.1).any(|(a, b)| (a - b).abs() > 1e-4);
+    assert!(moved, "{}: the adapter changed nothing", dir.display());
+    let merged_out = causal_logits(&dir.join("merged"), None);
+    assert_close(&merged_out.1, &lora_out.1, "merged causal LM against base + adapter");
+    let cases = vec![
+        case("causal LM, full fine-tune", "causal", &rel(&full), None, None, causal_logits(&full, None)),
+        case("causal LM, LoRA (PEFT)", "causal", "base", Some(&rel(&adapter)), Some("base"), lora_out),
+        case("causal LM, LoRA merged", "causal", "merged", None, None, merged_out),
+    ];
+    (cases, full, adapter)
+}
+
+fn text_data(path: &Path) {
+    let lines: Vec<String> = common::WORDS.chunks(5).map(|w| json!({"text": w.join(" ")}).to_string()).collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
 #[test]
-fn every_decoder_family_writes_transformers_and_peft_layouts() {
+fn every_decoder_family_writes_what_transformers_and_peft_load() {
     for family in ["gemma2", "gemma3", "phi3", "phi4mini", "smollm3", "gpt2"] {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families").join(family);
+        let fixture = fixture(family);
         let dir = common::temp_dir(&format!("layout-{family}"));
         // The fixture's model with the tiny word-level tokenizer (its 40-token vocabulary holds it).
-        let base = dir.join("base");
-        std::fs::create_dir_all(&base).unwrap();
-        for f in ["config.json", "model.safetensors"] {
-            std::fs::copy(fixture.join("base").join(f), base.join(f)).unwrap();
-        }
-        assert!(common::TINY_VOCAB <= read_json(&base.join("config.json"))["vocab_size"].as_u64().unwrap() as usize);
-        std::fs::write(base.join("tokenizer.json"), common::tiny_tokenizer_json().to_string()).unwrap();
-        std::fs::write(
-            base.join("tokenizer_config.json"),
-            json!({"eos_token": "<eos>", "pad_token": "<pad>"}).to_string(),
-        )
-        .unwrap();
-        let lines: Vec<String> = common::WORDS.chunks(5).map(|w| json!({"text": w.join(" ")}).to_string()).collect();
-        std::fs::write(dir.join("data.jsonl"), lines.join("\n")).unwrap();
+        model_folder(&fixture.join("base"), &dir.join("base"), false);
+        text_data(&dir.join("data.jsonl"));
         let adapter_config = read_json(&fixture.join("lora/adapter_config.json"));
-        let run = |out: &str, lora: bool| {
-            let cfg = TrainConfig {
-                model: base.display().to_string(),
-                data: dir.join("data.jsonl").display().to_string(),
-                output: dir.join(out).display().to_string(),
-                max_seq_length: 16,
-                batch_size: 2,
-                max_steps: Some(2),
-                lora,
-                lora_rank: adapter_config["r"].as_u64().unwrap() as usize,
-                lora_targets: serde_json::from_value(adapter_config["target_modules"].clone()).unwrap(),
-                ..Default::default()
-            };
-            common::quiet(cfg).run().unwrap().output.unwrap()
-        };
+        assert_eq!(adapter_config["r"], 4, "{family}: the fixture adapter's rank");
+        let targets = serde_json::from_value(adapter_config["target_modules"].clone()).unwrap();
+        let (mut cases, full, adapter) = causal_cases(&dir, targets);
 
-        let full = run("full", false);
         assert_eq!(
             layout(&full.join("model.safetensors")),
             layout(&fixture.join("base/model.safetensors")),
@@ -73,8 +262,6 @@ fn every_decoder_family_writes_transformers_and_peft_layouts() {
         for key in ["model_type", "architectures"] {
             assert_eq!(ours[key], theirs[key], "{family}: config.json {key}");
         }
-
-        let adapter = run("lora", true);
         assert_eq!(
             layout(&adapter.join("adapter_model.safetensors")),
             layout(&fixture.join("lora/adapter_model.safetensors")),
@@ -85,5 +272,40 @@ fn every_decoder_family_writes_transformers_and_peft_layouts() {
             assert_eq!(ours[key], adapter_config[key], "{family}: adapter_config.json {key}");
         }
         eprintln!("{family}: model folder and adapter in transformers' and PEFT's layout");
+
+        cases.extend(classifier_cases(&dir, "base").0);
+        export(&dir, family, cases);
     }
+}
+
+/// The families from before (Llama as causal LM and classifier, BERT as classifier), from the
+/// tiny random folders the other tests use, so the same check covers them.
+#[test]
+fn llama_and_bert_write_what_transformers_and_peft_load() {
+    let dir = common::temp_dir("layout-llama");
+    common::write_tiny_model(&dir.join("base"), &common::tiny_config("llama"), 3);
+    text_data(&dir.join("data.jsonl"));
+    let (mut cases, ..) = causal_cases(&dir, vec![]);
+    cases.extend(classifier_cases(&dir, "base").0);
+    export(&dir, "llama", cases);
+
+    let dir = common::temp_dir("layout-bert");
+    write_tiny_encoder(&dir.join("base"), &tiny_encoder_config("bert"), 3).unwrap();
+    export(&dir, "bert", classifier_cases(&dir, "base").0);
+}
+
+/// ModernBERT, a classifier only: trained from the fixture's classifier (`cls` pooling).
+#[test]
+fn modernbert_writes_what_transformers_and_peft_load() {
+    let dir = common::temp_dir("layout-modernbert");
+    model_folder(&fixture("modernbert").join("cls"), &dir.join("base"), true);
+    let (cases, full) = classifier_cases(&dir, "base");
+    let config = read_json(&full.join("config.json"));
+    assert_eq!(config["architectures"], json!(["ModernBertForSequenceClassification"]));
+    assert_eq!(
+        layout(&full.join("model.safetensors")),
+        layout(&fixture("modernbert").join("cls/model.safetensors")),
+        "modernbert: the classifier folder's tensors"
+    );
+    export(&dir, "modernbert", cases);
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Interoperability check of a ranger-tune classifier with transformers (and PEFT), not run in CI
-(CI has no torch). Usage:
+"""Interoperability check of a ranger-tune classifier with transformers (and PEFT), a by-hand
+check of real-size folders (CI checks tiny ones with tools/check_family_interop.py). Usage:
 
     python tools/check_cls_load.py MODEL_DIR PREDICTIONS.jsonl DATA.jsonl [--text-column text]
         [--adapter ADAPTER_DIR] [--max-length 128]

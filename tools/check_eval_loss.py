@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Interoperability check: transformers' (and PEFT's) loss on a file of `text` records, computed as
-`ranger-tune eval` computes it, beside the figure that command printed. Not run in CI (CI has no
-torch); a by-hand check that a folder ranger-tune wrote (a fine-tuned model, a merged one), or a
+`ranger-tune eval` computes it, beside the figure that command printed. Not run in CI (CI checks tiny
+models' logits with tools/check_family_interop.py); a by-hand check that a folder ranger-tune wrote (a fine-tuned model, a merged one), or a
 PEFT adapter it wrote over any base transformers loads (a folder or a GGUF file), is the model
 ranger-tune trained:
 

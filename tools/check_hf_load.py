@@ -24,8 +24,8 @@ exports of an *unmodified* model; after fine-tuning, run without --expect-logits
 Exit status is 0 only if everything loaded and every check passed; any exception
 or failed check gives a non-zero exit.
 
-This is a manual / developer-side check and is NOT run in CI: the CI image has no
-Python transformers/torch. The Rust test-suite covers the export format itself.
+This is a manual check of real-size folders, not run in CI; CI checks every family's outputs on
+tiny models with tools/check_family_interop.py (tools/interop_check.sh).
 """
 import argparse
 import json

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Interoperability check of a ranger-tune LoRA adapter with PEFT (not run in CI: CI has no
-torch/peft). Usage:
+"""Interoperability check of a ranger-tune LoRA adapter with PEFT (a by-hand check of real-size
+adapters, not run in CI; CI checks tiny ones with tools/check_family_interop.py). Usage:
 
     python tools/check_peft_load.py BASE_HF_DIR ADAPTER_DIR [--prompt TEXT] [--expect-text TEXT]
                                     [--merged MERGED_HF_DIR] [--atol A]

@@ -15,7 +15,7 @@ hand. tests/chat_templates.rs renders and tokenizes the same conversations with 
 For the tokenized conversations that end with an assistant turn, `assistant_mask` marks the tokens
 of the assistant turns, counted the way a trainer must: each turn is what rendering the
 conversation up to and including it adds to the rendering up to it with the generation prompt.
-Not run in CI (CI has no transformers); rerun by hand:
+Not run in CI (its output is committed); rerun by hand:
 
     python tools/make_chat_template_fixtures.py "$(tools/fetch_test_assets.sh vocab | tail -n1)" \\
         "$(tools/fetch_test_assets.sh gemma | tail -n1)"

@@ -3,7 +3,7 @@
 by transformers itself, a PEFT LoRA adapter on every projection (values moved off their
 init so each one matters), a sequence classifier of the same family, and the logits (and class
 probabilities) transformers + PEFT compute, so that tests/family_fixtures.rs checks ranger-tune
-loads each to the same numbers. Not run in CI (CI has no torch); rerun by hand after changing it:
+loads each to the same numbers. Not run in CI (its output is committed); rerun by hand after changing it:
 
     python tools/make_family_fixtures.py tests/fixtures/families
 

@@ -5,7 +5,7 @@ loaded by its own GGUF loader (dequantized to f32, llama.cpp's `1 + w` norms und
 tests/gemma3_e2e.rs to hold ranger-tune's GGUF path to: the ids of a text under transformers'
 GGUF tokenizer and under the real Gemma 3 tokenizer (`tools/fetch_test_assets.sh gemma`), the
 logits at the first and last positions, the top five at every position, the mean causal-LM loss,
-and a greedy continuation. Not run in CI (CI has no torch); rerun by hand:
+and a greedy continuation. Not run in CI (its output is committed); rerun by hand:
 
     python tools/make_gemma3_reference.py "$(tools/fetch_test_assets.sh gemma3-gguf | tail -n1)" \\
         "$(tools/fetch_test_assets.sh gemma | tail -n1)/gemma3"

@@ -3,7 +3,7 @@
 from a tiny random model that transformers saved, with a tiny byte-level BPE tokenizer, plus
 <family>.json: the logits transformers computes on a few ids and the ids its tokenizer gives a
 sample text, so that tests/gguf_families.rs checks ranger-tune reads each file to the same
-numbers. Not run in CI (CI has no torch); rerun by hand after changing it:
+numbers. Not run in CI (its output is committed); rerun by hand after changing it:
 
     LLAMA_CPP=/path/to/llama.cpp python tools/make_gguf_fixtures.py tests/fixtures/gguf
 

@@ -2,7 +2,7 @@
 """Writes tests/fixtures/peft_tiny: a tiny random Llama saved by transformers, adapters made by
 PEFT itself on it, and the logits transformers + PEFT compute with each, so that
 tests/peft_interop.rs checks ranger-tune loads adapters trained elsewhere to the same numbers.
-Not run in CI (CI has no torch); rerun by hand after changing it:
+Not run in CI (its output is committed); rerun by hand after changing it:
 
     python tools/make_peft_fixture.py tests/fixtures/peft_tiny
 

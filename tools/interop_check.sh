@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# transformers and PEFT load what ranger-tune writes for every new model family, with
+# ranger-tune's logits (README "Model families against transformers"). Run by .ci/run:
+#   1. a virtual environment with pinned torch, transformers and peft (from PyPI; about 5.6 GB
+#      with torch's CUDA libraries, which torch needs to import even on a CPU), kept in
+#      $RANGER_INTEROP_VENV (default .cache/interop-venv) and reused when it has those versions;
+#   2. tests/family_folders.rs, keeping its folders and logits in a temporary folder;
+#   3. tools/check_family_interop.py over them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pins=(torch==2.15.0 transformers==5.25.0 peft==0.21.2)
+venv="${RANGER_INTEROP_VENV:-.cache/interop-venv}"
+have() {
+  "$venv/bin/python" - "${pins[@]}" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+sys.exit(any(version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))
+PY
+}
+if ! have; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --no-cache-dir "${pins[@]}"
+  have || { echo "interop_check: $venv lacks ${pins[*]}" >&2; exit 1; }
+fi
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+RANGER_INTEROP_DIR="$out" cargo test -q --test family_folders
+"$venv/bin/python" tools/check_family_interop.py "$out"
