@@ -8,13 +8,15 @@
 //! the steps since), which is small and loses nothing of the weight when rounded.
 //! At a sync, `slow = fast - u`.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::fused::{
     adopt_outside_changes, round_into, Elem, Extra, FusedStep, HostBuf, HostState, Kernel, StateElem, CHUNK,
 };
 use crate::state_codec::{
-    decode16_into, decode_into, encode16, encode_into, encode_moments16, encode_moments_q8, Code, Q8Buf, BLOCK,
+    decode_into, encode16, encode_into, encode_moments16, encode_moments_q8, from_bf16_bits, Code, Q8Buf, BLOCK,
 };
 
 /// Separate the stochastic rounding streams of the moments (which share one) and the delta
@@ -24,8 +26,8 @@ const SEED_U: u64 = 0x1656_67b1_9e37_79f9;
 
 /// One parallel chunk of a packed buffer.
 trait Packed: Send {
-    /// Its values as f32, into `out` (cleared first; its capacity is reused).
-    fn decode_into(&self, out: &mut Vec<f32>);
+    /// The values of elements `r` (from a block boundary) as f32, appended to `out`.
+    fn decode_range(&self, r: Range<usize>, out: &mut Vec<f32>);
     /// Stores `values`, rounded stochastically from stream `seed` (`first`: the index of the
     /// chunk's first element in the whole buffer).
     fn encode(&mut self, values: &[f32], seed: u64, first: u64);
@@ -44,9 +46,8 @@ struct Q8Chunk<'a> {
 
 impl Packed for Q8Chunk<'_> {
     #[inline(always)]
-    fn decode_into(&self, out: &mut Vec<f32>) {
-        out.clear();
-        decode_into(self.code, self.bytes, self.scales, out)
+    fn decode_range(&self, r: Range<usize>, out: &mut Vec<f32>) {
+        decode_into(self.code, &self.bytes[r.clone()], &self.scales[r.start / BLOCK..], out)
     }
 
     #[inline(always)]
@@ -70,8 +71,8 @@ struct B16Chunk<'a>(&'a mut [u16]);
 
 impl Packed for B16Chunk<'_> {
     #[inline(always)]
-    fn decode_into(&self, out: &mut Vec<f32>) {
-        decode16_into(self.0, out)
+    fn decode_range(&self, r: Range<usize>, out: &mut Vec<f32>) {
+        out.extend(self.0[r].iter().map(|&b| from_bf16_bits(b)))
     }
 
     #[inline(always)]
@@ -328,14 +329,27 @@ fn step_part<P: Elem<f32>, G: Elem<f32>, C: Packed>(
     sync: bool,
     seed: u64,
 ) {
-    let Part { first, mut m, mut v, delta } = part;
+    let Part { first, mut m, mut v, mut delta } = part;
     let Scratch { m: mf, v: vf, u } = scratch;
-    m.decode_into(mf);
-    v.decode_into(vf);
-    match delta {
+    for buf in [&mut *mf, &mut *vf, &mut *u] {
+        buf.clear();
+    }
+    // Decoding is arithmetic; the kernel after it reads the weights and gradients from memory.
+    // Fetching each block's weights and gradients while its state decodes overlaps the two,
+    // instead of the kernel waiting on memory with nothing to compute.
+    for start in (0..p.len()).step_by(BLOCK) {
+        let r = start..(start + BLOCK).min(p.len());
+        prefetch(&p[r.clone()]);
+        m.decode_range(r.clone(), mf);
+        prefetch(&g[r.clone()]);
+        v.decode_range(r.clone(), vf);
+        if let Some(d) = &delta {
+            d.decode_range(r, u);
+        }
+    }
+    match delta.take() {
         None => k.chunk(p, g, mf, vf, Extra::None, row_len),
         Some(mut d) => {
-            d.decode_into(u);
             if sync {
                 // slow = fast - u; the kernel syncs, and fast == slow after it.
                 u.iter_mut().zip(p.iter()).for_each(|(u, f)| *u = f.load() - *u);
@@ -349,6 +363,21 @@ fn step_part<P: Elem<f32>, G: Elem<f32>, C: Packed>(
         }
     }
     m.encode_moments(mf, &mut v, vf, seed ^ SEED_M, first);
+}
+
+/// Asks the CPU to fetch `xs` into its caches (a hint: nothing waits for it).
+#[inline(always)]
+fn prefetch<T>(xs: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = xs.as_ptr() as *const i8;
+        for offset in (0..std::mem::size_of_val(xs)).step_by(64) {
+            // SAFETY: the address is inside `xs`; a prefetch reads nothing the program sees.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = xs;
 }
 
 #[cfg(test)]

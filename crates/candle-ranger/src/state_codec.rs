@@ -54,7 +54,13 @@ pub(crate) fn decode16(bits: &[u16]) -> Vec<f32> {
 #[inline(always)]
 pub(crate) fn decode16_into(bits: &[u16], out: &mut Vec<f32>) {
     out.clear();
-    out.extend(bits.iter().map(|&b| f32::from_bits((b as u32) << 16)));
+    out.extend(bits.iter().map(|&b| from_bf16_bits(b)));
+}
+
+/// One bf16 value's bits as f32 (exact).
+#[inline(always)]
+pub(crate) fn from_bf16_bits(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
 }
 
 /// f32 to bf16 bits, rounded stochastically (random bits below the kept 16, then truncation:
