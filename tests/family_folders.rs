@@ -7,8 +7,9 @@
 //!   `fan_in_fan_out`). So `from_pretrained` finds every key it expects and no other.
 //! - **Values (checked by transformers itself):** every family is also trained as a causal LM
 //!   (full, LoRA, and the LoRA merged) and as a sequence classifier (full, LoRA, merged; ModernBERT
-//!   as a classifier only), two steps each, and each result's logits on fixed ids are computed
-//!   here as `generate`, `eval` and `predict` load the folders. With `RANGER_INTEROP_DIR` set, the
+//!   as a classifier only), 12 steps each, and from its GGUF fixture where llama.cpp has the
+//!   architecture (`convert`'s folder, a full fine-tune, LoRA); each result's logits on fixed ids
+//!   are computed here as `generate`, `eval` and `predict` load the folders. With `RANGER_INTEROP_DIR` set, the
 //!   folders and those logits (`interop.json`) are kept under it, one folder per family, and
 //!   `tools/check_family_interop.py` (run by `.ci/run`) loads each with transformers'
 //!   `AutoModelFor…` and PEFT and compares.
@@ -43,8 +44,8 @@ fn layout(path: &Path) -> BTreeMap<String, (Vec<usize>, String)> {
     tensors.into_iter().map(|(n, t)| (n, (t.dims().to_vec(), format!("{:?}", t.dtype())))).collect()
 }
 
-/// Fixed ids over the tiny vocabularies (both tokenizers' words start at id 4 or below), the
-/// same length in every row, so no padding is involved.
+/// Fixed ids over the tiny vocabularies (every tiny tokenizer and GGUF fixture has at least 36
+/// tokens), the same length in every row, so no padding is involved.
 const IDS: [[u32; 8]; 2] = [[5, 9, 12, 7, 20, 6, 14, 8], [30, 4, 11, 11, 25, 17, 9, 33]];
 
 fn ids_tensor() -> Tensor {
@@ -144,7 +145,7 @@ fn export(dir: &Path, family: &str, cases: Vec<Value>) {
     }
 }
 
-/// Two training steps of `cfg`'s model on `data`, full or LoRA: the output folder.
+/// The run `cfg` describes (12 steps), full or LoRA, written under `out`: its output folder.
 fn train(cfg: &TrainConfig, out: &Path, lora: bool) -> PathBuf {
     let cfg = TrainConfig { output: out.display().to_string(), lora, ..cfg.clone() };
     common::quiet(cfg).run().unwrap().output.unwrap()
@@ -292,6 +293,50 @@ fn llama_and_bert_write_what_transformers_and_peft_load() {
     let dir = common::temp_dir("layout-bert");
     write_tiny_encoder(&dir.join("base"), &tiny_encoder_config("bert"), 3).unwrap();
     export(&dir, "bert", classifier_cases(&dir, "base").0);
+}
+
+/// From GGUF files (tests/fixtures/gguf, written by llama.cpp's converter from tiny
+/// transformers models): `convert`'s folder, whose config.json ranger-tune builds from the GGUF
+/// metadata, must load in transformers with the logits ranger-tune computes from the GGUF itself;
+/// so must a full fine-tune of the GGUF, and its LoRA adapter in PEFT over the converted folder.
+#[test]
+fn gguf_sources_write_what_transformers_and_peft_load() {
+    for family in ["gemma2", "gemma3", "phi3", "phi4mini", "gpt2", "llama"] {
+        let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf").join(format!("{family}.gguf"));
+        let dir = common::temp_dir(&format!("gguf-{family}"));
+        ranger_train::convert::gguf_to_hf(&gguf, &dir.join("base"), DType::F32).unwrap();
+        text_data(&dir.join("data.jsonl"));
+        let cfg = TrainConfig {
+            model: gguf.display().to_string(),
+            data: dir.join("data.jsonl").display().to_string(),
+            max_seq_length: 16,
+            batch_size: 2,
+            max_steps: Some(12),
+            lora_rank: 4,
+            ..Default::default()
+        };
+        let full = train(&cfg, &dir.join("full"), false);
+        let adapter = train(&cfg, &dir.join("lora"), true);
+        let rel = |p: &Path| p.strip_prefix(&*dir).unwrap().display().to_string();
+        let from_gguf = causal_logits(&gguf, None);
+        assert_close(&causal_logits(&dir.join("base"), None).1, &from_gguf.1, &format!("{family}: converted folder"));
+        let lora_out = causal_logits(&gguf, Some(&adapter));
+        let moved = lora_out.1.iter().zip(&from_gguf.1).any(|(a, b)| (a - b).abs() > 1e-4);
+        assert!(moved, "{family} GGUF: the adapter changed nothing");
+        let cases = vec![
+            case("GGUF, convert's folder", "causal", "base", None, None, from_gguf),
+            case("GGUF, full fine-tune", "causal", &rel(&full), None, None, causal_logits(&full, None)),
+            case(
+                "GGUF, LoRA (PEFT over convert's folder)",
+                "causal",
+                "base",
+                Some(&rel(&adapter)),
+                Some("base"),
+                lora_out,
+            ),
+        ];
+        export(&dir, &format!("gguf-{family}"), cases);
+    }
 }
 
 /// ModernBERT, a classifier only: trained from the fixture's classifier (`cls` pooling).
