@@ -6,13 +6,12 @@ logits ranger-tune computes. Run by .ci/run after `cargo test`:
     python tools/check_family_interop.py DIR [--atol 1e-4]
 
 `tests/family_folders.rs` trains each family's tiny transformers-saved model (Gemma 2, Gemma 3,
-Phi-3, Phi-4-mini, SmolLM3, GPT-2 as causal LMs and classifiers; ModernBERT as a classifier),
-tiny random Llama (both) and BERT (classifier) folders, and the GGUF fixtures (`gguf-<family>`:
-`convert`'s folder, a full fine-tune of the GGUF, LoRA over it with `convert`'s folder as PEFT's
-base):
-full, LoRA, and the LoRA merged by `merge_adapter`. It keeps every folder under DIR/<family>
-with `interop.json`: for each result, the folder (and adapter), fixed input ids and the logits
-ranger-tune computes from them. This script then, for each result:
+Phi-3, Phi-4-mini, SmolLM3, GPT-2 as causal LMs and classifiers; ModernBERT as a classifier) and
+tiny random Llama (both) and BERT (classifier) folders: full, LoRA, and the LoRA merged by
+`merge_adapter`. From the GGUF fixtures (`gguf-<family>`) it makes `convert`'s folder, a full
+fine-tune of the GGUF and LoRA on it (PEFT's base: `convert`'s folder). It keeps every folder
+under DIR/<family> with `interop.json`: for each result, the folder (and adapter), fixed input
+ids and the logits ranger-tune computes from them. This script then, for each result:
 
 - loads the folder with `AutoModelForCausalLM` or `AutoModelForSequenceClassification`
   (local files only), and requires no missing, unexpected or mismatched weight;
@@ -22,7 +21,7 @@ ranger-tune computes from them. This script then, for each result:
 - runs the ids through it and requires the logits within --atol of ranger-tune's (times the
   largest |logit| where that is below 1, down to 0.01).
 
-Exits non-zero if anything fails, or if DIR holds no family (the test did not export).
+Exits non-zero if anything fails, or if a family is missing from DIR (the test did not export it).
 """
 import argparse
 import json
