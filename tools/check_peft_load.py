@@ -25,6 +25,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_family_interop import peft_key  # noqa: E402
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -46,18 +49,10 @@ def main():
     saved = load_file(os.path.join(a.adapter, "adapter_model.safetensors"))
     state = model.state_dict()
     failures = 0
+    modules_to_save = model.peft_config["default"].modules_to_save or []
     for name, t in saved.items():
-        # PEFT keeps the adapter name in its state dict: `lora_A.default.weight`, and DoRA's
-        # `lora_magnitude_vector.default.weight` for the file's `lora_magnitude_vector`.
-        # Whole saved modules (modules_to_save) live in `<module>.modules_to_save.default.<param>`.
-        if name.endswith("lora_magnitude_vector"):
-            key = name + ".default.weight"
-        elif ".lora_" in name:
-            key = name.replace(".weight", ".default.weight")
-        else:
-            module, param = name.rsplit(".", 1)
-            key = f"{module}.modules_to_save.default.{param}"
-
+        # PEFT's state-dict key of the file's tensor (the mapping CI's interop check uses).
+        key = peft_key(name, modules_to_save)
         if key not in state:
             print(f"FAIL {name}: not a parameter of the PEFT model")
             failures += 1
