@@ -9,10 +9,10 @@
 //!   (full, LoRA, and the LoRA merged) and as a sequence classifier (full, LoRA, merged; ModernBERT
 //!   as a classifier only), 12 steps each, and from its GGUF fixture where llama.cpp has the
 //!   architecture (`convert`'s folder, a full fine-tune, LoRA); each result's logits on fixed ids
-//!   are computed here as `generate`, `eval` and `predict` load the folders. With `RANGER_INTEROP_DIR` set, the
-//!   folders and those logits (`interop.json`) are kept under it, one folder per family, and
-//!   `tools/check_family_interop.py` (run by `.ci/run`) loads each with transformers'
-//!   `AutoModelFor…` and PEFT and compares.
+//!   are computed here as `generate`, `eval` and `predict` load the folders. With
+//!   `RANGER_INTEROP_DIR` set, the folders and those logits (`interop.json`) are kept under it,
+//!   one folder per family, and `tools/check_family_interop.py` (run by `.ci/run`) loads each
+//!   with transformers' `AutoModelFor…` and PEFT and compares.
 
 mod common;
 

@@ -329,7 +329,7 @@ fn step_part<P: Elem<f32>, G: Elem<f32>, C: Packed>(
     sync: bool,
     seed: u64,
 ) {
-    let Part { first, mut m, mut v, mut delta } = part;
+    let Part { first, mut m, mut v, delta } = part;
     let Scratch { m: mf, v: vf, u } = scratch;
     for buf in [&mut *mf, &mut *vf, &mut *u] {
         buf.clear();
@@ -347,7 +347,7 @@ fn step_part<P: Elem<f32>, G: Elem<f32>, C: Packed>(
             d.decode_range(r, u);
         }
     }
-    match delta.take() {
+    match delta {
         None => k.chunk(p, g, mf, vf, Extra::None, row_len),
         Some(mut d) => {
             if sync {
