@@ -317,6 +317,21 @@ impl<S: Real> Kernel<S> {
         }
     }
 
+    /// The step of elements that all lie in one row (of gradient mean `mean`; 0 when not
+    /// centralized): [`Kernel::chunk`] for a caller that walks its rows itself.
+    #[inline(always)]
+    pub(crate) fn segment<P: Elem<S>, G: Elem<S>>(
+        &self,
+        p: &mut [P],
+        g: &[G],
+        m: &mut [S],
+        v: &mut [S],
+        extra: Extra<'_, S>,
+        mean: f64,
+    ) {
+        self.span(p, g, m, v, extra, S::from_f64(mean))
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn span<P: Elem<S>, G: Elem<S>>(
@@ -406,7 +421,7 @@ impl<S: Real> Kernel<S> {
 /// Sum of a row in f64 with eight independent accumulators: a single running sum is a chain
 /// of dependent adds that runs several times slower than memory.
 #[inline]
-fn row_sum<S: Real, P: Elem<S>>(xs: &[P]) -> f64 {
+pub(crate) fn row_sum<S: Real, P: Elem<S>>(xs: &[P]) -> f64 {
     let mut acc = [0f64; 8];
     let mut chunks = xs.chunks_exact(8);
     for c in &mut chunks {

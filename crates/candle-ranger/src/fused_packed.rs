@@ -1,7 +1,8 @@
 //! The fused CPU update over packed state ([`crate::StatePrecision::Int8`] and
-//! [`crate::StatePrecision::Bf16`]): each parallel chunk decodes its part of m, v (and the
-//! Lookahead delta) into f32 scratch, runs the same per-element kernel as the f32 state, and
-//! encodes them again, in one pass over memory.
+//! [`crate::StatePrecision::Bf16`]): each parallel chunk walks its blocks of [`BLOCK`] values;
+//! a block's m, v (and the Lookahead delta) are decoded into f32 on the stack, stepped by the
+//! same per-element kernel as the f32 state and encoded again while they are in the L1 cache,
+//! in one pass over memory.
 //!
 //! The slow weights are not stored themselves: a slow weight equals its fast weight right after
 //! each sync, so the state keeps the delta `u = fast - slow` (zero after a sync, the sum of
@@ -13,10 +14,10 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::fused::{
-    adopt_outside_changes, round_into, Elem, Extra, FusedStep, HostBuf, HostState, Kernel, StateElem, CHUNK,
+    adopt_outside_changes, round_into, row_sum, Elem, Extra, FusedStep, HostBuf, HostState, Kernel, StateElem, CHUNK,
 };
 use crate::state_codec::{
-    decode_into, encode16, encode_into, encode_moments16, encode_moments_q8, from_bf16_bits, Code, Q8Buf, BLOCK,
+    decode_block, encode16, encode_into, encode_moments16, encode_moments_q8, from_bf16_bits, Code, Q8Buf, BLOCK,
 };
 
 /// Separate the stochastic rounding streams of the moments (which share one) and the delta
@@ -24,15 +25,17 @@ use crate::state_codec::{
 const SEED_M: u64 = 0x9e37_79b9_7f4a_7c15;
 const SEED_U: u64 = 0x1656_67b1_9e37_79f9;
 
-/// One parallel chunk of a packed buffer.
+/// One parallel chunk of a packed buffer. `b` is one block of it (from a block boundary, at
+/// most [`BLOCK`] elements); `first` is the index of the chunk's first element in the whole
+/// buffer (the stochastic rounding's stream position).
 trait Packed: Send {
-    /// The values of elements `r` (from a block boundary) as f32, appended to `out`.
-    fn decode_range(&self, r: Range<usize>, out: &mut Vec<f32>);
-    /// Stores `values`, rounded stochastically from stream `seed` (`first`: the index of the
-    /// chunk's first element in the whole buffer).
-    fn encode(&mut self, values: &[f32], seed: u64, first: u64);
-    /// Stores the moments `m` into `self` and `v` into `v_buf` in one pass, one hash per element.
-    fn encode_moments(&mut self, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64);
+    /// The values of block `b` as f32, into `out` (of `b.len()` values).
+    fn decode(&self, b: Range<usize>, out: &mut [f32]);
+    /// Stores `values` into block `b`, rounded stochastically from stream `seed`.
+    fn encode(&mut self, b: Range<usize>, values: &[f32], seed: u64, first: u64);
+    /// Stores the moments `m` into block `b` of `self` and `v` into that of `v_buf` in one pass,
+    /// one hash per element.
+    fn encode_moments(&mut self, b: Range<usize>, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64);
     /// Sets every value to 0.
     fn clear(&mut self);
 }
@@ -46,18 +49,36 @@ struct Q8Chunk<'a> {
 
 impl Packed for Q8Chunk<'_> {
     #[inline(always)]
-    fn decode_range(&self, r: Range<usize>, out: &mut Vec<f32>) {
-        decode_into(self.code, &self.bytes[r.clone()], &self.scales[r.start / BLOCK..], out)
+    fn decode(&self, b: Range<usize>, out: &mut [f32]) {
+        decode_block(self.code, &self.bytes[b.clone()], self.scales[b.start / BLOCK], out)
     }
 
     #[inline(always)]
-    fn encode(&mut self, values: &[f32], seed: u64, first: u64) {
-        encode_into(self.code, values, self.bytes, self.scales, seed, first)
+    fn encode(&mut self, b: Range<usize>, values: &[f32], seed: u64, first: u64) {
+        let scale = b.start / BLOCK..b.start / BLOCK + 1;
+        encode_into(
+            self.code,
+            values,
+            &mut self.bytes[b.clone()],
+            &mut self.scales[scale],
+            seed,
+            first + b.start as u64,
+        )
     }
 
     #[inline(always)]
-    fn encode_moments(&mut self, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64) {
-        encode_moments_q8(m, self.bytes, self.scales, v, v_buf.bytes, v_buf.scales, seed, first)
+    fn encode_moments(&mut self, b: Range<usize>, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64) {
+        let scale = b.start / BLOCK..b.start / BLOCK + 1;
+        encode_moments_q8(
+            m,
+            &mut self.bytes[b.clone()],
+            &mut self.scales[scale.clone()],
+            v,
+            &mut v_buf.bytes[b.clone()],
+            &mut v_buf.scales[scale],
+            seed,
+            first + b.start as u64,
+        )
     }
 
     fn clear(&mut self) {
@@ -71,18 +92,18 @@ struct B16Chunk<'a>(&'a mut [u16]);
 
 impl Packed for B16Chunk<'_> {
     #[inline(always)]
-    fn decode_range(&self, r: Range<usize>, out: &mut Vec<f32>) {
-        out.extend(self.0[r].iter().map(|&b| from_bf16_bits(b)))
+    fn decode(&self, b: Range<usize>, out: &mut [f32]) {
+        out.iter_mut().zip(&self.0[b]).for_each(|(o, &bits)| *o = from_bf16_bits(bits))
     }
 
     #[inline(always)]
-    fn encode(&mut self, values: &[f32], seed: u64, first: u64) {
-        encode16(values, self.0, seed, first)
+    fn encode(&mut self, b: Range<usize>, values: &[f32], seed: u64, first: u64) {
+        encode16(values, &mut self.0[b.clone()], seed, first + b.start as u64)
     }
 
     #[inline(always)]
-    fn encode_moments(&mut self, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64) {
-        encode_moments16(m, self.0, v, v_buf.0, seed, first)
+    fn encode_moments(&mut self, b: Range<usize>, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64) {
+        encode_moments16(m, &mut self.0[b.clone()], v, &mut v_buf.0[b.clone()], seed, first + b.start as u64)
     }
 
     fn clear(&mut self) {
@@ -209,23 +230,21 @@ impl FusedStep<'_> {
             .zip(v.into_par_iter())
             .zip(deltas.into_par_iter())
             .enumerate()
-            // Scratch is made once per rayon task and reused by its chunks: a fresh 128 KiB
-            // buffer per chunk is an mmap and a page-fault storm on glibc.
-            .for_each_init(Scratch::default, |scratch, (ci, ((((p, g), m), v), delta))| {
+            .for_each(|(ci, ((((p, g), m), v), delta))| {
                 let part = Part { first: (ci * chunk) as u64, m, v, delta };
                 // The same code compiled for wider vectors; no FMA, so the arithmetic rounds as
                 // the baseline build's (`every_instruction_set_gives_the_same_step` checks).
                 #[cfg(target_arch = "x86_64")]
                 match isa {
                     // SAFETY: `Isa::detected` found these AVX-512 extensions on this CPU.
-                    Isa::Avx512 => return unsafe { step_part_avx512(&k, p, g, part, scratch, row_len, sync, seed) },
+                    Isa::Avx512 => return unsafe { step_part_avx512(&k, p, g, part, row_len, sync, seed) },
                     // SAFETY: `Isa::detected` found AVX2 on this CPU.
-                    Isa::Avx2 => return unsafe { step_part_avx2(&k, p, g, part, scratch, row_len, sync, seed) },
+                    Isa::Avx2 => return unsafe { step_part_avx2(&k, p, g, part, row_len, sync, seed) },
                     Isa::Baseline => {}
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = isa;
-                step_part(&k, p, g, part, scratch, row_len, sync, seed)
+                step_part(&k, p, g, part, row_len, sync, seed)
             });
     }
 }
@@ -267,15 +286,6 @@ impl Isa {
     }
 }
 
-/// f32 working copies of one chunk's state.
-#[derive(Default)]
-struct Scratch {
-    m: Vec<f32>,
-    v: Vec<f32>,
-    /// The Lookahead delta, then (at a sync) the slow weights.
-    u: Vec<f32>,
-}
-
 /// One parallel chunk's packed state and the index of its first element.
 struct Part<C> {
     first: u64,
@@ -292,12 +302,11 @@ unsafe fn step_part_avx512<P: Elem<f32>, G: Elem<f32>, C: Packed>(
     p: &mut [P],
     g: &[G],
     part: Part<C>,
-    scratch: &mut Scratch,
     row_len: Option<usize>,
     sync: bool,
     seed: u64,
 ) {
-    step_part(k, p, g, part, scratch, row_len, sync, seed)
+    step_part(k, p, g, part, row_len, sync, seed)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -308,61 +317,79 @@ unsafe fn step_part_avx2<P: Elem<f32>, G: Elem<f32>, C: Packed>(
     p: &mut [P],
     g: &[G],
     part: Part<C>,
-    scratch: &mut Scratch,
     row_len: Option<usize>,
     sync: bool,
     seed: u64,
 ) {
-    step_part(k, p, g, part, scratch, row_len, sync, seed)
+    step_part(k, p, g, part, row_len, sync, seed)
 }
 
-/// Decode, the f32 kernel, encode (see the module documentation).
+/// Decode, the f32 kernel, encode, block by block (see the module documentation).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn step_part<P: Elem<f32>, G: Elem<f32>, C: Packed>(
     k: &Kernel<f32>,
     p: &mut [P],
     g: &[G],
     part: Part<C>,
-    scratch: &mut Scratch,
     row_len: Option<usize>,
     sync: bool,
     seed: u64,
 ) {
-    let Part { first, mut m, mut v, delta } = part;
-    let Scratch { m: mf, v: vf, u } = scratch;
-    for buf in [&mut *mf, &mut *vf, &mut *u] {
-        buf.clear();
-    }
-    // Decoding is arithmetic; the kernel after it reads the weights and gradients from memory.
-    // Fetching each block's weights and gradients while its state decodes overlaps the two,
-    // instead of the kernel waiting on memory with nothing to compute.
-    for start in (0..p.len()).step_by(BLOCK) {
-        let r = start..(start + BLOCK).min(p.len());
-        prefetch(&p[r.clone()]);
-        m.decode_range(r.clone(), mf);
-        prefetch(&g[r.clone()]);
-        v.decode_range(r.clone(), vf);
+    let Part { first, mut m, mut v, mut delta } = part;
+    let n = p.len();
+    // Each row's gradient mean (the chunk holds whole rows); reading the gradients here also
+    // brings them into the cache for the pass below.
+    let means: Vec<f64> = match row_len {
+        Some(row) => g.chunks(row).map(|r| row_sum::<f32, G>(r) / row as f64).collect(),
+        None => Vec::new(),
+    };
+    // The block's f32 working values: m, v and the Lookahead delta (at a sync, the slow weights).
+    let (mut mb, mut vb, mut ub) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+    for start in (0..n).step_by(BLOCK) {
+        let b = start..(start + BLOCK).min(n);
+        let len = b.len();
+        // The weights of the next block: they come from memory while this one computes.
+        prefetch(p.get(b.end..(b.end + BLOCK).min(n)).unwrap_or(&[]));
+        let (mf, vf, uf) = (&mut mb[..len], &mut vb[..len], &mut ub[..len]);
+        m.decode(b.clone(), mf);
+        v.decode(b.clone(), vf);
+        let (pb, gb) = (&mut p[b.clone()], &g[b.clone()]);
         if let Some(d) = &delta {
-            d.decode_range(r, u);
-        }
-    }
-    match delta {
-        None => k.chunk(p, g, mf, vf, Extra::None, row_len),
-        Some(mut d) => {
+            d.decode(b.clone(), uf);
             if sync {
                 // slow = fast - u; the kernel syncs, and fast == slow after it.
-                u.iter_mut().zip(p.iter()).for_each(|(u, f)| *u = f.load() - *u);
-                k.chunk(p, g, mf, vf, Extra::Slow(u), row_len);
-                d.clear();
-            } else {
-                // u += fast_after - fast_before, in the kernel's pass.
-                k.chunk(p, g, mf, vf, Extra::Delta(u), row_len);
-                d.encode(u, seed ^ SEED_U, first);
+                uf.iter_mut().zip(pb.iter()).for_each(|(u, f)| *u = f.load() - *u);
             }
         }
+        // The block's pieces in each row (a block may straddle rows, and a row blocks).
+        let mut s = 0;
+        while s < len {
+            let (e, mean) = match row_len {
+                Some(row) => {
+                    let r = (start + s) / row;
+                    (((r + 1) * row - start).min(len), means[r])
+                }
+                None => (len, 0.0),
+            };
+            let extra = match delta {
+                None => Extra::None,
+                // u += fast_after - fast_before, in the kernel's pass.
+                Some(_) if !sync => Extra::Delta(&mut uf[s..e]),
+                Some(_) => Extra::Slow(&mut uf[s..e]),
+            };
+            k.segment(&mut pb[s..e], &gb[s..e], &mut mf[s..e], &mut vf[s..e], extra, mean);
+            s = e;
+        }
+        if let Some(d) = &mut delta {
+            if !sync {
+                d.encode(b.clone(), uf, seed ^ SEED_U, first);
+            }
+        }
+        m.encode_moments(b, mf, &mut v, vf, seed ^ SEED_M, first);
     }
-    m.encode_moments(mf, &mut v, vf, seed ^ SEED_M, first);
+    if let (Some(d), true) = (&mut delta, sync) {
+        d.clear();
+    }
 }
 
 /// Asks the CPU to fetch `xs` into its caches (a hint: nothing waits for it).
@@ -385,13 +412,21 @@ mod tests {
     use super::*;
     use crate::params::ParamsRanger;
     use crate::scalars::StepScalars;
+    use crate::state_codec::decode16;
     use std::cell::RefCell;
 
-    /// Six steps (the sixth a Lookahead sync) of a 3 x 1000 variable, centralized, with the
-    /// given instruction set: the weights and the state's bytes.
-    fn six_steps(isa: Isa, q8: bool) -> (Vec<f32>, HostState) {
-        FORCE_ISA.with(|f| f.set(Some(isa)));
-        let n = 3000;
+    /// How [`six_steps`] steps.
+    #[derive(Clone, Copy)]
+    enum How {
+        /// The fused step, with the given instruction set.
+        Fused(Isa),
+        /// [`reference_step`].
+        Reference,
+    }
+
+    /// Six steps (the sixth a Lookahead sync) of an `n`-element variable, centralized over
+    /// rows of `row_len` when given: the weights and the state's bytes.
+    fn six_steps(how: How, q8: bool, n: usize, row_len: Option<usize>) -> (Vec<f32>, HostState) {
         let mut p: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-2).collect();
         let zeros = |code| if q8 { HostBuf::Q8(Q8Buf::zeros(code, n)) } else { HostBuf::B16(vec![0; n]) };
         let mut st = HostState {
@@ -406,7 +441,7 @@ mod tests {
             let scalars = StepScalars::new(&params, 1e-2, 0.0, t);
             let step = FusedStep {
                 scalars,
-                row_len: Some(1000),
+                row_len,
                 eps: scalars.eps,
                 beta1: params.beta1,
                 beta2: params.beta2,
@@ -414,10 +449,61 @@ mod tests {
                 state: RefCell::new(&mut st),
             };
             let mut state = step.state.borrow_mut();
-            step.apply_packed(&mut p, &g, &mut state).unwrap();
+            match how {
+                How::Fused(isa) => {
+                    FORCE_ISA.with(|f| f.set(Some(isa)));
+                    step.apply_packed(&mut p, &g, &mut state).unwrap();
+                    FORCE_ISA.with(|f| f.set(None));
+                }
+                How::Reference => reference_step(&step, &mut p, &g, &mut state),
+            }
         }
-        FORCE_ISA.with(|f| f.set(None));
         (p, st)
+    }
+
+    /// The packed step as its definition reads: decode the whole variable's state, run the f32
+    /// kernel over it, encode it all again. The fused step walks chunks and blocks in parallel
+    /// and must give the same bits.
+    fn reference_step(step: &FusedStep<'_>, p: &mut [f32], g: &[f32], st: &mut HostState) {
+        let k = Kernel::<f32>::new(step);
+        let decode = |b: &HostBuf| match b {
+            HostBuf::Q8(q) => q.to_f32(),
+            HostBuf::B16(b) => decode16(b),
+            _ => unreachable!("packed state"),
+        };
+        let (mut m, mut v) = (decode(&st.m), decode(&st.v));
+        let slow = st.slow.as_mut().unwrap();
+        let mut u = decode(slow);
+        if step.scalars.sync_alpha.is_some() {
+            u.iter_mut().zip(p.iter()).for_each(|(u, f)| *u = f - *u);
+            k.chunk(p, g, &mut m, &mut v, Extra::Slow(&mut u), step.row_len);
+            match slow {
+                HostBuf::Q8(q) => *q = Q8Buf::zeros(q.code, q.len()),
+                HostBuf::B16(b) => b.fill(0),
+                _ => unreachable!(),
+            }
+        } else {
+            k.chunk(p, g, &mut m, &mut v, Extra::Delta(&mut u), step.row_len);
+            match slow {
+                HostBuf::Q8(q) => encode_into(q.code, &u, &mut q.bytes, &mut q.scales, step.seed ^ SEED_U, 0),
+                HostBuf::B16(b) => encode16(&u, b, step.seed ^ SEED_U, 0),
+                _ => unreachable!(),
+            }
+        }
+        match (&mut st.m, &mut st.v) {
+            (HostBuf::Q8(qm), HostBuf::Q8(qv)) => encode_moments_q8(
+                &m,
+                &mut qm.bytes,
+                &mut qm.scales,
+                &v,
+                &mut qv.bytes,
+                &mut qv.scales,
+                step.seed ^ SEED_M,
+                0,
+            ),
+            (HostBuf::B16(bm), HostBuf::B16(bv)) => encode_moments16(&m, bm, &v, bv, step.seed ^ SEED_M, 0),
+            _ => unreachable!(),
+        }
     }
 
     #[test]
@@ -435,12 +521,27 @@ mod tests {
             }
         }
         for q8 in [true, false] {
-            let (p0, st0) = six_steps(Isa::Baseline, q8);
+            let (p0, st0) = six_steps(How::Fused(Isa::Baseline), q8, 3000, Some(1000));
             assert!(p0.iter().all(|x| x.is_finite()));
             for &isa in &isas[1..] {
-                let (p, st) = six_steps(isa, q8);
+                let (p, st) = six_steps(How::Fused(isa), q8, 3000, Some(1000));
                 assert_eq!(p, p0, "{isa:?} weights (8-bit: {q8})");
                 assert!(st == st0, "{isa:?} state (8-bit: {q8})");
+            }
+        }
+    }
+
+    #[test]
+    fn the_block_walk_gives_the_whole_variable_step() {
+        // Several parallel chunks (of 32 rows); rows of 1000 straddle the 256-value blocks; a
+        // short last block without centralization.
+        for (n, row_len) in [(70_000, Some(1000)), (70_001, None), (3000, Some(3000))] {
+            for q8 in [true, false] {
+                let (p0, st0) = six_steps(How::Reference, q8, n, row_len);
+                let (p, st) = six_steps(How::Fused(Isa::detected()), q8, n, row_len);
+                assert_eq!(p, p0, "weights ({n}, rows {row_len:?}, 8-bit: {q8})");
+                assert!(st == st0, "state ({n}, rows {row_len:?}, 8-bit: {q8})");
+                assert!(p0.iter().all(|x| x.is_finite()) && p0.iter().any(|&x| x != 0.0));
             }
         }
     }

@@ -207,6 +207,17 @@ pub(crate) fn decode_into(code: Code, bytes: &[u8], scales: &[f32], out: &mut Ve
     }
 }
 
+/// One block's `bytes` with its `scale` into `out` (as long as `bytes`). Inlined into the
+/// caller, which chooses the instruction set.
+#[inline(always)]
+pub(crate) fn decode_block(code: Code, bytes: &[u8], scale: f32, out: &mut [f32]) {
+    let pairs = out.iter_mut().zip(bytes);
+    match code {
+        Code::Signed => pairs.for_each(|(o, &b)| *o = decode(Code::Signed, b, scale)),
+        Code::Positive => pairs.for_each(|(o, &b)| *o = decode(Code::Positive, b, scale)),
+    }
+}
+
 /// Encodes `values` (whole blocks from a block boundary) into `bytes` and `scales`, rounding
 /// stochastically with bits from `seed` and each value's index `first + i`. Inlined into the
 /// caller, which chooses the instruction set (AVX2 or AVX-512 do the integer multiplies in
