@@ -340,7 +340,7 @@ fn step_part<P: Elem<f32>, G: Elem<f32>, C: Packed>(
     // Each row's gradient mean (the chunk holds whole rows); reading the gradients here also
     // brings them into the cache for the pass below.
     let means: Vec<f64> = match row_len {
-        Some(row) => g.chunks(row).map(|r| row_sum::<f32, G>(r) / row as f64).collect(),
+        Some(row) => g.chunks(row.max(1)).map(|r| row_sum::<f32, G>(r) / row as f64).collect(),
         None => Vec::new(),
     };
     // The block's f32 working values: m, v and the Lookahead delta (at a sync, the slow weights).
