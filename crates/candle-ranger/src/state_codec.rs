@@ -200,10 +200,9 @@ unsafe fn decode_avx2(code: Code, bytes: &[u8], scales: &[f32], out: &mut Vec<f3
 #[inline(always)]
 pub(crate) fn decode_into(code: Code, bytes: &[u8], scales: &[f32], out: &mut Vec<f32>) {
     for (b, &s) in bytes.chunks(BLOCK).zip(scales) {
-        match code {
-            Code::Signed => out.extend(b.iter().map(|&b| decode(Code::Signed, b, s))),
-            Code::Positive => out.extend(b.iter().map(|&b| decode(Code::Positive, b, s))),
-        }
+        let start = out.len();
+        out.resize(start + b.len(), 0.0);
+        decode_block(code, b, s, &mut out[start..]);
     }
 }
 
