@@ -19,6 +19,15 @@ PY
 }
 if ! have; then
   rm -rf "$venv"
+  # pip holds the downloaded wheels and the installed files at once: about 8.5 GB at the peak
+  # (measured in a clean clone). Say so up front rather than fail half-way with ENOSPC.
+  mkdir -p "$(dirname "$venv")"
+  free_kb=$(df -Pk "$(dirname "$venv")" | awk 'NR == 2 { print $4 }')
+  if [ "$free_kb" -lt $((9 * 1024 * 1024)) ]; then
+    echo "interop_check: installing ${pins[*]} needs about 9 GB free under $(dirname "$venv"), and" \
+      "$((free_kb / 1024)) MB are; free some space or point RANGER_INTEROP_VENV elsewhere" >&2
+    exit 1
+  fi
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --no-cache-dir "${pins[@]}"
   have || { echo "interop_check: $venv lacks ${pins[*]}" >&2; exit 1; }
