@@ -338,8 +338,8 @@ fn config_file_flags_override_and_a_run_completes() {
 }
 
 #[test]
-fn unset_learning_rate_and_beta2_are_chosen_for_the_run_said_and_resumed() {
-    use ranger_train::config::{default_beta2, default_learning_rate, OptimizerKind, TaskKind};
+fn unset_learning_rate_and_betas_are_chosen_for_the_run_said_and_resumed() {
+    use ranger_train::config::{default_beta1, default_beta2, default_learning_rate, OptimizerKind, TaskKind};
     let d = workdir("defaults");
     let o = train_in(&d).args(["--max-steps", "40", "--batch-size", "2", "--device", "cpu"]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -353,11 +353,17 @@ fn unset_learning_rate_and_beta2_are_chosen_for_the_run_said_and_resumed() {
         text(&o)
     );
     assert!(text(&o).contains(&format!("beta2 {beta2}: RAdam's warmup")), "{}", text(&o));
+    let beta1 = default_beta1(OptimizerKind::Ranger, TaskKind::CausalLm);
+    assert!(text(&o).contains(&format!("beta1 {beta1}: the default for ranger's causal-LM runs")), "{}", text(&o));
     // The checkpoint records the values used, and the same command resumes from it.
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("out/checkpoint-40/trainer_state.json")).unwrap())
             .unwrap();
-    assert_eq!((state["config"]["learning_rate"].as_f64(), state["config"]["beta2"].as_f64()), (Some(lr), Some(beta2)));
+    let config = &state["config"];
+    assert_eq!(
+        (config["learning_rate"].as_f64(), config["beta1"].as_f64(), config["beta2"].as_f64()),
+        (Some(lr), Some(beta1), Some(beta2))
+    );
     let o = train_in(&d)
         .args([
             "--max-steps",
@@ -378,7 +384,7 @@ fn unset_learning_rate_and_beta2_are_chosen_for_the_run_said_and_resumed() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
-    assert!(!text(&o).contains("learning rate") && !text(&o).contains("beta2"), "{}", text(&o));
+    assert!(["learning rate", "beta1", "beta2"].iter().all(|w| !text(&o).contains(w)), "{}", text(&o));
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("adamw/checkpoint-2/trainer_state.json")).unwrap())
             .unwrap();

@@ -30,7 +30,7 @@ impl TrainOptimizer {
     /// ([`TrainConfig::fill_run_defaults`]).
     pub fn new(cfg: &TrainConfig, vars: Vec<(String, Var)>) -> Result<Self> {
         let (lr, beta2) = (cfg.lr(), cfg.beta2.unwrap_or(MAX_AUTO_BETA2));
-        let beta1 = cfg.beta1.unwrap_or(default_beta1(cfg.optimizer));
+        let beta1 = cfg.beta1.unwrap_or(default_beta1(cfg.optimizer, cfg.task));
         let eps = cfg.eps.unwrap_or(default_eps(cfg.optimizer));
         let groups = ParamGroup::split_decay(vars.clone());
         let state_precision = match cfg.optimizer_state_bits {

@@ -18,6 +18,7 @@ pub use kinds::{
 pub use resume::{ResumeMismatch, MAY_CHANGE_ON_RESUME};
 pub use run_defaults::{
     default_beta1, default_beta2, default_eps, default_learning_rate, run_length_factor, MAX_AUTO_BETA2,
-    MAX_SHORT_RUN_BOOST, MIN_AUTO_BETA2, MIN_LONG_RUN_FACTOR, RECTIFIER_WARMUP_FRACTION, REFERENCE_RUN_STEPS,
+    MAX_SHORT_RUN_BOOST, MIN_AUTO_BETA2, MIN_LONG_RUN_FACTOR, PUBLISHED_RANGER_BETA1, RECTIFIER_WARMUP_FRACTION,
+    REFERENCE_RUN_STEPS,
 };
 pub use train_config::TrainConfig;

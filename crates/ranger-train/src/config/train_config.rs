@@ -90,7 +90,7 @@ pub struct TrainConfig {
     /// Weight decay, not applied to biases and norm weights.
     #[arg(long, default_value_t = 0.0, help_heading = OPTIMIZER)]
     pub weight_decay: f64,
-    /// Adam beta1 (default: 0.95 for ranger, 0.9 otherwise).
+    /// Adam beta1 (default 0.9; ranger classifiers 0.95, the published Ranger's).
     #[arg(long, help_heading = OPTIMIZER)]
     pub beta1: Option<f64>,
     /// Adam beta2 (default: adamw 0.999; ranger/radam from the run length, so that RAdam's warmup
