@@ -328,7 +328,7 @@ def headline(s, tasks, lengths, long_seeds):
 
         def row(label, recipe, long_only, what):
             return [label] + [s.cell(task, lora, n, recipe, seeds_for(n), what) if n >= 300 or not long_only
-                              else "(the defaults)" for n in lengths]
+                              else "(the β1 0.95 row)" for n in lengths]
 
         old = (["Ranger, old defaults (lr 5e-5, β1 0.95, β2 0.999, eps 1e-5), seed 1"]
                + [s.cell(task, lora, n, RANGER_OLD, seeds[:1]) if n < 300 else "—" for n in lengths])
