@@ -79,7 +79,6 @@ RANGER_DEFAULTS = []
 # got 0.9 (the classifier's default still). The study's earlier Ranger rows ran with it, so they
 # give it explicitly and stay the runs they were.
 BETA1_BEFORE = ["--beta1", "0.95"]
-RANGER_BETA1_BEFORE = BETA1_BEFORE
 RANGER_OLD = ["--learning-rate", "5e-5", "--beta2", "0.999", "--eps", "1e-5"] + BETA1_BEFORE
 
 
@@ -321,7 +320,7 @@ def headline(s, tasks, lengths, long_seeds):
         compared = [
             ("AdamW, defaults", ADAMW_DEFAULTS, False),
             ("Ranger, defaults", RANGER_DEFAULTS, False),
-            ("Ranger, β1 0.95 (the default before β1 0.9)", RANGER_BETA1_BEFORE, False),
+            ("Ranger, β1 0.95 (the default before β1 0.9)", BETA1_BEFORE, False),
             (f"Ranger, lr {PRE_RULE_LR[lora]}, β1 0.95 (the defaults before the long-run rule)",
              ["--learning-rate", PRE_RULE_LR[lora]] + BETA1_BEFORE, True),
         ]
@@ -521,7 +520,7 @@ def state(s):
     seeds = SEEDS[:1] if s.args.smoke else SEEDS
     rows = []
     # Measured before causal-LM runs got β1 0.9: the defaults of the time.
-    recipe = RANGER_BETA1_BEFORE
+    recipe = BETA1_BEFORE
     for label, extra in [("f32 (the default)", []), ("bf16, `--optimizer-state-bits 16`", ["--optimizer-state-bits", "16"]),
                          ("8-bit, `--optimizer-state-bits 8`", ["--optimizer-state-bits", "8"])]:
         rows.append([label] + [s.cell("email", False, n, recipe + extra, seeds) for n in (100, 300)]
