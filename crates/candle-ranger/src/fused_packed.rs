@@ -16,26 +16,28 @@ use rayon::prelude::*;
 use crate::fused::{
     adopt_outside_changes, round_into, row_sum, Elem, Extra, FusedStep, HostBuf, HostState, Kernel, StateElem, CHUNK,
 };
-use crate::state_codec::{
-    decode_block, encode16, encode_into, encode_moments16, encode_moments_q8, from_bf16_bits, Code, Q8Buf, BLOCK,
-};
+use crate::state_codec::{decode_block, encode_state16, encode_state_q8, from_bf16_bits, Code, Q8Buf, Q8Out, BLOCK};
 
-/// Separate the stochastic rounding streams of the moments (which share one) and the delta
-/// (far apart, so that no two elements' indices meet).
-const SEED_M: u64 = 0x9e37_79b9_7f4a_7c15;
-const SEED_U: u64 = 0x1656_67b1_9e37_79f9;
+/// Separates the stochastic rounding stream of the state (one hash per element for m, v and
+/// the delta) from other uses of the step's seed.
+const SEED_STATE: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// One parallel chunk of a packed buffer. `b` is one block of it (from a block boundary, at
 /// most [`BLOCK`] elements); `first` is the index of the chunk's first element in the whole
 /// buffer (the stochastic rounding's stream position).
-trait Packed: Send {
+trait Packed: Send + Sized {
     /// The values of block `b` as f32, into `out` (of `b.len()` values).
     fn decode(&self, b: Range<usize>, out: &mut [f32]);
-    /// Stores `values` into block `b`, rounded stochastically from stream `seed`.
-    fn encode(&mut self, b: Range<usize>, values: &[f32], seed: u64, first: u64);
-    /// Stores the moments `m` into block `b` of `self` and `v` into that of `v_buf` in one pass,
-    /// one hash per element.
-    fn encode_moments(&mut self, b: Range<usize>, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64);
+    /// Stores block `b` of the moments `m` and `v` and, between Lookahead syncs, of the delta
+    /// `u`, rounded stochastically from stream `seed` in one pass, one hash per element.
+    fn encode_state(
+        b: Range<usize>,
+        m: (&mut Self, &[f32]),
+        v: (&mut Self, &[f32]),
+        u: Option<(&mut Self, &[f32])>,
+        seed: u64,
+        first: u64,
+    );
     /// Sets every value to 0.
     fn clear(&mut self);
 }
@@ -47,6 +49,15 @@ struct Q8Chunk<'a> {
     scales: &'a mut [f32],
 }
 
+impl Q8Chunk<'_> {
+    /// Block `b` of this chunk, to be written.
+    #[inline(always)]
+    fn block(&mut self, b: Range<usize>) -> Q8Out<'_> {
+        let scale = b.start / BLOCK..b.start / BLOCK + 1;
+        Q8Out { bytes: &mut self.bytes[b], scales: &mut self.scales[scale] }
+    }
+}
+
 impl Packed for Q8Chunk<'_> {
     #[inline(always)]
     fn decode(&self, b: Range<usize>, out: &mut [f32]) {
@@ -54,31 +65,16 @@ impl Packed for Q8Chunk<'_> {
     }
 
     #[inline(always)]
-    fn encode(&mut self, b: Range<usize>, values: &[f32], seed: u64, first: u64) {
-        let scale = b.start / BLOCK..b.start / BLOCK + 1;
-        encode_into(
-            self.code,
-            values,
-            &mut self.bytes[b.clone()],
-            &mut self.scales[scale],
-            seed,
-            first + b.start as u64,
-        )
-    }
-
-    #[inline(always)]
-    fn encode_moments(&mut self, b: Range<usize>, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64) {
-        let scale = b.start / BLOCK..b.start / BLOCK + 1;
-        encode_moments_q8(
-            m,
-            &mut self.bytes[b.clone()],
-            &mut self.scales[scale.clone()],
-            v,
-            &mut v_buf.bytes[b.clone()],
-            &mut v_buf.scales[scale],
-            seed,
-            first + b.start as u64,
-        )
+    fn encode_state(
+        b: Range<usize>,
+        (m, mf): (&mut Self, &[f32]),
+        (v, vf): (&mut Self, &[f32]),
+        u: Option<(&mut Self, &[f32])>,
+        seed: u64,
+        first: u64,
+    ) {
+        let u = u.map(|(u, uf)| (uf, u.block(b.clone())));
+        encode_state_q8((mf, m.block(b.clone())), (vf, v.block(b.clone())), u, seed, first + b.start as u64)
     }
 
     fn clear(&mut self) {
@@ -97,13 +93,16 @@ impl Packed for B16Chunk<'_> {
     }
 
     #[inline(always)]
-    fn encode(&mut self, b: Range<usize>, values: &[f32], seed: u64, first: u64) {
-        encode16(values, &mut self.0[b.clone()], seed, first + b.start as u64)
-    }
-
-    #[inline(always)]
-    fn encode_moments(&mut self, b: Range<usize>, m: &[f32], v_buf: &mut Self, v: &[f32], seed: u64, first: u64) {
-        encode_moments16(m, &mut self.0[b.clone()], v, &mut v_buf.0[b.clone()], seed, first + b.start as u64)
+    fn encode_state(
+        b: Range<usize>,
+        (m, mf): (&mut Self, &[f32]),
+        (v, vf): (&mut Self, &[f32]),
+        u: Option<(&mut Self, &[f32])>,
+        seed: u64,
+        first: u64,
+    ) {
+        let u = u.map(|(u, uf)| (uf, &mut u.0[b.clone()]));
+        encode_state16((mf, &mut m.0[b.clone()]), (vf, &mut v.0[b.clone()]), u, seed, first + b.start as u64)
     }
 
     fn clear(&mut self) {
@@ -380,12 +379,9 @@ fn step_part<P: Elem<f32>, G: Elem<f32>, C: Packed>(
             k.segment(&mut pb[s..e], &gb[s..e], &mut mf[s..e], &mut vf[s..e], extra, mean);
             s = e;
         }
-        if let Some(d) = &mut delta {
-            if !sync {
-                d.encode(b.clone(), uf, seed ^ SEED_U, first);
-            }
-        }
-        m.encode_moments(b, mf, &mut v, vf, seed ^ SEED_M, first);
+        // At a sync the delta is cleared below (fast == slow), not encoded.
+        let u = delta.as_mut().filter(|_| !sync).map(|d| (d, &uf[..]));
+        C::encode_state(b, (&mut m, mf), (&mut v, vf), u, seed ^ SEED_STATE, first);
     }
     if let (Some(d), true) = (&mut delta, sync) {
         d.clear();
@@ -474,35 +470,31 @@ mod tests {
         let (mut m, mut v) = (decode(&st.m), decode(&st.v));
         let slow = st.slow.as_mut().unwrap();
         let mut u = decode(slow);
-        if step.scalars.sync_alpha.is_some() {
+        let sync = step.scalars.sync_alpha.is_some();
+        if sync {
             u.iter_mut().zip(p.iter()).for_each(|(u, f)| *u = f - *u);
             k.chunk(p, g, &mut m, &mut v, Extra::Slow(&mut u), step.row_len);
-            match slow {
-                HostBuf::Q8(q) => *q = Q8Buf::zeros(q.code, q.len()),
-                HostBuf::B16(b) => b.fill(0),
-                _ => unreachable!(),
-            }
         } else {
             k.chunk(p, g, &mut m, &mut v, Extra::Delta(&mut u), step.row_len);
-            match slow {
-                HostBuf::Q8(q) => encode_into(q.code, &u, &mut q.bytes, &mut q.scales, step.seed ^ SEED_U, 0),
-                HostBuf::B16(b) => encode16(&u, b, step.seed ^ SEED_U, 0),
-                _ => unreachable!(),
-            }
         }
-        match (&mut st.m, &mut st.v) {
-            (HostBuf::Q8(qm), HostBuf::Q8(qv)) => encode_moments_q8(
-                &m,
-                &mut qm.bytes,
-                &mut qm.scales,
-                &v,
-                &mut qv.bytes,
-                &mut qv.scales,
-                step.seed ^ SEED_M,
-                0,
-            ),
-            (HostBuf::B16(bm), HostBuf::B16(bv)) => encode_moments16(&m, bm, &v, bv, step.seed ^ SEED_M, 0),
-            _ => unreachable!(),
+        let seed = step.seed ^ SEED_STATE;
+        match (&mut st.m, &mut st.v, slow) {
+            (HostBuf::Q8(qm), HostBuf::Q8(qv), HostBuf::Q8(qu)) => {
+                let delta = (!sync).then(|| (&u[..], qu.out()));
+                encode_state_q8((&m, qm.out()), (&v, qv.out()), delta, seed, 0);
+                if sync {
+                    *qu = Q8Buf::zeros(qu.code, qu.len());
+                }
+            }
+            (HostBuf::B16(bm), HostBuf::B16(bv), HostBuf::B16(bu)) => {
+                if sync {
+                    encode_state16((&m, bm), (&v, bv), None, seed, 0);
+                    bu.fill(0);
+                } else {
+                    encode_state16((&m, bm), (&v, bv), Some((&u, bu)), seed, 0);
+                }
+            }
+            _ => unreachable!("packed state of one kind"),
         }
     }
 

@@ -170,8 +170,13 @@ fn encode_b16(x: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
 /// 8-bit codes of `x` (`[blocks, BLOCK]` f32) and the blocks' scales (`[blocks, 1]`), as
 /// [`crate::state_codec`] encodes them.
 fn encode_q8(x: &Tensor, code: Code, r: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-    let scale = x.abs()?.max_keepdim(D::Minus1)?;
-    let inv = (scale.gt(0f64)?.to_dtype(DType::F32)? / scale.maximum(f32::MIN_POSITIVE)?)?;
+    // The largest magnitude, at least the smallest normal float (a subnormal scale's inverse
+    // overflows): 0 only for an all-zero block, whose inverse is then 0 too.
+    let largest = x.abs()?.max_keepdim(D::Minus1)?;
+    let nonzero = largest.gt(0f64)?.to_dtype(DType::F32)?;
+    let floored = largest.maximum(f32::MIN_POSITIVE)?;
+    let inv = (&nonzero / &floored)?;
+    let scale = (floored * nonzero)?;
     let y = x.broadcast_mul(&inv)?.abs()?;
     let e = exponent(&y)?;
     // t in [8, 16): the 3 kept mantissa bits (and the leading 1), the 20 below as the fraction;
@@ -237,7 +242,7 @@ fn random_residues(nb: usize, seed: u64, device: &Device) -> candle_core::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state_codec::{decode, encode};
+    use crate::state_codec::{block_scale, decode, encode};
 
     fn values(n: usize) -> Vec<f32> {
         // Magnitudes over 40 binades, both signs, zeros, and blocks of very different scales.
@@ -274,17 +279,23 @@ mod tests {
 
     #[test]
     fn encoding_without_rounding_equals_the_bit_level_codec() {
-        // r = 0 never rounds up, as 0 random bits in the bit-level codec.
-        let n = 4 * BLOCK;
-        let x = values(n);
+        // r = 0 never rounds up, as 0 random bits in the bit-level codec. The last block holds
+        // subnormals only (coded against the smallest normal float).
+        let n = 5 * BLOCK;
+        let mut x = values(n);
+        x[4 * BLOCK..].iter_mut().for_each(|v| *v *= 1e-41);
+        assert!(x[4 * BLOCK..].iter().all(|v| v.abs() < f32::MIN_POSITIVE) && x[4 * BLOCK + 1] != 0.0);
         let xt = blocks(&Tensor::new(x.as_slice(), &Device::Cpu).unwrap(), n).unwrap();
-        let r = Tensor::zeros((4, BLOCK), DType::U32, &Device::Cpu).unwrap();
+        let r = Tensor::zeros((5, BLOCK), DType::U32, &Device::Cpu).unwrap();
         for code in [Code::Signed, Code::Positive] {
             let x: Vec<f32> = if code == Code::Positive { x.iter().map(|v| v.abs()).collect() } else { x.clone() };
             let xt = if code == Code::Positive { xt.abs().unwrap() } else { xt.clone() };
             let (bytes, scales) = encode_q8(&xt, code, &r).unwrap();
             let bytes = bytes.flatten_all().unwrap().to_vec1::<u8>().unwrap();
             let scales = scales.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (block, &s) in x.chunks(BLOCK).zip(&scales) {
+                assert_eq!(s, block_scale(block).0, "{code:?} scale");
+            }
             for (i, (&b, &v)) in bytes.iter().zip(&x).enumerate() {
                 let s = scales[i / BLOCK];
                 let inv = if s > 0.0 { 1.0 / s } else { 0.0 };

@@ -1,4 +1,5 @@
-//! Packed optimizer state: bf16 ([`crate::StatePrecision::Bf16`], [`encode16`]) and 8-bit.
+//! Packed optimizer state: bf16 ([`crate::StatePrecision::Bf16`], [`encode_state16`]) and 8-bit
+//! ([`encode_state_q8`]).
 //!
 //! 8-bit ([`crate::StatePrecision::Int8`]): values stored as one byte each, in
 //! blocks of [`BLOCK`] with an f32 scale (the block's largest magnitude), as bitsandbytes'
@@ -65,8 +66,9 @@ pub(crate) fn from_bf16_bits(b: u16) -> f32 {
 
 /// f32 to bf16 bits, rounded stochastically (random bits below the kept 16, then truncation:
 /// unbiased, so Adam's small per-step changes survive bf16's 8-bit mantissa), with bits from
-/// `seed` and each value's index `first + i`. Zero stays zero, of either sign.
-#[inline(always)]
+/// `seed` and each value's index `first + i`. Zero stays zero, of either sign. (One buffer
+/// alone, for the tests; the step encodes its buffers together, [`encode_state16`].)
+#[cfg(test)]
 pub(crate) fn encode16(values: &[f32], bits: &mut [u16], seed: u64, first: u64) {
     let seed = (seed ^ (seed >> 32)) as u32;
     let first = first as u32;
@@ -119,18 +121,20 @@ pub(crate) fn encode(code: Code, x: f32, inv_scale: f32, r: u32) -> u8 {
     // Random bits below the 3 kept mantissa bits, then truncation: rounds up with probability
     // equal to the dropped fraction (a carry moves into the exponent as it should).
     let bits = y.to_bits().wrapping_add(r & 0xF_FFFF);
-    let exp = ((bits >> 23) as i32) - 127 + code.bias();
-    let mant = (bits >> 20) & 7;
+    // The exponent and the 3 kept mantissa bits lie side by side in the f32 as in the byte, so
+    // one shift and one subtraction give the byte's 7 or 8 low bits: `exponent << 3 | mantissa`,
+    // the exponent rebased so that the code's exponent 1 (the smallest) is 8.
+    let field = (bits >> 20) as i32 - ((127 - code.bias()) << 3);
     match code {
         Code::Signed => {
             let sign = (x.to_bits() >> 24) & 0x80;
-            let byte = sign | ((exp.clamp(0, 15) as u32) << 3) | mant;
+            let byte = sign | field.clamp(0, 127) as u32;
             // Below the smallest exponent (and 0 itself): 0.
-            (if exp < 1 { 0 } else { byte }) as u8
+            (if field < 8 { 0 } else { byte }) as u8
         }
         Code::Positive => {
             // Never 0 for a non-zero value: the smallest code instead.
-            let byte = if exp < 1 { 1 << 3 } else { ((exp.min(31) as u32) << 3) | mant };
+            let byte = field.clamp(8, 255) as u32;
             (if y == 0.0 { 0 } else { byte }) as u8
         }
     }
@@ -144,10 +148,11 @@ pub(crate) fn decode(code: Code, b: u8, scale: f32) -> f32 {
         Code::Signed => ((b & 0x80) << 24, b & 0x7F),
         Code::Positive => (0, b),
     };
-    let exp = field >> 3;
-    let bits = sign | ((exp + 127).wrapping_sub(code.bias() as u32) << 23) | ((field & 7) << 20);
+    // `exponent << 3 | mantissa` back into the f32's bits in one shift ([`encode`]).
+    let bits = sign | ((field + ((127 - code.bias()) << 3) as u32) << 20);
     let y = f32::from_bits(bits) * scale;
-    if exp == 0 {
+    // Exponent 0 is the value 0.
+    if field < 8 {
         0.0
     } else {
         y
@@ -163,6 +168,12 @@ impl Q8Buf {
     /// Number of values.
     pub(crate) fn len(&self) -> usize {
         self.bytes.len()
+    }
+
+    /// The whole buffer, to be written.
+    #[cfg(test)]
+    pub(crate) fn out(&mut self) -> Q8Out<'_> {
+        Q8Out { bytes: &mut self.bytes, scales: &mut self.scales }
     }
 
     /// Every value as f32.
@@ -218,10 +229,9 @@ pub(crate) fn decode_block(code: Code, bytes: &[u8], scale: f32, out: &mut [f32]
 }
 
 /// Encodes `values` (whole blocks from a block boundary) into `bytes` and `scales`, rounding
-/// stochastically with bits from `seed` and each value's index `first + i`. Inlined into the
-/// caller, which chooses the instruction set (AVX2 or AVX-512 do the integer multiplies in
-/// vector registers).
-#[inline(always)]
+/// stochastically with bits from `seed` and each value's index `first + i`. (One buffer alone,
+/// for the tests; the step encodes its buffers together, [`encode_state_q8`].)
+#[cfg(test)]
 pub(crate) fn encode_into(code: Code, values: &[f32], bytes: &mut [u8], scales: &mut [f32], seed: u64, first: u64) {
     // Indices wrap at 2^32: streams of tensors above 4G elements repeat, harmlessly.
     let seed = (seed ^ (seed >> 32)) as u32;
@@ -243,58 +253,111 @@ pub(crate) fn encode_into(code: Code, values: &[f32], bytes: &mut [u8], scales: 
     }
 }
 
-/// One block's scale (its largest magnitude) and the scale's inverse (0 for an all-zero block).
+/// One block's scale (its largest magnitude, at least `f32::MIN_POSITIVE`) and the scale's
+/// inverse (both 0 for an all-zero block).
 #[inline(always)]
-fn block_scale(v: &[f32]) -> (f32, f32) {
+pub(crate) fn block_scale(v: &[f32]) -> (f32, f32) {
     // The largest magnitude bits (the order of non-negative floats' bits is theirs): an integer
     // max vectorizes, a float max fold does not.
-    let scale = f32::from_bits(v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff)));
-    (scale, if scale > 0.0 { 1.0 / scale } else { 0.0 })
+    let largest = v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+    if largest == 0 {
+        return (0.0, 0.0);
+    }
+    // A subnormal scale's inverse overflows (and `0 * inf` is NaN): a block of subnormals is
+    // coded relative to the smallest normal float instead, as `packed_tensor` does.
+    let scale = f32::from_bits(largest).max(f32::MIN_POSITIVE);
+    (scale, 1.0 / scale)
 }
 
-/// The two moments of an 8-bit state, encoded together: m ([`Code::Signed`]) and v
-/// ([`Code::Positive`]) from the same whole blocks, with one 32-bit hash per element whose low
-/// and high halves round m and v (16 random bits each: a bias of at most 2^-16 of a code step).
-/// Inlined into the caller, which chooses the instruction set.
+/// Whole blocks of one 8-bit buffer, to be written: a byte per value, a scale per block.
+pub(crate) struct Q8Out<'a> {
+    /// One byte per value.
+    pub(crate) bytes: &'a mut [u8],
+    /// One scale per [`BLOCK`] values.
+    pub(crate) scales: &'a mut [f32],
+}
+
+/// The 8-bit state of a step, encoded together from the same whole blocks: the moments m
+/// ([`Code::Signed`]) and v ([`Code::Positive`]) and, between Lookahead syncs, the delta u
+/// ([`Code::Signed`]). One 32-bit hash per element gives all the random bits: its low half
+/// rounds m, its high half v, and the middle 16 bits (rotated) u; each value's 16 bits are
+/// uniform and drawn afresh every step, so each rounding is unbiased (to 2^-16 of a code step),
+/// although the three roundings of one element are not independent of each other. Inlined into
+/// the caller, which chooses the instruction set.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn encode_moments_q8(
-    m: &[f32],
-    m_bytes: &mut [u8],
-    m_scales: &mut [f32],
-    v: &[f32],
-    v_bytes: &mut [u8],
-    v_scales: &mut [f32],
+pub(crate) fn encode_state_q8(
+    (m, m_out): (&[f32], Q8Out<'_>),
+    (v, v_out): (&[f32], Q8Out<'_>),
+    u: Option<(&[f32], Q8Out<'_>)>,
     seed: u64,
     first: u64,
 ) {
     let seed = (seed ^ (seed >> 32)) as u32;
-    let blocks = m.chunks(BLOCK).zip(m_bytes.chunks_mut(BLOCK)).zip(m_scales.iter_mut());
-    let blocks = blocks.zip(v.chunks(BLOCK).zip(v_bytes.chunks_mut(BLOCK)).zip(v_scales.iter_mut()));
-    for (bi, (((m, mb), ms), ((v, vb), vs))) in blocks.enumerate() {
-        let (sm, im) = block_scale(m);
-        let (sv, iv) = block_scale(v);
-        (*ms, *vs) = (sm, sv);
-        let base = (first + (bi * BLOCK) as u64) as u32;
-        for (i, ((mb, vb), (&x, &y))) in mb.iter_mut().zip(vb.iter_mut()).zip(m.iter().zip(v)).enumerate() {
-            let r = hash32(seed, base.wrapping_add(i as u32));
-            *mb = encode(Code::Signed, x, im, (r & 0xFFFF) << 4);
-            *vb = encode(Code::Positive, y, iv, (r >> 16) << 4);
+    let (mb, ms, vb, vs) = (m_out.bytes, m_out.scales, v_out.bytes, v_out.scales);
+    let (u, mut u_out) = match u {
+        Some((u, out)) => (u, Some(out)),
+        None => (&[][..], None),
+    };
+    for (bi, range) in (0..m.len()).step_by(BLOCK).map(|s| s..(s + BLOCK).min(m.len())).enumerate() {
+        let (sm, im) = block_scale(&m[range.clone()]);
+        let (sv, iv) = block_scale(&v[range.clone()]);
+        (ms[bi], vs[bi]) = (sm, sv);
+        let base = (first + range.start as u64) as u32;
+        let hash = |i: usize| hash32(seed, base.wrapping_add(i as u32));
+        let (mb, vb) = (&mut mb[range.clone()], &mut vb[range.clone()]);
+        let (mx, vx) = (&m[range.clone()], &v[range.clone()]);
+        match &mut u_out {
+            None => {
+                for (i, ((mb, vb), (&x, &y))) in mb.iter_mut().zip(vb.iter_mut()).zip(mx.iter().zip(vx)).enumerate() {
+                    let r = hash(i);
+                    *mb = encode(Code::Signed, x, im, (r & 0xFFFF) << 4);
+                    *vb = encode(Code::Positive, y, iv, (r >> 16) << 4);
+                }
+            }
+            Some(out) => {
+                let ux = &u[range.clone()];
+                let (su, iu) = block_scale(ux);
+                out.scales[bi] = su;
+                let ub = &mut out.bytes[range];
+                let elements = mb.iter_mut().zip(vb.iter_mut()).zip(ub.iter_mut()).zip(mx.iter().zip(vx).zip(ux));
+                for (i, (((mb, vb), ub), ((&x, &y), &z))) in elements.enumerate() {
+                    let r = hash(i);
+                    *mb = encode(Code::Signed, x, im, (r & 0xFFFF) << 4);
+                    *vb = encode(Code::Positive, y, iv, (r >> 16) << 4);
+                    *ub = encode(Code::Signed, z, iu, (r.rotate_left(8) & 0xFFFF) << 4);
+                }
+            }
         }
     }
 }
 
-/// The two moments of a bf16 state, encoded together, with one hash per element as in
-/// [`encode_moments_q8`] (16 random bits each, as [`encode16`] uses).
+/// The bf16 state of a step, encoded together, with one hash per element as in
+/// [`encode_state_q8`] (16 random bits each, as [`encode16`] uses).
 #[inline(always)]
-pub(crate) fn encode_moments16(m: &[f32], m_bits: &mut [u16], v: &[f32], v_bits: &mut [u16], seed: u64, first: u64) {
+pub(crate) fn encode_state16(
+    (m, m_bits): (&[f32], &mut [u16]),
+    (v, v_bits): (&[f32], &mut [u16]),
+    u: Option<(&[f32], &mut [u16])>,
+    seed: u64,
+    first: u64,
+) {
     let seed = (seed ^ (seed >> 32)) as u32;
     let first = first as u32;
+    let round = |x: f32, r: u32| (x.to_bits().wrapping_add(r) >> 16) as u16;
     let pairs = m_bits.iter_mut().zip(v_bits.iter_mut()).zip(m.iter().zip(v));
-    for (i, ((mb, vb), (&x, &y))) in pairs.enumerate() {
-        let r = hash32(seed, first.wrapping_add(i as u32));
-        *mb = (x.to_bits().wrapping_add(r & 0xFFFF) >> 16) as u16;
-        *vb = (y.to_bits().wrapping_add(r >> 16) >> 16) as u16;
+    match u {
+        None => {
+            for (i, ((mb, vb), (&x, &y))) in pairs.enumerate() {
+                let r = hash32(seed, first.wrapping_add(i as u32));
+                (*mb, *vb) = (round(x, r & 0xFFFF), round(y, r >> 16));
+            }
+        }
+        Some((u, u_bits)) => {
+            for (i, (((mb, vb), (&x, &y)), (ub, &z))) in pairs.zip(u_bits.iter_mut().zip(u)).enumerate() {
+                let r = hash32(seed, first.wrapping_add(i as u32));
+                (*mb, *vb, *ub) = (round(x, r & 0xFFFF), round(y, r >> 16), round(z, r.rotate_left(8) & 0xFFFF));
+            }
+        }
     }
 }
 
@@ -343,29 +406,56 @@ mod tests {
     }
 
     #[test]
-    fn moments_encoded_together_round_without_bias() {
-        // m and v take the low and high halves of one hash: each half alone must be unbiased.
+    fn a_step_s_buffers_encoded_together_round_without_bias() {
+        // m, v and u take the low, high and (rotated) middle 16 bits of one hash: each must be
+        // unbiased alone.
         let n = 20_000;
-        let (x, y) = (0.3f32, 0.7f32);
-        let (mut m, mut v) = (vec![x; n], vec![y; n]);
+        let (x, y, z) = (0.3f32, 0.7f32, -0.45f32);
+        let (mut m, mut v, mut u) = (vec![x; n], vec![y; n], vec![z; n]);
         for i in (0..n).step_by(BLOCK) {
-            (m[i], v[i]) = (1.0, 1.0); // each block's scale
+            (m[i], v[i], u[i]) = (1.0, 1.0, -1.0); // each block's scale
         }
         let mean = |back: &[f32]| {
             let kept: Vec<f64> =
                 back.iter().enumerate().filter(|(i, _)| i % BLOCK != 0).map(|(_, &z)| z as f64).collect();
             kept.iter().sum::<f64>() / kept.len() as f64
         };
-        let (mut qm, mut qv) = (Q8Buf::zeros(Code::Signed, n), Q8Buf::zeros(Code::Positive, n));
-        encode_moments_q8(&m, &mut qm.bytes, &mut qm.scales, &v, &mut qv.bytes, &mut qv.scales, 9, 0);
-        assert!((mean(&qm.to_f32()) - x as f64).abs() < 2e-3, "8-bit m: {}", mean(&qm.to_f32()));
-        assert!((mean(&qv.to_f32()) - y as f64).abs() < 4e-3, "8-bit v: {}", mean(&qv.to_f32()));
-        let (x, y) = (1.0f32 + 1.0 / 1024.0, 1.0f32 + 3.0 / 1024.0);
-        let (mut bm, mut bv) = (vec![0u16; n], vec![0u16; n]);
-        encode_moments16(&vec![x; n], &mut bm, &vec![y; n], &mut bv, 9, 0);
+        for with_u in [true, false] {
+            let zeros = |code| Q8Buf::zeros(code, n);
+            let (mut qm, mut qv, mut qu) = (zeros(Code::Signed), zeros(Code::Positive), zeros(Code::Signed));
+            let delta = with_u.then(|| (&u[..], qu.out()));
+            encode_state_q8((&m, qm.out()), (&v, qv.out()), delta, 9, 0);
+            assert!((mean(&qm.to_f32()) - x as f64).abs() < 2e-3, "8-bit m: {}", mean(&qm.to_f32()));
+            assert!((mean(&qv.to_f32()) - y as f64).abs() < 4e-3, "8-bit v: {}", mean(&qv.to_f32()));
+            if with_u {
+                assert!((mean(&qu.to_f32()) - z as f64).abs() < 3e-3, "8-bit u: {}", mean(&qu.to_f32()));
+            } else {
+                assert!(qu.bytes.iter().all(|&b| b == 0), "no delta, nothing written");
+            }
+        }
+        let (x, y, z) = (1.0f32 + 1.0 / 1024.0, 1.0f32 + 3.0 / 1024.0, -(1.0f32 + 5.0 / 1024.0));
+        let (mut bm, mut bv, mut bu) = (vec![0u16; n], vec![0u16; n], vec![0u16; n]);
+        let (mx, vx, ux) = (vec![x; n], vec![y; n], vec![z; n]);
+        encode_state16((&mx, &mut bm), (&vx, &mut bv), Some((&ux, &mut bu)), 9, 0);
         let avg = |b: &[u16]| decode16(b).iter().map(|&z| z as f64).sum::<f64>() / n as f64;
         assert!((avg(&bm) - x as f64).abs() < 2e-4, "bf16 m: {}", avg(&bm));
         assert!((avg(&bv) - y as f64).abs() < 2e-4, "bf16 v: {}", avg(&bv));
+        assert!((avg(&bu) - z as f64).abs() < 2e-4, "bf16 u: {}", avg(&bu));
+    }
+
+    #[test]
+    fn a_block_of_subnormals_is_coded_against_the_smallest_normal() {
+        // 1 / scale would overflow for these (and 0 * inf is NaN): coded relative to
+        // f32::MIN_POSITIVE, they come back close, and 0 stays 0.
+        let values = [1e-39f32, -5e-40, 0.0, 2e-40];
+        let back = roundtrip(Code::Signed, &values, 4);
+        assert_eq!(back[2], 0.0);
+        for (x, y) in values.iter().zip(&back) {
+            assert!((x - y).abs() <= x.abs() * 0.13 + 1e-45, "{x} came back as {y}");
+        }
+        let back = roundtrip(Code::Positive, &[1e-39, 0.0, 3e-40], 4);
+        assert_eq!(back[1], 0.0);
+        assert!(back[0] > 0.8e-39 && back[2] > 2e-40, "{back:?}");
     }
 
     #[test]
