@@ -9,7 +9,8 @@ logits ranger-tune computes. Run by .ci/run after `cargo test`:
 Phi-3, Phi-4-mini, SmolLM3, GPT-2 as causal LMs and classifiers; ModernBERT as a classifier) and
 tiny random Llama (both) and BERT (classifier) folders: full, LoRA, and the LoRA merged by
 `merge_adapter`. From the GGUF fixtures (`gguf-<family>`) it makes `convert`'s folder, a full
-fine-tune of the GGUF and LoRA on it (PEFT's base: `convert`'s folder). It keeps every folder
+fine-tune of the GGUF and LoRA on it (PEFT's base: `convert`'s folder), and that LoRA merged
+into a GGUF file (`merge --gguf f32`, read with `gguf_file`). It keeps every folder
 under DIR/<family> with `interop.json`: for each result, the folder (and adapter), fixed input
 ids and the logits ranger-tune computes from them. This script then, for each result:
 
@@ -74,7 +75,12 @@ def check_case(root, case, atol):
     """Failures (strings) of one result of interop.json."""
     auto = AutoModelForCausalLM if case["task"] == "causal" else AutoModelForSequenceClassification
     failures = []
-    if case["adapter"] is None:
+    if case["adapter"] is None and case["model"].endswith(".gguf"):
+        # A GGUF file (`merge --gguf`): transformers reads it with the gguf package, undoing
+        # llama.cpp's changes as it does for llama.cpp's own files.
+        path = os.path.join(root, case["model"])
+        model = auto.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    elif case["adapter"] is None:
         model, problems = load_plain(auto, os.path.join(root, case["model"]))
         if problems:
             failures.append(f"transformers loaded {case['model']} with {problems}")

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # transformers and PEFT load what ranger-tune writes for every new model family, with
 # ranger-tune's logits (README "Model families against transformers"). Run by .ci/run:
-#   1. a virtual environment with pinned torch, transformers and peft (from PyPI; about 5.6 GB
+#   1. a virtual environment with pinned torch, transformers, peft and gguf (transformers reads
+#      GGUF files with it) from PyPI (about 5.6 GB
 #      with torch's CUDA libraries, which torch needs to import even on a CPU), kept in
 #      $RANGER_INTEROP_VENV (default .cache/interop-venv) and reused when it has those versions;
 #   2. tests/family_folders.rs, keeping its folders and logits in a temporary folder;
 #   3. tools/check_family_interop.py over them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pins=(torch==2.15.0 transformers==5.25.0 peft==0.21.2)
+pins=(torch==2.15.0 transformers==5.25.0 peft==0.21.2 gguf==0.19.0)
 venv="${RANGER_INTEROP_VENV:-.cache/interop-venv}"
 have() {
   "$venv/bin/python" - "${pins[@]}" <<'PY' 2>/dev/null

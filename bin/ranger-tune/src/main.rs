@@ -9,15 +9,15 @@ mod stop;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ranger_train::build::{ModelBuilder, Tuning};
-use ranger_train::config::{parse_device, DTypeArg};
+use ranger_train::config::{parse_device, DTypeArg, GgufTypeArg};
 use ranger_train::convert::gguf_to_hf;
 use ranger_train::data::DataOptions;
 use ranger_train::generate::{generate, stop_ids, GenerateOptions};
 use ranger_train::held_out::file_loss;
-use ranger_train::merge::{merge_adapter, Merged};
+use ranger_train::merge::{merge_adapter_with_gguf, GgufExport, Merged};
 use ranger_train::source::{self, HubOptions, LoadedModel};
 use ranger_train::trainer::OutputLock;
 use ranger_train::{TrainConfig, Trainer};
@@ -231,6 +231,14 @@ struct MergeArgs {
     /// f32 | bf16 | f16 weights in the output.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: DTypeArg,
+    /// Also write the merged model as a GGUF file that llama.cpp reads, its matrices in this
+    /// format (norms and biases f32), quantized from the f32 merge; --model must be a .gguf
+    /// file (its metadata, tokenizer and tensor names are kept). Causal LMs only.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    gguf: Option<GgufTypeArg>,
+    /// Where --gguf writes [default: <OUTPUT>/model-<FORMAT>.gguf].
+    #[arg(long, value_name = "FILE", requires = "gguf")]
+    gguf_path: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -401,12 +409,38 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
+    let source = PathBuf::from(&a.model.model);
+    let gguf_path =
+        a.gguf.map(|f| a.gguf_path.clone().unwrap_or_else(|| a.output.join(format!("model-{}.gguf", f.name()))));
+    if a.gguf.is_some() && !(source.is_file() && source.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))) {
+        bail!(
+            "--gguf needs the base as a .gguf file (--model {}): its metadata, tokenizer and tensor names are kept; \
+             for another base, convert the merged folder with llama.cpp's convert_hf_to_gguf.py",
+            a.model.model
+        );
+    }
+    if let Some(parent) = gguf_path.as_deref().and_then(Path::parent) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let export =
+        a.gguf.zip(gguf_path.as_deref()).map(|(f, path)| GgufExport { source: &source, format: f.format(), path });
     let base = a.model.load_with_adapter(Some(&a.adapter))?;
-    let what = match merge_adapter(base, &a.adapter, &a.output, a.dtype.dtype())? {
+    let (merged, exported) = merge_adapter_with_gguf(base, &a.adapter, &a.output, a.dtype.dtype(), export)?;
+    let what = match merged {
         Merged::Classifier => "classifier",
         Merged::CausalLm => "base",
     };
     println!("wrote {} ({what} {} + adapter {}, merged)", a.output.display(), a.model.model, a.adapter.display());
+    if let (Some(e), Some(path)) = (exported, gguf_path) {
+        let formats: Vec<String> = e.formats.iter().map(|(f, n)| format!("{n} {f}")).collect();
+        let copied = if e.copied > 0 { format!(", {} copied from the base", e.copied) } else { String::new() };
+        println!(
+            "wrote {} (GGUF, {:.1} MiB: {}{copied})",
+            path.display(),
+            e.bytes as f64 / (1 << 20) as f64,
+            formats.join(", ")
+        );
+    }
     Ok(())
 }
 

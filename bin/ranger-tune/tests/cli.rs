@@ -155,6 +155,44 @@ fn generate_chat_takes_a_template_file_for_a_model_without_one() {
     assert_eq!(saved["chat_template"], template, "the merged folder carries the adapter's template");
 }
 
+/// `merge --gguf` on a GGUF base (llama.cpp's converter wrote the fixture): the file lands in the
+/// output folder (or at `--gguf-path`), and `eval` scores it as it scores the merged folder, to
+/// within Q8_0's rounding; a base that is not a GGUF file, and `--gguf-path` alone, are refused.
+#[test]
+fn merge_writes_a_gguf_file_from_a_gguf_base() {
+    let d = workdir("merge-gguf");
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/llama.gguf");
+    let data = d.join("train.jsonl");
+    let run_dir = d.join("lora");
+    run_ok(&["train", "--model", p(&gguf), "--data", p(&data), "--output", p(&run_dir), "--lora", "--max-steps", "3"]);
+    let adapter = run_dir.join("adapter");
+    let merged = d.join("merged");
+    let merge = ["merge", "--model", p(&gguf), "--adapter", p(&adapter), "--output", p(&merged)];
+    let o = run_ok(&[&merge[..], &["--gguf", "q8_0"]].concat());
+    let file = merged.join("model-q8_0.gguf");
+    assert!(file.is_file() && text(&o).contains("model-q8_0.gguf (GGUF"), "{}", text(&o));
+    let (folder, from_gguf) = (eval_loss(&merged, &data, &[]), eval_loss(&file, &data, &[]));
+    let (a, b) = (folder["loss"].as_f64().unwrap(), from_gguf["loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 0.02 * a && a != b, "merged folder {a}, its Q8_0 GGUF file {b}");
+    let elsewhere = d.join("elsewhere/merged.gguf");
+    run_ok(&[&merge[..], &["--gguf", "f32", "--gguf-path", p(&elsewhere)]].concat());
+    assert!((eval_loss(&elsewhere, &data, &[])["loss"].as_f64().unwrap() - a).abs() < 1e-5);
+    let o = run(&[
+        "merge",
+        "--model",
+        p(&d.join("model")),
+        "--adapter",
+        p(&adapter),
+        "--output",
+        p(&merged),
+        "--gguf",
+        "q4_k",
+    ]);
+    assert!(!o.status.success() && text(&o).contains("--gguf needs the base as a .gguf file"), "{}", text(&o));
+    let o = run(&[&merge[..], &["--gguf-path", p(&elsewhere)]].concat());
+    assert!(!o.status.success() && text(&o).contains("--gguf"), "{}", text(&o));
+}
+
 /// `eval --json` on `model` (with `extra` flags): the reported loss.
 fn eval_loss(model: &Path, data: &Path, extra: &[&str]) -> serde_json::Value {
     let args = [&["eval", "--model", p(model), "--data", p(data), "--device", "cpu", "--json"][..], extra].concat();

@@ -23,14 +23,16 @@ use crate::model::llama_names::{
 use crate::model::LlamaConfig;
 use crate::tokenizer::TextTokenizer;
 
-fn meta<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a GValue> {
+/// The metadata value `key` of a GGUF header; missing, an error naming the file.
+pub(crate) fn meta<'a>(c: &'a Content, key: &str, path: &Path) -> Result<&'a GValue> {
     c.metadata.get(key).ok_or_else(|| TrainError::Config {
         origin: path.display().to_string(),
         message: format!("GGUF metadata `{key}` missing"),
     })
 }
 
-fn as_f64(v: &GValue) -> Option<f64> {
+/// A numeric metadata value as f64.
+pub(crate) fn as_f64(v: &GValue) -> Option<f64> {
     Some(match v {
         GValue::U8(x) => *x as f64,
         GValue::I8(x) => *x as f64,
@@ -84,7 +86,7 @@ pub fn unpermute_qk_quantized(q: &QTensor, heads: usize) -> candle_core::Result<
 
 /// The GGUF architectures read.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum GgufArch {
+pub(crate) enum GgufArch {
     Llama,
     Gpt2,
     Phi3,
@@ -92,8 +94,22 @@ enum GgufArch {
     Gemma3,
 }
 
+impl GgufArch {
+    /// The architecture of a `general.architecture` value, if it is one read here.
+    pub(crate) fn from_name(arch: &str) -> Option<GgufArch> {
+        Some(match arch {
+            "llama" => GgufArch::Llama,
+            "gpt2" => GgufArch::Gpt2,
+            "phi3" => GgufArch::Phi3,
+            "gemma2" => GgufArch::Gemma2,
+            "gemma3" => GgufArch::Gemma3,
+            _ => return None,
+        })
+    }
+}
+
 /// The Hugging Face name of a llama.cpp tensor name of `arch`.
-fn hf_name(arch: GgufArch, gguf: &str) -> Option<String> {
+pub(crate) fn hf_name(arch: GgufArch, gguf: &str) -> Option<String> {
     match arch {
         GgufArch::Llama => llama_hf_name(gguf),
         GgufArch::Gpt2 | GgufArch::Phi3 => fused_hf_name(arch, gguf),
@@ -191,7 +207,7 @@ fn llama_hf_name(gguf: &str) -> Option<String> {
 
 /// A GGUF file opened and its header read: the file (for the tensors), the header and its
 /// `general.architecture`.
-fn read_header(path: &Path) -> Result<(std::fs::File, Content, String)> {
+pub(crate) fn read_header(path: &Path) -> Result<(std::fs::File, Content, String)> {
     let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
     let content = Content::read(&mut file).map_err(|e| TrainError::Format {
         path: path.to_path_buf(),
@@ -228,19 +244,10 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
 /// ([`LoadedModel::quantized`]), the rest is dequantized to f32.
 pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<LoadedModel> {
     let (mut file, content, arch) = read_header(path)?;
-    let kind = match arch.as_str() {
-        "llama" => GgufArch::Llama,
-        "gpt2" => GgufArch::Gpt2,
-        "phi3" => GgufArch::Phi3,
-        "gemma2" => GgufArch::Gemma2,
-        "gemma3" => GgufArch::Gemma3,
-        _ => {
-            return Err(TrainError::UnsupportedArchitecture {
-                origin: path.display().to_string(),
-                model_type: format!("gguf:{arch}"),
-            })
-        }
-    };
+    let kind = GgufArch::from_name(&arch).ok_or_else(|| TrainError::UnsupportedArchitecture {
+        origin: path.display().to_string(),
+        model_type: format!("gguf:{arch}"),
+    })?;
     let num = |k: &str| -> Result<f64> {
         as_f64(meta(&content, &format!("{arch}.{k}"), path)?).ok_or_else(|| TrainError::Config {
             origin: path.display().to_string(),

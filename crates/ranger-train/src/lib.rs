@@ -18,6 +18,7 @@ pub mod error;
 pub mod folder_write;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_export;
 pub mod held_out;
 pub mod hub;
 pub mod kernels;

@@ -33,7 +33,7 @@ pub struct LoadedModel {
 
 /// The format llama.cpp falls back to for a row width that is not a whole number of
 /// 256-value k-quant super-blocks (`llama-quant.cpp`).
-fn fallback(format: GgmlDType) -> GgmlDType {
+pub(crate) fn fallback(format: GgmlDType) -> GgmlDType {
     match format {
         GgmlDType::Q4K => GgmlDType::Q5_0,
         GgmlDType::Q5K => GgmlDType::Q5_1,

@@ -168,6 +168,61 @@ impl QuantizeArg {
     }
 }
 
+/// The block format of the matrices of a GGUF file written by `merge --gguf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GgufTypeArg {
+    /// f32 (no quantization).
+    #[value(name = "f32")]
+    F32,
+    /// f16.
+    #[value(name = "f16")]
+    F16,
+    /// 8.5 bits per weight: 32-value blocks with an f16 scale.
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 6.6 bits per weight (k-quant).
+    #[value(name = "q6_k")]
+    Q6K,
+    /// 5.5 bits per weight (k-quant).
+    #[value(name = "q5_k")]
+    Q5K,
+    /// 4.5 bits per weight: 256-value super-blocks (k-quant).
+    #[value(name = "q4_k")]
+    Q4K,
+    /// 4.5 bits per weight: 32-value blocks with an f16 scale.
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+impl GgufTypeArg {
+    /// As Candle's GGUF block format.
+    pub fn format(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Self::F32 => GgmlDType::F32,
+            Self::F16 => GgmlDType::F16,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q6K => GgmlDType::Q6K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q4_0 => GgmlDType::Q4_0,
+        }
+    }
+
+    /// The name on the command line (`q4_k`), as in a file name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+            Self::Q6K => "q6_k",
+            Self::Q5K => "q5_k",
+            Self::Q4K => "q4_k",
+            Self::Q4_0 => "q4_0",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,8 @@ mod train_config;
 pub use device::parse_device;
 pub use error::ConfigError;
 pub use kinds::{
-    BestMetric, DTypeArg, EvalWeights, NanPolicy, OptimizerKernel, OptimizerKind, QuantizeArg, ScheduleKind, TaskKind,
+    BestMetric, DTypeArg, EvalWeights, GgufTypeArg, NanPolicy, OptimizerKernel, OptimizerKind, QuantizeArg,
+    ScheduleKind, TaskKind,
 };
 pub use resume::{ResumeMismatch, MAY_CHANGE_ON_RESUME};
 pub use run_defaults::{
