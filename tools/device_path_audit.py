@@ -58,6 +58,7 @@ DECLARED = [
     ("crates/ranger-train/src/testing.rs", "", "test helpers (random f64 models)"),
     ("crates/ranger-train/src/weights.rs", "", "weight files: load and save"),
     ("crates/ranger-train/src/gguf.rs", "to_vec1", "GGUF import: Phi-3's LongRoPE factors, read once on load (CPU)"),
+    ("crates/ranger-train/src/gguf_export.rs", "to_device(&Device::Cpu)", "merge --gguf: the merged weights quantized on the CPU, once, outside training"),
 ]
 
 
