@@ -7,17 +7,16 @@
 //! does: k-quants to the 32-value formats, then f16), norms, biases and position tables in f32.
 
 use std::collections::HashMap;
-use std::io::BufWriter;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{self, Value as GValue};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use candle_ranger::state_file::{sync_parent, tmp_path};
 
 use crate::error::{Result, TrainError};
 use crate::gguf::{as_f64, hf_name, meta, permute_qk, read_header, GgufArch};
 use crate::loaded::fallback;
+use crate::weights::write_atomic_with;
 
 /// What [`export_gguf`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,27 +162,8 @@ pub fn export_gguf(
 
 /// Candle's GGUF writer into a temporary file next to `out`, then renamed into place.
 fn write_gguf(out: &Path, metadata: &[(String, GValue)], tensors: &[(String, QTensor)]) -> Result<()> {
-    let tmp = tmp_path(out);
     let meta: Vec<(&str, &GValue)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let needed: u64 = tensors.iter().map(|(_, t)| t.storage_size_in_bytes() as u64).sum();
-    let result = (|| -> std::io::Result<()> {
-        let mut w = BufWriter::new(std::fs::File::create(&tmp)?);
-        gguf_file::write(&mut w, &meta, &ts).map_err(std::io::Error::other)?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, out)?;
-        sync_parent(out);
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|source| TrainError::WriteFailed {
-        target: out.to_path_buf(),
-        file: out.to_path_buf(),
-        needed,
-        source,
-    })
+    write_atomic_with(out, needed, |w| gguf_file::write(w, &meta, &ts).map_err(std::io::Error::other))
 }

@@ -217,11 +217,23 @@ fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)], meta: HashMap<S
 /// failure the temporary file is removed and the error says how many bytes were needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    write_atomic_with(path, bytes.len() as u64, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` writes into the (buffered, seekable) temporary file;
+/// `needed` is the byte count a failure reports.
+pub fn write_atomic_with(
+    path: &Path,
+    needed: u64,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = tmp_path(path);
     let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
+        drop(f);
         std::fs::rename(&tmp, path)?;
         sync_parent(path);
         Ok(())
@@ -232,7 +244,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     res.map_err(|source| TrainError::WriteFailed {
         target: path.to_path_buf(),
         file: path.to_path_buf(),
-        needed: bytes.len() as u64,
+        needed,
         source,
     })
 }
