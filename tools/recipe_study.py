@@ -17,7 +17,10 @@ run (lower is better; every row of a table starts from the same loss):
              (`ranger-tune eval`): what the fine-tune made the model forget
   email      the same on plain email text (one seed at 300 steps)
   classify   all-MiniLM-L6-v2 spam classifier at 30 and 100 steps: held-out accuracy and loss
-             (four seeds)
+             (four seeds); then Ranger's 100-step rate for classifiers (the short-run rule makes
+             the 30-step rate of it): 1e-3 (the default before), 5e-4 (now), 3e-4, and 5e-4 with
+             β1 0.9; the 30-step defaults (and β1 0.9, β2 0.8) over four more seeds; and LoRA
+             classifiers at 1e-3 (their default) and 5e-4 (two seeds)
   variants   Ranger's options at 100 steps, chat data, LoRA: beta2, warmup, slow vs fast weights,
              Lookahead k and alpha, gradient centralization, eps
   forgetting chat data, full at 100 and 300 steps and LoRA at 100: the task's held-out loss and the
@@ -45,7 +48,7 @@ checks against what the trainer recorded), so a rerun only runs what changed: a 
 are the same, by flag or by default, is the same run. The cache does not know the build: a result
 records the sha256 of the binary that made it (`bin`); delete --work/runs to measure every run on
 one build. The whole study is
-about 4.5 hours on a 2-core CPU (chat 80 min, email 45, classify 15, forgetting 30); pick sections to run less.
+about 5 hours on a 2-core CPU (chat 80 min, email 45, classify 70, forgetting 30); pick sections to run less.
 
     cargo build --release -p ranger-tune
     python3 tools/recipe_study.py                       # every section
@@ -80,6 +83,9 @@ RANGER_DEFAULTS = []
 # give it explicitly and stay the runs they were.
 BETA1_BEFORE = ["--beta1", "0.95"]
 RANGER_OLD = ["--learning-rate", "5e-5", "--beta2", "0.999", "--eps", "1e-5"] + BETA1_BEFORE
+# A classifier's 100-step Ranger rate until it became 5e-4 (1e-3, from the causal-LM sweeps), and
+# what the short-run rule made of it at 30 steps: the rows measured then give it explicitly.
+CLASSIFY_LR_BEFORE = {30: ["--learning-rate", "3.33e-3"], 100: ["--learning-rate", "1e-3"]}
 
 
 def sha256(path):
@@ -158,7 +164,7 @@ def cli_defaults(opt, task, lora, steps):
         factor = min(ratio, 4.0)
     else:
         factor = max(math.sqrt(ratio), 0.25) if causal else 1.0
-    lr = (1e-3 if not causal else 7e-3 if lora else 5e-4) * factor
+    lr = ((1e-3 if lora else 5e-4) if not causal else 7e-3 if lora else 5e-4) * factor
     lr = round_half_up(lr, 10.0 ** (2 - math.floor(math.log10(lr))))
     beta2 = round_half_up(min(max(1 - 2 / max(0.25 * steps, 1), 0.9), 0.999), 1e4)
     return {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": 1e-8}
@@ -478,6 +484,47 @@ def classify(s):
         rows.append(row)
     table(f"all-MiniLM-L6-v2 spam classifier: held-out accuracy % and loss, mean ± half-range over seeds {seeds}",
           ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
+    # Ranger's 100-step rate for classifiers; the 30-step one is the short-run rule's (100/30 x).
+    rows = [["AdamW, defaults (lr 2e-4)"] + classify_cells(s, ADAMW_DEFAULTS, ADAMW_DEFAULTS, seeds)]
+    for label, rate, extra in CLASSIFY_RATES:
+        r30, r100 = (["--learning-rate", f"{lr:.3g}"] + extra for lr in (rate * 100 / 30, rate))
+        rows.append([label] + classify_cells(s, r30, r100, seeds))
+    table(f"spam classifier: Ranger's rate for a 100-step run and the 30-step one the short-run rule makes of it "
+          f"(x 100/30), accuracy % and held-out loss, mean ± half-range over seeds {seeds}",
+          ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
+    more = SEEDS[:1] if s.args.smoke else CLASSIFY_MORE_SEEDS
+    rows = [[label, s.cell("spam", False, 30, r, more, "acc"), s.cell("spam", False, 30, r, more),
+             s.cell("spam", False, 30, r, seeds + more, "acc"), s.cell("spam", False, 30, r, seeds + more)]
+            for label, r in (("AdamW, defaults", ADAMW_DEFAULTS), ("Ranger, defaults", RANGER_DEFAULTS),
+                             ("Ranger, β1 0.9", ["--beta1", "0.9"]),
+                             ("Ranger, β2 0.8 (below the floor of 0.9 that a 30-step run gets)", ["--beta2", "0.8"]))]
+    table(f"spam classifier, 30 steps: the defaults over four more seeds {more}, and over all eight",
+          ["recipe", "accuracy", "loss", "eight seeds: accuracy", "loss"], rows)
+    # With LoRA (the head trained whole): a LoRA classifier keeps the 100-step rate of 1e-3.
+    lseeds = SEEDS[:1] if s.args.smoke else SEEDS
+    rows = [["AdamW, defaults (lr 2e-4)"] + classify_cells(s, ADAMW_DEFAULTS, ADAMW_DEFAULTS, lseeds, True)]
+    for label, rate in (("Ranger, 1e-3 (30 steps: 3.33e-3; the default)", 1e-3),
+                        ("Ranger, 5e-4 (30 steps: 1.67e-3; a full classifier's)", 5e-4)):
+        r30, r100 = (["--learning-rate", f"{lr:.3g}"] for lr in (rate * 100 / 30, rate))
+        rows.append([label] + classify_cells(s, r30, r100, lseeds, True))
+    table(f"spam classifier with LoRA: Ranger's rate, accuracy % and held-out loss, mean ± half-range over seeds {lseeds}",
+          ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
+
+
+# Ranger's 100-step classifier rates tried (label, rate, other flags).
+CLASSIFY_RATES = [
+    ("Ranger, 1e-3 (30 steps: 3.33e-3; the default before)", 1e-3, []),
+    ("Ranger, 5e-4 (30 steps: 1.67e-3; the default now)", 5e-4, []),
+    ("Ranger, 3e-4 (30 steps: 1e-3)", 3e-4, []),
+    ("Ranger, 5e-4, β1 0.9", 5e-4, ["--beta1", "0.9"]),
+]
+CLASSIFY_MORE_SEEDS = (5, 6, 7, 8)
+
+
+def classify_cells(s, r30, r100, seeds, lora=False):
+    """Accuracy and loss at 30 steps with recipe `r30`, then at 100 with `r100`."""
+    return [s.cell("spam", lora, 30, r30, seeds, "acc"), s.cell("spam", lora, 30, r30, seeds),
+            s.cell("spam", lora, 100, r100, seeds, "acc"), s.cell("spam", lora, 100, r100, seeds)]
 
 
 # Learning rates tried for forgetting (chat data, seed 1; everything else the CLI's defaults for
@@ -555,10 +602,10 @@ GAP_CELLS_SHORT = [("chat", False, 100), ("email", False, 30), ("email", True, 1
 # The classifier at 100 steps (four seeds).
 GAP_CLASSIFY = [
     ("AdamW, defaults", ADAMW_DEFAULTS),
-    ("Ranger, defaults (lr 1e-3, β1 0.95, β2 0.92)", RANGER_DEFAULTS),
-    ("Ranger, β1 0.9", ["--beta1", "0.9"]),
+    ("Ranger, the defaults then (lr 1e-3, β1 0.95, β2 0.92)", CLASSIFY_LR_BEFORE[100]),
+    ("Ranger, β1 0.9", CLASSIFY_LR_BEFORE[100] + ["--beta1", "0.9"]),
     ("Ranger, lr 2e-3", ["--learning-rate", "2e-3"]),
-    ("Ranger, Lookahead k 12", ["--lookahead-k", "12"]),
+    ("Ranger, Lookahead k 12", CLASSIFY_LR_BEFORE[100] + ["--lookahead-k", "12"]),
 ]
 
 
@@ -597,9 +644,12 @@ def gaps(s):
                                                                  RANGER_DEFAULTS),
                           ("Ranger, β1 0.9 (the causal-LM default)", ["--beta1", "0.9"])]:
         recipe = before_b1(recipe)
+        # The classifier at its 30-step rate then (AdamW's has not changed).
+        rate = [] if "adamw" in recipe else CLASSIFY_LR_BEFORE[30]
         rows.append([label] + [s.cell(t, lora, n, recipe, seeds) for t, lora, n in GAP_CELLS_SHORT]
-                    + [s.cell("spam", False, 30, recipe, cseeds, "acc")])
-    table(f"30 and 100 steps, where the defaults with β1 0.95 trailed AdamW's: held-out loss (classifier: accuracy %), mean ± "
+                    + [s.cell("spam", False, 30, recipe + rate, cseeds, "acc")])
+    table(f"30 and 100 steps, where the defaults with β1 0.95 trailed AdamW's: held-out loss (classifier: accuracy %, Ranger at "
+          f"its 30-step rate then, 3.33e-3), mean ± "
           f"half-range over seeds {seeds} (classifier: {cseeds})",
           ["recipe", "chat, full, 100", "email text, full, 30", "email text, LoRA, 100", "classifier, 30"], rows)
     rows = [[label, s.cell("spam", False, 100, recipe, cseeds, "acc"), s.cell("spam", False, 100, recipe, cseeds)]
