@@ -164,7 +164,8 @@ def cli_defaults(opt, task, lora, steps):
         factor = min(ratio, 4.0)
     else:
         factor = max(math.sqrt(ratio), 0.25) if causal else 1.0
-    lr = ((1e-3 if lora else 5e-4) if not causal else 7e-3 if lora else 5e-4) * factor
+    # The 100-step rate by (causal LM, LoRA).
+    lr = {(True, False): 5e-4, (True, True): 7e-3, (False, False): 5e-4, (False, True): 1e-3}[causal, lora] * factor
     lr = round_half_up(lr, 10.0 ** (2 - math.floor(math.log10(lr))))
     beta2 = round_half_up(min(max(1 - 2 / max(0.25 * steps, 1), 0.9), 0.999), 1e4)
     return {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": 1e-8}
@@ -486,9 +487,7 @@ def classify(s):
           ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
     # Ranger's 100-step rate for classifiers; the 30-step one is the short-run rule's (100/30 x).
     rows = [["AdamW, defaults (lr 2e-4)"] + classify_cells(s, ADAMW_DEFAULTS, ADAMW_DEFAULTS, seeds)]
-    for label, rate, extra in CLASSIFY_RATES:
-        r30, r100 = (["--learning-rate", f"{lr:.3g}"] + extra for lr in (rate * 100 / 30, rate))
-        rows.append([label] + classify_cells(s, r30, r100, seeds))
+    rows += [[label] + rate_cells(s, rate, extra, seeds) for label, rate, extra in CLASSIFY_RATES]
     table(f"spam classifier: Ranger's rate for a 100-step run and the 30-step one the short-run rule makes of it "
           f"(x 100/30), accuracy % and held-out loss, mean ± half-range over seeds {seeds}",
           ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
@@ -503,10 +502,7 @@ def classify(s):
     # With LoRA (the head trained whole): a LoRA classifier keeps the 100-step rate of 1e-3.
     lseeds = SEEDS[:1] if s.args.smoke else SEEDS
     rows = [["AdamW, defaults (lr 2e-4)"] + classify_cells(s, ADAMW_DEFAULTS, ADAMW_DEFAULTS, lseeds, True)]
-    for label, rate in (("Ranger, 1e-3 (30 steps: 3.33e-3; the default)", 1e-3),
-                        ("Ranger, 5e-4 (30 steps: 1.67e-3; a full classifier's)", 5e-4)):
-        r30, r100 = (["--learning-rate", f"{lr:.3g}"] for lr in (rate * 100 / 30, rate))
-        rows.append([label] + classify_cells(s, r30, r100, lseeds, True))
+    rows += [[label] + rate_cells(s, rate, [], lseeds, True) for label, rate in CLASSIFY_LORA_RATES]
     table(f"spam classifier with LoRA: Ranger's rate, accuracy % and held-out loss, mean ± half-range over seeds {lseeds}",
           ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
 
@@ -518,7 +514,17 @@ CLASSIFY_RATES = [
     ("Ranger, 3e-4 (30 steps: 1e-3)", 3e-4, []),
     ("Ranger, 5e-4, β1 0.9", 5e-4, ["--beta1", "0.9"]),
 ]
+# A LoRA classifier's (label, rate).
+CLASSIFY_LORA_RATES = [("Ranger, 1e-3 (30 steps: 3.33e-3; the default)", 1e-3),
+                       ("Ranger, 5e-4 (30 steps: 1.67e-3; a full classifier's)", 5e-4)]
 CLASSIFY_MORE_SEEDS = (5, 6, 7, 8)
+
+
+def rate_cells(s, rate, extra, seeds, lora=False):
+    """classify_cells with Ranger's 100-step rate `rate` and, at 30 steps, the short-run rule's
+    100/30 times it (3 significant digits, as the CLI rounds), plus the flags `extra`."""
+    r30, r100 = (["--learning-rate", f"{lr:.3g}"] + extra for lr in (rate * 100 / 30, rate))
+    return classify_cells(s, r30, r100, seeds, lora)
 
 
 def classify_cells(s, r30, r100, seeds, lora=False):
