@@ -155,7 +155,7 @@ def cli_defaults(opt, task, lora, steps):
     values are checked against it)."""
     causal = task != "spam"
     if opt == "adamw":
-        return {"lr": 2e-3 if lora and causal else 2e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+        return {"lr": 2e-3 if lora else 2e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
     if opt != "ranger":
         sys.exit(f"cli_defaults mirrors the defaults of ranger and adamw only, not {opt}")
     beta1 = 0.9 if causal else 0.95
@@ -164,8 +164,7 @@ def cli_defaults(opt, task, lora, steps):
         factor = min(ratio, 4.0)
     else:
         factor = max(math.sqrt(ratio), 0.25) if causal else 1.0
-    # The 100-step rate by (causal LM, LoRA).
-    lr = {(True, False): 5e-4, (True, True): 7e-3, (False, False): 5e-4, (False, True): 1e-3}[causal, lora] * factor
+    lr = (5e-4 if not lora else 7e-3 if causal else 3e-3) * factor
     lr = round_half_up(lr, 10.0 ** (2 - math.floor(math.log10(lr))))
     beta2 = round_half_up(min(max(1 - 2 / max(0.25 * steps, 1), 0.9), 0.999), 1e4)
     return {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": 1e-8}
@@ -312,18 +311,19 @@ def table(title, header, rows):
 
 
 def headline(s, tasks, lengths, long_seeds):
-    """Held-out loss at each run length: AdamW and Ranger with the CLI's defaults (two seeds;
-    `long_seeds` for 300-step runs), Ranger with the defaults before β1 0.9 (β1 0.95), Ranger with
-    the old defaults (one seed, the shorter runs), and at 300 steps Ranger at the learning rate
-    its defaults had before the long-run rule (β1 0.95, as then)."""
+    """Held-out loss at each run length: AdamW and Ranger with the CLI's defaults (two seeds at
+    every length), Ranger with the defaults before β1 0.9 (β1 0.95; `long_seeds` for 300-step
+    runs), Ranger with the old defaults (one seed, the shorter runs), and at 300 steps Ranger at
+    the learning rate its defaults had before the long-run rule (β1 0.95, as then; `long_seeds`)."""
     seeds = SEEDS[:1] if s.args.smoke else SEEDS
     long_seeds = seeds[:1] if s.args.smoke else long_seeds
 
-    def seeds_for(n):
-        return long_seeds if n >= 300 else seeds
+    def seeds_for(n, headline=False):
+        return long_seeds if n >= 300 and not headline else seeds
 
     for task, lora, name in tasks:
-        # (label, flags, measured at 300 steps only): the rows of both tables.
+        # (label, flags, measured at 300 steps only): the rows of both tables; the first two are
+        # the headline's, with two seeds at every length.
         compared = [
             ("AdamW, defaults", ADAMW_DEFAULTS, False),
             ("Ranger, defaults", RANGER_DEFAULTS, False),
@@ -333,14 +333,15 @@ def headline(s, tasks, lengths, long_seeds):
         ]
 
         def row(label, recipe, long_only, what):
-            return [label] + [s.cell(task, lora, n, recipe, seeds_for(n), what) if n >= 300 or not long_only
-                              else "(the β1 0.95 row)" for n in lengths]
+            headline = recipe in (ADAMW_DEFAULTS, RANGER_DEFAULTS)
+            return [label] + [s.cell(task, lora, n, recipe, seeds_for(n, headline), what)
+                              if n >= 300 or not long_only else "(the β1 0.95 row)" for n in lengths]
 
         old = (["Ranger, old defaults (lr 5e-5, β1 0.95, β2 0.999, eps 1e-5), seed 1"]
                + [s.cell(task, lora, n, RANGER_OLD, seeds[:1]) if n < 300 else "—" for n in lengths])
         rows = [row(*c, "final") for c in compared]
         base = (s.run(task, lora, lengths[0], RANGER_DEFAULTS, seeds[0]) or {"base": float("nan")})["base"]
-        header = ["recipe"] + [f"{n} steps" + (f" (seed {', '.join(map(str, seeds_for(n)))})"
+        header = ["recipe"] + [f"{n} steps" + (f" (seed {', '.join(map(str, seeds_for(n)))}; the defaults: seeds {', '.join(map(str, seeds))})"
                                                if seeds_for(n) != seeds else "") for n in lengths]
         table(f"{name}: held-out loss after the run (before: {base:.4f}), mean ± half-range over seeds {seeds}",
               header, rows[:3] + [old] + rows[3:])
@@ -499,11 +500,12 @@ def classify(s):
                              ("Ranger, β2 0.8 (below the floor of 0.9 that a 30-step run gets)", ["--beta2", "0.8"]))]
     table(f"spam classifier, 30 steps: the defaults over four more seeds {more}, and over all eight",
           ["recipe", "accuracy", "loss", "eight seeds: accuracy", "loss"], rows)
-    # With LoRA (the head trained whole): a LoRA classifier keeps the 100-step rate of 1e-3.
+    # With LoRA (the head trained whole): each optimizer's rate (AdamW's does not depend on the run).
     lseeds = SEEDS[:1] if s.args.smoke else SEEDS
-    rows = [["AdamW, defaults (lr 2e-4)"] + classify_cells(s, ADAMW_DEFAULTS, ADAMW_DEFAULTS, lseeds, True)]
+    rows = [[label] + classify_cells(s, ADAMW_DEFAULTS + lr, ADAMW_DEFAULTS + lr, lseeds, True)
+            for label, lr in CLASSIFY_LORA_ADAMW]
     rows += [[label] + rate_cells(s, rate, [], lseeds, True) for label, rate in CLASSIFY_LORA_RATES]
-    table(f"spam classifier with LoRA: Ranger's rate, accuracy % and held-out loss, mean ± half-range over seeds {lseeds}",
+    table(f"spam classifier with LoRA: each optimizer's rate, accuracy % and held-out loss, mean ± half-range over seeds {lseeds}",
           ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
 
 
@@ -514,9 +516,15 @@ CLASSIFY_RATES = [
     ("Ranger, 3e-4 (30 steps: 1e-3)", 3e-4, []),
     ("Ranger, 5e-4, β1 0.9", 5e-4, ["--beta1", "0.9"]),
 ]
-# A LoRA classifier's (label, rate).
-CLASSIFY_LORA_RATES = [("Ranger, 1e-3 (30 steps: 3.33e-3; the default)", 1e-3),
+# A LoRA classifier's (label, rate): Ranger's 100-step rate, and AdamW's flags.
+CLASSIFY_LORA_RATES = [("Ranger, 3e-3 (30 steps: 1e-2; the default)", 3e-3),
+                       ("Ranger, 7e-3 (30 steps: 2.33e-2; a causal LM's)", 7e-3),
+                       ("Ranger, 1e-3 (30 steps: 3.33e-3; the default before)", 1e-3),
                        ("Ranger, 5e-4 (30 steps: 1.67e-3; a full classifier's)", 5e-4)]
+CLASSIFY_LORA_ADAMW = [("AdamW, defaults (lr 2e-3, as for a causal LM)", []),
+                       ("AdamW, lr 5e-3", ["--learning-rate", "5e-3"]),
+                       ("AdamW, lr 1e-3", ["--learning-rate", "1e-3"]),
+                       ("AdamW, lr 2e-4 (the default before)", ["--learning-rate", "2e-4"])]
 CLASSIFY_MORE_SEEDS = (5, 6, 7, 8)
 
 
@@ -614,6 +622,24 @@ GAP_CLASSIFY = [
     ("Ranger, Lookahead k 12", CLASSIFY_LR_BEFORE[100] + ["--lookahead-k", "12"]),
 ]
 
+# The full chat run at 100 steps, four seeds (today's defaults: β1 0.9, β2 0.92): a higher β2 keeps
+# a longer memory of the gradient's scale, so its steps shrink as a memorised task's gradients do
+# (AdamW's 0.999 does so most); centralization constrains every row's update to sum to zero.
+GAP_CHAT_FULL_100 = [
+    ("AdamW, defaults", ADAMW_DEFAULTS),
+    ("Ranger, defaults (β2 0.92)", RANGER_DEFAULTS),
+    ("Ranger, β2 0.96 (rectifier warmup half the run)", ["--beta2", "0.96"]),
+    ("Ranger, β2 0.99", ["--beta2", "0.99"]),
+    ("Ranger, no gradient centralization", ["--no-centralize"]),
+]
+# The classifier at 30 steps, four seeds: flat-cosine is the schedule Ranger's authors recommend
+# (flat for about 70 % of the run, then cosine; no warmup, which the rectifier does).
+GAP_CLASSIFY_30 = [
+    ("AdamW, defaults", ADAMW_DEFAULTS),
+    ("Ranger, defaults (cosine)", RANGER_DEFAULTS),
+    ("Ranger, flat-cosine (flat for 70 % of the run)", ["--lr-scheduler", "flat-cosine"]),
+]
+
 
 def before_b1(recipe):
     """A Ranger recipe that leaves β1 to the defaults, at β1 0.95 (the defaults' before causal-LM
@@ -661,6 +687,15 @@ def gaps(s):
     rows = [[label, s.cell("spam", False, 100, recipe, cseeds, "acc"), s.cell("spam", False, 100, recipe, cseeds)]
             for label, recipe in GAP_CLASSIFY]
     table(f"spam classifier, 100 steps: accuracy % and held-out loss, mean ± half-range over seeds {cseeds}",
+          ["recipe", "accuracy %", "held-out loss"], rows)
+    # The full chat run at 100 steps, at today's defaults (β1 0.9): the options tried there since.
+    rows = [[label, s.cell("chat", False, 100, recipe, cseeds), s.cell("chat", False, 100, recipe, cseeds, "general")]
+            for label, recipe in GAP_CHAT_FULL_100]
+    table(f"chat, full, 100 steps: held-out loss and general-knowledge loss, mean ± half-range over seeds {cseeds}",
+          ["recipe", "held-out loss", "general knowledge"], rows)
+    rows = [[label, s.cell("spam", False, 30, recipe, cseeds, "acc"), s.cell("spam", False, 30, recipe, cseeds)]
+            for label, recipe in GAP_CLASSIFY_30]
+    table(f"spam classifier, 30 steps: accuracy % and held-out loss, mean ± half-range over seeds {cseeds}",
           ["recipe", "accuracy %", "held-out loss"], rows)
 
 

@@ -81,10 +81,9 @@ pub struct TrainConfig {
     #[arg(long, value_enum, default_value_t, help_heading = OPTIMIZER)]
     pub optimizer: OptimizerKind,
     /// Peak learning rate (default, from the recipe study in README "Choosing settings": ranger
-    /// 5e-4 full, 7e-3 LoRA, 5e-4 classifiers (1e-3 with LoRA) at 100 steps, raised by 100/steps
-    /// (at most 4x) for shorter runs and, for causal LMs, lowered by sqrt(100/steps) (at least
-    /// 0.25x) for longer ones; adamw 2e-4 full, 2e-3 LoRA, 2e-4 classifiers; radam half of
-    /// ranger's; printed at start).
+    /// 5e-4 full, 7e-3 LoRA, 3e-3 LoRA classifiers at 100 steps, raised by 100/steps (at most 4x)
+    /// for shorter runs and, for causal LMs, lowered by sqrt(100/steps) (at least 0.25x) for
+    /// longer ones; adamw 2e-4 full, 2e-3 LoRA; radam half of ranger's; printed at start).
     #[arg(long, help_heading = OPTIMIZER)]
     pub learning_rate: Option<f64>,
     /// Weight decay, not applied to biases and norm weights.
