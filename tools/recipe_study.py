@@ -19,8 +19,10 @@ run (lower is better; every row of a table starts from the same loss):
   classify   all-MiniLM-L6-v2 spam classifier at 30 and 100 steps: held-out accuracy and loss
              (four seeds); then Ranger's 100-step rate for classifiers (the short-run rule makes
              the 30-step rate of it): 1e-3 (the default before), 5e-4 (now), 3e-4, and 5e-4 with
-             β1 0.9; the 30-step defaults (and β1 0.9, β2 0.8) over four more seeds; and LoRA
-             classifiers at 1e-3 (their default) and 5e-4 (two seeds)
+             β1 0.9; the 30-step defaults (and β1 0.9, β2 0.8) over four more seeds; the
+             defaults and β1 0.9 over eight more seeds at 30 steps (sixteen in all) and four more
+             at 100 (eight), with a per-seed tally against AdamW; and LoRA classifiers at each
+             optimizer's rates (two seeds)
   variants   Ranger's options at 100 steps, chat data, LoRA: beta2, warmup, slow vs fast weights,
              Lookahead k and alpha, gradient centralization, eps
   forgetting chat data, full at 100 and 300 steps and LoRA at 100: the task's held-out loss and the
@@ -30,10 +32,11 @@ run (lower is better; every row of a table starts from the same loss):
   gaps       where Ranger's defaults with β1 0.95 trailed AdamW's most, the options tried one at
              a time: email text with LoRA at 300 steps; β2 0.92 and β1 0.9 in every 300-step
              cell; β1 0.9 where those defaults trailed at 30 and 100 steps; the classifier at 100
-             steps (β1 0.9 is now the causal-LM default)
+             steps (β1 0.9 is now the default for every task)
 
 The sweep, variants, forgetting, state and gaps sections ran before causal-LM runs got β1 0.9 and
-give Ranger β1 0.95 explicitly (but where a row tries β1 0.9).
+give Ranger β1 0.95 explicitly (but where a row tries β1 0.9); so do the classifier rows measured
+before classifiers got it.
 
 Tasks (held-out data never trained on):
   chat   examples/data/glimmerholm.jsonl (chat records), every 8th record held out;
@@ -48,7 +51,7 @@ checks against what the trainer recorded), so a rerun only runs what changed: a 
 are the same, by flag or by default, is the same run. The cache does not know the build: a result
 records the sha256 of the binary that made it (`bin`); delete --work/runs to measure every run on
 one build. The whole study is
-about 5 hours on a 2-core CPU (chat 80 min, email 45, classify 70, forgetting 30); pick sections to run less.
+7 hours or more on a 2-core CPU (chat 80 min, email 45, classify 120, forgetting 30, gaps 90); pick sections to run less.
 
     cargo build --release -p ranger-tune
     python3 tools/recipe_study.py                       # every section
@@ -79,8 +82,8 @@ CLASSIFY_SEEDS = (1, 2, 3, 4)
 ADAMW_DEFAULTS = ["--optimizer", "adamw"]
 RANGER_DEFAULTS = []
 # β1 0.95, the published Ranger's: the CLI's default for every Ranger run until causal-LM runs
-# got 0.9 (the classifier's default still). The study's earlier Ranger rows ran with it, so they
-# give it explicitly and stay the runs they were.
+# got 0.9, and for classifiers until they did too. The study's earlier Ranger rows ran with it, so
+# they give it explicitly and stay the runs they were.
 BETA1_BEFORE = ["--beta1", "0.95"]
 RANGER_OLD = ["--learning-rate", "5e-5", "--beta2", "0.999", "--eps", "1e-5"] + BETA1_BEFORE
 # A classifier's 100-step Ranger rate until it became 5e-4 (1e-3, from the causal-LM sweeps), and
@@ -158,7 +161,7 @@ def cli_defaults(opt, task, lora, steps):
         return {"lr": 2e-3 if lora else 2e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
     if opt != "ranger":
         sys.exit(f"cli_defaults mirrors the defaults of ranger and adamw only, not {opt}")
-    beta1 = 0.9 if causal else 0.95
+    beta1 = 0.9
     ratio = 100 / max(steps, 1)
     if ratio >= 1:
         factor = min(ratio, 4.0)
@@ -479,6 +482,7 @@ def classify(s):
     rows = []
     for label, recipe, rseeds in [("AdamW, defaults", ADAMW_DEFAULTS, seeds),
                                   ("Ranger, defaults", RANGER_DEFAULTS, seeds),
+                                  ("Ranger, β1 0.95 (the default before β1 0.9)", BETA1_BEFORE, seeds),
                                   ("Ranger, old defaults, seed 1", RANGER_OLD, seeds[:1])]:
         row = [label]
         for n in (30, 100):
@@ -490,42 +494,72 @@ def classify(s):
     rows = [["AdamW, defaults (lr 2e-4)"] + classify_cells(s, ADAMW_DEFAULTS, ADAMW_DEFAULTS, seeds)]
     rows += [[label] + rate_cells(s, rate, extra, seeds) for label, rate, extra in CLASSIFY_RATES]
     table(f"spam classifier: Ranger's rate for a 100-step run and the 30-step one the short-run rule makes of it "
-          f"(x 100/30), accuracy % and held-out loss, mean ± half-range over seeds {seeds}",
+          f"(x 100/30), β1 0.95 but where a row says 0.9, accuracy % and held-out loss, mean ± half-range over seeds {seeds}",
           ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
     more = SEEDS[:1] if s.args.smoke else CLASSIFY_MORE_SEEDS
     rows = [[label, s.cell("spam", False, 30, r, more, "acc"), s.cell("spam", False, 30, r, more),
              s.cell("spam", False, 30, r, seeds + more, "acc"), s.cell("spam", False, 30, r, seeds + more)]
-            for label, r in (("AdamW, defaults", ADAMW_DEFAULTS), ("Ranger, defaults", RANGER_DEFAULTS),
-                             ("Ranger, β1 0.9", ["--beta1", "0.9"]),
-                             ("Ranger, β2 0.8 (below the floor of 0.9 that a 30-step run gets)", ["--beta2", "0.8"]))]
+            for label, r in (("AdamW, defaults", ADAMW_DEFAULTS), ("Ranger, defaults (β1 0.9)", RANGER_DEFAULTS),
+                             ("Ranger, β1 0.95 (the default before β1 0.9)", BETA1_BEFORE),
+                             ("Ranger, β1 0.95, β2 0.8 (below the floor of 0.9 that a 30-step run gets)",
+                              BETA1_BEFORE + ["--beta2", "0.8"]))]
     table(f"spam classifier, 30 steps: the defaults over four more seeds {more}, and over all eight",
           ["recipe", "accuracy", "loss", "eight seeds: accuracy", "loss"], rows)
+    # Eight more seeds at 30 steps and four more at 100: is the 30-step gap the seed spread?
+    late30 = SEEDS[:1] if s.args.smoke else CLASSIFY_LATE_SEEDS_30
+    late100 = SEEDS[:1] if s.args.smoke else CLASSIFY_MORE_SEEDS
+    all30, all100 = seeds + more + late30, seeds + late100
+    cells = ((30, late30), (30, all30), (100, late100), (100, all100))
+    rows = [[label] + [s.cell("spam", False, n, r, sd, m) for n, sd in cells for m in ("acc", "final")]
+            + [seed_tally(s, r, n, sd) for n, sd in (cells[1], cells[3])]
+            for label, r in (("AdamW, defaults", ADAMW_DEFAULTS), ("Ranger, defaults (β1 0.9)", RANGER_DEFAULTS),
+                             ("Ranger, β1 0.95 (the default before β1 0.9)", BETA1_BEFORE))]
+    table(f"spam classifier: the defaults over more seeds: at 30 steps seeds {late30} and all {len(all30)}, "
+          f"at 100 steps seeds {late100} and all {len(all100)} (accuracy %, held-out loss; the tally counts the "
+          "seeds on which the row's accuracy is above / level with / below AdamW's)",
+          ["recipe", f"30 steps, seeds {late30}: accuracy", "loss", f"{len(all30)} seeds: accuracy", "loss",
+           f"100 steps, seeds {late100}: accuracy", "loss", f"{len(all100)} seeds: accuracy", "loss",
+           "tally, 30", "tally, 100"], rows)
     # With LoRA (the head trained whole): each optimizer's rate (AdamW's does not depend on the run).
     lseeds = SEEDS[:1] if s.args.smoke else SEEDS
     rows = [[label] + classify_cells(s, ADAMW_DEFAULTS + lr, ADAMW_DEFAULTS + lr, lseeds, True)
             for label, lr in CLASSIFY_LORA_ADAMW]
-    rows += [[label] + rate_cells(s, rate, [], lseeds, True) for label, rate in CLASSIFY_LORA_RATES]
+    rows += [[label] + rate_cells(s, rate, extra, lseeds, True) for label, rate, extra in CLASSIFY_LORA_RATES]
     table(f"spam classifier with LoRA: each optimizer's rate, accuracy % and held-out loss, mean ± half-range over seeds {lseeds}",
           ["recipe", "30 steps: accuracy", "loss", "100 steps: accuracy", "loss"], rows)
 
 
 # Ranger's 100-step classifier rates tried (label, rate, other flags).
 CLASSIFY_RATES = [
-    ("Ranger, 1e-3 (30 steps: 3.33e-3; the default before)", 1e-3, []),
-    ("Ranger, 5e-4 (30 steps: 1.67e-3; the default now)", 5e-4, []),
-    ("Ranger, 3e-4 (30 steps: 1e-3)", 3e-4, []),
-    ("Ranger, 5e-4, β1 0.9", 5e-4, ["--beta1", "0.9"]),
+    ("Ranger, 1e-3 (30 steps: 3.33e-3; the default before 5e-4)", 1e-3, BETA1_BEFORE),
+    ("Ranger, 5e-4 (30 steps: 1.67e-3; the default rate)", 5e-4, BETA1_BEFORE),
+    ("Ranger, 3e-4 (30 steps: 1e-3)", 3e-4, BETA1_BEFORE),
+    ("Ranger, 5e-4, β1 0.9 (the defaults now)", 5e-4, ["--beta1", "0.9"]),
 ]
-# A LoRA classifier's (label, rate): Ranger's 100-step rate, and AdamW's flags.
-CLASSIFY_LORA_RATES = [("Ranger, 3e-3 (30 steps: 1e-2; the default)", 3e-3),
-                       ("Ranger, 7e-3 (30 steps: 2.33e-2; a causal LM's)", 7e-3),
-                       ("Ranger, 1e-3 (30 steps: 3.33e-3; the default before)", 1e-3),
-                       ("Ranger, 5e-4 (30 steps: 1.67e-3; a full classifier's)", 5e-4)]
+# A LoRA classifier's (label, Ranger's 100-step rate, other flags), and AdamW's (label, flags).
+CLASSIFY_LORA_RATES = [("Ranger, 3e-3 (30 steps: 1e-2), β1 0.9: the defaults", 3e-3, []),
+                       ("Ranger, 3e-3, β1 0.95 (the defaults before β1 0.9)", 3e-3, BETA1_BEFORE),
+                       ("Ranger, 7e-3 (30 steps: 2.33e-2; a causal LM's), β1 0.95", 7e-3, BETA1_BEFORE),
+                       ("Ranger, 1e-3 (30 steps: 3.33e-3; the rate before 3e-3), β1 0.95", 1e-3, BETA1_BEFORE),
+                       ("Ranger, 5e-4 (30 steps: 1.67e-3; a full classifier's), β1 0.95", 5e-4, BETA1_BEFORE)]
 CLASSIFY_LORA_ADAMW = [("AdamW, defaults (lr 2e-3, as for a causal LM)", []),
                        ("AdamW, lr 5e-3", ["--learning-rate", "5e-3"]),
                        ("AdamW, lr 1e-3", ["--learning-rate", "1e-3"]),
                        ("AdamW, lr 2e-4 (the default before)", ["--learning-rate", "2e-4"])]
 CLASSIFY_MORE_SEEDS = (5, 6, 7, 8)
+CLASSIFY_LATE_SEEDS_30 = (9, 10, 11, 12, 13, 14, 15, 16)
+
+
+def seed_tally(s, recipe, steps, seeds):
+    """'above / level / below': on how many seeds the classifier `recipe`'s held-out accuracy is
+    above, level with and below AdamW's defaults' on the same seed (same data order)."""
+    if recipe == ADAMW_DEFAULTS:
+        return "—"
+    pairs = [(s.run("spam", False, steps, recipe, x), s.run("spam", False, steps, ADAMW_DEFAULTS, x)) for x in seeds]
+    if any(a is None or b is None for a, b in pairs):
+        return "not run"
+    d = [round(100 * (a["accuracy"] or 0), 2) - round(100 * (b["accuracy"] or 0), 2) for a, b in pairs]
+    return f"{sum(x > 0 for x in d)} / {sum(x == 0 for x in d)} / {sum(x < 0 for x in d)}"
 
 
 def rate_cells(s, rate, extra, seeds, lora=False):
@@ -618,8 +652,8 @@ GAP_CLASSIFY = [
     ("AdamW, defaults", ADAMW_DEFAULTS),
     ("Ranger, the defaults then (lr 1e-3, β1 0.95, β2 0.92)", CLASSIFY_LR_BEFORE[100]),
     ("Ranger, β1 0.9", CLASSIFY_LR_BEFORE[100] + ["--beta1", "0.9"]),
-    ("Ranger, lr 2e-3", ["--learning-rate", "2e-3"]),
-    ("Ranger, Lookahead k 12", CLASSIFY_LR_BEFORE[100] + ["--lookahead-k", "12"]),
+    ("Ranger, lr 2e-3, β1 0.95", ["--learning-rate", "2e-3"]),
+    ("Ranger, the defaults then, Lookahead k 12", CLASSIFY_LR_BEFORE[100] + ["--lookahead-k", "12"]),
 ]
 
 # The full chat run at 100 steps, four seeds (today's defaults: β1 0.9, β2 0.92): a higher β2 keeps
@@ -636,14 +670,14 @@ GAP_CHAT_FULL_100 = [
 # (flat for about 70 % of the run, then cosine; no warmup, which the rectifier does).
 GAP_CLASSIFY_30 = [
     ("AdamW, defaults", ADAMW_DEFAULTS),
-    ("Ranger, defaults (cosine)", RANGER_DEFAULTS),
-    ("Ranger, flat-cosine (flat for 70 % of the run)", ["--lr-scheduler", "flat-cosine"]),
+    ("Ranger, the defaults then (β1 0.95, cosine)", RANGER_DEFAULTS),
+    ("Ranger, β1 0.95, flat-cosine (flat for 70 % of the run)", ["--lr-scheduler", "flat-cosine"]),
 ]
 
 
 def before_b1(recipe):
-    """A Ranger recipe that leaves β1 to the defaults, at β1 0.95 (the defaults' before causal-LM
-    runs got 0.9); other recipes unchanged."""
+    """A Ranger recipe that leaves β1 to the defaults, at β1 0.95 (the defaults' before they got
+    0.9); other recipes unchanged."""
     if "--beta1" in recipe or "adamw" in recipe:
         return recipe
     return recipe + BETA1_BEFORE
@@ -672,9 +706,9 @@ def gaps(s):
     seeds = SEEDS[:1] if s.args.smoke else SEEDS
     cseeds = SEEDS[:1] if s.args.smoke else CLASSIFY_SEEDS
     rows = []
-    for label, recipe in [("AdamW, defaults", ADAMW_DEFAULTS), ("Ranger, β1 0.95 (the classifier's default)",
+    for label, recipe in [("AdamW, defaults", ADAMW_DEFAULTS), ("Ranger, β1 0.95 (the classifier's default then)",
                                                                  RANGER_DEFAULTS),
-                          ("Ranger, β1 0.9 (the causal-LM default)", ["--beta1", "0.9"])]:
+                          ("Ranger, β1 0.9 (the causal-LM default then)", ["--beta1", "0.9"])]:
         recipe = before_b1(recipe)
         # The classifier at its 30-step rate then (AdamW's has not changed).
         rate = [] if "adamw" in recipe else CLASSIFY_LR_BEFORE[30]
@@ -684,8 +718,8 @@ def gaps(s):
           f"its 30-step rate then, 3.33e-3), mean ± "
           f"half-range over seeds {seeds} (classifier: {cseeds})",
           ["recipe", "chat, full, 100", "email text, full, 30", "email text, LoRA, 100", "classifier, 30"], rows)
-    rows = [[label, s.cell("spam", False, 100, recipe, cseeds, "acc"), s.cell("spam", False, 100, recipe, cseeds)]
-            for label, recipe in GAP_CLASSIFY]
+    rows = [[label, s.cell("spam", False, 100, before_b1(r), cseeds, "acc"), s.cell("spam", False, 100, before_b1(r), cseeds)]
+            for label, r in GAP_CLASSIFY]
     table(f"spam classifier, 100 steps: accuracy % and held-out loss, mean ± half-range over seeds {cseeds}",
           ["recipe", "accuracy %", "held-out loss"], rows)
     # The full chat run at 100 steps, at today's defaults (β1 0.9): the options tried there since.
@@ -693,8 +727,8 @@ def gaps(s):
             for label, recipe in GAP_CHAT_FULL_100]
     table(f"chat, full, 100 steps: held-out loss and general-knowledge loss, mean ± half-range over seeds {cseeds}",
           ["recipe", "held-out loss", "general knowledge"], rows)
-    rows = [[label, s.cell("spam", False, 30, recipe, cseeds, "acc"), s.cell("spam", False, 30, recipe, cseeds)]
-            for label, recipe in GAP_CLASSIFY_30]
+    rows = [[label, s.cell("spam", False, 30, before_b1(r), cseeds, "acc"), s.cell("spam", False, 30, before_b1(r), cseeds)]
+            for label, r in GAP_CLASSIFY_30]
     table(f"spam classifier, 30 steps: accuracy % and held-out loss, mean ± half-range over seeds {cseeds}",
           ["recipe", "accuracy %", "held-out loss"], rows)
 

@@ -392,7 +392,7 @@ fn unset_learning_rate_and_betas_are_chosen_for_the_run_said_and_resumed() {
     );
     assert!(text(&o).contains(&format!("beta2 {beta2}: RAdam's warmup")), "{}", text(&o));
     let beta1 = default_beta1(OptimizerKind::Ranger, TaskKind::CausalLm);
-    assert!(text(&o).contains(&format!("beta1 {beta1}: the default for ranger's causal-LM runs")), "{}", text(&o));
+    assert!(text(&o).contains(&format!("beta1 {beta1}: the default for ranger (the published")), "{}", text(&o));
     // The checkpoint records the values used, and the same command resumes from it.
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("out/checkpoint-40/trainer_state.json")).unwrap())

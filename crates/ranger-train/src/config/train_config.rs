@@ -89,7 +89,7 @@ pub struct TrainConfig {
     /// Weight decay, not applied to biases and norm weights.
     #[arg(long, default_value_t = 0.0, help_heading = OPTIMIZER)]
     pub weight_decay: f64,
-    /// Adam beta1 (default 0.9; ranger classifiers 0.95, the published Ranger's).
+    /// Adam beta1 (default 0.9 for every optimizer; the published Ranger's is 0.95).
     #[arg(long, help_heading = OPTIMIZER)]
     pub beta1: Option<f64>,
     /// Adam beta2 (default: adamw 0.999; ranger/radam from the run length, so that RAdam's warmup
