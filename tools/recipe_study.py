@@ -21,9 +21,8 @@ run (lower is better; every row of a table starts from the same loss):
              the 30-step rate of it), at β1 0.95: 1e-3 (the default before), 5e-4 (now), 3e-4,
              and 5e-4 with β1 0.9 (the defaults now); the 30-step defaults (and β1 0.95, and β1
              0.95 with β2 0.8) over four more seeds; the defaults and β1 0.95 over eight more
-             seeds at 30 steps (sixteen in all) and four more
-             at 100 (eight), with a per-seed tally against AdamW; and LoRA classifiers at each
-             optimizer's rates (two seeds)
+             seeds at 30 steps (sixteen in all) and four more at 100 (eight), with a per-seed
+             tally against AdamW; and LoRA classifiers at each optimizer's rates (two seeds)
   variants   Ranger's options at 100 steps, chat data, LoRA: beta2, warmup, slow vs fast weights,
              Lookahead k and alpha, gradient centralization, eps
   forgetting chat data, full at 100 and 300 steps and LoRA at 100: the task's held-out loss and the

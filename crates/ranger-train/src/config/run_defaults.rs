@@ -300,20 +300,6 @@ mod tests {
     }
 
     #[test]
-    fn a_classifier_checkpoint_of_beta1_0_95_is_refused_not_changed() {
-        // A classifier saved when Ranger's classifiers defaulted to the published 0.95 recorded
-        // it; today's default must name β1 rather than go on with 0.9.
-        let mut saved = TrainConfig { task: TaskKind::Classify, ..Default::default() };
-        saved.fill_run_defaults(100);
-        saved.beta1 = Some(PUBLISHED_RANGER_BETA1);
-        let mut now = TrainConfig { task: TaskKind::Classify, ..Default::default() };
-        now.fill_run_defaults(100);
-        let mismatches = now.resume_mismatches(&saved);
-        assert_eq!(mismatches.len(), 1);
-        assert_eq!(mismatches[0].to_string(), "beta1 is 0.95 in the checkpoint but 0.9 now");
-    }
-
-    #[test]
     fn an_old_checkpoint_config_gets_the_values_it_ran_with() {
         let mut old = TrainConfig { learning_rate: Some(5e-5), beta2: Some(0.999), ..Default::default() };
         old.fill_legacy_defaults();
@@ -329,17 +315,20 @@ mod tests {
 
     #[test]
     fn a_checkpoint_of_the_earlier_beta1_default_is_refused_not_changed() {
-        // A causal-LM Ranger run saved when its default β1 was 0.95 records it; resuming it with
-        // today's defaults must name β1 rather than go on with 0.9.
-        let mut saved = TrainConfig::default();
-        saved.fill_run_defaults(300);
-        saved.beta1 = Some(PUBLISHED_RANGER_BETA1);
-        let mut now = TrainConfig::default();
-        now.fill_run_defaults(300);
-        let mismatches = now.resume_mismatches(&saved);
-        assert_eq!(mismatches.len(), 1);
-        assert_eq!(mismatches[0].to_string(), "beta1 is 0.95 in the checkpoint but 0.9 now");
-        now.beta1 = Some(0.95);
-        assert!(now.resume_mismatches(&saved).is_empty(), "--beta1 0.95 resumes it");
+        // A Ranger run saved when its default β1 was 0.95 (causal LMs before they got 0.9,
+        // classifiers until they did too) records it; resuming it with today's defaults must
+        // name β1 rather than go on with 0.9.
+        for task in [TaskKind::CausalLm, TaskKind::Classify] {
+            let mut saved = TrainConfig { task, ..Default::default() };
+            saved.fill_run_defaults(300);
+            saved.beta1 = Some(PUBLISHED_RANGER_BETA1);
+            let mut now = TrainConfig { task, ..Default::default() };
+            now.fill_run_defaults(300);
+            let mismatches = now.resume_mismatches(&saved);
+            assert_eq!(mismatches.len(), 1, "{task:?}");
+            assert_eq!(mismatches[0].to_string(), "beta1 is 0.95 in the checkpoint but 0.9 now");
+            now.beta1 = Some(0.95);
+            assert!(now.resume_mismatches(&saved).is_empty(), "--beta1 0.95 resumes it");
+        }
     }
 }
